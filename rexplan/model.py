@@ -1,0 +1,251 @@
+"""Frozen records of a validated manifest and its plan; pure, compared by value."""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from dataclasses import dataclass, field
+
+#: users and programs; no dots, so a triple string parses right to left
+NAME_RE = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
+#: hostname-like: labels of letters, digits, '-' and '_', joined by dots, no leading '-'
+HOST_RE = re.compile(
+    r"^(?!-)[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,62})(?:\.[A-Za-z0-9_][A-Za-z0-9_-]{0,62})*$"
+)
+
+Pairs = tuple[tuple[str, str], ...]
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """Per-phase deadlines in seconds."""
+
+    connect: float = 10.0
+    start: float = 20.0
+    callback: float = 30.0
+    ready: float = 30.0
+
+
+@dataclass(frozen=True)
+class Host:
+    """A machine rex can reach, by SSH or (``transport='local'``) on this machine."""
+
+    name: str
+    address: str
+    port: int = 22
+    user: str | None = None  # default manifest user for steps on this host
+    transport: str = "ssh"  # "ssh" | "local"
+    python: str = "python3"
+    groups: tuple[str, ...] = ()
+    vars: Pairs = ()
+
+
+@dataclass(frozen=True)
+class User:
+    """A manifest user: the Unix account a program runs as and how rex logs in as it."""
+
+    name: str
+    login: str  # Unix account name on the hosts (defaults to name)
+    identity: str | None = None  # private key file for SSH
+    ssh_options: Pairs = ()
+
+
+@dataclass(frozen=True)
+class Ready:
+    """A readiness probe run on the host before the callback.
+
+    kind: ``alive`` (still running after ``settle`` seconds), ``tcp`` (``port`` on ``host``
+    accepts), ``http`` (``url`` answers 2xx/3xx), ``command`` (``argv`` exits 0), ``file``
+    (``path`` exists), ``notify`` (the program writes READY=1 to $NOTIFY_SOCKET).
+    """
+
+    kind: str = "alive"
+    timeout: float = 30.0
+    interval: float = 0.2
+    settle: float = 0.5
+    port: int | None = None
+    host: str = "127.0.0.1"
+    url: str | None = None
+    argv: tuple[str, ...] = ()
+    path: str | None = None
+
+
+@dataclass(frozen=True)
+class FileSpec:
+    """A file transferred to the host before its program starts."""
+
+    src: str
+    dest: str
+    mode: int = 0o644
+
+
+@dataclass(frozen=True)
+class When:
+    """Preconditions the agent checks on the host before starting anything."""
+
+    max_load: float | None = None
+    min_free_mb: int | None = None
+
+
+@dataclass(frozen=True)
+class Placement:
+    """``all`` hosts of ``on``, or the ``count`` least-loaded of them."""
+
+    strategy: str = "all"  # "all" | "least-loaded"
+    count: int | None = None
+
+
+@dataclass(frozen=True)
+class Program:
+    """A program to launch; ``hosts`` is ``on`` resolved to host names, in manifest order."""
+
+    name: str
+    hosts: tuple[str, ...]
+    user: str
+    run: tuple[str, ...] | None = None
+    shell: str | None = None
+    on: tuple[str, ...] = ()
+    requires: tuple[str, ...] = ()
+    ready: Ready = field(default_factory=Ready)
+    env: Pairs = ()
+    cwd: str | None = None
+    kind: str = "service"  # "service" | "job"
+    restart: str = "no"  # "no" | "on-failure" | "always"
+    placement: Placement = field(default_factory=Placement)
+    when: When = field(default_factory=When)
+    files: tuple[FileSpec, ...] = ()
+    stop_timeout: float = 10.0
+    timeouts: Timeouts = field(default_factory=Timeouts)
+
+    @property
+    def argv(self) -> tuple[str, ...]:
+        """The argv the agent executes: ``run`` as given, ``shell`` via /bin/sh -c."""
+        if self.run is not None:
+            return self.run
+        return ("/bin/sh", "-c", self.shell or "")
+
+
+@dataclass(frozen=True)
+class Authorization:
+    """An ``authorize`` pattern: shell globs per component of host.user.program."""
+
+    pattern: str
+    host: str
+    user: str
+    program: str
+
+    def matches(self, host: str, user: str, program: str) -> bool:
+        return (
+            fnmatch.fnmatchcase(host, self.host)
+            and fnmatch.fnmatchcase(user, self.user)
+            and fnmatch.fnmatchcase(program, self.program)
+        )
+
+
+@dataclass(frozen=True)
+class Callback:
+    """Where the launcher listens for callbacks and which address hosts dial."""
+
+    bind: str | None = None  # None: chosen per run so hosts can reach it
+    port: int = 0  # 0: any free port
+    advertise: str | None = None
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A validated manifest. Nothing after manifest.py sees a raw dict."""
+
+    path: str
+    digest: str  # sha256 hex of the manifest bytes
+    hosts: tuple[Host, ...]
+    users: tuple[User, ...]
+    programs: tuple[Program, ...]
+    authorize: tuple[Authorization, ...]
+    callback: Callback = field(default_factory=Callback)
+    forks: int = 64
+
+    def host(self, name: str) -> Host:
+        for h in self.hosts:
+            if h.name == name:
+                return h
+        raise KeyError(name)
+
+    def user(self, name: str) -> User:
+        for u in self.users:
+            if u.name == name:
+                return u
+        raise KeyError(name)
+
+    def program(self, name: str) -> Program:
+        for p in self.programs:
+            if p.name == name:
+                return p
+        raise KeyError(name)
+
+    def authorized(self, host: str, user: str, program: str) -> bool:
+        return any(a.matches(host, user, program) for a in self.authorize)
+
+
+def triple(host: str, user: str, program: str) -> str:
+    """The ``host.user.program`` string; host names may contain dots, the others may not."""
+    return f"{host}.{user}.{program}"
+
+
+def parse_triple(text: str) -> tuple[str, str, str | None]:
+    """Split ``host.user[.program]`` right to left; raises ValueError on a malformed triple.
+
+    With three or more dot-separated parts the last two are user and program; a two-part string
+    is ``host.user``. Ambiguity (a host whose last label is a valid user name) is resolved by
+    the caller, which knows the manifest's users.
+    """
+    parts = text.split(".")
+    if len(parts) < 2 or not all(parts):
+        raise ValueError(f"{text!r} is not host.user[.program]")
+    if len(parts) == 2:
+        host, user, program = parts[0], parts[1], None
+    else:
+        host, user, program = ".".join(parts[:-2]), parts[-2], parts[-1]
+    if not HOST_RE.match(host) or not NAME_RE.match(user):
+        raise ValueError(f"{text!r} is not host.user[.program]")
+    if program is not None and not NAME_RE.match(program):
+        raise ValueError(f"{text!r} is not host.user[.program]")
+    return host, user, program
+
+
+@dataclass(frozen=True)
+class Step:
+    """One program on one host as one user: the unit rex launches and verifies."""
+
+    id: str  # "<program>@<host>", unique in a plan
+    wave: int
+    host: str
+    address: str
+    port: int
+    transport: str
+    login: str  # Unix account the step runs as
+    user: str  # manifest user name (part of the triple)
+    program: str
+    triple: str
+    argv: tuple[str, ...]
+    shell: str | None
+    ready: Ready
+    kind: str
+    env: Pairs = ()
+    cwd: str | None = None
+    python: str = "python3"
+    timeouts: Timeouts = field(default_factory=Timeouts)
+    restart: str = "no"
+    stop_timeout: float = 10.0
+    requires: tuple[str, ...] = ()  # program names this step waits for
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Launch waves: every step of wave N is ready before any step of wave N+1 starts."""
+
+    manifest_digest: str
+    waves: tuple[tuple[Step, ...], ...]
+
+    @property
+    def steps(self) -> tuple[Step, ...]:
+        return tuple(s for wave in self.waves for s in wave)

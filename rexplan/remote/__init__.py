@@ -1,0 +1,1 @@
+"""Code shipped to remote hosts; stdlib only."""
