@@ -1,0 +1,830 @@
+"""SSH and local transports: the only module that imports fabric, paramiko and invoke."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import posixpath
+import re
+import secrets
+import select
+import shlex
+import signal
+import socket
+import stat
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, NoReturn, Protocol, cast
+
+import fabric
+import paramiko
+
+from rexplan.errors import (
+    AuthenticationError,
+    HostKeyError,
+    HostTimeoutError,
+    TransportError,
+    UnreachableError,
+)
+from rexplan.model import Host, Timeouts, User
+
+DEFAULT_KNOWN_HOSTS = "~/.ssh/known_hosts"
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_CHUNK = 32768
+#: how often run() retries a send when the remote window is full (select only signals reads)
+_SEND_POLL = 0.005
+_REX_HOME_SCRIPT = 'printf "%s\\000%s" "$HOME" "${REX_HOME-}"'
+
+
+@dataclass(frozen=True)
+class Result:
+    """What a remote command did: its exit status (-1: killed by a signal) and its output."""
+
+    exit_status: int
+    stdout: bytes
+    stderr: bytes
+
+
+class Transport(Protocol):
+    """One host as one login: run commands and move small files, all under deadlines."""
+
+    host: Host
+
+    def run(
+        self,
+        argv: Sequence[str],
+        *,
+        stdin: bytes | None = None,
+        timeout: float | None = None,
+        env: Mapping[str, str] | None = None,
+    ) -> Result: ...
+
+    def put(self, data: bytes, path: str, mode: int = 0o600) -> None: ...
+
+    def get(self, path: str) -> bytes: ...
+
+    def stat(self, path: str) -> tuple[int, int] | None: ...
+
+    def remove(self, path: str) -> bool: ...
+
+    def listdir(self, path: str) -> list[str]: ...
+
+    def rex_home(self) -> str: ...
+
+    def close(self) -> None: ...
+
+
+def command_line(argv: Sequence[str], env: Mapping[str, str] | None = None) -> str:
+    """The remote command string: ``argv`` (prefixed by ``env K=V`` pairs) quoted with shlex."""
+    if not argv:
+        raise ValueError("empty argv")
+    words = list(argv)
+    if env:
+        for key in env:
+            if not _ENV_NAME.match(key):
+                raise ValueError(f"invalid environment variable name {key!r}")
+        if "=" in words[0]:
+            raise ValueError(f"argv[0] {words[0]!r} would be read by env(1) as an assignment")
+        words = ["env", *(f"{k}={v}" for k, v in env.items()), *words]
+    if any("\0" in w for w in words):
+        raise ValueError("argv and env may not contain NUL bytes")
+    return shlex.join(words)
+
+
+def host_key_name(address: str, port: int) -> str:
+    """The known_hosts name OpenSSH and paramiko use: ``addr``, or ``[addr]:port`` off port 22."""
+    return address if port == 22 else f"[{address}]:{port}"
+
+
+def _temp_name(path: str) -> str:
+    head, tail = posixpath.split(path)
+    return posixpath.join(head, f".{tail}.rex-{secrets.token_hex(8)}.tmp")
+
+
+def _combine_home(home: str, rex_home: str) -> str:
+    if rex_home:
+        return posixpath.normpath(posixpath.join(home, rex_home))
+    return posixpath.normpath(posixpath.join(home, ".rex"))
+
+
+# --- SSH ------------------------------------------------------------------------------------
+
+
+class _UnknownHostKey(paramiko.SSHException):
+    def __init__(self, name: str, key: paramiko.PKey) -> None:
+        super().__init__(f"{name} not in known_hosts")
+        self.name = name
+        self.key = key
+
+
+class StrictPolicy(paramiko.RejectPolicy):
+    """paramiko's RejectPolicy, raising a distinct exception so rex can name the phase."""
+
+    def missing_host_key(
+        self, client: paramiko.SSHClient, hostname: str, key: paramiko.PKey
+    ) -> NoReturn:
+        raise _UnknownHostKey(hostname, key)
+
+
+def _timed_out(exc: BaseException) -> bool:
+    seen: BaseException | None = exc
+    while seen is not None:
+        text = str(seen).lower()
+        if isinstance(seen, TimeoutError) or "timeout" in text or "timed out" in text:
+            return True
+        seen = seen.__context__
+    return False
+
+
+def _load_known_hosts(client: paramiko.SSHClient, known_hosts: str) -> None:
+    # HostKeys.load (not client.load_host_keys) so the client has no file to save back into
+    with contextlib.suppress(FileNotFoundError):
+        client.get_host_keys().load(known_hosts)
+
+
+def _tcp_connect(host: Host, address: str, port: int, timeout: float) -> socket.socket:
+    hint = f"check hosts.{host.name}.address/port and that sshd runs there"
+    where = f"{address}:{port}"
+    try:
+        sock = socket.create_connection((address, port), timeout=timeout)
+    except socket.gaierror as e:
+        raise UnreachableError(
+            f"cannot resolve {address}: {e.strerror}", host=host.name, phase="connect", hint=hint
+        ) from e
+    except ConnectionRefusedError as e:
+        raise UnreachableError(
+            f"connection refused by {where}", host=host.name, phase="connect", hint=hint
+        ) from e
+    except TimeoutError as e:
+        raise UnreachableError(
+            f"no TCP connection to {where} within {timeout:g}s",
+            host=host.name,
+            phase="connect",
+            hint=hint,
+        ) from e
+    except OSError as e:
+        raise UnreachableError(
+            f"cannot connect to {where}: {e.strerror or e}",
+            host=host.name,
+            phase="connect",
+            hint=hint,
+        ) from e
+    # SSH packets are small request/reply pairs: Nagle plus delayed ACK would add ~40 ms to each
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
+
+
+class SSHTransport:
+    """A fabric Connection held open for one host and login, with strict host-key checking.
+
+    Commands go through paramiko's channel directly (exec, stdin, select on the channel until
+    EOF) instead of invoke's Runner, whose threads poll with sleeps; files go through the
+    connection's one SFTP session. Safe to share between threads.
+    """
+
+    def __init__(
+        self,
+        host: Host,
+        user: User,
+        conn: fabric.Connection,
+        policy: paramiko.RejectPolicy,
+        timeouts: Timeouts,
+    ) -> None:
+        self.host = host
+        self.user = user
+        self.timeouts = timeouts
+        self.connection = conn
+        self._client: paramiko.SSHClient = conn.client
+        #: the policy rex installed on this connection's client; always a RejectPolicy
+        self.missing_host_key_policy = policy
+        self._lock = threading.Lock()
+        self._sftp: paramiko.SFTPClient | None = None
+        self._rex_home: str | None = None
+
+    @classmethod
+    def open(
+        cls,
+        host: Host,
+        user: User,
+        *,
+        known_hosts: str | os.PathLike[str] | None,
+        timeouts: Timeouts | None = None,
+        banner_timeout: float | None = None,
+        auth_timeout: float | None = None,
+    ) -> SSHTransport:
+        """Connect, check the host key against ``known_hosts`` and authenticate, or raise."""
+        timeouts = timeouts or Timeouts()
+        banner = timeouts.connect if banner_timeout is None else banner_timeout
+        auth = timeouts.connect if auth_timeout is None else auth_timeout
+        known = os.path.expanduser(os.fspath(known_hosts or DEFAULT_KNOWN_HOSTS))
+        kwargs: dict[str, Any] = {}
+        if user.identity:
+            # an explicit identity is the only key offered: deterministic, and no agent surprises
+            kwargs.update(
+                key_filename=[os.path.expanduser(user.identity)],
+                look_for_keys=False,
+                allow_agent=False,
+            )
+        conn = fabric.Connection(
+            host.address, user=user.login, port=host.port, connect_kwargs=kwargs
+        )
+        policy = StrictPolicy()
+        # fabric installs AutoAddPolicy in its constructor; replace it before anything connects
+        conn.client.set_missing_host_key_policy(policy)
+        _load_known_hosts(conn.client, known)
+        # fabric rounds ssh_config's ConnectTimeout to whole seconds; rex's deadlines apply instead
+        conn.connect_timeout = None
+        address, port = str(conn.host), int(conn.port)
+        extra: dict[str, Any] = {
+            # start_client's own deadline covers banner and key exchange
+            "timeout": banner + timeouts.connect,
+            "banner_timeout": banner,
+            "auth_timeout": auth,
+        }
+        sock = None
+        if not conn.gateway:
+            sock = _tcp_connect(host, address, port, timeouts.connect)
+            extra["sock"] = sock
+        conn.connect_kwargs = {**conn.connect_kwargs, **extra}
+        started = time.monotonic()
+        try:
+            conn.open()
+        except BaseException as e:
+            elapsed = time.monotonic() - started
+            transport = conn.client.get_transport()
+            conn.client.close()
+            if sock is not None:
+                sock.close()
+            if isinstance(e, Exception):
+                raise _connect_error(
+                    e, host, user, address, port, known, transport, banner, elapsed
+                ) from e
+            raise
+        return cls(host, user, conn, policy, timeouts)
+
+    def _transport(self) -> paramiko.Transport:
+        transport = self._client.get_transport()
+        if transport is None or not transport.is_active():
+            raise TransportError("connection lost", host=self.host.name, phase="exec")
+        return transport
+
+    def run(
+        self,
+        argv: Sequence[str],
+        *,
+        stdin: bytes | None = None,
+        timeout: float | None = None,
+        env: Mapping[str, str] | None = None,
+    ) -> Result:
+        """Run ``argv``, shlex-quoted, via the login shell; HostTimeoutError past ``timeout``."""
+        command = command_line(argv, env)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            chan = self._transport().open_session(timeout=timeout)
+        except paramiko.SSHException as e:
+            raise self._exec_error(e, deadline, timeout) from e
+        try:
+            # exec_command waits for sshd's reply without a deadline; a timer closing the
+            # channel bounds it
+            timer = None
+            if timeout is not None:
+                timer = threading.Timer(timeout, chan.close)
+                timer.daemon = True
+                timer.start()
+            try:
+                chan.exec_command(command)
+            except (paramiko.SSHException, EOFError, OSError) as e:
+                raise self._exec_error(e, deadline, timeout) from e
+            finally:
+                if timer is not None:
+                    timer.cancel()
+            return self._collect(chan, stdin, deadline, timeout)
+        finally:
+            chan.close()
+
+    def _exec_error(
+        self, exc: BaseException, deadline: float | None, timeout: float | None
+    ) -> TransportError:
+        if deadline is not None and (time.monotonic() >= deadline or _timed_out(exc)):
+            return HostTimeoutError(
+                f"command did not finish within {timeout:g}s", host=self.host.name, phase="exec"
+            )
+        return TransportError(f"connection lost: {exc}", host=self.host.name, phase="exec")
+
+    def _collect(
+        self,
+        chan: paramiko.Channel,
+        stdin: bytes | None,
+        deadline: float | None,
+        timeout: float | None,
+    ) -> Result:
+        out: list[bytes] = []
+        err: list[bytes] = []
+        pending = memoryview(stdin) if stdin else None
+        if pending is None:
+            chan.shutdown_write()
+        while True:
+            while pending is not None and chan.send_ready():
+                try:
+                    sent = chan.send(pending[:_CHUNK].tobytes())
+                except OSError:
+                    # the command finished without reading all of stdin, as with EPIPE
+                    pending = None
+                    break
+                pending = pending[sent:] if sent < len(pending) else None
+                if pending is None:
+                    chan.shutdown_write()
+            # checked before draining: all data fed before EOF or close is then in the buffers
+            done = chan.eof_received or chan.closed
+            while chan.recv_ready():
+                out.append(chan.recv(_CHUNK))
+            while chan.recv_stderr_ready():
+                err.append(chan.recv_stderr(_CHUNK))
+            if done:
+                break
+            wait = None if deadline is None else deadline - time.monotonic()
+            if wait is not None and wait <= 0:
+                raise self._exec_error(TimeoutError(), deadline, timeout)
+            if pending is not None:
+                wait = _SEND_POLL if wait is None else min(wait, _SEND_POLL)
+            select.select([chan], [], [], wait)
+        remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+        if not chan.status_event.wait(remaining):
+            raise self._exec_error(TimeoutError(), deadline, timeout)
+        transport = self._client.get_transport()
+        if chan.exit_status == -1 and (transport is None or not transport.is_active()):
+            raise self._exec_error(EOFError("connection closed"), deadline, timeout)
+        return Result(chan.recv_exit_status(), b"".join(out), b"".join(err))
+
+    @contextlib.contextmanager
+    def _sftp_session(self) -> Iterator[paramiko.SFTPClient]:
+        """The connection's SFTP client, used by one thread at a time; link errors mapped."""
+        with self._lock:
+            try:
+                if self._sftp is None:
+                    self._sftp = self._client.open_sftp()
+                yield self._sftp
+            except (paramiko.SSHException, EOFError) as e:
+                raise TransportError(f"SFTP failed: {e}", host=self.host.name, phase="sftp") from e
+
+    def put(self, data: bytes, path: str, mode: int = 0o600) -> None:
+        """Write ``path`` atomically (same-dir temp file, chmod before data, fsync, rename)."""
+        with self._sftp_session() as sftp:
+            _sftp_makedirs(sftp, posixpath.dirname(path))
+            tmp = _temp_name(path)
+            try:
+                with sftp.open(tmp, "wbx") as f:
+                    # mode before data, so no umask ever leaves the secret readable
+                    f.chmod(mode)
+                    f.write(data)
+                    f.flush()
+                    _sftp_fsync(sftp, f)
+                sftp.posix_rename(tmp, path)
+            except BaseException:
+                with contextlib.suppress(OSError, paramiko.SSHException, EOFError):
+                    sftp.remove(tmp)
+                raise
+
+    def get(self, path: str) -> bytes:
+        """The content of ``path``; FileNotFoundError if absent."""
+        with self._sftp_session() as sftp, sftp.open(path, "rb") as f:
+            return f.read()
+
+    def stat(self, path: str) -> tuple[int, int] | None:
+        """(st_mode, st_size) of ``path`` without following a final symlink; None if absent."""
+        with self._sftp_session() as sftp:
+            try:
+                st = sftp.lstat(path)
+            except FileNotFoundError:
+                return None
+            return int(st.st_mode or 0), int(st.st_size or 0)
+
+    def remove(self, path: str) -> bool:
+        """Unlink ``path``; False if it was absent."""
+        with self._sftp_session() as sftp:
+            try:
+                sftp.remove(path)
+            except FileNotFoundError:
+                return False
+            return True
+
+    def listdir(self, path: str) -> list[str]:
+        """Sorted entry names of directory ``path``; [] if absent."""
+        with self._sftp_session() as sftp:
+            try:
+                return sorted(sftp.listdir(path))
+            except FileNotFoundError:
+                return []
+
+    def rex_home(self) -> str:
+        """$REX_HOME of the session environment (relative: under $HOME), else ~/.rex; cached."""
+        with self._lock:
+            if self._rex_home is not None:
+                return self._rex_home
+        result = self.run(["sh", "-c", _REX_HOME_SCRIPT], timeout=self.timeouts.start)
+        home, _, value = result.stdout.decode("utf-8", "surrogateescape").partition("\0")
+        if result.exit_status != 0 or not home.startswith("/"):
+            raise TransportError(
+                f"cannot read $HOME/$REX_HOME: {result.stderr.decode(errors='replace').strip()}",
+                host=self.host.name,
+                phase="exec",
+            )
+        with self._lock:
+            self._rex_home = _combine_home(home, value)
+            return self._rex_home
+
+    def close(self) -> None:
+        """Close the SFTP session and the connection; idempotent."""
+        with self._lock:
+            if self._sftp is not None:
+                with contextlib.suppress(Exception):
+                    self._sftp.close()
+                self._sftp = None
+        self.connection.close()
+        # fabric closes only a connection it still sees as up; a dead one keeps its client
+        self._client.close()
+
+
+def _sftp_makedirs(sftp: paramiko.SFTPClient, path: str) -> None:
+    """Create missing directories of ``path`` with mode 0700 exactly."""
+    if path in ("", "/", "."):
+        return
+    try:
+        st = sftp.stat(path)
+    except FileNotFoundError:
+        _sftp_makedirs(sftp, posixpath.dirname(path))
+        try:
+            sftp.mkdir(path, 0o700)
+        except OSError:
+            # another writer may have created it meanwhile; anything else shows up below
+            if not stat.S_ISDIR(sftp.stat(path).st_mode or 0):
+                raise
+            return
+        sftp.chmod(path, 0o700)
+        return
+    if not stat.S_ISDIR(st.st_mode or 0):
+        raise NotADirectoryError(errno.ENOTDIR, "not a directory", path)
+
+
+def _sftp_fsync(sftp: paramiko.SFTPClient, f: paramiko.SFTPFile) -> None:
+    # paramiko has no public fsync; OpenSSH's sftp-server offers the fsync@openssh.com extension
+    with contextlib.suppress(OSError):
+        cast(Any, sftp)._request(paramiko.sftp.CMD_EXTENDED, "fsync@openssh.com", f.handle)
+
+
+def _connect_error(
+    exc: Exception,
+    host: Host,
+    user: User,
+    address: str,
+    port: int,
+    known_hosts: str,
+    transport: paramiko.Transport | None,
+    banner: float,
+    elapsed: float,
+) -> TransportError:
+    """Map a failed fabric/paramiko connect to the phase it failed in."""
+    name = host_key_name(address, port)
+    if isinstance(exc, _UnknownHostKey):
+        return HostKeyError(
+            f"unknown host key for {name} ({exc.key.get_name()} {exc.key.fingerprint}): "
+            f"not in {known_hosts}; nothing was run",
+            host=host.name,
+            phase="hostkey",
+            hint="check the fingerprint, then pin it: rex hostkeys scan -m MANIFEST --accept",
+        )
+    if isinstance(exc, paramiko.BadHostKeyException):
+        return HostKeyError(
+            f"host key CHANGED for {name}: it offered {exc.key.get_name()} "
+            f"{exc.key.fingerprint}, {known_hosts} pins {exc.expected_key.fingerprint} "
+            f"(possible man-in-the-middle); known_hosts left unchanged, nothing was run",
+            host=host.name,
+            phase="hostkey",
+            hint=f"if {host.name} was really rebuilt: rex hostkeys scan -m MANIFEST "
+            f"--replace {host.name}",
+        )
+    if transport is None or not transport.remote_version:
+        if elapsed >= banner or _timed_out(exc):
+            return HostTimeoutError(
+                f"no SSH banner from {address}:{port} within {banner:g}s (sshd hung or overloaded)",
+                host=host.name,
+                phase="banner",
+            )
+        return TransportError(
+            f"{address}:{port} closed the connection before the SSH banner: {exc}",
+            host=host.name,
+            phase="banner",
+        )
+    if transport.host_key is None:
+        if _timed_out(exc):
+            return HostTimeoutError(
+                f"SSH key exchange with {address}:{port} timed out", host=host.name, phase="kex"
+            )
+        return TransportError(f"SSH key exchange failed: {exc}", host=host.name, phase="kex")
+    if isinstance(exc, paramiko.AuthenticationException) and "timeout" in str(exc).lower():
+        return HostTimeoutError(
+            f"authentication as {user.login} did not complete in time", host=host.name, phase="auth"
+        )
+    if isinstance(exc, paramiko.SSHException):
+        offered = user.identity or "agent and default keys"
+        return AuthenticationError(
+            f"{address}:{port} refused login as {user.login} with {offered}",
+            host=host.name,
+            phase="auth",
+            hint=f"check users.{user.name}.identity and ~{user.login}/.ssh/authorized_keys "
+            "on the host",
+        )
+    return TransportError(f"connection failed: {exc}", host=host.name, phase="auth")
+
+
+# --- host keys for `rex hostkeys` --------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HostKeyInfo:
+    """A host's public key as offered over SSH."""
+
+    name: str  # known_hosts name: addr or [addr]:port
+    key_type: str  # e.g. ssh-ed25519
+    key_base64: str
+    fingerprint: str  # SHA256:...
+
+    @property
+    def known_hosts_line(self) -> str:
+        return f"{self.name} {self.key_type} {self.key_base64}\n"
+
+
+def scan_host_key(host: Host, *, timeout: float = 10.0) -> HostKeyInfo:
+    """Fetch the key ``host`` offers (key exchange only: no authentication, nothing run)."""
+    sock = _tcp_connect(host, host.address, host.port, timeout)
+    transport = paramiko.Transport(sock)
+    transport.banner_timeout = timeout
+    started = time.monotonic()
+    try:
+        transport.start_client(timeout=timeout)
+        key = transport.get_remote_server_key()
+    except Exception as e:
+        elapsed = time.monotonic() - started
+        nobody = User(name="scan", login="scan")
+        raise _connect_error(
+            e, host, nobody, host.address, host.port, "", transport, timeout, elapsed
+        ) from e
+    finally:
+        transport.close()
+        sock.close()
+    return HostKeyInfo(
+        name=host_key_name(host.address, host.port),
+        key_type=key.get_name(),
+        key_base64=key.get_base64(),
+        fingerprint=key.fingerprint,
+    )
+
+
+def host_key_status(known_hosts: str | os.PathLike[str], key: HostKeyInfo) -> str:
+    """``ok``, ``unknown`` (no entry for the name) or ``changed`` (entry with another key)."""
+    keys = paramiko.HostKeys()
+    with contextlib.suppress(FileNotFoundError):
+        keys.load(os.fspath(known_hosts))
+    pinned = keys.lookup(key.name)
+    if pinned is None or not len(pinned):
+        return "unknown"
+    entry = pinned.get(key.key_type)
+    return "ok" if entry is not None and entry.get_base64() == key.key_base64 else "changed"
+
+
+# --- local ----------------------------------------------------------------------------------
+
+
+class LocalTransport:
+    """``transport: local``: this machine as the launcher's own user, same interface.
+
+    Commands run with subprocess (argv list, no shell, a new session so a timeout kills the
+    whole group) rather than invoke's Local runner: invoke wants a shell command string and
+    polls its pipes with sleeping threads, while Popen.communicate waits on a selector.
+    ``user.login`` is not switched to.
+    """
+
+    def __init__(self, host: Host) -> None:
+        self.host = host
+
+    def run(
+        self,
+        argv: Sequence[str],
+        *,
+        stdin: bytes | None = None,
+        timeout: float | None = None,
+        env: Mapping[str, str] | None = None,
+    ) -> Result:
+        """Run ``argv`` directly; a missing program gives status 127 as a shell would."""
+        command_line(argv, env)  # the same argv and env rules as over SSH
+        environ = {**os.environ, **env} if env else None
+        try:
+            proc = subprocess.Popen(
+                list(argv),
+                stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                env=environ,
+                start_new_session=True,
+            )
+        except (FileNotFoundError, PermissionError) as e:
+            status = 127 if isinstance(e, FileNotFoundError) else 126
+            return Result(status, b"", f"{argv[0]}: {e.strerror}\n".encode())
+        try:
+            out, err = proc.communicate(stdin, timeout=timeout)
+        except subprocess.TimeoutExpired as e:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+            raise HostTimeoutError(
+                f"command did not finish within {timeout:g}s", host=self.host.name, phase="exec"
+            ) from e
+        return Result(proc.returncode, out, err)
+
+    def _path(self, path: str) -> str:
+        return os.path.join(os.path.expanduser("~"), path)
+
+    def put(self, data: bytes, path: str, mode: int = 0o600) -> None:
+        """Write ``path`` atomically: O_EXCL temp file in the same dir, fchmod, fsync, rename."""
+        path = self._path(path)
+        _local_makedirs(os.path.dirname(path))
+        tmp = _temp_name(path)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        try:
+            os.fchmod(fd, mode)
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+            os.close(fd)
+            fd = -1
+            os.replace(tmp, path)
+        except BaseException:
+            if fd >= 0:
+                os.close(fd)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+
+    def get(self, path: str) -> bytes:
+        """The content of ``path``; FileNotFoundError if absent."""
+        with open(self._path(path), "rb") as f:
+            return f.read()
+
+    def stat(self, path: str) -> tuple[int, int] | None:
+        """(st_mode, st_size) of ``path`` without following a final symlink; None if absent."""
+        try:
+            st = os.lstat(self._path(path))
+        except FileNotFoundError:
+            return None
+        return st.st_mode, st.st_size
+
+    def remove(self, path: str) -> bool:
+        """Unlink ``path``; False if it was absent."""
+        try:
+            os.unlink(self._path(path))
+        except FileNotFoundError:
+            return False
+        return True
+
+    def listdir(self, path: str) -> list[str]:
+        """Sorted entry names of directory ``path``; [] if absent."""
+        try:
+            return sorted(os.listdir(self._path(path)))
+        except FileNotFoundError:
+            return []
+
+    def rex_home(self) -> str:
+        """$REX_HOME of the launcher's environment (relative: under ~), else ~/.rex."""
+        return _combine_home(os.path.expanduser("~"), os.environ.get("REX_HOME", ""))
+
+    def close(self) -> None:
+        """Nothing to release."""
+
+
+def _local_makedirs(path: str) -> None:
+    if not path or os.path.isdir(path):
+        return
+    _local_makedirs(os.path.dirname(path))
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(path, 0o700)
+        os.chmod(path, 0o700)
+
+
+# --- entry points ---------------------------------------------------------------------------
+
+
+def connect(
+    host: Host,
+    user: User,
+    *,
+    known_hosts: str | os.PathLike[str] | None,
+    timeouts: Timeouts | None = None,
+    banner_timeout: float | None = None,
+    auth_timeout: float | None = None,
+) -> Transport:
+    """Open a transport to ``host`` as ``user``; connection errors surface here, by phase.
+
+    ``known_hosts`` None means ~/.ssh/known_hosts; unknown or changed keys are refused, never
+    added. Banner and auth deadlines default to ``timeouts.connect``.
+    """
+    if host.transport == "local":
+        return LocalTransport(host)
+    if host.transport != "ssh":
+        raise ValueError(f"unknown transport {host.transport!r}")
+    return SSHTransport.open(
+        host,
+        user,
+        known_hosts=known_hosts,
+        timeouts=timeouts,
+        banner_timeout=banner_timeout,
+        auth_timeout=auth_timeout,
+    )
+
+
+Connector = Callable[[Host, User], Transport]
+
+
+class TransportPool:
+    """One transport per (host, login), opened on first use and shared by every thread.
+
+    A failed connect is remembered and re-raised for that host, so steps on an unreachable
+    host fail at once instead of each waiting out the connect deadline again.
+    """
+
+    def __init__(
+        self,
+        *,
+        known_hosts: str | os.PathLike[str] | None,
+        timeouts: Timeouts | None = None,
+        banner_timeout: float | None = None,
+        auth_timeout: float | None = None,
+        connector: Connector | None = None,
+    ) -> None:
+        def default(host: Host, user: User) -> Transport:
+            return connect(
+                host,
+                user,
+                known_hosts=known_hosts,
+                timeouts=timeouts,
+                banner_timeout=banner_timeout,
+                auth_timeout=auth_timeout,
+            )
+
+        self._connect = connector or default
+        self._lock = threading.Lock()
+        self._slots: dict[tuple[str, str], _Slot] = {}
+
+    def get(self, host: Host, user: User) -> Transport:
+        """The open transport for ``host`` as ``user.login``, connecting on first use."""
+        key = (host.name, user.login)
+        with self._lock:
+            slot = self._slots.setdefault(key, _Slot())
+        # connects to different hosts proceed in parallel; the same host connects once
+        with slot.lock:
+            if slot.error is not None:
+                raise slot.error
+            if slot.transport is None:
+                try:
+                    slot.transport = self._connect(host, user)
+                except TransportError as e:
+                    slot.error = e
+                    raise
+            return slot.transport
+
+    def discard(self, host: Host, user: User) -> None:
+        """Close and forget ``host``'s transport or remembered error; get() reconnects."""
+        with self._lock:
+            slot = self._slots.pop((host.name, user.login), None)
+        if slot is not None:
+            with slot.lock:
+                if slot.transport is not None:
+                    slot.transport.close()
+
+    def close_all(self) -> None:
+        """Close every transport; the pool can be used again afterwards."""
+        with self._lock:
+            slots = list(self._slots.values())
+            self._slots.clear()
+        for slot in slots:
+            with slot.lock:
+                if slot.transport is not None:
+                    with contextlib.suppress(Exception):
+                        slot.transport.close()
+
+    def __enter__(self) -> TransportPool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close_all()
+
+
+class _Slot:
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.transport: Transport | None = None
+        self.error: TransportError | None = None
