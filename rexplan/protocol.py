@@ -1,7 +1,21 @@
 """rex-cb/1: key file format, key derivation and the callback wire format; stdlib only.
 
-This module is shipped to hosts inside the agent bundle, so it imports nothing outside the
-standard library and does no I/O of its own: callers hand it bytes and sockets' data.
+This module is shipped to hosts inside the agent bundle (Python >= 3.8 there), so it imports
+nothing outside the standard library and does no I/O of its own: callers hand it bytes.
+
+Wire format: a frame is a u32 big-endian length then that many bytes of UTF-8 JSON, one object,
+1..4096 bytes, parsed strictly (no duplicate keys, no NaN/Infinity, exact key set per message).
+
+    agent -> listener  hello {t, v, run, step, triple, key_id, na, pid, pgid, start}
+    listener -> agent  chal  {t, ns, lp}    lp = HMAC(K_L, "chal" || T || ns || nl)
+    agent -> listener  resp  {t, ap}        ap = HMAC(K_A, "resp" || T || ns || nl || lp)
+    listener -> agent  ok    {t, mac}       mac = HMAC(K_L, "ok" || T || ns || nl || ap)
+                    or no    {t, ref}       ref is opaque; the reason is only in the log
+
+T = transcript(hello) is a fixed binary encoding of the hello fields (version first), so the
+MACs never depend on how JSON was written. Nonces and MACs travel as lowercase hex. The launch
+message (launcher -> agent stdin, one JSON line) is built by make_launch and read by
+parse_launch; it is the only place the launch nonce ``nl`` travels.
 """
 
 from __future__ import annotations
@@ -9,18 +23,87 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import json
+import math
+import os
 import re
+import struct
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 VERSION = "rex-cb/1"
 KEY_BYTES = 32
 KEY_MAGIC = "rex-key 1"
+MAX_FRAME = 4096
+MAX_LAUNCH = 1 << 20
+NONCE_BYTES = 16
+MAC_BYTES = 32
 
-_NAME = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
-_HOST = re.compile(r"^(?!-)[A-Za-z0-9_][A-Za-z0-9_-]{0,62}(?:\.[A-Za-z0-9_][A-Za-z0-9_-]{0,62})*$")
+# Result codes: every callback attempt is logged with exactly one of them.
+OK = "OK"
+BAD_PROOF = "BAD_PROOF"  # the agent's proof did not verify
+UNKNOWN_STEP = "UNKNOWN_STEP"  # no pending step of this run has that id
+WRONG_TRIPLE = "WRONG_TRIPLE"  # the claimed triple is not the step's expected triple
+WRONG_KEY = "WRONG_KEY"  # the agent holds another key than the launcher's for the triple
+DUPLICATE = "DUPLICATE"  # the step was already decided (verified at most once)
+MALFORMED = "MALFORMED"  # not a valid frame or message
+OVERSIZE = "OVERSIZE"  # a frame longer than MAX_FRAME
+TIMEOUT = "TIMEOUT"  # handshake or step deadline passed
+VERSION_MISMATCH = "VERSION"  # a protocol version this side does not speak
+OUT_OF_ORDER = "OUT_OF_ORDER"  # a valid message at the wrong point of the handshake
+BUSY = "BUSY"  # too many unauthenticated connections; closed at once
+CLOSED = "CLOSED"  # the peer closed the connection before a verdict
+CODES = (
+    OK,
+    BAD_PROOF,
+    UNKNOWN_STEP,
+    WRONG_TRIPLE,
+    WRONG_KEY,
+    DUPLICATE,
+    MALFORMED,
+    OVERSIZE,
+    TIMEOUT,
+    VERSION_MISMATCH,
+    OUT_OF_ORDER,
+    BUSY,
+    CLOSED,
+)
+
+# Every regex uses \Z: '$' would also accept a trailing newline.
+_NAME = re.compile(r"^[a-z_][a-z0-9_-]{0,31}\Z")
+_HOST = re.compile(r"^(?!-)[A-Za-z0-9_][A-Za-z0-9_-]{0,62}(?:\.[A-Za-z0-9_][A-Za-z0-9_-]{0,62})*\Z")
+#: run ids, step ids and triples as the wire accepts them
+RUN_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}\Z")
+STEP_RE = re.compile(r"^[!-~]{1,255}\Z")  # printable ASCII without spaces: safe to log verbatim
+TRIPLE_RE = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9_.-]{2,299}\Z")
+_KEY_ID = re.compile(r"^[0-9a-f]{16}\Z")
+_NONCE_HEX = re.compile(r"^[0-9a-f]{32}\Z")  # NONCE_BYTES in hex
+_MAC_HEX = re.compile(r"^[0-9a-f]{64}\Z")  # MAC_BYTES in hex
+_START = re.compile(r"^[0-9]{1,20}\Z")
+_REF = re.compile(r"^[0-9a-f]{1,32}\Z")
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}\Z")
+_TAG_NAME = re.compile(r"^REX_[A-Z0-9_]{1,60}\Z")
+RESERVED_ENV = ("REX_RUN", "REX_STEP", "REX_TRIPLE", "NOTIFY_SOCKET")
+
+_HEADER = struct.Struct(">I")
+_U16 = struct.Struct(">H")
 
 
 class KeyFormatError(ValueError):
     """A key file's text is not a valid rex key."""
+
+
+class FrameError(ValueError):
+    """A frame or message broke rex-cb/1; ``code`` is the result code to log."""
+
+    def __init__(self, code: str, message: str = "") -> None:
+        super().__init__(f"{code}: {message}" if message else code)
+        self.code = code
+
+
+class LaunchError(ValueError):
+    """A launch message is malformed."""
 
 
 def key_id(secret: bytes) -> str:
@@ -84,3 +167,529 @@ def direction_keys(secret: bytes) -> tuple[bytes, bytes]:
     k_l = hmac.new(secret, b"rex-cb/1 launcher", hashlib.sha256).digest()
     k_a = hmac.new(secret, b"rex-cb/1 agent", hashlib.sha256).digest()
     return k_l, k_a
+
+
+def new_nonce() -> bytes:
+    """A fresh 16-byte nonce (na, ns or nl)."""
+    return os.urandom(NONCE_BYTES)
+
+
+# ---- strict JSON ----
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj: dict[str, Any] = {}
+    for name, value in pairs:
+        if name in obj:
+            raise FrameError(MALFORMED, f"duplicate key {name!r}")
+        obj[name] = value
+    return obj
+
+
+def _no_constant(name: str) -> None:
+    raise FrameError(MALFORMED, f"{name} is not allowed")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise FrameError(MALFORMED, "number out of range")
+    return value
+
+
+def _loads(data: bytes) -> dict[str, Any]:
+    """Strict JSON object from UTF-8 bytes; raises FrameError(MALFORMED)."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise FrameError(MALFORMED, "not UTF-8") from None
+    try:
+        obj = json.loads(
+            text,
+            object_pairs_hook=_no_duplicates,
+            parse_constant=_no_constant,
+            parse_float=_finite,
+        )
+    except FrameError:
+        raise
+    except (ValueError, RecursionError):
+        raise FrameError(MALFORMED, "not JSON") from None
+    if not isinstance(obj, dict):
+        raise FrameError(MALFORMED, "not a JSON object")
+    return obj
+
+
+def _dumps(obj: Mapping[str, Any]) -> bytes:
+    return json.dumps(obj, separators=(",", ":"), allow_nan=False).encode("ascii")
+
+
+# ---- frames ----
+
+
+def encode_frame(msg: Mapping[str, Any]) -> bytes:
+    """Length-prefixed frame of one message; raises FrameError(OVERSIZE) past MAX_FRAME."""
+    payload = _dumps(msg)
+    if len(payload) > MAX_FRAME:
+        raise FrameError(OVERSIZE, f"{len(payload)} bytes")
+    return _HEADER.pack(len(payload)) + payload
+
+
+def decode_frame(frame: bytes) -> dict[str, Any]:
+    """The JSON object of one complete frame (header included); raises FrameError."""
+    reader = FrameReader()
+    msgs = reader.feed(frame)
+    if len(msgs) != 1 or not reader.idle:
+        raise FrameError(MALFORMED, "not exactly one complete frame")
+    return msgs[0]
+
+
+class FrameReader:
+    """Incremental frame decoder: feed it received bytes, get complete JSON objects back.
+
+    It checks a frame's length header before taking any of its payload, so it never buffers
+    more than one frame of at most MAX_FRAME bytes. ``wanted()`` is how many bytes finish the
+    current header or payload: reading exactly that much keeps later frames in the kernel.
+    """
+
+    def __init__(self, limit: int = MAX_FRAME) -> None:
+        self._limit = limit
+        self._buf = bytearray()
+        self._need: int | None = None  # payload length once the header is complete
+
+    @property
+    def idle(self) -> bool:
+        """True between frames (nothing of a next frame buffered)."""
+        return self._need is None and not self._buf
+
+    def wanted(self) -> int:
+        if self._need is None:
+            return _HEADER.size - len(self._buf)
+        return self._need - len(self._buf)
+
+    def feed(self, data: bytes) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        view = memoryview(data)
+        pos = 0
+        while pos < len(view):
+            chunk = view[pos : pos + self.wanted()]
+            pos += len(chunk)
+            self._buf += chunk
+            if self.wanted():
+                continue
+            if self._need is None:
+                (length,) = _HEADER.unpack(bytes(self._buf))
+                self._buf.clear()
+                if length == 0:
+                    raise FrameError(MALFORMED, "empty frame")
+                if length > self._limit:
+                    raise FrameError(OVERSIZE, f"{length} bytes announced")
+                self._need = length
+            else:
+                payload = bytes(self._buf)
+                self._buf.clear()
+                self._need = None
+                out.append(_loads(payload))
+        return out
+
+
+# ---- messages ----
+
+
+def _is_pid(value: Any) -> bool:
+    return type(value) is int and 1 < value < 1 << 31
+
+
+def _matches(pattern: re.Pattern[str]) -> Callable[[Any], bool]:
+    return lambda value: isinstance(value, str) and pattern.match(value) is not None
+
+
+_MESSAGES: dict[str, dict[str, Callable[[Any], bool]]] = {
+    "hello": {
+        "v": lambda value: isinstance(value, str),
+        "run": _matches(RUN_RE),
+        "step": _matches(STEP_RE),
+        "triple": _matches(TRIPLE_RE),
+        "key_id": _matches(_KEY_ID),
+        "na": _matches(_NONCE_HEX),
+        "pid": _is_pid,
+        "pgid": _is_pid,
+        "start": _matches(_START),
+    },
+    "chal": {"ns": _matches(_NONCE_HEX), "lp": _matches(_MAC_HEX)},
+    "resp": {"ap": _matches(_MAC_HEX)},
+    "ok": {"mac": _matches(_MAC_HEX)},
+    "no": {"ref": _matches(_REF)},
+}
+
+
+def check_message(msg: Mapping[str, Any], *expected: str) -> dict[str, Any]:
+    """Validate a decoded message whose type must be one of ``expected``; raises FrameError.
+
+    Unknown types and bad fields are MALFORMED, a known type at the wrong time is
+    OUT_OF_ORDER, a hello of another protocol version is VERSION.
+    """
+    kind = msg.get("t")
+    if not isinstance(kind, str) or kind not in _MESSAGES:
+        raise FrameError(MALFORMED, "unknown message type")
+    if kind not in expected:
+        raise FrameError(OUT_OF_ORDER, f"{kind} while expecting {'/'.join(expected)}")
+    version = msg.get("v")
+    if kind == "hello" and isinstance(version, str) and version != VERSION:
+        raise FrameError(VERSION_MISMATCH, "peer speaks another protocol version")
+    schema = _MESSAGES[kind]
+    if len(msg) != len(schema) + 1 or any(name not in msg for name in schema):
+        raise FrameError(MALFORMED, f"{kind} has missing or unknown keys")
+    for name, check in schema.items():
+        if not check(msg[name]):
+            raise FrameError(MALFORMED, f"{kind}.{name} is invalid")
+    return dict(msg)
+
+
+def make_hello(
+    *,
+    run: str,
+    step: str,
+    triple: str,
+    key_id: str,
+    na: bytes,
+    pid: int,
+    pgid: int,
+    start: str,
+) -> dict[str, Any]:
+    """The agent's first message; raises FrameError if a field is invalid."""
+    msg = {
+        "t": "hello",
+        "v": VERSION,
+        "run": run,
+        "step": step,
+        "triple": triple,
+        "key_id": key_id,
+        "na": na.hex(),
+        "pid": pid,
+        "pgid": pgid,
+        "start": start,
+    }
+    return check_message(msg, "hello")
+
+
+def make_chal(ns: bytes, lp: bytes) -> dict[str, Any]:
+    return {"t": "chal", "ns": ns.hex(), "lp": lp.hex()}
+
+
+def make_resp(ap: bytes) -> dict[str, Any]:
+    return {"t": "resp", "ap": ap.hex()}
+
+
+def make_ok(mac: bytes) -> dict[str, Any]:
+    return {"t": "ok", "mac": mac.hex()}
+
+
+def make_no(ref: str) -> dict[str, Any]:
+    return {"t": "no", "ref": ref}
+
+
+def transcript(hello: Mapping[str, Any]) -> bytes:
+    """T: the hello's fields in fixed order, each a u16 length then its bytes.
+
+    Strings are UTF-8, ``na`` its 16 raw bytes, pid and pgid u32 big-endian. The version is
+    the first field, so it is under every MAC.
+    """
+    msg = check_message(hello, "hello")
+    parts = [
+        msg["v"].encode("utf-8"),
+        msg["run"].encode("utf-8"),
+        msg["step"].encode("utf-8"),
+        msg["triple"].encode("utf-8"),
+        msg["key_id"].encode("utf-8"),
+        bytes.fromhex(msg["na"]),
+        _HEADER.pack(msg["pid"]),
+        _HEADER.pack(msg["pgid"]),
+        msg["start"].encode("utf-8"),
+    ]
+    return b"".join(_U16.pack(len(part)) + part for part in parts)
+
+
+def _mac(key: bytes, *parts: bytes) -> bytes:
+    return hmac.new(key, b"".join(parts), hashlib.sha256).digest()
+
+
+def launcher_proof(k_l: bytes, t: bytes, ns: bytes, nl: bytes) -> bytes:
+    """lp: the listener proves it holds the key and knows this launch's nonce."""
+    return _mac(k_l, b"chal", t, ns, nl)
+
+
+def agent_proof(k_a: bytes, t: bytes, ns: bytes, nl: bytes, lp: bytes) -> bytes:
+    """ap: the agent proves the same, bound to this connection's ns and the listener's lp."""
+    return _mac(k_a, b"resp", t, ns, nl, lp)
+
+
+def ok_mac(k_l: bytes, t: bytes, ns: bytes, nl: bytes, ap: bytes) -> bytes:
+    """The MAC of an ``ok`` verdict, so a third party cannot forge one."""
+    return _mac(k_l, b"ok", t, ns, nl, ap)
+
+
+def verify_launcher_proof(k_l: bytes, t: bytes, ns: bytes, nl: bytes, lp: bytes) -> bool:
+    return hmac.compare_digest(launcher_proof(k_l, t, ns, nl), lp)
+
+
+def verify_agent_proof(k_a: bytes, t: bytes, ns: bytes, nl: bytes, lp: bytes, ap: bytes) -> bool:
+    return hmac.compare_digest(agent_proof(k_a, t, ns, nl, lp), ap)
+
+
+def verify_ok_mac(k_l: bytes, t: bytes, ns: bytes, nl: bytes, ap: bytes, mac: bytes) -> bool:
+    return hmac.compare_digest(ok_mac(k_l, t, ns, nl, ap), mac)
+
+
+# ---- the launch message ----
+
+#: keys of the ``ready`` probe dict (model.Ready's fields, less the timeout in deadline_s)
+PROBE_KEYS = ("kind", "interval", "settle", "host", "port", "url", "argv", "path")
+PROBE_KINDS = ("alive", "tcp", "http", "command", "file", "notify")
+DEADLINE_KEYS = ("start", "ready", "callback", "stop")
+_LAUNCH_KEYS = (
+    "v",
+    "run",
+    "step",
+    "triple",
+    "key_path",
+    "nl",
+    "callback",
+    "deadline_s",
+    "argv",
+    "env",
+    "cwd",
+    "ready",
+    "kind",
+    "log",
+    "tags",
+)
+
+
+@dataclass(frozen=True)
+class Probe:
+    """A readiness probe as the agent runs it."""
+
+    kind: str = "alive"
+    interval: float = 0.2
+    settle: float = 0.5
+    host: str = "127.0.0.1"
+    port: int | None = None
+    url: str | None = None
+    argv: tuple[str, ...] = ()
+    path: str | None = None
+
+
+@dataclass(frozen=True)
+class Launch:
+    """A parsed launch message. ``deadlines`` are seconds: start, ready, callback, stop."""
+
+    run: str
+    step: str
+    triple: str
+    key_path: str
+    nl: bytes = field(repr=False)
+    callback: tuple[str, int]
+    deadlines: tuple[tuple[str, float], ...]
+    argv: tuple[str, ...]
+    env: tuple[tuple[str, str], ...]
+    cwd: str | None
+    ready: Probe
+    kind: str
+    log: str
+    tags: tuple[tuple[str, str], ...]
+
+    def deadline(self, name: str) -> float:
+        return dict(self.deadlines)[name]
+
+
+def make_launch(
+    *,
+    run: str,
+    step: str,
+    triple: str,
+    key_path: str,
+    nl: bytes,
+    callback: tuple[str, int],
+    deadlines: Mapping[str, float],
+    argv: Sequence[str],
+    env: Mapping[str, str] | Iterable[tuple[str, str]] = (),
+    cwd: str | None = None,
+    ready: Mapping[str, Any] | None = None,
+    kind: str = "service",
+    log: str,
+    tags: Mapping[str, str] | None = None,
+) -> bytes:
+    """The launch message as one JSON line (newline-terminated); raises LaunchError.
+
+    ``ready`` takes PROBE_KEYS (None values mean the default); ``deadlines`` takes
+    DEADLINE_KEYS. The result is parsed back before it is returned, so a launcher can never
+    send a message its agent would refuse.
+    """
+    probe = {k: v for k, v in (ready or {"kind": "alive"}).items() if v is not None}
+    if "argv" in probe:
+        probe["argv"] = list(probe["argv"])
+    msg = {
+        "v": VERSION,
+        "run": run,
+        "step": step,
+        "triple": triple,
+        "key_path": key_path,
+        "nl": nl.hex(),
+        "callback": [callback[0], callback[1]],
+        "deadline_s": dict(deadlines),
+        "argv": list(argv),
+        "env": dict(env),
+        "cwd": cwd,
+        "ready": probe,
+        "kind": kind,
+        "log": log,
+        "tags": dict(tags or {}),
+    }
+    try:
+        line = _dumps(msg) + b"\n"
+    except (TypeError, ValueError) as exc:
+        raise LaunchError(f"launch message cannot be encoded: {exc}") from None
+    parse_launch(line)
+    return line
+
+
+def _text(value: Any, what: str, *, empty: bool = False) -> str:
+    if not isinstance(value, str) or (not value and not empty) or "\0" in value:
+        raise LaunchError(f"{what} must be a non-empty string without NUL")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise LaunchError(f"{what} is not valid Unicode") from None
+    return value
+
+
+def _seconds(value: Any, what: str) -> float:
+    if type(value) not in (int, float) or not 0 < value <= 86400:
+        raise LaunchError(f"{what} must be a number of seconds in (0, 86400]")
+    return float(value)
+
+
+def _key_path(value: Any) -> str:
+    parts = value.split("/") if isinstance(value, str) else []
+    if len(parts) not in (2, 3) or not parts[-1].endswith(".key"):
+        raise LaunchError("key_path must be HOST/USER.key or HOST/USER/PROGRAM.key")
+    names = [*parts[1:-1], parts[-1][: -len(".key")]]
+    if (
+        not _HOST.match(parts[0])
+        or parts[0] in (".", "..")
+        or not all(_NAME.match(name) for name in names)
+    ):
+        raise LaunchError("key_path has an invalid component")
+    return str(value)
+
+
+def _pairs(value: Any, what: str, name_re: re.Pattern[str]) -> tuple[tuple[str, str], ...]:
+    if not isinstance(value, dict):
+        raise LaunchError(f"{what} must be an object")
+    for name, text in value.items():
+        if not name_re.match(name) or name in RESERVED_ENV:
+            raise LaunchError(f"{what} has an invalid or reserved name {name!r}")
+        _text(text, f"{what}.{name}", empty=True)
+    return tuple(sorted(value.items()))
+
+
+def _probe(value: Any) -> Probe:
+    if not isinstance(value, dict) or not set(value) <= set(PROBE_KEYS):
+        raise LaunchError(f"ready must be an object with keys among {', '.join(PROBE_KEYS)}")
+    kind = value.get("kind")
+    if kind not in PROBE_KINDS:
+        raise LaunchError(f"ready.kind must be one of {', '.join(PROBE_KINDS)}")
+    required = {"tcp": "port", "http": "url", "command": "argv", "file": "path"}.get(kind)
+    if required is not None and required not in value:
+        raise LaunchError(f"a {kind} probe needs ready.{required}")
+    port = value.get("port")
+    if port is not None and (type(port) is not int or not 0 < port < 65536):
+        raise LaunchError("ready.port must be a TCP port")
+    url = value.get("url")
+    if url is not None and not _text(url, "ready.url").startswith(("http://", "https://")):
+        raise LaunchError("ready.url must be an http:// or https:// URL")
+    argv = value.get("argv", [])
+    if not isinstance(argv, list) or (kind == "command" and not argv):
+        raise LaunchError("ready.argv must be a non-empty list of strings")
+    return Probe(
+        kind=kind,
+        interval=_seconds(value.get("interval", 0.2), "ready.interval"),
+        settle=_seconds(value.get("settle", 0.5), "ready.settle"),
+        host=_text(value.get("host", "127.0.0.1"), "ready.host"),
+        port=port,
+        url=url,
+        argv=tuple(_text(arg, "ready.argv[]", empty=True) for arg in argv),
+        path=None if value.get("path") is None else _text(value["path"], "ready.path"),
+    )
+
+
+def parse_launch(line: bytes) -> Launch:
+    """Parse and validate one launch line; raises LaunchError naming the first problem."""
+    if len(line) > MAX_LAUNCH:
+        raise LaunchError("launch message too long")
+    try:
+        msg = _loads(line)
+    except FrameError as exc:
+        raise LaunchError(f"launch message is not a strict JSON object: {exc}") from None
+    if msg.get("v") != VERSION:
+        raise LaunchError(f"launch message is not {VERSION}")
+    if len(msg) != len(_LAUNCH_KEYS) or any(name not in msg for name in _LAUNCH_KEYS):
+        raise LaunchError(f"launch message needs exactly the keys {', '.join(_LAUNCH_KEYS)}")
+    for name, pattern in (
+        ("run", RUN_RE),
+        ("step", STEP_RE),
+        ("triple", TRIPLE_RE),
+        ("log", _NAME),
+    ):
+        if not isinstance(msg[name], str) or not pattern.match(msg[name]):
+            raise LaunchError(f"{name} is invalid")
+    if not isinstance(msg["nl"], str) or not _NONCE_HEX.match(msg["nl"]):
+        raise LaunchError("nl must be 16 bytes of lowercase hex")
+    callback = msg["callback"]
+    if (
+        not isinstance(callback, list)
+        or len(callback) != 2
+        or not isinstance(callback[0], str)
+        or not 0 < len(callback[0]) <= 255
+        or type(callback[1]) is not int
+        or not 0 < callback[1] < 65536
+    ):
+        raise LaunchError("callback must be [host, port]")
+    deadlines = msg["deadline_s"]
+    if not isinstance(deadlines, dict) or set(deadlines) != set(DEADLINE_KEYS):
+        raise LaunchError(f"deadline_s needs exactly {', '.join(DEADLINE_KEYS)}")
+    argv = msg["argv"]
+    if not isinstance(argv, list) or not argv:
+        raise LaunchError("argv must be a non-empty list of strings")
+    cwd = msg["cwd"]
+    if msg["kind"] not in ("service", "job"):
+        raise LaunchError("kind must be service or job")
+    return Launch(
+        run=msg["run"],
+        step=msg["step"],
+        triple=msg["triple"],
+        key_path=_key_path(msg["key_path"]),
+        nl=bytes.fromhex(msg["nl"]),
+        callback=(callback[0], callback[1]),
+        deadlines=tuple((k, _seconds(deadlines[k], f"deadline_s.{k}")) for k in DEADLINE_KEYS),
+        argv=(_text(argv[0], "argv[0]"), *(_text(a, "argv[]", empty=True) for a in argv[1:])),
+        env=_pairs(msg["env"], "env", _ENV_NAME),
+        cwd=None if cwd is None else _text(cwd, "cwd"),
+        ready=_probe(msg["ready"]),
+        kind=msg["kind"],
+        log=msg["log"],
+        tags=_pairs(msg["tags"], "tags", _TAG_NAME),
+    )
+
+
+def spec_digest(launch: Launch) -> str:
+    """sha256 of what the program is (argv, env, cwd, probe, kind), for change detection."""
+    spec = {
+        "argv": list(launch.argv),
+        "env": dict(launch.env),
+        "cwd": launch.cwd,
+        "ready": [launch.ready.kind, launch.ready.port, launch.ready.url, launch.ready.path],
+        "probe_argv": list(launch.ready.argv),
+        "kind": launch.kind,
+    }
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode("ascii")).hexdigest()

@@ -1,0 +1,458 @@
+"""The callback listener: verifies agents' rex-cb/1 handshakes for one run.
+
+One selector loop on one thread serves every connection, rather than LAM's blocking thread per
+agent: a run may hold 10,000 pending steps and take thousands of callbacks a second, and a
+handshake is two small frames and three HMACs, so a thread (stack, scheduling) per connection
+would cost far more than the work. Nothing in the loop blocks; each connection is a small state
+machine (hello -> chal -> resp -> verdict) with its own handshake deadline, and at most
+``max_unauthenticated`` connections are open at once (more are closed at once, counted BUSY).
+
+Cheap checks come first (frame size, schema, version, run, pending step, expected triple,
+key_id), so a stranger costs no HMAC. A step is decided once: OK, or rejected when an agent
+naming it proves the wrong key (WRONG_KEY, BAD_PROOF), or TIMEOUT/CANCELLED; any later attempt
+is a DUPLICATE. The peer only ever learns ``ok`` or ``no`` with an opaque ref; the log line
+with that ref holds the result code. expect/wait/cancel are thread-safe.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import secrets
+import selectors
+import socket
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from rexplan import protocol
+
+CANCELLED = "CANCELLED"  # verdict only: the launcher gave up on the step (or closed)
+
+_HELLO, _RESP, _DONE = "hello", "resp", "done"
+
+
+@dataclass(frozen=True)
+class PendingStep:
+    """A launched step the listener waits for; ``deadline`` is on the listener's clock."""
+
+    step_id: str
+    triple: str
+    key: bytes = field(repr=False)
+    key_id: str
+    nl: bytes = field(repr=False)
+    deadline: float
+
+    @classmethod
+    def create(
+        cls,
+        step_id: str,
+        triple: str,
+        key: bytes,
+        timeout: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> PendingStep:
+        """A step with a fresh launch nonce, due ``timeout`` seconds from now."""
+        return cls(
+            step_id, triple, key, protocol.key_id(key), protocol.new_nonce(), clock() + timeout
+        )
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """How a step ended: ``ok`` with the agent's claims, or a result code."""
+
+    ok: bool
+    code: str
+    pid: int | None = None
+    pgid: int | None = None
+    start: str | None = None
+    peer: tuple[str, int] | None = None
+    ref: str | None = None
+
+
+class _Step:
+    __slots__ = ("k_a", "k_l", "pending", "verdict")
+
+    def __init__(self, pending: PendingStep) -> None:
+        self.pending = pending
+        self.k_l, self.k_a = protocol.direction_keys(pending.key)
+        self.verdict: Verdict | None = None
+
+
+class _Conn:
+    __slots__ = (
+        "closed",
+        "hello",
+        "lp",
+        "ns",
+        "out",
+        "peer",
+        "reader",
+        "ref",
+        "sock",
+        "state",
+        "step",
+        "t",
+        "writing",
+    )
+
+    def __init__(self, sock: socket.socket, peer: tuple[str, int]) -> None:
+        self.sock = sock
+        self.peer = peer
+        self.reader = protocol.FrameReader()
+        self.state = _HELLO
+        self.out = bytearray()
+        self.closed = False
+        self.writing = False  # registered for EVENT_WRITE too
+        self.ref = secrets.token_hex(6)
+        self.step: _Step | None = None
+        self.hello: dict[str, Any] = {}
+        self.t = self.ns = self.lp = b""
+
+
+class CallbackListener:
+    """One per run: register steps with expect(), launch them, then wait() for each verdict."""
+
+    def __init__(
+        self,
+        bind: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        run_id: str | None = None,
+        handshake_timeout: float = 5.0,
+        max_unauthenticated: int = 256,
+        log: logging.Logger | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.run_id = run_id or secrets.token_hex(16)
+        if not protocol.RUN_RE.match(self.run_id):
+            raise ValueError(f"invalid run id {self.run_id!r}")
+        self.attempts: Counter[str] = Counter()
+        self._bind = (bind, port)
+        self._handshake_timeout = handshake_timeout
+        self._max = max_unauthenticated
+        self._log = log or logging.getLogger("rexplan.callback")
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
+        self._steps: dict[str, _Step] = {}
+        self._conns: dict[int, _Conn] = {}
+        self._timers: list[tuple[float, int, _Conn]] = []
+        self._seq = itertools.count()
+        self._sel = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._sock: socket.socket | None = None
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+
+    # ---- public API ----
+
+    @property
+    def address(self) -> tuple[str, int]:
+        if self._sock is None:
+            raise RuntimeError("listener not started")
+        host, port = self._sock.getsockname()[:2]
+        return str(host), int(port)
+
+    def start(self) -> None:
+        family, kind, proto, _, addr = socket.getaddrinfo(
+            self._bind[0], self._bind[1], type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(addr)
+            sock.listen(4096)
+            sock.setblocking(False)
+        except OSError:
+            sock.close()
+            raise
+        self._sock = sock
+        self._wake_r.setblocking(False)
+        self._sel.register(sock, selectors.EVENT_READ)
+        self._sel.register(self._wake_r, selectors.EVENT_READ)
+        self._thread = threading.Thread(target=self._loop, name="rex-callback", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        """Stop serving; every undecided step is decided CANCELLED. Idempotent."""
+        if self._stopping:
+            return
+        self._stopping = True
+        self._wake_w.send(b"x")
+        if self._thread is not None:
+            self._thread.join()
+        for conn in list(self._conns.values()):
+            self._drop(conn)
+        if self._sock is not None:
+            self._sel.unregister(self._sock)
+            self._sock.close()
+        self._sel.close()
+        self._wake_r.close()
+        self._wake_w.close()
+        with self._changed:
+            for st in self._steps.values():
+                if st.verdict is None:
+                    st.verdict = Verdict(False, CANCELLED)
+            self._changed.notify_all()
+
+    def __enter__(self) -> CallbackListener:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def expect(self, step: PendingStep) -> None:
+        """Register a step before launching it; its id must be new to this listener."""
+        if not protocol.STEP_RE.match(step.step_id) or not protocol.TRIPLE_RE.match(step.triple):
+            raise ValueError(f"invalid step id or triple: {step.step_id!r} {step.triple!r}")
+        if protocol.key_id(step.key) != step.key_id or len(step.nl) != protocol.NONCE_BYTES:
+            raise ValueError(f"step {step.step_id}: key_id or nl does not fit the key")
+        with self._lock:
+            if step.step_id in self._steps:
+                raise ValueError(f"step {step.step_id} is already expected")
+            self._steps[step.step_id] = _Step(step)
+
+    def wait(self, step_id: str, timeout: float | None = None) -> Verdict:
+        """Block until the step is decided, its deadline passes, or ``timeout`` seconds.
+
+        A step still undecided then is decided TIMEOUT, so a late agent is refused.
+        """
+        with self._changed:
+            st = self._steps[step_id]
+            end = st.pending.deadline
+            if timeout is not None:
+                end = min(end, self._clock() + timeout)
+            while st.verdict is None:
+                remaining = end - self._clock()
+                if remaining <= 0:
+                    self._decide(st, Verdict(False, protocol.TIMEOUT))
+                    self._log.warning(
+                        "callback step=%s: no verified callback by the deadline (TIMEOUT)",
+                        step_id,
+                    )
+                    break
+                self._changed.wait(remaining)
+            assert st.verdict is not None
+            return st.verdict
+
+    def cancel(self, step_id: str) -> None:
+        """Give up on a step: waiters get CANCELLED, and its agent will be told ``no``."""
+        with self._changed:
+            st = self._steps.get(step_id)
+            if st is not None and st.verdict is None:
+                self._decide(st, Verdict(False, CANCELLED))
+
+    # ---- the loop (listener thread only) ----
+
+    def _loop(self) -> None:
+        while not self._stopping:
+            timeout = None
+            while self._timers and self._timers[0][2].closed:
+                heapq.heappop(self._timers)
+            if self._timers:
+                timeout = max(0.0, self._timers[0][0] - self._clock())
+            for key, mask in self._sel.select(timeout):
+                if key.fileobj is self._sock:
+                    self._accept()
+                elif key.fileobj is self._wake_r:
+                    self._wake_r.recv(64)
+                else:
+                    conn = key.data
+                    if mask & selectors.EVENT_READ and not conn.closed:
+                        self._readable(conn)
+                    if mask & selectors.EVENT_WRITE and not conn.closed:
+                        self._flush(conn)
+            now = self._clock()
+            while self._timers and self._timers[0][0] <= now:
+                conn = heapq.heappop(self._timers)[2]
+                if conn.state != _DONE:
+                    self._finish(conn, protocol.TIMEOUT, "no handshake in time")
+                if not conn.closed:
+                    self._drop(conn)
+
+    def _accept(self) -> None:
+        assert self._sock is not None
+        for _ in range(64):  # a bounded batch, so a flood cannot starve open handshakes
+            try:
+                sock, addr = self._sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                self._log.warning("callback accept failed: %s", exc.strerror)
+                return
+            peer = (str(addr[0]), int(addr[1]))
+            if len(self._conns) >= self._max:
+                self._record(protocol.BUSY, secrets.token_hex(6), peer, None, "too many open")
+                sock.close()
+                continue
+            sock.setblocking(False)
+            conn = _Conn(sock, peer)
+            self._conns[sock.fileno()] = conn
+            self._sel.register(sock, selectors.EVENT_READ, conn)
+            deadline = self._clock() + self._handshake_timeout
+            heapq.heappush(self._timers, (deadline, next(self._seq), conn))
+
+    def _readable(self, conn: _Conn) -> None:
+        try:
+            data = conn.sock.recv(conn.reader.wanted())
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            if conn.state != _DONE:
+                self._finish(conn, protocol.CLOSED, "peer closed", send=False)
+            self._drop(conn)
+            return
+        try:
+            msgs = conn.reader.feed(data)
+            for msg in msgs:
+                if conn.state == _HELLO:
+                    self._on_hello(conn, protocol.check_message(msg, "hello"))
+                elif conn.state == _RESP:
+                    self._on_resp(conn, protocol.check_message(msg, "resp"))
+                else:
+                    raise protocol.FrameError(protocol.OUT_OF_ORDER, "frame after the verdict")
+        except protocol.FrameError as exc:
+            if conn.state != _DONE:
+                self._finish(conn, exc.code, str(exc))
+            else:
+                self._drop(conn)
+
+    def _on_hello(self, conn: _Conn, hello: dict[str, Any]) -> None:
+        conn.hello = hello
+        with self._changed:
+            st = self._steps.get(hello["step"]) if hello["run"] == self.run_id else None
+            code = self._admit(conn, st, hello)
+        if st is None or code is not None:
+            self._finish(conn, code or protocol.UNKNOWN_STEP, "")
+            return
+        conn.step = st
+        conn.t = protocol.transcript(hello)
+        conn.ns = protocol.new_nonce()
+        conn.lp = protocol.launcher_proof(st.k_l, conn.t, conn.ns, st.pending.nl)
+        conn.state = _RESP
+        self._send(conn, protocol.make_chal(conn.ns, conn.lp))
+
+    def _admit(self, conn: _Conn, st: _Step | None, hello: dict[str, Any]) -> str | None:
+        """Under the lock: the cheap checks, before any HMAC; None if the hello may go on."""
+        if st is None:
+            return protocol.UNKNOWN_STEP
+        if st.verdict is not None:
+            return protocol.DUPLICATE
+        if hello["triple"] != st.pending.triple:
+            return protocol.WRONG_TRIPLE
+        if hello["key_id"] != st.pending.key_id:
+            self._decide(st, Verdict(False, protocol.WRONG_KEY, peer=conn.peer, ref=conn.ref))
+            return protocol.WRONG_KEY
+        if self._clock() > st.pending.deadline:
+            self._decide(st, Verdict(False, protocol.TIMEOUT, peer=conn.peer, ref=conn.ref))
+            return protocol.TIMEOUT
+        return None
+
+    def _on_resp(self, conn: _Conn, resp: dict[str, Any]) -> None:
+        st = conn.step
+        assert st is not None
+        nl = st.pending.nl
+        ap = bytes.fromhex(resp["ap"])
+        proven = protocol.verify_agent_proof(st.k_a, conn.t, conn.ns, nl, conn.lp, ap)
+        hello = conn.hello
+        with self._changed:
+            if st.verdict is not None:
+                code = protocol.DUPLICATE
+            elif not proven:
+                code = protocol.BAD_PROOF
+                self._decide(st, Verdict(False, code, peer=conn.peer, ref=conn.ref))
+            elif self._clock() > st.pending.deadline:
+                code = protocol.TIMEOUT
+                self._decide(st, Verdict(False, code, peer=conn.peer, ref=conn.ref))
+            else:
+                code = protocol.OK
+                verdict = Verdict(
+                    True, code, hello["pid"], hello["pgid"], hello["start"], conn.peer, conn.ref
+                )
+                self._decide(st, verdict)
+        if code != protocol.OK:
+            self._finish(conn, code, "")
+            return
+        self._record(code, conn.ref, conn.peer, hello, "")
+        conn.state = _DONE
+        self._send(conn, protocol.make_ok(protocol.ok_mac(st.k_l, conn.t, conn.ns, nl, ap)))
+
+    def _decide(self, st: _Step, verdict: Verdict) -> None:
+        """Under the lock: the step's one verdict."""
+        st.verdict = verdict
+        self._changed.notify_all()
+
+    def _finish(self, conn: _Conn, code: str, detail: str, *, send: bool = True) -> None:
+        """End a handshake that failed: log it, tell the peer only ``no`` and its ref."""
+        self._record(code, conn.ref, conn.peer, conn.hello or None, detail)
+        conn.state = _DONE
+        if send:
+            self._send(conn, protocol.make_no(conn.ref))
+        else:
+            self._drop(conn)
+
+    def _record(
+        self,
+        code: str,
+        ref: str,
+        peer: tuple[str, int],
+        hello: dict[str, Any] | None,
+        detail: str,
+    ) -> None:
+        with self._lock:
+            self.attempts[code] += 1
+        # Only validated hello fields (safe charsets) reach the log; never keys or nonces.
+        step = hello["step"] if hello else "-"
+        triple = hello["triple"] if hello else "-"
+        level = logging.INFO if code == protocol.OK else logging.WARNING
+        self._log.log(
+            level,
+            "callback %s ref=%s peer=%s:%d step=%s triple=%s%s",
+            code,
+            ref,
+            peer[0],
+            peer[1],
+            step,
+            triple,
+            f" ({detail})" if detail else "",
+        )
+
+    def _send(self, conn: _Conn, msg: dict[str, Any]) -> None:
+        conn.out += protocol.encode_frame(msg)
+        self._flush(conn)
+
+    def _flush(self, conn: _Conn) -> None:
+        try:
+            sent = conn.sock.send(conn.out)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError:
+            self._drop(conn)
+            return
+        del conn.out[:sent]
+        if conn.out:
+            if not conn.writing:
+                conn.writing = True
+                self._sel.modify(conn.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, conn)
+        elif conn.state == _DONE:
+            self._drop(conn)
+        elif conn.writing:
+            conn.writing = False
+            self._sel.modify(conn.sock, selectors.EVENT_READ, conn)
+
+    def _drop(self, conn: _Conn) -> None:
+        if conn.closed:
+            return
+        conn.closed = True
+        self._conns.pop(conn.sock.fileno(), None)
+        self._sel.unregister(conn.sock)
+        conn.sock.close()

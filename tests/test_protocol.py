@@ -1,0 +1,370 @@
+"""rex-cb/1 as pure code: frames, strict messages, the transcript, proofs and the launch line."""
+
+from __future__ import annotations
+
+import ast
+import json
+import struct
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from rexplan import protocol as p
+
+PACKAGE = Path(__file__).resolve().parent.parent / "rexplan"
+KEY = bytes(range(32))
+NL = bytes(range(100, 116))
+
+
+def hello(**over: Any) -> dict[str, Any]:
+    fields: dict[str, Any] = {
+        "run": "run1",
+        "step": "app@h1",
+        "triple": "h1.alice.app",
+        "key_id": p.key_id(KEY),
+        "na": bytes(16),
+        "pid": 4242,
+        "pgid": 4242,
+        "start": "123456",
+    }
+    fields.update(over)
+    return p.make_hello(**fields)
+
+
+def raw_frame(payload: bytes) -> bytes:
+    return struct.pack(">I", len(payload)) + payload
+
+
+def code_of(exc: pytest.ExceptionInfo[p.FrameError]) -> str:
+    return exc.value.code
+
+
+# ---- frames ----
+
+
+def test_frame_round_trip() -> None:
+    msg = hello()
+    frame = p.encode_frame(msg)
+    assert struct.unpack(">I", frame[:4])[0] == len(frame) - 4
+    assert p.decode_frame(frame) == msg
+
+
+def test_reader_reassembles_frames_fed_byte_by_byte() -> None:
+    frames = p.encode_frame(hello()) + p.encode_frame(p.make_resp(bytes(32)))
+    reader = p.FrameReader()
+    got: list[dict[str, Any]] = []
+    for i in range(len(frames)):
+        got += reader.feed(frames[i : i + 1])
+    assert got == [hello(), p.make_resp(bytes(32))]
+    assert reader.idle
+
+
+def test_reader_asks_for_exactly_one_frame() -> None:
+    frame = p.encode_frame(p.make_resp(bytes(32)))
+    reader = p.FrameReader()
+    assert reader.wanted() == 4
+    reader.feed(frame[:4])
+    assert reader.wanted() == len(frame) - 4
+
+
+def test_oversize_header_rejected_before_any_payload() -> None:
+    reader = p.FrameReader()
+    with pytest.raises(p.FrameError) as exc:
+        reader.feed(struct.pack(">I", p.MAX_FRAME + 1))
+    assert code_of(exc) == p.OVERSIZE
+
+
+def test_largest_frame_accepted_and_encoder_refuses_oversize() -> None:
+    payload = b'{"t":"x","pad":"' + b"a" * (p.MAX_FRAME - 18) + b'"}'
+    assert len(payload) == p.MAX_FRAME
+    assert p.decode_frame(raw_frame(payload))["t"] == "x"
+    with pytest.raises(p.FrameError) as exc:
+        p.encode_frame({"t": "no", "ref": "a" * p.MAX_FRAME})
+    assert code_of(exc) == p.OVERSIZE
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        pytest.param(struct.pack(">I", 0), id="zero-length"),
+        pytest.param(p.encode_frame(hello())[:-1], id="truncated"),
+        pytest.param(p.encode_frame(hello()) + b"x", id="trailing"),
+        pytest.param(raw_frame(b'{"t":"\xff"}'), id="not-utf8"),
+        pytest.param(raw_frame(b'{"t":"no","t":"no"}'), id="duplicate-key"),
+        pytest.param(raw_frame(b'["hello"]'), id="not-an-object"),
+        pytest.param(raw_frame(b'{"t":NaN}'), id="nan"),
+        pytest.param(raw_frame(b'{"t":-Infinity}'), id="infinity"),
+        pytest.param(raw_frame(b'{"t":1e999}'), id="overflowing-float"),
+        pytest.param(raw_frame(b"[" * 3000), id="deep-nesting"),
+        pytest.param(raw_frame(b"{"), id="not-json"),
+    ],
+)
+def test_bad_frames_are_malformed(frame: bytes) -> None:
+    with pytest.raises(p.FrameError) as exc:
+        p.decode_frame(frame)
+    assert code_of(exc) == p.MALFORMED
+
+
+# ---- messages ----
+
+
+def test_hello_passes_its_own_check() -> None:
+    assert p.check_message(hello(), "hello") == hello()
+
+
+@pytest.mark.parametrize(
+    ("change", "code"),
+    [
+        ({"v": "rex-cb/2"}, p.VERSION_MISMATCH),
+        ({"extra": 1}, p.MALFORMED),
+        ({"pid": "4242"}, p.MALFORMED),
+        ({"pid": True}, p.MALFORMED),
+        ({"pgid": 1}, p.MALFORMED),
+        ({"na": "00" * 15}, p.MALFORMED),
+        ({"na": "AA" * 16}, p.MALFORMED),
+        ({"step": "has space"}, p.MALFORMED),
+        ({"step": "line\n"}, p.MALFORMED),
+        ({"key_id": "k" * 16}, p.MALFORMED),
+        ({"start": 12}, p.MALFORMED),
+        ({"t": "bogus"}, p.MALFORMED),
+        ({"t": 3}, p.MALFORMED),
+    ],
+)
+def test_bad_hello_fields(change: dict[str, Any], code: str) -> None:
+    msg = {**hello(), **change}
+    with pytest.raises(p.FrameError) as exc:
+        p.check_message(msg, "hello")
+    assert code_of(exc) == code
+
+
+def test_missing_key_is_malformed() -> None:
+    msg = hello()
+    del msg["start"]
+    with pytest.raises(p.FrameError) as exc:
+        p.check_message(msg, "hello")
+    assert code_of(exc) == p.MALFORMED
+
+
+def test_known_message_at_the_wrong_time_is_out_of_order() -> None:
+    with pytest.raises(p.FrameError) as exc:
+        p.check_message(hello(), "resp")
+    assert code_of(exc) == p.OUT_OF_ORDER
+
+
+@pytest.mark.parametrize(
+    "msg",
+    [
+        p.make_chal(bytes(16), bytes(32)),
+        p.make_resp(bytes(32)),
+        p.make_ok(bytes(32)),
+        p.make_no("0123abcd"),
+    ],
+)
+def test_other_messages_check_and_reject_bad_values(msg: dict[str, Any]) -> None:
+    assert p.check_message(msg, msg["t"]) == msg
+    field = next(k for k in msg if k != "t")
+    for bad in ("zz", "", 7, msg[field] + "zz"):
+        with pytest.raises(p.FrameError):
+            p.check_message({**msg, field: bad}, msg["t"])
+
+
+# ---- transcript and proofs ----
+
+
+def test_transcript_is_injective_on_field_boundaries() -> None:
+    a = hello(step="ab", triple="c.alice.app")
+    b = hello(step="a", triple="bc.alice.app")
+    assert p.transcript(a) != p.transcript(b)
+
+
+def test_transcript_covers_every_field() -> None:
+    base = p.transcript(hello())
+    changes = {
+        "run": "run2",
+        "step": "app@h2",
+        "triple": "h2.alice.app",
+        "key_id": "0" * 16,
+        "na": bytes([1] * 16),
+        "pid": 4243,
+        "pgid": 4243,
+        "start": "123457",
+    }
+    for name, value in changes.items():
+        assert p.transcript(hello(**{name: value})) != base, name
+    assert p.transcript(hello()).startswith(struct.pack(">H", len(p.VERSION)) + p.VERSION.encode())
+
+
+def test_proofs_verify_and_bind_everything() -> None:
+    k_l, k_a = p.direction_keys(KEY)
+    assert k_l != k_a
+    t, ns = p.transcript(hello()), bytes(range(16))
+    lp = p.launcher_proof(k_l, t, ns, NL)
+    ap = p.agent_proof(k_a, t, ns, NL, lp)
+    mac = p.ok_mac(k_l, t, ns, NL, ap)
+    assert len({lp, ap, mac}) == 3
+    assert p.verify_launcher_proof(k_l, t, ns, NL, lp)
+    assert p.verify_agent_proof(k_a, t, ns, NL, lp, ap)
+    assert p.verify_ok_mac(k_l, t, ns, NL, ap, mac)
+    other_t = p.transcript(hello(pid=4243))
+    assert not p.verify_launcher_proof(k_l, other_t, ns, NL, lp)
+    assert not p.verify_launcher_proof(k_a, t, ns, NL, lp)
+    assert not p.verify_agent_proof(k_a, t, bytes(16), NL, lp, ap)
+    assert not p.verify_agent_proof(k_a, t, ns, bytes(16), lp, ap)
+    assert not p.verify_ok_mac(k_l, t, ns, NL, ap, bytes([mac[0] ^ 1]) + mac[1:])
+    other_k_l, _ = p.direction_keys(bytes(32))
+    assert not p.verify_launcher_proof(other_k_l, t, ns, NL, lp)
+
+
+def _compared_names(node: ast.expr) -> set[str]:
+    """Names, attributes and subscript keys in an operand; len(secret) reveals nothing."""
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "len":
+        return set()
+    names: set[str] = set()
+    for sub in ast.walk(node):
+        if isinstance(sub, ast.Name):
+            names.add(sub.id)
+        elif isinstance(sub, ast.Attribute):
+            names.add(sub.attr)
+        elif isinstance(sub, ast.Subscript) and isinstance(sub.slice, ast.Constant):
+            names.add(str(sub.slice.value))
+    return names
+
+
+SECRET_WORDS = {"mac", "lp", "ap", "proof", "digest", "secret", "nl", "ns", "na"}
+
+
+@pytest.mark.parametrize("name", ["protocol.py", "callback.py", "remote/agent.py"])
+def test_no_mac_is_compared_with_equality(name: str) -> None:
+    tree = ast.parse((PACKAGE / name).read_text())
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Compare):
+            continue
+        if not any(isinstance(op, (ast.Eq, ast.NotEq, ast.Is, ast.IsNot)) for op in node.ops):
+            continue
+        for operand in [node.left, *node.comparators]:
+            for word in _compared_names(operand):
+                tokens = set(word.lower().split("_"))
+                assert not tokens & SECRET_WORDS, f"{name}:{node.lineno} compares {word!r}"
+
+
+def test_equality_scan_catches_a_mac_compare() -> None:
+    tree = ast.parse("ok = msg['mac'] == expected\nok = lp != x\nok = len(secret) == 32")
+    compares = [n for n in ast.walk(tree) if isinstance(n, ast.Compare)]
+    assert [bool(_compared_names(c.left) & SECRET_WORDS) for c in compares] == [True, True, False]
+
+
+def test_protocol_verifies_with_compare_digest_only() -> None:
+    source = (PACKAGE / "protocol.py").read_text()
+    assert source.count("hmac.compare_digest(") == 3
+
+
+@pytest.mark.parametrize("name", ["protocol.py", "remote/agent.py"])
+def test_shipped_code_parses_as_python_3_8(name: str) -> None:
+    ast.parse((PACKAGE / name).read_text(), feature_version=(3, 8))
+
+
+# ---- the launch message ----
+
+
+def launch_args(**over: Any) -> dict[str, Any]:
+    args: dict[str, Any] = {
+        "run": "run1",
+        "step": "app@h1",
+        "triple": "h1.alice.app",
+        "key_path": "h1/alice/app.key",
+        "nl": NL,
+        "callback": ("127.0.0.1", 4000),
+        "deadlines": {"start": 5, "ready": 5.5, "callback": 5, "stop": 2},
+        "argv": ["/bin/echo", "; touch X", "$(id)", "a\nb", "'\""],
+        "env": {"A": "1", "EMPTY": ""},
+        "cwd": "/tmp",
+        "ready": {"kind": "tcp", "port": 80, "host": "127.0.0.1", "url": None},
+        "kind": "service",
+        "log": "app",
+        "tags": {"REX_SPEC": "abc"},
+    }
+    args.update(over)
+    return args
+
+
+def test_launch_round_trip_is_one_line() -> None:
+    line = p.make_launch(**launch_args())
+    assert line.endswith(b"\n") and line.count(b"\n") == 1
+    launch = p.parse_launch(line)
+    assert launch.argv == ("/bin/echo", "; touch X", "$(id)", "a\nb", "'\"")
+    assert launch.nl == NL
+    assert launch.callback == ("127.0.0.1", 4000)
+    assert launch.deadline("ready") == 5.5
+    assert launch.env == (("A", "1"), ("EMPTY", ""))
+    assert launch.ready == p.Probe(kind="tcp", port=80)
+    assert launch.tags == (("REX_SPEC", "abc"),)
+    assert NL.hex() not in repr(launch)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"argv": []},
+        {"argv": ["a\0b"]},
+        {"argv": [""]},
+        {"env": {"A=B": "1"}},
+        {"env": {"REX_RUN": "x"}},
+        {"tags": {"NOT_REX": "x"}},
+        {"key_path": "../alice.key"},
+        {"key_path": "h1/../app.key"},
+        {"key_path": "h1/alice/app"},
+        {"key_path": "/etc/alice.key"},
+        {"nl": b"short"},
+        {"callback": ("127.0.0.1", 0)},
+        {"deadlines": {"start": 1, "ready": 1, "callback": 1}},
+        {"deadlines": {"start": 1, "ready": -1, "callback": 1, "stop": 1}},
+        {"ready": {"kind": "tcp"}},
+        {"ready": {"kind": "http", "url": "file:///etc/passwd"}},
+        {"ready": {"kind": "command", "argv": []}},
+        {"ready": {"kind": "psychic"}},
+        {"ready": {"kind": "alive", "timeout": 3}},
+        {"kind": "daemon"},
+        {"log": "Bad.Name"},
+        {"step": "two words"},
+        {"run": "r" * 65},
+    ],
+)
+def test_launch_rejects(change: dict[str, Any]) -> None:
+    with pytest.raises(p.LaunchError):
+        p.make_launch(**launch_args(**change))
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        b"",
+        b"[]",
+        b'{"v": "rex-cb/2"}',
+        b"x" * (p.MAX_LAUNCH + 1),
+    ],
+)
+def test_parse_launch_rejects_garbage(text: bytes) -> None:
+    with pytest.raises(p.LaunchError):
+        p.parse_launch(text)
+
+
+def test_parse_launch_rejects_unknown_and_duplicate_keys() -> None:
+    msg = json.loads(p.make_launch(**launch_args()))
+    with pytest.raises(p.LaunchError):
+        p.parse_launch(json.dumps({**msg, "extra": 1}).encode())
+    text = p.make_launch(**launch_args()).rstrip(b"}\n") + b',"run":"run2"}'
+    with pytest.raises(p.LaunchError):
+        p.parse_launch(text)
+
+
+def test_spec_digest_follows_the_program_not_the_run() -> None:
+    a = p.parse_launch(p.make_launch(**launch_args()))
+    b = p.parse_launch(p.make_launch(**launch_args(run="run2", nl=bytes(16))))
+    c = p.parse_launch(p.make_launch(**launch_args(argv=["/bin/true"])))
+    assert p.spec_digest(a) == p.spec_digest(b) != p.spec_digest(c)
+
+
+def test_key_relpath_rejects_a_trailing_newline() -> None:
+    with pytest.raises(p.KeyFormatError):
+        p.key_relpath("h1", "alice\n", None)
