@@ -25,7 +25,11 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Diagnostic:
-    """One problem at a position in a file: ``FILE:LINE:COL: key.path: message``."""
+    """One problem at a position in a file: ``FILE:LINE:COL: key.path: message``.
+
+    ``line`` 0 means the problem has no position (plan errors, a command-line option): the
+    text is then ``FILE: key.path: message``.
+    """
 
     file: str
     line: int
@@ -35,7 +39,7 @@ class Diagnostic:
     hint: str | None = None
 
     def format(self) -> str:
-        where = f"{self.file}:{self.line}:{self.col}"
+        where = f"{self.file}:{self.line}:{self.col}" if self.line else self.file
         text = f"{where}: {self.path}: {self.message}" if self.path else f"{where}: {self.message}"
         if self.hint:
             text += f"\n  hint: {self.hint}"

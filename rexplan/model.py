@@ -245,6 +245,7 @@ class Plan:
 
     manifest_digest: str
     waves: tuple[tuple[Step, ...], ...]
+    limit: str | None = None  # the --limit pattern the plan was narrowed by, if any
 
     @property
     def steps(self) -> tuple[Step, ...]:

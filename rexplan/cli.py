@@ -1,0 +1,316 @@
+"""The ``rex`` command line: argparse subcommands behind one error boundary."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import traceback
+from collections.abc import Sequence
+from pathlib import Path
+from typing import NoReturn
+
+from rexplan import __version__, audit, hostkeys, manifest, ui
+from rexplan import events as ev
+from rexplan import plan as planner
+from rexplan.errors import ManifestError, RexError, UsageError
+from rexplan.keys import KeyStore, default_known_hosts
+
+EXIT_CODES = """\
+exit codes:
+  0    success
+  1    internal error (the traceback is kept in a log file under $XDG_STATE_HOME/rex)
+  2    a step failed
+  3    a host was unreachable
+  4    the manifest or the plan is invalid
+  5    usage error
+  6    authentication or host key failure
+  130  interrupted
+  141  the output pipe was closed early (rex plan ... | head)
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose usage errors go through the error boundary (exit 5)."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(message, hint=f"run '{self.prog} --help' for usage")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``rex`` parser; each subcommand sets ``func`` to its ``cmd_<name>(args, console)``."""
+    parser = _Parser(
+        prog="rex",
+        description="Launch programs on many hosts from one YAML manifest; every launch is "
+        "verified by an authenticated callback.",
+        epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"rex {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    validate = commands.add_parser(
+        "validate",
+        help="check manifests and report every problem",
+        description="Check each manifest (YAML, schema, names, references, cycles, "
+        "authorization) and that it compiles into a plan. No host is contacted.",
+        epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    validate.add_argument("manifests", nargs="+", metavar="MANIFEST")
+    validate.set_defaults(func=cmd_validate)
+
+    plan = commands.add_parser(
+        "plan",
+        help="show the launch waves and steps of a manifest",
+        description="Show the waves of steps (program x host, as its user) rex would launch. "
+        "A table on a terminal, one line per step otherwise. No host is contacted.",
+        epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    plan.add_argument("manifest", metavar="MANIFEST")
+    output = plan.add_mutually_exclusive_group()
+    output.add_argument(
+        "--json", action="store_true", help="print the plan as JSON (format 1, stable)"
+    )
+    output.add_argument("--dot", action="store_true", help="print a Graphviz graph of programs")
+    plan.add_argument(
+        "--limit",
+        metavar="PATTERN",
+        help="only steps on matching hosts: comma-separated host globs and group:NAME",
+    )
+    plan.set_defaults(func=cmd_plan)
+
+    apply = commands.add_parser(
+        "apply",
+        help="launch every step of a manifest, each verified by its callback",
+        description="Launch the plan wave by wave over SSH (or locally for transport: local). "
+        "A step counts as ready only when its program is up, passed its readiness probe, and "
+        "its agent called back proving the triple's key; SSH's exit status is not trusted. "
+        "A step whose requirement failed is skipped; independent programs go on. Keys of "
+        "transport: local triples are created on first use.",
+        epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    apply.add_argument("manifest", metavar="MANIFEST")
+    apply.add_argument(
+        "--limit",
+        metavar="PATTERN",
+        help="only steps on matching hosts: comma-separated host globs and group:NAME",
+    )
+    apply.add_argument(
+        "--forks",
+        type=_positive_int,
+        metavar="N",
+        help="steps in flight at once (default: the manifest's defaults.forks, 64)",
+    )
+    apply.add_argument(
+        "--events",
+        metavar="FILE",
+        help="write every event as one JSON object per line to FILE ('-': stdout, and the "
+        "progress display moves to stderr)",
+    )
+    apply.add_argument(
+        "--json",
+        action="store_true",
+        help="print the run result as JSON on stdout (the progress display moves to stderr)",
+    )
+    apply.add_argument(
+        "-y",
+        "--yes",
+        action="store_true",
+        help="do not ask for confirmation (rex asks only when stdin and stdout are a terminal)",
+    )
+    apply.add_argument(
+        "-q", "--quiet", action="store_true", help="print only failures and the summary"
+    )
+    _key_options(apply)
+    apply.set_defaults(func=cmd_apply)
+
+    hostkeys.add_parser(commands)
+    audit.add_parser(commands)
+    return parser
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+def _key_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--keys", metavar="DIR", help="the key store (default: $REX_KEYS, else ./keys)"
+    )
+    parser.add_argument(
+        "--known-hosts",
+        metavar="FILE",
+        help="pinned SSH host keys (default: known_hosts in the key store if present, else "
+        "~/.ssh/known_hosts); unknown or changed host keys are refused",
+    )
+    parser.add_argument(
+        "--insecure-keys",
+        action="store_true",
+        help="load keys with loose permissions anyway (warns every time)",
+    )
+
+
+def cmd_validate(args: argparse.Namespace, console: ui.Console) -> int:
+    """``rex validate MANIFEST...``: an ok line per good file, the diagnostics of bad ones."""
+    failed = 0
+    for path in args.manifests:
+        try:
+            loaded = manifest.load(path)
+            compiled = planner.compile(loaded)
+        except ManifestError as e:
+            failed += 1
+            _write_stderr(format_error(e))
+            continue
+        ui.print_text(console, ui.format_validate_ok(path, loaded, compiled))
+    return ManifestError.exit_code if failed else 0
+
+
+def cmd_plan(args: argparse.Namespace, console: ui.Console) -> int:
+    """``rex plan MANIFEST``: the table, plain lines, ``--json`` or ``--dot``."""
+    loaded = manifest.load(args.manifest)
+    compiled = planner.compile(loaded, limit=args.limit)
+    if args.json:
+        ui.print_text(console, json.dumps(planner.plan_to_dict(compiled, loaded), indent=2))
+    elif args.dot:
+        ui.print_text(console, planner.plan_to_dot(compiled, loaded))
+    else:
+        ui.print_plan(compiled, loaded, console)
+    return 0
+
+
+def cmd_apply(args: argparse.Namespace, console: ui.Console) -> int:
+    """``rex apply MANIFEST``: launch, verify, summarize; the exit code says the worst outcome."""
+    from rexplan import executor  # imports the transport stack only when launching
+
+    loaded = manifest.load(args.manifest)
+    compiled = planner.compile(loaded, limit=args.limit)
+    store = KeyStore(args.keys, insecure_ok=args.insecure_keys, warn=_warn)
+    known_hosts = default_known_hosts(store, args.known_hosts)
+    display_console = ui.make_console(stderr=True) if (args.json or args.events == "-") else console
+    if not args.yes and sys.stdin.isatty() and display_console.is_terminal:
+        ui.print_text(display_console, ui.format_plan_summary(compiled))
+        answer = input(f"apply {len(compiled.steps)} step(s)? [y/N] ").strip().lower()
+        if answer not in ("y", "yes"):
+            _write_stderr("rex: nothing applied")
+            return 0
+    sinks: list[ev.Sink] = []
+    events_file = None
+    if args.events == "-":
+        sinks.append(ev.JsonlWriter(sys.stdout))
+    elif args.events:
+        events_file = open(args.events, "w", encoding="utf-8")
+        sinks.append(ev.JsonlWriter(events_file))
+    try:
+        with ui.ApplyDisplay(display_console, quiet=args.quiet) as display:
+            result = executor.apply(
+                loaded,
+                compiled,
+                keys=store,
+                known_hosts=known_hosts,
+                emit=ev.fan_out(display, *sinks),
+                forks=args.forks,
+            )
+        display.print_summary(result.counts())
+    finally:
+        if events_file is not None:
+            events_file.close()
+    if args.json:
+        ui.print_text(console, json.dumps(executor.result_to_dict(result, loaded), indent=2))
+    return result.exit_code()
+
+
+def _warn(message: str) -> None:
+    _write_stderr(f"rex: warning: {message}")
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+def format_error(error: RexError) -> str:
+    """What the user sees for an expected error: no traceback, a hint when one is known.
+
+    A ManifestError shows every diagnostic as is, then a count per file.
+    """
+    diagnostics = error.diagnostics if isinstance(error, ManifestError) else ()
+    if diagnostics:
+        lines = [d.format() for d in diagnostics]
+        per_file: dict[str, int] = {}
+        for d in diagnostics:
+            per_file[d.file] = per_file.get(d.file, 0) + 1
+        lines += [f"rex: error: {_plural(n, 'error')} in {f}" for f, n in per_file.items()]
+    else:
+        lines = [f"rex: error: {error}"]
+    if error.hint:
+        lines.append(f"  hint: {error.hint}")
+    return "\n".join(lines)
+
+
+def _write_stderr(text: str) -> None:
+    sys.stderr.write(text + "\n")
+    sys.stderr.flush()
+
+
+def _log_internal_error(error: BaseException, argv: Sequence[str]) -> str:
+    """Write the traceback to a new log file; its path, or a reason it could not be written."""
+    text = f"rex {__version__}\nargv: {list(argv)}\n\n" + "".join(
+        traceback.format_exception(type(error), error, error.__traceback__)
+    )
+    state = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    for directory in (Path(state) / "rex", Path(tempfile.gettempdir())):
+        try:
+            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            fd, path = tempfile.mkstemp(prefix="rex-internal-error-", suffix=".log", dir=directory)
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(text)
+        except OSError:
+            continue
+        return path
+    return "no log file could be written"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run ``rex`` with ``argv`` (default: the process's) and return the exit code."""
+    args_list = sys.argv[1:] if argv is None else argv
+    try:
+        try:
+            args = build_parser().parse_args(args_list)
+        except SystemExit as e:
+            # --help and --version print, then exit through argparse; usage errors never do
+            return e.code if isinstance(e.code, int) else 0
+        code: int = args.func(args, ui.make_console())
+        return code
+    except RexError as e:
+        _write_stderr(format_error(e))
+        return e.exit_code
+    except KeyboardInterrupt:
+        _write_stderr("rex: interrupted")
+        return 130
+    except BrokenPipeError:
+        # the reader went away (`rex plan ... | head`); silence the flush at exit, as cat does
+        _silence_stdout()
+        return 141
+    except Exception as e:
+        where = _log_internal_error(e, args_list)
+        _write_stderr(f"rex: internal error: {type(e).__name__}: {e} (traceback in {where})")
+        return 1
+
+
+def _silence_stdout() -> None:
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        # stdout is not a real file (tests, embedding): nothing will flush into a closed pipe
+        return

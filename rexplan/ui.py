@@ -1,0 +1,336 @@
+"""Terminal output, the only module that imports rich: format_* return text, print_* write."""
+
+from __future__ import annotations
+
+import shlex
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from rich.cells import cell_len
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+)
+from rich.table import Table
+from rich.text import Text
+
+from rexplan.events import Event
+from rexplan.model import Manifest, Plan, Ready, Step
+
+__all__ = [
+    "ApplyDisplay",
+    "Console",
+    "format_command",
+    "format_plan_lines",
+    "format_plan_summary",
+    "format_ready",
+    "format_validate_ok",
+    "make_console",
+    "plan_table",
+    "print_plan",
+    "print_text",
+    "printable",
+]
+
+
+def make_console(*, stderr: bool = False) -> Console:
+    """The stdout (or stderr) console; rich honours NO_COLOR, TERM=dumb and non-TTY output."""
+    return Console(highlight=False, stderr=stderr)
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+# manifest strings may hold control characters (YAML escapes); never send them to a terminal
+_ESCAPES = {c: f"\\x{c:02x}" for c in [*range(0x20), 0x7F]} | {
+    ord("\n"): "\\n",
+    ord("\t"): "\\t",
+    ord("\r"): "\\r",
+}
+
+
+def printable(text: str) -> str:
+    """``text`` on one line, control characters written as escapes (``\\n``, ``\\x1b``)."""
+    return text.translate(_ESCAPES)
+
+
+def format_ready(ready: Ready) -> str:
+    """A probe in a few characters: ``tcp:5432``, the URL, ``alive:0.5s``."""
+    if ready.kind == "tcp":
+        where = "" if ready.host == "127.0.0.1" else f"{ready.host}:"
+        return f"tcp:{where}{ready.port}"
+    if ready.kind == "http":
+        return printable(ready.url or "")
+    if ready.kind == "command":
+        return printable(f"command:{shlex.join(ready.argv)}")
+    if ready.kind == "file":
+        return printable(f"file:{ready.path}")
+    if ready.kind == "alive":
+        return f"alive:{ready.settle:g}s"
+    return ready.kind
+
+
+def format_command(step: Step) -> str:
+    """The step's argv as one shell-quoted line."""
+    return printable(shlex.join(step.argv))
+
+
+def format_plan_summary(plan: Plan) -> str:
+    """``12 steps in 3 waves on 6 hosts``."""
+    steps = plan.steps
+    hosts = len({s.host for s in steps})
+    waves = len(plan.waves)
+    text = f"{_plural(len(steps), 'step')} in {_plural(waves, 'wave')} on {_plural(hosts, 'host')}"
+    return f"{text} (limit {plan.limit})" if plan.limit is not None else text
+
+
+def format_plan_lines(plan: Plan) -> str:
+    """One line per step for pipes and logs; fields are separated by two spaces.
+
+    ``wave 0  db@web1  web1.postgres.db  ready=tcp:5432  argv=postgres -D /data``
+    """
+    steps = plan.steps
+    id_width = max((len(s.id) for s in steps), default=0)
+    triple_width = max((len(s.triple) for s in steps), default=0)
+    lines = [
+        f"wave {s.wave}  {s.id:<{id_width}}  {s.triple:<{triple_width}}"
+        f"  ready={format_ready(s.ready)}  argv={format_command(s)}"
+        for s in steps
+    ]
+    lines.append(format_plan_summary(plan))
+    return "\n".join(lines)
+
+
+def plan_table(plan: Plan, manifest: Manifest, width: int = 100) -> Table:
+    """The plan as a rich table for a ``width``-column terminal, one section per wave.
+
+    Every cell stays on one line; the command gets what the other columns leave and is cut
+    with "…".
+    """
+    table = Table(
+        title=Text(manifest.path),
+        caption=Text(format_plan_summary(plan)),
+        title_justify="left",
+        caption_justify="left",
+    )
+    columns = ("wave", "program", "host", "user", "triple", "command", "ready")
+    rows = [
+        [
+            str(s.wave),
+            s.program,
+            s.host,
+            s.login if s.login == s.user else f"{s.user} ({s.login})",
+            s.triple,
+            format_command(s),
+            format_ready(s.ready),
+        ]
+        for s in plan.steps
+    ]
+    command = columns.index("command")
+    widths = [max([len(c), *(cell_len(r[i]) for r in rows)]) for i, c in enumerate(columns)]
+    # each column costs its text, one space of padding on either side and a border
+    others = sum(w + 3 for i, w in enumerate(widths) if i != command)
+    budget = max(len("command"), width - 1 - others - 3)
+    for i, column in enumerate(columns):
+        table.add_column(
+            column,
+            no_wrap=True,
+            overflow="ellipsis",
+            max_width=budget if i == command else None,
+        )
+    wave = plan.steps[0].wave if plan.steps else 0
+    for s, row in zip(plan.steps, rows, strict=True):
+        if s.wave != wave:
+            table.add_section()
+            wave = s.wave
+        # Text cells: manifest strings are data, never rich markup
+        table.add_row(*(Text(cell) for cell in row))
+    return table
+
+
+def print_text(console: Console, text: str) -> None:
+    """Write text as is: no markup, highlighting or wrapping (JSON, DOT, plain plans)."""
+    console.file.write(text if text.endswith("\n") else text + "\n")
+
+
+def print_plan(plan: Plan, manifest: Manifest, console: Console) -> None:
+    """The plan as a table on a terminal, as plain lines otherwise."""
+    if console.is_terminal:
+        console.print(plan_table(plan, manifest, console.width))
+    else:
+        print_text(console, format_plan_lines(plan))
+
+
+def format_validate_ok(path: str, manifest: Manifest, plan: Plan) -> str:
+    """``ok: FILE (H hosts, P programs, S steps)``."""
+    return (
+        f"ok: {path} ({_plural(len(manifest.hosts), 'host')}, "
+        f"{_plural(len(manifest.programs), 'program')}, {_plural(len(plan.steps), 'step')})"
+    )
+
+
+# --- rex apply: live progress and the run summary ------------------------------------------
+
+_STATE_STYLE = {
+    "ready": "green",
+    "unchanged": "green",
+    "failed": "bold red",
+    "unreachable": "bold magenta",
+    "skipped": "yellow",
+}
+
+#: states shown in the per-wave counts, in this order
+_COUNTED = ("ready", "failed", "unreachable", "skipped")
+
+
+def format_step_line(event: Event) -> str:
+    """One grep-friendly line for a step that reached a final state (non-TTY output)."""
+    state = (event.state or "").upper()
+    text = f"[{event.t:7.2f}s] {state:<11} {event.step} ({event.triple})"
+    if event.pid is not None and event.state == "ready":
+        text += f" pid={event.pid}"
+    if event.state not in ("ready", "unchanged"):
+        if event.phase:
+            text += f" phase={event.phase}"
+        if event.reason:
+            text += f" reason={event.reason}"
+        if event.detail:
+            text += f": {printable(event.detail)}"
+    return text
+
+
+def format_notice(event: Event) -> str:
+    return f"[{event.t:7.2f}s] NOTICE      {printable(event.detail or '')}"
+
+
+@dataclass
+class HostSummary:
+    """Per-host totals for the final summary; every host appears exactly once."""
+
+    host: str
+    counts: dict[str, int] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+
+
+def summarize(final: Iterable[Event]) -> list[HostSummary]:
+    """Fold final step events into one row per host, in first-seen order."""
+    rows: dict[str, HostSummary] = {}
+    for e in final:
+        row = rows.setdefault(e.host or "?", HostSummary(e.host or "?"))
+        state = e.state or "?"
+        row.counts[state] = row.counts.get(state, 0) + 1
+        if state not in ("ready", "unchanged"):
+            why = e.reason or state
+            row.problems.append(f"{e.program}: {why}" + (f" ({e.phase})" if e.phase else ""))
+    return list(rows.values())
+
+
+def format_summary_lines(
+    rows: list[HostSummary], counts: dict[str, int], elapsed: float
+) -> list[str]:
+    """The plain-text summary: one line per host, then the totals."""
+    lines = []
+    width = max((len(r.host) for r in rows), default=4)
+    for r in rows:
+        parts = [f"{s}={r.counts[s]}" for s in (*_COUNTED, "unchanged") if r.counts.get(s)]
+        text = f"{r.host:<{width}}  {' '.join(parts)}"
+        if r.problems:
+            text += "  " + "; ".join(printable(p) for p in r.problems)
+        lines.append(text)
+    total = ", ".join(f"{counts.get(s, 0)} {s}" for s in _COUNTED)
+    lines.append(f"{len(rows)} host(s), {sum(counts.values())} step(s): {total} in {elapsed:.2f}s")
+    return lines
+
+
+class ApplyDisplay:
+    """The event sink for ``rex apply``: live per-wave bars on a TTY, plain lines otherwise."""
+
+    def __init__(self, console: Console, *, quiet: bool = False) -> None:
+        self.console = console
+        self.quiet = quiet
+        self.live = console.is_terminal and not quiet
+        self._lock = threading.Lock()
+        self._final: dict[str, Event] = {}
+        self._wave_counts: dict[int, dict[str, int]] = {}
+        self._progress: Progress | None = None
+        self._tasks: dict[int, TaskID] = {}
+        self._elapsed = 0.0
+
+    def __enter__(self) -> ApplyDisplay:
+        if self.live:
+            self._progress = Progress(
+                TextColumn("{task.description}"),
+                BarColumn(bar_width=24),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[counts]}"),
+                TimeElapsedColumn(),
+                console=self.console,
+                transient=False,
+            )
+            self._progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+
+    def __call__(self, event: Event) -> None:
+        with self._lock:
+            self._handle(event)
+
+    def _handle(self, e: Event) -> None:
+        if e.kind == "notice":
+            self._print(format_notice(e), style="cyan")
+        elif e.kind == "wave_started" and e.wave is not None:
+            self._wave_counts[e.wave] = {}
+            if self._progress is not None:
+                self._tasks[e.wave] = self._progress.add_task(
+                    f"wave {e.wave}", total=e.total or 0, counts=""
+                )
+            elif not self.quiet:
+                self._print(f"[{e.t:7.2f}s] WAVE {e.wave}     {e.total} step(s)")
+        elif e.kind == "step" and e.state in _STATE_STYLE and e.step is not None:
+            self._final[e.step] = e
+            wave = e.wave if e.wave is not None else -1
+            counts = self._wave_counts.setdefault(wave, {})
+            counts[e.state] = counts.get(e.state, 0) + 1
+            failed = e.state not in ("ready", "unchanged")
+            if self._progress is not None and wave in self._tasks:
+                shown = " ".join(f"{s}:{counts[s]}" for s in _COUNTED if counts.get(s))
+                self._progress.update(self._tasks[wave], advance=1, counts=shown)
+                if failed:
+                    self._print(format_step_line(e), style=_STATE_STYLE[e.state])
+            elif not self.quiet or failed:
+                self._print(format_step_line(e))
+        elif e.kind == "run_done":
+            self._elapsed = e.t
+
+    def _print(self, text: str, style: str | None = None) -> None:
+        self.console.print(Text(text, style=style or ""), soft_wrap=True)
+
+    def print_summary(self, counts: dict[str, int]) -> None:
+        """Every host exactly once, then the totals."""
+        rows = summarize(self._final.values())
+        lines = format_summary_lines(rows, counts, self._elapsed)
+        if self.console.is_terminal:
+            table = Table(title="rex apply", show_edge=False, pad_edge=False)
+            for col in ("host", "ready", "failed", "unreachable", "skipped", "problems"):
+                table.add_column(col)
+            for r in rows:
+                table.add_row(
+                    r.host,
+                    *(str(r.counts.get(s, 0)) for s in _COUNTED),
+                    Text("; ".join(printable(p) for p in r.problems), style="red"),
+                )
+            self.console.print(table)
+            self.console.print(lines[-1])
+        else:
+            for line in lines:
+                self.console.print(line, soft_wrap=True, highlight=False)

@@ -1,0 +1,124 @@
+"""Layering: pure modules import no I/O library; rich, fabric and paramiko stay in their modules."""
+
+from __future__ import annotations
+
+import ast
+import sys
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parent.parent / "rexplan"
+PURE = ("plan.py", "model.py", "manifest.py", "protocol.py")
+IO_LIBRARIES = {
+    "fabric",
+    "paramiko",
+    "invoke",
+    "rich",
+    "socket",
+    "subprocess",
+    "selectors",
+    "asyncio",
+    "threading",
+}
+SSH_LIBRARIES = {"fabric", "paramiko", "invoke"}
+AGENT = PACKAGE / "remote" / "agent.py"
+
+
+def top_level_imports(path: Path) -> set[str]:
+    """First components of every module a file imports, wherever the import statement is.
+
+    Relative imports are reported as "rexplan", so they count as package imports.
+    """
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            names.add("rexplan" if node.level else (node.module or "").split(".")[0])
+    return names
+
+
+def modules() -> list[Path]:
+    return sorted(PACKAGE.rglob("*.py"))
+
+
+def rel(path: Path) -> str:
+    return path.relative_to(PACKAGE).as_posix()
+
+
+def test_scanner_sees_every_import_form(tmp_path: Path) -> None:
+    sample = tmp_path / "sample.py"
+    sample.write_text(
+        "import os.path, json as j\n"
+        "from rich.console import Console\n"
+        "from . import model\n"
+        "def f():\n"
+        "    import socket\n"
+        "if True:\n"
+        "    from subprocess import run\n"
+    )
+    assert top_level_imports(sample) == {"os", "json", "rich", "rexplan", "socket", "subprocess"}
+
+
+@pytest.mark.parametrize("name", PURE)
+def test_pure_modules_import_no_io_library(name: str) -> None:
+    path = PACKAGE / name
+    if not path.exists():
+        pytest.skip(f"{name} does not exist yet")
+    assert top_level_imports(path) & IO_LIBRARIES == set()
+
+
+def test_only_ui_imports_rich() -> None:
+    importers = {rel(p) for p in modules() if "rich" in top_level_imports(p)}
+    assert importers <= {"ui.py"}
+
+
+def test_only_transport_imports_ssh_libraries() -> None:
+    importers = {rel(p) for p in modules() if top_level_imports(p) & SSH_LIBRARIES}
+    assert importers <= {"transport.py"}
+
+
+def package_imports(path: Path) -> set[str]:
+    """The rexplan modules a file imports: ``from rexplan import protocol`` is rexplan.protocol."""
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names if a.name.split(".")[0] == "rexplan")
+        elif isinstance(node, ast.ImportFrom):
+            module = node.module or ""
+            if node.level:
+                names.add(f"<relative import of {module or '.'}>")
+            elif module == "rexplan":
+                names.update(f"rexplan.{a.name}" for a in node.names)
+            elif module.startswith("rexplan."):
+                names.add(module)
+    return names
+
+
+def test_package_scanner(tmp_path: Path) -> None:
+    sample = tmp_path / "sample.py"
+    sample.write_text(
+        "import rexplan.model\nfrom rexplan import protocol, errors\n"
+        "from rexplan.plan import compile\nimport os\n"
+    )
+    assert package_imports(sample) == {
+        "rexplan.model",
+        "rexplan.protocol",
+        "rexplan.errors",
+        "rexplan.plan",
+    }
+
+
+def test_protocol_imports_only_the_standard_library() -> None:
+    outside = top_level_imports(PACKAGE / "protocol.py") - set(sys.stdlib_module_names)
+    assert outside == set()
+
+
+def test_agent_imports_only_the_standard_library_and_protocol() -> None:
+    # the agent ships to hosts as one script bundled with protocol.py, and nothing else
+    if not AGENT.exists():
+        pytest.skip("remote/agent.py does not exist yet")
+    outside = top_level_imports(AGENT) - set(sys.stdlib_module_names) - {"rexplan"}
+    assert outside == set(), f"the agent imports {sorted(outside)} outside the stdlib"
+    assert package_imports(AGENT) <= {"rexplan.protocol"}
