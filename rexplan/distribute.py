@@ -17,7 +17,7 @@ from rexplan.protocol import KeyFormatError, format_key_file, key_id, parse_key_
 from rexplan.transport import Transport, connect
 
 #: a remote key file larger than this is not fetched, just replaced
-_MAX_KEY_FILE = 4096
+MAX_KEY_FILE = 4096
 
 Connector = Callable[[Host, User, Timeouts], Transport]
 
@@ -69,7 +69,9 @@ class _Target:
     triples: dict[tuple[str, str, str | None], None] = field(default_factory=dict)
 
 
-def _default_connector(known_hosts: str | os.PathLike[str] | None) -> Connector:
+def default_connector(known_hosts: str | os.PathLike[str] | None) -> Connector:
+    """A Connector opening strict-host-key transports checked against ``known_hosts``."""
+
     def open_transport(host: Host, user: User, timeouts: Timeouts) -> Transport:
         return connect(host, user, known_hosts=known_hosts, timeouts=timeouts)
 
@@ -100,7 +102,7 @@ def distribute(
         info, secret = store.load(step.host, step.user, step.program)
         target.keys[str(info.path)] = (info, secret)
     work = _ordered(manifest, targets)
-    opener = connector or _default_connector(known_hosts)
+    opener = connector or default_connector(known_hosts)
     return _run_all(work, manifest.forks, lambda t: _host_report(t, opener, dry_run, _sync))
 
 
@@ -134,7 +136,7 @@ def revoke_remote(
             target = targets[(host, user)] = _Target(hosts[host], users[user], timeouts)
         target.triples[(host, user, program)] = None
     work = _ordered(manifest, targets)
-    opener = connector or _default_connector(known_hosts)
+    opener = connector or default_connector(known_hosts)
     return _run_all(work, manifest.forks, lambda t: _host_report(t, opener, False, _remove))
 
 
@@ -200,7 +202,8 @@ class _HostProblem(Exception):
     """Something on the host stops rex from touching its keys (e.g. a symlinked directory)."""
 
 
-def _key_dirs(base: str, rel: str) -> list[str]:
+def key_dirs(base: str, rel: str) -> list[str]:
+    """``base`` and each directory below it on the way to the key file at ``base/rel``."""
     parts = rel.split("/")[:-1]
     return [base] + [posixpath.join(base, *parts[: i + 1]) for i in range(len(parts))]
 
@@ -235,7 +238,7 @@ def _sync(transport: Transport, target: _Target, dry_run: bool) -> list[KeyActio
         for info, secret in target.keys.values()
     ]
     actions: list[KeyAction] = []
-    dirs = dict.fromkeys(d for *_, rel in keys for d in _key_dirs(base, rel))
+    dirs = dict.fromkeys(d for *_, rel in keys for d in key_dirs(base, rel))
     _check_dirs(transport, dirs, dry_run, actions)
     for info, secret, rel in keys:
         path = posixpath.join(base, rel)
@@ -254,7 +257,7 @@ def _compare(transport: Transport, path: str, info: KeyInfo) -> tuple[str, str]:
     mode, size = st
     if not stat.S_ISREG(mode):
         return "replaced", "not a regular file"
-    if size > _MAX_KEY_FILE:
+    if size > MAX_KEY_FILE:
         return "replaced", "not a key file"
     try:
         remote_triple, _created, remote_secret = parse_key_file(transport.get(path))

@@ -13,7 +13,7 @@ from typing import NoReturn
 
 from rexplan.distribute import HostReport, distribute, exit_code, revoke_remote
 from rexplan.errors import RexError, UsageError
-from rexplan.keys import KeyInfo, KeyStore, key_triple, parse_key_triple
+from rexplan.keys import KeyInfo, KeyStore, default_known_hosts, key_triple, parse_key_triple
 from rexplan.model import Manifest
 
 PROG = "rex_key"
@@ -269,10 +269,7 @@ def _cmd_list(args: argparse.Namespace, store: KeyStore) -> int:
 
 
 def _known_hosts(args: argparse.Namespace, store: KeyStore) -> str | None:
-    if args.known_hosts:
-        return str(args.known_hosts)
-    pinned = store.root / "known_hosts"
-    return str(pinned) if pinned.is_file() else None
+    return default_known_hosts(store, args.known_hosts)
 
 
 _DRY_VERBS = {"new": "would put", "replaced": "would replace", "fixed": "would fix"}

@@ -493,3 +493,15 @@ class KeyStore:
             return []
         except OSError as e:
             raise KeyStoreError(f"{path}: {e.strerror}") from None
+
+
+def default_known_hosts(store: KeyStore, explicit: str | None) -> str | None:
+    """``--known-hosts`` if given, else the store's ``known_hosts`` if present, else None.
+
+    None means ~/.ssh/known_hosts (the transport's default). ``rex hostkeys scan --accept``
+    records into the store's file, so pinning once there is enough for every command.
+    """
+    if explicit:
+        return str(explicit)
+    pinned = store.root / "known_hosts"
+    return str(pinned) if pinned.is_file() else None

@@ -1,0 +1,485 @@
+"""`rex hostkeys`: fetch the SSH host keys of a manifest's hosts, pin them, verify the pins."""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import binascii
+import contextlib
+import dataclasses
+import hashlib
+import hmac
+import json
+import os
+import secrets
+import textwrap
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rexplan import ui
+from rexplan.errors import KeyStoreError, TransportError, UsageError
+from rexplan.keys import KeyStore
+from rexplan.model import Host, Manifest, Timeouts
+from rexplan.transport import HostKeyInfo, host_key_name, host_key_status, scan_host_key
+
+FORMAT = 1
+#: what ``scan`` shows for a key known_hosts does not hold yet (``verify`` says ``unknown``)
+_SCAN_WORDS = {"unknown": "new"}
+
+_EPILOG = """\
+statuses:
+  ok           the offered key is the pinned one
+  new/unknown  known_hosts pins no key for the host (scan: new, verify: unknown)
+  changed      known_hosts pins another key: a man-in-the-middle, or a rebuilt
+               host
+  local        transport: local, no SSH host key
+  unreachable  no key exchange (refused, timed out, no banner)
+
+exit codes:
+  0  scan: no changed key was refused; verify: every key is pinned and matches
+  3  only unreachable hosts are wrong
+  5  usage error (e.g. --replace names no SSH host of the manifest)
+  6  scan: a changed key was left as pinned; verify: a key is unknown or changed
+"""
+
+
+@dataclass(frozen=True)
+class HostKeyReport:
+    """What one manifest host offered and how it compares with known_hosts.
+
+    ``status``: ``ok``, ``unknown``, ``changed``, ``local`` or ``unreachable``; ``action`` is
+    ``recorded`` or ``replaced`` when scan wrote the key; ``pinned`` holds the fingerprints
+    known_hosts had for the host.
+    """
+
+    host: Host
+    name: str  # known_hosts name: addr or [addr]:port; "" for local hosts
+    status: str
+    key: HostKeyInfo | None = None
+    pinned: tuple[str, ...] = ()
+    detail: str = ""
+    action: str = ""
+
+
+def known_hosts_path(keys: str | None, known_hosts: str | None) -> Path:
+    """``--known-hosts`` if given, else ``known_hosts`` in the key store (``--keys``/REX_KEYS)."""
+    if known_hosts:
+        return Path(known_hosts)
+    return KeyStore(keys).root / "known_hosts"
+
+
+def _connect_timeout(manifest: Manifest, host: Host) -> float:
+    return min(
+        (p.timeouts.connect for p in manifest.programs if host.name in p.hosts),
+        default=Timeouts().connect,
+    )
+
+
+def scan_hosts(manifest: Manifest, known_hosts: Path) -> list[HostKeyReport]:
+    """Fetch every SSH host's key once, serially, in manifest order, and compare it with the pin.
+
+    Hosts sharing an address and port share one fetch. Nothing is written.
+    """
+    text = _read(known_hosts)
+    fetched: dict[str, HostKeyInfo | TransportError] = {}
+    reports = []
+    for host in manifest.hosts:
+        if host.transport == "local":
+            reports.append(HostKeyReport(host, "", "local"))
+            continue
+        name = host_key_name(host.address, host.port)
+        if name not in fetched:
+            try:
+                fetched[name] = scan_host_key(host, timeout=_connect_timeout(manifest, host))
+            except TransportError as e:
+                fetched[name] = e
+        got = fetched[name]
+        if isinstance(got, TransportError):
+            reports.append(HostKeyReport(host, name, "unreachable", detail=str(got)))
+            continue
+        pinned = tuple(_fingerprint(b64) for _, b64 in pinned_keys(text, name))
+        status = host_key_status(known_hosts, got)
+        reports.append(HostKeyReport(host, name, status, got, pinned))
+    return reports
+
+
+# --- known_hosts, stdlib only (OpenSSH's format; paramiko stays in transport.py) -------------
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8", errors="surrogateescape")
+    except FileNotFoundError:
+        return ""
+    except OSError as e:
+        raise KeyStoreError(f"{path}: {e.strerror}") from None
+
+
+def _fingerprint(b64: str) -> str:
+    try:
+        blob = base64.b64decode(b64, validate=True)
+    except binascii.Error:
+        return "(malformed)"
+    return "SHA256:" + base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=")
+
+
+def _matches(entry: str, name: str) -> bool:
+    """Whether one known_hosts host entry (plain or ``|1|salt|hash`` hashed) names ``name``."""
+    if not entry.startswith("|1|"):
+        return entry == name
+    try:
+        _, _, salt, digest = entry.split("|")
+        want = base64.b64decode(digest, validate=True)
+        mac = hmac.new(base64.b64decode(salt, validate=True), name.encode(), hashlib.sha1)
+    except (ValueError, binascii.Error):
+        return False
+    return hmac.compare_digest(mac.digest(), want)
+
+
+def _split(line: str) -> tuple[list[str], str] | None:
+    """(host entries, "type key [comment]") of a plain key line; None for anything else."""
+    stripped = line.strip()
+    # comments, blank lines and @cert-authority/@revoked lines are never touched
+    if not stripped or stripped.startswith(("#", "@")):
+        return None
+    fields = stripped.split(None, 1)
+    if len(fields) < 2 or len(fields[1].split()) < 2:
+        return None
+    return fields[0].split(","), fields[1]
+
+
+def pinned_keys(text: str, name: str) -> list[tuple[str, str]]:
+    """(key type, base64) of every known_hosts line naming ``name``."""
+    found = []
+    for line in text.splitlines():
+        parsed = _split(line)
+        if parsed is not None and any(_matches(e, name) for e in parsed[0]):
+            key_type, b64 = parsed[1].split()[:2]
+            found.append((key_type, b64))
+    return found
+
+
+def pinned_text(text: str, add: Sequence[HostKeyInfo], replace: Sequence[HostKeyInfo]) -> str:
+    """known_hosts ``text`` without any pin of the ``replace`` names, plus lines for all keys.
+
+    A line that also names other hosts keeps them; only the replaced name leaves it.
+    """
+    drop = {k.name for k in replace}
+    lines = []
+    for line in text.splitlines(keepends=True):
+        parsed = _split(line)
+        if parsed is None or not drop:
+            lines.append(line)
+            continue
+        entries, rest = parsed
+        kept = [e for e in entries if not any(_matches(e, n) for n in drop)]
+        if len(kept) == len(entries):
+            lines.append(line)
+        elif kept:
+            lines.append(f"{','.join(kept)} {rest}\n")
+    if lines and not lines[-1].endswith("\n"):
+        lines[-1] += "\n"
+    added = dict.fromkeys(k.known_hosts_line for k in (*replace, *add))
+    return "".join(lines) + "".join(added)
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Replace ``path`` by ``text``: 0600 temp file in the same directory, fsync, rename.
+
+    A symlinked known_hosts is followed, so the file it points to is updated; a missing key
+    store directory is created 0700.
+    """
+    target = Path(os.path.realpath(path))
+    tmp = target.parent / f".{target.name}.rex-{secrets.token_hex(6)}.tmp"
+    try:
+        if not target.parent.is_dir():
+            target.parent.mkdir(mode=0o700, parents=True)
+        fd = os.open(
+            tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
+        )
+        try:
+            # the umask may have stripped bits from the requested mode, never added
+            os.fchmod(fd, 0o600)
+            data = memoryview(text.encode("utf-8", "surrogateescape"))
+            while data:
+                data = data[os.write(fd, data) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, target)
+        dirfd = os.open(target.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dirfd)
+        finally:
+            os.close(dirfd)
+    except OSError as e:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise KeyStoreError(f"cannot write {path}: {e.strerror or e}") from None
+
+
+# --- output ---------------------------------------------------------------------------------
+
+
+def format_columns(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """Plain left-aligned columns separated by two spaces; trailing blanks stripped."""
+    table = [list(header), *(list(r) for r in rows)]
+    widths = [max(len(r[c]) for r in table) for c in range(len(header))]
+    return "\n".join(
+        "  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip() for r in table
+    )
+
+
+def _status_word(report: HostKeyReport, words: dict[str, str]) -> str:
+    word = words.get(report.status, report.status)
+    return f"{word}, {report.action}" if report.action else word
+
+
+def _detail(report: HostKeyReport) -> str:
+    if report.status == "changed" and report.pinned:
+        return f"pinned {', '.join(report.pinned)}"
+    return ui.printable(report.detail)
+
+
+def format_reports(reports: Sequence[HostKeyReport], *, words: dict[str, str]) -> str:
+    """The table: host, known_hosts name, key type, fingerprint, status, detail."""
+    rows = [
+        [
+            r.host.name,
+            r.name or "-",
+            r.key.key_type if r.key else "-",
+            r.key.fingerprint if r.key else "-",
+            _status_word(r, words),
+            _detail(r),
+        ]
+        for r in reports
+    ]
+    header = ["HOST", "NAME", "TYPE", "FINGERPRINT", "STATUS", "DETAIL"]
+    return format_columns(header, rows)
+
+
+def counts(reports: Sequence[HostKeyReport]) -> dict[str, int]:
+    """Hosts per status, every status present, in a fixed order."""
+    found = {s: 0 for s in ("ok", "unknown", "changed", "local", "unreachable")}
+    for r in reports:
+        found[r.status] += 1
+    return found
+
+
+def format_summary(reports: Sequence[HostKeyReport], *, words: dict[str, str]) -> str:
+    """``N hosts: 1 new, 2 ok, ...`` (statuses that occur, in a fixed order)."""
+    n = len(reports)
+    parts = [f"{c} {words.get(s, s)}" for s, c in counts(reports).items() if c]
+    return f"{n} host{'s' if n != 1 else ''}: {', '.join(parts) or 'none'}"
+
+
+def report_to_dict(report: HostKeyReport) -> dict[str, object]:
+    """One host of ``verify --json``; the same keys every time."""
+    return {
+        "host": report.host.name,
+        "name": report.name or None,
+        "address": report.host.address,
+        "port": report.host.port,
+        "transport": report.host.transport,
+        "key_type": report.key.key_type if report.key else None,
+        "fingerprint": report.key.fingerprint if report.key else None,
+        "pinned": list(report.pinned),
+        "status": report.status,
+        "detail": report.detail,
+    }
+
+
+# --- commands -------------------------------------------------------------------------------
+
+
+def _load(path: str) -> Manifest:
+    # the manifest stack (YAML, JSON Schema) is only imported when a command needs it
+    from rexplan import manifest
+
+    return manifest.load(path)
+
+
+def _check_replace(m: Manifest, names: Sequence[str]) -> None:
+    hosts = {h.name: h for h in m.hosts}
+    for name in names:
+        if name not in hosts:
+            raise UsageError(
+                f"--replace {name!r}: no such host in {m.path}",
+                hint=f"hosts: {', '.join(hosts) or '(none)'}",
+            )
+        if hosts[name].transport == "local":
+            raise UsageError(f"--replace {name!r}: a local host has no SSH host key")
+
+
+def _scan(args: argparse.Namespace, out: Callable[[str], None]) -> int:
+    m = _load(args.manifest)
+    _check_replace(m, args.replace)
+    known = known_hosts_path(args.keys, args.known_hosts)
+    reports = scan_hosts(m, known)
+    replace = set(args.replace)
+    add: dict[str, HostKeyInfo] = {}
+    swap: dict[str, HostKeyInfo] = {}
+    for r in reports:
+        if r.key is None:
+            continue
+        if r.status == "changed" and r.host.name in replace:
+            swap[r.name] = r.key
+        elif r.status == "unknown" and (args.accept or r.host.name in replace):
+            add[r.name] = r.key
+    if add or swap:
+        write_atomically(known, pinned_text(_read(known), list(add.values()), list(swap.values())))
+    done = [
+        dataclasses.replace(r, action="replaced" if r.name in swap else "recorded")
+        if r.name in swap or r.name in add
+        else r
+        for r in reports
+    ]
+    out(format_reports(done, words=_SCAN_WORDS))
+    out(format_summary(done, words=_SCAN_WORDS))
+    lines = []
+    if add:
+        lines.append(f"recorded {len(add)} new host key{'s' if len(add) != 1 else ''} in {known}")
+    if swap:
+        lines.append(f"replaced the pinned key of {', '.join(sorted(swap))} in {known}")
+    waiting = [r for r in done if r.status == "unknown" and not r.action]
+    if waiting:
+        lines.append(
+            f"{len(waiting)} new host key{'s' if len(waiting) != 1 else ''} not recorded: "
+            "compare the fingerprints with the hosts' own (ssh-keygen -lf "
+            "/etc/ssh/ssh_host_ed25519_key.pub), then run again with --accept"
+        )
+    refused = [r for r in done if r.status == "changed" and not r.action]
+    for r in refused:
+        lines.append(
+            f"{r.host.name}: host key CHANGED; {known} left unchanged. If {r.host.name} was "
+            f"really rebuilt, check its new fingerprint, then: rex hostkeys scan -m "
+            f"{args.manifest} --replace {r.host.name}"
+        )
+    if lines:
+        out("\n".join(lines))
+    if refused:
+        return 6
+    return 3 if any(r.status == "unreachable" for r in done) else 0
+
+
+def _verify(args: argparse.Namespace, out: Callable[[str], None]) -> int:
+    m = _load(args.manifest)
+    known = known_hosts_path(args.keys, args.known_hosts)
+    reports = scan_hosts(m, known)
+    if args.json:
+        doc = {
+            "format": FORMAT,
+            "manifest": m.path,
+            "known_hosts": str(known),
+            "hosts": [report_to_dict(r) for r in reports],
+            "counts": counts(reports),
+        }
+        out(json.dumps(doc, indent=2))
+    else:
+        out(format_reports(reports, words={}))
+        out(format_summary(reports, words={}))
+        if any(r.status == "unknown" for r in reports):
+            out(
+                f"unknown host keys: check their fingerprints, then pin them: "
+                f"rex hostkeys scan -m {args.manifest} --accept"
+            )
+    if any(r.status in ("unknown", "changed") for r in reports):
+        return 6
+    return 3 if any(r.status == "unreachable" for r in reports) else 0
+
+
+def cmd_hostkeys(args: argparse.Namespace, console: ui.Console | None = None) -> int:
+    """``rex hostkeys scan|verify``: output to ``console`` (default stdout); the exit code."""
+
+    def out(text: str) -> None:
+        if console is None:
+            print(text, flush=True)
+        else:
+            ui.print_text(console, text)
+
+    if args.hostkeys_command == "scan":
+        return _scan(args, out)
+    return _verify(args, out)
+
+
+def _common_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "-m",
+        "--manifest",
+        metavar="MANIFEST",
+        required=True,
+        help="the manifest whose hosts to contact (transport: local hosts are skipped)",
+    )
+    parser.add_argument(
+        "--known-hosts",
+        metavar="FILE",
+        help="the known_hosts file holding the pins (default: known_hosts in the key store)",
+    )
+    parser.add_argument(
+        "--keys",
+        metavar="DIR",
+        help="the key store whose known_hosts is the default (default: $REX_KEYS, else ./keys)",
+    )
+
+
+def add_parser(subparsers: argparse._SubParsersAction[Any]) -> None:
+    """Register ``rex hostkeys scan`` and ``rex hostkeys verify`` on ``rex``'s subcommands."""
+    formatter = argparse.RawDescriptionHelpFormatter
+    parser = subparsers.add_parser(
+        "hostkeys",
+        help="fetch, pin and verify the SSH host keys of a manifest's hosts",
+        description=textwrap.fill(
+            "Fetch the SSH host key of each host of a manifest (key exchange only: no "
+            "login, nothing run), pin it in a known_hosts file, or verify the pins. rex never adds "
+            "a host key on its own when it connects.",
+            79,
+        ),
+        epilog=_EPILOG,
+        formatter_class=formatter,
+    )
+    actions = parser.add_subparsers(dest="hostkeys_command", metavar="ACTION", required=True)
+    scan = actions.add_parser(
+        "scan",
+        help="show each host's key fingerprint; pin new keys with --accept",
+        description=textwrap.fill(
+            "Fetch each SSH host's key once, one host after the other, and show its "
+            "type, SHA256 fingerprint and status (new, ok, changed). known_hosts is only written "
+            "with --accept (new keys) or --replace HOST (that host's changed key), atomically and "
+            "with mode 0600. A changed key is never overwritten otherwise.",
+            79,
+        ),
+        epilog=_EPILOG,
+        formatter_class=formatter,
+    )
+    _common_options(scan)
+    scan.add_argument(
+        "--accept",
+        action="store_true",
+        help="record the new keys in known_hosts (compare their fingerprints first)",
+    )
+    scan.add_argument(
+        "--replace",
+        action="append",
+        default=[],
+        metavar="HOST",
+        help="pin the key manifest host HOST offers now, replacing the key pinned for it (for "
+        "a rebuilt host; repeatable)",
+    )
+    verify = actions.add_parser(
+        "verify",
+        help="check that every host's key is pinned and unchanged",
+        description=textwrap.fill(
+            "Fetch each SSH host's key and report keys known_hosts does not pin "
+            "(unknown) or pins differently (changed). Nothing is written.",
+            79,
+        ),
+        epilog=_EPILOG,
+        formatter_class=formatter,
+    )
+    _common_options(verify)
+    verify.add_argument(
+        "--json", action="store_true", help="print a JSON document (format 1, stable keys)"
+    )
+    parser.set_defaults(func=cmd_hostkeys)
