@@ -1,0 +1,82 @@
+"""Run events emitted by the executor, and the JSONL writer for ``--events``."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import IO
+
+#: step states, in the order a healthy step passes through them
+PENDING = "pending"
+CONNECTING = "connecting"
+STARTING = "starting"
+AWAITING = "awaiting-callback"
+READY = "ready"
+FAILED = "failed"
+UNREACHABLE = "unreachable"
+SKIPPED = "skipped"
+UNCHANGED = "unchanged"
+
+FINAL_STATES = frozenset({READY, FAILED, UNREACHABLE, SKIPPED, UNCHANGED})
+
+#: event kinds
+RUN_STARTED = "run_started"
+WAVE_STARTED = "wave_started"
+STEP = "step"  # a step changed state; ``state`` says to what
+WAVE_DONE = "wave_done"
+RUN_DONE = "run_done"
+NOTICE = "notice"  # something the user should know (key created, warning)
+
+
+@dataclass(frozen=True)
+class Event:
+    """One thing that happened in a run; ``t`` is seconds since the run started."""
+
+    kind: str
+    t: float
+    run: str
+    wave: int | None = None
+    step: str | None = None
+    host: str | None = None
+    program: str | None = None
+    triple: str | None = None
+    state: str | None = None
+    phase: str | None = None  # connect | start | callback | ready, for failures
+    reason: str | None = None  # short machine-readable cause, e.g. no_callback
+    detail: str | None = None  # one human line; never a secret
+    pid: int | None = None
+    total: int | None = None  # steps in the wave / run, for progress totals
+    counts: dict[str, int] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        data = {k: v for k, v in asdict(self).items() if v is not None and v != {}}
+        return json.dumps(data, sort_keys=True)
+
+
+Sink = Callable[[Event], None]
+
+
+class JsonlWriter:
+    """Writes one JSON object per event; thread-safe, flushed per line."""
+
+    def __init__(self, stream: IO[str]) -> None:
+        self._stream = stream
+        self._lock = threading.Lock()
+
+    def __call__(self, event: Event) -> None:
+        line = event.to_json() + "\n"
+        with self._lock:
+            self._stream.write(line)
+            self._stream.flush()
+
+
+def fan_out(*sinks: Sink) -> Sink:
+    """One sink that forwards every event to each of ``sinks`` in order."""
+
+    def emit(event: Event) -> None:
+        for sink in sinks:
+            sink(event)
+
+    return emit
