@@ -51,6 +51,9 @@ AGENT_REASONS = {
 #: bind here when hosts reach the launcher over different routes
 ALL_ADDRESSES = "0.0.0.0"  # noqa: S104 - only when the routes to the hosts differ
 
+#: seconds an interrupted run waits for its in-flight steps to wind down
+INTERRUPT_GRACE = 10.0
+
 #: seconds added to the remote deadlines before the launcher gives up on the SSH exec
 EXEC_SLACK = 5.0
 
@@ -175,7 +178,6 @@ class Executor:
         except KeyboardInterrupt:
             result.interrupted = True
             self._cancel.set()
-            self._kill_inflight()
             for r in result.results:
                 if r.state not in ev.FINAL_STATES:
                     self._state(r, ev.SKIPPED, reason="interrupted", detail="run interrupted")
@@ -197,13 +199,21 @@ class Executor:
             else:
                 todo.append(r)
         pool = ThreadPoolExecutor(max_workers=min(self.forks, max(1, len(todo))))
+        futures: set[Future[None]] = set()
         try:
-            futures: set[Future[None]] = {pool.submit(self._run_step, r) for r in todo}
+            futures = {pool.submit(self._run_step, r) for r in todo}
             while futures:
                 # a short timeout keeps the main thread responsive to Ctrl-C
                 _, futures = wait(futures, timeout=0.2, return_when=FIRST_COMPLETED)
-        finally:
-            pool.shutdown(wait=not self._cancel.is_set(), cancel_futures=True)
+        except KeyboardInterrupt:
+            # stop launching, kill what is starting, then give the steps a bounded time to
+            # notice (their agents exit once their programs are gone); a second Ctrl-C ends it
+            self._cancel.set()
+            pool.shutdown(wait=False, cancel_futures=True)
+            self._kill_inflight()
+            wait(futures, timeout=INTERRUPT_GRACE)
+            raise
+        pool.shutdown(wait=True)
         counts: dict[str, int] = {}
         for step in steps:
             state = by_step[step.id].state
@@ -373,15 +383,17 @@ class Executor:
             return self._host_locks.setdefault(host, threading.Lock())
 
     def _agent_on(self, host: str, transport: Transport) -> str:
-        """Path of the agent on ``host``, uploaded once per host while its hash matches."""
-        with self._lock_for(host):
-            path = self._agents.get(host)
+        """Path of the agent in ``transport``'s REX_HOME, uploaded once per host and login
+        (each login has its own REX_HOME) while its hash matches."""
+        where = _agent_key(host, transport.login)
+        with self._lock_for(where):
+            path = self._agents.get(where)
             if path is None:
                 path = f"{transport.rex_home()}/agent-{self._bundle_sha[:16]}.py"
                 st = transport.stat(path)
                 if st is None or st[1] != len(self._bundle):
                     transport.put(self._bundle, path, 0o600)
-                self._agents[host] = path
+                self._agents[where] = path
             return path
 
     def _kill_remote(self, transport: Transport, python: str, agent: str, step: Step) -> None:
@@ -393,17 +405,23 @@ class Executor:
             )
 
     def _kill_inflight(self) -> None:
+        """Kill every step that is starting, on all its hosts at once."""
         with self._inflight_lock:
             steps = list(self._inflight.values())
-        for step in steps:
+
+        def kill(step: Step) -> None:
             self.listener.cancel(step.id)
             host = self.manifest.host(step.host)
             agent = self._agents.get(step.host)
             if agent is None:
-                continue
+                return
             with contextlib.suppress(Exception):
                 transport = self.pool.get(host, self.manifest.user(step.user))
                 self._kill_remote(transport, host.python, agent, replace(step, stop_timeout=2.0))
+
+        if steps:
+            with ThreadPoolExecutor(max_workers=min(self.forks, len(steps))) as killers:
+                list(killers.map(kill, steps))
 
 
 def _probe(step: Step) -> dict[str, object]:
