@@ -12,6 +12,12 @@ key_id), so a stranger costs no HMAC. A step is decided once: OK, or rejected wh
 naming it proves the wrong key (WRONG_KEY, BAD_PROOF), or TIMEOUT/CANCELLED; any later attempt
 is a DUPLICATE. The peer only ever learns ``ok`` or ``no`` with an opaque ref; the log line
 with that ref holds the result code. expect/wait/cancel are thread-safe.
+
+A job step (``PendingStep.job``) keeps its connection after ``ok``: the loop sends it a MAC'd
+heartbeat every protocol.JOB_HEARTBEAT seconds and takes its ``out`` and ``exit`` frames,
+each checked for sequence and MAC, until the exit status; wait_job() returns it (a
+connection that ends or breaks the protocol first is LOST). Closing the listener ends every
+job connection, and the agents kill their jobs.
 """
 
 from __future__ import annotations
@@ -32,8 +38,10 @@ from typing import Any
 from rexplan import protocol
 
 CANCELLED = "CANCELLED"  # verdict only: the launcher gave up on the step (or closed)
+EXITED = "EXITED"  # a job's result: it sent its exit status
+LOST = "LOST"  # a job's result: its connection ended or broke the protocol first
 
-_HELLO, _RESP, _DONE = "hello", "resp", "done"
+_HELLO, _RESP, _JOB, _DONE = "hello", "resp", "job", "done"
 
 
 @dataclass(frozen=True)
@@ -46,6 +54,7 @@ class PendingStep:
     key_id: str
     nl: bytes = field(repr=False)
     deadline: float
+    job: bool = False  # keep the connection after ok for the job's output and exit status
 
     @classmethod
     def create(
@@ -73,15 +82,28 @@ class Verdict:
     start: str | None = None
     peer: tuple[str, int] | None = None
     ref: str | None = None
+    detail: str | None = None  # DECLINED: the reason the agent proved
+
+
+@dataclass(frozen=True)
+class JobResult:
+    """How a job ended: EXITED with its status, or LOST; ``output`` is its output's tail."""
+
+    code: str
+    status: int | None = None
+    output: bytes = b""
+    detail: str = ""
 
 
 class _Step:
-    __slots__ = ("k_a", "k_l", "pending", "verdict")
+    __slots__ = ("job", "k_a", "k_l", "output", "pending", "verdict")
 
     def __init__(self, pending: PendingStep) -> None:
         self.pending = pending
         self.k_l, self.k_a = protocol.direction_keys(pending.key)
         self.verdict: Verdict | None = None
+        self.job: JobResult | None = None
+        self.output = bytearray()
 
 
 class _Conn:
@@ -94,6 +116,9 @@ class _Conn:
         "peer",
         "reader",
         "ref",
+        "seq_in",
+        "seq_out",
+        "session",
         "sock",
         "state",
         "step",
@@ -113,6 +138,17 @@ class _Conn:
         self.step: _Step | None = None
         self.hello: dict[str, Any] = {}
         self.t = self.ns = self.lp = b""
+        self.session: protocol.Session | None = None
+        self.seq_in = self.seq_out = 0
+
+
+def _keepalive(sock: socket.socket) -> None:
+    """A silent job agent's host may vanish without a FIN: TCP keepalive notices in ~30 s."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for name, value in (("TCP_KEEPIDLE", 10), ("TCP_KEEPINTVL", 5), ("TCP_KEEPCNT", 4)):
+        option = getattr(socket, name, None)
+        if option is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, option, value)
 
 
 class CallbackListener:
@@ -143,6 +179,7 @@ class CallbackListener:
         self._steps: dict[str, _Step] = {}
         self._conns: dict[int, _Conn] = {}
         self._timers: list[tuple[float, int, _Conn]] = []
+        self._beats: list[tuple[float, int, _Conn]] = []
         self._seq = itertools.count()
         self._sel = selectors.DefaultSelector()
         self._wake_r, self._wake_w = socket.socketpair()
@@ -199,6 +236,8 @@ class CallbackListener:
             for st in self._steps.values():
                 if st.verdict is None:
                     st.verdict = Verdict(False, CANCELLED)
+                if st.pending.job and st.job is None:
+                    st.job = JobResult(LOST, output=bytes(st.output), detail="listener closed")
             self._changed.notify_all()
 
     def __enter__(self) -> CallbackListener:
@@ -233,7 +272,8 @@ class CallbackListener:
                 remaining = end - self._clock()
                 if remaining <= 0:
                     self._decide(st, Verdict(False, protocol.TIMEOUT))
-                    self._log.warning(
+                    # info, not warning: the caller reports the step as failed, with its cause
+                    self._log.info(
                         "callback step=%s: no verified callback by the deadline (TIMEOUT)",
                         step_id,
                     )
@@ -241,6 +281,20 @@ class CallbackListener:
                 self._changed.wait(remaining)
             assert st.verdict is not None
             return st.verdict
+
+    def wait_job(self, step_id: str, timeout: float | None = None) -> JobResult | None:
+        """Block until the verified job ``step_id`` ends (EXITED or LOST); None on timeout."""
+        end = None if timeout is None else self._clock() + timeout
+        with self._changed:
+            st = self._steps[step_id]
+            while st.job is None:
+                if st.verdict is not None and not st.verdict.ok:
+                    return JobResult(LOST, detail=f"not verified ({st.verdict.code})")
+                remaining = None if end is None else end - self._clock()
+                if remaining is not None and remaining <= 0:
+                    return None
+                self._changed.wait(remaining)
+            return st.job
 
     def cancel(self, step_id: str) -> None:
         """Give up on a step: waiters get CANCELLED, and its agent will be told ``no``."""
@@ -254,10 +308,12 @@ class CallbackListener:
     def _loop(self) -> None:
         while not self._stopping:
             timeout = None
-            while self._timers and self._timers[0][2].closed:
-                heapq.heappop(self._timers)
-            if self._timers:
-                timeout = max(0.0, self._timers[0][0] - self._clock())
+            for heap in (self._timers, self._beats):
+                while heap and heap[0][2].closed:
+                    heapq.heappop(heap)
+                if heap:
+                    due = max(0.0, heap[0][0] - self._clock())
+                    timeout = due if timeout is None else min(timeout, due)
             for key, mask in self._sel.select(timeout):
                 if key.fileobj is self._sock:
                     self._accept()
@@ -272,10 +328,18 @@ class CallbackListener:
             now = self._clock()
             while self._timers and self._timers[0][0] <= now:
                 conn = heapq.heappop(self._timers)[2]
+                if conn.state == _JOB:
+                    continue  # a verified job: its connection lives until its exit
                 if conn.state != _DONE:
                     self._finish(conn, protocol.TIMEOUT, "no handshake in time")
                 if not conn.closed:
                     self._drop(conn)
+            while self._beats and self._beats[0][0] <= now:
+                conn = heapq.heappop(self._beats)[2]
+                if conn.state == _JOB and not conn.closed and conn.session is not None:
+                    conn.seq_out += 1
+                    self._send(conn, protocol.make_hb(conn.session, conn.seq_out))
+                    self._beat(conn, now)
 
     def _accept(self) -> None:
         assert self._sock is not None
@@ -307,21 +371,32 @@ class CallbackListener:
         except OSError:
             data = b""
         if not data:
-            if conn.state != _DONE:
+            if conn.state == _JOB:
+                self._job_end(conn, JobResult(LOST, detail="the agent closed the connection"))
+            elif conn.state != _DONE:
                 self._finish(conn, protocol.CLOSED, "peer closed", send=False)
             self._drop(conn)
             return
         try:
             msgs = conn.reader.feed(data)
             for msg in msgs:
-                if conn.state == _HELLO:
+                if conn.state == _JOB:
+                    self._on_job_frame(conn, protocol.check_message(msg, "out", "exit"))
+                elif conn.state == _HELLO:
                     self._on_hello(conn, protocol.check_message(msg, "hello"))
                 elif conn.state == _RESP:
-                    self._on_resp(conn, protocol.check_message(msg, "resp"))
+                    answer = protocol.check_message(msg, "resp", "decl")
+                    if answer["t"] == "decl":
+                        self._on_decl(conn, answer)
+                    else:
+                        self._on_resp(conn, answer)
                 else:
                     raise protocol.FrameError(protocol.OUT_OF_ORDER, "frame after the verdict")
         except protocol.FrameError as exc:
-            if conn.state != _DONE:
+            if conn.state == _JOB:
+                self._job_end(conn, JobResult(LOST, detail=f"the agent broke the protocol: {exc}"))
+                self._drop(conn)
+            elif conn.state != _DONE:
                 self._finish(conn, exc.code, str(exc))
             else:
                 self._drop(conn)
@@ -357,6 +432,27 @@ class CallbackListener:
             return protocol.TIMEOUT
         return None
 
+    def _on_decl(self, conn: _Conn, decl: dict[str, Any]) -> None:
+        """A decline proven with K_A: the step is decided DECLINED, with the agent's reason."""
+        st = conn.step
+        assert st is not None
+        reason = decl["reason"]
+        mac = bytes.fromhex(decl["mac"])
+        proven = protocol.verify_decline(
+            st.k_a, conn.t, conn.ns, st.pending.nl, conn.lp, reason, mac
+        )
+        with self._changed:
+            if st.verdict is not None:
+                code = protocol.DUPLICATE
+            elif not proven:
+                code = protocol.BAD_PROOF
+                self._decide(st, Verdict(False, code, peer=conn.peer, ref=conn.ref))
+            else:
+                code = protocol.DECLINED
+                verdict = Verdict(False, code, peer=conn.peer, ref=conn.ref, detail=reason)
+                self._decide(st, verdict)
+        self._finish(conn, code, reason if code == protocol.DECLINED else "", send=False)
+
     def _on_resp(self, conn: _Conn, resp: dict[str, Any]) -> None:
         st = conn.step
         assert st is not None
@@ -383,8 +479,46 @@ class CallbackListener:
             self._finish(conn, code, "")
             return
         self._record(code, conn.ref, conn.peer, hello, "")
-        conn.state = _DONE
+        if st.pending.job:
+            conn.state = _JOB
+            conn.session = protocol.Session.of((st.k_l, st.k_a), conn.t, conn.ns, nl, ap)
+            self._beat(conn, self._clock())
+            _keepalive(conn.sock)
+        else:
+            conn.state = _DONE
         self._send(conn, protocol.make_ok(protocol.ok_mac(st.k_l, conn.t, conn.ns, nl, ap)))
+
+    def _beat(self, conn: _Conn, now: float) -> None:
+        heapq.heappush(self._beats, (now + protocol.JOB_HEARTBEAT, next(self._seq), conn))
+
+    def _on_job_frame(self, conn: _Conn, msg: dict[str, Any]) -> None:
+        """A verified job's ``out`` or ``exit``: in sequence and MAC'd with K_A, or LOST."""
+        st, session = conn.step, conn.session
+        assert st is not None and session is not None
+        payload = protocol.job_payload(msg)
+        if msg["seq"] != conn.seq_in + 1 or not session.verify(session.k_a, msg, payload):
+            raise protocol.FrameError(protocol.BAD_PROOF, f"{msg['t']} out of sequence or forged")
+        conn.seq_in = msg["seq"]
+        if msg["t"] == "out":
+            st.output += payload
+            del st.output[: -protocol.OUT_TAIL]
+            return
+        self._job_end(conn, JobResult(EXITED, msg["status"], bytes(st.output)))
+        conn.state = _DONE
+        self._drop(conn)
+
+    def _job_end(self, conn: _Conn, result: JobResult) -> None:
+        st = conn.step
+        assert st is not None
+        with self._changed:
+            if st.job is None:
+                st.job = (
+                    result
+                    if result.output
+                    else JobResult(result.code, result.status, bytes(st.output), result.detail)
+                )
+                self._changed.notify_all()
+        conn.state = _DONE
 
     def _decide(self, st: _Step, verdict: Verdict) -> None:
         """Under the lock: the step's one verdict."""

@@ -13,13 +13,16 @@ PENDING = "pending"
 CONNECTING = "connecting"
 STARTING = "starting"
 AWAITING = "awaiting-callback"
+RUNNING = "running"  # a verified job, until it exits
 READY = "ready"
 FAILED = "failed"
 UNREACHABLE = "unreachable"
 SKIPPED = "skipped"
 UNCHANGED = "unchanged"
+DECLINED = "declined"  # the host proved it would not run the step now (``when``)
+UNPLACED = "unplaced"  # least-loaded placement chose other hosts for the program
 
-FINAL_STATES = frozenset({READY, FAILED, UNREACHABLE, SKIPPED, UNCHANGED})
+FINAL_STATES = frozenset({READY, FAILED, UNREACHABLE, SKIPPED, UNCHANGED, DECLINED, UNPLACED})
 
 #: event kinds
 RUN_STARTED = "run_started"
@@ -47,6 +50,9 @@ class Event:
     reason: str | None = None  # short machine-readable cause, e.g. no_callback
     detail: str | None = None  # one human line; never a secret
     pid: int | None = None
+    action: str | None = None  # a step's final event: started | restarted | unchanged
+    status: int | None = None  # a job's exit status
+    output: str | None = None  # the tail of a job's output
     total: int | None = None  # steps in the wave / run, for progress totals
     counts: dict[str, int] = field(default_factory=dict)
 

@@ -8,19 +8,23 @@ what SSH says (exit status, stderr) is kept as a diagnostic and never decides th
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import ipaddress
 import json
+import math
 import secrets
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 from rexplan import events as ev
 from rexplan import protocol
-from rexplan.callback import CallbackListener, PendingStep
+from rexplan import spec as specs
+from rexplan.callback import EXITED, CallbackListener, PendingStep
 from rexplan.errors import (
     AuthenticationError,
     HostKeyError,
@@ -29,7 +33,7 @@ from rexplan.errors import (
     UnreachableError,
 )
 from rexplan.keys import KeyInfo, KeyStore
-from rexplan.model import Manifest, Plan, Step, Timeouts
+from rexplan.model import FailurePolicy, FileSpec, Manifest, Plan, Step, Timeouts, When
 from rexplan.remote import bundle, bundle_sha
 from rexplan.transport import Transport, TransportPool
 
@@ -46,6 +50,8 @@ AGENT_REASONS = {
     15: "rejected",
     16: "bad_launch",
     17: "agent_failed",
+    18: "already_running",
+    19: "declined",
 }
 
 #: bind here when hosts reach the launcher over different routes
@@ -56,6 +62,17 @@ INTERRUPT_GRACE = 10.0
 
 #: seconds added to the remote deadlines before the launcher gives up on the SSH exec
 EXEC_SLACK = 5.0
+
+#: what the run summary counts, in this order
+SUMMARY = (
+    specs.UNCHANGED,
+    specs.STARTED,
+    specs.RESTARTED,
+    ev.FAILED,
+    ev.UNREACHABLE,
+    ev.SKIPPED,
+    ev.DECLINED,
+)
 
 
 @dataclass
@@ -70,6 +87,9 @@ class StepResult:
     pid: int | None = None
     started: float | None = None
     finished: float | None = None
+    action: str | None = None  # spec.STARTED / RESTARTED / UNCHANGED once it is up
+    status: int | None = None  # a job's exit status
+    output: str | None = None  # the tail of a job's output
 
 
 @dataclass
@@ -79,6 +99,7 @@ class RunResult:
     run_id: str
     results: list[StepResult] = field(default_factory=list)
     interrupted: bool = False
+    aborted: str | None = None  # why the failure policy ended the run early
 
     def counts(self) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -86,14 +107,24 @@ class RunResult:
             out[r.state] = out.get(r.state, 0) + 1
         return out
 
+    def actions(self) -> dict[str, int]:
+        """The summary's counts: unchanged, started, restarted, failed, unreachable, skipped."""
+        out = dict.fromkeys(SUMMARY, 0)
+        for r in self.results:
+            key = r.action if r.action is not None else r.state
+            if key in out:
+                out[key] += 1
+        return out
+
     def exit_code(self) -> int:
-        """130 interrupted; 6 authentication; 2 failed or skipped; 3 unreachable; else 0."""
+        """130 interrupted; 6 authentication; 2 failed, skipped or declined; 3 unreachable;
+        else 0."""
         if self.interrupted:
             return 130
         states = {r.state for r in self.results}
         if any(r.state == ev.FAILED and r.reason in AUTH_REASONS for r in self.results):
             return 6
-        if ev.FAILED in states or ev.SKIPPED in states:
+        if states & {ev.FAILED, ev.SKIPPED, ev.DECLINED}:
             return 2
         if ev.UNREACHABLE in states:
             return 3
@@ -134,10 +165,16 @@ class Executor:
         self._t0 = clock()
         self._cancel = threading.Event()
         self._agents: dict[str, str] = {}
+        self._records: dict[str, dict[str, dict[str, Any]] | None] = {}
         self._agent_lock = threading.Lock()
         self._host_locks: dict[str, threading.Lock] = {}
         self._inflight: dict[str, Step] = {}
         self._inflight_lock = threading.Lock()
+        self._policies = {p.name: p.policy for p in manifest.programs}
+        self._files: dict[str, tuple[LocalFile, ...]] = {}
+        self._abort: str | None = None
+        self._abort_lock = threading.Lock()
+        self._by_step: dict[str, StepResult] = {}
         self._bundle = bundle()
         self._bundle_sha = bundle_sha()
 
@@ -149,7 +186,7 @@ class Executor:
 
     def _state(self, result: StepResult, state: str, **fields: object) -> None:
         result.state = state
-        for name in ("reason", "phase", "detail", "pid"):
+        for name in ("reason", "phase", "detail", "pid", "action", "status", "output"):
             if name in fields:
                 setattr(result, name, fields[name])
         s = result.step
@@ -170,6 +207,7 @@ class Executor:
         """Launch every wave in order; on KeyboardInterrupt stop, clean up and mark it."""
         result = RunResult(self.run_id)
         by_step = {s.id: StepResult(s) for s in self.plan.steps}
+        self._by_step = by_step
         result.results = list(by_step.values())
         self._emit(ev.RUN_STARTED, total=len(by_step))
         try:
@@ -181,6 +219,7 @@ class Executor:
             for r in result.results:
                 if r.state not in ev.FINAL_STATES:
                     self._state(r, ev.SKIPPED, reason="interrupted", detail="run interrupted")
+        result.aborted = self._abort
         self._emit(ev.RUN_DONE, total=len(by_step), counts=result.counts())
         return result
 
@@ -194,10 +233,23 @@ class Executor:
         for step in steps:
             r = by_step[step.id]
             blocked = self._blocked_by(step, by_step)
-            if blocked:
+            if self._abort is not None:
+                self._state(r, ev.SKIPPED, reason="aborted", detail=self._abort)
+            elif blocked:
                 self._state(r, ev.SKIPPED, reason="dependency_failed", detail=blocked)
             else:
                 todo.append(r)
+        todo = self._place(todo)
+        for batch in batches([r.step for r in todo], self._policies):
+            self._run_batch([by_step[s.id] for s in batch])
+        counts: dict[str, int] = {}
+        for step in steps:
+            state = by_step[step.id].state
+            counts[state] = counts.get(state, 0) + 1
+        self._emit(ev.WAVE_DONE, wave=number, total=len(steps), counts=counts)
+
+    def _run_batch(self, todo: list[StepResult]) -> None:
+        """Launch ``todo`` in parallel (at most ``forks`` at once) and wait for every step."""
         pool = ThreadPoolExecutor(max_workers=min(self.forks, max(1, len(todo))))
         futures: set[Future[None]] = set()
         try:
@@ -214,17 +266,86 @@ class Executor:
             wait(futures, timeout=INTERRUPT_GRACE)
             raise
         pool.shutdown(wait=True)
-        counts: dict[str, int] = {}
-        for step in steps:
-            state = by_step[step.id].state
-            counts[state] = counts.get(state, 0) + 1
-        self._emit(ev.WAVE_DONE, wave=number, total=len(steps), counts=counts)
+
+    def _check_policy(self, program: str) -> None:
+        """After a step of ``program`` ended: abort the run if its failures exceed its policy."""
+        policy = self._policies.get(program, FailurePolicy())
+        mine = [
+            r
+            for r in self._by_step.values()
+            if r.step.program == program and r.state != ev.UNPLACED
+        ]
+        failed = sum(1 for r in mine if counts_as_failure(r.state, policy))
+        if not exceeds(policy, failed, len(mine)):
+            return
+        with self._abort_lock:
+            if self._abort is not None:
+                return
+            self._abort = f"{failed} of {len(mine)} steps of {program} failed ({limit(policy)})"
+        self._emit(ev.NOTICE, program=program, detail=f"aborting the run: {self._abort}")
+
+    def _place(self, todo: list[StepResult]) -> list[StepResult]:
+        """Narrow each least-loaded program to its ``count`` best hosts; the others' steps end
+        ``unplaced``. Probes every candidate at once (one exec each, on the shared connection)."""
+        groups: dict[str, list[StepResult]] = {}
+        for r in todo:
+            placement = self.manifest.program(r.step.program).placement
+            if placement.strategy == "least-loaded" and placement.count is not None:
+                groups.setdefault(r.step.program, []).append(r)
+        if not groups:
+            return todo
+        candidates = [r for group in groups.values() for r in group]
+        with ThreadPoolExecutor(max_workers=min(self.forks, len(candidates))) as probes:
+            probed = list(probes.map(self._probe, candidates))
+        loads = {r.step.id: load for r, load in zip(candidates, probed, strict=True)}
+        for program, group in groups.items():
+            count = self.manifest.program(program).placement.count or len(group)
+            chosen = choose([(r.step.id, loads[r.step.id]) for r in group], count)
+            shown = ", ".join(f"{r.step.host} ({loads[r.step.id].describe()})" for r in group)
+            picked = ", ".join(r.step.host for r in group if r.step.id in chosen)
+            self._emit(
+                ev.NOTICE,
+                program=program,
+                detail=f"least-loaded placement of {program}: {picked} (of {shown})",
+            )
+            for r in group:
+                if r.step.id not in chosen:
+                    detail = f"least-loaded placement chose {picked}"
+                    self._state(r, ev.UNPLACED, reason="not_placed", detail=detail)
+        return [r for r in todo if r.state != ev.UNPLACED]
+
+    def _probe(self, r: StepResult) -> Load:
+        """A candidate host's load (and whether the program already runs there, current)."""
+        step = r.step
+        try:
+            transport = self.pool.get(self.manifest.host(step.host), self.manifest.user(step.user))
+            res = transport.run(
+                [self.manifest.host(step.host).python, "-I", "-S", "-c", LOAD_PROBE],
+                timeout=step.timeouts.start,
+            )
+            data = json.loads(res.stdout.decode("ascii", "replace").strip().splitlines()[-1])
+            agent = self._agent_on(step.host, step.login, transport)
+            files = [f.entry for f in self._local_files(step.program)]
+            current = self.status_of(step, transport, agent, files)[0].current
+            return Load(
+                float(data["load"]) / max(1, int(data["cpus"])), int(data["free_mb"]), current
+            )
+        except (TransportError, OSError, ValueError, KeyError, IndexError, TypeError):
+            return Load(None, 0, False)
 
     def _blocked_by(self, step: Step, by_step: dict[str, StepResult]) -> str | None:
-        """Why ``step`` cannot start: a required program has a step that is not ready."""
+        """Why ``step`` cannot start: a required program has a step that is not ready (an
+        unreachable one does not count if that program ignores unreachable hosts)."""
         bad: dict[str, int] = {}
         for r in by_step.values():
-            if r.step.program in step.requires and r.state not in (ev.READY, ev.UNCHANGED):
+            if r.step.program not in step.requires or r.state in (
+                ev.READY,
+                ev.UNCHANGED,
+                ev.UNPLACED,
+            ):
+                continue
+            policy = self._policies.get(r.step.program, FailurePolicy())
+            if not (r.state == ev.UNREACHABLE and policy.ignore_unreachable):
                 bad[r.step.program] = bad.get(r.step.program, 0) + 1
         if not bad:
             return None
@@ -238,6 +359,9 @@ class Executor:
         try:
             if self._cancel.is_set():
                 raise _Cancelled
+            if self._abort is not None:
+                self._state(r, ev.SKIPPED, reason="aborted", detail=self._abort)
+                return
             self._launch(r)
         except _Cancelled:
             self._state(r, ev.SKIPPED, reason="interrupted", detail="run interrupted")
@@ -253,6 +377,7 @@ class Executor:
             r.finished = self._clock()
             with self._inflight_lock:
                 self._inflight.pop(step.id, None)
+            self._check_policy(step.program)
 
     def _launch(self, r: StepResult) -> None:
         step = r.step
@@ -282,14 +407,34 @@ class Executor:
         if self._cancel.is_set():
             raise _Cancelled
         try:
-            agent_path = self._agent_on(step.host, transport)
+            agent_path = self._agent_on(step.host, step.login, transport)
         except TransportError as exc:
             self._state(r, ev.FAILED, reason="agent_upload", phase="start", detail=str(exc))
+            return
+        program = self.manifest.program(step.program)
+        try:
+            files = self._local_files(step.program)
+        except OSError as exc:
+            detail = f"cannot read {exc.filename}: {exc.strerror}"
+            self._state(r, ev.FAILED, reason="bad_file", phase="start", detail=detail)
+            return
+        entries = [f.entry for f in files]
+        status, record = self.status_of(step, transport, agent_path, entries)
+        action, replacing = specs.action_for(status)
+        if action == specs.UNCHANGED:
+            self._state(r, ev.UNCHANGED, pid=status.pid, action=action)
+            return
+        try:
+            self._upload(step, transport, files, specs.files_to_upload(entries, record))
+        except TransportError as exc:
+            self._state(r, ev.FAILED, reason="file_upload", phase="start", detail=str(exc))
             return
 
         t = step.timeouts
         nl = protocol.new_nonce()
-        deadline = self._clock() + t.start + t.ready + t.callback
+        # replacing a running instance first waits out its stop grace
+        stopping = step.stop_timeout if replacing else 0.0
+        deadline = self._clock() + t.start + t.ready + t.callback + stopping
         self.listener.expect(
             PendingStep(
                 step_id=step.id,
@@ -298,27 +443,20 @@ class Executor:
                 key_id=info.key_id,
                 nl=nl,
                 deadline=deadline,
+                job=step.kind == "job",
             )
         )
         line = protocol.make_launch(
-            run=self.run_id,
-            step=step.id,
-            triple=step.triple,
-            key_path=protocol.key_relpath(info.host, info.user, info.program),
-            nl=nl,
-            callback=self.advertise(step.address),
-            deadlines={
-                "start": t.start,
-                "ready": step.ready.timeout,
-                "callback": t.callback,
-                "stop": step.stop_timeout,
-            },
-            argv=step.argv,
-            env=step.env,
-            cwd=step.cwd,
-            ready=_probe(step),
-            kind=step.kind,
-            log=step.program,
+            **specs.launch_args(
+                step,
+                run=self.run_id,
+                key_path=protocol.key_relpath(info.host, info.user, info.program),
+                nl=nl,
+                callback=self.advertise(step.address),
+                replace=replacing,
+                files=entries,
+                when=preconditions(program.when),
+            )
         )
         del secret, nl
         with self._inflight_lock:
@@ -330,18 +468,34 @@ class Executor:
             res = transport.run(
                 [host.python, "-I", "-S", agent_path],
                 stdin=line,
-                timeout=t.start + step.ready.timeout + t.callback + step.stop_timeout + EXEC_SLACK,
+                timeout=t.start
+                + step.ready.timeout
+                + t.callback
+                + step.stop_timeout
+                + stopping
+                + EXEC_SLACK,
             )
             diag = _front_report(res.stdout)
         except TransportError as exc:
             exec_error = exc
         self._state(r, ev.AWAITING, phase="callback")
         remaining = max(0.05, deadline - self._clock())
+        # A front that reported had its verdict (ok, or no) before it printed; only a front
+        # that died without a report may leave a callback in flight.
         verdict = self.listener.wait(
-            step.id, timeout=remaining if exec_error else min(remaining, 2.0)
+            step.id,
+            timeout=remaining if exec_error else min(remaining, 0.2 if "ok" in diag else 2.0),
         )
+        if verdict.ok and step.kind == "job":
+            self._state(r, ev.RUNNING, phase="job", pid=verdict.pid)
+            self._job_done(r, verdict.pid)
+            return
         if verdict.ok:
-            self._state(r, ev.READY, phase="ready", pid=verdict.pid)
+            self._state(r, ev.READY, phase="ready", pid=verdict.pid, action=action)
+            return
+        if verdict.code == protocol.DECLINED:
+            detail = verdict.detail or "declined"
+            self._state(r, ev.DECLINED, reason="declined", phase="start", detail=detail)
             return
         # no verified callback: failed, whatever SSH said; make sure nothing stays running
         self.listener.cancel(step.id)
@@ -378,21 +532,105 @@ class Executor:
             data = protocol.format_key_file(info.triple, info.created, secret)
             transport.put(data, path, 0o600)
 
+    def _job_done(self, r: StepResult, pid: int | None) -> None:
+        """Wait for a verified job's end: ready if it exited 0, else failed with its status."""
+        job = self.listener.wait_job(r.step.id)
+        assert job is not None  # no timeout: it exits, or its connection ends
+        output = job.output.decode("utf-8", "replace")
+        if job.code == EXITED and job.status == 0:
+            self._state(
+                r, ev.READY, phase="job", pid=pid, action=specs.STARTED, status=0, output=output
+            )
+        elif job.code == EXITED:
+            detail = f"job exited with status {job.status}"
+            self._state(
+                r,
+                ev.FAILED,
+                reason="exit_status",
+                phase="job",
+                detail=detail,
+                status=job.status,
+                output=output,
+            )
+        else:
+            detail = f"lost the job: {job.detail}"
+            self._state(r, ev.FAILED, reason="job_lost", phase="job", detail=detail, output=output)
+
+    def _local_files(self, program: str) -> tuple[LocalFile, ...]:
+        with self._lock_for(f"files {program}"):
+            if program not in self._files:
+                self._files[program] = local_files(self.manifest.program(program).files)
+            return self._files[program]
+
+    def _upload(
+        self, step: Step, transport: Transport, files: Sequence[LocalFile], dests: list[str]
+    ) -> None:
+        """Put the files the host lacks (by content hash) under REX_HOME/files/<program>/."""
+        if not dests:
+            return
+        base = f"{transport.rex_home()}/files/{step.program}"
+        for f in files:
+            if f.dest in dests:
+                transport.put(f.data, f"{base}/{f.dest}", f.mode)
+        self._emit(
+            ev.NOTICE,
+            host=step.host,
+            program=step.program,
+            step=step.id,
+            detail=f"uploaded {len(dests)} file(s) for {step.id}: {', '.join(dests)}",
+        )
+
+    def status_of(
+        self,
+        step: Step,
+        transport: Transport,
+        agent: str,
+        files: Sequence[tuple[str, str, int]] = (),
+    ) -> tuple[specs.StepStatus, dict[str, Any] | None]:
+        """``step``'s status on its host and its record there, from the agent's records read
+        once per run and login (one exec, whatever the number of steps there); ABSENT if they
+        cannot be read, so the launch goes ahead and the agent's lock still refuses a second
+        instance."""
+        where = f"{step.login}@{step.host}"
+        with self._lock_for(f"records {where}"):
+            if where not in self._records:
+                self._records[where] = read_records(
+                    transport, self.manifest.host(step.host).python, agent, step.timeouts.start
+                )
+                if self._records[where] is None:
+                    self._emit(
+                        ev.NOTICE,
+                        host=step.host,
+                        detail=f"cannot read the programs' state of {where}; launching anyway",
+                    )
+            records = self._records[where]
+        record = None if records is None else records.get(step.program)
+        status = specs.classify(step, record, specs.expected_spec(step, files), files)
+        return status, record
+
     def _lock_for(self, host: str) -> threading.Lock:
         with self._agent_lock:
             return self._host_locks.setdefault(host, threading.Lock())
 
-    def _agent_on(self, host: str, transport: Transport) -> str:
-        """Path of the agent in ``transport``'s REX_HOME, uploaded once per host and login
-        (each login has its own REX_HOME) while its hash matches."""
-        where = _agent_key(host, transport.login)
+    def _agent_on(self, host: str, login: str, transport: Transport) -> str:
+        """Path of the agent in ``login``'s REX_HOME on ``host``, uploaded once per host and
+        login (logins do not share a REX_HOME) while its hash matches."""
+        where = f"{login}@{host}"
         with self._lock_for(where):
             path = self._agents.get(where)
             if path is None:
                 path = f"{transport.rex_home()}/agent-{self._bundle_sha[:16]}.py"
-                st = transport.stat(path)
-                if st is None or st[1] != len(self._bundle):
-                    transport.put(self._bundle, path, 0o600)
+                try:
+                    st = transport.stat(path)
+                    if st is None or st[1] != len(self._bundle):
+                        transport.put(self._bundle, path, 0o600)
+                except OSError as exc:
+                    # SFTP refusals (e.g. a read-only REX_HOME) arrive as OSErrors naming no path
+                    raise TransportError(
+                        f"cannot write the agent to {path}: {exc.strerror or exc}",
+                        host=host,
+                        phase="start",
+                    ) from exc
                 self._agents[where] = path
             return path
 
@@ -412,7 +650,7 @@ class Executor:
         def kill(step: Step) -> None:
             self.listener.cancel(step.id)
             host = self.manifest.host(step.host)
-            agent = self._agents.get(step.host)
+            agent = self._agents.get(f"{step.login}@{step.host}")
             if agent is None:
                 return
             with contextlib.suppress(Exception):
@@ -424,19 +662,144 @@ class Executor:
                 list(killers.map(kill, steps))
 
 
-def _probe(step: Step) -> dict[str, object]:
-    """The launch message's ``ready`` dict for a step's probe."""
-    rd = step.ready
-    out: dict[str, object] = {"kind": rd.kind, "interval": rd.interval, "settle": rd.settle}
-    if rd.kind == "tcp":
-        out.update(host=rd.host, port=rd.port)
-    elif rd.kind == "http":
-        out["url"] = rd.url
-    elif rd.kind == "command":
-        out["argv"] = list(rd.argv)
-    elif rd.kind == "file":
-        out["path"] = rd.path
+#: prints a host's 1-minute load average, CPU count and available memory, as one JSON line
+LOAD_PROBE = (
+    "import json, os\n"
+    "free = 0\n"
+    "for line in open('/proc/meminfo'):\n"
+    "    if line.startswith('MemAvailable:'):\n"
+    "        free = int(line.split()[1]) // 1024\n"
+    "load = os.getloadavg()[0]\n"
+    "print(json.dumps({'load': load, 'cpus': os.cpu_count() or 1, 'free_mb': free}))\n"
+)
+
+
+@dataclass(frozen=True)
+class Load:
+    """A placement candidate: load average per CPU (None: could not be probed), available
+    memory, and whether the program already runs there with the manifest's spec."""
+
+    per_cpu: float | None
+    free_mb: int
+    current: bool
+
+    def describe(self) -> str:
+        if self.per_cpu is None:
+            return "no probe"
+        return f"load {self.per_cpu:.2f}/cpu, {self.free_mb} MB free" + (
+            ", running" if self.current else ""
+        )
+
+
+def choose(candidates: Sequence[tuple[str, Load]], count: int) -> set[str]:
+    """The ``count`` candidates to place on: those already running current first (so a
+    re-apply changes nothing), then the least loaded per CPU, then the most free memory, then
+    manifest order; hosts that could not be probed come last."""
+    order = sorted(
+        range(len(candidates)),
+        key=lambda i: (
+            not candidates[i][1].current,
+            candidates[i][1].per_cpu is None,
+            candidates[i][1].per_cpu or 0.0,
+            -candidates[i][1].free_mb,
+            i,
+        ),
+    )
+    return {candidates[i][0] for i in order[:count]}
+
+
+@dataclass(frozen=True)
+class LocalFile:
+    """A program's file as the launcher reads it: where it goes, its bytes, hash and mode."""
+
+    dest: str
+    data: bytes = field(repr=False)
+    sha: str
+    mode: int
+
+    @property
+    def entry(self) -> tuple[str, str, int]:
+        """(dest, sha256 hex, mode), as the launch message and the spec digest carry it."""
+        return self.dest, self.sha, self.mode
+
+
+def local_files(specs_: Iterable[FileSpec]) -> tuple[LocalFile, ...]:
+    """Read a program's ``files``; OSError if one cannot be read."""
+    out = []
+    for f in specs_:
+        with open(f.src, "rb") as src:
+            data = src.read()
+        out.append(LocalFile(f.dest, data, hashlib.sha256(data).hexdigest(), f.mode))
+    return tuple(out)
+
+
+def preconditions(when: When) -> dict[str, float]:
+    """The launch message's ``when`` for a program's preconditions."""
+    out: dict[str, float] = {}
+    if when.max_load is not None:
+        out["max_load"] = when.max_load
+    if when.min_free_mb is not None:
+        out["min_free_mb"] = float(when.min_free_mb)
     return out
+
+
+def counts_as_failure(state: str, policy: FailurePolicy) -> bool:
+    """Whether a step that ended in ``state`` counts against its program's policy."""
+    return state == ev.FAILED or (state == ev.UNREACHABLE and not policy.ignore_unreachable)
+
+
+def exceeds(policy: FailurePolicy, failed: int, total: int) -> bool:
+    """Whether ``failed`` of a program's ``total`` steps are more than its policy allows:
+    strictly more, so ``max_fail: 25%`` lets 1 of 4 fail and aborts at 2 of 4."""
+    if failed <= 0:
+        return False
+    if policy.any_errors_fatal:
+        return True
+    if policy.max_fail is not None and failed > policy.max_fail:
+        return True
+    return policy.max_fail_percent is not None and failed * 100 > policy.max_fail_percent * total
+
+
+def limit(policy: FailurePolicy) -> str:
+    """The policy that was exceeded, as the manifest says it."""
+    if policy.any_errors_fatal:
+        return "any_errors_fatal"
+    if policy.max_fail is not None:
+        return f"max_fail {policy.max_fail}"
+    return f"max_fail {policy.max_fail_percent:g}%"
+
+
+def batches(steps: list[Step], policies: dict[str, FailurePolicy]) -> list[list[Step]]:
+    """``steps`` of one wave in launch batches: batch k holds the k-th ``serial``-sized chunk
+    of each program's steps (all of them when the program has no ``serial``)."""
+    per_program: dict[str, list[Step]] = {}
+    for s in steps:
+        per_program.setdefault(s.program, []).append(s)
+    out: list[list[Step]] = []
+    for program, mine in per_program.items():
+        policy = policies.get(program, FailurePolicy())
+        size = len(mine)
+        if policy.serial is not None:
+            size = policy.serial
+        elif policy.serial_percent is not None:
+            size = math.ceil(len(mine) * policy.serial_percent / 100)
+        size = max(1, size)
+        for k, start in enumerate(range(0, len(mine), size)):
+            if k == len(out):
+                out.append([])
+            out[k].extend(mine[start : start + size])
+    return out
+
+
+def read_records(
+    transport: Transport, python: str, agent: str, timeout: float
+) -> dict[str, dict[str, Any]] | None:
+    """The agent's ``--status`` records of one login on one host; None if unreadable."""
+    try:
+        res = transport.run([python, "-I", "-S", agent, "--status"], timeout=timeout)
+        return specs.parse_status(res.stdout)
+    except (TransportError, ValueError):
+        return None
 
 
 def _front_report(stdout: bytes) -> dict[str, object]:
@@ -565,6 +928,7 @@ def result_to_dict(result: RunResult, manifest: Manifest) -> dict[str, object]:
         "manifest_digest": manifest.digest,
         "exit": result.exit_code(),
         "interrupted": result.interrupted,
+        "aborted": result.aborted,
         "counts": result.counts(),
         "steps": [
             {
@@ -578,6 +942,9 @@ def result_to_dict(result: RunResult, manifest: Manifest) -> dict[str, object]:
                 "phase": r.phase if r.state not in (ev.READY, ev.UNCHANGED) else None,
                 "detail": r.detail,
                 "pid": r.pid,
+                "action": r.action,
+                "status": r.status,
+                "output": r.output,
                 "seconds": None
                 if r.started is None or r.finished is None
                 else round(r.finished - r.started, 3),

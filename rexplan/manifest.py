@@ -24,6 +24,7 @@ from rexplan.model import (
     NAME_RE,
     Authorization,
     Callback,
+    FailurePolicy,
     FileSpec,
     Host,
     Manifest,
@@ -36,6 +37,7 @@ from rexplan.model import (
     When,
     triple,
 )
+from rexplan.protocol import safe_relpath
 
 #: largest manifest read, in bytes
 MAX_BYTES = 5 * 1024 * 1024
@@ -428,6 +430,10 @@ def _at_least(n: float, v: Any) -> bool:
     return not _is_number(v) or v >= n
 
 
+def _matches(pattern: re.Pattern[str], v: Any) -> bool:
+    return not isinstance(v, str) or pattern.search(v) is not None
+
+
 def _at_most(n: float, v: Any) -> bool:
     return not _is_number(v) or v <= n
 
@@ -503,6 +509,8 @@ def _compile(schema: dict[str, Any], defs: dict[str, Any], memo: dict[str, _Chec
             checks.append(partial(_at_most, want))
         elif word == "exclusiveMinimum":
             checks.append(partial(_above, want))
+        elif word == "pattern":
+            checks.append(partial(_matches, re.compile(want)))
         elif word == "if":
             then = _compile(schema.get("then", {}), defs, memo)
             checks.append(partial(_if_then, _compile(want, defs, memo), then))
@@ -590,6 +598,13 @@ def _schema(doc: Any, report: _Report) -> None:
             report.value(path, f"{_show(value)} must be greater than {want}")
         elif kind in ("minLength", "minItems"):
             report.value(path, "must not be empty")
+        elif kind == "pattern":
+            # the schema's patterns are the count-or-percentage keys (max_fail, serial)
+            report.value(
+                path,
+                f"{_show(value)} is not a count or a percentage",
+                err.schema.get("description"),
+            )
         else:
             report.value(path, err.message)
 
@@ -615,6 +630,33 @@ def _num(value: Any, default: float) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return default
     return float(value)
+
+
+def _count_or_percent(value: Any) -> tuple[int | None, float | None]:
+    """``3`` -> (3, None), ``'25%'`` -> (None, 25.0); the schema checked the forms."""
+    if isinstance(value, str) and value.endswith("%") and value[:-1].isdigit():
+        return None, float(value[:-1])
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value, None
+    return None, None
+
+
+def _policy(spec: dict[str, Any], defaults: dict[str, Any]) -> FailurePolicy:
+    """The program's failure policy; each key falls back to ``defaults``."""
+
+    def get(key: str) -> Any:
+        return spec[key] if key in spec else defaults.get(key)
+
+    max_fail, max_fail_percent = _count_or_percent(get("max_fail"))
+    serial, serial_percent = _count_or_percent(get("serial"))
+    return FailurePolicy(
+        max_fail=max_fail,
+        max_fail_percent=max_fail_percent,
+        any_errors_fatal=get("any_errors_fatal") is True,
+        serial=serial,
+        serial_percent=serial_percent,
+        ignore_unreachable=get("ignore_unreachable") is True,
+    )
 
 
 def _names(value: Any) -> list[tuple[int | None, str]]:
@@ -1048,6 +1090,7 @@ class _Checker:
             files=files,
             stop_timeout=_num(spec.get("stop_timeout"), _num(d.get("stop_timeout"), 10.0)),
             timeouts=timeouts,
+            policy=_policy(spec, d),
         )
 
     def _ready(self, path: Path, value: Any, timeout: float) -> Ready:
@@ -1128,7 +1171,13 @@ class _Checker:
                         f"{mode_text!r} is not an octal file mode",
                         'write three octal digits, e.g. mode: "0644"',
                     )
-            if isinstance(src, str) and isinstance(dest, str):
+            if isinstance(dest, str) and not safe_relpath(dest):
+                self.report.value(
+                    (*path, i, "dest"),
+                    f"{dest!r} leaves the program's files directory",
+                    "give a relative path without '..', e.g. dest: conf/app.ini",
+                )
+            elif isinstance(src, str) and isinstance(dest, str):
                 files.append(FileSpec(os.path.join(self.base_dir, src), dest, mode))
         return tuple(files)
 
@@ -1206,6 +1255,7 @@ def _validate(text: str, raw: bytes, filename: str, track: bool) -> Manifest:
         authorize=tuple(a for a, _, _, _ in checker.authorize),
         callback=callback,
         forks=forks,
+        default_user=_str(checker.defaults.get("user"), None),
     )
 
 

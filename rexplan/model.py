@@ -96,6 +96,26 @@ class Placement:
 
 
 @dataclass(frozen=True)
+class FailurePolicy:
+    """What failures of a program's steps do to the run (Ansible's play keywords).
+
+    ``max_fail`` / ``max_fail_percent``: abort the run when MORE than this many (or this
+    percentage) of the program's steps failed; ``any_errors_fatal``: abort at the first one.
+    Aborting lets steps already in flight finish and skips every step not yet started.
+    ``serial`` / ``serial_percent``: launch the program's steps in batches of this many (or
+    this percentage of its hosts), checking the policy between batches. Unreachable hosts count
+    as failures unless ``ignore_unreachable``, which also lets dependents go on without them.
+    """
+
+    max_fail: int | None = None
+    max_fail_percent: float | None = None
+    any_errors_fatal: bool = False
+    serial: int | None = None
+    serial_percent: float | None = None
+    ignore_unreachable: bool = False
+
+
+@dataclass(frozen=True)
 class Program:
     """A program to launch; ``hosts`` is ``on`` resolved to host names, in manifest order."""
 
@@ -116,6 +136,7 @@ class Program:
     files: tuple[FileSpec, ...] = ()
     stop_timeout: float = 10.0
     timeouts: Timeouts = field(default_factory=Timeouts)
+    policy: FailurePolicy = field(default_factory=FailurePolicy)
 
     @property
     def argv(self) -> tuple[str, ...]:
@@ -163,6 +184,7 @@ class Manifest:
     authorize: tuple[Authorization, ...]
     callback: Callback = field(default_factory=Callback)
     forks: int = 64
+    default_user: str | None = None  # defaults.user: who ``rex run`` runs as unless told
 
     def host(self, name: str) -> Host:
         for h in self.hosts:

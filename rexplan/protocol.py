@@ -12,10 +12,25 @@ Wire format: a frame is a u32 big-endian length then that many bytes of UTF-8 JS
     listener -> agent  ok    {t, mac}       mac = HMAC(K_L, "ok" || T || ns || nl || ap)
                     or no    {t, ref}       ref is opaque; the reason is only in the log
 
+An agent whose host fails the launch's ``when`` preconditions starts nothing and, in place of
+``resp``, proves a decline: ``decl {t, reason, mac}``, mac = HMAC(K_A, "decl" || T || ns || nl ||
+lp || reason); the hello then names the agent's own pid. The listener decides DECLINED.
+
 T = transcript(hello) is a fixed binary encoding of the hello fields (version first), so the
-MACs never depend on how JSON was written. Nonces and MACs travel as lowercase hex. The launch
-message (launcher -> agent stdin, one JSON line) is built by make_launch and read by
-parse_launch; it is the only place the launch nonce ``nl`` travels.
+MACs never depend on how JSON was written.
+
+A ``kind: job`` keeps the connection after ``ok``; every later frame carries a sequence number
+(1, 2, ... per direction) and a MAC over the session (T, ns, nl, ap), its type, seq and payload:
+
+    listener -> agent  hb    {t, seq, mac}          every JOB_HEARTBEAT s; K_L
+    agent -> listener  out   {t, seq, data, mac}    base64 output, <= OUT_CHUNK bytes; K_A
+    agent -> listener  exit  {t, seq, status, mac}  the job's exit status; K_A
+
+The agent kills the job when the connection ends or no heartbeat came for JOB_SILENCE s.
+
+Nonces and MACs travel as lowercase hex. The launch message (launcher -> agent stdin, one JSON
+line) is built by make_launch and read by parse_launch; it is the only place the launch nonce
+``nl`` travels.
 """
 
 from __future__ import annotations
@@ -54,6 +69,7 @@ VERSION_MISMATCH = "VERSION"  # a protocol version this side does not speak
 OUT_OF_ORDER = "OUT_OF_ORDER"  # a valid message at the wrong point of the handshake
 BUSY = "BUSY"  # too many unauthenticated connections; closed at once
 CLOSED = "CLOSED"  # the peer closed the connection before a verdict
+DECLINED = "DECLINED"  # the agent proved that its host declined the launch (``when``)
 CODES = (
     OK,
     BAD_PROOF,
@@ -68,10 +84,13 @@ CODES = (
     OUT_OF_ORDER,
     BUSY,
     CLOSED,
+    DECLINED,
 )
 
 # Every regex uses \Z: '$' would also accept a trailing newline.
 _NAME = re.compile(r"^[a-z_][a-z0-9_-]{0,31}\Z")
+#: user and program names as the wire accepts them
+NAME_RE = _NAME
 _HOST = re.compile(r"^(?!-)[A-Za-z0-9_][A-Za-z0-9_-]{0,62}(?:\.[A-Za-z0-9_][A-Za-z0-9_-]{0,62})*\Z")
 #: run ids, step ids and triples as the wire accepts them
 RUN_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}\Z")
@@ -82,6 +101,8 @@ _NONCE_HEX = re.compile(r"^[0-9a-f]{32}\Z")  # NONCE_BYTES in hex
 _MAC_HEX = re.compile(r"^[0-9a-f]{64}\Z")  # MAC_BYTES in hex
 _START = re.compile(r"^[0-9]{1,20}\Z")
 _REF = re.compile(r"^[0-9a-f]{1,32}\Z")
+_REASON = re.compile(r"^[ -~]{1,200}\Z")  # printable ASCII: safe to log and show
+_B64 = re.compile(r"^[A-Za-z0-9+/]*={0,2}\Z")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}\Z")
 _TAG_NAME = re.compile(r"^REX_[A-Z0-9_]{1,60}\Z")
 RESERVED_ENV = ("REX_RUN", "REX_STEP", "REX_TRIPLE", "NOTIFY_SOCKET")
@@ -299,6 +320,10 @@ def _is_pid(value: Any) -> bool:
     return type(value) is int and 1 < value < 1 << 31
 
 
+def _is_seq(value: Any) -> bool:
+    return type(value) is int and 0 < value < 1 << 31
+
+
 def _matches(pattern: re.Pattern[str]) -> Callable[[Any], bool]:
     return lambda value: isinstance(value, str) and pattern.match(value) is not None
 
@@ -317,8 +342,22 @@ _MESSAGES: dict[str, dict[str, Callable[[Any], bool]]] = {
     },
     "chal": {"ns": _matches(_NONCE_HEX), "lp": _matches(_MAC_HEX)},
     "resp": {"ap": _matches(_MAC_HEX)},
+    "decl": {"reason": _matches(_REASON), "mac": _matches(_MAC_HEX)},
     "ok": {"mac": _matches(_MAC_HEX)},
     "no": {"ref": _matches(_REF)},
+    "hb": {"seq": lambda v: _is_seq(v), "mac": _matches(_MAC_HEX)},
+    "out": {
+        "seq": lambda v: _is_seq(v),
+        "data": lambda v: (
+            isinstance(v, str) and len(v) <= 4 * OUT_CHUNK // 3 + 4 and bool(_B64.match(v))
+        ),
+        "mac": _matches(_MAC_HEX),
+    },
+    "exit": {
+        "seq": lambda v: _is_seq(v),
+        "status": lambda v: type(v) is int and -255 <= v <= 255,
+        "mac": _matches(_MAC_HEX),
+    },
 }
 
 
@@ -378,6 +417,22 @@ def make_chal(ns: bytes, lp: bytes) -> dict[str, Any]:
 
 def make_resp(ap: bytes) -> dict[str, Any]:
     return {"t": "resp", "ap": ap.hex()}
+
+
+def make_decl(k_a: bytes, t: bytes, ns: bytes, nl: bytes, lp: bytes, reason: str) -> dict[str, Any]:
+    """A proven decline; ``reason`` is cut to 200 printable ASCII characters."""
+    text = "".join(c if " " <= c <= "~" else "?" for c in reason)[:200] or "declined"
+    return {"t": "decl", "reason": text, "mac": decline_mac(k_a, t, ns, nl, lp, text).hex()}
+
+
+def decline_mac(k_a: bytes, t: bytes, ns: bytes, nl: bytes, lp: bytes, reason: str) -> bytes:
+    return _mac(k_a, b"decl", t, ns, nl, lp, reason.encode("ascii"))
+
+
+def verify_decline(
+    k_a: bytes, t: bytes, ns: bytes, nl: bytes, lp: bytes, reason: str, mac: bytes
+) -> bool:
+    return hmac.compare_digest(decline_mac(k_a, t, ns, nl, lp, reason), mac)
 
 
 def make_ok(mac: bytes) -> dict[str, Any]:
@@ -440,6 +495,68 @@ def verify_ok_mac(k_l: bytes, t: bytes, ns: bytes, nl: bytes, ap: bytes, mac: by
     return hmac.compare_digest(ok_mac(k_l, t, ns, nl, ap), mac)
 
 
+# ---- a job's frames after ok ----
+
+#: seconds between the listener's heartbeats to a job, and the silence after which the agent
+#: takes the launcher for gone and kills the job
+JOB_HEARTBEAT = 1.0
+JOB_SILENCE = 5.0
+#: raw output bytes per ``out`` frame, and in all (the tail of the job's output)
+OUT_CHUNK = 2048
+OUT_TAIL = 16384
+
+
+@dataclass(frozen=True)
+class Session:
+    """What both sides of a verified handshake share: the MAC keys and the session binding."""
+
+    k_l: bytes = field(repr=False)
+    k_a: bytes = field(repr=False)
+    binding: bytes = field(repr=False)  # T || ns || nl || ap
+
+    @classmethod
+    def of(cls, keys: tuple[bytes, bytes], t: bytes, ns: bytes, nl: bytes, ap: bytes) -> Session:
+        """From (K_L, K_A) and the handshake's transcript, nonces and agent proof."""
+        return cls(keys[0], keys[1], t + ns + nl + ap)
+
+    def mac(self, key: bytes, kind: str, seq: int, payload: bytes) -> str:
+        return _mac(
+            key, b"job", self.binding, kind.encode("ascii"), _HEADER.pack(seq), payload
+        ).hex()
+
+    def verify(self, key: bytes, msg: Mapping[str, Any], payload: bytes) -> bool:
+        expected = self.mac(key, msg["t"], msg["seq"], payload)
+        return hmac.compare_digest(expected, msg["mac"])
+
+
+def make_hb(session: Session, seq: int) -> dict[str, Any]:
+    return {"t": "hb", "seq": seq, "mac": session.mac(session.k_l, "hb", seq, b"")}
+
+
+def make_out(session: Session, seq: int, data: bytes) -> dict[str, Any]:
+    text = base64.b64encode(data).decode("ascii")
+    return {"t": "out", "seq": seq, "data": text, "mac": session.mac(session.k_a, "out", seq, data)}
+
+
+def make_exit(session: Session, seq: int, status: int) -> dict[str, Any]:
+    payload = str(status).encode("ascii")
+    return {
+        "t": "exit",
+        "seq": seq,
+        "status": status,
+        "mac": session.mac(session.k_a, "exit", seq, payload),
+    }
+
+
+def job_payload(msg: Mapping[str, Any]) -> bytes:
+    """The bytes a checked hb/out/exit message's MAC covers."""
+    if msg["t"] == "out":
+        return base64.b64decode(msg["data"])
+    if msg["t"] == "exit":
+        return str(msg["status"]).encode("ascii")
+    return b""
+
+
 # ---- the launch message ----
 
 #: keys of the ``ready`` probe dict (model.Ready's fields, less the timeout in deadline_s)
@@ -463,6 +580,9 @@ _LAUNCH_KEYS = (
     "log",
     "tags",
 )
+#: launch keys an older launcher may leave out; their defaults are Launch's
+_OPTIONAL_LAUNCH_KEYS = ("replace", "restart", "files", "when")
+RESTART_POLICIES = ("no", "on-failure", "always")
 
 
 @dataclass(frozen=True)
@@ -497,6 +617,12 @@ class Launch:
     kind: str
     log: str
     tags: tuple[tuple[str, str], ...]
+    replace: bool = False  # stop a running instance of the triple first, else refuse
+    restart: str = "no"  # the supervisor's policy when the program ends: RESTART_POLICIES
+    #: (dest, sha256 hex, mode): files the launcher put under REX_HOME/files/<log>/
+    files: tuple[tuple[str, str, int], ...] = ()
+    #: preconditions: ("max_load", 1-minute load average) and ("min_free_mb", MemAvailable)
+    when: tuple[tuple[str, float], ...] = ()
 
     def deadline(self, name: str) -> float:
         return dict(self.deadlines)[name]
@@ -518,6 +644,10 @@ def make_launch(
     kind: str = "service",
     log: str,
     tags: Mapping[str, str] | None = None,
+    replace: bool = False,
+    restart: str = "no",
+    files: Sequence[tuple[str, str, int]] = (),
+    when: Mapping[str, float] | None = None,
 ) -> bytes:
     """The launch message as one JSON line (newline-terminated); raises LaunchError.
 
@@ -544,6 +674,10 @@ def make_launch(
         "kind": kind,
         "log": log,
         "tags": dict(tags or {}),
+        "replace": replace,
+        "restart": restart,
+        "files": [list(f) for f in files],
+        "when": dict(when or {}),
     }
     try:
         line = _dumps(msg) + b"\n"
@@ -623,6 +757,35 @@ def _probe(value: Any) -> Probe:
     )
 
 
+_SHA_HEX = re.compile(r"^[0-9a-f]{64}\Z")
+
+
+def safe_relpath(path: str) -> bool:
+    """A relative path that stays inside its directory: no '/', '.', '..' or empty parts."""
+    parts = path.split("/")
+    return "\0" not in path and all(p not in ("", ".", "..") for p in parts) and len(path) < 1024
+
+
+def _files(value: Any) -> tuple[tuple[str, str, int], ...]:
+    if not isinstance(value, list) or len(value) > 1000:
+        raise LaunchError("files must be a list of [dest, sha256, mode]")
+    out = []
+    for item in value:
+        if (
+            not isinstance(item, list)
+            or len(item) != 3
+            or not isinstance(item[0], str)
+            or not safe_relpath(item[0])
+            or not isinstance(item[1], str)
+            or not _SHA_HEX.match(item[1])
+            or type(item[2]) is not int
+            or not 0 <= item[2] <= 0o7777
+        ):
+            raise LaunchError("files must be [relative dest, sha256 hex, mode] entries")
+        out.append((item[0], item[1], item[2]))
+    return tuple(out)
+
+
 def parse_launch(line: bytes) -> Launch:
     """Parse and validate one launch line; raises LaunchError naming the first problem."""
     if len(line) > MAX_LAUNCH:
@@ -633,8 +796,14 @@ def parse_launch(line: bytes) -> Launch:
         raise LaunchError(f"launch message is not a strict JSON object: {exc}") from None
     if msg.get("v") != VERSION:
         raise LaunchError(f"launch message is not {VERSION}")
-    if len(msg) != len(_LAUNCH_KEYS) or any(name not in msg for name in _LAUNCH_KEYS):
-        raise LaunchError(f"launch message needs exactly the keys {', '.join(_LAUNCH_KEYS)}")
+    if any(name not in msg for name in _LAUNCH_KEYS) or not set(msg) <= {
+        *_LAUNCH_KEYS,
+        *_OPTIONAL_LAUNCH_KEYS,
+    }:
+        raise LaunchError(
+            f"launch message needs exactly the keys {', '.join(_LAUNCH_KEYS)} "
+            f"(optional: {', '.join(_OPTIONAL_LAUNCH_KEYS)})"
+        )
     for name, pattern in (
         ("run", RUN_RE),
         ("step", STEP_RE),
@@ -664,6 +833,19 @@ def parse_launch(line: bytes) -> Launch:
     cwd = msg["cwd"]
     if msg["kind"] not in ("service", "job"):
         raise LaunchError("kind must be service or job")
+    replace = msg.get("replace", False)
+    if type(replace) is not bool:
+        raise LaunchError("replace must be true or false")
+    restart = msg.get("restart", "no")
+    if restart not in RESTART_POLICIES:
+        raise LaunchError(f"restart must be one of {', '.join(RESTART_POLICIES)}")
+    when = msg.get("when", {})
+    if (
+        not isinstance(when, dict)
+        or not set(when) <= {"max_load", "min_free_mb"}
+        or not all(type(v) in (int, float) and 0 <= v < 1e300 for v in when.values())
+    ):
+        raise LaunchError("when takes max_load and min_free_mb, non-negative numbers")
     return Launch(
         run=msg["run"],
         step=msg["step"],
@@ -679,12 +861,17 @@ def parse_launch(line: bytes) -> Launch:
         kind=msg["kind"],
         log=msg["log"],
         tags=_pairs(msg["tags"], "tags", _TAG_NAME),
+        replace=replace,
+        restart=restart,
+        files=_files(msg.get("files", [])),
+        when=tuple(sorted((k, float(v)) for k, v in when.items())),
     )
 
 
 def spec_digest(launch: Launch) -> str:
-    """sha256 of what the program is (argv, env, cwd, probe, kind), for change detection."""
-    spec = {
+    """sha256 of what the program is (argv, env, cwd, probe, kind, restart, files' content and
+    modes), for change detection; ``replace``, ``when`` and the run's identity are not."""
+    spec: dict[str, Any] = {
         "argv": list(launch.argv),
         "env": dict(launch.env),
         "cwd": launch.cwd,
@@ -692,4 +879,8 @@ def spec_digest(launch: Launch) -> str:
         "probe_argv": list(launch.ready.argv),
         "kind": launch.kind,
     }
+    if launch.restart != "no":
+        spec["restart"] = launch.restart
+    if launch.files:
+        spec["files"] = [list(f) for f in launch.files]
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode("ascii")).hexdigest()

@@ -256,7 +256,8 @@ def test_equality_scan_catches_a_mac_compare() -> None:
 
 def test_protocol_verifies_with_compare_digest_only() -> None:
     source = (PACKAGE / "protocol.py").read_text()
-    assert source.count("hmac.compare_digest(") == 3
+    # launcher proof, agent proof, ok verdict, a decline, and the job frames after ok
+    assert source.count("hmac.compare_digest(") == 5
 
 
 @pytest.mark.parametrize("name", ["protocol.py", "remote/agent.py"])

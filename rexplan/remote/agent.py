@@ -12,14 +12,39 @@ stdio on /dev/null, its own errors into the program log), starts the program in 
 its own (pgid = pid), probes it, runs the handshake, and reports to the front over a pipe. The
 front prints one JSON line on stdout (``{"ok": true, "pid", "pgid", "agent"}`` or ``{"ok":
 false, "exit", "reason"[, "status"][, "pid"]}``; diagnostic only: the launcher trusts only the
-callback) and exits, so the SSH command ends while the supervisor stays the program's parent:
-it records REX_HOME/run/<program>.json (pid, pgid, start time, spec digest, state, status).
+callback) and exits, so the SSH command ends while the supervisor stays the program's parent.
+
+Supervision. The supervisor holds an exclusive flock on REX_HOME/run/<program>.lock for its
+whole life (taken by the front before anything starts), so a triple runs at most once per
+REX_HOME: a second launch fails ``already_running`` unless it asks to ``replace`` the running
+one, which is then stopped first. It records REX_HOME/run/<program>.json, replaced atomically
+at each change: run, step, triple, spec digest, restart policy, the supervisor's pid and start
+time, the program's pid, pgid, start time (clock ticks since boot, so a reused pid is never
+mistaken for the program) and wall-clock start, state (running, restarting, exited, stopped,
+failed), last exit status and restart count. ``restart: on-failure|always`` restarts the
+program after RESTART_FIRST seconds, doubling up to RESTART_CAP, and gives up after
+RESTART_LIMIT restarts in a row (a run of RESTART_RESET seconds resets both). SIGTERM or
+SIGINT to the supervisor stops the program (TERM to its group, the stop grace, KILL, then every
+process still carrying its REX_TRIPLE tag, which children inherit even when they leave the
+group) and records ``stopped``; it is never restarted after that.
+
+Other modes: ``--status`` prints every record with liveness checked by pid + start time;
+``--stop PROGRAM [GRACE [force]]`` stops a program through its supervisor (or directly if the
+supervisor is gone), ``force`` SIGKILLs supervisor, group and tagged processes at once;
+``--kill RUN STEP [GRACE]`` ends what one run started for one step.
 
 Exit codes of the front: 0 verified (ok), 10 key missing or insecure, 11 program could not be
 started, 12 program exited before it was verified, 13 not ready by the ready deadline, 14 no
 verdict by the callback deadline (launcher unreachable or silent), 15 rejected (``no``, or a
 listener that could not prove it holds the key: no response is sent to it), 16 bad launch
-message, 17 the supervisor died or failed; 128+N: the front got signal N.
+message, 17 the supervisor died or failed, 18 the triple is already running here (and the
+launch did not ask to replace it), 19 the host declined: a ``when`` precondition failed, and
+the agent proved the decline to the listener (protocol ``decl``); 128+N: the front got
+signal N.
+
+Files. The launcher uploads a program's ``files`` to REX_HOME/files/<program>/ before the
+launch; the agent starts nothing unless each has the sha256 the launch names (they are part
+of the spec digest). Without a ``cwd`` such a program starts in that directory.
 
 Nothing is left behind on failure: before ``ok`` any failure, deadline or SIGTERM/SIGHUP/SIGINT
 (to the front or the supervisor) kills the program's whole group (TERM, the launch's stop grace,
@@ -33,6 +58,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import json
 import os
 import select
@@ -44,6 +70,7 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Iterator
 from typing import Any
 
 from rexplan import protocol
@@ -57,6 +84,13 @@ EXIT_NO_CALLBACK = 14
 EXIT_REJECTED = 15
 EXIT_BAD_LAUNCH = 16
 EXIT_AGENT = 17
+EXIT_RUNNING = 18
+EXIT_DECLINED = 19
+
+RESTART_FIRST = 0.5  # seconds before the first restart; doubles for each restart in a row
+RESTART_CAP = 30.0
+RESTART_LIMIT = 10  # restarts in a row before the supervisor gives up
+RESTART_RESET = 60.0  # a run this long counts as healthy: backoff and count start over
 
 _POLL = 0.02  # seconds between checks while waiting for a process group to die
 _Timeout = socket.timeout  # not TimeoutError: they are one class only from Python 3.10 on
@@ -231,6 +265,92 @@ def start_time(pid: int) -> str:
         return "0"
 
 
+def _stat_fields(pid: int) -> list[bytes]:
+    """/proc/PID/stat after the command name (state first); [] for a vanished process."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()
+    except (OSError, IndexError):
+        return []
+
+
+def _alive(pid: int) -> bool:
+    fields = _stat_fields(pid)
+    return bool(fields) and fields[0] != b"Z"
+
+
+def _pid(value: Any) -> int:
+    """A pid from a record; 0 (no process) for anything else."""
+    return value if type(value) is int and value > 1 else 0
+
+
+def same_process(pid: Any, start: Any) -> bool:
+    """Whether ``pid`` is still the live process that started at ``start`` (clock ticks since
+    boot): a bare pid may have been reused by another process since."""
+    if type(pid) is not int or pid <= 1 or not isinstance(start, str):
+        return False
+    fields = _stat_fields(pid)
+    return len(fields) > 19 and fields[0] != b"Z" and fields[19].decode("ascii") == start
+
+
+def _tagged(triple: str) -> list[int]:
+    """This user's live processes whose environment holds REX_TRIPLE=<triple>: the program and
+    its descendants, also those that left its process group (they inherit the tag)."""
+    tag = f"REX_TRIPLE={triple}".encode()
+    me, uid = os.getpid(), os.getuid()
+    found = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) == me:
+            continue
+        try:
+            if os.stat(f"/proc/{name}").st_uid != uid:
+                continue
+            with open(f"/proc/{name}/environ", "rb") as f:
+                env = f.read().split(b"\0")
+        except OSError:
+            continue
+        if tag in env and _alive(int(name)):
+            found.append(int(name))
+    return sorted(found)
+
+
+def _signal_all(pids: list[int], sig: int) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, sig)
+
+
+def _wait_gone(pids: list[int], within: float) -> None:
+    end = time.monotonic() + within
+    while any(_alive(p) for p in pids) and time.monotonic() < end:
+        time.sleep(_POLL)
+
+
+def sweep(triple: str, grace: float, force: bool = False) -> list[int]:
+    """End every process tagged with ``triple``: TERM, up to ``grace`` seconds, KILL (``force``:
+    KILL at once). Before the KILL the set is frozen with SIGSTOP and listed again until no new
+    process appears, so nothing forks its way out between the listing and the kill."""
+    if not protocol.TRIPLE_RE.match(triple):
+        return []
+    seen: set[int] = set()
+    if not force:
+        pids = _tagged(triple)
+        seen.update(pids)
+        _signal_all(pids, signal.SIGTERM)
+        _wait_gone(pids, grace)
+    for _ in range(20):
+        pids = _tagged(triple)
+        if not pids:
+            break
+        seen.update(pids)
+        _signal_all(pids, signal.SIGSTOP)
+        if set(_tagged(triple)) - set(pids):
+            continue  # a child forked meanwhile: freeze it too before anything is killed
+        _signal_all(pids, signal.SIGKILL)
+        _wait_gone(pids, 2.0)
+    return sorted(seen)
+
+
 # ---- readiness ----
 
 
@@ -369,9 +489,28 @@ def _send(sock: socket.socket, frame: bytes, deadline: float) -> None:
     sock.sendall(frame)
 
 
+class _Link:
+    """A job's connection to the launcher after ``ok``, and the session its frames are MAC'd
+    with."""
+
+    def __init__(
+        self, sock: socket.socket, reader: protocol.FrameReader, session: protocol.Session
+    ) -> None:
+        self.sock = sock
+        self.reader = reader
+        self.session = session
+
+
 def _handshake(
-    launch: protocol.Launch, secret: bytes, pid: int, start: str, deadline: float
-) -> None:
+    launch: protocol.Launch,
+    secret: bytes,
+    pid: int,
+    start: str,
+    deadline: float,
+    decline: str | None = None,
+) -> _Link | None:
+    """One handshake; a job keeps its verified connection (the _Link), a service closes it.
+    With ``decline`` the agent proves that reason instead of its ``resp``."""
     k_l, k_a = protocol.direction_keys(secret)
     remaining = deadline - time.monotonic()
     try:
@@ -380,7 +519,7 @@ def _handshake(
         raise  # the deadline: handled by call_back, not retried
     except OSError:
         raise _Retry() from None
-    with sock:
+    try:
         hello = protocol.make_hello(
             run=launch.run,
             step=launch.step,
@@ -405,6 +544,16 @@ def _handshake(
         ns, lp = bytes.fromhex(chal["ns"]), bytes.fromhex(chal["lp"])
         if not protocol.verify_launcher_proof(k_l, t, ns, launch.nl, lp):
             raise Failure(EXIT_REJECTED, "the listener could not prove it holds the key")
+        if decline is not None:
+            decl = protocol.make_decl(k_a, t, ns, launch.nl, lp, decline)
+            with contextlib.suppress(OSError, EOFError, _Timeout):
+                _send(sock, protocol.encode_frame(decl), deadline)
+                # the listener decides and closes: wait for it, so no reset loses the frame
+                sock.settimeout(max(0.001, deadline - time.monotonic()))
+                while sock.recv(64):
+                    pass
+            sock.close()
+            return None
         ap = protocol.agent_proof(k_a, t, ns, launch.nl, lp)
         try:
             _send(sock, protocol.encode_frame(protocol.make_resp(ap)), deadline)
@@ -419,6 +568,13 @@ def _handshake(
             raise Failure(EXIT_REJECTED, f"launcher refused the callback (ref {verdict['ref']})")
         if not protocol.verify_ok_mac(k_l, t, ns, launch.nl, ap, bytes.fromhex(verdict["mac"])):
             raise Failure(EXIT_REJECTED, "the verdict is not authenticated")
+    except BaseException:
+        sock.close()
+        raise
+    if launch.kind != "job":
+        sock.close()
+        return None
+    return _Link(sock, reader, protocol.Session.of((k_l, k_a), t, ns, launch.nl, ap))
 
 
 def call_back(
@@ -427,15 +583,36 @@ def call_back(
     proc: subprocess.Popen[bytes],
     start: str,
     deadline: float,
-) -> None:
-    """Run the handshake until ``ok``; dials again while the listener refuses or resets."""
+) -> _Link | None:
+    """Run the handshake until ``ok``; dials again while the listener refuses or resets. A
+    service that exits meanwhile fails; a job may end before its callback, and reports it."""
     where = f"{launch.callback[0]}:{launch.callback[1]}"
     delay = 0.05
     while True:
-        if proc.poll() is not None:
+        if launch.kind != "job" and proc.poll() is not None:
             raise _exited(proc)
         try:
-            _handshake(launch, secret, proc.pid, start, deadline)
+            return _handshake(launch, secret, proc.pid, start, deadline)
+        except _Timeout:
+            raise Failure(EXIT_NO_CALLBACK, f"no verdict from {where} by the deadline") from None
+        except protocol.FrameError as exc:
+            raise Failure(EXIT_REJECTED, f"the listener broke {protocol.VERSION}: {exc}") from None
+        except _Retry:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise Failure(EXIT_NO_CALLBACK, f"cannot reach {where}") from None
+            time.sleep(min(delay, remaining))
+            delay = min(delay * 2, 0.5)
+
+
+def decline_back(launch: protocol.Launch, secret: bytes, reason: str, deadline: float) -> None:
+    """Prove to the listener that this host declines the launch (nothing was started)."""
+    where = f"{launch.callback[0]}:{launch.callback[1]}"
+    pid = os.getpid()
+    delay = 0.05
+    while True:
+        try:
+            _handshake(launch, secret, pid, start_time(pid), deadline, decline=reason)
             return
         except _Timeout:
             raise Failure(EXIT_NO_CALLBACK, f"no verdict from {where} by the deadline") from None
@@ -449,39 +626,260 @@ def call_back(
             delay = min(delay * 2, 0.5)
 
 
+# ---- preconditions and files ----
+
+
+def _free_mb() -> int | None:
+    try:
+        with open("/proc/meminfo", "rb") as f:
+            for line in f:
+                if line.startswith(b"MemAvailable:"):
+                    return int(line.split()[1]) // 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _declines(launch: protocol.Launch) -> str | None:
+    """Why this host will not run the launch now (its ``when``), or None."""
+    when = dict(launch.when)
+    if "max_load" in when:
+        load = os.getloadavg()[0]
+        if load > when["max_load"]:
+            return f"load average {load:.2f} is above max_load {when['max_load']:g}"
+    if "min_free_mb" in when:
+        free = _free_mb()
+        if free is not None and free < when["min_free_mb"]:
+            return f"{free} MB available is below min_free_mb {int(when['min_free_mb'])}"
+    return None
+
+
+def files_dir(home: str, name: str) -> str:
+    return os.path.join(home, "files", name)
+
+
+def _workdir(launch: protocol.Launch) -> str | None:
+    """The program's working directory: its cwd, else the directory of its files, if any."""
+    if launch.cwd is not None or not launch.files:
+        return launch.cwd
+    return files_dir(rex_home(), launch.log)
+
+
+def _sha256(path: str) -> str | None:
+    """sha256 hex of a regular file (not followed if a symlink); None if there is none."""
+    import hashlib  # only programs with files pay for it
+
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        digest = hashlib.sha256()
+        for block in iter(lambda: os.read(fd, 1 << 16), b""):
+            digest.update(block)
+        return digest.hexdigest()
+    finally:
+        os.close(fd)
+
+
+def _check_files(home: str, launch: protocol.Launch) -> None:
+    base = files_dir(home, launch.log)
+    for dest, sha, _mode in launch.files:
+        if _sha256(os.path.join(base, dest)) != sha:
+            raise Failure(EXIT_START, f"file {dest} is missing or not the declared content")
+
+
+def file_hashes(home: str, name: str) -> dict[str, str]:
+    """{relative path: sha256} of the regular files under REX_HOME/files/<name>/."""
+    base = files_dir(home, name)
+    out: dict[str, str] = {}
+    for directory, dirs, names in os.walk(base):
+        dirs.sort()
+        for entry in sorted(names):
+            path = os.path.join(directory, entry)
+            sha = _sha256(path)
+            uploading = entry.startswith(".") and ".rex-" in entry and entry.endswith(".tmp")
+            if sha is not None and not uploading:
+                out[os.path.relpath(path, base)] = sha
+    return out
+
+
 # ---- the supervisor ----
 
 
-def _write_state(home: str, launch: protocol.Launch, **fields: Any) -> None:
-    """Atomically replace REX_HOME/run/<program>.json; a failure only goes to the log, since
-    the state is a record and must not cost a verified program its life."""
-    try:
-        _replace_state(home, launch, fields)
-    except OSError:
-        traceback.print_exc()
-
-
-def _replace_state(home: str, launch: protocol.Launch, fields: dict[str, Any]) -> None:
+def _run_dir(home: str) -> str:
     run = os.path.join(home, "run")
     os.makedirs(run, mode=0o700, exist_ok=True)
-    state = {
+    return run
+
+
+def _store(home: str, name: str, record: dict[str, Any]) -> None:
+    """Atomically replace REX_HOME/run/<name>.json (temp file in the same directory, rename)."""
+    run = _run_dir(home)
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=run)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(record, f, sort_keys=True)
+        os.replace(tmp, os.path.join(run, f"{name}.json"))
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def read_state(home: str, name: str) -> dict[str, Any] | None:
+    """The record REX_HOME/run/<name>.json; None when there is none or it is unreadable."""
+    try:
+        with open(os.path.join(home, "run", f"{name}.json"), "rb") as f:
+            data = json.loads(f.read(1 << 20))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _write_state(home: str, launch: protocol.Launch, **fields: Any) -> None:
+    """Record the program's state; a failure only goes to the log, since the state is a
+    record and must not cost a verified program its life."""
+    record = {
         "run": launch.run,
         "step": launch.step,
         "triple": launch.triple,
         "kind": launch.kind,
         "spec": protocol.spec_digest(launch),
+        "restart": launch.restart,
+        "stop_timeout": launch.deadline("stop"),
         "agent": os.getpid(),
+        "agent_start": start_time(os.getpid()),
         "updated": time.time(),
     }
-    state.update(fields)
-    fd, tmp = tempfile.mkstemp(prefix=f".{launch.log}.", dir=run)
+    record.update(fields)
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(state, f, sort_keys=True)
-        os.replace(tmp, os.path.join(run, f"{launch.log}.json"))
-    except BaseException:
-        os.unlink(tmp)
-        raise
+        _store(home, launch.log, record)
+    except OSError:
+        traceback.print_exc()
+
+
+def _lock(home: str, name: str, wait: float = 0.0) -> int | None:
+    """An fd holding the exclusive flock on REX_HOME/run/<name>.lock, or None when another
+    process still holds it after ``wait`` seconds. The kernel drops it when its holder dies."""
+    path = os.path.join(_run_dir(home), f"{name}.lock")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    end = time.monotonic() + wait
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd
+        except BlockingIOError:
+            if time.monotonic() >= end:
+                os.close(fd)
+                return None
+            time.sleep(_POLL)
+        except OSError:
+            os.close(fd)
+            raise
+
+
+def _describe(record: dict[str, Any] | None) -> str:
+    if record is None:
+        return "another launch holds its lock"
+    return f"pid {record.get('pid')}, run {record.get('run')}, state {record.get('state')}"
+
+
+def _claim(home: str, launch: protocol.Launch) -> int:
+    """The lock fd this launch's supervisor will hold; stops the running instance first when
+    the launch asks to replace it, else refuses with EXIT_RUNNING."""
+    name = launch.log
+    try:
+        fd = _lock(home, name)
+        record = read_state(home, name)
+        # a program whose supervisor was killed still runs: the lock alone does not tell
+        if fd is not None and not (
+            record is not None and same_process(record.get("pid"), record.get("start"))
+        ):
+            return fd
+        if fd is not None:
+            os.close(fd)
+        if not launch.replace:
+            raise Failure(EXIT_RUNNING, f"{launch.triple} is already running ({_describe(record)})")
+        stop_program(home, name, launch.deadline("stop"))
+        fd = _lock(home, name, wait=2.0)
+    except OSError as exc:
+        raise Failure(EXIT_START, f"cannot lock the program's state: {exc.strerror}") from None
+    if fd is None:
+        raise Failure(EXIT_RUNNING, f"{launch.triple} is still running after it was stopped")
+    return fd
+
+
+def stop_program(home: str, name: str, grace: float, force: bool = False) -> dict[str, Any]:
+    """``--stop NAME``: end program NAME of this REX_HOME and keep it ended.
+
+    Its supervisor is told first (SIGTERM: it stops the group, TERM then KILL after the grace,
+    and records ``stopped`` instead of restarting); a program whose supervisor is gone is
+    stopped here. ``force`` SIGKILLs the supervisor, the group and every tagged process at once.
+    Either way no process tagged with the program's triple is left.
+    """
+    record = read_state(home, name)
+    if record is None:
+        return {"ok": True, "program": name, "was": "absent", "killed": []}
+    agent, agent_start = _pid(record.get("agent")), record.get("agent_start")
+    pid, start = _pid(record.get("pid")), record.get("start")
+    recorded = record.get("stop_timeout")
+    within = max(grace, recorded if isinstance(recorded, (int, float)) else 0.0) + 3.0
+    killed: list[int] = []
+    if same_process(agent, agent_start):
+        # the supervisor first, so that it cannot restart what is being stopped
+        _signal_all([agent], signal.SIGKILL if force else signal.SIGTERM)
+        end = time.monotonic() + within
+        while same_process(agent, agent_start) and time.monotonic() < end:
+            time.sleep(_POLL)
+        if same_process(agent, agent_start):
+            _signal_all([agent], signal.SIGKILL)
+    if same_process(pid, start) and pid != os.getpgrp():
+        killed.append(pid)
+        if force:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGKILL)
+        else:
+            kill_group(pid, grace)
+    killed += sweep(str(record.get("triple", "")), grace, force)
+    fd = _lock(home, name)
+    if fd is not None:  # else a new launch holds it: its record is not ours to touch
+        try:
+            current = read_state(home, name)
+            if current is not None and current.get("state") != "stopped":
+                current.update(state="stopped", updated=time.time())
+                _store(home, name, current)
+        finally:
+            os.close(fd)
+    return {"ok": True, "program": name, "was": record.get("state"), "killed": sorted(set(killed))}
+
+
+def status_report(home: str) -> dict[str, Any]:
+    """``--status``: every record under REX_HOME/run, with ``alive`` (the program) and
+    ``supervised`` (its supervisor) checked by pid + start time, and ``uptime``."""
+    now = time.time()
+    try:
+        entries = sorted(os.listdir(os.path.join(home, "run")))
+    except OSError:
+        entries = []
+    programs = []
+    for entry in entries:
+        name = entry[: -len(".json")]
+        if entry.startswith(".") or not entry.endswith(".json") or not name:
+            continue
+        record = read_state(home, name)
+        if record is None:
+            continue
+        record["name"] = name
+        record["alive"] = same_process(record.get("pid"), record.get("start"))
+        record["supervised"] = same_process(record.get("agent"), record.get("agent_start"))
+        record["files"] = file_hashes(home, name)
+        started = record.get("started")
+        if record["alive"] and isinstance(started, (int, float)):
+            record["uptime"] = round(max(0.0, now - started), 3)
+        programs.append(record)
+    return {"ok": True, "now": now, "programs": programs}
 
 
 def _program_env(launch: protocol.Launch, notify: str | None) -> dict[str, str]:
@@ -502,15 +900,19 @@ def _report(fd: int, obj: dict[str, Any]) -> None:
         pass  # the front is gone; the outcome stands without it
 
 
-def _spawn(launch: protocol.Launch, log_fd: int, env: dict[str, str]) -> subprocess.Popen[bytes]:
-    os.write(log_fd, f"--- rex: run {launch.run} step {launch.step} starting\n".encode())
+def _spawn(
+    launch: protocol.Launch, log_fd: int, env: dict[str, str], restart: int = 0
+) -> subprocess.Popen[bytes]:
+    what = f"restart {restart}" if restart else "starting"
+    os.write(log_fd, f"--- rex: run {launch.run} step {launch.step} {what}\n".encode())
+    _Output.start = os.lseek(log_fd, 0, os.SEEK_END)
     try:
         return subprocess.Popen(
             list(launch.argv),
             stdin=subprocess.DEVNULL,
             stdout=log_fd,
             stderr=log_fd,
-            cwd=launch.cwd,
+            cwd=_workdir(launch),
             env=env,
             start_new_session=True,
             close_fds=True,
@@ -526,27 +928,44 @@ def _supervise(launch: protocol.Launch, home: str, secret: bytes, log_fd: int, o
     notify: socket.socket | None = None
     notify_path: str | None = None
     try:
+        declined = _declines(launch)
+        if declined is not None:
+            _arm()
+            decline_back(launch, secret, declined, began + launch.deadline("callback"))
+            raise Failure(EXIT_DECLINED, f"declined: {declined}")
+        _check_files(home, launch)
         if launch.ready.kind == "notify":
             notify, notify_path = _notify_socket(home)
         env = _program_env(launch, notify_path)
+        began_wall = time.time()
         proc = _spawn(launch, log_fd, env)
         start = start_time(proc.pid)
         _report(out, {"started": [proc.pid, proc.pid]})
         _arm()
         if time.monotonic() - began > launch.deadline("start"):
             raise Failure(EXIT_START, "program did not start by the start deadline")
-        ready_by = time.monotonic() + launch.deadline("ready")
-        wait_ready(proc, launch.ready, ready_by, launch.cwd, env, notify)
-        call_back(launch, secret, proc, start, time.monotonic() + launch.deadline("callback"))
+        if launch.kind != "job":  # a job is ready once started: it may well end at once
+            ready_by = time.monotonic() + launch.deadline("ready")
+            wait_ready(proc, launch.ready, ready_by, _workdir(launch), env, notify)
+        link = call_back(
+            launch, secret, proc, start, time.monotonic() + launch.deadline("callback")
+        )
     except BaseException as exc:
         _disarm()
         if not isinstance(exc, Failure):
             traceback.print_exc()  # into the program log
         failure = exc if isinstance(exc, Failure) else Failure(EXIT_AGENT, "agent failed")
         result = failure.result()
+        fields: dict[str, Any] = {"state": "failed", "reason": failure.reason, "restarts": 0}
         if proc is not None:
             kill_group(proc.pid, launch.deadline("stop"), proc)
             result["pid"] = proc.pid
+            fields.update(pid=proc.pid, pgid=proc.pid, status=proc.returncode)
+            if failure.code == EXIT_EXITED:
+                fields["state"] = "exited"
+        if failure.code == EXIT_DECLINED:
+            fields["state"] = "declined"
+        _write_state(home, launch, **fields)
         _report(out, result)
         return failure.code
     finally:
@@ -556,31 +975,224 @@ def _supervise(launch: protocol.Launch, home: str, secret: bytes, log_fd: int, o
                 os.unlink(notify_path)
                 os.rmdir(os.path.dirname(notify_path))
     pid = proc.pid
-    _write_state(home, launch, pid=pid, pgid=pid, start=start, state="running", status=None)
+    _write_state(
+        home,
+        launch,
+        pid=pid,
+        pgid=pid,
+        start=start,
+        started=began_wall,
+        state="running",
+        status=None,
+        restarts=0,
+    )
     _report(out, {"ok": True, "pid": pid, "pgid": pid, "agent": os.getpid()})
     os.close(out)
-    return _after_ok(launch, home, proc, start)
+    if link is not None:
+        return _job(launch, home, _Run(proc, start, began_wall), link)
+    env.pop("NOTIFY_SOCKET", None)  # that socket served the first readiness only
+    return _after_ok(launch, home, _Run(proc, start, began_wall), env, log_fd)
 
 
-def _stop(signum: int, frame: object) -> None:
-    raise _Stop()
+class _Output:
+    """Where the latest run's output begins in the program log (after rex's header line)."""
+
+    start = 0
 
 
-def _after_ok(launch: protocol.Launch, home: str, proc: subprocess.Popen[bytes], start: str) -> int:
-    """Stay the program's parent until it ends; SIGTERM/SIGINT stop it, SIGHUP is ignored."""
-    signal.signal(signal.SIGTERM, _stop)
-    signal.signal(signal.SIGINT, _stop)
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    state = "exited"
+def _tail(home: str, launch: protocol.Launch) -> bytes:
+    """The last protocol.OUT_TAIL bytes the job wrote (stdout and stderr, interleaved)."""
+    path = os.path.join(home, "logs", f"{launch.log}.log")
     try:
-        proc.wait()
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return b""
+    try:
+        end = os.fstat(fd).st_size
+        begin = max(_Output.start, end - protocol.OUT_TAIL)
+        return os.pread(fd, max(0, end - begin), begin)
+    finally:
+        os.close(fd)
+
+
+def _heard(link: _Link, seq: int) -> int:
+    """Take the launcher's pending heartbeats; the last seq, or raise: closed (EOFError),
+    forged or out of sequence (FrameError), or a broken connection (OSError)."""
+    data = link.sock.recv(link.reader.wanted())
+    if not data:
+        raise EOFError()
+    for msg in link.reader.feed(data):
+        beat = protocol.check_message(msg, "hb")
+        if beat["seq"] != seq + 1 or not link.session.verify(link.session.k_l, beat, b""):
+            raise protocol.FrameError(protocol.BAD_PROOF, "heartbeat forged or out of sequence")
+        seq = beat["seq"]
+    return seq
+
+
+def _job(launch: protocol.Launch, home: str, run: _Run, link: _Link) -> int:
+    """Keep the launcher's connection while the job runs; then send the tail of its output
+    and its exit status. The job is killed when the launcher goes: the connection ends or
+    fails, a heartbeat does not verify, or none came for protocol.JOB_SILENCE seconds.
+    SIGTERM/SIGINT to the supervisor stop it too."""
+    signal.signal(signal.SIGTERM, _on_stop)
+    signal.signal(signal.SIGINT, _on_stop)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    grace = launch.deadline("stop")
+    heard = time.monotonic()
+    seq = 0
+    why = ""
+    try:
+        while run.proc.poll() is None:
+            if time.monotonic() - heard > protocol.JOB_SILENCE:
+                why = "no heartbeat from the launcher"
+                break
+            with _stoppable():
+                readable = select.select([link.sock], [], [], 0.05)[0]
+            if readable:
+                try:
+                    seq = _heard(link, seq)
+                except EOFError:
+                    why = "the launcher closed the connection"
+                    break
+                except (OSError, protocol.FrameError) as exc:
+                    why = f"the launcher's connection failed: {exc}"
+                    break
+                heard = time.monotonic()
     except _Stop:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        state = "stopped"
-        kill_group(proc.pid, launch.deadline("stop"), proc)
-        proc.wait()
-    status = proc.returncode
-    _write_state(home, launch, pid=proc.pid, pgid=proc.pid, start=start, state=state, status=status)
+        why = "stopped"
+    if why:
+        link.sock.close()
+        kill_group(run.proc.pid, grace, run.proc)
+        run.proc.wait()
+        sweep(launch.triple, grace)
+        state = "stopped" if why == "stopped" else "failed"
+        fields = run.fields(state=state, status=run.proc.returncode, reason=why, restarts=0)
+        _write_state(home, launch, **fields)
+        return 0
+    status = run.proc.returncode
+    _write_state(home, launch, **run.fields(state="exited", status=status, restarts=0))
+    _finish_job(link, _tail(home, launch), status)
+    return 0
+
+
+def _finish_job(link: _Link, output: bytes, status: int) -> None:
+    """Send the output's tail and the exit status, then wait (briefly) for the launcher to
+    close first: closing with its heartbeats unread would reset the connection and could
+    lose the last frames."""
+    frames = [
+        protocol.make_out(link.session, i + 1, output[k : k + protocol.OUT_CHUNK])
+        for i, k in enumerate(range(0, len(output), protocol.OUT_CHUNK))
+    ]
+    frames.append(protocol.make_exit(link.session, len(frames) + 1, status))
+    try:
+        link.sock.settimeout(protocol.JOB_SILENCE)
+        for frame in frames:
+            link.sock.sendall(protocol.encode_frame(frame))
+        link.sock.shutdown(socket.SHUT_WR)
+        while link.sock.recv(4096):
+            pass
+    except OSError:
+        pass  # the launcher went away: the record still holds the status
+    finally:
+        link.sock.close()
+
+
+class _Stopping:
+    """A stop request (SIGTERM/SIGINT) after ``ok``: raised as _Stop only while armed, at
+    points where unwinding is safe (waiting, sleeping), remembered otherwise."""
+
+    requested = False
+    armed = False
+
+
+def _on_stop(signum: int, frame: object) -> None:
+    _Stopping.requested = True
+    if _Stopping.armed:
+        _Stopping.armed = False
+        raise _Stop()
+
+
+@contextlib.contextmanager
+def _stoppable() -> Iterator[None]:
+    if _Stopping.requested:
+        raise _Stop()
+    _Stopping.armed = True
+    try:
+        yield
+    finally:
+        _Stopping.armed = False
+
+
+class _Run:
+    """One run of the program under the supervisor."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], start: str, started: float) -> None:
+        self.proc = proc
+        self.start = start
+        self.started = started
+        self.began = time.monotonic()
+
+    def fields(self, **more: Any) -> dict[str, Any]:
+        pid = self.proc.pid
+        out = {"pid": pid, "pgid": pid, "start": self.start, "started": self.started}
+        out.update(more)
+        return out
+
+
+def _restart_due(policy: str, status: int) -> bool:
+    return policy == "always" or (policy == "on-failure" and status != 0)
+
+
+def _after_ok(
+    launch: protocol.Launch, home: str, run: _Run, env: dict[str, str], log_fd: int
+) -> int:
+    """Stay the program's parent: record how each run ends and restart it by policy.
+    SIGTERM/SIGINT stop it for good; SIGHUP is ignored."""
+    signal.signal(signal.SIGTERM, _on_stop)
+    signal.signal(signal.SIGINT, _on_stop)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    grace = launch.deadline("stop")
+    restarts = in_a_row = 0
+    delay = RESTART_FIRST
+    try:
+        while True:
+            with _stoppable():
+                run.proc.wait()
+            status = run.proc.returncode
+            if not _restart_due(launch.restart, status):
+                _write_state(
+                    home, launch, **run.fields(state="exited", status=status, restarts=restarts)
+                )
+                return 0
+            if time.monotonic() - run.began >= RESTART_RESET:
+                delay, in_a_row = RESTART_FIRST, 0
+            if in_a_row >= RESTART_LIMIT:
+                reason = f"gave up after {in_a_row} restarts in a row"
+                fields = run.fields(state="exited", status=status, restarts=restarts, reason=reason)
+                _write_state(home, launch, **fields)
+                return 0
+            in_a_row += 1
+            restarts += 1
+            fields = run.fields(state="restarting", status=status, restarts=restarts, delay=delay)
+            _write_state(home, launch, **fields)
+            # what the ended run left in its group goes first: one instance at a time
+            kill_group(run.proc.pid, grace, run.proc)
+            with _stoppable():
+                time.sleep(delay)
+            delay = min(delay * 2, RESTART_CAP)
+            proc = _spawn(launch, log_fd, env, restarts)
+            run = _Run(proc, start_time(proc.pid), time.time())
+            _write_state(
+                home, launch, **run.fields(state="running", status=status, restarts=restarts)
+            )
+    except _Stop:
+        kill_group(run.proc.pid, grace, run.proc)
+        run.proc.wait()
+        sweep(launch.triple, grace)
+        status = run.proc.returncode
+        _write_state(home, launch, **run.fields(state="stopped", status=status, restarts=restarts))
+    except Failure as failure:  # a restart that could not start
+        _write_state(home, launch, state="failed", reason=failure.reason, restarts=restarts)
     return 0
 
 
@@ -716,18 +1328,41 @@ def kill_tagged(run: str, step: str, grace: float) -> int:
     return EXIT_OK
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point: run the launch line on stdin, or ``--kill RUN STEP [GRACE]``."""
-    args = sys.argv[1:] if argv is None else argv
+_USAGE = "usage: agent [--status | --stop PROGRAM [GRACE [force]] | --kill RUN STEP [GRACE]]"
+
+
+def _modes(args: list[str]) -> int:
+    """The modes that read or end what runs, not launch: one JSON line on stdout each."""
     if args[:1] == ["--kill"] and len(args) in (3, 4):
         return kill_tagged(args[1], args[2], float(args[3]) if len(args) == 4 else 2.0)
+    if args == ["--status"]:
+        return _print(status_report(rex_home()))
+    if (
+        args[:1] == ["--stop"]
+        and 2 <= len(args) <= 4
+        and protocol.NAME_RE.match(args[1])
+        and args[3:] in ([], ["force"])
+    ):
+        try:
+            grace = float(args[2]) if len(args) > 2 else 10.0
+        except ValueError:
+            grace = -1.0
+        if 0 < grace <= 86400:
+            return _print(stop_program(rex_home(), args[1], grace, force=args[3:] == ["force"]))
+    return _print(Failure(EXIT_BAD_LAUNCH, _USAGE).result())
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: run the launch line on stdin, or one of the modes (see _USAGE)."""
+    args = sys.argv[1:] if argv is None else argv
     if args:
-        return _print(Failure(EXIT_BAD_LAUNCH, "usage: agent [--kill RUN STEP [GRACE]]").result())
+        return _modes(args)
     _trap_signals()
     try:
         launch = _read_launch()
         home = rex_home()
         secret = load_key(home, launch)
+        lock_fd = _claim(home, launch)
         log_fd = _open_log(home, launch.log)
     except Failure as failure:
         return _print(failure.result())
@@ -743,6 +1378,7 @@ def main(argv: list[str] | None = None) -> int:
             os._exit(code)
     os.close(write_end)
     os.close(log_fd)
+    os.close(lock_fd)  # the supervisor holds the lock from here on
     return _print(_await(child, read_end, launch))
 
 

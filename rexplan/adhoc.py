@@ -1,0 +1,244 @@
+"""``rex run PATTERN -m MANIFEST -- CMD ARGS...``: an ad-hoc job on matching hosts (REX's rexecve).
+
+The command becomes a ``kind: job`` program named ``run`` on every host of the manifest, the
+plan keeps the hosts PATTERN matches (as ``--limit``), and the executor launches it like any
+step: same keys (``host.user.run``, else the ``host.user`` key), same authorization (the
+manifest must authorize ``host.user.run``), same callback proof. The agent keeps the verified
+connection, sends the exit status and the tail of the output; if rex goes away the job is
+killed. Output is folded like ``dshbak -c``: hosts with identical output and status are shown
+once. The exit code is the worst of the hosts' statuses and the launch's own failures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import textwrap
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from rexplan import events as ev
+from rexplan import executor, ui
+from rexplan.errors import UsageError
+from rexplan.keys import KeyStore, default_known_hosts
+from rexplan.model import Manifest, Program, Ready
+
+#: the program name of every ad-hoc job (its key: host/user/run.key, else host/user.key)
+PROGRAM = "run"
+#: rex stops an interrupted ad-hoc job this fast
+STOP_GRACE = 2.0
+
+_EPILOG = """\
+exit codes:
+  N    the worst exit status of the command on the hosts (a signal N: 128+N)
+  2    a launch failed (or the job was lost) and no host reported a worse status
+  3    a host was unreachable
+  4    the manifest or the plan is invalid (e.g. host.user.run is not authorized)
+  5    usage error
+  6    authentication or host key failure
+  130  interrupted (the jobs are killed)
+"""
+
+
+def adhoc_manifest(manifest: Manifest, user: str | None, argv: Sequence[str]) -> Manifest:
+    """``manifest`` with one job program, ``run``, on all its hosts as ``user``."""
+    if not argv:
+        raise UsageError("no command to run", hint="rex run PATTERN -m MANIFEST -- CMD ARGS...")
+    names = [u.name for u in manifest.users]
+    chosen = user or manifest.default_user or (names[0] if len(names) == 1 else None)
+    if chosen is None:
+        raise UsageError(
+            "which user? the manifest has no defaults.user", hint="--user " + " | ".join(names)
+        )
+    if chosen not in names:
+        raise UsageError(f"unknown user {chosen!r}", hint="users: " + ", ".join(names))
+    job = Program(
+        name=PROGRAM,
+        hosts=tuple(h.name for h in manifest.hosts),
+        user=chosen,
+        run=tuple(argv),
+        kind="job",
+        ready=Ready(kind="alive", settle=0.05),
+        stop_timeout=STOP_GRACE,
+    )
+    return dataclasses.replace(manifest, programs=(job,))
+
+
+@dataclasses.dataclass(frozen=True)
+class Outcome:
+    """One host's result: its exit status (None: the job did not run to its end)."""
+
+    host: str
+    status: int | None
+    output: str
+    problem: str | None = None  # why there is no status: unreachable, failed launch...
+    code: int = 0  # rex's exit code for the problem: 2 failed, 3 unreachable, 6 authentication
+
+
+def outcomes(final: Iterable[ev.Event]) -> list[Outcome]:
+    """Each host's outcome from the steps' final events."""
+    out = []
+    for e in final:
+        if e.status is not None:
+            out.append(Outcome(e.host or "?", e.status, e.output or ""))
+            continue
+        problem = f"{e.state}: {e.reason or '-'}" + (f": {e.detail}" if e.detail else "")
+        code = 2
+        if e.state == ev.UNREACHABLE:
+            code = 3
+        elif e.reason in executor.AUTH_REASONS:
+            code = 6
+        out.append(Outcome(e.host or "?", None, e.output or "", problem, code))
+    return out
+
+
+def fold(results: Sequence[Outcome]) -> list[tuple[list[str], Outcome]]:
+    """dshbak -c: hosts with identical output, status and problem share one entry, in the
+    order each first appears; the hosts of an entry keep their order."""
+    groups: dict[tuple[str, int | None, str | None], list[str]] = {}
+    first: dict[tuple[str, int | None, str | None], Outcome] = {}
+    for r in results:
+        key = (r.output, r.status, r.problem)
+        groups.setdefault(key, []).append(r.host)
+        first.setdefault(key, r)
+    return [(hosts, first[key]) for key, hosts in groups.items()]
+
+
+def format_folded(results: Sequence[Outcome]) -> str:
+    """The folded output as text: a ruled header naming the hosts (and any non-zero status or
+    problem), then the output they share."""
+    blocks = []
+    for hosts, r in fold(results):
+        title = ",".join(hosts)
+        if r.problem is not None:
+            title += f" ({ui.printable(r.problem)})"
+        elif r.status:
+            title += f" (exit {r.status})"
+        rule = "-" * min(max(len(title), 16), 78)
+        body = r.output if not r.output or r.output.endswith("\n") else r.output + "\n"
+        blocks.append(f"{rule}\n{title}\n{rule}\n{body}")
+    return "".join(blocks)
+
+
+def exit_code(results: Sequence[Outcome]) -> int:
+    """The worst of the hosts' exit statuses (killed by signal N: 128+N) and of the codes of
+    hosts that gave none."""
+    worst = 0
+    for r in results:
+        if r.status is None:
+            worst = max(worst, r.code)
+        else:
+            worst = max(worst, r.status if r.status >= 0 else 128 - r.status)
+    return worst
+
+
+def cmd_run(args: argparse.Namespace, console: ui.Console) -> int:
+    """``rex run``: launch the job on the matching hosts, print the folded output."""
+    from rexplan import executor
+    from rexplan import manifest as manifests
+    from rexplan import plan as plans
+
+    loaded = adhoc_manifest(manifests.load(args.manifest), args.user, args.command)
+    compiled = plans.compile(loaded, limit=args.pattern)
+    store = KeyStore(args.keys, insecure_ok=args.insecure_keys)
+    final: dict[str, ev.Event] = {}
+    sinks: list[ev.Sink] = []
+
+    def keep(event: ev.Event) -> None:
+        if event.kind == ev.STEP and event.state in ev.FINAL_STATES and event.step:
+            final[event.step] = event
+
+    sinks.append(keep)
+    events_file = None
+    if args.events:
+        events_file = open(args.events, "w", encoding="utf-8")
+        sinks.append(ev.JsonlWriter(events_file))
+    try:
+        result = executor.apply(
+            loaded,
+            compiled,
+            keys=store,
+            known_hosts=default_known_hosts(store, args.known_hosts),
+            emit=ev.fan_out(*sinks),
+            forks=args.forks,
+        )
+    finally:
+        if events_file is not None:
+            events_file.close()
+    results = outcomes(final[s.id] for s in compiled.steps if s.id in final)
+    ui.print_text(console, format_folded(results))
+    return 130 if result.interrupted else exit_code(results)
+
+
+class _Intermixed(argparse.ArgumentParser):
+    """Options may come after PATTERN and before ``-- CMD``: plain argparse would bind the
+    empty CMD list as soon as it met PATTERN (intermixed parsing sees every option first)."""
+
+    _inside = False
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        if self._inside:  # parse_known_intermixed_args calls back here, twice
+            return super().parse_known_args(args, namespace)
+        self._inside = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._inside = False
+
+
+def add_parser(subparsers: argparse._SubParsersAction[Any]) -> None:
+    """Register ``rex run`` on ``rex``'s subcommands."""
+    parser = subparsers.add_parser(
+        "run",
+        help="run a command once on the hosts a pattern matches, verified like any launch",
+        description=textwrap.fill(
+            "Run CMD as a job (the program 'run', as --user) on every host of the "
+            "manifest that PATTERN matches, with the same keys, authorization (host.user.run) "
+            "and callback proof as rex apply. Each host's exit status and the tail of its "
+            "output come back over the verified connection; hosts with identical output are "
+            "shown once (dshbak -c). If rex is interrupted or killed, the jobs are killed.",
+            79,
+        ),
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "pattern",
+        metavar="PATTERN",
+        help="hosts to run on: comma-separated host globs and group:NAME ('*' for all)",
+    )
+    parser.add_argument(
+        "-m", "--manifest", required=True, metavar="MANIFEST", help="the manifest (required)"
+    )
+    parser.add_argument(
+        "--user", metavar="USER", help="the manifest user to run as (default: defaults.user)"
+    )
+    parser.add_argument(
+        "--forks", type=int, metavar="N", help="hosts at once (default: defaults.forks, 64)"
+    )
+    parser.add_argument(
+        "--events", metavar="FILE", help="write every event as one JSON object per line"
+    )
+    parser.add_argument(
+        "--keys", metavar="DIR", help="the key store (default: $REX_KEYS, else ./keys)"
+    )
+    parser.add_argument(
+        "--known-hosts",
+        metavar="FILE",
+        help="pinned SSH host keys (default: known_hosts in the key store if present, else "
+        "~/.ssh/known_hosts)",
+    )
+    parser.add_argument(
+        "--insecure-keys", action="store_true", help="load keys with loose permissions anyway"
+    )
+    parser.add_argument(
+        "command",
+        nargs="*",
+        metavar="CMD",
+        help="the command and its arguments; put -- before them",
+    )
+    parser.set_defaults(func=cmd_run)
+    # the subcommand parser keeps its class (the error boundary's); only its parsing changes
+    parser.__class__ = type("RunParser", (_Intermixed, type(parser)), {})

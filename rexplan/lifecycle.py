@@ -1,0 +1,398 @@
+"""``rex status`` and ``rex stop``: read and end what a manifest runs, in parallel over SSH.
+
+Both run the agent in one of its modes through the bootstrap (``python3 -I -S -c BOOTSTRAP``
+with the bundle on stdin), so reading or stopping never writes a file to a host. ``survey``
+reads each host's records with one exec per host and login, whatever the number of steps
+there, and classifies every step (spec.classify). ``stop`` goes through the waves in reverse
+order, dependents first, in parallel within a wave: the agent tells each program's supervisor
+to stop it (TERM to the group, the stop grace, KILL, then every process still tagged with the
+triple), or with ``force`` kills supervisor, group and tagged processes at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import textwrap
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from rexplan import spec as specs
+from rexplan import ui
+from rexplan.errors import TransportError, UsageError
+from rexplan.executor import local_files
+from rexplan.keys import KeyStore, default_known_hosts
+from rexplan.model import Manifest, Plan, Step, Timeouts
+from rexplan.remote import bootstrap_argv, bootstrap_input
+from rexplan.transport import Result, Transport, TransportPool
+
+#: seconds added to what the agent may take before the launcher gives up on the exec
+EXEC_SLACK = 5.0
+
+STOPPED, ABSENT, STOP_FAILED, UNREACHABLE = (
+    specs.STOPPED,
+    specs.ABSENT,
+    specs.FAILED,
+    specs.UNREACHABLE,
+)
+
+
+def agent_run(transport: Transport, python: str, *args: str, timeout: float) -> Result:
+    """Run the agent with ``args`` on the host, without leaving a file there."""
+    return transport.run(bootstrap_argv(python, *args), stdin=bootstrap_input(b""), timeout=timeout)
+
+
+def _report(res: Result) -> dict[str, Any]:
+    """The agent's JSON line; {} when there is none."""
+    for line in reversed(res.stdout.splitlines()):
+        try:
+            data = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(data, dict):
+            return data
+    return {}
+
+
+def _by_login(steps: Sequence[Step]) -> list[list[Step]]:
+    groups: dict[tuple[str, str], list[Step]] = {}
+    for s in steps:
+        groups.setdefault((s.host, s.login), []).append(s)
+    return list(groups.values())
+
+
+def _workers(forks: int, jobs: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=max(1, min(forks, jobs)))
+
+
+def survey(
+    manifest: Manifest, steps: Sequence[Step], pool: TransportPool, *, forks: int = 64
+) -> list[specs.StepStatus]:
+    """Every step's status on its host, in the order of ``steps``."""
+
+    def read(group: list[Step]) -> list[specs.StepStatus]:
+        first = group[0]
+        host = manifest.host(first.host)
+        try:
+            transport = pool.get(host, manifest.user(first.user))
+            res = agent_run(transport, host.python, "--status", timeout=first.timeouts.start)
+        except TransportError as exc:
+            return [specs.StepStatus(s, specs.UNREACHABLE, detail=str(exc)) for s in group]
+        try:
+            records = specs.parse_status(res.stdout)
+        except ValueError:
+            why = res.stderr.decode(errors="replace").strip()[-200:] or f"exit {res.exit_status}"
+            detail = f"the agent gave no status report ({why})"
+            return [specs.StepStatus(s, specs.UNKNOWN, detail=detail) for s in group]
+        return [status(s, records.get(s.program)) for s in group]
+
+    def status(step: Step, record: dict[str, Any] | None) -> specs.StepStatus:
+        try:
+            files = [f.entry for f in local_files(manifest.program(step.program).files)]
+        except OSError as exc:
+            return specs.StepStatus(step, specs.UNKNOWN, detail=f"cannot read {exc.filename}")
+        return specs.classify(step, record, specs.expected_spec(step, files), files)
+
+    groups = _by_login(steps)
+    with _workers(forks, len(groups)) as workers:
+        found = {st.step.id: st for sts in workers.map(read, groups) for st in sts}
+    return [found[s.id] for s in steps]
+
+
+def planned_action(status: specs.StepStatus) -> str:
+    """What ``rex apply`` would do with a step in this status (``apply --dry-run``)."""
+    if status.status == specs.UNREACHABLE:
+        return UNREACHABLE
+    return specs.action_for(status)[0]
+
+
+def status_exit_code(statuses: Sequence[specs.StepStatus], manifest: Manifest) -> int:
+    """0 when every step runs with the manifest's spec (a least-loaded program: ``count`` of
+    its steps), else 2."""
+    per_program: dict[str, list[specs.StepStatus]] = {}
+    for st in statuses:
+        per_program.setdefault(st.step.program, []).append(st)
+    for program, mine in per_program.items():
+        placement = manifest.program(program).placement
+        needed = len(mine)
+        if placement.strategy == "least-loaded" and placement.count is not None:
+            needed = min(placement.count, needed)
+        if sum(st.current for st in mine) < needed:
+            return 2
+    return 0
+
+
+def _stop_timeout(step: Step) -> float:
+    # the supervisor's grace, then the group's, then the tagged sweep's, each with KILL's 2 s
+    return 3 * (step.stop_timeout + 2.0) + EXEC_SLACK
+
+
+def stop_step(
+    manifest: Manifest, step: Step, pool: TransportPool, *, force: bool
+) -> specs.StopResult:
+    """Stop one step through its host's agent."""
+    host = manifest.host(step.host)
+    args = ["--stop", step.program, f"{step.stop_timeout:g}", *(["force"] if force else [])]
+    try:
+        transport = pool.get(host, manifest.user(step.user))
+        res = agent_run(transport, host.python, *args, timeout=_stop_timeout(step))
+    except TransportError as exc:
+        return specs.StopResult(step, UNREACHABLE, detail=str(exc))
+    report = _report(res)
+    if report.get("ok") is not True:
+        why = report.get("reason") or res.stderr.decode(errors="replace").strip()[-200:]
+        return specs.StopResult(step, STOP_FAILED, detail=str(why or f"exit {res.exit_status}"))
+    was = report.get("was")
+    killed = tuple(p for p in report.get("killed", ()) if isinstance(p, int))
+    outcome = ABSENT if was == ABSENT else STOPPED
+    return specs.StopResult(step, outcome, str(was) if was is not None else None, killed)
+
+
+def stop(
+    manifest: Manifest,
+    plan: Plan,
+    pool: TransportPool,
+    *,
+    forks: int = 64,
+    force: bool = False,
+    program: str | None = None,
+    on_result: Callable[[specs.StopResult], None] | None = None,
+) -> list[specs.StopResult]:
+    """Stop the plan's steps (only ``program``'s, if given): last wave first, each wave in
+    parallel; results in the order they were stopped."""
+    results: list[specs.StopResult] = []
+    for wave in reversed(plan.waves):
+        steps = [s for s in wave if program is None or s.program == program]
+        if not steps:
+            continue
+        with _workers(forks, len(steps)) as workers:
+            for result in workers.map(lambda s: stop_step(manifest, s, pool, force=force), steps):
+                results.append(result)
+                if on_result is not None:
+                    on_result(result)
+    return results
+
+
+def stop_exit_code(results: Sequence[specs.StopResult]) -> int:
+    """2 if a stop failed, 3 if a host was unreachable, else 0."""
+    outcomes = {r.outcome for r in results}
+    if STOP_FAILED in outcomes:
+        return 2
+    if UNREACHABLE in outcomes:
+        return 3
+    return 0
+
+
+def status_to_dict(
+    statuses: Sequence[specs.StepStatus], manifest: Manifest, *, actions: bool = False
+) -> dict[str, object]:
+    """The stable JSON of ``rex status --json`` (and ``apply --dry-run --json``), format 1."""
+    counts: dict[str, int] = {}
+    steps = []
+    for st in statuses:
+        counts[st.status] = counts.get(st.status, 0) + 1
+        row: dict[str, object] = {
+            "id": st.step.id,
+            "wave": st.step.wave,
+            "host": st.step.host,
+            "program": st.step.program,
+            "triple": st.step.triple,
+            "status": st.status,
+            "label": st.label,
+            "code": st.code,
+            "pid": st.pid,
+            "uptime": st.uptime,
+            "restarts": st.restarts,
+            "run": st.run,
+            "detail": st.detail,
+        }
+        if actions:
+            row["action"] = planned_action(st)
+        steps.append(row)
+    return {
+        "format": 1,
+        "manifest": manifest.path,
+        "manifest_digest": manifest.digest,
+        "exit": status_exit_code(statuses, manifest),
+        "counts": counts,
+        "steps": steps,
+    }
+
+
+# --- the command line ---------------------------------------------------------------------------
+
+_STATUS_EPILOG = """\
+statuses:
+  running      alive (checked by pid and process start time) with the manifest's spec
+  drifted      alive, but started from another spec (argv, env, cwd, probe, kind,
+               restart): rex apply restarts it
+  restarting   its supervisor waits out a backoff before restarting it
+  exited(N)    it ended by itself with exit status N (negative: killed by signal -N)
+  stopped      rex stop (or SIGTERM to its supervisor) ended it
+  failed       its launch was not verified, or a restart could not start it
+  absent       never launched as this login on this host
+  unknown      recorded as running, but neither program nor supervisor lives
+  unreachable  the host could not be asked
+
+exit codes:
+  0    every step runs with the manifest's spec
+  2    any other status
+  4    the manifest or the plan is invalid
+  5    usage error
+"""
+
+_STOP_EPILOG = """\
+exit codes:
+  0    every step is stopped (or had never run)
+  2    a step could not be stopped
+  3    a host was unreachable
+  4    the manifest or the plan is invalid
+  5    usage error
+"""
+
+
+def pool_for(plan: Plan, known_hosts: str | None) -> TransportPool:
+    """One transport per host and login, with the plan's longest connect deadline."""
+    connect = max((s.timeouts.connect for s in plan.steps), default=10.0)
+    return TransportPool(known_hosts=known_hosts, timeouts=Timeouts(connect=connect))
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("manifest", metavar="MANIFEST")
+    parser.add_argument(
+        "--limit",
+        metavar="PATTERN",
+        help="only steps on matching hosts: comma-separated host globs and group:NAME",
+    )
+    parser.add_argument(
+        "--forks",
+        type=int,
+        metavar="N",
+        help="hosts asked at once (default: the manifest's defaults.forks, 64)",
+    )
+    parser.add_argument(
+        "--keys",
+        metavar="DIR",
+        help="the key store, for its known_hosts (default: $REX_KEYS, else ./keys)",
+    )
+    parser.add_argument(
+        "--known-hosts",
+        metavar="FILE",
+        help="pinned SSH host keys (default: known_hosts in the key store if present, else "
+        "~/.ssh/known_hosts); unknown or changed host keys are refused",
+    )
+
+
+def _load(args: argparse.Namespace) -> tuple[Manifest, Plan, str | None, int]:
+    from rexplan import manifest as manifests
+    from rexplan import plan as plans
+
+    if args.forks is not None and args.forks < 1:
+        raise UsageError("--forks must be at least 1")
+    loaded = manifests.load(args.manifest)
+    compiled = plans.compile(loaded, limit=args.limit)
+    known_hosts = default_known_hosts(KeyStore(args.keys), args.known_hosts)
+    return loaded, compiled, known_hosts, args.forks or loaded.forks
+
+
+def cmd_status(args: argparse.Namespace, console: ui.Console) -> int:
+    """``rex status MANIFEST``: every step's status on its host; 0 only if all run current."""
+    loaded, compiled, known_hosts, forks = _load(args)
+    with pool_for(compiled, known_hosts) as pool:
+        statuses = survey(loaded, compiled.steps, pool, forks=forks)
+    if args.json:
+        ui.print_text(console, json.dumps(status_to_dict(statuses, loaded), indent=2))
+    else:
+        ui.print_status(console, statuses)
+    return status_exit_code(statuses, loaded)
+
+
+def dry_run(
+    loaded: Manifest,
+    compiled: Plan,
+    known_hosts: str | None,
+    console: ui.Console,
+    *,
+    forks: int,
+    as_json: bool,
+) -> int:
+    """``rex apply --dry-run``: what apply would do to each step, from the hosts' records
+    only; nothing is started, stopped or written. 3 if a host was unreachable, else 0."""
+    with pool_for(compiled, known_hosts) as pool:
+        statuses = survey(loaded, compiled.steps, pool, forks=forks)
+    actions = [planned_action(st) for st in statuses]
+    if as_json:
+        doc = status_to_dict(statuses, loaded, actions=True)
+        doc["exit"] = 3 if UNREACHABLE in actions else 0
+        ui.print_text(console, json.dumps(doc, indent=2))
+    else:
+        ui.print_status(console, statuses, actions=actions, title="rex apply --dry-run")
+    return 3 if UNREACHABLE in actions else 0
+
+
+def cmd_stop(args: argparse.Namespace, console: ui.Console) -> int:
+    """``rex stop MANIFEST``: stop the steps, dependents first; a line per step, then totals."""
+    loaded, compiled, known_hosts, forks = _load(args)
+    if args.program is not None and args.program not in {p.name for p in loaded.programs}:
+        raise UsageError(
+            f"--program {args.program}: no such program in {loaded.path}",
+            hint="programs: " + ", ".join(p.name for p in loaded.programs),
+        )
+    with pool_for(compiled, known_hosts) as pool:
+        results = stop(
+            loaded,
+            compiled,
+            pool,
+            forks=forks,
+            force=args.force,
+            program=args.program,
+            on_result=lambda r: ui.print_stop(console, r),
+        )
+    ui.print_text(console, ui.format_stop_summary(results))
+    return stop_exit_code(results)
+
+
+def add_parser(subparsers: argparse._SubParsersAction[Any]) -> None:
+    """Register ``rex status`` and ``rex stop`` on ``rex``'s subcommands."""
+    status = subparsers.add_parser(
+        "status",
+        help="show whether each step of a manifest runs, and with which spec",
+        description=textwrap.fill(
+            "Ask every host (one SSH exec per host and login, in parallel) for the "
+            "records its rex agents keep, and show per step: status, pid, uptime and restarts. "
+            "A program counts as running only if its pid still belongs to the process that "
+            "started then (pid + start time). Nothing on the hosts is changed.",
+            79,
+        ),
+        epilog=_STATUS_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _common(status)
+    status.add_argument(
+        "--json", action="store_true", help="print the statuses as JSON (format 1, stable)"
+    )
+    status.set_defaults(func=cmd_status)
+
+    halt = subparsers.add_parser(
+        "stop",
+        help="stop the programs of a manifest, dependents first",
+        description=textwrap.fill(
+            "Stop each step's program on its host: the last wave first, each wave in "
+            "parallel. The program's supervisor is told to stop it (TERM to its process group, "
+            "the program's stop_timeout, then KILL), so it is not restarted; afterwards no "
+            "process carrying the program's rex tag remains, also none that left its group.",
+            79,
+        ),
+        epilog=_STOP_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _common(halt)
+    halt.add_argument("--program", metavar="NAME", help="stop only this program's steps")
+    halt.add_argument(
+        "--force",
+        action="store_true",
+        help="no grace: SIGKILL the supervisor, the process group and every process tagged "
+        "with the program's triple at once",
+    )
+    halt.set_defaults(func=cmd_stop)

@@ -1,0 +1,248 @@
+"""What a step launches, and how a host's record of it compares: pure, no I/O.
+
+``launch_args`` is the one place a step becomes launch-message fields (``rex apply`` sends
+them; ``rex status`` and ``apply --dry-run`` digest them), so the spec digest the agent records
+and the one rex expects can only differ when the program really changed. ``classify`` turns the
+agent's ``--status`` record of a step into one of STATUSES; ``action_for`` says what an
+idempotent apply does about it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from rexplan import protocol
+from rexplan.model import Step
+
+#: a step's status on its host, as ``rex status`` shows it
+RUNNING = "running"  # alive (pid + start time) with the manifest's spec
+DRIFTED = "drifted"  # alive with another spec digest than the manifest's
+RESTARTING = "restarting"  # its supervisor waits out a backoff before the next restart
+EXITED = "exited"  # ended by itself; the exit status is recorded
+STOPPED = "stopped"  # ended by rex stop (or its supervisor was told to stop)
+FAILED = "failed"  # a launch that was not verified, or a restart that could not start
+DECLINED = "declined"  # the host declined the last launch (a ``when`` precondition)
+ABSENT = "absent"  # never launched as this login on this host
+UNKNOWN = "unknown"  # the record says running but neither program nor supervisor lives
+UNREACHABLE = "unreachable"  # the host could not be asked
+STATUSES = (
+    RUNNING,
+    DRIFTED,
+    RESTARTING,
+    EXITED,
+    STOPPED,
+    FAILED,
+    DECLINED,
+    ABSENT,
+    UNKNOWN,
+    UNREACHABLE,
+)
+
+#: what an idempotent apply does with a step (the final event's ``action``)
+UNCHANGED = "unchanged"
+STARTED = "started"
+RESTARTED = "restarted"
+
+#: placeholders where the launch fields depend on the run, not on the program
+_NO_NONCE = bytes(protocol.NONCE_BYTES)
+_NO_CALLBACK = ("127.0.0.1", 1)
+
+
+def probe_fields(step: Step) -> dict[str, object]:
+    """The launch message's ``ready`` dict for a step's probe."""
+    rd = step.ready
+    out: dict[str, object] = {"kind": rd.kind, "interval": rd.interval, "settle": rd.settle}
+    if rd.kind == "tcp":
+        out.update(host=rd.host, port=rd.port)
+    elif rd.kind == "http":
+        out["url"] = rd.url
+    elif rd.kind == "command":
+        out["argv"] = list(rd.argv)
+    elif rd.kind == "file":
+        out["path"] = rd.path
+    return out
+
+
+def launch_args(
+    step: Step,
+    *,
+    run: str,
+    key_path: str,
+    nl: bytes,
+    callback: tuple[str, int],
+    replace: bool = False,
+    files: Sequence[tuple[str, str, int]] = (),
+    when: Mapping[str, float] | None = None,
+) -> dict[str, Any]:
+    """Keyword arguments of protocol.make_launch for ``step``; ``files`` are (dest, sha256,
+    mode) of its program's files, ``when`` its preconditions."""
+    t = step.timeouts
+    return {
+        "run": run,
+        "step": step.id,
+        "triple": step.triple,
+        "key_path": key_path,
+        "nl": nl,
+        "callback": callback,
+        "deadlines": {
+            "start": t.start,
+            "ready": step.ready.timeout,
+            "callback": t.callback,
+            "stop": step.stop_timeout,
+        },
+        "argv": step.argv,
+        "env": step.env,
+        "cwd": step.cwd,
+        "ready": probe_fields(step),
+        "kind": step.kind,
+        "log": step.program,
+        "replace": replace,
+        "restart": step.restart,
+        "files": tuple(files),
+        "when": dict(when or {}),
+    }
+
+
+def expected_spec(step: Step, files: Sequence[tuple[str, str, int]] = ()) -> str:
+    """The spec digest the agent records for ``step`` as the manifest declares it now."""
+    args = launch_args(
+        step,
+        run="expected",
+        key_path=protocol.key_relpath(step.host, step.user, step.program),
+        nl=_NO_NONCE,
+        callback=_NO_CALLBACK,
+        files=files,
+    )
+    return protocol.spec_digest(protocol.parse_launch(protocol.make_launch(**args)))
+
+
+def files_to_upload(
+    files: Sequence[tuple[str, str, int]], record: Mapping[str, Any] | None
+) -> list[str]:
+    """The dests of ``files`` whose content the host (its record's ``files``) lacks."""
+    there = record.get("files") if record is not None else None
+    held = there if isinstance(there, dict) else {}
+    return [dest for dest, sha, _ in files if held.get(dest) != sha]
+
+
+def parse_status(stdout: bytes) -> dict[str, dict[str, Any]]:
+    """The agent's ``--status`` line as {program: record}; ValueError if it is not one."""
+    for line in reversed(stdout.splitlines()):
+        if not line.strip():
+            continue
+        data = json.loads(line)
+        if not isinstance(data, dict) or data.get("ok") is not True:
+            break
+        programs = data.get("programs")
+        if not isinstance(programs, list):
+            break
+        return {
+            str(p["name"]): p
+            for p in programs
+            if isinstance(p, dict) and isinstance(p.get("name"), str)
+        }
+    raise ValueError("no status report from the agent")
+
+
+@dataclass(frozen=True)
+class StepStatus:
+    """One step's status on its host."""
+
+    step: Step
+    status: str
+    code: int | None = None  # the last exit status (negative: killed by that signal)
+    pid: int | None = None
+    uptime: float | None = None  # seconds, while running
+    restarts: int = 0
+    run: str | None = None  # the run that launched it
+    detail: str | None = None
+
+    @property
+    def label(self) -> str:
+        """``running``, ``exited(3)``, ``restarting``...: the status with its exit code."""
+        if self.status == EXITED and self.code is not None:
+            return f"{EXITED}({self.code})"
+        return self.status
+
+    @property
+    def current(self) -> bool:
+        """Running with the manifest's spec (a job: done with status 0)."""
+        if self.step.kind == "job":
+            return self.status == EXITED and self.code == 0
+        return self.status == RUNNING
+
+
+def _int(value: Any) -> int | None:
+    return value if type(value) is int else None
+
+
+def classify(
+    step: Step,
+    record: Mapping[str, Any] | None,
+    expected: str,
+    files: Sequence[tuple[str, str, int]] = (),
+) -> StepStatus:
+    """The status of ``step`` from its host's record (None: there is none); ``files`` are the
+    (dest, sha256, mode) the manifest declares, compared with what the host holds."""
+    if record is None:
+        return StepStatus(step, ABSENT)
+    if record.get("triple") != step.triple:
+        return StepStatus(
+            step, UNKNOWN, detail=f"the record belongs to {record.get('triple')}, not this triple"
+        )
+    restarts = _int(record.get("restarts")) or 0
+    base: dict[str, Any] = {"restarts": restarts, "run": record.get("run")}
+    state = record.get("state")
+    status_code = _int(record.get("status"))
+    if record.get("alive") is True:
+        uptime = record.get("uptime")
+        base.update(pid=_int(record.get("pid")), code=status_code)
+        if isinstance(uptime, (int, float)):
+            base["uptime"] = float(uptime)
+        if record.get("spec") != expected:
+            return StepStatus(step, DRIFTED, detail="runs another spec than the manifest's", **base)
+        changed = files_to_upload(files, record)
+        if changed:
+            detail = "changed on the host: " + ", ".join(changed)
+            return StepStatus(step, DRIFTED, detail=detail, **base)
+        return StepStatus(step, RUNNING, **base)
+    if state == "restarting" and record.get("supervised") is True:
+        return StepStatus(step, RESTARTING, code=status_code, **base)
+    if state == "exited":
+        return StepStatus(step, EXITED, code=status_code, detail=record.get("reason"), **base)
+    if state == "stopped":
+        return StepStatus(step, STOPPED, code=status_code, **base)
+    if state == "failed":
+        return StepStatus(step, FAILED, code=status_code, detail=record.get("reason"), **base)
+    if state == "declined":
+        return StepStatus(step, DECLINED, detail=record.get("reason"), **base)
+    return StepStatus(
+        step, UNKNOWN, detail=f"recorded {state} but neither program nor supervisor lives", **base
+    )
+
+
+def action_for(status: StepStatus) -> tuple[str, bool]:
+    """(action, replace) an idempotent apply takes: running and current is left alone; a
+    drifted or restarting instance is replaced by the agent; anything else is launched."""
+    if status.step.kind == "job":
+        return STARTED, False  # a job runs to completion each time; one at a time
+    if status.status == RUNNING:
+        return UNCHANGED, False
+    if status.status in (DRIFTED, RESTARTING):
+        return RESTARTED, True
+    return STARTED, False
+
+
+@dataclass(frozen=True)
+class StopResult:
+    """What ``rex stop`` did to one step: STOPPED (nothing of it runs now), ABSENT (no record
+    on the host), FAILED (the agent could not say it stopped it) or UNREACHABLE."""
+
+    step: Step
+    outcome: str
+    was: str | None = None  # the recorded state before the stop
+    killed: tuple[int, ...] = ()  # pids signalled on the host
+    detail: str | None = None
