@@ -3,16 +3,31 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import logging
 import os
 import sys
 import tempfile
 import traceback
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import NoReturn
 
-from rexplan import __version__, audit, hostkeys, manifest, ui
+from rexplan import (
+    __version__,
+    adhoc,
+    audit,
+    blame,
+    completion,
+    hostkeys,
+    importer,
+    lifecycle,
+    manifest,
+    retry,
+    runs,
+    ui,
+)
 from rexplan import events as ev
 from rexplan import plan as planner
 from rexplan.errors import ManifestError, RexError, UsageError
@@ -49,6 +64,21 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"rex {__version__}")
+    chatter = parser.add_mutually_exclusive_group()
+    chatter.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        default=0,
+        help="more detail: -v a line for every state change of every step, -vv also the "
+        "callback listener's handshake lines (stderr), -vvv debug logging",
+    )
+    chatter.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        help="print only failures, errors and summaries",
+    )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     validate = commands.add_parser(
@@ -90,7 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
         "A step counts as ready only when its program is up, passed its readiness probe, and "
         "its agent called back proving the triple's key; SSH's exit status is not trusted. "
         "A step whose requirement failed is skipped; independent programs go on. Keys of "
-        "transport: local triples are created on first use.",
+        "transport: local triples are created on first use. The run's events are kept in "
+        ".rex/runs/RUN.jsonl under the current directory ($REX_STATE_DIR/runs when set; the "
+        "last 20 runs) for 'rex blame'.",
         epilog=EXIT_CODES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -124,13 +156,35 @@ def build_parser() -> argparse.ArgumentParser:
         help="do not ask for confirmation (rex asks only when stdin and stdout are a terminal)",
     )
     apply.add_argument(
-        "-q", "--quiet", action="store_true", help="print only failures and the summary"
+        "-q",
+        "--quiet",
+        action="store_true",
+        # SUPPRESS: an absent `apply -q` must not reset a global `rex -q`
+        default=argparse.SUPPRESS,
+        help="print only failures and the summary (as 'rex -q apply')",
+    )
+    apply.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="only read each host's records and show what apply would do per step "
+        "(unchanged, started, restarted); nothing is started, stopped or written",
+    )
+    apply.add_argument(
+        "--retry",
+        action="store_true",
+        help="launch only the steps the last apply of MANIFEST left failed, unreachable or "
+        "skipped (kept in $REX_STATE_DIR/retry/<manifest name>.json, default ./.rex)",
     )
     _key_options(apply)
     apply.set_defaults(func=cmd_apply)
 
     hostkeys.add_parser(commands)
+    completion.add_parser(commands)
+    importer.add_parser(commands)
     audit.add_parser(commands)
+    blame.add_parser(commands)
+    lifecycle.add_parser(commands)
+    adhoc.add_parser(commands)
     return parser
 
 
@@ -172,7 +226,8 @@ def cmd_validate(args: argparse.Namespace, console: ui.Console) -> int:
             failed += 1
             _write_stderr(format_error(e))
             continue
-        ui.print_text(console, ui.format_validate_ok(path, loaded, compiled))
+        if not args.quiet:
+            ui.print_text(console, ui.format_validate_ok(path, loaded, compiled))
     return ManifestError.exit_code if failed else 0
 
 
@@ -195,8 +250,15 @@ def cmd_apply(args: argparse.Namespace, console: ui.Console) -> int:
 
     loaded = manifest.load(args.manifest)
     compiled = planner.compile(loaded, limit=args.limit)
+    if args.retry:
+        compiled = retry.narrow(loaded, compiled)
     store = KeyStore(args.keys, insecure_ok=args.insecure_keys, warn=_warn)
     known_hosts = default_known_hosts(store, args.known_hosts)
+    if args.dry_run:
+        forks = args.forks or loaded.forks
+        return lifecycle.dry_run(
+            loaded, compiled, known_hosts, console, forks=forks, as_json=args.json
+        )
     display_console = ui.make_console(stderr=True) if (args.json or args.events == "-") else console
     if not args.yes and sys.stdin.isatty() and display_console.is_terminal:
         ui.print_text(display_console, ui.format_plan_summary(compiled))
@@ -211,8 +273,11 @@ def cmd_apply(args: argparse.Namespace, console: ui.Console) -> int:
     elif args.events:
         events_file = open(args.events, "w", encoding="utf-8")
         sinks.append(ev.JsonlWriter(events_file))
+    run_id = executor.new_run_id()
+    run_log, close_run_log = runs.open_run_log(run_id, warn=_warn)
+    sinks.append(run_log)
     try:
-        with ui.ApplyDisplay(display_console, quiet=args.quiet) as display:
+        with ui.ApplyDisplay(display_console, quiet=args.quiet, verbose=args.verbose) as display:
             result = executor.apply(
                 loaded,
                 compiled,
@@ -220,11 +285,20 @@ def cmd_apply(args: argparse.Namespace, console: ui.Console) -> int:
                 known_hosts=known_hosts,
                 emit=ev.fan_out(display, *sinks),
                 forks=args.forks,
+                run_id=run_id,
             )
-        display.print_summary(result.counts())
+        display.print_summary(result.actions())
     finally:
+        close_run_log()
         if events_file is not None:
             events_file.close()
+    unfinished = [r.step.id for r in result.results if r.state in retry.RETRY_STATES]
+    retry_file, left = retry.update(loaded, compiled, result.run_id, unfinished)
+    if left:
+        _write_stderr(
+            f"rex: {_plural(left, 'step')} to retry ({retry_file}): "
+            f"rex apply {args.manifest} --retry"
+        )
     if args.json:
         ui.print_text(console, json.dumps(executor.result_to_dict(result, loaded), indent=2))
     return result.exit_code()
@@ -280,6 +354,40 @@ def _log_internal_error(error: BaseException, argv: Sequence[str]) -> str:
     return "no log file could be written"
 
 
+class _StderrHandler(logging.Handler):
+    """Writes to the sys.stderr of the moment (tests and embedders swap it)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            _write_stderr(self.format(record))
+        except Exception:
+            self.handleError(record)
+
+
+@contextlib.contextmanager
+def _logging_to_stderr(verbose: int, quiet: bool) -> Iterator[None]:
+    """``rexplan.*`` log records on stderr for one command: warnings by default, errors only
+    with -q, info with -vv (the callback listener's handshake lines), debug with -vvv."""
+    if quiet:
+        level = logging.ERROR
+    elif verbose >= 3:
+        level = logging.DEBUG
+    else:
+        level = logging.INFO if verbose == 2 else logging.WARNING
+    logger = logging.getLogger("rexplan")
+    handler = _StderrHandler(level)
+    handler.setFormatter(logging.Formatter("rex: %(name)s: %(message)s"))
+    saved = logger.level
+    logger.addHandler(handler)
+    if level < logger.getEffectiveLevel():
+        logger.setLevel(level)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(saved)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run ``rex`` with ``argv`` (default: the process's) and return the exit code."""
     args_list = sys.argv[1:] if argv is None else argv
@@ -289,7 +397,8 @@ def main(argv: list[str] | None = None) -> int:
         except SystemExit as e:
             # --help and --version print, then exit through argparse; usage errors never do
             return e.code if isinstance(e.code, int) else 0
-        code: int = args.func(args, ui.make_console())
+        with _logging_to_stderr(args.verbose, args.quiet):
+            code: int = args.func(args, ui.make_console())
         return code
     except RexError as e:
         _write_stderr(format_error(e))

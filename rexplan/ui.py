@@ -22,6 +22,7 @@ from rich.text import Text
 
 from rexplan.events import Event
 from rexplan.model import Manifest, Plan, Ready, Step
+from rexplan.spec import StepStatus, StopResult
 
 __all__ = [
     "ApplyDisplay",
@@ -34,6 +35,8 @@ __all__ = [
     "make_console",
     "plan_table",
     "print_plan",
+    "print_status",
+    "print_stop",
     "print_text",
     "printable",
 ]
@@ -184,18 +187,25 @@ _STATE_STYLE = {
     "failed": "bold red",
     "unreachable": "bold magenta",
     "skipped": "yellow",
+    "declined": "yellow",
+    "unplaced": "dim",
 }
 
 #: states shown in the per-wave counts, in this order
 _COUNTED = ("ready", "failed", "unreachable", "skipped")
+
+#: the run summary's counts: a step that is up counts by its action, any other by its state
+SUMMARY = ("unchanged", "started", "restarted", "failed", "unreachable", "skipped", "declined")
 
 
 def format_step_line(event: Event) -> str:
     """One grep-friendly line for a step that reached a final state (non-TTY output)."""
     state = (event.state or "").upper()
     text = f"[{event.t:7.2f}s] {state:<11} {event.step} ({event.triple})"
-    if event.pid is not None and event.state == "ready":
+    if event.pid is not None and event.state in ("ready", "unchanged"):
         text += f" pid={event.pid}"
+    if event.action is not None and event.state == "ready":
+        text += f" {event.action}"
     if event.state not in ("ready", "unchanged"):
         if event.phase:
             text += f" phase={event.phase}"
@@ -225,7 +235,8 @@ def summarize(final: Iterable[Event]) -> list[HostSummary]:
     for e in final:
         row = rows.setdefault(e.host or "?", HostSummary(e.host or "?"))
         state = e.state or "?"
-        row.counts[state] = row.counts.get(state, 0) + 1
+        key = e.action or state
+        row.counts[key] = row.counts.get(key, 0) + 1
         if state not in ("ready", "unchanged"):
             why = e.reason or state
             row.problems.append(f"{e.program}: {why}" + (f" ({e.phase})" if e.phase else ""))
@@ -239,12 +250,12 @@ def format_summary_lines(
     lines = []
     width = max((len(r.host) for r in rows), default=4)
     for r in rows:
-        parts = [f"{s}={r.counts[s]}" for s in (*_COUNTED, "unchanged") if r.counts.get(s)]
+        parts = [f"{s}={r.counts[s]}" for s in SUMMARY if r.counts.get(s)]
         text = f"{r.host:<{width}}  {' '.join(parts)}"
         if r.problems:
             text += "  " + "; ".join(printable(p) for p in r.problems)
         lines.append(text)
-    total = ", ".join(f"{counts.get(s, 0)} {s}" for s in _COUNTED)
+    total = ", ".join(f"{counts.get(s, 0)} {s}" for s in SUMMARY)
     lines.append(f"{len(rows)} host(s), {sum(counts.values())} step(s): {total} in {elapsed:.2f}s")
     return lines
 
@@ -252,9 +263,11 @@ def format_summary_lines(
 class ApplyDisplay:
     """The event sink for ``rex apply``: live per-wave bars on a TTY, plain lines otherwise."""
 
-    def __init__(self, console: Console, *, quiet: bool = False) -> None:
+    def __init__(self, console: Console, *, quiet: bool = False, verbose: int = 0) -> None:
         self.console = console
         self.quiet = quiet
+        # -v: a line for every state change of every step, not only the final ones
+        self.verbose = verbose > 0 and not quiet
         self.live = console.is_terminal and not quiet
         self._lock = threading.Lock()
         self._final: dict[str, Event] = {}
@@ -301,32 +314,40 @@ class ApplyDisplay:
             wave = e.wave if e.wave is not None else -1
             counts = self._wave_counts.setdefault(wave, {})
             counts[e.state] = counts.get(e.state, 0) + 1
-            failed = e.state not in ("ready", "unchanged")
+            failed = e.state not in ("ready", "unchanged", "unplaced")
             if self._progress is not None and wave in self._tasks:
                 shown = " ".join(f"{s}:{counts[s]}" for s in _COUNTED if counts.get(s))
                 self._progress.update(self._tasks[wave], advance=1, counts=shown)
-                if failed:
+                if failed or self.verbose:
                     self._print(format_step_line(e), style=_STATE_STYLE[e.state])
             elif not self.quiet or failed:
                 self._print(format_step_line(e))
+        elif e.kind == "step" and self.verbose:
+            self._print(format_step_line(e), style="dim")
         elif e.kind == "run_done":
             self._elapsed = e.t
 
     def _print(self, text: str, style: str | None = None) -> None:
-        self.console.print(Text(text, style=style or ""), soft_wrap=True)
+        # a terminal gets lines folded at words to its width (its own wrap cuts words); a pipe
+        # gets one line per event, whatever its length, for grep
+        self.console.print(Text(text, style=style or ""), soft_wrap=not self.console.is_terminal)
 
     def print_summary(self, counts: dict[str, int]) -> None:
-        """Every host exactly once, then the totals."""
+        """Every host exactly once, then the totals; ``counts`` are keyed by SUMMARY."""
         rows = summarize(self._final.values())
         lines = format_summary_lines(rows, counts, self._elapsed)
         if self.console.is_terminal:
+            # only the counts some host has, so 80 columns keep host names and problems whole
+            shown = [s for s in SUMMARY if any(r.counts.get(s) for r in rows)]
             table = Table(title="rex apply", show_edge=False, pad_edge=False)
-            for col in ("host", "ready", "failed", "unreachable", "skipped", "problems"):
-                table.add_column(col)
+            table.add_column("host", no_wrap=True)
+            for col in shown:
+                table.add_column(col, justify="right", no_wrap=True)
+            table.add_column("problems")
             for r in rows:
                 table.add_row(
                     r.host,
-                    *(str(r.counts.get(s, 0)) for s in _COUNTED),
+                    *(str(r.counts.get(s, 0)) for s in shown),
                     Text("; ".join(printable(p) for p in r.problems), style="red"),
                 )
             self.console.print(table)
@@ -334,3 +355,135 @@ class ApplyDisplay:
         else:
             for line in lines:
                 self.console.print(line, soft_wrap=True, highlight=False)
+
+
+# --- rex status, rex apply --dry-run, rex stop -------------------------------------------------
+
+_STATUS_STYLE = {
+    "running": "green",
+    "unchanged": "green",
+    "drifted": "yellow",
+    "restarting": "yellow",
+    "restarted": "yellow",
+    "started": "cyan",
+    "exited": "red",
+    "failed": "bold red",
+    "declined": "yellow",
+    "unknown": "magenta",
+    "unreachable": "bold magenta",
+}
+
+
+def format_uptime(seconds: float | None) -> str:
+    """``42s``, ``5m03s``, ``2h10m``, ``3d04h``; ``-`` when not running."""
+    if seconds is None:
+        return "-"
+    whole = int(seconds)
+    days, rest = divmod(whole, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days}d{hours:02d}h"
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    if minutes:
+        return f"{minutes}m{secs:02d}s"
+    return f"{secs}s"
+
+
+def status_rows(
+    statuses: Iterable[StepStatus], actions: Iterable[str] | None = None
+) -> list[list[str]]:
+    """step, triple, status, pid, uptime, restarts[, action], detail: one row per step."""
+    rows = []
+    planned = list(actions) if actions is not None else None
+    for i, st in enumerate(statuses):
+        row = [
+            st.step.id,
+            st.step.triple,
+            st.label,
+            "-" if st.pid is None else str(st.pid),
+            format_uptime(st.uptime),
+            str(st.restarts),
+        ]
+        if planned is not None:
+            row.append(planned[i])
+        row.append(printable(st.detail or ""))
+        rows.append(row)
+    return rows
+
+
+def format_columns(header: list[str], rows: list[list[str]]) -> list[str]:
+    """Left-aligned columns two spaces apart, trailing blanks stripped: for pipes and logs."""
+    widths = [max(cell_len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    return [
+        "  ".join(
+            cell + " " * (w - cell_len(cell)) for cell, w in zip(r, widths, strict=True)
+        ).rstrip()
+        for r in [header, *rows]
+    ]
+
+
+def _tally(values: Iterable[str]) -> str:
+    counts: dict[str, int] = {}
+    for v in values:
+        counts[v] = counts.get(v, 0) + 1
+    return ", ".join(f"{n} {v}" for v, n in counts.items())
+
+
+def print_status(
+    console: Console,
+    statuses: list[StepStatus],
+    *,
+    actions: list[str] | None = None,
+    title: str = "rex status",
+) -> None:
+    """A table on a terminal, aligned lines otherwise; then the totals (by action, if given)."""
+    header = ["step", "triple", "status", "pid", "uptime", "restarts"]
+    if actions is not None:
+        header.append("action")
+    header.append("detail")
+    rows = status_rows(statuses, actions)
+    total = f"{_plural(len(statuses), 'step')}: " + _tally(
+        actions if actions is not None else (st.status for st in statuses)
+    )
+    if console.is_terminal:
+        table = Table(title=title, title_justify="left", show_edge=False, pad_edge=False)
+        for col in header:
+            table.add_column(col, no_wrap=col != "detail")
+        status_col = header.index("status")
+        for row in rows:
+            cells = [Text(c) for c in row]
+            style = _STATUS_STYLE.get(row[status_col].split("(")[0])
+            cells[status_col].stylize(style or "")
+            if actions is not None:
+                cells[-2].stylize(_STATUS_STYLE.get(row[-2]) or "")
+            table.add_row(*cells)
+        console.print(table)
+        console.print(Text(total))
+    else:
+        print_text(console, "\n".join([*format_columns(header, rows), total]))
+
+
+def format_stop_line(result: StopResult) -> str:
+    """``STOPPED  app@h1 (h1.u.app) was=running killed=2`` and, on failure, why."""
+    text = f"{result.outcome.upper():<11} {result.step.id} ({result.step.triple})"
+    if result.was is not None and result.outcome != "absent":
+        text += f" was={result.was}"
+    if result.killed:
+        text += f" killed={len(result.killed)}"
+    if result.detail:
+        text += f": {printable(result.detail)}"
+    return text
+
+
+def print_stop(console: Console, result: StopResult) -> None:
+    """One line per stopped step, as it finishes."""
+    console.print(
+        Text(format_stop_line(result), style=_STATUS_STYLE.get(result.outcome) or ""),
+        soft_wrap=True,
+    )
+
+
+def format_stop_summary(results: list[StopResult]) -> str:
+    return f"{_plural(len(results), 'step')}: " + (_tally(r.outcome for r in results) or "none")

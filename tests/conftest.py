@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import paramiko
 import pytest
+from oracle import no_orphans  # noqa: F401 - registers the fixture
 from sshrig import RigHost, SshdRig, unavailable_reason
 
 _RIG_FIXTURES = {"sshd_rig", "sshd_hosts", "fresh_sshd"}
@@ -55,6 +57,20 @@ def fresh_sshd(sshd_rig: SshdRig) -> Iterator[Callable[[], RigHost]]:
         except KeyError:
             continue  # the test stopped it already
         sshd_rig.stop(host)
+
+
+@pytest.fixture(autouse=True)
+def _state_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test's run store and retry files ($REX_STATE_DIR, else ./.rex): never the repo's,
+    never another test's."""
+    monkeypatch.setenv("REX_STATE_DIR", str(tmp_path / ".rex"))
+
+
+@pytest.fixture(autouse=True)
+def _no_orphans_on_sshd_tests(request: pytest.FixtureRequest) -> None:
+    """Every sshd-marked test runs under the no-orphans oracle (tests/oracle.py)."""
+    if request.node.get_closest_marker("sshd"):
+        request.getfixturevalue("no_orphans")
 
 
 @pytest.fixture(autouse=True)

@@ -1,0 +1,168 @@
+"""Stored runs: every ``rex apply`` keeps its events in ``.rex/runs/<run id>.jsonl``."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO
+
+from rexplan import events as ev
+from rexplan.errors import UsageError
+
+#: runs kept; older ones are removed when a new one starts
+KEEP = 20
+
+#: run ids as executor.new_run_id() makes them; anything else is not a stored run's name
+RUN_ID_RE = re.compile(r"^[0-9A-Za-z][0-9A-Za-z._-]{0,63}$")
+
+_SUFFIX = ".jsonl"
+_EVENT_FIELDS = {f.name for f in dataclasses.fields(ev.Event)}
+
+
+def state_dir() -> Path:
+    """``$REX_STATE_DIR`` when set, else ``.rex`` in the current directory (kept relative, so
+    messages that name it stay short)."""
+    return Path(os.environ.get("REX_STATE_DIR") or ".rex")
+
+
+def runs_dir() -> Path:
+    """Where the runs are: ``<state dir>/runs``."""
+    return state_dir() / "runs"
+
+
+def open_run_log(
+    run_id: str, *, keep: int = KEEP, warn: Callable[[str], None] | None = None
+) -> tuple[ev.Sink, Callable[[], None]]:
+    """(sink, close) writing the run's events to ``runs/<run_id>.jsonl`` (0600 in a 0700
+    directory), then prune to the newest ``keep`` runs, this one included. A run log that
+    cannot be written costs a warning, never the run: the sink then drops events."""
+    if not RUN_ID_RE.match(run_id):
+        raise ValueError(f"not a run id: {run_id!r}")
+    directory = runs_dir()
+    try:
+        directory.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        directory.mkdir(mode=0o700, exist_ok=True)
+        # mkdir's mode is filtered by the umask, and the directory may predate rex
+        os.chmod(directory, 0o700)
+        fd = os.open(
+            directory / f"{run_id}{_SUFFIX}",
+            os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+            0o600,
+        )
+    except OSError as exc:
+        if warn is not None:
+            warn(f"run events not stored ({directory}: {exc.strerror or exc})")
+        return (lambda _event: None), (lambda: None)
+    log = _RunLog(os.fdopen(fd, "w", encoding="utf-8"), warn)
+    prune(keep)
+    return log, log.close
+
+
+class _RunLog:
+    """A JSONL sink that stops writing, with one warning, at its first error (disk full)."""
+
+    def __init__(self, stream: IO[str], warn: Callable[[str], None] | None) -> None:
+        self._stream = stream
+        self._writer: ev.Sink | None = ev.JsonlWriter(stream)
+        self._warn = warn
+
+    def __call__(self, event: ev.Event) -> None:
+        if self._writer is None:
+            return
+        try:
+            self._writer(event)
+        except OSError as exc:
+            self._writer = None
+            if self._warn is not None:
+                self._warn(f"run events no longer stored: {exc.strerror or exc}")
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self._stream.close()
+
+
+def list_runs() -> list[str]:
+    """Stored run ids, oldest first (ids sort by start time)."""
+    try:
+        names = os.listdir(runs_dir())
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    ids = (n[: -len(_SUFFIX)] for n in names if n.endswith(_SUFFIX))
+    return sorted(i for i in ids if RUN_ID_RE.match(i))
+
+
+def prune(keep: int = KEEP) -> list[str]:
+    """Remove all but the newest ``keep`` runs; the ids removed."""
+    stored = list_runs()
+    gone = stored[: max(0, len(stored) - keep)]
+    for run_id in gone:
+        with contextlib.suppress(FileNotFoundError):
+            (runs_dir() / f"{run_id}{_SUFFIX}").unlink()
+    return gone
+
+
+def resolve(ref: str | None) -> str:
+    """The stored run ``ref`` names (a run id or a unique prefix); the newest for None."""
+    stored = list_runs()
+    where = runs_dir()
+    if not stored:
+        raise UsageError(
+            f"no stored runs in {where}",
+            hint="runs are stored by 'rex apply' in .rex/runs of the directory it ran in "
+            "(or $REX_STATE_DIR/runs)",
+        )
+    if ref is None:
+        return stored[-1]
+    if ref in stored:
+        return ref
+    matches = [r for r in stored if r.startswith(ref)]
+    if len(matches) == 1:
+        return matches[0]
+    if not matches:
+        raise UsageError(
+            f"no stored run {ref!r} in {where}", hint="'rex blame --list' shows the stored runs"
+        )
+    raise UsageError(
+        f"run prefix {ref!r} is ambiguous: {', '.join(matches)}",
+        hint="give more characters of the run id",
+    )
+
+
+def load_run(ref: str | None = None) -> tuple[str, list[ev.Event]]:
+    """(run id, its events in the order they were written); see resolve() for ``ref``.
+
+    Lines that do not parse (the tail of a run killed mid-write) are skipped.
+    """
+    run_id = resolve(ref)
+    path = runs_dir() / f"{run_id}{_SUFFIX}"
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError as exc:
+        raise UsageError(f"cannot read run {run_id}: {path}: {exc.strerror or exc}") from None
+    return run_id, parse_events(text)
+
+
+def parse_events(text: str) -> list[ev.Event]:
+    """Events from JSONL text; fields this version does not know are ignored."""
+    out = []
+    for line in text.splitlines():
+        try:
+            data = json.loads(line)
+        except ValueError:
+            continue
+        if not isinstance(data, dict) or not isinstance(data.get("kind"), str):
+            continue
+        fields = {k: v for k, v in data.items() if k in _EVENT_FIELDS}
+        fields.setdefault("run", "")
+        if not isinstance(fields.get("t"), (int, float)):
+            continue
+        try:
+            out.append(ev.Event(**fields))
+        except TypeError:
+            continue
+    return out

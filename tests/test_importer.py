@@ -1,0 +1,288 @@
+"""`rex import ansible`: inventories written as in Ansible's documentation become rex hosts."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from rexplan import cli, importer, manifest
+from rexplan import plan as planner
+from rexplan.errors import ManifestError
+
+DATA = Path(__file__).resolve().parent / "data" / "ansible"
+INVENTORIES = sorted(p.name for p in DATA.iterdir())
+
+
+def hosts_of(name: str) -> dict[str, importer.ImportedHost]:
+    path = DATA / name
+    hosts, _notes = importer.convert(importer.parse_inventory(path.read_text(), str(path)))
+    return {h.name: h for h in hosts}
+
+
+def wrap(hosts_yaml: str, users: set[str]) -> str:
+    """The imported section in a minimal manifest: one program on every host."""
+    declared = "".join(f"  {u}: {{}}\n" for u in sorted(users | {"ops"}))
+    return (
+        "rex: 1\n"
+        + hosts_yaml
+        + f"users:\n{declared}"
+        + "programs:\n  agent: {on: ['*'], user: ops, run: [sleep, '60']}\n"
+        + "authorize: ['*.*.*']\n"
+    )
+
+
+# --- ranges and host patterns (Ansible's inventory helpers) -------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("pattern", "expected"),
+    [
+        ("www[01:03].example.com", ["www01.example.com", "www02.example.com", "www03.example.com"]),
+        ("db-[a:c].example.com", ["db-a.example.com", "db-b.example.com", "db-c.example.com"]),
+        ("www[01:09:4]", ["www01", "www05", "www09"]),
+        ("node[8:11]", ["node8", "node9", "node10", "node11"]),
+        ("n[:2]", ["n0", "n1", "n2"]),
+        ("r[1:2]-n[a:b]", ["r1-na", "r1-nb", "r2-na", "r2-nb"]),
+        ("plain.example.com", ["plain.example.com"]),
+    ],
+)
+def test_expand_range(pattern: str, expected: list[str]) -> None:
+    assert importer.expand_range(pattern) == expected
+
+
+def test_the_documented_ranges_have_the_documented_sizes() -> None:
+    assert len(importer.expand_range("www[01:50].example.com")) == 50
+    assert importer.expand_range("www[01:50:2].example.com")[-1] == "www49.example.com"
+    assert len(importer.expand_range("db-[a:f].example.com")) == 6
+
+
+@pytest.mark.parametrize(
+    "pattern",
+    [
+        "web[01:5]",
+        "web[5:1]",
+        "web[f:a]",
+        "web[1]",
+        "web[1:2:3:4]",
+        "web[1:]",
+        "web[a:5]",
+        "web[1:2",
+        "web[1:9:0]",
+        "web[0:99999999]",
+    ],
+)
+def test_bad_ranges(pattern: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(repr(pattern))):
+        importer.expand_range(pattern)
+
+
+@pytest.mark.parametrize(
+    ("pattern", "names", "port"),
+    [
+        ("badwolf.example.com:5309", ["badwolf.example.com"], 5309),
+        ("web[1:2]:2222", ["web1", "web2"], 2222),
+        ("web[1:2]", ["web1", "web2"], None),
+        ("192.0.2.50", ["192.0.2.50"], None),
+    ],
+)
+def test_expand_hostpattern(pattern: str, names: list[str], port: int | None) -> None:
+    assert importer.expand_hostpattern(pattern) == (names, port)
+
+
+# --- the documentation's inventories ------------------------------------------------------------
+
+
+def test_groups_and_children() -> None:
+    hosts = hosts_of("basic.ini")
+    assert list(hosts) == [
+        "mail.example.com",
+        "foo.example.com",
+        "bar.example.com",
+        "one.example.com",
+        "two.example.com",
+        "three.example.com",
+    ]
+    assert hosts["mail.example.com"].groups == ()
+    assert hosts["foo.example.com"].groups == ("webservers", "east", "prod")
+    assert hosts["three.example.com"].groups == ("dbservers", "west", "test")
+
+
+@pytest.mark.parametrize(("ini", "yaml"), [("basic.ini", "basic.yaml"), ("vars.ini", "vars.yaml")])
+def test_ini_and_yaml_forms_give_the_same_hosts(ini: str, yaml: str) -> None:
+    assert hosts_of(ini) == hosts_of(yaml)
+
+
+def test_ranges_ports_and_aliases() -> None:
+    hosts = hosts_of("ranges.ini")
+    assert [h for h in hosts if h.startswith("www")] == [
+        f"www0{i}.example.com" for i in range(1, 6)
+    ]
+    assert [h for h in hosts if h.startswith("node")] == [
+        "node1",
+        "node3",
+        "node5",
+        "node7",
+        "node9",
+    ]
+    assert [h for h in hosts if h.startswith("db-")] == [f"db-{c}.example.com" for c in "abcdef"]
+    assert [h for h in hosts if h.startswith("r")] == ["r1-n01", "r1-n02", "r2-n01", "r2-n02"]
+    assert hosts["badwolf.example.com"].port == 5309
+    jumper = hosts["jumper"]
+    assert (jumper.address, jumper.port, jumper.groups) == ("192.0.2.50", 5555, ("bastions",))
+
+
+def test_variables_combine_as_in_ansible() -> None:
+    hosts = hosts_of("vars.ini")
+    # southeast's ansible_user and ansible_port reach host1 through atlanta; host2's own wins
+    assert (hosts["host1"].user, hosts["host1"].port) == ("deploy", 2222)
+    assert (hosts["host2"].user, hosts["host2"].port) == ("admin", 2222)
+    assert hosts["host2"].groups == ("atlanta", "raleigh", "southeast", "usa")
+    assert (hosts["host4"].address, hosts["host4"].port, hosts["host4"].user) == (
+        "10.0.4.4",
+        None,
+        None,
+    )
+    assert hosts["localhost"].transport == "local"
+    assert hosts["other1.example.com"].user == "myuser"
+    assert hosts["other1.example.com"].transport is None
+    assert hosts["other2.example.com"].user is None
+    assert any(
+        "'My.Other.User' is not a rex user name" in n for n in hosts["other2.example.com"].notes
+    )
+    assert any("winrm" in n for n in hosts["win1.example.com"].notes)
+
+
+def test_deeper_groups_win_and_names_break_ties() -> None:
+    inventory = """\
+[a]
+h1
+[b]
+h1
+[parent:children]
+a
+[a:vars]
+ansible_port=2201
+[b:vars]
+ansible_port=2202
+ansible_user=bee
+[parent:vars]
+ansible_user=parent
+ansible_host=10.9.9.9
+"""
+    (h1,), _ = importer.convert(importer.parse_ini(inventory))
+    # a (a child of parent) is deeper than b and parent, so its port wins over b's; b and
+    # parent are one below all, and parent comes later by name, so its user wins over b's
+    assert (h1.port, h1.user, h1.address) == (2201, "parent", "10.9.9.9")
+
+
+def test_values_of_other_variables_never_appear() -> None:
+    text = importer.import_ansible((DATA / "vars.ini").read_text(), "vars.ini")
+    assert "hunter2" not in text
+    assert "ansible_password" in text
+    assert "ntp.atlanta.example.com" not in text
+    assert "ntp_server" in text
+    yaml_text = importer.import_ansible((DATA / "vars.yaml").read_text(), "vars.yaml")
+    assert "ANSIBLE_VAULT" not in yaml_text
+
+
+@pytest.mark.parametrize("name", INVENTORIES)
+def test_the_output_loads_as_a_rex_manifest(name: str) -> None:
+    path = DATA / name
+    text = importer.import_ansible(path.read_text(), str(path))
+    assert text.startswith("# rex hosts imported from ")
+    users = {h.user for h in hosts_of(name).values() if h.user}
+    loaded = manifest.loads(wrap(text, users), f"{name}.yaml")
+    assert [h.name for h in loaded.hosts] == list(hosts_of(name))
+    for host in loaded.hosts:
+        imported = hosts_of(name)[host.name]
+        assert host.address == (imported.address or host.name)
+        assert host.port == (imported.port or 22)
+        assert host.user == imported.user
+        assert host.transport == (imported.transport or "ssh")
+        assert host.groups == imported.groups
+    assert len(planner.compile(loaded).steps) == len(loaded.hosts)
+
+
+def test_names_rex_cannot_take_are_left_out_with_a_comment() -> None:
+    inventory = """\
+all:
+  hosts:
+    "-dash.example.com":
+    "10.0.0.5":
+    "true":
+      ansible_host: "{{ lookup('env', 'IP') }}"
+  children:
+    WebServers:
+      hosts:
+        web1:
+"""
+    text = importer.import_ansible(inventory, "inv.yaml")
+    assert "host '-dash.example.com' left out" in text
+    assert "group 'WebServers' left out" in text
+    assert "ansible_host" in text and "not converted" in text
+    loaded = manifest.loads(wrap(text, set()), "wrapped.yaml")
+    assert [(h.name, h.address, h.groups) for h in loaded.hosts] == [
+        ("10.0.0.5", "10.0.0.5", ()),
+        ("true", "true", ()),
+        ("web1", "web1", ()),
+    ]
+
+
+@pytest.mark.parametrize("inventory", ["[empty]\n", "[bad]\n-dash\n"])
+def test_an_inventory_without_hosts_gives_an_empty_section(inventory: str) -> None:
+    text = importer.import_ansible(inventory, "inv.ini")
+    assert "hosts: {}" in text
+    loaded = manifest.loads(f"rex: 1\n{text}users: {{}}\nprograms: {{}}\n", "x.yaml")
+    assert loaded.hosts == ()
+
+
+@pytest.mark.parametrize(
+    ("text", "source", "where"),
+    [
+        ("[web\nh1\n", "bad.ini", "bad.ini:1:1"),
+        ("[web:other]\nh1\n", "bad.ini", "bad.ini:1:1"),
+        ("[web]\nh1 port\n", "bad.ini", "bad.ini:2:1"),
+        ("[web]\nh[1:2\n", "bad.ini", "bad.ini:2:1"),
+        ("[web:vars]\nnovalue\n", "bad.ini", "bad.ini:2:1"),
+        ("web: [\n", "bad.yaml", "bad.yaml:2:1"),
+        ("- a\n- b\n", "bad.yaml", "bad.yaml:1:1"),
+        ("web:\n  hosts: [h1]\n", "bad.yaml", "bad.yaml"),
+        ("a:\n  children:\n    b:\n      children:\n        a:\n", "bad.yaml", "bad.yaml"),
+    ],
+)
+def test_bad_inventories_name_the_place(text: str, source: str, where: str) -> None:
+    with pytest.raises(ManifestError) as info:
+        importer.convert(importer.parse_inventory(text, source))
+    assert str(info.value.diagnostics[0].format()).startswith(where + ":")
+
+
+# --- the command --------------------------------------------------------------------------------
+
+
+def test_the_command_prints_to_stdout(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["import", "ansible", str(DATA / "basic.ini")]) == 0
+    out = capsys.readouterr().out
+    assert "  foo.example.com: {groups: [webservers, east, prod]}\n" in out
+
+
+def test_output_file_is_written_once_unless_forced(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "hosts.yaml"
+    assert cli.main(["import", "ansible", str(DATA / "basic.ini"), "-o", str(out)]) == 0
+    first = out.read_text()
+    assert "mail.example.com" in first
+    assert capsys.readouterr().out == ""
+    assert cli.main(["import", "ansible", str(DATA / "ranges.ini"), "-o", str(out)]) == 5
+    assert "exists" in capsys.readouterr().err
+    assert out.read_text() == first
+    assert cli.main(["import", "ansible", str(DATA / "ranges.ini"), "-o", str(out), "--force"]) == 0
+    assert "jumper" in out.read_text()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hosts.yaml"]
+
+
+def test_unreadable_inventory(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["import", "ansible", str(tmp_path / "missing.ini")]) == 4
+    assert "cannot read the inventory" in capsys.readouterr().err
