@@ -1,0 +1,320 @@
+"""Benchmark: launch `sleep 30` on N loopback sshd hosts with OpenSSH, fabric, and `rex apply`.
+
+Usage (as root, like the test rig): python3 bench/launch.py [--hosts 16,64,128] [--reps 1]
+    [--settle 0.2] [--forks N] [--variants openssh,fabric,rex]
+
+One sshd per host on 127.0.0.x (tests/sshrig.py's rig: a throwaway account, pinned host keys),
+then per N, each variant in a fresh worker process:
+
+- openssh: ``ssh -o BatchMode=yes -o StrictHostKeyChecking=yes ... HOST 'nohup sleep 30 ... &'``
+  for every host at once (Popen all, wait all);
+- fabric:  ``ThreadingGroup.run`` of the same command, RejectPolicy and the pinned known_hosts;
+- rex:     ``rex apply -y`` of a manifest running ``[sleep, 30]`` on every host, each verified by
+  its callback after an ``alive`` probe of --settle seconds; keys are created and distributed
+  before the timed run. The first rex run on a host also uploads the agent (cold).
+
+Reported per run: wall (the worker process, imports included), inner (the launch alone, after
+imports), launcher CPU (user+sys of the worker and its children, from RUSAGE_CHILDREN), and
+rex's ratios to fabric and OpenSSH. Every launched process is killed by pid after each run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT))
+
+import helpers_procs as procs  # noqa: E402 - tests/helpers_procs.py, found via sys.path
+
+COMMAND = "nohup sleep 30 >/dev/null 2>&1 &"
+VARIANTS = ("openssh", "fabric", "rex")
+
+
+# --- workers: one process per timed run ---------------------------------------------------------
+
+
+def _ssh_argv(cfg: dict[str, Any], host: dict[str, Any]) -> list[str]:
+    return [
+        "ssh",
+        "-F",
+        "/dev/null",
+        "-o",
+        "BatchMode=yes",
+        "-o",
+        f"UserKnownHostsFile={cfg['known_hosts']}",
+        "-o",
+        "GlobalKnownHostsFile=/dev/null",
+        "-o",
+        "StrictHostKeyChecking=yes",
+        "-o",
+        "IdentitiesOnly=yes",
+        "-o",
+        "ConnectTimeout=10",
+        "-i",
+        cfg["identity"],
+        "-p",
+        str(host["port"]),
+        "-l",
+        cfg["login"],
+        host["address"],
+        COMMAND,
+    ]
+
+
+def work_openssh(cfg: dict[str, Any]) -> None:
+    procs = [
+        subprocess.Popen(_ssh_argv(cfg, h), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+        for h in cfg["hosts"]
+    ]
+    bad = [p.args for p in procs if p.wait() != 0]
+    if bad:
+        raise SystemExit(f"openssh: {len(bad)} host(s) failed")
+
+
+def work_fabric(cfg: dict[str, Any]) -> None:
+    import fabric
+    import paramiko
+
+    config = fabric.Config(overrides={"load_ssh_configs": False})
+    kwargs = {"key_filename": cfg["identity"], "look_for_keys": False, "allow_agent": False}
+    group = fabric.ThreadingGroup(
+        *(f"{h['address']}:{h['port']}" for h in cfg["hosts"]),
+        user=cfg["login"],
+        config=config,
+        connect_kwargs=kwargs,
+        connect_timeout=10,
+    )
+    for conn in group:
+        # fabric's default AutoAddPolicy would trust any key: pin them like rex does
+        conn.client.load_host_keys(cfg["known_hosts"])
+        conn.client.set_missing_host_key_policy(paramiko.RejectPolicy())
+    t0 = time.perf_counter()
+    results = group.run(COMMAND, hide=True, in_stream=False, warn=True)
+    inner = time.perf_counter() - t0
+    group.close()
+    bad = [c for c, r in results.items() if not hasattr(r, "exited") or r.exited != 0]
+    if bad:
+        raise SystemExit(f"fabric: {len(bad)} host(s) failed")
+    print(json.dumps({"inner": inner}))
+
+
+def work_rex(cfg: dict[str, Any]) -> None:
+    from rexplan import executor  # noqa: F401 - imported before the clock starts, like fabric
+    from rexplan.cli import main
+
+    argv = ["apply", cfg["manifest"], "-y", "-q", "--keys", cfg["keys"]]
+    argv += ["--known-hosts", cfg["known_hosts"], "--forks", str(cfg["forks"])]
+    stdout = sys.stdout
+    t0 = time.perf_counter()
+    with open(os.devnull, "w") as sink:
+        sys.stdout = sink
+        try:
+            code = main(argv)
+        finally:
+            sys.stdout = stdout
+    inner = time.perf_counter() - t0
+    if code != 0:
+        raise SystemExit(f"rex apply exited {code}")
+    print(json.dumps({"inner": inner}))
+
+
+def worker(variant: str, cfg_path: str) -> None:
+    cfg = json.loads(Path(cfg_path).read_text())
+    t0 = time.perf_counter()
+    {"openssh": work_openssh, "fabric": work_fabric, "rex": work_rex}[variant](cfg)
+    if variant == "openssh":
+        print(json.dumps({"inner": time.perf_counter() - t0}))
+
+
+# --- the driver ---------------------------------------------------------------------------------
+
+
+def cpu_children() -> float:
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def timed(variant: str, cfg_path: Path) -> dict[str, float]:
+    argv = [sys.executable, str(Path(__file__).resolve()), "--worker", variant, str(cfg_path)]
+    cpu0, t0 = cpu_children(), time.perf_counter()
+    out = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, check=False)
+    wall, cpu = time.perf_counter() - t0, cpu_children() - cpu0
+    if out.returncode != 0:
+        raise SystemExit(f"{variant} worker failed: {out.stderr.decode(errors='replace')}")
+    inner = json.loads(out.stdout.decode().strip().splitlines()[-1])["inner"]
+    return {"wall": wall, "inner": inner, "cpu": cpu}
+
+
+def launched(uid: int, agent_marker: str) -> list[int]:
+    """The rig account's sleeps and rex agents (not its sshd session processes)."""
+    found = []
+    for pid in procs.pids():
+        try:
+            if os.stat(f"/proc/{pid}").st_uid != uid:
+                continue
+        except OSError:
+            continue
+        argv = procs.cmdline(pid)
+        if argv[:2] == ["sleep", "30"] or any(agent_marker in w for w in argv):
+            found.append(pid)
+    return [p for p in found if procs.alive(p)]
+
+
+def clean(uid: int, agent_marker: str, expect: int) -> int:
+    """Kill every launched process by pid; returns how many sleeps there were."""
+    pids = launched(uid, agent_marker)
+    sleeps = sum(1 for p in pids if procs.cmdline(p)[:2] == ["sleep", "30"])
+    procs.kill(pids)
+    if sleeps != expect:
+        print(f"  warning: found {sleeps} sleeps, expected {expect}", file=sys.stderr)
+    return sleeps
+
+
+def write_manifest(
+    path: Path, hosts: Sequence[Any], login: str, identity: str, settle: float
+) -> None:
+    doc = {
+        "rex": 1,
+        "defaults": {"user": "bench", "timeouts": {"connect": 20, "start": 20, "callback": 20}},
+        "hosts": {h.name: {"address": h.address, "port": h.port} for h in hosts},
+        "users": {"bench": {"login": login, "identity": identity}},
+        "programs": {
+            "sleeper": {
+                "on": [h.name for h in hosts],
+                "run": ["sleep", "30"],
+                "ready": {"alive": settle},
+            }
+        },
+        "authorize": ["*.bench.sleeper"],
+    }
+    path.write_text(json.dumps(doc, indent=2) + "\n")
+
+
+def bench(
+    sizes: list[int], reps: int, settle: float, forks: int | None, variants: list[str]
+) -> None:
+    from sshrig import SshdRig
+
+    from rexplan.keycli import main as rex_key
+    from rexplan.remote import bundle_sha
+
+    marker = f"agent-{bundle_sha()[:16]}.py"
+    rig = SshdRig()
+    tmp = Path(tempfile.mkdtemp(prefix="rexbench-"))
+    try:
+        t0 = time.perf_counter()
+        all_hosts = rig.hosts(max(sizes))
+        print(
+            f"rig: {len(all_hosts)} sshds in {time.perf_counter() - t0:.1f}s; "
+            f"{os.cpu_count()} CPUs; settle {settle}s",
+            flush=True,
+        )
+        uid = rig.accounts[0].uid
+        keys = tmp / "keys"
+        rows: list[tuple[int, str, int, dict[str, float]]] = []
+        for n in sizes:
+            hosts = all_hosts[:n]
+            manifest = tmp / f"m{n}.yaml"
+            write_manifest(manifest, hosts, rig.login, rig.identity, settle)
+            common = ["-m", str(manifest), "--keys", str(keys)]
+            with open(os.devnull, "w") as sink:
+                stdout, sys.stdout = sys.stdout, sink
+                try:
+                    codes = [
+                        rex_key(["create", *common]),
+                        rex_key(["distribute", *common, "--known-hosts", rig.known_hosts]),
+                    ]
+                finally:
+                    sys.stdout = stdout
+            if codes != [0, 0]:
+                raise SystemExit(f"key set-up failed: {codes}")
+            cfg = {
+                "hosts": [{"name": h.name, "address": h.address, "port": h.port} for h in hosts],
+                "login": rig.login,
+                "identity": rig.identity,
+                "known_hosts": rig.known_hosts,
+                "manifest": str(manifest),
+                "keys": str(keys),
+                "forks": forks or n,
+            }
+            cfg_path = tmp / f"cfg{n}.json"
+            cfg_path.write_text(json.dumps(cfg))
+            for rep in range(reps):
+                for variant in variants:
+                    m = timed(variant, cfg_path)
+                    clean(uid, marker, n)
+                    rows.append((n, variant, rep, m))
+                    print(
+                        f"N={n:<4} {variant:<8} rep {rep}: wall {m['wall']:6.2f}s  "
+                        f"inner {m['inner']:6.2f}s  cpu {m['cpu']:6.2f}s",
+                        flush=True,
+                    )
+        report(rows, sizes, variants)
+    finally:
+        if rig.accounts:
+            procs.kill(launched(rig.accounts[0].uid, marker))
+        rig.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def report(
+    rows: list[tuple[int, str, int, dict[str, float]]], sizes: list[int], variants: list[str]
+) -> None:
+    def med(n: int, variant: str, key: str) -> float:
+        return statistics.median(m[key] for nn, v, _, m in rows if nn == n and v == variant)
+
+    print()
+    print(f"{'N':>4}  {'variant':<8} {'wall s':>7} {'inner s':>8} {'cpu s':>7}   (median of reps)")
+    for n in sizes:
+        for v in variants:
+            print(
+                f"{n:>4}  {v:<8} {med(n, v, 'wall'):7.2f} {med(n, v, 'inner'):8.2f} "
+                f"{med(n, v, 'cpu'):7.2f}"
+            )
+        if "rex" in variants:
+            for other in ("fabric", "openssh"):
+                if other not in variants:
+                    continue
+                ratios = "  ".join(
+                    f"{key} {med(n, 'rex', key) / med(n, other, key):.2f}x"
+                    for key in ("wall", "inner", "cpu")
+                )
+                print(f"{n:>4}  rex/{other:<8} {ratios}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = sys.argv[1:] if argv is None else argv
+    if args[:1] == ["--worker"]:
+        worker(args[1], args[2])
+        return
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--hosts", default="16,64,128", help="comma-separated host counts")
+    parser.add_argument("--reps", type=int, default=1, help="timed runs per variant and size")
+    parser.add_argument("--settle", type=float, default=0.2, help="rex's alive probe, seconds")
+    parser.add_argument("--forks", type=int, help="rex --forks (default: N, all at once)")
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    a = parser.parse_args(args)
+    if os.geteuid() != 0:
+        raise SystemExit("bench/launch.py needs root (it runs the sshd test rig)")
+    variants = [v for v in a.variants.split(",") if v]
+    if set(variants) - set(VARIANTS):
+        raise SystemExit(f"variants are {', '.join(VARIANTS)}")
+    bench([int(x) for x in a.hosts.split(",")], a.reps, a.settle, a.forks, variants)
+
+
+if __name__ == "__main__":
+    main()
