@@ -384,7 +384,19 @@ def test_pip_install_puts_the_pages_under_share_man(tmp_path: Path) -> None:
         shutil.copytree(ROOT / tree, src / tree, ignore=shutil.ignore_patterns("__pycache__"))
     prefix = tmp_path / "prefix"
     proc = subprocess.run(
-        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--prefix", str(prefix), "."],
+        # --ignore-installed: without it pip uninstalls the rexplan this suite runs from
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-deps",
+            "--ignore-installed",
+            "--prefix",
+            str(prefix),
+            ".",
+        ],
         cwd=src,
         capture_output=True,
         text=True,
