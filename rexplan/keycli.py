@@ -306,11 +306,15 @@ def format_totals(reports: Sequence[HostReport], *, dry_run: bool = False) -> st
     return "\n".join(lines)
 
 
-def _print_reports(reports: Iterator[HostReport], *, dry_run: bool) -> int:
+def _print_reports(reports: Iterator[HostReport], *, dry_run: bool, total: int = 0) -> int:
+    from rexplan import ui  # rich is only loaded by commands that show progress
+
     done = []
-    for report in reports:
-        done.append(report)
-        print(format_host_report(report, dry_run=dry_run), flush=True)
+    label = "checking keys" if dry_run else "distributing keys"
+    with ui.HostProgress(ui.make_console(), total, label) as progress:
+        for report in reports:
+            done.append(report)
+            progress.host_done(format_host_report(report, dry_run=dry_run))
     print(format_totals(done, dry_run=dry_run))
     return exit_code(done)
 
@@ -324,10 +328,13 @@ def _load_manifest(path: str) -> Manifest:
 
 def _cmd_distribute(args: argparse.Namespace, store: KeyStore) -> int:
     m = _load_manifest(args.manifest)
+    from rexplan import plan
+
     reports = distribute(
         m, store, known_hosts=_known_hosts(args, store), dry_run=args.dry_run, limit=args.limit
     )
-    return _print_reports(reports, dry_run=args.dry_run)
+    targets = {(s.host, s.user) for s in plan.compile(m, limit=args.limit).steps}
+    return _print_reports(reports, dry_run=args.dry_run, total=len(targets))
 
 
 def _cmd_revoke(args: argparse.Namespace, store: KeyStore) -> int:

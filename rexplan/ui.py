@@ -487,3 +487,38 @@ def print_stop(console: Console, result: StopResult) -> None:
 
 def format_stop_summary(results: list[StopResult]) -> str:
     return f"{_plural(len(results), 'step')}: " + (_tally(r.outcome for r in results) or "none")
+
+
+class HostProgress:
+    """Host-by-host progress (``rex_key distribute``): a bar on a terminal, lines always."""
+
+    def __init__(self, console: Console, total: int, label: str) -> None:
+        self.console = console
+        self._progress: Progress | None = None
+        self._task: TaskID | None = None
+        self._total = total
+        self._label = label
+
+    def __enter__(self) -> HostProgress:
+        if self.console.is_terminal and self._total:
+            self._progress = Progress(
+                TextColumn(self._label),
+                BarColumn(bar_width=24),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                console=self.console,
+                transient=True,
+            )
+            self._progress.start()
+            self._task = self._progress.add_task(self._label, total=self._total)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+
+    def host_done(self, text: str) -> None:
+        """Print one host's report above the bar and advance it."""
+        self.console.print(Text(text), soft_wrap=True, highlight=False)
+        if self._progress is not None and self._task is not None:
+            self._progress.advance(self._task)

@@ -129,3 +129,24 @@ def test_quiet_still_shows_failures(tmp_path: Path, capsys: pytest.CaptureFixtur
 def test_verbose_and_quiet_exclude_each_other(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["-v", "-q", "blame"]) == 5
     assert "not allowed with argument" in capsys.readouterr().err
+
+
+def test_host_progress_shows_a_bar_on_a_terminal_and_lines_everywhere() -> None:
+    import io
+
+    from rexplan import ui
+
+    tty = io.StringIO()
+    console = ui.Console(file=tty, force_terminal=True, width=80, color_system=None)
+    with ui.HostProgress(console, 2, "distributing keys") as progress:
+        progress.host_done("h1 as app: 1 changed, 0 unchanged")
+        progress.host_done("h2 as app: 0 changed, 1 unchanged")
+    text = tty.getvalue()
+    assert "distributing keys" in text and "2/2" in text
+    assert "h1 as app: 1 changed" in text and "h2 as app: 0 changed" in text
+
+    plain = io.StringIO()
+    console = ui.Console(file=plain, force_terminal=False, width=80)
+    with ui.HostProgress(console, 2, "distributing keys") as progress:
+        progress.host_done("h1 as app: 1 changed, 0 unchanged")
+    assert plain.getvalue() == "h1 as app: 1 changed, 0 unchanged\n"
