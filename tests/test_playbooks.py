@@ -92,3 +92,17 @@ def test_daemons_serve_http_after_their_probe(tmp_path: Path, home: Path) -> Non
     agent, pid = int(str(state["agent"])), int(str(state["pid"]))
     procs.kill([agent], grace=5.0)
     assert procs.wait_until(lambda: not procs.alive(pid), 5.0), "the server outlived its agent"
+
+
+def test_jobs_apply_and_report_their_exit_status_and_output(
+    tmp_path: Path, home: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    jobs = str(ROOT / "playbooks" / "jobs.yaml")
+    code = main(["apply", "-y", jobs, "--keys", str(tmp_path / "keys"), "--json"])
+    result = json.loads(capsys.readouterr().out)
+    steps = {s["id"]: s for s in result["steps"]}
+    assert code == 0, steps
+    assert set(steps) == {"hostinfo@localhost", "migrate@localhost", "report@localhost"}
+    assert all(s["status"] == 0 for s in steps.values()), steps
+    assert "migrating indexes" in steps["migrate@localhost"]["output"]
+    assert result["run"] in steps["report@localhost"]["output"]
