@@ -20,8 +20,9 @@ ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
 #: stands for any manifest the README names but the repository does not hold (site.yaml)
 PLACEHOLDER = ROOT / "playbooks" / "webstack.yaml"
-#: subcommands that touch no host; `apply` too when all its manifest's hosts are local
+#: subcommands that touch no host; LOCAL ones too when all their manifest's hosts are local
 OFFLINE = {"validate", "plan", "blame"}
+LOCAL = {"apply", "stop"}
 #: shell operators that separate commands on one line
 SEPARATORS = {"&&", "||", ";", "|"}
 
@@ -102,7 +103,7 @@ def runs_offline(argv: list[str]) -> bool:
     if sub in OFFLINE:
         return True
     found = manifests(argv)
-    return sub == "apply" and bool(found) and all(is_local(m) for m in found)
+    return sub in LOCAL and bool(found) and all(is_local(m) for m in found)
 
 
 def test_the_readme_shows_commands() -> None:
