@@ -150,6 +150,10 @@ def cmd_run(args: argparse.Namespace, console: ui.Console) -> int:
 
     sinks.append(keep)
     events_file = None
+    if args.events == "-":
+        raise UsageError(
+            "rex run prints the hosts' output on stdout", hint="give --events a file name"
+        )
     if args.events:
         events_file = open(args.events, "w", encoding="utf-8")
         sinks.append(ev.JsonlWriter(events_file))

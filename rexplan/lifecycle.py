@@ -231,6 +231,7 @@ statuses:
   exited(N)    it ended by itself with exit status N (negative: killed by signal -N)
   stopped      rex stop (or SIGTERM to its supervisor) ended it
   failed       its launch was not verified, or a restart could not start it
+  declined     the host refused to start it: a `when` precondition did not hold
   absent       never launched as this login on this host
   unknown      recorded as running, but neither program nor supervisor lives
   unreachable  the host could not be asked
