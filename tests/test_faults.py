@@ -449,12 +449,6 @@ def test_flipped_proof_in_a_real_launch_is_refused(world: World, sshd_hosts: Hos
     assert world.gone(5), world.tagged()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="product gap: the listener decides OK when the resp verifies; if the ok frame is "
-    "then lost, the agent kills its program by its callback deadline (exit 14), yet the step "
-    "is reported ready. The executor could refuse READY when the front reports a failure.",
-)
 def test_lost_ok_frame_is_not_reported_ready(world: World, sshd_hosts: Hosts) -> None:
     (host,) = sshd_hosts(1)
     name = world.program()
