@@ -57,6 +57,9 @@ AGENT_REASONS = {
 #: bind here when hosts reach the launcher over different routes
 ALL_ADDRESSES = "0.0.0.0"  # noqa: S104 - only when the routes to the hosts differ
 
+#: verdict code of a step whose resp verified but whose agent never received ``ok``
+OK_LOST = "OK_LOST"
+
 #: seconds an interrupted run waits for its in-flight steps to wind down
 INTERRUPT_GRACE = 10.0
 
@@ -486,6 +489,10 @@ class Executor:
             step.id,
             timeout=remaining if exec_error else min(remaining, 0.2 if "ok" in diag else 2.0),
         )
+        if verdict.ok and diag.get("ok") is False:
+            # The agent's report cannot make a step succeed, but it may make one fail: it
+            # never got the launcher's ok (lost on the way) and stopped its program.
+            verdict = replace(verdict, ok=False, code=OK_LOST)
         if verdict.ok and step.kind == "job":
             self._state(r, ev.RUNNING, phase="job", pid=verdict.pid)
             self._job_done(r, verdict.pid)
@@ -594,6 +601,8 @@ class Executor:
         where = f"{step.login}@{step.host}"
         with self._lock_for(f"records {where}"):
             if where not in self._records:
+                self._records[where] = sftp_records(transport)
+            if self._records[where] is None:
                 self._records[where] = read_records(
                     transport, self.manifest.host(step.host).python, agent, step.timeouts.start
                 )
@@ -802,6 +811,50 @@ def read_records(
         return None
 
 
+def sftp_records(transport: Transport) -> dict[str, dict[str, Any]] | None:
+    """The records of one login on one host read over SFTP, with liveness from /proc: what the
+    agent's ``--status`` reports, minus the uptime, without starting a Python there. None (ask
+    the agent) when a program has uploaded files, since hashing them is the agent's job."""
+    try:
+        home = transport.rex_home()
+        run = f"{home}/run"
+        out: dict[str, dict[str, Any]] = {}
+        for entry in transport.listdir(run):
+            name = entry[: -len(".json")]
+            if entry.startswith(".") or not entry.endswith(".json") or not name:
+                continue
+            if transport.listdir(f"{home}/files/{name}"):
+                return None
+            try:
+                record = json.loads(transport.get(f"{run}/{entry}")[: 1 << 20])
+            except (OSError, ValueError):
+                continue  # vanished or unreadable: the agent skips it too
+            if not isinstance(record, dict):
+                continue
+            record.update(
+                name=name,
+                alive=_same_process(transport, record.get("pid"), record.get("start")),
+                supervised=_same_process(transport, record.get("agent"), record.get("agent_start")),
+                files={},
+            )
+            out[name] = record
+        return out
+    except (TransportError, OSError):
+        return None
+
+
+def _same_process(transport: Transport, pid: Any, start: Any) -> bool:
+    """The agent's ``same_process`` over SFTP: ``pid`` lives, not a zombie, and started at
+    ``start`` (clock ticks since boot, /proc/PID/stat field 22), so a reused pid does not count."""
+    if type(pid) is not int or pid <= 1 or not isinstance(start, str):
+        return False
+    try:
+        fields = transport.get(f"/proc/{pid}/stat").rsplit(b")", 1)[1].split()
+    except (OSError, IndexError):
+        return False
+    return len(fields) > 19 and fields[0] != b"Z" and fields[19] == start.encode()
+
+
 def _front_report(stdout: bytes) -> dict[str, object]:
     """The agent front's one JSON line: a diagnostic, never the verdict."""
     for line in reversed(stdout.splitlines()):
@@ -818,6 +871,9 @@ def _failure(
     """(reason, phase, detail) for a step that was not verified."""
     if code in ("BAD_PROOF", "WRONG_KEY"):
         return "bad_proof", "callback", f"callback did not prove the key ({code})"
+    if code == OK_LOST:
+        detail = "the agent proved the key but never received ok, so it stopped its program"
+        return "ok_lost", "callback", detail
     exit_code = diag.get("exit")
     agent_reason = str(diag.get("reason") or "")
     if isinstance(exit_code, int) and exit_code in AGENT_REASONS:

@@ -43,9 +43,13 @@ import math
 import os
 import re
 import struct
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+
+# The agent imports this module on every run: no dataclasses (they import inspect) and typing
+# only for the type checker
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterable, Mapping, Sequence
+    from typing import Any
 
 VERSION = "rex-cb/1"
 KEY_BYTES = 32
@@ -506,13 +510,53 @@ OUT_CHUNK = 2048
 OUT_TAIL = 16384
 
 
-@dataclass(frozen=True)
-class Session:
+class _Frozen:
+    """An immutable record like a frozen dataclass: equality, hash and repr by ``_fields``, in
+    order (less ``_hidden`` in the repr); assigning a field raises AttributeError."""
+
+    __slots__: tuple[str, ...] = ()
+    _fields: tuple[str, ...] = ()
+    _hidden: tuple[str, ...] = ()
+
+    def _init(self, **values: object) -> None:
+        for name, value in values.items():
+            object.__setattr__(self, name, value)
+
+    def _values(self) -> tuple[object, ...]:
+        return tuple(getattr(self, name) for name in self._fields)
+
+    def __eq__(self, other: object) -> bool:
+        if other.__class__ is not self.__class__:
+            return NotImplemented
+        assert isinstance(other, _Frozen)
+        return self._values() == other._values()
+
+    def __hash__(self) -> int:
+        return hash(self._values())
+
+    def __repr__(self) -> str:
+        shown = (f"{n}={getattr(self, n)!r}" for n in self._fields if n not in self._hidden)
+        return f"{type(self).__name__}({', '.join(shown)})"
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"cannot assign to field {name!r}")
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError(f"cannot delete field {name!r}")
+
+
+class Session(_Frozen):
     """What both sides of a verified handshake share: the MAC keys and the session binding."""
 
-    k_l: bytes = field(repr=False)
-    k_a: bytes = field(repr=False)
-    binding: bytes = field(repr=False)  # T || ns || nl || ap
+    _fields = ("k_l", "k_a", "binding")
+    __slots__ = _fields
+    _hidden = _fields
+    k_l: bytes
+    k_a: bytes
+    binding: bytes  # T || ns || nl || ap
+
+    def __init__(self, k_l: bytes, k_a: bytes, binding: bytes) -> None:
+        self._init(k_l=k_l, k_a=k_a, binding=binding)
 
     @classmethod
     def of(cls, keys: tuple[bytes, bytes], t: bytes, ns: bytes, nl: bytes, ap: bytes) -> Session:
@@ -585,29 +629,73 @@ _OPTIONAL_LAUNCH_KEYS = ("replace", "restart", "files", "when")
 RESTART_POLICIES = ("no", "on-failure", "always")
 
 
-@dataclass(frozen=True)
-class Probe:
+class Probe(_Frozen):
     """A readiness probe as the agent runs it."""
 
-    kind: str = "alive"
-    interval: float = 0.2
-    settle: float = 0.5
-    host: str = "127.0.0.1"
-    port: int | None = None
-    url: str | None = None
-    argv: tuple[str, ...] = ()
-    path: str | None = None
+    _fields = ("kind", "interval", "settle", "host", "port", "url", "argv", "path")
+    __slots__ = _fields
+    kind: str
+    interval: float
+    settle: float
+    host: str
+    port: int | None
+    url: str | None
+    argv: tuple[str, ...]
+    path: str | None
+
+    def __init__(
+        self,
+        kind: str = "alive",
+        interval: float = 0.2,
+        settle: float = 0.5,
+        host: str = "127.0.0.1",
+        port: int | None = None,
+        url: str | None = None,
+        argv: tuple[str, ...] = (),
+        path: str | None = None,
+    ) -> None:
+        self._init(
+            kind=kind,
+            interval=interval,
+            settle=settle,
+            host=host,
+            port=port,
+            url=url,
+            argv=argv,
+            path=path,
+        )
 
 
-@dataclass(frozen=True)
-class Launch:
+class Launch(_Frozen):
     """A parsed launch message. ``deadlines`` are seconds: start, ready, callback, stop."""
 
+    _fields = (
+        "run",
+        "step",
+        "triple",
+        "key_path",
+        "nl",
+        "callback",
+        "deadlines",
+        "argv",
+        "env",
+        "cwd",
+        "ready",
+        "kind",
+        "log",
+        "tags",
+        "replace",
+        "restart",
+        "files",
+        "when",
+    )
+    __slots__ = _fields
+    _hidden = ("nl",)
     run: str
     step: str
     triple: str
     key_path: str
-    nl: bytes = field(repr=False)
+    nl: bytes
     callback: tuple[str, int]
     deadlines: tuple[tuple[str, float], ...]
     argv: tuple[str, ...]
@@ -617,12 +705,54 @@ class Launch:
     kind: str
     log: str
     tags: tuple[tuple[str, str], ...]
-    replace: bool = False  # stop a running instance of the triple first, else refuse
-    restart: str = "no"  # the supervisor's policy when the program ends: RESTART_POLICIES
+    replace: bool  # stop a running instance of the triple first, else refuse
+    restart: str  # the supervisor's policy when the program ends: RESTART_POLICIES
     #: (dest, sha256 hex, mode): files the launcher put under REX_HOME/files/<log>/
-    files: tuple[tuple[str, str, int], ...] = ()
+    files: tuple[tuple[str, str, int], ...]
     #: preconditions: ("max_load", 1-minute load average) and ("min_free_mb", MemAvailable)
-    when: tuple[tuple[str, float], ...] = ()
+    when: tuple[tuple[str, float], ...]
+
+    def __init__(
+        self,
+        run: str,
+        step: str,
+        triple: str,
+        key_path: str,
+        nl: bytes,
+        callback: tuple[str, int],
+        deadlines: tuple[tuple[str, float], ...],
+        argv: tuple[str, ...],
+        env: tuple[tuple[str, str], ...],
+        cwd: str | None,
+        ready: Probe,
+        kind: str,
+        log: str,
+        tags: tuple[tuple[str, str], ...],
+        replace: bool = False,
+        restart: str = "no",
+        files: tuple[tuple[str, str, int], ...] = (),
+        when: tuple[tuple[str, float], ...] = (),
+    ) -> None:
+        self._init(
+            run=run,
+            step=step,
+            triple=triple,
+            key_path=key_path,
+            nl=nl,
+            callback=callback,
+            deadlines=deadlines,
+            argv=argv,
+            env=env,
+            cwd=cwd,
+            ready=ready,
+            kind=kind,
+            log=log,
+            tags=tags,
+            replace=replace,
+            restart=restart,
+            files=files,
+            when=when,
+        )
 
     def deadline(self, name: str) -> float:
         return dict(self.deadlines)[name]

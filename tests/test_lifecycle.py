@@ -23,6 +23,7 @@ from rexplan.callback import CallbackListener, PendingStep
 from rexplan.errors import ManifestError
 from rexplan.executor import Load
 from rexplan.model import FailurePolicy, Ready, Step
+from rexplan.transport import connect
 
 #: forks a grandchild that leaves the process group (setsid), then waits forever
 DAEMON = (
@@ -84,6 +85,34 @@ def test_apply_twice_changes_nothing_the_second_time(world: World, sshd_hosts: H
     assert "4 unchanged, 0 started, 0 restarted, 0 failed" in second.out
     code, _, _ = world.rex("stop", str(m))
     assert code == 0 and world.tagged() == []
+
+
+def test_records_over_sftp_say_what_the_agent_says(world: World, sshd_hosts: Hosts) -> None:
+    """apply reads a host's records over SFTP instead of running the agent's --status: both
+    agree, for running programs and for stopped ones (all but the uptime)."""
+    (host,) = sshd_hosts(1)
+    m = world.manifest([host], {"db": {"on": [host.name], **SLEEPER}})
+    world.distribute(m)
+    assert world.apply(m).code == 0
+
+    def both() -> tuple[object, object]:
+        t = connect(host.model_host(), host.model_user(), known_hosts=host.known_hosts)
+        try:
+            agent = f"{t.rex_home()}/agent-{remote.bundle_sha()[:16]}.py"
+            slow = executor.read_records(t, host.model_host().python, agent, 5.0)
+            fast = executor.sftp_records(t)
+        finally:
+            t.close()
+        assert slow is not None
+        for record in slow.values():
+            record.pop("uptime", None)
+        return fast, slow
+
+    fast, slow = both()
+    assert fast == slow and [r["alive"] for r in slow.values()] == [True]
+    assert world.rex("stop", str(m))[0] == 0
+    fast, slow = both()
+    assert fast == slow and [r["alive"] for r in slow.values()] == [False]
 
 
 def test_changed_env_restarts_only_that_program(world: World, sshd_hosts: Hosts) -> None:

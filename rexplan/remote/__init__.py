@@ -5,7 +5,8 @@ rexplan/remote/agent.py as in-memory modules (``rexplan.protocol``, ``rexplan.re
 ahead of any rexplan installed there) and runs the agent. Two ways to run it:
 
 - a file: upload ``bundle()`` once as ``~/.rex/agent-<bundle_sha()>.py``, then run
-  ``python3 -I -S FILE`` with the launch line (protocol.make_launch) on stdin;
+  ``python3 -I -S FILE`` with the launch line (protocol.make_launch) on stdin; its first run
+  keeps the compiled modules next to it (``FILE.<cache_tag>.code``) for the next ones;
 - no file: run ``bootstrap_argv()`` and write ``bootstrap_input(launch_line)`` to its stdin;
   the small ``-c`` bootstrap reads the bundle, checks its sha256 against argv, and execs it.
 """
@@ -34,20 +35,59 @@ import sys
 import types
 
 
-def _rex_module(name, source=None):
+def _rex_codes(sources):
+    # Compiling the sources costs more than the rest of a short run: a bundle run as a file
+    # keeps their code next to it (FILE.<cache_tag>.code), checked by the sources' sha256.
+    import marshal
+    import os
+
+    tag = getattr(sys.implementation, "cache_tag", None)
+    path = globals().get("__file__")
+    cache = "%s.%s.code" % (path, tag) if path and tag else None
+    if cache is not None:
+        try:
+            with open(cache, "rb") as f:
+                sha, codes = marshal.load(f)
+            if sha == {sha!r}:
+                return codes
+        except (OSError, EOFError, ValueError, TypeError):
+            pass
+    codes = tuple(
+        compile(source, "<rex-bundle>/" + name.replace(".", "/") + ".py", "exec")
+        for name, source in sources
+    )
+    if cache is not None:
+        tmp = "%s/.%s.%d.tmp" % (os.path.dirname(cache), os.path.basename(cache), os.getpid())
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                marshal.dump(({sha!r}, codes), f)
+            os.replace(tmp, cache)
+        except (OSError, ValueError):
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+    return codes
+
+
+def _rex_module(name, code=None):
     module = types.ModuleType(name)
     sys.modules[name] = module
-    if source is None:
+    if code is None:
         module.__path__ = []
     else:
-        module.__file__ = "<rex-bundle>/" + name.replace(".", "/") + ".py"
-        exec(compile(source, module.__file__, "exec"), module.__dict__)
+        module.__file__ = code.co_filename
+        exec(code, module.__dict__)
     return module
 
 
+_rex_protocol, _rex_agent = _rex_codes(
+    (("rexplan.protocol", {protocol!r}), ("rexplan.remote.agent", {agent!r}))
+)
 _rex_module("rexplan").remote = _rex_module("rexplan.remote")
-sys.modules["rexplan"].protocol = _rex_module("rexplan.protocol", {protocol!r})
-sys.exit(_rex_module("rexplan.remote.agent", {agent!r}).main())
+sys.modules["rexplan"].protocol = _rex_module("rexplan.protocol", _rex_protocol)
+sys.exit(_rex_module("rexplan.remote.agent", _rex_agent).main())
 """
 
 
@@ -57,7 +97,8 @@ def bundle() -> bytes:
     package = resources.files("rexplan")
     protocol = package.joinpath("protocol.py").read_text(encoding="utf-8")
     agent = package.joinpath("remote").joinpath("agent.py").read_text(encoding="utf-8")
-    return _TEMPLATE.format(protocol=protocol, agent=agent).encode("utf-8")
+    sha = hashlib.sha256(f"{protocol}\0{agent}".encode()).hexdigest()
+    return _TEMPLATE.format(protocol=protocol, agent=agent, sha=sha).encode("utf-8")
 
 
 def bundle_sha() -> str:

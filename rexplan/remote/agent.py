@@ -67,13 +67,15 @@ import socket
 import stat
 import subprocess
 import sys
-import tempfile
 import time
-import traceback
 from collections.abc import Iterator
-from typing import Any
 
 from rexplan import protocol
+
+# every agent run pays for its imports: tempfile and traceback come where used, typing never
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 EXIT_OK = 0
 EXIT_KEY = 10
@@ -450,6 +452,8 @@ def _notify_socket(home: str) -> tuple[socket.socket, str]:
     """An sd_notify-style datagram socket in a fresh 0700 directory."""
     run = os.path.join(home, "run")
     os.makedirs(run, mode=0o700, exist_ok=True)
+    import tempfile
+
     directory = tempfile.mkdtemp(prefix="n", dir=run)
     path = os.path.join(directory, "s")
     if len(path.encode()) > 100:  # sun_path is 108 bytes
@@ -709,6 +713,12 @@ def file_hashes(home: str, name: str) -> dict[str, str]:
 # ---- the supervisor ----
 
 
+def _print_exc() -> None:
+    import traceback
+
+    traceback.print_exc()
+
+
 def _run_dir(home: str) -> str:
     run = os.path.join(home, "run")
     os.makedirs(run, mode=0o700, exist_ok=True)
@@ -718,7 +728,8 @@ def _run_dir(home: str) -> str:
 def _store(home: str, name: str, record: dict[str, Any]) -> None:
     """Atomically replace REX_HOME/run/<name>.json (temp file in the same directory, rename)."""
     run = _run_dir(home)
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=run)
+    tmp = os.path.join(run, f".{name}.{os.urandom(6).hex()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
         with os.fdopen(fd, "w") as f:
             json.dump(record, f, sort_keys=True)
@@ -757,7 +768,7 @@ def _write_state(home: str, launch: protocol.Launch, **fields: Any) -> None:
     try:
         _store(home, launch.log, record)
     except OSError:
-        traceback.print_exc()
+        _print_exc()
 
 
 def _lock(home: str, name: str, wait: float = 0.0) -> int | None:
@@ -953,7 +964,7 @@ def _supervise(launch: protocol.Launch, home: str, secret: bytes, log_fd: int, o
     except BaseException as exc:
         _disarm()
         if not isinstance(exc, Failure):
-            traceback.print_exc()  # into the program log
+            _print_exc()  # into the program log
         failure = exc if isinstance(exc, Failure) else Failure(EXIT_AGENT, "agent failed")
         result = failure.result()
         fields: dict[str, Any] = {"state": "failed", "reason": failure.reason, "restarts": 0}
@@ -1208,7 +1219,7 @@ def _child(launch: protocol.Launch, home: str, secret: bytes, log_fd: int, out: 
     try:
         return _supervise(launch, home, secret, log_fd, out)
     except BaseException:
-        traceback.print_exc()
+        _print_exc()
         return EXIT_AGENT
 
 
