@@ -1,7 +1,7 @@
 """Benchmark: launch `sleep 30` on N loopback sshd hosts with OpenSSH, fabric, and `rex apply`.
 
 Usage (as root, like the test rig): python3 bench/launch.py [--hosts 16,64,128] [--reps 1]
-    [--settle 0.2] [--forks N] [--variants openssh,fabric,rex]
+    [--settle 0.2] [--forks N] [--variants openssh,fabric,rex,reapply]
 
 One sshd per host on 127.0.0.x (tests/sshrig.py's rig: a throwaway account, pinned host keys),
 then per N, each variant in a fresh worker process:
@@ -11,7 +11,9 @@ then per N, each variant in a fresh worker process:
 - fabric:  ``ThreadingGroup.run`` of the same command, RejectPolicy and the pinned known_hosts;
 - rex:     ``rex apply -y`` of a manifest running ``[sleep, 30]`` on every host, each verified by
   its callback after an ``alive`` probe of --settle seconds; keys are created and distributed
-  before the timed run. The first rex run on a host also uploads the agent (cold).
+  before the timed run. The first rex run on a host also uploads the agent (cold);
+- reapply: ``rex apply`` twice, the second on the unchanged manifest (every step ``unchanged``,
+  no process started); its inner time is the second apply's alone.
 
 Reported per run: wall (the worker process, imports included), inner (the launch alone, after
 imports), launcher CPU (user+sys of the worker and its children, from RUSAGE_CHILDREN), and
@@ -41,7 +43,7 @@ sys.path.insert(0, str(ROOT))
 import helpers_procs as procs  # noqa: E402 - tests/helpers_procs.py, found via sys.path
 
 COMMAND = "nohup sleep 30 >/dev/null 2>&1 &"
-VARIANTS = ("openssh", "fabric", "rex")
+VARIANTS = ("openssh", "fabric", "rex", "reapply")
 
 
 # --- workers: one process per timed run ---------------------------------------------------------
@@ -132,10 +134,24 @@ def work_rex(cfg: dict[str, Any]) -> None:
     print(json.dumps({"inner": inner}))
 
 
+def work_reapply(cfg: dict[str, Any]) -> None:
+    """Apply (untimed), then apply the unchanged manifest again: "inner" is the second."""
+    stdout = sys.stdout
+    with open(os.devnull, "w") as sink:
+        sys.stdout = sink
+        try:
+            work_rex(cfg)
+        finally:
+            sys.stdout = stdout
+    work_rex(cfg)
+
+
 def worker(variant: str, cfg_path: str) -> None:
     cfg = json.loads(Path(cfg_path).read_text())
     t0 = time.perf_counter()
-    {"openssh": work_openssh, "fabric": work_fabric, "rex": work_rex}[variant](cfg)
+    works = {"openssh": work_openssh, "fabric": work_fabric, "rex": work_rex}
+    works["reapply"] = work_reapply
+    works[variant](cfg)
     if variant == "openssh":
         print(json.dumps({"inner": time.perf_counter() - t0}))
 
@@ -294,6 +310,9 @@ def report(
                     for key in ("wall", "inner", "cpu")
                 )
                 print(f"{n:>4}  rex/{other:<8} {ratios}")
+        if "rex" in variants and "reapply" in variants:
+            ratio = med(n, "reapply", "inner") / med(n, "rex", "inner")
+            print(f"{n:>4}  re-apply unchanged / first apply (inner): {ratio:.2f}x")
 
 
 def main(argv: list[str] | None = None) -> None:
