@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import textwrap
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -120,6 +121,23 @@ def format_folded(results: Sequence[Outcome]) -> str:
     return "".join(blocks)
 
 
+def results_to_dict(run: str, results: Sequence[Outcome]) -> dict[str, Any]:
+    """``rex run --json``: format 1; every host once, and the dshbak-style groups."""
+    return {
+        "format": 1,
+        "run": run,
+        "exit": exit_code(results),
+        "hosts": [
+            {"host": r.host, "status": r.status, "output": r.output, "problem": r.problem}
+            for r in results
+        ],
+        "groups": [
+            {"hosts": hosts, "status": r.status, "output": r.output, "problem": r.problem}
+            for hosts, r in fold(results)
+        ],
+    }
+
+
 def exit_code(results: Sequence[Outcome]) -> int:
     """The worst of the hosts' exit statuses (killed by signal N: 128+N) and of the codes of
     hosts that gave none."""
@@ -170,7 +188,11 @@ def cmd_run(args: argparse.Namespace, console: ui.Console) -> int:
         if events_file is not None:
             events_file.close()
     results = outcomes(final[s.id] for s in compiled.steps if s.id in final)
-    ui.print_text(console, format_folded(results))
+    if args.json:
+        doc = results_to_dict(result.run_id, results)
+        ui.print_text(console, json.dumps(doc, indent=2, sort_keys=True))
+    else:
+        ui.print_text(console, format_folded(results))
     return 130 if result.interrupted else exit_code(results)
 
 
@@ -224,6 +246,11 @@ def add_parser(subparsers: argparse._SubParsersAction[Any]) -> None:
     )
     parser.add_argument(
         "--events", metavar="FILE", help="write every event as one JSON object per line"
+    )
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        help="print each host's status and output, and the folded groups, as JSON (format 1)",
     )
     parser.add_argument(
         "--keys", metavar="DIR", help="the key store (default: $REX_KEYS, else ./keys)"

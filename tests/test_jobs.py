@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import signal
 import socket
@@ -101,6 +102,13 @@ def test_rex_run_folds_identical_output_and_exits_with_the_worst(
         f"----------------\n{names[0]},{names[1]}\n----------------\nsame\n"
         f"----------------\n{odd} (exit 4)\n----------------\nsame\nodd\n"
     )
+    code, out, _ = world.rex("run", "*", "-m", str(m), "--json", "--", "sh", "-c", script)
+    doc = json.loads(out)
+    assert (code, doc["format"], doc["exit"]) == (4, 1, 4)
+    assert [(h["host"], h["status"]) for h in doc["hosts"]] == [
+        (n, 4 if n == odd else 0) for n in names
+    ]
+    assert [g["hosts"] for g in doc["groups"]] == [names[:2], [odd]]
     # the pattern narrows the hosts; a clean run exits 0
     code, out, _ = world.rex("run", names[0], "-m", str(m), "--user", world.user, "--", "true")
     assert code == 0 and out == f"----------------\n{names[0]}\n----------------\n"
