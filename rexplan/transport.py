@@ -37,6 +37,8 @@ _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _CHUNK = 32768
 #: how often run() retries a send when the remote window is full (select only signals reads)
 _SEND_POLL = 0.005
+#: longest wait for output before both channel buffers are checked again
+_RECV_POLL = 0.05
 _REX_HOME_SCRIPT = 'printf "%s\\000%s" "$HOME" "${REX_HOME-}"'
 
 
@@ -349,8 +351,11 @@ class SSHTransport:
             wait = None if deadline is None else deadline - time.monotonic()
             if wait is not None and wait <= 0:
                 raise self._exec_error(TimeoutError(), deadline, timeout)
-            if pending is not None:
-                wait = _SEND_POLL if wait is None else min(wait, _SEND_POLL)
+            # paramiko's stdout/stderr "or-pipe" can lose a wakeup (one half cleared while the
+            # other is being set), so a bounded wait re-checks both buffers: without it a
+            # remote blocked on a full window of unread stderr deadlocks until the deadline
+            poll = _SEND_POLL if pending is not None else _RECV_POLL
+            wait = poll if wait is None else min(wait, poll)
             select.select([chan], [], [], wait)
         remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
         if not chan.status_event.wait(remaining):
