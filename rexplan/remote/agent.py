@@ -905,10 +905,9 @@ def _program_env(launch: protocol.Launch, notify: str | None) -> dict[str, str]:
 
 
 def _report(fd: int, obj: dict[str, Any]) -> None:
-    try:
+    # OSError: the front is gone; the outcome stands without it
+    with contextlib.suppress(OSError):
         os.write(fd, json.dumps(obj).encode("ascii") + b"\n")
-    except OSError:
-        pass  # the front is gone; the outcome stands without it
 
 
 def _spawn(
@@ -1096,14 +1095,14 @@ def _finish_job(link: _Link, output: bytes, status: int) -> None:
     ]
     frames.append(protocol.make_exit(link.session, len(frames) + 1, status))
     try:
-        link.sock.settimeout(protocol.JOB_SILENCE)
-        for frame in frames:
-            link.sock.sendall(protocol.encode_frame(frame))
-        link.sock.shutdown(socket.SHUT_WR)
-        while link.sock.recv(4096):
-            pass
-    except OSError:
-        pass  # the launcher went away: the record still holds the status
+        # OSError: the launcher went away; the record still holds the status
+        with contextlib.suppress(OSError):
+            link.sock.settimeout(protocol.JOB_SILENCE)
+            for frame in frames:
+                link.sock.sendall(protocol.encode_frame(frame))
+            link.sock.shutdown(socket.SHUT_WR)
+            while link.sock.recv(4096):
+                continue
     finally:
         link.sock.close()
 
@@ -1298,14 +1297,13 @@ def _read_launch() -> protocol.Launch:
 
 
 def _print(result: dict[str, Any]) -> int:
-    try:
+    # OSError: the launcher is gone; the exit code still tells
+    with contextlib.suppress(OSError):
         sys.stdout.write(json.dumps(result) + "\n")
         sys.stdout.flush()
         if not result["ok"]:
             sys.stderr.write(f"rex-agent: {result['reason']}\n")
             sys.stderr.flush()
-    except OSError:
-        pass  # the launcher is gone; the exit code still tells
     return EXIT_OK if result["ok"] else int(result["exit"])
 
 
