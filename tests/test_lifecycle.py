@@ -404,8 +404,12 @@ def test_one_instance_per_triple_unless_replaced(local: Local) -> None:
     assert procs.wait_until(lambda: not procs.alive(first["agent"]), 5)
     assert procs.alive(first["pid"])
     assert local.launch(["sleep", "300"], "s3")["code"] == 18
-    replaced = local.launch(["sleep", "300"], "s4", replace=True)
-    assert replaced["code"] == 0, replaced
+    # replace is for another spec: the same one, alive, is a concurrent launch that won
+    same = local.launch(["sleep", "300"], "s3b", replace=True)
+    assert same["code"] == 18 and "already running" in same["reason"], same
+    assert procs.alive(first["pid"])
+    replaced = local.launch(["sleep", "301"], "s4", replace=True)
+    assert replaced["code"] == 0 and replaced["replaced"] is True, replaced
     assert not procs.alive(first["pid"])
     assert procs.tagged(REXTEST=local.tag) == [replaced["pid"]]
     record = local.record()

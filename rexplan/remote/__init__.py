@@ -29,6 +29,66 @@ BOOTSTRAP = (
     "exec(compile(s,'<rex-agent>','exec'))\n"
 )
 
+#: the end of every agent run: register the compiled modules (``_rex_protocol``,
+#: ``_rex_agent``) as ``rexplan.protocol`` and ``rexplan.remote.agent``, then run the agent
+_RUN = (
+    "def _rex_module(name, code=None):\n"
+    "    module = types.ModuleType(name)\n"
+    "    sys.modules[name] = module\n"
+    "    if code is None:\n"
+    "        module.__path__ = []\n"
+    "    else:\n"
+    "        module.__file__ = code.co_filename\n"
+    "        exec(code, module.__dict__)\n"
+    "    return module\n"
+    "\n"
+    "\n"
+    "_rex_module('rexplan').remote = _rex_module('rexplan.remote')\n"
+    "sys.modules['rexplan'].protocol = _rex_module('rexplan.protocol', _rex_protocol)\n"
+    "sys.exit(_rex_module('rexplan.remote.agent', _rex_agent).main())\n"
+)
+
+#: LAUNCH_STUB's exit code (and report) when the agent file is not in REX_HOME: upload, retry
+EXIT_NO_AGENT = 20
+
+#: ``python3 -I -S -c LAUNCH_STUB <sha16> (check TRIPLE PROGRAM SPEC | -) [ARGS]``: run the
+#: agent uploaded as ``$REX_HOME/agent-<sha16>.py`` (the launcher need not know where REX_HOME
+#: is: one exec per launch, no shell round trip first), or report EXIT_NO_AGENT. With ``check``
+#: it first reads PROGRAM's record: the same TRIPLE and SPEC digest with its program alive (pid
+#: and start time, /proc/PID/stat field 22) is reported ``unchanged`` without loading the agent.
+#: The agent's compiled modules come from the cache its first run left (FILE.<cache_tag>.code)
+#: when there is one, so a launch compiles nothing.
+LAUNCH_STUB = (
+    "import os,sys\n"
+    "a=sys.argv\n"
+    "h=os.environ.get('REX_HOME') or os.path.join(os.path.expanduser('~'),'.rex')\n"
+    "if a[2]=='check':\n"
+    " try:\n"
+    "  import json\n"
+    "  with open(os.path.join(h,'run',a[4]+'.json'),'rb') as f:r=json.loads(f.read(1<<20))\n"
+    "  p=r['pid']\n"
+    "  with open('/proc/%d/stat'%p,'rb') as f:s=f.read().rsplit(b')',1)[1].split()\n"
+    "  if type(p) is int and p>1 and r['triple']==a[3] and r['spec']==a[5]"
+    " and s[0]!=b'Z' and s[19].decode()==r['start']:\n"
+    "   sys.stdout.write(json.dumps({'ok':True,'unchanged':True,'pid':p})+'\\n');sys.exit(0)\n"
+    " except Exception:pass\n"
+    " del a[2:6]\n"
+    "else:del a[2]\n"
+    "f=os.path.join(h,'agent-'+a[1]+'.py')\n"
+    "sys.argv=[f]+a[2:]\n"
+    "try:\n"
+    " import marshal,types\n"
+    " with open(f+'.'+sys.implementation.cache_tag+'.code','rb') as b:"
+    "_rex_protocol,_rex_agent=marshal.load(b)[1]\n"
+    "except Exception:\n"
+    " try:\n"
+    "  with open(f,'rb') as b:s=b.read()\n"
+    " except OSError:\n"
+    '  sys.stdout.write(\'{"ok": false, "exit": 20, "reason": "no agent"}\\n\');'
+    "sys.exit(20)\n"
+    " exec(compile(s,f,'exec'),{'__name__':'__main__','__file__':f})\n"
+) + _RUN
+
 _TEMPLATE = """\
 # rex agent bundle: rexplan/protocol.py and rexplan/remote/agent.py; stdlib only, Python >= 3.8
 import sys
@@ -71,24 +131,10 @@ def _rex_codes(sources):
     return codes
 
 
-def _rex_module(name, code=None):
-    module = types.ModuleType(name)
-    sys.modules[name] = module
-    if code is None:
-        module.__path__ = []
-    else:
-        module.__file__ = code.co_filename
-        exec(code, module.__dict__)
-    return module
-
-
 _rex_protocol, _rex_agent = _rex_codes(
     (("rexplan.protocol", {protocol!r}), ("rexplan.remote.agent", {agent!r}))
 )
-_rex_module("rexplan").remote = _rex_module("rexplan.remote")
-sys.modules["rexplan"].protocol = _rex_module("rexplan.protocol", _rex_protocol)
-sys.exit(_rex_module("rexplan.remote.agent", _rex_agent).main())
-"""
+{run}"""
 
 
 @functools.lru_cache(maxsize=1)
@@ -98,7 +144,7 @@ def bundle() -> bytes:
     protocol = package.joinpath("protocol.py").read_text(encoding="utf-8")
     agent = package.joinpath("remote").joinpath("agent.py").read_text(encoding="utf-8")
     sha = hashlib.sha256(f"{protocol}\0{agent}".encode()).hexdigest()
-    return _TEMPLATE.format(protocol=protocol, agent=agent, sha=sha).encode("utf-8")
+    return _TEMPLATE.format(protocol=protocol, agent=agent, sha=sha, run=_RUN).encode("utf-8")
 
 
 def bundle_sha() -> str:
@@ -115,3 +161,19 @@ def bootstrap_input(launch_line: bytes) -> bytes:
     """stdin for bootstrap_argv(): the bundle, length-prefixed, then the launch line."""
     code = bundle()
     return b"%d\n" % len(code) + code + launch_line
+
+
+def agent_name() -> str:
+    """The agent's file name in REX_HOME: ``agent-<first 16 hex of bundle_sha()>.py``."""
+    return f"agent-{bundle_sha()[:16]}.py"
+
+
+def launch_argv(
+    python: str = "python3",
+    *args: str,
+    check: tuple[str, str, str] | None = None,
+) -> list[str]:
+    """argv that runs the uploaded agent (with ``args``) through LAUNCH_STUB; ``check`` =
+    (triple, program, spec digest) first asks whether that program already runs unchanged."""
+    mode = ["check", *check] if check is not None else ["-"]
+    return [python, "-I", "-S", "-c", LAUNCH_STUB, bundle_sha()[:16], *mode, *args]
