@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import IO
 
 #: step states, in the order a healthy step passes through them
@@ -57,7 +57,9 @@ class Event:
     counts: dict[str, int] = field(default_factory=dict)
 
     def to_json(self) -> str:
-        data = {k: v for k, v in asdict(self).items() if v is not None and v != {}}
+        # a shallow read: asdict() deep-copies every value, once per event per sink
+        data = {f.name: getattr(self, f.name) for f in fields(self)}
+        data = {k: v for k, v in data.items() if v is not None and v != {}}
         return json.dumps(data, sort_keys=True)
 
 

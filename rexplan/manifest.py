@@ -9,13 +9,15 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import lru_cache, partial
 from importlib import resources
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import jsonschema
 import yaml
+
+if TYPE_CHECKING:
+    import jsonschema
 
 from rexplan import hostrange
 from rexplan.errors import Diagnostic, ManifestError
@@ -72,6 +74,7 @@ _LOGIN_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,31}\Z")
 _ADDRESS_RE = re.compile(r"[A-Za-z0-9_.:%-]+\Z")
 _PYTHON_RE = re.compile(r"[A-Za-z0-9_./+-]+\Z")
 _SSH_OPTION_RE = re.compile(r"[A-Za-z][A-Za-z0-9]*\Z")
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
 _MODE_RE = re.compile(r"0?[0-7]{3}\Z|0o[0-7]{3}\Z")
 _GLOB_CHARS = frozenset("*?[")
 _PATTERN_HOST_RE = re.compile(r"[A-Za-z0-9_.*?\[\]!-]+\Z")
@@ -367,12 +370,15 @@ def _odd_key(frame: _Frame, event: Any, tag: str | None, report: _Report) -> Non
 def _schema_document() -> dict[str, Any]:
     text = resources.files("rexplan.resources").joinpath("manifest.schema.json").read_text("utf-8")
     schema: dict[str, Any] = json.loads(text)
-    jsonschema.Draft202012Validator.check_schema(schema)
-    return schema
+    return schema  # itself checked against the metaschema by the tests, not on every run
 
 
 @lru_cache(maxsize=1)
 def _validator() -> jsonschema.Draft202012Validator:
+    # imported here: only a manifest the fast check refuses needs it, and importing it costs
+    # more than loading and planning most manifests
+    import jsonschema
+
     return jsonschema.Draft202012Validator(_schema_document())
 
 
@@ -734,6 +740,9 @@ class _Checker:
         self.authorize: list[tuple[Authorization, re.Pattern[str], re.Pattern[str], str]] = []
         self._on_cache: dict[str, list[str]] = {}
         self._pythons: set[str] = set()  # interpreters already found valid
+        self.strategy = "flat"
+        self.fanout = 4
+        self.relay_identity: str | None = None
 
     def run(self) -> tuple[Callback, int]:
         rex = self.doc.get("rex")
@@ -748,6 +757,7 @@ class _Checker:
         self._hosts()
         self._authorize()
         self._programs()
+        self._strategy()
         return self._callback(), _int(self.defaults.get("forks"), 64)
 
     def _unknown(self, path: Path, what: str, name: str, known: Any) -> None:
@@ -777,6 +787,26 @@ class _Checker:
             port=_int(spec.get("port"), 0),
             advertise=_str(spec.get("advertise"), None),
         )
+
+    def _strategy(self) -> None:
+        d = self.defaults
+        self.strategy = _str(d.get("strategy"), "flat") or "flat"
+        self.fanout = _int(d.get("fanout"), 4)
+        self.relay_identity = _str(d.get("relay_identity"), None)
+        identity = self.relay_identity
+        if identity is not None and (
+            _CONTROL_RE.search(identity) or not identity.startswith(("/", "~/"))
+        ):
+            self.report.value(
+                ("defaults", "relay_identity"),
+                f"{identity!r} is not an absolute path on the relay hosts",
+                "give /path/to/key or ~/path/to/key (tilde: the relay login's home)",
+            )
+            self.relay_identity = None
+            identity = ""  # reported once: tree_problems need not add that it is missing
+        if self.strategy == "tree":
+            for path, message, hint in tree_problems(self.programs, identity):
+                self.report.value(path, message, hint)
 
     def _users(self) -> None:
         for name, value in _map(self.doc.get("users")).items():
@@ -810,6 +840,7 @@ class _Checker:
             port=_int(d.get("port"), 22),
             transport=_str(d.get("transport"), "ssh") or "ssh",
             python=_str(d.get("python"), "python3") or "python3",
+            max_startups=_int(d.get("max_startups"), Host.max_startups),
         )
         where: dict[str, str] = {}  # host name -> the hosts key that defined it
         for key, value in _map(self.doc.get("hosts")).items():
@@ -863,6 +894,7 @@ class _Checker:
                 self.report.value((*path, "address"), f"bad address template: {exc}")
                 address = None
         port = _int(spec.get("port"), base.port)
+        max_startups = _int(spec.get("max_startups"), base.max_startups)
         transport = _str(spec.get("transport"), base.transport) or base.transport
         groups_, vars_ = tuple(groups), _pairs(spec.get("vars"))
         names: list[str] = []
@@ -884,7 +916,19 @@ class _Checker:
                 bad_address = True
                 self.report.value((*path, "address"), f"address {addr!r} {problem}")
             self.index[h.name] = len(self.hosts)
-            self.hosts.append(Host(h.name, addr, port, user, transport, python, groups_, vars_))
+            self.hosts.append(
+                Host(
+                    h.name,
+                    addr,
+                    port,
+                    user,
+                    transport,
+                    python,
+                    groups_,
+                    vars_,
+                    max_startups=max_startups,
+                )
+            )
             names.append(h.name)
             for group in groups:
                 self.groups.setdefault(group, []).append(h.name)
@@ -1185,6 +1229,43 @@ class _Checker:
 # --- entry points ------------------------------------------------------------------------------
 
 
+def tree_problems(
+    programs: Sequence[Program], relay_identity: str | None
+) -> list[tuple[Path, str, str]]:
+    """Why ``programs`` cannot be launched with ``strategy: tree``: (key path, message, hint)
+    for each. Relays only pass launch lines on; what the launcher does over its own connection
+    to a host (files over SFTP, load probes) it cannot do through them."""
+    out: list[tuple[Path, str, str]] = []
+    if relay_identity is None:
+        out.append(
+            (
+                ("defaults", "strategy"),
+                "strategy: tree needs defaults.relay_identity",
+                "relay_identity: ~/.ssh/rex_relay (a private key file on the relay hosts that "
+                "the hosts below them accept)",
+            )
+        )
+    for p in programs:
+        if p.files:
+            out.append(
+                (
+                    ("programs", p.name, "files"),
+                    "files cannot be uploaded through relays (strategy: tree)",
+                    "launch this manifest with strategy: flat (rex apply --strategy flat)",
+                )
+            )
+        if p.placement.strategy == "least-loaded":
+            out.append(
+                (
+                    ("programs", p.name, "placement"),
+                    "least-loaded placement probes every host from the launcher, "
+                    "not with strategy: tree",
+                    "launch this manifest with strategy: flat (rex apply --strategy flat)",
+                )
+            )
+    return out
+
+
 def _locate(text: str, index: int) -> Pos:
     line_start = text.rfind("\n", 0, index) + 1
     return text.count("\n", 0, index) + 1, index - line_start + 1
@@ -1256,6 +1337,9 @@ def _validate(text: str, raw: bytes, filename: str, track: bool) -> Manifest:
         callback=callback,
         forks=forks,
         default_user=_str(checker.defaults.get("user"), None),
+        strategy=checker.strategy,
+        fanout=checker.fanout,
+        relay_identity=checker.relay_identity,
     )
 
 

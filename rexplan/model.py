@@ -38,6 +38,9 @@ class Host:
     python: str = "python3"
     groups: tuple[str, ...] = ()
     vars: Pairs = ()
+    #: unauthenticated SSH connections rex opens at once to this address and port: the start
+    #: value of its sshd's MaxStartups (OpenSSH 10:30:100), past which sshd drops connections
+    max_startups: int = 10
 
 
 @dataclass(frozen=True)
@@ -185,6 +188,12 @@ class Manifest:
     callback: Callback = field(default_factory=Callback)
     forks: int = 64
     default_user: str | None = None  # defaults.user: who ``rex run`` runs as unless told
+    #: ``rex apply`` fan-out: "flat" (the launcher connects to every host) or "tree" (it
+    #: connects to ``fanout`` relays, which launch the rest over OpenSSH with the private key
+    #: at ``relay_identity``, a path on the relay hosts)
+    strategy: str = "flat"
+    fanout: int = 4
+    relay_identity: str | None = None
 
     def host(self, name: str) -> Host:
         for h in self.hosts:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import os
 import posixpath
+import random
 import re
 import secrets
 import select
@@ -18,7 +20,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, NoReturn, Protocol, cast
+from typing import Any, NoReturn, Protocol, TypeVar, cast
 
 import fabric
 import paramiko
@@ -40,6 +42,12 @@ _SEND_POLL = 0.005
 #: longest wait for output before both channel buffers are checked again
 _RECV_POLL = 0.05
 _REX_HOME_SCRIPT = 'printf "%s\\000%s" "$HOME" "${REX_HOME-}"'
+
+# paramiko logs every failed handshake (a dropped banner exchange included) at ERROR with a
+# traceback; with no handler anywhere, logging's last resort would print it on stderr. rex
+# reports those failures itself, per host; an application that configures logging still
+# receives the records.
+logging.getLogger("paramiko").addHandler(logging.NullHandler())
 
 
 @dataclass(frozen=True)
@@ -64,6 +72,9 @@ class Transport(Protocol):
         timeout: float | None = None,
         env: Mapping[str, str] | None = None,
     ) -> Result: ...
+
+    #: temp files of uploads cut mid-way that could not be removed over that connection
+    leftovers: list[str]
 
     def put(self, data: bytes, path: str, mode: int = 0o600) -> None: ...
 
@@ -142,10 +153,44 @@ def _timed_out(exc: BaseException) -> bool:
     return False
 
 
+class _KnownHostsCache:
+    """known_hosts files parsed once per content (path, mtime, size), not once per connection:
+    paramiko takes its logging module lock for every line it parses, which serialised a
+    64-host fan-out behind one lock."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._parsed: dict[str, tuple[tuple[int, int], paramiko.HostKeys]] = {}
+
+    def get(self, path: str) -> paramiko.HostKeys | None:
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            return None
+        stamp = (st.st_mtime_ns, st.st_size)
+        with self._lock:
+            hit = self._parsed.get(path)
+            if hit is None or hit[0] != stamp:
+                hit = (stamp, paramiko.HostKeys(path))
+                self._parsed[path] = hit
+            return hit[1]
+
+
+_KNOWN_HOSTS = _KnownHostsCache()
+
+
 def _load_known_hosts(client: paramiko.SSHClient, known_hosts: str) -> None:
-    # HostKeys.load (not client.load_host_keys) so the client has no file to save back into
-    with contextlib.suppress(FileNotFoundError):
-        client.get_host_keys().load(known_hosts)
+    # Into the client's own HostKeys (not client.load_host_keys: no file to save back into);
+    # entries are immutable once parsed, so the clients share them
+    parsed = _KNOWN_HOSTS.get(known_hosts)
+    if parsed is None:
+        return
+    mine = client.get_host_keys()
+    theirs, ours = getattr(parsed, "_entries", None), getattr(mine, "_entries", None)
+    if isinstance(theirs, list) and isinstance(ours, list):
+        ours.extend(theirs)
+    else:  # a paramiko without that attribute: parse the file per client, as documented
+        mine.load(known_hosts)
 
 
 def _tcp_connect(host: Host, address: str, port: int, timeout: float) -> socket.socket:
@@ -180,6 +225,285 @@ def _tcp_connect(host: Host, address: str, port: int, timeout: float) -> socket.
     return sock
 
 
+# --- handshake pacing: sshd's MaxStartups ------------------------------------------------------
+#
+# sshd counts a connection from accept until authentication completes; past the start value of
+# MaxStartups (OpenSSH default 10:30:100) it drops new ones at random, right after accept. A
+# launcher dialling one sshd for many hosts entries or logins at once must stay below that.
+
+
+class HandshakeGate:
+    """At most ``limit`` unauthenticated handshakes to one sshd at a time; safe across threads.
+
+    Hosts entries naming the same sshd may disagree on ``max_startups``: the smallest wins.
+    """
+
+    def __init__(self, limit: int) -> None:
+        if limit < 1:
+            raise ValueError("a handshake gate needs a limit of at least 1")
+        self._cond = threading.Condition()
+        self._limit = limit
+        self._in_flight = 0
+        self._waiting = 0
+
+    @property
+    def limit(self) -> int:
+        """The smallest limit asked for so far."""
+        return self._limit
+
+    @property
+    def in_flight(self) -> int:
+        """Handshakes admitted and not yet released."""
+        return self._in_flight
+
+    @property
+    def waiting(self) -> int:
+        """Callers blocked in acquire()."""
+        return self._waiting
+
+    def acquire(self, limit: int, timeout: float | None = None) -> bool:
+        """Wait for a slot (lowering the gate's limit to ``limit``); False after ``timeout``."""
+        if limit < 1:
+            raise ValueError("a handshake gate needs a limit of at least 1")
+        with self._cond:
+            self._limit = min(self._limit, limit)
+            self._waiting += 1
+            try:
+                if not self._cond.wait_for(lambda: self._in_flight < self._limit, timeout):
+                    return False
+            finally:
+                self._waiting -= 1
+            self._in_flight += 1
+            return True
+
+    def dropped(self) -> None:
+        """The sshd dropped a handshake this gate admitted (call before its release): its
+        MaxStartups is below what got through, so admit no more than the others still in
+        flight, at least one. The limit stays lowered for the gate's lifetime."""
+        with self._cond:
+            self._limit = max(1, min(self._limit, self._in_flight - 1))
+
+    def release(self) -> None:
+        """Give back a slot taken by acquire()."""
+        with self._cond:
+            if self._in_flight < 1:
+                raise RuntimeError("handshake gate released more often than acquired")
+            self._in_flight -= 1
+            self._cond.notify()
+
+
+class HandshakeGates:
+    """The handshake gate of every sshd, by (address, port): several hosts or logins may share
+    one sshd, and they must share its gate."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._gates: dict[tuple[str, int], HandshakeGate] = {}
+
+    def gate(self, address: str, port: int, limit: int) -> HandshakeGate:
+        """The gate of the sshd at ``address``:``port``, created with ``limit`` on first use."""
+        with self._lock:
+            gate = self._gates.get((address, port))
+            if gate is None:
+                gate = self._gates[(address, port)] = HandshakeGate(limit)
+            return gate
+
+
+#: the process-wide registry SSHTransport.open uses: every pool and thread shares it
+HANDSHAKE_GATES = HandshakeGates()
+
+
+@dataclass(frozen=True)
+class HandshakeRetry:
+    """Full-jitter exponential backoff for handshakes an sshd dropped: ``attempts`` in all,
+    the pause before retry n drawn uniformly from [0, min(cap, base * 2**(n-1))]."""
+
+    attempts: int = 4
+    base: float = 0.1
+    cap: float = 2.0
+
+    def delay(self, retry: int, uniform: Callable[[float, float], float] = random.uniform) -> float:
+        """The pause before retry number ``retry`` (1: the second attempt)."""
+        return uniform(0.0, min(self.cap, self.base * 2 ** (retry - 1)))
+
+
+_T = TypeVar("_T")
+#: what sshd's early drop looks like through paramiko: EOF or reset while reading the banner
+#: ("Error reading SSH protocol banner") or during the key exchange
+_DROP_ERRORS = (EOFError, ConnectionResetError, ConnectionAbortedError, BrokenPipeError)
+
+
+def dropped_by_server(exc: BaseException) -> bool:
+    """True if ``exc`` (from SSHTransport's connect) is the sshd closing the connection during
+    the banner exchange or the key exchange: what MaxStartups' random early drop looks like.
+
+    Timeouts, refused connections, authentication and host-key failures are never drops.
+    """
+    if not isinstance(exc, TransportError) or exc.phase not in ("banner", "kex"):
+        return False
+    if isinstance(exc, (HostTimeoutError, UnreachableError, AuthenticationError, HostKeyError)):
+        return False
+    seen: BaseException | None = exc.__cause__
+    while seen is not None:
+        if isinstance(seen, _DROP_ERRORS):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def retry_dropped(
+    attempt: Callable[[], _T],
+    *,
+    deadline: float,
+    policy: HandshakeRetry = HandshakeRetry(),
+    retryable: Callable[[BaseException], bool] = dropped_by_server,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+    uniform: Callable[[float, float], float] = random.uniform,
+) -> _T:
+    """``attempt()``, tried again after a jittered pause while it fails ``retryable``, at most
+    ``policy.attempts`` times, and only when the pause ends before ``deadline`` (``clock``
+    time); the last error is raised as is."""
+    tries = 0
+    while True:
+        tries += 1
+        try:
+            return attempt()
+        except Exception as e:
+            if tries >= policy.attempts or not retryable(e):
+                raise
+            pause = policy.delay(tries, uniform)
+            if clock() + pause >= deadline:
+                raise
+            sleep(pause)
+
+
+def _gave_up(exc: TransportError, host: Host, attempts: int) -> TransportError:
+    reason = str(exc).removeprefix(f"{exc.host}: {exc.phase}: ")
+    return TransportError(
+        f"{reason} ({attempts} attempts, each dropped before authentication)",
+        host=host.name,
+        phase=exc.phase,
+        hint=f"its sshd drops connections past MaxStartups: set hosts.{host.name}.max_startups "
+        f"(now {host.max_startups}) to its sshd's MaxStartups start value, or raise that",
+    )
+
+
+def _handshake(
+    host: Host,
+    user: User,
+    known: str,
+    timeouts: Timeouts,
+    banner: float,
+    auth: float,
+    deadline: float,
+) -> tuple[fabric.Connection, StrictPolicy]:
+    """One connect, key exchange and authentication, inside a handshake slot of the sshd."""
+    kwargs: dict[str, Any] = {}
+    if user.identity:
+        # an explicit identity is the only key offered: deterministic, and no agent surprises
+        kwargs.update(
+            key_filename=[os.path.expanduser(user.identity)],
+            look_for_keys=False,
+            allow_agent=False,
+        )
+    conn = fabric.Connection(host.address, user=user.login, port=host.port, connect_kwargs=kwargs)
+    policy = StrictPolicy()
+    # fabric installs AutoAddPolicy in its constructor; replace it before anything connects
+    conn.client.set_missing_host_key_policy(policy)
+    _load_known_hosts(conn.client, known)
+    # fabric rounds ssh_config's ConnectTimeout to whole seconds; rex's deadlines apply instead
+    conn.connect_timeout = None
+    # ssh_config may rename the host or port: the gate belongs to the sshd actually dialled
+    address, port = str(conn.host), int(conn.port)
+    gate = HANDSHAKE_GATES.gate(address, port, host.max_startups)
+    if not gate.acquire(host.max_startups, timeout=max(0.0, deadline - time.monotonic())):
+        raise HostTimeoutError(
+            f"no handshake slot for {address}:{port} within {timeouts.connect:g}s: "
+            f"{gate.in_flight} earlier handshakes to it are still in flight "
+            f"(max_startups {gate.limit})",
+            host=host.name,
+            phase="connect",
+            hint="that sshd is hung or very slow; check it, or raise timeouts.connect",
+        )
+    try:
+        _open(conn, host, user, known, timeouts, banner, auth)
+    except TransportError as e:
+        if dropped_by_server(e):
+            gate.dropped()
+        raise
+    else:
+        if gate.in_flight > 1 or gate.waiting:
+            _settle(conn, timeouts.connect)
+    finally:
+        # authenticated sessions no longer count toward sshd's MaxStartups
+        gate.release()
+    return conn, policy
+
+
+def _open(
+    conn: fabric.Connection,
+    host: Host,
+    user: User,
+    known: str,
+    timeouts: Timeouts,
+    banner: float,
+    auth: float,
+) -> None:
+    """TCP connect, key exchange and authentication of ``conn``; errors mapped by phase."""
+    address, port = str(conn.host), int(conn.port)
+    extra: dict[str, Any] = {
+        # start_client's own deadline covers banner and key exchange
+        "timeout": banner + timeouts.connect,
+        "banner_timeout": banner,
+        "auth_timeout": auth,
+    }
+    sock = None
+    if not conn.gateway:
+        sock = _tcp_connect(host, address, port, timeouts.connect)
+        extra["sock"] = sock
+    conn.connect_kwargs = {**conn.connect_kwargs, **extra}
+    started = time.monotonic()
+    try:
+        conn.open()
+    except BaseException as e:
+        elapsed = time.monotonic() - started
+        transport = conn.client.get_transport()
+        conn.client.close()
+        if sock is not None:
+            sock.close()
+        if isinstance(e, Exception):
+            raise _connect_error(
+                e, host, user, address, port, known, transport, banner, elapsed
+            ) from e
+        raise
+
+
+def _settle(conn: fabric.Connection, timeout: float) -> None:
+    """One round trip to sshd's post-authentication process before the slot is handed on.
+
+    OpenSSH's listener stops counting a connection only once its monitor has taken over from
+    the pre-auth child, a few ms after the client saw USERAUTH_SUCCESS; a waiter dialling in
+    that gap is dropped. The post-auth process answers global requests, so its answer means
+    the listener's count is down. Paid (one round trip) only while the sshd's gate is shared:
+    a handshake alone on it leaves no waiter that could dial into the gap.
+    """
+    transport = conn.client.get_transport()
+    if transport is None or not transport.is_active():
+        return
+    # Transport.global_request(wait=True) has no deadline: this is its body with one. OpenSSH's
+    # ssh sends keepalive@openssh.com for ServerAliveInterval; servers answer it (failure)
+    answered = threading.Event()
+    transport.completion_event = answered
+    request = paramiko.Message()
+    request.add_byte(paramiko.common.cMSG_GLOBAL_REQUEST)
+    request.add_string("keepalive@openssh.com")
+    request.add_boolean(True)
+    with contextlib.suppress(paramiko.SSHException, OSError, EOFError):
+        cast(Any, transport)._send_user_message(request)
+        answered.wait(timeout)
+
+
 class SSHTransport:
     """A fabric Connection held open for one host and login, with strict host-key checking.
 
@@ -206,6 +530,8 @@ class SSHTransport:
         self._lock = threading.Lock()
         self._sftp: paramiko.SFTPClient | None = None
         self._rex_home: str | None = None
+        #: temp files of uploads this connection could not finish nor remove
+        self.leftovers: list[str] = []
 
     @classmethod
     def open(
@@ -218,53 +544,29 @@ class SSHTransport:
         banner_timeout: float | None = None,
         auth_timeout: float | None = None,
     ) -> SSHTransport:
-        """Connect, check the host key against ``known_hosts`` and authenticate, or raise."""
+        """Connect, check the host key against ``known_hosts`` and authenticate, or raise.
+
+        At most ``host.max_startups`` handshakes to the host's sshd are in flight at once
+        (HANDSHAKE_GATES), and a connection the sshd drops before the key exchange completes is
+        retried with jittered backoff while ``timeouts.connect`` allows (retry_dropped).
+        """
         timeouts = timeouts or Timeouts()
         banner = timeouts.connect if banner_timeout is None else banner_timeout
         auth = timeouts.connect if auth_timeout is None else auth_timeout
         known = os.path.expanduser(os.fspath(known_hosts or DEFAULT_KNOWN_HOSTS))
-        kwargs: dict[str, Any] = {}
-        if user.identity:
-            # an explicit identity is the only key offered: deterministic, and no agent surprises
-            kwargs.update(
-                key_filename=[os.path.expanduser(user.identity)],
-                look_for_keys=False,
-                allow_agent=False,
-            )
-        conn = fabric.Connection(
-            host.address, user=user.login, port=host.port, connect_kwargs=kwargs
-        )
-        policy = StrictPolicy()
-        # fabric installs AutoAddPolicy in its constructor; replace it before anything connects
-        conn.client.set_missing_host_key_policy(policy)
-        _load_known_hosts(conn.client, known)
-        # fabric rounds ssh_config's ConnectTimeout to whole seconds; rex's deadlines apply instead
-        conn.connect_timeout = None
-        address, port = str(conn.host), int(conn.port)
-        extra: dict[str, Any] = {
-            # start_client's own deadline covers banner and key exchange
-            "timeout": banner + timeouts.connect,
-            "banner_timeout": banner,
-            "auth_timeout": auth,
-        }
-        sock = None
-        if not conn.gateway:
-            sock = _tcp_connect(host, address, port, timeouts.connect)
-            extra["sock"] = sock
-        conn.connect_kwargs = {**conn.connect_kwargs, **extra}
-        started = time.monotonic()
+        deadline = time.monotonic() + timeouts.connect
+        attempts = 0
+
+        def attempt() -> tuple[fabric.Connection, StrictPolicy]:
+            nonlocal attempts
+            attempts += 1
+            return _handshake(host, user, known, timeouts, banner, auth, deadline)
+
         try:
-            conn.open()
-        except BaseException as e:
-            elapsed = time.monotonic() - started
-            transport = conn.client.get_transport()
-            conn.client.close()
-            if sock is not None:
-                sock.close()
-            if isinstance(e, Exception):
-                raise _connect_error(
-                    e, host, user, address, port, known, transport, banner, elapsed
-                ) from e
+            conn, policy = retry_dropped(attempt, deadline=deadline)
+        except TransportError as e:
+            if attempts > 1 and dropped_by_server(e):
+                raise _gave_up(e, host, attempts) from e
             raise
         return cls(host, user, conn, policy, timeouts)
 
@@ -390,8 +692,13 @@ class SSHTransport:
                     _sftp_fsync(sftp, f)
                 sftp.posix_rename(tmp, path)
             except BaseException:
-                with contextlib.suppress(OSError, paramiko.SSHException, EOFError):
+                try:
                     sftp.remove(tmp)
+                except FileNotFoundError:
+                    pass
+                except Exception:  # SFTPError, EOFError, OSError...: the link broke
+                    # mid-upload; the executor removes the file over a new connection
+                    self.leftovers.append(tmp)
                 raise
 
     def get(self, path: str) -> bytes:
@@ -615,6 +922,7 @@ class LocalTransport:
 
     def __init__(self, host: Host) -> None:
         self.host = host
+        self.leftovers: list[str] = []  # put() removes its own temp files locally
 
     def run(
         self,
@@ -833,3 +1141,77 @@ class _Slot:
         self.lock = threading.Lock()
         self.transport: Transport | None = None
         self.error: TransportError | None = None
+
+
+# --- streams: a remote command fed and read over time (tree fan-out relays) --------------------
+
+
+class Stream:
+    """A command on an SSH host whose stdin stays open: send data as it comes, read its output
+    line by line. stderr is merged into stdout so a chatty command never blocks on a full
+    window nobody reads. One reader thread; send() is safe from any thread."""
+
+    def __init__(self, chan: paramiko.Channel, host: str) -> None:
+        self.host = host
+        self._chan = chan
+        self._buffer = b""
+        self._send_lock = threading.Lock()
+
+    def send(self, data: bytes) -> None:
+        """Write ``data`` to the command's stdin; TransportError once the channel is gone."""
+        with self._send_lock:
+            try:
+                self._chan.sendall(data)
+            except (OSError, EOFError, paramiko.SSHException) as e:
+                raise TransportError(f"stream closed: {e}", host=self.host, phase="exec") from e
+
+    def readline(self, limit: int) -> bytes:
+        """The next output line (at most ``limit`` bytes); b"" once the command has ended or
+        the connection died."""
+        while b"\n" not in self._buffer and len(self._buffer) < limit:
+            try:
+                data = self._chan.recv(_CHUNK)
+            except (OSError, EOFError, paramiko.SSHException):
+                data = b""
+            if not data:
+                line, self._buffer = self._buffer, b""
+                return line
+            self._buffer += data
+        end = self._buffer.find(b"\n") + 1 or limit
+        line, self._buffer = self._buffer[: min(end, limit)], self._buffer[min(end, limit) :]
+        return line
+
+    def close_input(self) -> None:
+        """EOF on the command's stdin."""
+        with self._send_lock, contextlib.suppress(OSError, EOFError, paramiko.SSHException):
+            self._chan.shutdown_write()
+
+    def close(self) -> None:
+        """Close the channel (sshd then closes the command's pipes); idempotent."""
+        self._chan.close()
+
+
+def open_stream(transport: Transport, argv: Sequence[str], *, timeout: float) -> Stream:
+    """Start ``argv`` (shlex-quoted, via the login shell) on an SSH transport as a Stream;
+    ``timeout`` bounds the channel open and exec request."""
+    if not isinstance(transport, SSHTransport):
+        raise TransportError("streams need transport: ssh", host=transport.host.name, phase="exec")
+    command = command_line(argv)
+    try:
+        chan = transport._transport().open_session(timeout=timeout)
+    except paramiko.SSHException as e:
+        raise TransportError(f"connection lost: {e}", host=transport.host.name, phase="exec") from e
+    timer = threading.Timer(timeout, chan.close)
+    timer.daemon = True
+    timer.start()
+    try:
+        chan.set_combine_stderr(True)
+        chan.exec_command(command)
+    except (paramiko.SSHException, EOFError, OSError) as e:
+        chan.close()
+        raise TransportError(
+            f"cannot start {argv[0]}: {e}", host=transport.host.name, phase="exec"
+        ) from e
+    finally:
+        timer.cancel()
+    return Stream(chan, transport.host.name)

@@ -42,12 +42,15 @@ def sshd_hosts(sshd_rig: SshdRig) -> Callable[[int], list[RigHost]]:
 
 
 @pytest.fixture
-def fresh_sshd(sshd_rig: SshdRig) -> Iterator[Callable[[], RigHost]]:
-    """``fresh_sshd()``: a dedicated host for fault tests, resumed and stopped after the test."""
+def fresh_sshd(sshd_rig: SshdRig) -> Iterator[Callable[..., RigHost]]:
+    """``fresh_sshd()``: a dedicated host for fault tests, resumed and stopped after the test.
+
+    ``fresh_sshd(max_startups="2:100:2")`` sets that sshd's MaxStartups (see SshdRig.spawn).
+    """
     spawned: list[RigHost] = []
 
-    def spawn() -> RigHost:
-        spawned.append(sshd_rig.spawn()[0])
+    def spawn(max_startups: str | None = None) -> RigHost:
+        spawned.append(sshd_rig.spawn(max_startups=max_startups)[0])
         return spawned[-1]
 
     yield spawn

@@ -24,6 +24,18 @@ SSHD = "/usr/sbin/sshd"
 #: AllowUsers and per-user SetEnv blocks are written when it starts (sshd reads config only then)
 MAX_ACCOUNTS = 4
 FIRST_OCTET = 10
+ADDRESSES = 255 - FIRST_OCTET  # 127.0.0.10 to 127.0.0.254
+MAX_LAPS = 4  # past 245 hosts, a second sshd per address (its own free port), and so on
+
+
+def host_slot(index: int) -> tuple[str, str]:
+    """(name, address) of rig host ``index``: h10 on 127.0.0.10 ... h254 on 127.0.0.254, then
+    h10b on 127.0.0.10 again (another port), h11b ... so a 256-host run stays on 127.0.0.x."""
+    lap, offset = divmod(index, ADDRESSES)
+    octet = FIRST_OCTET + offset
+    return f"h{octet}{'abcd'[lap] if lap else ''}", f"127.0.0.{octet}"
+
+
 START_DEADLINE = 5.0
 _GECOS = re.compile(r"^rex test rig pid (\d+)$")
 
@@ -38,6 +50,68 @@ def unavailable_reason() -> str | None:
         if not tool or not os.access(tool, os.X_OK):
             return f"the sshd rig needs {tool or 'ssh-keygen/useradd'} (tests/run installs it)"
     return None
+
+
+#: the files of a cgroup v2 that its delegatee must own (the kernel's cgroup-v2.rst)
+_DELEGATED = ("cgroup.procs", "cgroup.subtree_control", "cgroup.threads")
+
+
+def cgroup2_mount() -> str | None:
+    """Where the cgroup v2 hierarchy is mounted: /sys/fs/cgroup, or /sys/fs/cgroup/unified on
+    a hybrid host; None without one."""
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        left, _, right = line.partition(" - ")
+        if right.split(" ", 1)[0] == "cgroup2":
+            return left.split()[4].replace("\\040", " ")
+    return None
+
+
+def cgroup_unavailable_reason() -> str | None:
+    """Why ``spawn(cgroup=True)`` cannot delegate a cgroup here, or None when it can."""
+    if os.geteuid() != 0:
+        return "delegating a cgroup needs root"
+    mount = cgroup2_mount()
+    if mount is None:
+        return "no cgroup v2 hierarchy is mounted"
+    if not os.access(mount, os.W_OK) or os.statvfs(mount).f_flag & os.ST_RDONLY:
+        return f"the cgroup v2 hierarchy at {mount} is not writable"
+    return None
+
+
+def _cgroup_pids(path: str) -> list[int]:
+    found: list[int] = []
+    for directory, _dirs, _files in os.walk(path):
+        try:
+            found += [int(w) for w in Path(directory, "cgroup.procs").read_text().split()]
+        except (OSError, ValueError):
+            continue
+    return found
+
+
+def _kill_cgroup(path: str) -> None:
+    """SIGKILL whatever still runs in the rig's cgroup ``path``, and wait until it is empty."""
+    if not _cgroup_pids(path):
+        return
+    try:
+        Path(path, "cgroup.kill").write_text("1")
+    except OSError:
+        _kill_all(_cgroup_pids(path), deadline=0.0)
+    end = time.monotonic() + 5.0
+    while _cgroup_pids(path) and time.monotonic() < end:
+        time.sleep(0.01)
+
+
+def _remove_tree(path: str) -> bool:
+    """rmdir cgroup ``path`` and the cgroups below it; whether it is gone (a cgroup that holds
+    a process stays)."""
+    for directory, _dirs, _files in os.walk(path, topdown=False):
+        try:
+            os.rmdir(directory)
+        except FileNotFoundError:
+            continue
+        except OSError:
+            return False
+    return not os.path.isdir(path)
 
 
 @dataclass(frozen=True)
@@ -64,6 +138,8 @@ class RigHost:
     known_hosts: str  # the rig's known_hosts, pinning every running rig host
     host_key: str  # "ssh-ed25519 AAAA..." as pinned
     state_root: str  # state_dir's parent: one REX_HOME per account under it
+    #: the cgroup v2 directory the sshd runs in, delegated to ``login`` (``spawn(cgroup=True)``)
+    cgroup: str | None = None
 
     def state_dir_for(self, login: str) -> str:
         """The REX_HOME this sshd sets for ``login``."""
@@ -132,6 +208,8 @@ class _Sshd:
     index: int
     shared: bool
     log: Path
+    max_startups: str | None = None
+    cgroup: str | None = None
 
 
 def _run(argv: Sequence[str]) -> None:
@@ -234,6 +312,8 @@ class SshdRig:
         self._free_indexes: list[int] = []
         self._next_index = 0
         self._penalties: bool | None = None
+        self._cgroup_parent: Path | None = None  # created on the first spawn(cgroup=True)
+        self._cgroups: list[str] = []  # delegated cgroups still to remove, deepest last
         self.known_hosts = str(self.base / "known_hosts")
         Path(self.known_hosts).write_text("")
         client = self.base / "client"
@@ -326,15 +406,31 @@ class SshdRig:
             shared += self._start(n - len(shared), shared=True)
         return [s.host for s in shared[:n]]
 
-    def spawn(self, count: int = 1) -> list[RigHost]:
-        """``count`` dedicated hosts for fault tests; stop them with ``stop()`` when done."""
-        return [s.host for s in self._start(count, shared=False)]
+    def spawn(
+        self, count: int = 1, *, max_startups: str | None = None, cgroup: bool = False
+    ) -> list[RigHost]:
+        """``count`` dedicated hosts for fault tests; stop them with ``stop()`` when done.
+
+        ``max_startups`` (sshd's ``start:rate:full``) replaces the rig's generous MaxStartups;
+        such a host logs at VERBOSE, so every connection it drops is in ``log_text()``.
+        ``cgroup``: each sshd runs in a cgroup v2 of its own, delegated to the primary account
+        (``RigHost.cgroup``), under a parent the rig owns; RuntimeError where
+        cgroup_unavailable_reason() says why not. The rig removes them at ``stop()``, or at
+        ``close()`` when processes still held them.
+        """
+        started = self._start(count, shared=False, max_startups=max_startups, cgroup=cgroup)
+        return [s.host for s in started]
+
+    def log_text(self, host: RigHost) -> str:
+        """What ``host``'s sshd has written to its log (stderr) so far."""
+        return self._find(host).log.read_text(errors="replace")
 
     def stop(self, host: RigHost) -> None:
         """Kill ``host``'s sshd and every process it started, by pid; forget the host."""
         sshd = self._find(host)
         self._sshds.remove(sshd)
         self._stop(sshd)
+        self._remove_cgroups(final=False)
         # a later host on this address starts clean: new host key, empty state dirs
         shutil.rmtree(self.base / "hosts" / host.name, ignore_errors=True)
         shutil.rmtree(host.state_root, ignore_errors=True)
@@ -368,17 +464,21 @@ class SshdRig:
             self._free_indexes.sort()
             return self._free_indexes.pop(0)
         index = self._next_index
-        if FIRST_OCTET + index > 254:
-            raise RuntimeError("the rig ran out of 127.0.0.x addresses")
+        if index >= ADDRESSES * MAX_LAPS:
+            raise RuntimeError(f"the rig holds at most {ADDRESSES * MAX_LAPS} hosts")
         self._next_index += 1
         return index
 
-    def _start(self, count: int, *, shared: bool) -> list[_Sshd]:
+    def _start(
+        self, count: int, *, shared: bool, max_startups: str | None = None, cgroup: bool = False
+    ) -> list[_Sshd]:
         pending: list[_Sshd] = []
         try:
             # launch all first so the sshds start up in parallel, then wait for each
             for _ in range(count):
-                pending.append(self._launch(self._take_index(), shared))
+                index = self._take_index()
+                group = self._delegated_cgroup(index) if cgroup else None
+                pending.append(self._launch(index, shared, max_startups, group))
             for i, sshd in enumerate(pending):
                 pending[i] = self._await(sshd)
                 self._sshds.append(pending[i])
@@ -397,14 +497,18 @@ class SshdRig:
                 return sshd
             # lost the free-port race to another process: same host, new port
             self._dead.append(sshd.proc.pid)
-            sshd = self._launch(sshd.index, sshd.shared)
+            sshd = self._launch(sshd.index, sshd.shared, sshd.max_startups, sshd.cgroup)
         self._stop(sshd)
         raise RuntimeError(f"{sshd.host.name}: no free port after 5 tries")
 
-    def _launch(self, index: int, shared: bool) -> _Sshd:
-        octet = FIRST_OCTET + index
-        name = f"h{octet}"
-        address = f"127.0.0.{octet}"
+    def _launch(
+        self,
+        index: int,
+        shared: bool,
+        max_startups: str | None = None,
+        cgroup: str | None = None,
+    ) -> _Sshd:
+        name, address = host_slot(index)
         hdir = self.base / "hosts" / name
         hdir.mkdir(mode=0o700, exist_ok=True)
         key = hdir / "ssh_host_ed25519_key"
@@ -419,7 +523,8 @@ class SshdRig:
                 self._make_state_dir(str(state_root), account)
         port = _free_port(address)
         config = hdir / "sshd_config"
-        config.write_text(self._config(address, port, key, state_root, self._use_penalties(key)))
+        penalties = self._use_penalties(key)
+        config.write_text(self._config(address, port, key, state_root, penalties, max_startups))
         log = hdir / "sshd.log"
         with open(log, "wb") as err:
             # umask 022 as a typical remote: put() must still yield 0600 files and 0700 dirs
@@ -430,6 +535,14 @@ class SshdRig:
                 stderr=err,
                 umask=0o022,
             )
+        if cgroup is not None:
+            # sshd -D forks only for a connection, and none comes before it listens
+            try:
+                Path(cgroup, "cgroup.procs").write_text(str(proc.pid))
+            except OSError:
+                proc.kill()
+                proc.wait()
+                raise
         host = RigHost(
             name=name,
             address=address,
@@ -441,10 +554,66 @@ class SshdRig:
             known_hosts=self.known_hosts,
             host_key=host_key,
             state_root=str(state_root),
+            cgroup=cgroup,
         )
-        return _Sshd(host=host, proc=proc, index=index, shared=shared, log=log)
+        return _Sshd(
+            host=host,
+            proc=proc,
+            index=index,
+            shared=shared,
+            log=log,
+            max_startups=max_startups,
+            cgroup=cgroup,
+        )
 
-    def _config(self, address: str, port: int, key: Path, state_root: Path, penalties: bool) -> str:
+    def _delegated_cgroup(self, index: int) -> str:
+        """A new cgroup for host ``index`` under the rig's parent, delegated to the primary
+        account the way cgroup v2 delegation is done: it owns the directory and the files
+        that move processes and enable controllers."""
+        reason = cgroup_unavailable_reason()
+        if reason:
+            raise RuntimeError(reason)
+        if self._cgroup_parent is None:
+            parent = Path(str(cgroup2_mount()), self._tag)
+            parent.mkdir()
+            self._cgroup_parent = parent
+        path = self._cgroup_parent / f"{host_slot(index)[0]}-{len(self._cgroups)}"
+        path.mkdir()
+        self._cgroups.append(str(path))
+        account = self.accounts[0]
+        for entry in (path, *(path / f for f in _DELEGATED)):
+            os.chown(entry, account.uid, account.gid)
+        return str(path)
+
+    def _remove_cgroups(self, *, final: bool) -> list[str]:
+        """Remove the delegated cgroups no process holds any more (each with the cgroups the
+        agents made in it); ``final`` (teardown) first kills what is still in them, and then
+        the rig's parent goes too. Returns those left."""
+        running = {s.cgroup for s in self._sshds}
+        left = []
+        for path in self._cgroups:
+            if path in running:
+                left.append(path)
+                continue
+            if final:
+                _kill_cgroup(path)
+            if not _remove_tree(path):
+                left.append(path)
+        self._cgroups = left
+        if final and not left and self._cgroup_parent is not None:
+            if _remove_tree(str(self._cgroup_parent)):
+                self._cgroup_parent = None
+        return left
+
+    def _config(
+        self,
+        address: str,
+        port: int,
+        key: Path,
+        state_root: Path,
+        penalties: bool,
+        max_startups: str | None = None,
+    ) -> str:
         lines = [
             f"ListenAddress {address}:{port}",
             "AddressFamily inet",
@@ -459,13 +628,14 @@ class SshdRig:
             "StrictModes no",
             "PermitRootLogin no",
             f"AllowUsers {' '.join(self.planned_logins)}",
-            "MaxStartups 100:30:200",
+            f"MaxStartups {max_startups or '100:30:200'}",
             "MaxSessions 100",
             "UseDNS no",
             "PrintMotd no",
             "PrintLastLog no",
             "X11Forwarding no",
-            "LogLevel ERROR",
+            # VERBOSE logs each "drop connection ... past MaxStartups" (ERROR only the first)
+            f"LogLevel {'VERBOSE' if max_startups else 'ERROR'}",
             "Subsystem sftp internal-sftp",
         ]
         if penalties:
@@ -535,6 +705,7 @@ class SshdRig:
         owned = [pid for pid, (_pp, uid) in _process_table().items() if uid in uids]
         _kill_all(owned)
         self._dead.extend(owned)
+        cgroups = self._remove_cgroups(final=True)
         for account in reversed(self.accounts):
             _userdel(account.login)
         self.accounts.clear()
@@ -542,6 +713,8 @@ class SshdRig:
         left = sorted(p for p in set(self._dead) if _alive(p))
         if left:
             raise RuntimeError(f"sshd rig left processes alive: {left}")
+        if cgroups:
+            raise RuntimeError(f"sshd rig could not remove its cgroups: {cgroups}")
 
     def dead_pids(self) -> list[int]:
         """Every pid the rig has stopped so far (for leak assertions)."""

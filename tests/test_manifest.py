@@ -7,6 +7,7 @@ import json
 import re
 from pathlib import Path
 
+import jsonschema
 import pytest
 import yaml
 from hypothesis import given, settings
@@ -78,6 +79,11 @@ def _load_good(tmp_path: Path) -> manifest.Manifest:
     path = tmp_path / "rex.yaml"
     path.write_text(GOOD)
     return manifest.load(path)
+
+
+def test_the_schema_is_a_valid_draft_2020_12_schema() -> None:
+    # rex does not check it on every run (it costs more than loading a manifest)
+    jsonschema.Draft202012Validator.check_schema(manifest._schema_document())
 
 
 def test_good_manifest_becomes_records(tmp_path: Path) -> None:
