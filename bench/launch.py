@@ -1,7 +1,7 @@
 """Benchmark: launch `sleep 30` on N loopback sshd hosts with OpenSSH, fabric, and `rex apply`.
 
-Usage (as root, like the test rig): python3 bench/launch.py [--hosts 16,64,128] [--reps 1]
-    [--settle 0.2] [--forks N] [--variants openssh,fabric,rex,reapply]
+Usage (as root, like the test rig): python3 bench/launch.py [--hosts 16,64,128,256] [--reps 3]
+    [--settle 0.2] [--forks N] [--variants openssh,fabric,rex,reapply,stop]
 
 One sshd per host on 127.0.0.x (tests/sshrig.py's rig: a throwaway account, pinned host keys),
 then per N, each variant in a fresh worker process:
@@ -13,7 +13,12 @@ then per N, each variant in a fresh worker process:
   its callback after an ``alive`` probe of --settle seconds; keys are created and distributed
   before the timed run. The first rex run on a host also uploads the agent (cold);
 - reapply: ``rex apply`` twice, the second on the unchanged manifest (every step ``unchanged``,
-  no process started); its inner time is the second apply's alone.
+  no process started); its inner time is the second apply's alone;
+- stop:    ``rex apply``, then ``rex stop`` of every step; its inner time is the stop's alone.
+
+Sizes run in order, and within each repetition the variants alternate, so a slow spell of the
+machine hits every variant alike; medians are over the repetitions. The workers run with
+bytecode caching on, as after ``pip install`` (see worker_env).
 
 Reported per run: wall (the worker process, imports included), inner (the launch alone, after
 imports), launcher CPU (user+sys of the worker and its children, from RUSAGE_CHILDREN), and
@@ -43,7 +48,7 @@ sys.path.insert(0, str(ROOT))
 import helpers_procs as procs  # noqa: E402 - tests/helpers_procs.py, found via sys.path
 
 COMMAND = "nohup sleep 30 >/dev/null 2>&1 &"
-VARIANTS = ("openssh", "fabric", "rex", "reapply")
+VARIANTS = ("openssh", "fabric", "rex", "reapply", "stop")
 
 
 # --- workers: one process per timed run ---------------------------------------------------------
@@ -146,11 +151,38 @@ def work_reapply(cfg: dict[str, Any]) -> None:
     work_rex(cfg)
 
 
+def work_stop(cfg: dict[str, Any]) -> None:
+    """Apply (untimed), then ``rex stop`` every step: "inner" is the stop alone."""
+    from rexplan.cli import main
+
+    stdout = sys.stdout
+    with open(os.devnull, "w") as sink:
+        sys.stdout = sink
+        try:
+            work_rex(cfg)
+        finally:
+            sys.stdout = stdout
+    argv = ["-q", "stop", cfg["manifest"], "--keys", cfg["keys"]]
+    argv += ["--known-hosts", cfg["known_hosts"], "--forks", str(cfg["forks"])]
+    t0 = time.perf_counter()
+    with open(os.devnull, "w") as sink:
+        sys.stdout = sink
+        try:
+            code = main(argv)
+        finally:
+            sys.stdout = stdout
+    inner = time.perf_counter() - t0
+    if code != 0:
+        raise SystemExit(f"rex stop exited {code}")
+    print(json.dumps({"inner": inner}))
+
+
 def worker(variant: str, cfg_path: str) -> None:
     cfg = json.loads(Path(cfg_path).read_text())
     t0 = time.perf_counter()
     works = {"openssh": work_openssh, "fabric": work_fabric, "rex": work_rex}
     works["reapply"] = work_reapply
+    works["stop"] = work_stop
     works[variant](cfg)
     if variant == "openssh":
         print(json.dumps({"inner": time.perf_counter() - t0}))
@@ -164,10 +196,26 @@ def cpu_children() -> float:
     return r.ru_utime + r.ru_stime
 
 
+def worker_env() -> dict[str, str]:
+    """The workers' environment: bytecode caching on, as after ``pip install`` (an editable
+    install under PYTHONDONTWRITEBYTECODE would compile rex's modules on every run)."""
+    env = dict(os.environ)
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    return env
+
+
+def warm_imports() -> None:
+    """Import every worker's modules once, so that each has its bytecode cached."""
+    code = "import fabric, paramiko, rexplan.cli, rexplan.executor, rexplan.keycli"
+    subprocess.run([sys.executable, "-c", code], env=worker_env(), check=True)
+
+
 def timed(variant: str, cfg_path: Path) -> dict[str, float]:
     argv = [sys.executable, str(Path(__file__).resolve()), "--worker", variant, str(cfg_path)]
     cpu0, t0 = cpu_children(), time.perf_counter()
-    out = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, check=False)
+    out = subprocess.run(
+        argv, stdin=subprocess.DEVNULL, capture_output=True, check=False, env=worker_env()
+    )
     wall, cpu = time.perf_counter() - t0, cpu_children() - cpu0
     if out.returncode != 0:
         raise SystemExit(f"{variant} worker failed: {out.stderr.decode(errors='replace')}")
@@ -232,6 +280,7 @@ def bench(
     rig = SshdRig()
     tmp = Path(tempfile.mkdtemp(prefix="rexbench-"))
     try:
+        warm_imports()
         t0 = time.perf_counter()
         all_hosts = rig.hosts(max(sizes))
         print(
@@ -321,8 +370,8 @@ def main(argv: list[str] | None = None) -> None:
         worker(args[1], args[2])
         return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--hosts", default="16,64,128", help="comma-separated host counts")
-    parser.add_argument("--reps", type=int, default=1, help="timed runs per variant and size")
+    parser.add_argument("--hosts", default="16,64,128,256", help="comma-separated host counts")
+    parser.add_argument("--reps", type=int, default=3, help="timed runs per variant and size")
     parser.add_argument("--settle", type=float, default=0.2, help="rex's alive probe, seconds")
     parser.add_argument("--forks", type=int, help="rex --forks (default: N, all at once)")
     parser.add_argument("--variants", default=",".join(VARIANTS))

@@ -26,6 +26,7 @@ from rexplan import (
     manifest,
     retry,
     runs,
+    simulate,
     ui,
 )
 from rexplan import events as ev
@@ -111,6 +112,43 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PATTERN",
         help="only steps on matching hosts: comma-separated host globs and group:NAME",
     )
+    plan.add_argument(
+        "--simulate",
+        action="store_true",
+        help="print the expected launch time of the plan's hosts with flat, ring and k-ary "
+        "tree fan-out instead of the plan (a model; nothing is measured)",
+    )
+    plan.add_argument(
+        "--conn-cost",
+        type=_milliseconds,
+        metavar="MS",
+        help=f"with --simulate: one SSH connection's cost (default {simulate.CONN_COST_MS:g})",
+    )
+    plan.add_argument(
+        "--latency",
+        type=_milliseconds,
+        metavar="MS",
+        help=f"with --simulate: a network round trip (default {simulate.LATENCY_MS:g}, loopback)",
+    )
+    plan.add_argument(
+        "--agent-cost",
+        type=_milliseconds,
+        metavar="MS",
+        help="with --simulate: the agent's start, probe and callback "
+        f"(default {simulate.AGENT_COST_MS:g})",
+    )
+    plan.add_argument(
+        "--fanout-max",
+        type=_fanout,
+        metavar="K",
+        help=f"with --simulate: trees for k = 2..K (default {simulate.FANOUT_MAX})",
+    )
+    plan.add_argument(
+        "--forks",
+        type=_positive_int,
+        metavar="N",
+        help="with --simulate: launches in flight per node (default: the manifest's forks)",
+    )
     plan.set_defaults(func=cmd_plan)
 
     apply = commands.add_parser(
@@ -137,6 +175,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive_int,
         metavar="N",
         help="steps in flight at once (default: the manifest's defaults.forks, 64)",
+    )
+    apply.add_argument(
+        "--strategy",
+        choices=("flat", "tree"),
+        help="fan-out: flat (connect to every host) or tree (connect to defaults.fanout relays, "
+        "which launch the other hosts); default: the manifest's defaults.strategy, flat",
     )
     apply.add_argument(
         "--events",
@@ -198,6 +242,23 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _milliseconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of milliseconds") from None
+    if not 0 <= value < 1e9:
+        raise argparse.ArgumentTypeError("must be a number of milliseconds, 0 or more")
+    return value
+
+
+def _fanout(text: str) -> int:
+    value = _positive_int(text)
+    if not 2 <= value <= 64:
+        raise argparse.ArgumentTypeError("must be from 2 to 64")
+    return value
+
+
 def _key_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--keys", metavar="DIR", help="the key store (default: $REX_KEYS, else ./keys)"
@@ -235,12 +296,40 @@ def cmd_plan(args: argparse.Namespace, console: ui.Console) -> int:
     """``rex plan MANIFEST``: the table, plain lines, ``--json`` or ``--dot``."""
     loaded = manifest.load(args.manifest)
     compiled = planner.compile(loaded, limit=args.limit)
+    if args.simulate:
+        return _simulate(args, len({step.host for step in compiled.steps}), loaded.forks, console)
+    modelling = ("conn_cost", "latency", "agent_cost", "fanout_max", "forks")
+    given = [name for name in modelling if getattr(args, name) is not None]
+    if given:
+        option = "--" + given[0].replace("_", "-")
+        raise UsageError(f"{option} needs --simulate", hint=f"rex plan --simulate {option} ...")
     if args.json:
         ui.print_text(console, json.dumps(planner.plan_to_dict(compiled, loaded), indent=2))
     elif args.dot:
         ui.print_text(console, planner.plan_to_dot(compiled, loaded))
     else:
         ui.print_plan(compiled, loaded, console)
+    return 0
+
+
+def _simulate(args: argparse.Namespace, hosts: int, forks: int, console: ui.Console) -> int:
+    """``rex plan --simulate``: the launch-time model for the plan's host count."""
+    if args.dot:
+        raise UsageError("--simulate prints a table or --json, not --dot")
+    model = simulate.CostModel(
+        conn_cost=simulate.CONN_COST_MS if args.conn_cost is None else args.conn_cost,
+        latency=simulate.LATENCY_MS if args.latency is None else args.latency,
+        agent_cost=simulate.AGENT_COST_MS if args.agent_cost is None else args.agent_cost,
+        forks=args.forks or forks,
+    )
+    fanout_max = args.fanout_max or simulate.FANOUT_MAX
+    estimates = simulate.simulate(hosts, model, fanout_max)
+    cross = simulate.crossover(model, fanout_max)
+    if args.json:
+        doc = simulate.to_dict(estimates, model, cross)
+        ui.print_text(console, json.dumps(doc, indent=2))
+    else:
+        ui.print_text(console, simulate.format_table(estimates, model, cross))
     return 0
 
 
@@ -286,6 +375,7 @@ def cmd_apply(args: argparse.Namespace, console: ui.Console) -> int:
                 emit=ev.fan_out(display, *sinks),
                 forks=args.forks,
                 run_id=run_id,
+                strategy=args.strategy,
             )
         display.print_summary(result.actions())
     finally:

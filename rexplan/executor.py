@@ -24,7 +24,7 @@ from typing import Any
 from rexplan import events as ev
 from rexplan import protocol
 from rexplan import spec as specs
-from rexplan.callback import EXITED, CallbackListener, PendingStep
+from rexplan.callback import EXITED, CallbackListener, PendingStep, Verdict, ensure_fd_budget
 from rexplan.errors import (
     AuthenticationError,
     HostKeyError,
@@ -34,8 +34,9 @@ from rexplan.errors import (
 )
 from rexplan.keys import KeyInfo, KeyStore
 from rexplan.model import FailurePolicy, FileSpec, Manifest, Plan, Step, Timeouts, When
-from rexplan.remote import bundle, bundle_sha
+from rexplan.remote import EXIT_NO_AGENT, bundle, bundle_sha, launch_argv
 from rexplan.transport import Transport, TransportPool
+from rexplan.tree import RELAY_LOST, RelayError, TreeLauncher
 
 #: reasons that mean "who you are was not accepted": exit code 6
 AUTH_REASONS = frozenset({"auth", "host_key", "no_key", "key_insecure", "bad_proof", "rejected"})
@@ -52,6 +53,7 @@ AGENT_REASONS = {
     17: "agent_failed",
     18: "already_running",
     19: "declined",
+    EXIT_NO_AGENT: "agent_upload",
 }
 
 #: bind here when hosts reach the launcher over different routes
@@ -65,6 +67,9 @@ INTERRUPT_GRACE = 10.0
 
 #: seconds added to the remote deadlines before the launcher gives up on the SSH exec
 EXEC_SLACK = 5.0
+
+#: relay errors after which no agent ran on the host: its step fails without awaiting a callback
+NOT_RUN = frozenset({"unreachable", "host_key", "auth", "agent_upload"})
 
 #: what the run summary counts, in this order
 SUMMARY = (
@@ -154,8 +159,10 @@ class Executor:
         forks: int = 64,
         run_id: str | None = None,
         clock: Callable[[], float] = time.monotonic,
+        tree: TreeLauncher | None = None,
     ) -> None:
         self.manifest = manifest
+        self.tree = tree
         self.plan = plan
         self.keys = keys
         self.pool = pool
@@ -213,6 +220,11 @@ class Executor:
         self._by_step = by_step
         result.results = list(by_step.values())
         self._emit(ev.RUN_STARTED, total=len(by_step))
+        hosts = len({(s.host, s.login) for s in self.plan.steps})
+        # one SSH connection per host and login, and a callback per step in flight
+        notice = ensure_fd_budget(hosts + 2 * self.forks)
+        if notice is not None:
+            self._emit(ev.NOTICE, detail=notice)
         try:
             for wave in self.plan.waves:
                 self._run_wave(wave, by_step)
@@ -384,6 +396,9 @@ class Executor:
 
     def _launch(self, r: StepResult) -> None:
         step = r.step
+        if self.tree is not None and self.tree.relayed(step.host):
+            self._launch_relayed(r, self.tree)
+            return
         host = self.manifest.host(step.host)
         user = self.manifest.user(step.user)
         r.phase = "connect"
@@ -409,11 +424,6 @@ class Executor:
             return
         if self._cancel.is_set():
             raise _Cancelled
-        try:
-            agent_path = self._agent_on(step.host, step.login, transport)
-        except TransportError as exc:
-            self._state(r, ev.FAILED, reason="agent_upload", phase="start", detail=str(exc))
-            return
         program = self.manifest.program(step.program)
         try:
             files = self._local_files(step.program)
@@ -422,16 +432,33 @@ class Executor:
             self._state(r, ev.FAILED, reason="bad_file", phase="start", detail=detail)
             return
         entries = [f.entry for f in files]
-        status, record = self.status_of(step, transport, agent_path, entries)
-        action, replacing = specs.action_for(status)
-        if action == specs.UNCHANGED:
-            self._state(r, ev.UNCHANGED, pid=status.pid, action=action)
-            return
-        try:
-            self._upload(step, transport, files, specs.files_to_upload(entries, record))
-        except TransportError as exc:
-            self._state(r, ev.FAILED, reason="file_upload", phase="start", detail=str(exc))
-            return
+        check: tuple[str, str, str] | None = None
+        if files:
+            # Files go up before the launch, so this host's records are read first (SFTP)
+            try:
+                agent_path = self._agent_on(step.host, step.login, transport)
+            except TransportError as exc:
+                self._clean_leftovers(step, transport)
+                self._state(r, ev.FAILED, reason="agent_upload", phase="start", detail=str(exc))
+                return
+            status, record = self.status_of(step, transport, agent_path, entries)
+            action, replacing = specs.action_for(status)
+            if action == specs.UNCHANGED:
+                self._state(r, ev.UNCHANGED, pid=status.pid, action=action)
+                return
+            try:
+                self._upload(step, transport, files, specs.files_to_upload(entries, record))
+            except TransportError as exc:
+                self._clean_leftovers(step, transport)
+                self._state(r, ev.FAILED, reason="file_upload", phase="start", detail=str(exc))
+                return
+        else:
+            # The fast path: one exec, in which the agent itself finds an unchanged instance
+            # (LAUNCH_STUB's check) or replaces one of another spec; a job always runs.
+            action, replacing = specs.STARTED, step.kind != "job"
+            if step.kind != "job":
+                check = (step.triple, step.program, specs.expected_spec(step))
+        agent_argv = launch_argv(host.python, check=check)
 
         t = step.timeouts
         nl = protocol.new_nonce()
@@ -465,30 +492,62 @@ class Executor:
         with self._inflight_lock:
             self._inflight[step.id] = step
         self._state(r, ev.STARTING, phase="start")
+        exec_timeout = (
+            t.start + step.ready.timeout + t.callback + step.stop_timeout + stopping + EXEC_SLACK
+        )
         diag: dict[str, object] = {}
         exec_error: TransportError | None = None
         try:
-            res = transport.run(
-                [host.python, "-I", "-S", agent_path],
-                stdin=line,
-                timeout=t.start
-                + step.ready.timeout
-                + t.callback
-                + step.stop_timeout
-                + stopping
-                + EXEC_SLACK,
-            )
+            res = transport.run(agent_argv, stdin=line, timeout=exec_timeout)
             diag = _front_report(res.stdout)
+            if res.exit_status == EXIT_NO_AGENT and diag.get("exit") == EXIT_NO_AGENT:
+                # the first launch as this login on this host: upload the agent, launch again
+                try:
+                    self._agent_on(step.host, step.login, transport)
+                except TransportError as exc:
+                    self.listener.cancel(step.id)
+                    self._clean_leftovers(step, transport)
+                    self._state(r, ev.FAILED, reason="agent_upload", phase="start", detail=str(exc))
+                    return
+                if self._clock() < deadline:
+                    res = transport.run(agent_argv, stdin=line, timeout=exec_timeout)
+                    diag = _front_report(res.stdout)
         except TransportError as exc:
             exec_error = exc
-        self._state(r, ev.AWAITING, phase="callback")
         remaining = max(0.05, deadline - self._clock())
         # A front that reported had its verdict (ok, or no) before it printed; only a front
         # that died without a report may leave a callback in flight.
-        verdict = self.listener.wait(
-            step.id,
-            timeout=remaining if exec_error else min(remaining, 0.2 if "ok" in diag else 2.0),
-        )
+        wait = remaining if exec_error else min(remaining, 0.2 if "ok" in diag else 2.0)
+        verdict = self._settle(r, diag, check, action, wait)
+        if verdict is None:
+            return
+        # no verified callback: failed, whatever SSH said; make sure nothing stays running
+        self._kill_remote(transport, host.python, step)
+        reason, phase, detail = _failure(verdict.code, diag, exec_error)
+        self._state(r, ev.FAILED, reason=reason, phase=phase, detail=detail)
+
+    def _settle(
+        self,
+        r: StepResult,
+        diag: dict[str, object],
+        check: tuple[str, str, str] | None,
+        action: str,
+        wait: float,
+    ) -> Verdict | None:
+        """Conclude a launched step from the agent's report and the listener's verdict; None
+        when it is settled (unchanged, ready, a finished job, declined), else the verdict of
+        a step that was not verified (its expectation cancelled) for the caller to report."""
+        step = r.step
+        if diag.get("unchanged") is True and check is not None:
+            self.listener.cancel(step.id)
+            pid = diag.get("pid")
+            pid = pid if isinstance(pid, int) else None
+            self._state(r, ev.UNCHANGED, pid=pid, action=specs.UNCHANGED)
+            return None
+        if diag.get("replaced") is True:
+            action = specs.RESTARTED
+        self._state(r, ev.AWAITING, phase="callback")
+        verdict = self.listener.wait(step.id, timeout=wait)
         if verdict.ok and diag.get("ok") is False:
             # The agent's report cannot make a step succeed, but it may make one fail: it
             # never got the launcher's ok (lost on the way) and stopped its program.
@@ -496,19 +555,92 @@ class Executor:
         if verdict.ok and step.kind == "job":
             self._state(r, ev.RUNNING, phase="job", pid=verdict.pid)
             self._job_done(r, verdict.pid)
-            return
+            return None
         if verdict.ok:
             self._state(r, ev.READY, phase="ready", pid=verdict.pid, action=action)
-            return
+            return None
         if verdict.code == protocol.DECLINED:
             detail = verdict.detail or "declined"
             self._state(r, ev.DECLINED, reason="declined", phase="start", detail=detail)
-            return
-        # no verified callback: failed, whatever SSH said; make sure nothing stays running
+            return None
         self.listener.cancel(step.id)
-        self._kill_remote(transport, host.python, agent_path, step)
-        reason, phase, detail = _failure(verdict.code, diag, exec_error)
-        self._state(r, ev.FAILED, reason=reason, phase=phase, detail=detail)
+        return verdict
+
+    def _launch_relayed(self, r: StepResult, tree: TreeLauncher) -> None:
+        """A step on a host below a relay (strategy: tree): the launcher never connects there;
+        the relay runs the same agent command with the same launch line, and the agent calls
+        back here as always. What it cannot do from here: kill a failed step over SSH (the
+        agent kills its program itself when it has no ok by its deadline)."""
+        step = r.step
+        r.phase = "start"
+        self._state(r, ev.CONNECTING, phase="connect")
+        try:
+            info, secret = self.keys.load(step.host, step.user, step.program)
+        except KeyStoreError as exc:
+            self._state(r, ev.FAILED, reason="no_key", phase="start", detail=str(exc))
+            return
+        if self._cancel.is_set():
+            raise _Cancelled
+        check = None
+        if step.kind != "job":
+            check = (step.triple, step.program, specs.expected_spec(step))
+        action = specs.STARTED
+        t = step.timeouts
+        nl = protocol.new_nonce()
+        stopping = step.stop_timeout if step.kind != "job" else 0.0
+        deadline = self._clock() + t.connect + t.start + t.ready + t.callback + stopping
+        self.listener.expect(
+            PendingStep(
+                step_id=step.id,
+                triple=step.triple,
+                key=secret,
+                key_id=info.key_id,
+                nl=nl,
+                deadline=deadline,
+                job=step.kind == "job",
+            )
+        )
+        line = protocol.make_launch(
+            **specs.launch_args(
+                step,
+                run=self.run_id,
+                key_path=protocol.key_relpath(info.host, info.user, info.program),
+                nl=nl,
+                callback=self.advertise(step.address),
+                replace=step.kind != "job",
+                when=preconditions(self.manifest.program(step.program).when),
+            )
+        )
+        del secret, nl
+        with self._inflight_lock:
+            self._inflight[step.id] = step
+        self._state(r, ev.STARTING, phase="start")
+        exec_timeout = (
+            t.start + step.ready.timeout + t.callback + step.stop_timeout + stopping + EXEC_SLACK
+        )
+        diag: dict[str, object] = {}
+        error: RelayError | None = None
+        try:
+            diag = tree.launch(step, line, exec_timeout, argv=launch_argv(step.python, check=check))
+        except RelayError as exc:
+            error = exc
+        remaining = max(0.05, deadline - self._clock())
+        if error is not None and (error.reason in NOT_RUN or not error.launched):
+            remaining = 0.05  # no agent ran: nothing can call back
+        elif error is None:
+            remaining = min(remaining, 0.2 if "ok" in diag else 2.0)
+        verdict = self._settle(r, diag, check, action, remaining)
+        if verdict is None:
+            return
+        if error is not None and error.reason == "unreachable":
+            self._state(
+                r, ev.UNREACHABLE, reason="unreachable", phase=error.phase, detail=str(error)
+            )
+        elif error is not None and (error.reason == RELAY_LOST or error.reason in NOT_RUN):
+            self._state(r, ev.FAILED, reason=error.reason, phase=error.phase, detail=str(error))
+        else:
+            reason, phase, detail = _failure(verdict.code, diag, error)
+            self._state(r, ev.FAILED, reason=reason, phase=phase, detail=detail)
 
     def _key_for(self, step: Step, transport: Transport) -> tuple[KeyInfo, bytes]:
         """The key the launcher proves with; ``transport: local`` keys are made on first use."""
@@ -643,11 +775,30 @@ class Executor:
                 self._agents[where] = path
             return path
 
-    def _kill_remote(self, transport: Transport, python: str, agent: str, step: Step) -> None:
+    def _clean_leftovers(self, step: Step, transport: Transport) -> None:
+        """Remove the temp files of uploads cut mid-way (the connection died under them) over
+        a new connection; a host that stays out of reach keeps them, and the user is told."""
+        leftovers, transport.leftovers = list(transport.leftovers), []
+        if not leftovers:
+            return
+        host, user = self.manifest.host(step.host), self.manifest.user(step.user)
+        self.pool.discard(host, user)
+        try:
+            fresh = self.pool.get(host, user)
+            for path in leftovers:
+                fresh.remove(path)
+        except (TransportError, OSError) as exc:
+            self._emit(
+                ev.NOTICE,
+                host=step.host,
+                detail=f"could not remove the partial upload(s) {', '.join(leftovers)}: {exc}",
+            )
+
+    def _kill_remote(self, transport: Transport, python: str, step: Step) -> None:
         """Kill whatever this run started for ``step`` on its host, found by the rex tags."""
         with contextlib.suppress(TransportError):
             transport.run(
-                [python, "-I", "-S", agent, "--kill", self.run_id, step.id],
+                launch_argv(python, "--kill", self.run_id, step.id),
                 timeout=step.stop_timeout + EXEC_SLACK,
             )
 
@@ -658,13 +809,12 @@ class Executor:
 
         def kill(step: Step) -> None:
             self.listener.cancel(step.id)
+            if self.tree is not None and self.tree.relayed(step.host):
+                return  # never connected to: its agent ends it without an ok
             host = self.manifest.host(step.host)
-            agent = self._agents.get(f"{step.login}@{step.host}")
-            if agent is None:
-                return
             with contextlib.suppress(Exception):
                 transport = self.pool.get(host, self.manifest.user(step.user))
-                self._kill_remote(transport, host.python, agent, replace(step, stop_timeout=2.0))
+                self._kill_remote(transport, host.python, replace(step, stop_timeout=2.0))
 
         if steps:
             with ThreadPoolExecutor(max_workers=min(self.forks, len(steps))) as killers:
@@ -869,6 +1019,10 @@ def _failure(
     code: str, diag: dict[str, object], exec_error: TransportError | None
 ) -> tuple[str, str, str]:
     """(reason, phase, detail) for a step that was not verified."""
+    if code == protocol.TIMEOUT and diag.get("exit") in (None, 15):
+        # the listener's deadline passed before the agent called: its "no" is not an
+        # authentication failure
+        return "no_callback", "callback", "no verified callback by the deadline (TIMEOUT)"
     if code in ("BAD_PROOF", "WRONG_KEY"):
         return "bad_proof", "callback", f"callback did not prove the key ({code})"
     if code == OK_LOST:
@@ -953,8 +1107,10 @@ def apply(
     emit: ev.Sink,
     forks: int | None = None,
     run_id: str | None = None,
+    strategy: str | None = None,
 ) -> RunResult:
-    """Run ``plan``: one callback listener and one transport per host for the whole run."""
+    """Run ``plan``: one callback listener and one transport per host for the whole run;
+    ``strategy`` (default: the manifest's) ``tree`` launches most hosts through relays."""
     bind, dial = callback_endpoints(manifest, plan)
     connect_timeout = max((s.timeouts.connect for s in plan.steps), default=10.0)
     with CallbackListener(bind, manifest.callback.port, run_id=run_id or new_run_id()) as listener:
@@ -962,6 +1118,9 @@ def apply(
         with TransportPool(
             known_hosts=known_hosts, timeouts=Timeouts(connect=connect_timeout)
         ) as pool:
+            tree = None
+            if (strategy or manifest.strategy) == "tree":
+                tree = TreeLauncher(manifest, plan.steps, pool, known_hosts, manifest.fanout)
             executor = Executor(
                 manifest,
                 plan,
@@ -971,8 +1130,13 @@ def apply(
                 advertise=lambda address: (dial(address), port),
                 emit=emit,
                 forks=forks or manifest.forks,
+                tree=tree,
             )
-            return executor.run()
+            try:
+                return executor.run()
+            finally:
+                if tree is not None:
+                    tree.close()
 
 
 def result_to_dict(result: RunResult, manifest: Manifest) -> dict[str, object]:

@@ -329,12 +329,6 @@ def test_agent_sigkilled_before_ok_the_launcher_still_ends_the_group(
     assert world.gone(10), world.tagged()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="product gap: with no launcher left to run `agent --kill`, a program outlives a "
-    "SIGKILLed agent (front and supervisor): the agent has no death-pipe watchdog or "
-    "PR_SET_PDEATHSIG, so nothing enforces its deadlines any more",
-)
 def test_agent_sigkilled_with_no_launcher_its_program_still_dies(
     world: World, sshd_hosts: Hosts
 ) -> None:
@@ -575,12 +569,6 @@ def test_slow_sshd_is_unreachable_by_the_banner_deadline(world: World, sshd_host
     assert run.summarized(name, "timeout")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="product gap: an upload cut mid-transfer (here by a TCP reset) leaves its temporary "
-    "REX_HOME/.agent-<sha>.py.rex-<hex>.tmp on the host: the SFTP remove in put()'s cleanup "
-    "needs the connection that just died, and nothing removes such files later",
-)
 def test_sshd_reset_mid_upload_fails_and_leaves_no_partial_agent(
     world: World, fresh_sshd: Callable[[], RigHost]
 ) -> None:

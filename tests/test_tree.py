@@ -1,0 +1,524 @@
+"""Tree fan-out: the k-ary split, the relay program, and launches through relays on the rig."""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import helpers_procs as procs
+import pytest
+from helpers_world import SLEEPER, Hosts, Run, World, new_tag, open_world
+from hypothesis import given
+from hypothesis import strategies as st
+from sshrig import RigHost, SshdRig
+
+from rexplan import executor, transport
+from rexplan import manifest as manifests
+from rexplan.errors import UsageError
+from rexplan.model import Authorization, Host, Manifest, Program, Step, User
+from rexplan.remote import agent_name, bundle_sha, relay
+from rexplan.simulate import Subtree
+from rexplan.transport import TransportPool
+from rexplan.tree import RelayError, TreeLauncher, relay_source, split
+
+HOOKED = hasattr(executor, "TreeLauncher")
+needs_hook = pytest.mark.skipif(not HOOKED, reason="the executor has no tree hook yet")
+
+
+def shape(trees: list[Subtree] | tuple[Subtree, ...]) -> list[Any]:
+    """``[host, [children...]]`` nested lists, easy to compare."""
+    return [[t.host, shape(t.children)] if t.children else t.host for t in trees]
+
+
+def names(n: int) -> list[str]:
+    return [f"h{i}" for i in range(n)]
+
+
+# --- the split ------------------------------------------------------------------------------
+
+
+def test_split_at_the_boundaries_other_tree_launchers_hang_at() -> None:
+    k = 2
+    assert shape(split([], k)) == []
+    assert shape(split(names(1), k)) == ["h0"]
+    assert shape(split(names(k), k)) == ["h0", "h1"]  # N = k: no relay at all
+    assert shape(split(names(k + 1), k)) == [["h0", ["h2"]], "h1"]
+    # N = k^2 + 1: one relay gets one host more than the other; h0's share exceeds nothing
+    assert shape(split(names(k * k + 1), k)) == [["h0", ["h2", "h3"]], ["h1", ["h4"]]]
+    assert shape(split(names(10), 3)) == [
+        ["h0", ["h3", "h4", "h5"]],
+        ["h1", ["h6", "h7"]],
+        ["h2", ["h8", "h9"]],
+    ]
+    # a share larger than k gets relays of its own
+    assert shape(split(names(9), 2)) == [
+        ["h0", [["h2", ["h4"]], ["h3", ["h5"]]]],
+        ["h1", [["h6", ["h8"]], "h7"]],
+    ]
+
+
+def _walk(trees: tuple[Subtree, ...] | list[Subtree]) -> Iterator[Subtree]:
+    for t in trees:
+        yield t
+        yield from _walk(t.children)
+
+
+@given(n=st.integers(min_value=0, max_value=200), k=st.integers(min_value=2, max_value=9))
+def test_split_is_a_balanced_k_ary_tree_over_every_host_once(n: int, k: int) -> None:
+    hosts = names(n)
+    trees = split(hosts, k)
+    assert sorted(t.host for t in _walk(trees)) == sorted(hosts)
+    assert len(trees) == min(k, n)
+    for node in [Subtree("launcher", tuple(trees)), *_walk(trees)]:
+        assert len(node.children) <= k
+        sizes = [c.size for c in node.children]
+        assert not sizes or max(sizes) - min(sizes) <= 1
+        # a node hands hosts down only once all k of its children are taken
+        assert all(not c.children for c in node.children) or len(node.children) == k
+    depth = max((t.depth for t in trees), default=0)
+    assert n <= sum(k**i for i in range(1, depth + 1))
+
+
+# --- the relay program, without sshd ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("status", "stderr", "expected"),
+    [
+        (255, b"Host key verification failed.\r\n", ("host_key", "hostkey")),
+        (255, b"rex@h: Permission denied (publickey).\r\n", ("auth", "auth")),
+        (255, b"ssh: connect to host h port 1: Connection refused\r\n", ("unreachable", "connect")),
+        (255, b"Connection timed out during banner exchange\r\n", ("unreachable", "connect")),
+        (255, b"something else\n", ("exec", "start")),
+        (1, b"Permission denied\n", ("exec", "start")),  # the remote command's, not ssh's
+    ],
+)  # fmt: skip
+def test_relay_classifies_ssh_failures(
+    status: int, stderr: bytes, expected: tuple[str, str]
+) -> None:
+    assert relay.classify(status, stderr) == expected
+
+
+def _relay_run(
+    python: str, header: dict[str, Any], steps: list[dict[str, Any]], home: Path
+) -> subprocess.CompletedProcess[bytes]:
+    """The relay as a launcher runs it, on this machine, fed ``steps`` and EOF."""
+    source = relay_source()
+    sha = hashlib.sha256(source).hexdigest()
+    agent = b"# not run\n"
+    head = {
+        **header,
+        "agent": {"sha": hashlib.sha256(agent).hexdigest(), "name": "a.py", "missing": 20},
+    }
+    data = b"%d\n" % len(source) + source + (json.dumps(head) + "\n").encode()
+    data += b"%d\n" % len(agent) + agent + b"".join((json.dumps(s) + "\n").encode() for s in steps)
+    env = {"PATH": os.environ["PATH"], "REX_HOME": str(home)}
+    argv = [python, "-I", "-S", "-c", relay.BOOTSTRAP, sha, header["name"]]
+    return subprocess.run(argv, input=data, capture_output=True, env=env, timeout=30, check=False)
+
+
+def _unused_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _old_python() -> str | None:
+    import glob
+
+    for candidate in sorted(glob.glob(os.path.expanduser("~/.pyenv/versions/3.8*/bin/python3.8"))):
+        done = subprocess.run([candidate, "-I", "-S", "-c", "pass"], capture_output=True)
+        if done.returncode == 0:
+            return candidate
+    return None
+
+
+@pytest.mark.parametrize("python", ["current", "3.8"])
+def test_relay_reports_a_child_it_cannot_reach_and_cleans_up(python: str, tmp_path: Path) -> None:
+    exe = sys.executable if python == "current" else _old_python()
+    if exe is None:
+        pytest.skip("no Python 3.8 on this machine")
+    port = _unused_port()  # nothing listens there: ssh is refused at once
+    child = {
+        "name": "c1",
+        "address": "127.0.0.1",
+        "port": port,
+        "python": "python3",
+        "known_hosts": [f"[127.0.0.1]:{port} ssh-ed25519 AAAA"],
+    }
+    identity = str(tmp_path / "none")
+    header = {"name": "r0", "connect": 2, "identity": identity, "children": [child]}
+    steps = [
+        {"step": "p@c1", "host": "c1", "login": "nobody", "argv": ["python3", "-c", "pass"],
+         "line": "{}\n", "timeout": 10, "connect": 2},
+        {"step": "p@c9", "host": "c9", "login": "nobody", "argv": ["true"], "line": "{}\n",
+         "timeout": 10, "connect": 2},
+    ]  # fmt: skip
+    done = _relay_run(exe, header, steps, tmp_path / "home")
+    assert done.returncode == 0, done.stderr
+    lines = [json.loads(x) for x in done.stdout.splitlines()]
+    assert lines[0] == {"up": "r0"}
+    final = {m["step"]: m for m in lines[1:] if "error" in m}
+    assert final["p@c1"]["reason"] == "unreachable", final
+    assert "Connection refused" in final["p@c1"]["error"]
+    assert "not below relay r0" in final["p@c9"]["error"]
+    assert {"step": "p@c1", "launched": True} in lines
+    assert list((tmp_path / "home").iterdir()) == []  # its known_hosts file is gone
+
+
+def test_relay_refuses_a_damaged_agent(tmp_path: Path) -> None:
+    source = relay_source()
+    sha = hashlib.sha256(source).hexdigest()
+    head = {"name": "r0", "agent": {"sha": "0" * 64}, "children": []}
+    data = b"%d\n" % len(source) + source + (json.dumps(head) + "\n").encode() + b"3\nabc"
+    argv = [sys.executable, "-I", "-S", "-c", relay.BOOTSTRAP, sha, "r0"]
+    done = subprocess.run(argv, input=data, capture_output=True, timeout=30, check=False)
+    assert done.returncode == relay.EXIT_BAD_INPUT
+    assert b"agent damaged in transit" in done.stderr
+    bad = subprocess.run(argv, input=b"3\nabc", capture_output=True, timeout=30, check=False)
+    assert bad.returncode == 16 and b"relay damaged in transit" in bad.stderr
+
+
+def test_relay_imports_only_the_standard_library() -> None:
+    tree = ast.parse(relay_source())
+    imported = {
+        alias.name.split(".")[0]
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Import)
+        for alias in node.names
+    } | {
+        node.module.split(".")[0]
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ImportFrom) and node.module
+    }
+    assert imported <= set(sys.stdlib_module_names), imported
+
+
+# --- the launcher side, without connecting ------------------------------------------------------
+
+
+def _manifest(n: int, **fields: Any) -> Manifest:
+    hosts = tuple(Host(f"n{i}", f"10.0.0.{i + 1}", 2200 + i) for i in range(n))
+    program = Program("app", tuple(h.name for h in hosts), "app", run=("sleep", "9"))
+    fields.setdefault("relay_identity", "~/.ssh/rex_relay")
+    everything = (Authorization("*.*.*", "*", "*", "*"),)
+    return Manifest(
+        "m.yaml", "0" * 64, hosts, (User("app", "app"),), (program,), everything, **fields
+    )
+
+
+def _steps(m: Manifest) -> list[Step]:
+    from rexplan import plan
+
+    return list(plan.compile(m).steps)
+
+
+@pytest.mark.parametrize(("n", "relayed"), [(1, []), (2, []), (3, ["n2"]), (5, ["n2", "n3", "n4"])])
+def test_only_hosts_below_the_launchers_k_children_are_relayed(n: int, relayed: list[str]) -> None:
+    m = _manifest(n, strategy="tree", fanout=2)
+    with TransportPool(known_hosts=None) as pool:
+        tree = TreeLauncher(m, _steps(m), pool, None, 2)
+        assert [h.name for h in m.hosts if tree.relayed(h.name)] == relayed
+        tree.close()  # nothing was started: nothing to end
+
+
+def test_relay_header_pins_host_keys_and_holds_no_secret(tmp_path: Path) -> None:
+    m = _manifest(5)
+    known = tmp_path / "known_hosts"
+    known.write_text(
+        "[10.0.0.3]:2202 ssh-ed25519 AAAAC3three\n"
+        "[10.0.0.4]:2203,other ssh-ed25519 AAAAC3four comment\n"
+        "@revoked [10.0.0.5]:2204 ssh-ed25519 AAAAC3old\n"
+    )
+    with TransportPool(known_hosts=str(known)) as pool:
+        tree = TreeLauncher(m, _steps(m), pool, str(known), 2)
+        head = json.loads(tree.header("n0", tree.tree[0].children))
+    assert head["name"] == "n0" and head["identity"] == "~/.ssh/rex_relay"
+    assert head["agent"]["sha"] == bundle_sha()
+    children = {c["name"]: c for c in head["children"]}
+    assert set(children) == {"n2", "n3"}
+    assert children["n2"]["known_hosts"] == ["[10.0.0.3]:2202 ssh-ed25519 AAAAC3three"]
+    assert children["n3"]["known_hosts"] == ["[10.0.0.4]:2203 ssh-ed25519 AAAAC3four"]
+    assert "relay" not in children["n2"]  # a leaf
+    assert "key" not in json.dumps(head).replace("known_hosts", "")
+
+
+def test_tree_refuses_what_relays_cannot_do() -> None:
+    m = _manifest(3, relay_identity=None)
+    with TransportPool(known_hosts=None) as pool, pytest.raises(UsageError) as info:
+        TreeLauncher(m, _steps(m), pool, None, 2)
+    assert "defaults.strategy: strategy: tree needs defaults.relay_identity" in str(info.value)
+
+
+def test_manifest_strategy_fields() -> None:
+    text = (
+        "rex: 1\nusers: {app: {}}\nhosts: {web1: {}}\n"
+        "programs: {app: {run: [x], on: web1}}\nauthorize: ['*.*.*']\n"
+    )
+    m = manifests.loads(text)
+    assert (m.strategy, m.fanout, m.relay_identity) == ("flat", 4, None)
+    tree = text.replace(
+        "users:", "defaults: {strategy: tree, fanout: 3, relay_identity: /k}\nusers:"
+    )
+    m = manifests.loads(tree)
+    assert (m.strategy, m.fanout, m.relay_identity) == ("tree", 3, "/k")
+
+
+# --- through relays on the sshd rig --------------------------------------------------------------
+
+
+@pytest.fixture
+def tag() -> str:
+    return new_tag()
+
+
+@pytest.fixture
+def world(
+    sshd_rig: SshdRig,
+    tmp_path: Path,
+    tag: str,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> Iterator[World]:
+    yield from open_world(sshd_rig, tmp_path, tag, capsys, monkeypatch)
+
+
+@pytest.fixture
+def relay_identity(sshd_rig: SshdRig) -> Iterator[str]:
+    """The rig's client key, readable by the test account only, where relays find it."""
+    account = sshd_rig.account(0)
+    path = Path(account.home) / ".ssh" / f"rex_relay_{secrets.token_hex(4)}"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(Path(sshd_rig.identity).read_bytes())
+    os.chown(path, account.uid, account.gid)
+    yield str(path)
+    path.unlink()
+
+
+@pytest.fixture
+def connections(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Names of the hosts the launcher opened SSH connections to."""
+    opened: list[str] = []
+    real = transport.connect
+
+    def spy(host: Host, user: User, **kwargs: Any) -> transport.Transport:
+        opened.append(host.name)
+        return real(host, user, **kwargs)
+
+    monkeypatch.setattr(transport, "connect", spy)
+    return opened
+
+
+def tree_defaults(identity: str) -> dict[str, Any]:
+    return {"strategy": "tree", "fanout": 2, "relay_identity": identity}
+
+
+def _rig_manifest(rig: SshdRig, rig_hosts: list[RigHost], identity: str) -> Manifest:
+    hosts = tuple(h.model_host() for h in rig_hosts)
+    program = Program("echo", tuple(h.name for h in hosts), "app", run=("true",))
+    everything = (Authorization("*.*.*", "*", "*", "*"),)
+    user = rig.model_user(name="app")
+    return Manifest(
+        "m.yaml", "0" * 64, hosts, (user,), (program,), everything, relay_identity=identity
+    )
+
+
+def test_relays_run_the_launchers_command_on_the_hosts_below_them(
+    sshd_rig: SshdRig, sshd_hosts: Hosts, relay_identity: str, connections: list[str]
+) -> None:
+    rig_hosts = sshd_hosts(5)
+    m = _rig_manifest(sshd_rig, rig_hosts, relay_identity)
+    steps = _steps(m)
+    # echoes the line it was given inside a report, as an agent front would report
+    argv = ["sh", "-c", 'read -r l; printf \'{"ok": true, "got": %s}\\n\' "$l"']
+    with TransportPool(known_hosts=sshd_rig.known_hosts) as pool:
+        tree = TreeLauncher(m, steps, pool, sshd_rig.known_hosts, 2)
+        try:
+            relayed = [s for s in steps if tree.relayed(s.host)]
+            assert [s.host for s in relayed] == [h.name for h in rig_hosts[2:]]
+            reports = [
+                tree.launch(s, b'{"n": %d}\n' % i, 10, argv=argv) for i, s in enumerate(relayed)
+            ]
+        finally:
+            tree.close()
+    assert reports == [{"ok": True, "got": {"n": i}} for i in range(3)]
+    assert sorted(connections) == [h.name for h in rig_hosts[:2]]
+
+
+def test_a_relay_pins_host_keys_strictly(
+    sshd_rig: SshdRig, sshd_hosts: Hosts, relay_identity: str, tmp_path: Path
+) -> None:
+    rig_hosts = sshd_hosts(3)
+    m = _rig_manifest(sshd_rig, rig_hosts, relay_identity)
+    steps = _steps(m)
+    leaf = rig_hosts[2]
+    pinned = Path(sshd_rig.known_hosts).read_text().splitlines()
+    known = tmp_path / "known_hosts"  # the launcher knows its relays, not the host below
+    known.write_text("".join(f"{x}\n" for x in pinned if f"[{leaf.address}]:" not in x))
+    with TransportPool(known_hosts=sshd_rig.known_hosts) as pool:
+        tree = TreeLauncher(m, steps, pool, str(known), 2)
+        try:
+            with pytest.raises(RelayError) as info:
+                tree.launch(steps[2], b"{}\n", 10, argv=["true"])
+        finally:
+            tree.close()
+    assert (info.value.reason, info.value.phase, info.value.launched) == (
+        "host_key",
+        "hostkey",
+        True,
+    )
+    assert "Host key verification failed" in str(info.value)
+
+
+@needs_hook
+@pytest.mark.parametrize("n", [2, 3, 5, 7], ids=["N=k", "N=k+1", "N=k^2+1", "relays-below-relays"])
+def test_tree_apply_verifies_every_step_connecting_only_to_the_relays(
+    n: int, world: World, sshd_hosts: Hosts, relay_identity: str, connections: list[str]
+) -> None:
+    hosts = sshd_hosts(n)
+    m = world.manifest(
+        hosts,
+        {"app": {"on": [h.name for h in hosts], **SLEEPER}},
+        defaults=tree_defaults(relay_identity),
+    )
+    world.distribute(m)
+    homes = [Path(h.state_dir_for(world.rig.login)) for h in hosts[2:]]
+    for home in homes:  # relays install the agent where it is missing
+        for path in home.glob("agent-*"):
+            path.unlink()
+    first = world.apply(m)
+    assert first.code == 0, first.out + first.err
+    for home in homes:
+        assert (home / agent_name()).stat().st_mode & 0o777 == 0o600
+    assert {e["state"] for e in first.final().values()} == {"ready"}
+    assert len(first.final()) == n
+    assert sorted(set(connections)) == sorted(h.name for h in hosts[:2])
+    # every program runs, verified by its callback: one pid each, on every host
+    assert set(first.pids()) == {f"app@{h.name}" for h in hosts}
+    connections.clear()
+    again = world.apply(m)
+    assert again.code == 0, again.out + again.err
+    assert set(again.actions().values()) == {"unchanged"}
+    assert sorted(set(connections)) == sorted(h.name for h in hosts[:2])
+    code, _, err = world.rex("stop", str(m))
+    assert code == 0, err
+
+
+@needs_hook
+def test_flat_fallback_on_a_tree_manifest(
+    world: World, sshd_hosts: Hosts, relay_identity: str, connections: list[str]
+) -> None:
+    hosts = sshd_hosts(3)
+    m = world.manifest(
+        hosts,
+        {"app": {"on": [h.name for h in hosts], **SLEEPER}},
+        defaults=tree_defaults(relay_identity),
+    )
+    world.distribute(m)
+    run = world.apply(m, "--strategy", "flat")
+    assert run.code == 0, run.out + run.err
+    assert {e["state"] for e in run.final().values()} == {"ready"}
+    assert sorted(set(connections)) == sorted(h.name for h in hosts)
+    code, _, err = world.rex("stop", str(m))
+    assert code == 0, err
+
+
+def _relay_pid(host: str) -> int | None:
+    """The relay process serving ``host``, by its argv tag (BOOTSTRAP, sha, host name)."""
+    for pid in procs.pids():
+        argv = procs.cmdline(pid)
+        if relay.BOOTSTRAP in argv and argv[-1] == host and procs.alive(pid):
+            return pid
+    return None
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for p in procs.pids():
+        try:
+            fields = Path(f"/proc/{p}/stat").read_bytes().rsplit(b")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and procs.alive(p):
+            out.append(p)
+    return out
+
+
+def _wait(what: Callable[[], Any], timeout: float = 20.0) -> Any:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        found = what()
+        if found:
+            return found
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@needs_hook
+def test_relay_killed_mid_boot_fails_its_subtree_relay_lost(
+    world: World,
+    sshd_rig: SshdRig,
+    sshd_hosts: Hosts,
+    fresh_sshd: Callable[..., RigHost],
+    relay_identity: str,
+) -> None:
+    shared = sshd_hosts(3)
+    below = [fresh_sshd(), fresh_sshd()]
+    # split([a, b, c, d, e], 2): a relays c and d, b relays e
+    hosts = [shared[0], shared[1], below[0], below[1], shared[2]]
+    timeouts = {"connect": 2, "start": 2, "callback": 2, "ready": 2}
+    defaults = {**tree_defaults(relay_identity), "timeouts": timeouts}
+    m = world.manifest(
+        hosts, {"app": {"on": [h.name for h in hosts], **SLEEPER}}, defaults=defaults
+    )
+    world.distribute(m)
+    for host in below:
+        sshd_rig.pause(host)  # the relay's ssh to them hangs before the banner: mid-boot
+    runs: list[Run] = []
+    thread = threading.Thread(target=lambda: runs.append(world.apply(m)))
+    thread.start()
+    try:
+        pid = _wait(lambda: _relay_pid(shared[0].name))
+        ssh = _wait(lambda: len(_children(pid)) >= 2 and _children(pid))
+        os.kill(pid, signal.SIGKILL)
+    finally:
+        thread.join()
+    run = runs[0]
+    final = run.final()
+    assert {s: e["state"] for s, e in final.items()} == {
+        f"app@{shared[0].name}": "ready",
+        f"app@{shared[1].name}": "ready",
+        f"app@{shared[2].name}": "ready",
+        f"app@{below[0].name}": "failed",
+        f"app@{below[1].name}": "failed",
+    }, final
+    for host in below:
+        assert final[f"app@{host.name}"]["reason"] == "relay_lost"
+        assert f"relay {shared[0].name} lost" in final[f"app@{host.name}"]["detail"]
+    assert run.code == 2
+    # the dead relay's ssh clients give up by their ConnectTimeout: nothing stays behind
+    _wait(lambda: not any(procs.alive(p) for p in ssh), timeout=10)
+    for host in below:
+        sshd_rig.resume(host)
+    home = Path(shared[0].state_dir_for(sshd_rig.login))
+    left = list(home.glob(".relay-*"))  # SIGKILL left its temporary known_hosts (public keys)
+    assert [sorted(p.name for p in d.iterdir()) for d in left] == [["known_hosts"]]
+    for d in left:
+        shutil.rmtree(d)
+    code, _, err = world.rex("stop", str(m))
+    assert code == 0, err
