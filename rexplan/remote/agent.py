@@ -65,6 +65,7 @@ import contextlib
 import errno
 import fcntl
 import gc
+import hmac
 import json
 import os
 import select
@@ -1148,11 +1149,13 @@ def _claim(home: str, launch: protocol.Launch) -> tuple[int, bool]:
         )
         # the same spec alive is a concurrent launch that won (files aside: the launcher
         # replaces those when their content on the host drifted from it)
+        recorded = record.get("spec") if record is not None else None
         same = (
             alive
             and not launch.files
-            and record is not None
-            and record.get("spec") == protocol.spec_digest(launch)
+            and isinstance(recorded, str)
+            and recorded.isascii()
+            and hmac.compare_digest(recorded, protocol.spec_digest(launch))
         )
         if not launch.replace or not established or same:
             raise Failure(EXIT_RUNNING, f"{launch.triple} is already running ({_describe(record)})")
