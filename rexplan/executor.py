@@ -1019,10 +1019,6 @@ def _failure(
     code: str, diag: dict[str, object], exec_error: TransportError | None
 ) -> tuple[str, str, str]:
     """(reason, phase, detail) for a step that was not verified."""
-    if code == protocol.TIMEOUT and diag.get("exit") in (None, 15):
-        # the listener's deadline passed before the agent called: its "no" is not an
-        # authentication failure
-        return "no_callback", "callback", "no verified callback by the deadline (TIMEOUT)"
     if code in ("BAD_PROOF", "WRONG_KEY"):
         return "bad_proof", "callback", f"callback did not prove the key ({code})"
     if code == OK_LOST:
