@@ -424,7 +424,6 @@ class Executor:
             return
         if self._cancel.is_set():
             raise _Cancelled
-        program = self.manifest.program(step.program)
         try:
             files = self._local_files(step.program)
         except OSError as exc:
@@ -461,34 +460,11 @@ class Executor:
         agent_argv = launch_argv(host.python, check=check)
 
         t = step.timeouts
-        nl = protocol.new_nonce()
         # replacing a running instance first waits out its stop grace
         stopping = step.stop_timeout if replacing else 0.0
         deadline = self._clock() + t.start + t.ready + t.callback + stopping
-        self.listener.expect(
-            PendingStep(
-                step_id=step.id,
-                triple=step.triple,
-                key=secret,
-                key_id=info.key_id,
-                nl=nl,
-                deadline=deadline,
-                job=step.kind == "job",
-            )
-        )
-        line = protocol.make_launch(
-            **specs.launch_args(
-                step,
-                run=self.run_id,
-                key_path=protocol.key_relpath(info.host, info.user, info.program),
-                nl=nl,
-                callback=self.advertise(step.address),
-                replace=replacing,
-                files=entries,
-                when=preconditions(program.when),
-            )
-        )
-        del secret, nl
+        line = self._expect(step, info, secret, deadline, replacing, entries)
+        del secret
         with self._inflight_lock:
             self._inflight[step.id] = step
         self._state(r, ev.STARTING, phase="start")
@@ -525,6 +501,42 @@ class Executor:
         self._kill_remote(transport, host.python, step)
         reason, phase, detail = _failure(verdict.code, diag, exec_error)
         self._state(r, ev.FAILED, reason=reason, phase=phase, detail=detail)
+
+    def _expect(
+        self,
+        step: Step,
+        info: KeyInfo,
+        secret: bytes,
+        deadline: float,
+        replacing: bool,
+        files: Sequence[tuple[str, str, int]],
+    ) -> bytes:
+        """Register ``step`` with the listener under a fresh launch nonce and return its launch
+        line (the nonce travels only in it)."""
+        nl = protocol.new_nonce()
+        self.listener.expect(
+            PendingStep(
+                step_id=step.id,
+                triple=step.triple,
+                key=secret,
+                key_id=info.key_id,
+                nl=nl,
+                deadline=deadline,
+                job=step.kind == "job",
+            )
+        )
+        return protocol.make_launch(
+            **specs.launch_args(
+                step,
+                run=self.run_id,
+                key_path=protocol.key_relpath(info.host, info.user, info.program),
+                nl=nl,
+                callback=self.advertise(step.address),
+                replace=replacing,
+                files=files,
+                when=preconditions(self.manifest.program(step.program).when),
+            )
+        )
 
     def _settle(
         self,
@@ -586,32 +598,10 @@ class Executor:
             check = (step.triple, step.program, specs.expected_spec(step))
         action = specs.STARTED
         t = step.timeouts
-        nl = protocol.new_nonce()
         stopping = step.stop_timeout if step.kind != "job" else 0.0
         deadline = self._clock() + t.connect + t.start + t.ready + t.callback + stopping
-        self.listener.expect(
-            PendingStep(
-                step_id=step.id,
-                triple=step.triple,
-                key=secret,
-                key_id=info.key_id,
-                nl=nl,
-                deadline=deadline,
-                job=step.kind == "job",
-            )
-        )
-        line = protocol.make_launch(
-            **specs.launch_args(
-                step,
-                run=self.run_id,
-                key_path=protocol.key_relpath(info.host, info.user, info.program),
-                nl=nl,
-                callback=self.advertise(step.address),
-                replace=step.kind != "job",
-                when=preconditions(self.manifest.program(step.program).when),
-            )
-        )
-        del secret, nl
+        line = self._expect(step, info, secret, deadline, step.kind != "job", ())
+        del secret
         with self._inflight_lock:
             self._inflight[step.id] = step
         self._state(r, ev.STARTING, phase="start")
