@@ -28,14 +28,22 @@ from rexplan.callback import EXITED, CallbackListener, PendingStep, Verdict, ens
 from rexplan.errors import (
     AuthenticationError,
     HostKeyError,
+    HostTimeoutError,
     KeyStoreError,
     TransportError,
     UnreachableError,
 )
 from rexplan.keys import KeyInfo, KeyStore
 from rexplan.model import FailurePolicy, FileSpec, Manifest, Plan, Step, Timeouts, When
-from rexplan.remote import EXIT_NO_AGENT, bundle, bundle_sha, launch_argv
-from rexplan.transport import Transport, TransportPool
+from rexplan.remote import (
+    EXIT_NO_AGENT,
+    EXIT_NO_LAUNCH,
+    LAUNCH_MARKER,
+    bundle,
+    bundle_sha,
+    launch_argv,
+)
+from rexplan.transport import Gate, Transport, TransportPool
 from rexplan.tree import RELAY_LOST, RelayError, TreeLauncher
 
 #: reasons that mean "who you are was not accepted": exit code 6
@@ -54,6 +62,7 @@ AGENT_REASONS = {
     18: "already_running",
     19: "declined",
     EXIT_NO_AGENT: "agent_upload",
+    EXIT_NO_LAUNCH: "agent_start_timeout",
 }
 
 #: bind here when hosts reach the launcher over different routes
@@ -69,7 +78,7 @@ INTERRUPT_GRACE = 10.0
 EXEC_SLACK = 5.0
 
 #: relay errors after which no agent ran on the host: its step fails without awaiting a callback
-NOT_RUN = frozenset({"unreachable", "host_key", "auth", "agent_upload"})
+NOT_RUN = frozenset({"unreachable", "host_key", "auth", "agent_upload", "agent_start_timeout"})
 
 #: what the run summary counts, in this order
 SUMMARY = (
@@ -330,21 +339,20 @@ class Executor:
         return [r for r in todo if r.state != ev.UNPLACED]
 
     def _probe(self, r: StepResult) -> Load:
-        """A candidate host's load (and whether the program already runs there, current)."""
+        """A candidate host's load, measured as its ``load`` setting says (and whether the
+        program already runs there, current)."""
         step = r.step
+        host = self.manifest.host(step.host)
         try:
-            transport = self.pool.get(self.manifest.host(step.host), self.manifest.user(step.user))
+            transport = self.pool.get(host, self.manifest.user(step.user))
             res = transport.run(
-                [self.manifest.host(step.host).python, "-I", "-S", "-c", LOAD_PROBE],
+                [host.python, "-I", "-S", "-c", LOAD_PROBE, host.load, str(CGROUP_SAMPLE)],
                 timeout=step.timeouts.start,
             )
-            data = json.loads(res.stdout.decode("ascii", "replace").strip().splitlines()[-1])
             agent = self._agent_on(step.host, step.login, transport)
             files = [f.entry for f in self._local_files(step.program)]
             current = self.status_of(step, transport, agent, files)[0].current
-            return Load(
-                float(data["load"]) / max(1, int(data["cpus"])), int(data["free_mb"]), current
-            )
+            return parse_load(res.stdout.decode("ascii", "replace"), current)
         except (TransportError, OSError, ValueError, KeyError, IndexError, TypeError):
             return Load(None, 0, False)
 
@@ -457,9 +465,11 @@ class Executor:
             action, replacing = specs.STARTED, step.kind != "job"
             if step.kind != "job":
                 check = (step.triple, step.program, specs.expected_spec(step))
-        agent_argv = launch_argv(host.python, check=check)
-
         t = step.timeouts
+        # the launch line goes out only once the stub announced itself within the start
+        # deadline, and the agent waits for it no longer than that
+        agent_argv = launch_argv(host.python, check=check, wait=t.start)
+        gate = Gate(LAUNCH_MARKER.encode(), t.start)
         # replacing a running instance first waits out its stop grace
         stopping = step.stop_timeout if replacing else 0.0
         deadline = self._clock() + t.start + t.ready + t.callback + stopping
@@ -474,7 +484,7 @@ class Executor:
         diag: dict[str, object] = {}
         exec_error: TransportError | None = None
         try:
-            res = transport.run(agent_argv, stdin=line, timeout=exec_timeout)
+            res = transport.run(agent_argv, stdin=line, timeout=exec_timeout, gate=gate)
             diag = _front_report(res.stdout)
             if res.exit_status == EXIT_NO_AGENT and diag.get("exit") == EXIT_NO_AGENT:
                 # the first launch as this login on this host: upload the agent, launch again
@@ -486,9 +496,17 @@ class Executor:
                     self._state(r, ev.FAILED, reason="agent_upload", phase="start", detail=str(exc))
                     return
                 if self._clock() < deadline:
-                    res = transport.run(agent_argv, stdin=line, timeout=exec_timeout)
+                    res = transport.run(agent_argv, stdin=line, timeout=exec_timeout, gate=gate)
                     diag = _front_report(res.stdout)
         except TransportError as exc:
+            if isinstance(exc, HostTimeoutError) and exc.phase == "start":
+                # the remote shell started too late: it never got its launch line, so nothing
+                # started there and nothing can call back
+                self.listener.cancel(step.id)
+                detail = f"{exc}: its launch was not sent, nothing was started"
+                reason = "agent_start_timeout"
+                self._state(r, ev.FAILED, reason=reason, phase="start", detail=detail)
+                return
             exec_error = exc
         remaining = max(0.05, deadline - self._clock())
         # A front that reported had its verdict (ok, or no) before it printed; only a front
@@ -611,7 +629,8 @@ class Executor:
         diag: dict[str, object] = {}
         error: RelayError | None = None
         try:
-            diag = tree.launch(step, line, exec_timeout, argv=launch_argv(step.python, check=check))
+            argv = launch_argv(step.python, check=check, wait=t.start)
+            diag = tree.launch(step, line, exec_timeout, argv=argv, start=t.start)
         except RelayError as exc:
             error = exc
         remaining = max(0.05, deadline - self._clock())
@@ -811,33 +830,155 @@ class Executor:
                 list(killers.map(kill, steps))
 
 
-#: prints a host's 1-minute load average, CPU count and available memory, as one JSON line
-LOAD_PROBE = (
-    "import json, os\n"
-    "free = 0\n"
-    "for line in open('/proc/meminfo'):\n"
-    "    if line.startswith('MemAvailable:'):\n"
-    "        free = int(line.split()[1]) // 1024\n"
-    "load = os.getloadavg()[0]\n"
-    "print(json.dumps({'load': load, 'cpus': os.cpu_count() or 1, 'free_mb': free}))\n"
-)
+#: seconds over which a ``load: cgroup`` host's probe samples its cgroup's CPU time
+CGROUP_SAMPLE = 0.2
+
+#: ``python3 -I -S -c LOAD_PROBE MODE SECONDS`` on a candidate host prints one JSON line:
+#: ``load`` (runnable tasks, or busy CPUs), ``cpus`` (those it may use), ``free_mb``, ``source``
+#: and, when MODE is cgroup but the cgroup could not be read, ``fallback`` (why). The loadavg
+#: mode reads two /proc files, as cheap as a probe can be; the cgroup mode also sleeps SECONDS.
+LOAD_PROBE = r'''
+import json, os, sys, time
+
+
+def mem_available(root):
+    for line in open(root + '/proc/meminfo'):
+        if line.startswith('MemAvailable:'):
+            return int(line.split()[1]) // 1024
+    return 0
+
+
+def own_cgroup(root):
+    """(the cgroup v2 directory to measure, the cgroup2 mount point it is under)."""
+    path = ''
+    for line in open(root + '/proc/self/cgroup'):
+        if line.startswith('0::'):
+            path = line[3:].rstrip('\n')
+    parts = path.split('/')
+    if not path.startswith('/') or '..' in parts:
+        raise ValueError('no cgroup v2 of this login in /proc/self/cgroup')
+    for i, part in enumerate(parts):
+        # a systemd inside the container puts each login in a slice: the container's own
+        # cgroup is the root of that slice tree
+        if part in ('user.slice', 'system.slice'):
+            parts = parts[:i]
+            break
+    path = '/'.join(parts) or '/'
+    for line in open(root + '/proc/self/mountinfo'):
+        left, sep, right = line.partition(' - ')
+        f = left.split()
+        if sep and right.split(' ', 1)[0] == 'cgroup2' and len(f) >= 5:
+            top, point = f[3], f[4].replace('\\040', ' ')
+            if top == '/':
+                rel = path
+            elif path == top or path.startswith(top + '/'):
+                rel = path[len(top):]
+            else:
+                continue
+            point = os.path.normpath(root + point)
+            return os.path.normpath(point + '/' + rel), point
+    raise ValueError('no cgroup2 mount shows ' + path)
+
+
+def usage_usec(directory):
+    for line in open(directory + '/cpu.stat'):
+        if line.startswith('usage_usec '):
+            return int(line.split()[1])
+    raise ValueError('no usage_usec in ' + directory + '/cpu.stat')
+
+
+def limits(directory, top):
+    """(CPUs, MiB of memory or None) that the cpu.max and memory.max of the cgroup and of
+    its ancestors up to the mount leave it; files absent where a controller is off."""
+    cpus, free = float(len(os.sched_getaffinity(0))), None
+    while True:
+        try:
+            quota, period = open(directory + '/cpu.max').read().split()
+            if quota != 'max':
+                cpus = min(cpus, int(quota) / int(period))
+        except OSError:
+            pass
+        try:
+            limit = open(directory + '/memory.max').read().strip()
+            if limit != 'max':
+                used = int(open(directory + '/memory.current').read())
+                left = max(0, int(limit) - used) // 1048576
+                free = left if free is None else min(free, left)
+        except OSError:
+            pass
+        if len(directory) <= len(top):
+            return cpus, free
+        directory = os.path.dirname(directory)
+
+
+def measure(mode, sample, root=''):
+    free = mem_available(root)
+    out = {'load': os.getloadavg()[0], 'cpus': os.cpu_count() or 1, 'free_mb': free,
+           'source': 'loadavg'}
+    if mode != 'cgroup':
+        return out
+    try:
+        directory, top = own_cgroup(root)
+        cpus, room = limits(directory, top)
+        start, before = time.monotonic(), usage_usec(directory)
+        time.sleep(sample)
+        used = usage_usec(directory) - before
+        busy = used / 1e6 / max(time.monotonic() - start, 1e-6)
+    except (OSError, ValueError) as exc:
+        out['fallback'] = str(exc)
+        return out
+    out.update(load=busy, cpus=cpus, source='cgroup')
+    if room is not None:
+        out['free_mb'] = min(free, room) if free else room
+    return out
+
+
+if __name__ == '__main__':
+    print(json.dumps(measure(sys.argv[1], float(sys.argv[2]))))
+'''
 
 
 @dataclass(frozen=True)
 class Load:
-    """A placement candidate: load average per CPU (None: could not be probed), available
-    memory, and whether the program already runs there with the manifest's spec."""
+    """A placement candidate: its load per CPU it may use (None: could not be probed),
+    available memory, and whether the program already runs there with the manifest's spec.
+    ``source`` says what ``per_cpu`` is: ``loadavg`` (the 1-minute load average per CPU) or
+    ``cgroup`` (CPUs its cgroup kept busy over the sample, per CPU it may use); ``fallback``
+    says why a ``load: cgroup`` host was measured by its load average instead."""
 
     per_cpu: float | None
     free_mb: int
     current: bool
+    source: str = "loadavg"
+    fallback: str = ""
 
     def describe(self) -> str:
         if self.per_cpu is None:
             return "no probe"
-        return f"load {self.per_cpu:.2f}/cpu, {self.free_mb} MB free" + (
-            ", running" if self.current else ""
-        )
+        measure = "cgroup load" if self.source == "cgroup" else "load"
+        text = f"{measure} {self.per_cpu:.2f}/cpu"
+        if self.fallback:
+            text += f" (load average: its cgroup could not be read: {self.fallback})"
+        return f"{text}, {self.free_mb} MB free" + (", running" if self.current else "")
+
+
+def parse_load(output: str, current: bool) -> Load:
+    """A candidate's Load from LOAD_PROBE's output (its last line counts); ValueError when
+    that is not the probe's JSON or its figures make no sense."""
+    lines = output.strip().splitlines()
+    try:
+        data: Any = json.loads(lines[-1]) if lines else None
+        load, cpus, free = float(data["load"]), float(data["cpus"]), int(data["free_mb"])
+        source, fallback = data.get("source", "loadavg"), data.get("fallback", "")
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise ValueError(f"not the load probe's output: {output[-200:]!r}") from exc
+    if not (math.isfinite(load) and math.isfinite(cpus)) or load < 0 or cpus <= 0:
+        raise ValueError(f"implausible load {load} on {cpus} CPUs")
+    if source not in ("loadavg", "cgroup") or not isinstance(fallback, str):
+        raise ValueError(f"unknown load source {source!r}")
+    # the host's words go into events and the terminal: one short printable line
+    fallback = "".join(c if c.isprintable() else "?" for c in fallback)[:160]
+    return Load(load / cpus, free, current, source, fallback)
 
 
 def choose(candidates: Sequence[tuple[str, Load]], count: int) -> set[str]:

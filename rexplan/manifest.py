@@ -841,6 +841,7 @@ class _Checker:
             transport=_str(d.get("transport"), "ssh") or "ssh",
             python=_str(d.get("python"), "python3") or "python3",
             max_startups=_int(d.get("max_startups"), Host.max_startups),
+            load=_str(d.get("load"), Host.load) or Host.load,
         )
         where: dict[str, str] = {}  # host name -> the hosts key that defined it
         for key, value in _map(self.doc.get("hosts")).items():
@@ -895,6 +896,7 @@ class _Checker:
                 address = None
         port = _int(spec.get("port"), base.port)
         max_startups = _int(spec.get("max_startups"), base.max_startups)
+        load = _str(spec.get("load"), base.load) or base.load
         transport = _str(spec.get("transport"), base.transport) or base.transport
         groups_, vars_ = tuple(groups), _pairs(spec.get("vars"))
         names: list[str] = []
@@ -927,6 +929,7 @@ class _Checker:
                     groups_,
                     vars_,
                     max_startups=max_startups,
+                    load=load,
                 )
             )
             names.append(h.name)

@@ -41,6 +41,9 @@ class Host:
     #: unauthenticated SSH connections rex opens at once to this address and port: the start
     #: value of its sshd's MaxStartups (OpenSSH 10:30:100), past which sshd drops connections
     max_startups: int = 10
+    #: how least-loaded placement measures this host: "loadavg" (the kernel's load average)
+    #: or "cgroup" (a container sharing its kernel: the CPU time of its own cgroup v2)
+    load: str = "loadavg"
 
 
 @dataclass(frozen=True)

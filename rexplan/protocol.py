@@ -35,21 +35,36 @@ line) is built by make_launch and read by parse_launch; it is the only place the
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import hmac
+import binascii
 import json
 import math
 import os
 import re
 import struct
+from _operator import _compare_digest
 
 # The agent imports this module on every run: no dataclasses (they import inspect) and typing
 # only for the type checker
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Mapping, Sequence
+    from hashlib import sha256 as sha256
     from typing import Any
+else:
+    # The agent imports this module on every launch, so it takes the interpreter's builtin
+    # SHA-256 (and HMAC's constant-time comparison, above) directly: importing hashlib or hmac
+    # loads OpenSSL, which costs an agent start more CPU than all it then does with digests.
+    try:
+        from _sha2 import sha256  # Python >= 3.12
+    except ImportError:
+        try:
+            from _sha256 import sha256  # before 3.12
+        except ImportError:  # an interpreter built without its own SHA-256
+            from hashlib import sha256
+
+#: the constant-time comparison of MACs: hmac.compare_digest as the hmac module defines it
+#: without OpenSSL (with OpenSSL it is CRYPTO_memcmp, equally constant-time)
+compare_digest = _compare_digest
 
 VERSION = "rex-cb/1"
 KEY_BYTES = 32
@@ -133,7 +148,7 @@ class LaunchError(ValueError):
 
 def key_id(secret: bytes) -> str:
     """Short public fingerprint of a key, shown everywhere instead of the secret."""
-    return hashlib.sha256(b"rex key id\0" + secret).hexdigest()[:16]
+    return sha256(b"rex key id\0" + secret).hexdigest()[:16]
 
 
 def key_relpath(host: str, user: str, program: str | None) -> str:
@@ -157,7 +172,7 @@ def format_key_file(triple: str, created: str, secret: bytes) -> bytes:
     """The text of a key file: it names its own triple and creation time."""
     if len(secret) != KEY_BYTES:
         raise KeyFormatError("a key is 32 bytes")
-    b64 = base64.b64encode(secret).decode("ascii")
+    b64 = binascii.b2a_base64(secret, newline=False).decode("ascii")
     return f"{KEY_MAGIC}\ntriple: {triple}\ncreated: {created}\nsecret: {b64}\n".encode("ascii")
 
 
@@ -179,7 +194,9 @@ def parse_key_file(data: bytes) -> tuple[str, str, bytes]:
     if set(fields) != {"triple", "created", "secret"}:
         raise KeyFormatError("key file lacks triple, created or secret")
     try:
-        secret = base64.b64decode(fields["secret"], validate=True)
+        if not _B64.match(fields["secret"]):
+            raise ValueError(fields["secret"])
+        secret = binascii.a2b_base64(fields["secret"])
     except ValueError:
         raise KeyFormatError("key secret is not base64") from None
     if len(secret) != KEY_BYTES:
@@ -189,9 +206,7 @@ def parse_key_file(data: bytes) -> tuple[str, str, bytes]:
 
 def direction_keys(secret: bytes) -> tuple[bytes, bytes]:
     """(K_L, K_A): launcher->agent and agent->launcher MAC keys derived from the triple key."""
-    k_l = hmac.new(secret, b"rex-cb/1 launcher", hashlib.sha256).digest()
-    k_a = hmac.new(secret, b"rex-cb/1 agent", hashlib.sha256).digest()
-    return k_l, k_a
+    return hmac_sha256(secret, b"rex-cb/1 launcher"), hmac_sha256(secret, b"rex-cb/1 agent")
 
 
 def new_nonce() -> bytes:
@@ -436,7 +451,7 @@ def decline_mac(k_a: bytes, t: bytes, ns: bytes, nl: bytes, lp: bytes, reason: s
 def verify_decline(
     k_a: bytes, t: bytes, ns: bytes, nl: bytes, lp: bytes, reason: str, mac: bytes
 ) -> bool:
-    return hmac.compare_digest(decline_mac(k_a, t, ns, nl, lp, reason), mac)
+    return compare_digest(decline_mac(k_a, t, ns, nl, lp, reason), mac)
 
 
 def make_ok(mac: bytes) -> dict[str, Any]:
@@ -468,8 +483,25 @@ def transcript(hello: Mapping[str, Any]) -> bytes:
     return b"".join(_U16.pack(len(part)) + part for part in parts)
 
 
+_TRANS_5C = bytes(x ^ 0x5C for x in range(256))
+_TRANS_36 = bytes(x ^ 0x36 for x in range(256))
+
+
+def hmac_sha256(key: bytes, msg: bytes) -> bytes:
+    """HMAC-SHA256 (RFC 2104), as hmac.new(key, msg, "sha256").digest() computes it, over the
+    builtin SHA-256: the same construction as the hmac module's own pure-Python path."""
+    if len(key) > 64:
+        key = sha256(key).digest()
+    key = key.ljust(64, b"\0")
+    inner = sha256(key.translate(_TRANS_36))
+    inner.update(msg)
+    outer = sha256(key.translate(_TRANS_5C))
+    outer.update(inner.digest())
+    return outer.digest()
+
+
 def _mac(key: bytes, *parts: bytes) -> bytes:
-    return hmac.new(key, b"".join(parts), hashlib.sha256).digest()
+    return hmac_sha256(key, b"".join(parts))
 
 
 def launcher_proof(k_l: bytes, t: bytes, ns: bytes, nl: bytes) -> bytes:
@@ -488,15 +520,15 @@ def ok_mac(k_l: bytes, t: bytes, ns: bytes, nl: bytes, ap: bytes) -> bytes:
 
 
 def verify_launcher_proof(k_l: bytes, t: bytes, ns: bytes, nl: bytes, lp: bytes) -> bool:
-    return hmac.compare_digest(launcher_proof(k_l, t, ns, nl), lp)
+    return compare_digest(launcher_proof(k_l, t, ns, nl), lp)
 
 
 def verify_agent_proof(k_a: bytes, t: bytes, ns: bytes, nl: bytes, lp: bytes, ap: bytes) -> bool:
-    return hmac.compare_digest(agent_proof(k_a, t, ns, nl, lp), ap)
+    return compare_digest(agent_proof(k_a, t, ns, nl, lp), ap)
 
 
 def verify_ok_mac(k_l: bytes, t: bytes, ns: bytes, nl: bytes, ap: bytes, mac: bytes) -> bool:
-    return hmac.compare_digest(ok_mac(k_l, t, ns, nl, ap), mac)
+    return compare_digest(ok_mac(k_l, t, ns, nl, ap), mac)
 
 
 # ---- a job's frames after ok ----
@@ -570,7 +602,7 @@ class Session(_Frozen):
 
     def verify(self, key: bytes, msg: Mapping[str, Any], payload: bytes) -> bool:
         expected = self.mac(key, msg["t"], msg["seq"], payload)
-        return hmac.compare_digest(expected, msg["mac"])
+        return compare_digest(expected, msg["mac"])
 
 
 def make_hb(session: Session, seq: int) -> dict[str, Any]:
@@ -578,7 +610,7 @@ def make_hb(session: Session, seq: int) -> dict[str, Any]:
 
 
 def make_out(session: Session, seq: int, data: bytes) -> dict[str, Any]:
-    text = base64.b64encode(data).decode("ascii")
+    text = binascii.b2a_base64(data, newline=False).decode("ascii")
     return {"t": "out", "seq": seq, "data": text, "mac": session.mac(session.k_a, "out", seq, data)}
 
 
@@ -595,7 +627,7 @@ def make_exit(session: Session, seq: int, status: int) -> dict[str, Any]:
 def job_payload(msg: Mapping[str, Any]) -> bytes:
     """The bytes a checked hb/out/exit message's MAC covers."""
     if msg["t"] == "out":
-        return base64.b64decode(msg["data"])
+        return binascii.a2b_base64(msg["data"])
     if msg["t"] == "exit":
         return str(msg["status"]).encode("ascii")
     return b""
@@ -1013,4 +1045,4 @@ def spec_digest(launch: Launch) -> str:
         spec["restart"] = launch.restart
     if launch.files:
         spec["files"] = [list(f) for f in launch.files]
-    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode("ascii")).hexdigest()
+    return sha256(json.dumps(spec, sort_keys=True).encode("ascii")).hexdigest()

@@ -59,6 +59,28 @@ class Result:
     stderr: bytes
 
 
+@dataclass(frozen=True)
+class Gate:
+    """Hold a command's stdin until it printed ``marker`` as a line of its own, within
+    ``within`` seconds of the request; past that the command is closed unfed and run() raises
+    HostTimeoutError with phase ``start``. A command that ends without the marker (it had no
+    use for its stdin) is never fed."""
+
+    marker: bytes
+    within: float
+
+
+def _announced(out: Sequence[bytes], marker: bytes) -> bool:
+    """Whether the output so far holds ``marker`` as a whole line."""
+    return b"\n" + marker + b"\n" in b"\n" + b"".join(out)
+
+
+def _not_started(gate: Gate, host: str) -> HostTimeoutError:
+    return HostTimeoutError(
+        f"the remote command did not start within {gate.within:g}s", host=host, phase="start"
+    )
+
+
 class Transport(Protocol):
     """One host as one login: run commands and move small files, all under deadlines."""
 
@@ -71,6 +93,7 @@ class Transport(Protocol):
         stdin: bytes | None = None,
         timeout: float | None = None,
         env: Mapping[str, str] | None = None,
+        gate: Gate | None = None,
     ) -> Result: ...
 
     #: temp files of uploads cut mid-way that could not be removed over that connection
@@ -583,10 +606,15 @@ class SSHTransport:
         stdin: bytes | None = None,
         timeout: float | None = None,
         env: Mapping[str, str] | None = None,
+        gate: Gate | None = None,
     ) -> Result:
-        """Run ``argv``, shlex-quoted, via the login shell; HostTimeoutError past ``timeout``."""
+        """Run ``argv``, shlex-quoted, via the login shell; HostTimeoutError past ``timeout``,
+        or (phase ``start``) past ``gate.within`` without the gate's marker."""
         command = command_line(argv, env)
-        deadline = None if timeout is None else time.monotonic() + timeout
+        now = time.monotonic()
+        deadline = None if timeout is None else now + timeout
+        # the gate counts from the request: a login script's time is the command's start
+        gate_end = now + (gate.within if gate is not None else 0.0)
         try:
             chan = self._transport().open_session(timeout=timeout)
         except paramiko.SSHException as e:
@@ -606,7 +634,7 @@ class SSHTransport:
             finally:
                 if timer is not None:
                     timer.cancel()
-            return self._collect(chan, stdin, deadline, timeout)
+            return self._collect(chan, stdin, deadline, timeout, gate, gate_end)
         finally:
             chan.close()
 
@@ -625,14 +653,18 @@ class SSHTransport:
         stdin: bytes | None,
         deadline: float | None,
         timeout: float | None,
+        gate: Gate | None = None,
+        gate_end: float = 0.0,
     ) -> Result:
         out: list[bytes] = []
         err: list[bytes] = []
         pending = memoryview(stdin) if stdin else None
         if pending is None:
             chan.shutdown_write()
+        # stdin waits for the gate's marker until ``gate_end``, if there is something to send
+        held = gate if pending is not None else None
         while True:
-            while pending is not None and chan.send_ready():
+            while pending is not None and held is None and chan.send_ready():
                 try:
                     sent = chan.send(pending[:_CHUNK].tobytes())
                 except OSError:
@@ -648,15 +680,24 @@ class SSHTransport:
                 out.append(chan.recv(_CHUNK))
             while chan.recv_stderr_ready():
                 err.append(chan.recv_stderr(_CHUNK))
+            if held is not None and _announced(out, held.marker):
+                held = None
+                continue
             if done:
                 break
-            wait = None if deadline is None else deadline - time.monotonic()
+            now = time.monotonic()
+            wait = None if deadline is None else deadline - now
             if wait is not None and wait <= 0:
                 raise self._exec_error(TimeoutError(), deadline, timeout)
+            if held is not None:
+                if gate_end <= now:
+                    raise _not_started(held, self.host.name)
+                wait = gate_end - now if wait is None else min(wait, gate_end - now)
             # paramiko's stdout/stderr "or-pipe" can lose a wakeup (one half cleared while the
             # other is being set), so a bounded wait re-checks both buffers: without it a
-            # remote blocked on a full window of unread stderr deadlocks until the deadline
-            poll = _SEND_POLL if pending is not None else _RECV_POLL
+            # remote blocked on a full window of unread stderr deadlocks until the deadline.
+            # Held stdin waits for output like no stdin: the marker wakes the select.
+            poll = _SEND_POLL if pending is not None and held is None else _RECV_POLL
             wait = poll if wait is None else min(wait, poll)
             select.select([chan], [], [], wait)
         remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
@@ -931,10 +972,15 @@ class LocalTransport:
         stdin: bytes | None = None,
         timeout: float | None = None,
         env: Mapping[str, str] | None = None,
+        gate: Gate | None = None,
     ) -> Result:
-        """Run ``argv`` directly; a missing program gives status 127 as a shell would."""
+        """Run ``argv`` directly; a missing program gives status 127 as a shell would; ``gate``
+        as over SSH."""
         command_line(argv, env)  # the same argv and env rules as over SSH
         environ = {**os.environ, **env} if env else None
+        now = time.monotonic()
+        deadline = None if timeout is None else now + timeout
+        gate_end = now + (gate.within if gate is not None else 0.0)
         try:
             proc = subprocess.Popen(
                 list(argv),
@@ -947,16 +993,24 @@ class LocalTransport:
         except (FileNotFoundError, PermissionError) as e:
             status = 127 if isinstance(e, FileNotFoundError) else 126
             return Result(status, b"", f"{argv[0]}: {e.strerror}\n".encode())
+        first = (b"", b"")
+        if gate is not None and stdin:
+            try:
+                first, announced = _await_marker(proc, gate.marker, gate_end)
+            except TimeoutError:
+                _kill_group(proc)
+                raise _not_started(gate, self.host.name) from None
+            if not announced:
+                stdin = None
         try:
-            out, err = proc.communicate(stdin, timeout=timeout)
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            out, err = proc.communicate(stdin, timeout=remaining)
         except subprocess.TimeoutExpired as e:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.communicate()
+            _kill_group(proc)
             raise HostTimeoutError(
                 f"command did not finish within {timeout:g}s", host=self.host.name, phase="exec"
             ) from e
-        return Result(proc.returncode, out, err)
+        return Result(proc.returncode, first[0] + out, first[1] + err)
 
     def _path(self, path: str) -> str:
         return os.path.join(os.path.expanduser("~"), path)
@@ -1017,6 +1071,35 @@ class LocalTransport:
 
     def close(self) -> None:
         """Nothing to release."""
+
+
+def _kill_group(proc: subprocess.Popen[bytes]) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.communicate()
+
+
+def _await_marker(
+    proc: subprocess.Popen[bytes], marker: bytes, until: float
+) -> tuple[tuple[bytes, bytes], bool]:
+    """Read ``proc``'s output until ``marker`` is a line of it (True) or its stdout ends
+    (False), by ``until`` (else TimeoutError): ((stdout, stderr) so far, announced)."""
+    assert proc.stdout is not None and proc.stderr is not None
+    fds = {proc.stdout.fileno(): 0, proc.stderr.fileno(): 1}
+    got: list[list[bytes]] = [[], []]
+    while not _announced(got[0], marker):
+        if proc.stdout.fileno() not in fds:
+            return (b"".join(got[0]), b"".join(got[1])), False
+        left = until - time.monotonic()
+        if left <= 0:
+            raise TimeoutError
+        for fd in select.select(list(fds), [], [], left)[0]:
+            data = os.read(fd, _CHUNK)
+            if data:
+                got[fds[fd]].append(data)
+            else:
+                del fds[fd]
+    return (b"".join(got[0]), b"".join(got[1])), True
 
 
 def _local_makedirs(path: str) -> None:

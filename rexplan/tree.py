@@ -27,7 +27,7 @@ from rexplan import hostkeys
 from rexplan.errors import TransportError, UsageError
 from rexplan.manifest import tree_problems
 from rexplan.model import Manifest, Step
-from rexplan.remote import EXIT_NO_AGENT, agent_name, bundle, bundle_sha, relay
+from rexplan.remote import EXIT_NO_AGENT, LAUNCH_MARKER, agent_name, bundle, bundle_sha, relay
 from rexplan.simulate import Subtree, split_tree
 from rexplan.transport import (
     DEFAULT_KNOWN_HOSTS,
@@ -64,8 +64,9 @@ def _framed(data: bytes) -> bytes:
 
 class RelayError(TransportError):
     """A step below a relay has no report: ``reason`` is its failure reason (``relay_lost``,
-    ``unreachable``, ``host_key``, ``auth``, ``agent_upload``, ``timeout``, ``exec``) and
-    ``launched`` says whether a relay had started its agent, which may then still call back."""
+    ``unreachable``, ``host_key``, ``auth``, ``agent_upload``, ``agent_start_timeout``,
+    ``timeout``, ``exec``) and ``launched`` says whether a relay had started its agent, which
+    may then still call back."""
 
     def __init__(self, message: str, *, host: str, reason: str, phase: str, launched: bool) -> None:
         super().__init__(message, host=host, phase=phase)
@@ -262,7 +263,12 @@ class TreeLauncher:
             "name": name,
             "connect": self._connect,
             "identity": self.manifest.relay_identity,
-            "agent": {"sha": bundle_sha(), "name": agent_name(), "missing": EXIT_NO_AGENT},
+            "agent": {
+                "sha": bundle_sha(),
+                "name": agent_name(),
+                "missing": EXIT_NO_AGENT,
+                "marker": LAUNCH_MARKER,
+            },
             "children": [self._child(c) for c in children],
         }
         return (json.dumps(head) + "\n").encode()
@@ -287,11 +293,18 @@ class TreeLauncher:
         return entry
 
     def launch(
-        self, step: Step, line: bytes, timeout: float, *, argv: Sequence[str]
+        self,
+        step: Step,
+        line: bytes,
+        timeout: float,
+        *,
+        argv: Sequence[str],
+        start: float | None = None,
     ) -> dict[str, object]:
         """Have ``step``'s relay run ``argv`` on its host with ``line`` on stdin (``timeout``:
-        the exec deadline there) and return the agent front's report; RelayError if there is
-        none."""
+        the exec deadline there; ``start``: ``line`` waits for the launch stub's marker, which
+        must come within the connect and ``start`` deadlines) and return the agent front's
+        report; RelayError if there is none."""
         top = self._relays[self._top[step.host]]
         message = {
             "step": step.id,
@@ -302,6 +315,8 @@ class TreeLauncher:
             "timeout": timeout,
             "connect": step.timeouts.connect,
         }
+        if start is not None:
+            message["start"] = start
         waiter = top.submit(step, (json.dumps(message) + "\n").encode())
         bound = timeout + self._depth[step.host] * (step.timeouts.connect + HOP_SLACK)
         if not waiter.done.wait(bound):

@@ -474,3 +474,108 @@ def test_agent_runs_on_python_3_8(rig: Rig) -> None:
     assert result.code == 0, result
     assert rig.lis.wait(step.step_id, 5).ok
     stop(result.report["pid"])
+
+
+# --- the launch stub's announcement and the agent's bounded read -----------------------------
+
+
+def _end(proc: subprocess.Popen[bytes]) -> None:
+    proc.kill()
+    proc.wait()
+    for pipe in (proc.stdin, proc.stdout, proc.stderr):
+        if pipe is not None:
+            pipe.close()
+
+
+def _stub_env(rig: Rig) -> dict[str, str]:
+    """REX_HOME holding the agent where LAUNCH_STUB looks for it."""
+    (rig.home / remote.agent_name()).write_bytes(remote.bundle())
+    return {"REX_HOME": str(rig.home), "PATH": os.environ.get("PATH", "/usr/bin:/bin")}
+
+
+def test_launch_stub_announces_itself_before_it_reads_the_launch_line(rig: Rig) -> None:
+    env = _stub_env(rig)
+    line, step = rig.line(["sleep", "30"])
+    proc = subprocess.Popen(
+        remote.launch_argv(PY, wait=5),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=rig.work,
+        env=env,
+    )
+    assert proc.stdin is not None and proc.stdout is not None
+    try:
+        # nothing was sent yet: the marker comes first, unasked
+        assert proc.stdout.readline() == remote.LAUNCH_MARKER.encode() + b"\n"
+        proc.stdin.write(line)
+        proc.stdin.close()
+        report = json.loads(proc.stdout.readline())
+        assert proc.wait(10) == 0, report
+    finally:
+        _end(proc)
+    rig.supervisors.append(report["agent"])
+    assert rig.lis.wait(step.step_id, 5).ok
+    stop(report["pid"])
+
+
+@pytest.mark.parametrize("part", [0.0, 0.5], ids=["nothing", "half"])
+def test_agent_given_no_launch_line_in_time_starts_nothing(rig: Rig, part: float) -> None:
+    """The launcher stopped between the marker and its line (or in the middle of it): stdin
+    stays open, and the agent gives up at its --wait deadline without starting anything."""
+    env = _stub_env(rig)
+    line, _ = rig.line(["touch", "started"], expect=False)
+    sent = line[: int(len(line) * part)]
+    proc = subprocess.Popen(
+        remote.launch_argv(PY, wait=0.5),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=rig.work,
+        env=env,
+    )
+    assert proc.stdin is not None and proc.stdout is not None
+    try:
+        assert proc.stdout.readline() == remote.LAUNCH_MARKER.encode() + b"\n"
+        proc.stdin.write(sent)
+        proc.stdin.flush()
+        code = proc.wait(10)  # stdin still open
+        report = json.loads(proc.stdout.readline())
+    finally:
+        _end(proc)
+    assert code == remote.EXIT_NO_LAUNCH == agent_module.EXIT_NO_LAUNCH
+    assert report["exit"] == remote.EXIT_NO_LAUNCH and "within 0.5s" in report["reason"]
+    assert not (rig.work / "started").exists()
+    assert not (rig.home / "run" / "app.json").exists()
+
+
+def test_launch_stub_exits_when_the_launcher_is_gone(rig: Rig) -> None:
+    """Its stdout closed before it announces itself (the launcher gave up on a slow start):
+    it exits at once, without reading or starting anything."""
+    env = _stub_env(rig)
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        proc = subprocess.Popen(
+            remote.launch_argv(PY, wait=60),
+            stdin=subprocess.PIPE,
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            cwd=rig.work,
+            env=env,
+        )
+    finally:
+        os.close(write_end)
+    try:
+        assert proc.wait(10) == remote.EXIT_NO_LAUNCH
+    finally:
+        _end(proc)
+    assert not (rig.home / "run").exists()
+
+
+@pytest.mark.parametrize("wait", ["0", "-1", "nan", "inf", "soon"])
+def test_agent_refuses_a_bad_wait(rig: Rig, wait: str) -> None:
+    line, _ = rig.line(["touch", "started"], expect=False)
+    result = rig.run([PY, "-I", "-S", str(rig.bundle), "--wait", wait], line)
+    assert result.code == agent_module.EXIT_BAD_LAUNCH
+    assert not (rig.work / "started").exists()

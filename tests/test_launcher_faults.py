@@ -13,6 +13,7 @@ import signal
 import subprocess
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import helpers_procs as procs
@@ -20,8 +21,14 @@ import pytest
 from oracle import Oracle
 from sshrig import RigHost, SshdRig
 from test_faults import SLEEPER, Run, World, never_ready, read_events, wait_for, with_env
+from test_tree import _rig_manifest, _steps, relay_identity  # noqa: F401 - registers the fixture
 
 from rexplan import protocol
+from rexplan.errors import HostTimeoutError
+from rexplan.model import Host, Timeouts
+from rexplan.remote import LAUNCH_MARKER
+from rexplan.transport import Gate, LocalTransport, TransportPool
+from rexplan.tree import RelayError, TreeLauncher
 
 Hosts = Callable[[int], list[RigHost]]
 Spawn = Callable[[], RigHost]
@@ -156,14 +163,6 @@ def launch_with_slow_login(world: World, host: RigHost) -> tuple[Run, set[int]]:
     return run, seen
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="product gap: a login slower than timeouts.start does not stop the launch: the "
-    "executor writes the launch line with the exec and waits for the agent front up to start + "
-    "ready + callback + stop + 5 s, and the agent measures its start deadline from its own start "
-    "(`began` in agent._supervise), so a late agent still starts the program, and here the step "
-    "even ends ready: nothing bounds the remote shell's start-up by timeouts.start",
-)
 def test_slow_login_fails_the_step_and_never_starts_the_program(
     world: World, fresh_sshd: Spawn
 ) -> None:
@@ -175,17 +174,72 @@ def test_slow_login_fails_the_step_and_never_starts_the_program(
     assert run.summarized(e["program"], e["reason"])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="product gap: there is no reason for a remote shell that starts slower than "
-    "timeouts.start: executor._failure, AGENT_REASONS and man rex.1 know no agent_start_timeout "
-    "(the step ends as whatever the late agent meets: ready here)",
-)
 def test_slow_login_fails_as_agent_start_timeout(world: World, fresh_sshd: Spawn) -> None:
     run, _ = launch_with_slow_login(world, fresh_sshd())
     e = run.only()
     got = (e["state"], e.get("reason"), e["phase"])
     assert got == ("failed", "agent_start_timeout", "start"), e
+
+
+# ---- the start gate, on this machine and through a relay ----------------------------------------
+
+#: a command that announces itself as the launch stub does, then echoes its stdin's first line
+PROMPT = f'echo {LAUNCH_MARKER}; read -r l; printf \'{{"ok": true, "got": %s}}\\n\' "$l"'
+
+
+def test_local_gate_feeds_only_a_command_that_announced_itself(tmp_path: Path) -> None:
+    local = LocalTransport(Host(name="here", address="127.0.0.1", transport="local"))
+    gate = Gate(LAUNCH_MARKER.encode(), 2.0)
+    fed = local.run(["sh", "-c", PROMPT], stdin=b'{"n": 1}\n', timeout=10, gate=gate)
+    assert fed.stdout == f'{LAUNCH_MARKER}\n{{"ok": true, "got": {{"n": 1}}}}\n'.encode()
+    # no marker before its output ends (as the stub's `unchanged` answer): never fed
+    flag = tmp_path / "fed"
+    quiet = f"echo answer; exec >&-; read -r l && touch {shlex.quote(str(flag))}"
+    done = local.run(["sh", "-c", quiet], stdin=b"line\n", timeout=10, gate=gate)
+    assert (done.exit_status, done.stdout) == (1, b"answer\n")
+    # the marker too late: the command is killed unfed
+    late = f"sleep 5; echo {LAUNCH_MARKER}; read -r l && touch {shlex.quote(str(flag))}"
+    with pytest.raises(HostTimeoutError) as info:
+        local.run(["sh", "-c", late], stdin=b"line\n", timeout=10, gate=replace(gate, within=0.3))
+    assert info.value.phase == "start" and "did not start within 0.3s" in str(info.value)
+    assert not flag.exists()
+
+
+def test_a_relay_feeds_only_a_command_that_announced_itself_in_time(
+    sshd_rig: SshdRig, sshd_hosts: Hosts, request: pytest.FixtureRequest
+) -> None:
+    rig_hosts = sshd_hosts(4)
+    m = _rig_manifest(sshd_rig, rig_hosts, request.getfixturevalue("relay_identity"))
+    fast = Timeouts(connect=2.0, start=0.5)
+    account = sshd_rig.account(0)
+    flag = Path(account.home, f"fed-{secrets.token_hex(4)}")
+    late = f"sleep {SLOW_LOGIN + 3:g}; echo {LAUNCH_MARKER}; read -r l && touch {flag}"
+    with TransportPool(known_hosts=sshd_rig.known_hosts) as pool:
+        steps = _steps(m)
+        tree = TreeLauncher(m, steps, pool, sshd_rig.known_hosts, 2)
+        try:
+            prompt, slow = [replace(s, timeouts=fast) for s in steps if tree.relayed(s.host)]
+            argv = ["sh", "-c", PROMPT]
+            report = tree.launch(prompt, b'{"n": 1}\n', 10, argv=argv, start=fast.start)
+            assert report == {"ok": True, "got": {"n": 1}}
+            with pytest.raises(RelayError) as info:
+                tree.launch(slow, b'{"n": 2}\n', 10, argv=["sh", "-c", late], start=fast.start)
+        finally:
+            tree.close()
+    try:
+        e = info.value
+        assert (e.reason, e.phase, e.launched) == ("agent_start_timeout", "start", False), e
+        assert "did not start within 2.5s" in str(e)
+        # the late command outlives its session a while; it must end without being fed
+        gone = wait_for(lambda: not running(account.uid, late), SETTLE)
+        assert gone and not flag.exists()
+    finally:
+        flag.unlink(missing_ok=True)
+
+
+def running(uid: int, command: str) -> list[int]:
+    """Live processes of ``uid`` whose argv holds ``command``."""
+    return [p for p in procs.pids() if _uid(p) == uid and command in procs.cmdline(p)]
 
 
 # ---- the launcher SIGKILLed or SIGSTOPped in each phase -----------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -15,14 +16,15 @@ from typing import Any
 import helpers_procs as procs
 import pytest
 from helpers_world import SLEEPER, Hosts, Run, World, new_tag, nothing_left, open_world
-from sshrig import RigHost, SshdRig
+from sshrig import RigHost, SshdRig, cgroup_unavailable_reason
 
 from rexplan import executor, protocol, remote
 from rexplan import manifest as manifests
 from rexplan.callback import CallbackListener, PendingStep
 from rexplan.errors import ManifestError
-from rexplan.executor import Load
+from rexplan.executor import Load, parse_load
 from rexplan.model import FailurePolicy, Ready, Step
+from rexplan.remote import agent
 from rexplan.transport import connect
 
 #: forks a grandchild that leaves the process group (setsid), then waits forever
@@ -837,3 +839,180 @@ def test_least_loaded_places_count_steps(world: World, sshd_hosts: Hosts) -> Non
         s: ("unchanged" if state == "ready" else "unplaced") for s, state in states.items()
     }
     assert world.rex("stop", str(m))[0] == 0
+
+
+def _probe_code() -> dict[str, Any]:
+    """LOAD_PROBE's functions, to run against a fake /proc and /sys under a directory."""
+    namespace: dict[str, Any] = {"__name__": "load_probe"}
+    exec(compile(executor.LOAD_PROBE, "<LOAD_PROBE>", "exec"), namespace)
+    return namespace
+
+
+def _fake_host(root: Path, cgroup: str, mountinfo: str) -> None:
+    (root / "proc" / "self").mkdir(parents=True)
+    (root / "proc" / "meminfo").write_text("MemTotal: 4096000 kB\nMemAvailable: 2048000 kB\n")
+    (root / "proc" / "self" / "cgroup").write_text(cgroup)
+    (root / "proc" / "self" / "mountinfo").write_text(mountinfo)
+
+
+UNIFIED = "30 23 0:26 / /sys/fs/cgroup rw,nosuid - cgroup2 cgroup2 rw\n"
+HYBRID = "41 31 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw\n"
+
+
+@pytest.mark.parametrize(
+    ("cgroup", "mountinfo", "measured"),
+    [
+        # the rig, and a container whose sshd runs without systemd: the login's own cgroup
+        ("0::/rig/h10-0\n", HYBRID, "sys/fs/cgroup/unified/rig/h10-0"),
+        ("12:cpu:/x\n0::/\n", UNIFIED, "sys/fs/cgroup"),
+        # a systemd inside the container: the root of its slice tree, not the login's scope
+        ("0::/user.slice/user-0.slice/session-4.scope\n", UNIFIED, "sys/fs/cgroup"),
+        ("0::/ct/system.slice/ssh.service\n", UNIFIED, "sys/fs/cgroup/ct"),
+        # a mount that shows only a subtree, at a path with a space
+        ("0::/lxc/web/app\n", "30 23 0:26 /lxc/web /cg\\040v2 rw - cgroup2 none rw\n", "cg v2/app"),
+    ],
+)
+def test_load_probe_finds_the_cgroup_to_measure(
+    tmp_path: Path, cgroup: str, mountinfo: str, measured: str
+) -> None:
+    _fake_host(tmp_path, cgroup, mountinfo)
+    directory, top = _probe_code()["own_cgroup"](str(tmp_path))
+    assert directory == str(tmp_path / measured)
+    assert directory.startswith(top)
+
+
+@pytest.mark.parametrize(
+    ("cgroup", "mountinfo", "why"),
+    [
+        ("1:name=systemd:/\n", HYBRID, "no cgroup v2 of this login"),
+        ("0::/../elsewhere\n", UNIFIED, "no cgroup v2 of this login"),
+        ("0::/other\n", "30 23 0:26 /lxc /cg rw - cgroup2 none rw\n", "no cgroup2 mount shows"),
+        ("0::/\n", "22 1 0:21 / /proc rw - proc proc rw\n", "no cgroup2 mount shows"),
+    ],
+)
+def test_load_probe_falls_back_to_the_load_average_and_says_why(
+    tmp_path: Path, cgroup: str, mountinfo: str, why: str
+) -> None:
+    _fake_host(tmp_path, cgroup, mountinfo)
+    out = _probe_code()["measure"]("cgroup", 0.0, str(tmp_path))
+    assert out["source"] == "loadavg" and why in out["fallback"]
+    assert out["load"] >= 0
+    assert (out["cpus"], out["free_mb"]) == (os.cpu_count(), 2000)
+
+
+def test_load_probe_measures_cpu_time_against_the_cgroup_limits(tmp_path: Path) -> None:
+    _fake_host(tmp_path, "0::/ct/app\n", UNIFIED)
+    ct = tmp_path / "sys" / "fs" / "cgroup" / "ct"
+    (ct / "app").mkdir(parents=True)
+    (ct / "cpu.max").write_text("max 100000\n")
+    (ct / "app" / "cpu.max").write_text("50000 100000\n")  # half a CPU
+    (ct / "memory.max").write_text(f"{1 << 30}\n")
+    (ct / "memory.current").write_text(f"{768 << 20}\n")
+    (ct / "app" / "cpu.stat").write_text("usage_usec 123456\nuser_usec 100000\n")
+    code = _probe_code()
+    out = code["measure"]("cgroup", 0.0, str(tmp_path))
+    # the fake usage_usec stands still: an idle cgroup, with 256 of its 1 GiB free
+    assert out == {"load": 0.0, "cpus": 0.5, "free_mb": 256, "source": "cgroup"}
+    (ct / "app" / "cpu.stat").write_text("user_usec 1\n")
+    out = code["measure"]("cgroup", 0.0, str(tmp_path))
+    assert out["source"] == "loadavg" and "no usage_usec in " in out["fallback"]
+    # loadavg reads no cgroup file at all
+    (tmp_path / "proc" / "self" / "cgroup").unlink()
+    assert code["measure"]("loadavg", 0.0, str(tmp_path))["source"] == "loadavg"
+
+
+def test_load_probe_output_becomes_a_load() -> None:
+    assert parse_load('{"load": 3.0, "cpus": 2, "free_mb": 100}\n', False) == Load(1.5, 100, False)
+    cgroup = 'motd\n{"load": 0.25, "cpus": 0.5, "free_mb": 512, "source": "cgroup"}\n'
+    got = parse_load(cgroup, True)
+    assert got == Load(0.5, 512, True, "cgroup")
+    assert got.describe() == "cgroup load 0.50/cpu, 512 MB free, running"
+    fell = '{"load": 1, "cpus": 4, "free_mb": 9, "source": "loadavg", "fallback": "no\\u001b[1m"}'
+    got = parse_load(fell, False)
+    assert got == Load(0.25, 9, False, "loadavg", "no?[1m")
+    assert got.describe() == (
+        "load 0.25/cpu (load average: its cgroup could not be read: no?[1m), 9 MB free"
+    )
+    # ranked with the others: the busy cgroup loses to the idle one
+    idle = parse_load('{"load": 0.01, "cpus": 2, "free_mb": 1, "source": "cgroup"}', False)
+    busy = parse_load('{"load": 1.0, "cpus": 2, "free_mb": 9, "source": "cgroup"}', False)
+    assert executor.choose([("busy", busy), ("idle", idle)], 1) == {"idle"}
+
+
+@pytest.mark.parametrize(
+    "output",
+    [
+        "",
+        "Traceback (most recent call last):",
+        "[1, 2]",
+        '{"load": 1, "cpus": 2}',
+        '{"load": -1, "cpus": 2, "free_mb": 0}',
+        '{"load": 1, "cpus": 0, "free_mb": 0}',
+        '{"load": NaN, "cpus": 1, "free_mb": 0}',
+        '{"load": 1, "cpus": 1, "free_mb": 0, "source": "psi"}',
+        '{"load": 1, "cpus": 1, "free_mb": 0, "fallback": 3}',
+    ],
+)
+def test_unusable_load_probe_output_is_refused(output: str) -> None:
+    with pytest.raises(ValueError):
+        parse_load(output, False)
+
+
+def _cgroup_loads(detail: str) -> dict[str, float]:
+    """Each host's figure in a placement notice of ``load: cgroup`` hosts."""
+    return {h: float(x) for h, x in re.findall(r"(\w+) \(cgroup load ([0-9.]+)/cpu", detail)}
+
+
+def test_least_loaded_picks_the_idle_container(
+    world: World, sshd_rig: SshdRig, tmp_path: Path
+) -> None:
+    """The rig's hosts share this kernel, hence one load average; as ``load: cgroup`` hosts
+    each is measured by its own cgroup, and a CPU burner in one makes it the busy one."""
+    reason = cgroup_unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    hosts = sshd_rig.spawn(2, cgroup=True)
+    burner: subprocess.Popen[bytes] | None = None
+    m = tmp_path / "m.yaml"
+    try:
+        names = [h.name for h in hosts]
+        placement = {"strategy": "least-loaded", "count": 1}
+        world.manifest(hosts, {"pick": {**SLEEPER, "on": names, "placement": placement}})
+        doc = json.loads(m.read_text())
+        for name in names:
+            doc["hosts"][name]["load"] = "cgroup"
+        m.write_text(json.dumps(doc))
+        world.distribute(m)
+        burner = subprocess.Popen(
+            [sys.executable, "-c", "while True: pass"],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        # busy first the first host (manifest order would pick it), then the other
+        for busy, idle in (hosts, hosts[::-1]):
+            assert busy.cgroup is not None and idle.cgroup is not None
+            Path(busy.cgroup, "cgroup.procs").write_text(str(burner.pid))
+            run = world.apply(m)
+            assert run.code == 0, run.out + run.err
+            states = {s: e["state"] for s, e in run.final().items()}
+            assert states == {f"pick@{idle.name}": "ready", f"pick@{busy.name}": "unplaced"}
+            (choice,) = [n for n in notices(run) if "placement of pick" in n]
+            assert choice.startswith(f"least-loaded placement of pick: {idle.name} (of "), choice
+            loads = _cgroup_loads(choice)
+            assert loads[busy.name] > loads[idle.name], choice
+            (pid,) = world.tagged(idle.name, "pick")
+            where = agent.cgroup_dir(
+                Path(f"/proc/{pid}/cgroup").read_text(), Path("/proc/self/mountinfo").read_text()
+            )
+            assert where is not None and where.startswith(idle.cgroup + "/")
+            assert world.tagged(busy.name, "pick") == []
+            assert world.rex("stop", str(m))[0] == 0
+    finally:
+        if burner is not None:
+            burner.kill()
+            burner.wait()
+        if world.tagged():
+            world.rex("stop", str(m), "--force")
+        for host in hosts:
+            sshd_rig.stop(host)

@@ -36,13 +36,14 @@ defaults:
   user: app
   port: 2200
   forks: 8
+  load: cgroup
   restart: no
   stop_timeout: 7
   timeouts: {connect: 4, ready: 40}
 callback: {bind: 127.0.0.1, port: 0, advertise: 127.0.0.1}
 hosts:
   web1: {address: 127.0.0.10, port: 2222, user: app, groups: [web], vars: {zone: b, rack: "1"}}
-  localhost: {transport: local}
+  localhost: {transport: local, load: loadavg}
   "node[01-03]": {address: "127.0.1.{n}", groups: [compute, web]}
 users:
   app: {login: svc, identity: ~/.ssh/id_ed25519, ssh_options: {StrictHostKeyChecking: yes}}
@@ -102,11 +103,18 @@ def test_good_manifest_becomes_records(tmp_path: Path) -> None:
             "python3",
             ("web",),
             (("rack", "1"), ("zone", "b")),
+            load="cgroup",
         ),
         Host("localhost", "localhost", 2200, None, "local", "python3"),
-        Host("node01", "127.0.1.1", 2200, None, "ssh", "python3", ("compute", "web")),
-        Host("node02", "127.0.1.2", 2200, None, "ssh", "python3", ("compute", "web")),
-        Host("node03", "127.0.1.3", 2200, None, "ssh", "python3", ("compute", "web")),
+        Host(
+            "node01", "127.0.1.1", 2200, None, "ssh", "python3", ("compute", "web"), load="cgroup"
+        ),
+        Host(
+            "node02", "127.0.1.2", 2200, None, "ssh", "python3", ("compute", "web"), load="cgroup"
+        ),
+        Host(
+            "node03", "127.0.1.3", 2200, None, "ssh", "python3", ("compute", "web"), load="cgroup"
+        ),
     )
     assert m.users == (
         User("app", "svc", "~/.ssh/id_ed25519", (("StrictHostKeyChecking", "yes"),)),
@@ -312,6 +320,20 @@ def test_semantic_and_schema_errors_come_together() -> None:
         ("programs.p.requires.0", 5, 38),
         ("programs.p.kind", 5, 48),
     ]
+
+
+def test_load_measure_is_loadavg_or_cgroup_with_its_position() -> None:
+    text = "rex: 1\ndefaults: {load: cpu}\nhosts:\n  web1: {load: cgrop}\n  web2: {load: 1}\n"
+    got = _error(text)
+    assert [(d.path, d.line, d.col) for d in got] == [
+        ("defaults.load", 2, 18),
+        ("hosts.web1.load", 4, 16),
+        ("hosts.web2.load", 5, 16),
+    ]
+    assert got[1].message == "'cgrop' is not one of 'loadavg', 'cgroup'"
+    assert got[1].hint == "did you mean 'cgroup'?"
+    m = manifest.loads("rex: 1\nhosts: {a: {}, b: {load: cgroup}}\n", "m.yaml")
+    assert [h.load for h in m.hosts] == ["loadavg", "cgroup"]
 
 
 def test_cycles_are_each_reported_once() -> None:

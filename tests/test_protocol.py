@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import _operator
 import ast
+import hashlib
+import hmac
 import json
+import os
 import struct
 from pathlib import Path
 from typing import Any
@@ -257,7 +261,45 @@ def test_equality_scan_catches_a_mac_compare() -> None:
 def test_protocol_verifies_with_compare_digest_only() -> None:
     source = (PACKAGE / "protocol.py").read_text()
     # launcher proof, agent proof, ok verdict, a decline, and the job frames after ok
-    assert source.count("hmac.compare_digest(") == 5
+    assert source.count(" compare_digest(") == 5
+    assert "==" not in "".join(line for line in source.splitlines() if "compare_digest(" in line)
+
+
+def test_compare_digest_is_the_constant_time_comparison() -> None:
+    # hmac.compare_digest is OpenSSL's CRYPTO_memcmp where hmac has OpenSSL, else this one
+    assert p.compare_digest is _operator._compare_digest
+    assert p.compare_digest(b"a" * 32, b"a" * 32)
+    assert not p.compare_digest(b"a" * 32, b"a" * 31 + b"b")
+
+
+@pytest.mark.parametrize("key_len", [0, 1, 32, 63, 64, 65, 131])
+@pytest.mark.parametrize("msg_len", [0, 1, 55, 56, 64, 4096])
+def test_hmac_sha256_matches_the_hmac_module(key_len: int, msg_len: int) -> None:
+    key, msg = os.urandom(key_len), os.urandom(msg_len)
+    assert p.hmac_sha256(key, msg) == hmac.new(key, msg, hashlib.sha256).digest()
+
+
+def test_hmac_sha256_rfc4231_vectors() -> None:
+    # RFC 4231 test cases 1, 2 and 6 (a key longer than the block)
+    cases = [
+        (
+            b"\x0b" * 20,
+            b"Hi There",
+            "b0344c61d8db38535ca8afceaf0bf12b881dc200c9833da726e9376c2e32cff7",
+        ),
+        (
+            b"Jefe",
+            b"what do ya want for nothing?",
+            "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843",
+        ),
+        (
+            b"\xaa" * 131,
+            b"Test Using Larger Than Block-Size Key - Hash Key First",
+            "60e431591ee0b67f0d8a26aacbf5b77f8e0bc6213728c5140546040f0ee37f54",
+        ),
+    ]
+    for key, msg, want in cases:
+        assert p.hmac_sha256(key, msg).hex() == want
 
 
 @pytest.mark.parametrize("name", ["protocol.py", "remote/agent.py"])

@@ -51,13 +51,25 @@ _RUN = (
 #: LAUNCH_STUB's exit code (and report) when the agent file is not in REX_HOME: upload, retry
 EXIT_NO_AGENT = 20
 
+#: exit code of a launch that started nothing because its launch line did not come: not within
+#: the agent's ``--wait`` seconds (agent.EXIT_NO_LAUNCH), or the launcher was gone when the
+#: stub announced itself with LAUNCH_MARKER
+EXIT_NO_LAUNCH = 21
+
+#: the line LAUNCH_STUB prints before a launch reads its launch line: the launcher writes that
+#: line only once this arrived within the step's start deadline, so a remote shell that starts
+#: late (a slow login script) never receives it and starts nothing
+LAUNCH_MARKER = "rex-launch-ready"
+
 #: ``python3 -I -S -c LAUNCH_STUB <sha16> (check TRIPLE PROGRAM SPEC | -) [ARGS]``: run the
 #: agent uploaded as ``$REX_HOME/agent-<sha16>.py`` (the launcher need not know where REX_HOME
 #: is: one exec per launch, no shell round trip first), or report EXIT_NO_AGENT. With ``check``
 #: it first reads PROGRAM's record: the same TRIPLE and SPEC digest with its program alive (pid
 #: and start time, /proc/PID/stat field 22) is reported ``unchanged`` without loading the agent.
 #: The agent's compiled modules come from the cache its first run left (FILE.<cache_tag>.code)
-#: when there is one, so a launch compiles nothing.
+#: when there is one, so a launch compiles nothing. A launch (ARGS ``--wait SECONDS``) prints
+#: LAUNCH_MARKER once the agent is at hand and before it runs, so the launch line's round trip
+#: overlaps the agent's imports; the agent then reads that line within SECONDS.
 LAUNCH_STUB = (
     "import os,sys\n"
     "a=sys.argv\n"
@@ -76,6 +88,7 @@ LAUNCH_STUB = (
     "else:del a[2]\n"
     "f=os.path.join(h,'agent-'+a[1]+'.py')\n"
     "sys.argv=[f]+a[2:]\n"
+    "s=None\n"
     "try:\n"
     " import marshal,types\n"
     " with open(f+'.'+sys.implementation.cache_tag+'.code','rb') as b:"
@@ -86,7 +99,10 @@ LAUNCH_STUB = (
     " except OSError:\n"
     '  sys.stdout.write(\'{"ok": false, "exit": 20, "reason": "no agent"}\\n\');'
     "sys.exit(20)\n"
-    " exec(compile(s,f,'exec'),{'__name__':'__main__','__file__':f})\n"
+    "if a[2:3]==['--wait']:\n"
+    " try:os.write(1,b'" + LAUNCH_MARKER + "\\n')\n"
+    " except OSError:sys.exit(21)\n"
+    "if s is not None:exec(compile(s,f,'exec'),{'__name__':'__main__','__file__':f})\n"
 ) + _RUN
 
 _TEMPLATE = """\
@@ -172,8 +188,12 @@ def launch_argv(
     python: str = "python3",
     *args: str,
     check: tuple[str, str, str] | None = None,
+    wait: float | None = None,
 ) -> list[str]:
     """argv that runs the uploaded agent (with ``args``) through LAUNCH_STUB; ``check`` =
-    (triple, program, spec digest) first asks whether that program already runs unchanged."""
+    (triple, program, spec digest) first asks whether that program already runs unchanged;
+    ``wait``: a launch, announced by LAUNCH_MARKER, whose line must come within ``wait`` s."""
     mode = ["check", *check] if check is not None else ["-"]
+    if wait is not None:
+        args = ("--wait", f"{wait:g}", *args)
     return [python, "-I", "-S", "-c", LAUNCH_STUB, bundle_sha()[:16], *mode, *args]

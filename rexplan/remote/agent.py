@@ -4,7 +4,9 @@ Stdlib only, Python >= 3.8. It runs as one script, ``rexplan.remote.bundle()`` (
 plus rexplan/protocol.py): ``python3 -I -S agent-<sha>.py``, or without a file on the host as
 ``python3 -I -S -c BOOTSTRAP <sha>`` with the bundle piped ahead of the launch message (see
 rexplan.remote). Either way it reads ONE JSON launch line from stdin (protocol.parse_launch);
-secrets (the key, the launch nonce nl) never appear in argv or the environment.
+secrets (the key, the launch nonce nl) never appear in argv or the environment. Run as
+``--wait SECONDS`` (rexplan.remote.LAUNCH_STUB's launches) it waits at most SECONDS for that
+line, so a launcher stopped or gone before it sent the line never holds the agent.
 
 Processes. The *front* (the process SSH started) reads the launch line, checks and loads the
 key, opens the program log, then forks the *supervisor*, which leaves the SSH session (setsid,
@@ -44,8 +46,8 @@ verdict by the callback deadline (launcher unreachable or silent), 15 rejected (
 listener that could not prove it holds the key: no response is sent to it), 16 bad launch
 message, 17 the supervisor died or failed, 18 the triple is already running here (and the
 launch did not ask to replace it), 19 the host declined: a ``when`` precondition failed, and
-the agent proved the decline to the listener (protocol ``decl``); 128+N: the front got
-signal N.
+the agent proved the decline to the listener (protocol ``decl``), 21 no launch line within
+``--wait`` SECONDS (nothing was started); 128+N: the front got signal N.
 
 Files. The launcher uploads a program's ``files`` to REX_HOME/files/<program>/ before the
 launch; the agent starts nothing unless each has the sha256 the launch names (they are part
@@ -65,24 +67,29 @@ import contextlib
 import errno
 import fcntl
 import gc
-import hmac
 import json
 import os
 import select
-import signal
-import socket
 import stat
-import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
 
 from rexplan import protocol
 
-# every agent run pays for its imports: tempfile and traceback come where used, typing never
+# Every agent run pays for its imports: tempfile and traceback come where used, typing never,
+# and no subprocess (it imports threading and selectors): _Proc and _start do what the agent
+# needs of it. The signal and socket modules are their C halves, _signal and _socket: the
+# Python wrappers build enums of every constant and import selectors, together about a third
+# of an agent start's CPU with subprocess.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    import signal
+    import socket
+    from collections.abc import Iterator, Mapping, Sequence
     from typing import Any
+else:
+    import _signal as signal
+    import _socket as socket
 
 EXIT_OK = 0
 EXIT_KEY = 10
@@ -95,6 +102,8 @@ EXIT_BAD_LAUNCH = 16
 EXIT_AGENT = 17
 EXIT_RUNNING = 18
 EXIT_DECLINED = 19
+#: the launch line did not come within ``--wait`` seconds; rexplan.remote.EXIT_NO_LAUNCH
+EXIT_NO_LAUNCH = 21
 
 RESTART_FIRST = 0.5  # seconds before the first restart; doubles for each restart in a row
 RESTART_CAP = 30.0
@@ -157,7 +166,9 @@ def _trap_signals() -> None:
 
 
 def rex_home() -> str:
-    return os.environ.get("REX_HOME") or os.path.join(os.path.expanduser("~"), ".rex")
+    # absolute: the supervisor changes into the program's directory before it starts it
+    home = os.environ.get("REX_HOME") or os.path.join(os.path.expanduser("~"), ".rex")
+    return os.path.abspath(home)
 
 
 # ---- the key ----
@@ -217,6 +228,166 @@ def load_key(home: str, launch: protocol.Launch) -> bytes:
     raise Failure(EXIT_KEY, f"no key for {launch.triple} under {keys}")
 
 
+# ---- processes ----
+
+
+class _TimeoutExpired(Exception):
+    """A wait for a process ran out of time."""
+
+
+class _SpawnError(Exception):
+    """The child could not join the program's cgroup; nothing was started."""
+
+
+def _exit_status(status: int) -> int:
+    """A wait status as subprocess gives it: the exit code, or -N for signal N."""
+    if os.WIFSIGNALED(status):
+        return -os.WTERMSIG(status)
+    return os.WEXITSTATUS(status)
+
+
+def _pidfd(pid: int) -> int:
+    """A pidfd for ``pid`` (readable once it has exited), or -1 where there is none."""
+    opener = getattr(os, "pidfd_open", None)  # Python >= 3.9 on Linux >= 5.3
+    if opener is None:
+        return -1
+    try:
+        return int(opener(pid))
+    except OSError:
+        return -1
+
+
+class _Proc:
+    """A started child: pid, returncode, poll() and wait() as subprocess.Popen has them."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            try:
+                pid, status = os.waitpid(self.pid, os.WNOHANG)
+            except ChildProcessError:  # reaped elsewhere: as subprocess, count it as 0
+                self.returncode = 0
+                return 0
+            if pid:
+                self.returncode = _exit_status(status)
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        """The exit status; _TimeoutExpired once ``timeout`` s passed with the child alive.
+        Waits on a pidfd where there is one: no polling."""
+        code = self.poll()
+        if code is not None:
+            return code
+        if timeout is None:
+            try:
+                code = _exit_status(os.waitpid(self.pid, 0)[1])
+            except ChildProcessError:
+                code = 0
+            self.returncode = code
+            return code
+        end = time.monotonic() + timeout
+        fd = _pidfd(self.pid)
+        delay = 0.0005
+        try:
+            while code is None:
+                remaining = end - time.monotonic()
+                if remaining <= 0:
+                    raise _TimeoutExpired()
+                if fd >= 0:
+                    select.select([fd], [], [], remaining)
+                else:  # back off as subprocess does
+                    time.sleep(min(delay, remaining))
+                    delay = min(delay * 2, 0.05)
+                code = self.poll()
+        finally:
+            if fd >= 0:
+                os.close(fd)
+        return code
+
+
+def _executable(name: str, env: Mapping[str, str]) -> str:
+    """``name`` looked up in ``env``'s PATH, as subprocess does for a program given an env."""
+    if "/" in name:
+        return name
+    for directory in os.get_exec_path(dict(env)):
+        path = os.path.join(directory, name)
+        if os.access(path, os.X_OK) and not os.path.isdir(path):
+            return path
+    raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), name)
+
+
+def _start(
+    argv: Sequence[str], env: Mapping[str, str], cwd: str | None, out: int, join: int = -1
+) -> _Proc:
+    """Start ``argv`` with exactly ``env`` in a new session, stdin from /dev/null, stdout and
+    stderr to ``out`` (-1: /dev/null), in ``cwd`` (None: this process's). The agent's own
+    descriptors are all close-on-exec (see _cloexec_inherited). OSError when it cannot start.
+
+    ``join``: an open cgroup.procs the child writes itself into before exec, so nothing the
+    program forks starts outside its cgroup; that takes a fork (about 2 ms of CPU) and
+    _SpawnError when the write fails. Else posix_spawn, a vfork: no copy of the agent."""
+    path = _executable(argv[0], env)
+    if cwd is not None:
+        os.chdir(cwd)  # the supervisor's own paths are absolute; posix_spawn has no chdir
+    if join < 0:
+        actions: list[tuple[Any, ...]] = [(os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0)]
+        if out < 0:
+            actions += [(os.POSIX_SPAWN_OPEN, fd, os.devnull, os.O_WRONLY, 0) for fd in (1, 2)]
+        else:
+            actions += [(os.POSIX_SPAWN_DUP2, out, 1), (os.POSIX_SPAWN_DUP2, out, 2)]
+        return _Proc(os.posix_spawn(path, list(argv), dict(env), file_actions=actions, setsid=True))
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        stage = b"cgroup"
+        try:
+            os.close(read_end)
+            os.write(join, b"0")
+            stage = b"exec"
+            os.setsid()
+            null = os.open(os.devnull, os.O_RDWR)
+            os.dup2(null, 0)
+            os.dup2(out if out >= 0 else null, 1)
+            os.dup2(out if out >= 0 else null, 2)
+            os.execve(path, list(argv), dict(env))
+        except OSError as exc:
+            os.write(write_end, b"%s %d" % (stage, exc.errno or 0))
+        finally:
+            os._exit(127)
+    os.close(write_end)
+    report = b""
+    while True:
+        data = os.read(read_end, 64)
+        if not data:
+            break
+        report += data
+    os.close(read_end)
+    if not report:
+        return _Proc(pid)  # the pipe closed at exec
+    os.waitpid(pid, 0)
+    stage_, _, code = report.partition(b" ")
+    if stage_ == b"cgroup":
+        raise _SpawnError()
+    raise OSError(int(code), os.strerror(int(code)), argv[0])
+
+
+def _cloexec_inherited() -> None:
+    """Mark every descriptor above stderr that this process inherited close-on-exec: the
+    agent starts programs with posix_spawn, which (unlike subprocess) closes nothing."""
+    try:
+        names = os.listdir("/proc/self/fd")
+    except OSError:
+        return
+    for name in names:
+        fd = int(name)
+        if fd > 2:
+            with contextlib.suppress(OSError):
+                os.set_inheritable(fd, False)
+
+
 # ---- process groups ----
 
 
@@ -245,7 +416,7 @@ def _group_alive(pgid: int) -> bool:
     return False
 
 
-def kill_group(pgid: int, grace: float, proc: subprocess.Popen[bytes] | None = None) -> None:
+def kill_group(pgid: int, grace: float, proc: _Proc | None = None) -> None:
     """SIGTERM the group, wait up to ``grace``, then SIGKILL; reaps ``proc`` if given."""
     if pgid <= 1 or pgid == os.getpgrp():
         raise Failure(EXIT_AGENT, f"refusing to signal process group {pgid}")
@@ -487,12 +658,6 @@ def _make_cgroup(launch: protocol.Launch) -> str | None:
     return path
 
 
-def _enter_cgroup() -> None:
-    """Between fork and exec, in the program's child: move into its cgroup before the program
-    can fork anything that would be left outside."""
-    os.write(_Cgroup.procs, b"0")
-
-
 def _drop_cgroup() -> None:
     """Forget the program's cgroup and remove it when nothing runs in it any more."""
     if _Cgroup.procs >= 0:
@@ -690,7 +855,7 @@ def _probe_once(probe: protocol.Probe, cwd: str | None, env: dict[str, str], bud
     budget = max(0.05, budget)
     if probe.kind == "tcp":
         try:
-            socket.create_connection((probe.host, probe.port or 0), timeout=budget).close()
+            _connect(probe.host or "", probe.port or 0, budget).close()
         except OSError:
             return False
         return True
@@ -711,19 +876,19 @@ def _probe_once(probe: protocol.Probe, cwd: str | None, env: dict[str, str], bud
             return False
     if probe.kind == "command":
         try:
-            done = subprocess.run(
-                list(probe.argv),
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-                cwd=cwd,
-                env=env,
-                timeout=budget,
-                check=False,
-            )
-        except (OSError, subprocess.TimeoutExpired):
+            proc = _start(probe.argv, env, cwd, -1)
+        except OSError:
             return False
-        return done.returncode == 0
+        try:
+            return proc.wait(budget) == 0
+        except _TimeoutExpired:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+            return False
+        except BaseException:  # a signal: the probe goes with the launch
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+            raise
     if probe.kind == "file":
         return os.path.exists(os.path.join(cwd or os.getcwd(), probe.path or ""))
     raise ValueError(probe.kind)
@@ -739,13 +904,13 @@ def _notified(sock: socket.socket) -> bool:
         ready = ready or b"READY=1" in data.split(b"\n")
 
 
-def _exited(proc: subprocess.Popen[bytes]) -> Failure:
+def _exited(proc: _Proc) -> Failure:
     status = proc.returncode
     return Failure(EXIT_EXITED, f"program exited with status {status} before ready", status)
 
 
 def wait_ready(
-    proc: subprocess.Popen[bytes],
+    proc: _Proc,
     probe: protocol.Probe,
     deadline: float,
     cwd: str | None,
@@ -756,7 +921,7 @@ def wait_ready(
     if probe.kind == "alive":
         try:
             proc.wait(timeout=max(0.0, min(probe.settle, deadline - time.monotonic())))
-        except subprocess.TimeoutExpired:
+        except _TimeoutExpired:
             return
         raise _exited(proc)
     while True:
@@ -773,7 +938,7 @@ def wait_ready(
             raise Failure(EXIT_NOT_READY, f"{probe.kind} probe not ready by the deadline")
         try:
             proc.wait(timeout=min(probe.interval, remaining))
-        except subprocess.TimeoutExpired:
+        except _TimeoutExpired:
             continue
         raise _exited(proc)
 
@@ -797,6 +962,22 @@ def _notify_socket(home: str) -> tuple[socket.socket, str]:
 
 
 # ---- the callback ----
+
+
+def _connect(host: str, port: int, timeout: float) -> socket.socket:
+    """socket.create_connection((host, port), timeout), over _socket."""
+    error: OSError | None = None
+    for family, kind, proto, _, address in socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM):
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.settimeout(timeout)
+            sock.connect(address)
+        except OSError as exc:
+            sock.close()
+            error = exc
+            continue
+        return sock
+    raise error or OSError(f"no address for {host}")
 
 
 class _Retry(Exception):
@@ -848,7 +1029,7 @@ def _handshake(
     k_l, k_a = protocol.direction_keys(secret)
     remaining = deadline - time.monotonic()
     try:
-        sock = socket.create_connection(launch.callback, timeout=max(0.001, remaining))
+        sock = _connect(launch.callback[0], launch.callback[1], max(0.001, remaining))
     except _Timeout:
         raise  # the deadline: handled by call_back, not retried
     except OSError:
@@ -914,7 +1095,7 @@ def _handshake(
 def call_back(
     launch: protocol.Launch,
     secret: bytes,
-    proc: subprocess.Popen[bytes],
+    proc: _Proc,
     start: str,
     deadline: float,
 ) -> _Link | None:
@@ -1001,8 +1182,6 @@ def _workdir(launch: protocol.Launch) -> str | None:
 
 def _sha256(path: str) -> str | None:
     """sha256 hex of a regular file (not followed if a symlink); None if there is none."""
-    import hashlib  # only programs with files pay for it
-
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError:
@@ -1010,7 +1189,7 @@ def _sha256(path: str) -> str | None:
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             return None
-        digest = hashlib.sha256()
+        digest = protocol.sha256()
         for block in iter(lambda: os.read(fd, 1 << 16), b""):
             digest.update(block)
         return digest.hexdigest()
@@ -1155,7 +1334,7 @@ def _claim(home: str, launch: protocol.Launch) -> tuple[int, bool]:
             and not launch.files
             and isinstance(recorded, str)
             and recorded.isascii()
-            and hmac.compare_digest(recorded, protocol.spec_digest(launch))
+            and protocol.compare_digest(recorded, protocol.spec_digest(launch))
         )
         if not launch.replace or not established or same:
             raise Failure(EXIT_RUNNING, f"{launch.triple} is already running ({_describe(record)})")
@@ -1264,43 +1443,21 @@ def _report(fd: int, obj: dict[str, Any]) -> None:
         os.write(fd, json.dumps(obj).encode("ascii") + b"\n")
 
 
-def _spawn(
-    launch: protocol.Launch, log_fd: int, env: dict[str, str], restart: int = 0
-) -> subprocess.Popen[bytes]:
+def _spawn(launch: protocol.Launch, log_fd: int, env: dict[str, str], restart: int = 0) -> _Proc:
     what = f"restart {restart}" if restart else "starting"
     os.write(log_fd, f"--- rex: run {launch.run} step {launch.step} {what}\n".encode())
     _Output.start = os.lseek(log_fd, 0, os.SEEK_END)
-    if _Cgroup.procs >= 0:
-        try:
-            return _popen(launch, log_fd, env, _enter_cgroup)
-        except subprocess.SubprocessError:  # _enter_cgroup failed; nothing was started
-            sys.stderr.write("rex: the program could not join its cgroup; it runs without\n")
-            _drop_cgroup()
-    return _popen(launch, log_fd, env, None)
-
-
-def _popen(
-    launch: protocol.Launch,
-    log_fd: int,
-    env: dict[str, str],
-    preexec: Callable[[], None] | None,
-) -> subprocess.Popen[bytes]:
-    # A preexec function costs a fork instead of a vfork (about 2 ms of CPU), and only a
-    # program with a cgroup pays it: joining from the child, before exec, is the only way
-    # nothing it forks starts outside (from the supervisor, after the spawn, the cgroup
-    # write takes effect milliseconds later, when a daemonizing program has long forked).
+    # Joining the cgroup from the child, before exec, is the only way nothing the program
+    # forks starts outside (from the supervisor, after the spawn, the cgroup write takes
+    # effect milliseconds later, when a daemonizing program has long forked).
     try:
-        return subprocess.Popen(
-            list(launch.argv),
-            stdin=subprocess.DEVNULL,
-            stdout=log_fd,
-            stderr=log_fd,
-            cwd=_workdir(launch),
-            env=env,
-            start_new_session=True,
-            close_fds=True,
-            preexec_fn=preexec,
-        )
+        if _Cgroup.procs >= 0:
+            try:
+                return _start(launch.argv, env, _workdir(launch), log_fd, _Cgroup.procs)
+            except _SpawnError:  # nothing was started
+                sys.stderr.write("rex: the program could not join its cgroup; it runs without\n")
+                _drop_cgroup()
+        return _start(launch.argv, env, _workdir(launch), log_fd)
     except OSError as exc:
         raise Failure(EXIT_START, f"cannot start {launch.argv[0]!r}: {exc.strerror}") from None
 
@@ -1308,7 +1465,7 @@ def _popen(
 def _supervise(launch: protocol.Launch, home: str, secret: bytes, log_fd: int, out: int) -> int:
     """The supervisor's life; returns its exit code. ``out`` is the report pipe to the front."""
     began = time.monotonic()
-    proc: subprocess.Popen[bytes] | None = None
+    proc: _Proc | None = None
     notify: socket.socket | None = None
     notify_path: str | None = None
     try:
@@ -1469,7 +1626,7 @@ def _job(launch: protocol.Launch, home: str, run: _Run, link: _Link) -> int:
         fields = run.fields(state=state, status=run.proc.returncode, reason=why, restarts=0)
         _write_state(home, launch, **fields)
         return 0
-    status = run.proc.returncode
+    status = run.proc.wait()
     _write_state(home, launch, **run.fields(state="exited", status=status, restarts=0))
     _finish_job(link, _tail(home, launch), status)
     return 0
@@ -1526,7 +1683,7 @@ def _stoppable() -> Iterator[None]:
 class _Run:
     """One run of the program under the supervisor."""
 
-    def __init__(self, proc: subprocess.Popen[bytes], start: str, started: float) -> None:
+    def __init__(self, proc: _Proc, start: str, started: float) -> None:
         self.proc = proc
         self.start = start
         self.started = started
@@ -1557,8 +1714,7 @@ def _after_ok(
     try:
         while True:
             with _stoppable():
-                run.proc.wait()
-            status = run.proc.returncode
+                status = run.proc.wait()
             if not _restart_due(launch.restart, status):
                 _write_state(
                     home, launch, **run.fields(state="exited", status=status, restarts=restarts)
@@ -1587,9 +1743,8 @@ def _after_ok(
             )
     except _Stop:
         kill_group(run.proc.pid, grace, run.proc)
-        run.proc.wait()
+        status = run.proc.wait()
         sweep(launch.triple, grace)
-        status = run.proc.returncode
         _write_state(home, launch, **run.fields(state="stopped", status=status, restarts=restarts))
     except Failure as failure:  # a restart that could not start
         _write_state(home, launch, state="failed", reason=failure.reason, restarts=restarts)
@@ -1603,6 +1758,7 @@ def _child(launch: protocol.Launch, home: str, secret: bytes, log_fd: int, out: 
     os.dup2(null, 1)
     os.dup2(log_fd, 2)  # the supervisor's own errors land in the program log
     os.close(null)
+    _cloexec_inherited()  # what sshd or a login shell left open stays out of the program
     # Signals stay deferred (see main) until the program exists, so one arriving mid-Popen
     # cannot lose the child being created; _supervise arms them right after the spawn.
     try:
@@ -1678,8 +1834,28 @@ def _end_supervisor(child: int, within: float) -> None:
     os.waitpid(child, 0)
 
 
-def _read_launch() -> protocol.Launch:
-    line = sys.stdin.buffer.readline(protocol.MAX_LAUNCH + 1)
+def _read_line(fd: int, within: float) -> bytes:
+    """One line from ``fd`` (or what came before EOF, or MAX_LAUNCH + 1 bytes without a
+    newline), which must be complete within ``within`` seconds. Read from the descriptor, not
+    sys.stdin: its buffer would hide a partial line from select."""
+    end = time.monotonic() + within
+    buf = b""
+    while b"\n" not in buf and len(buf) <= protocol.MAX_LAUNCH:
+        remaining = end - time.monotonic()
+        if remaining <= 0 or not select.select([fd], [], [], remaining)[0]:
+            raise Failure(EXIT_NO_LAUNCH, f"no launch message within {within:g}s")
+        data = os.read(fd, 1 << 16)
+        if not data:
+            return buf
+        buf += data
+    return buf[: buf.find(b"\n") + 1 or protocol.MAX_LAUNCH + 1]
+
+
+def _read_launch(wait: float | None = None) -> protocol.Launch:
+    if wait is None:
+        line = sys.stdin.buffer.readline(protocol.MAX_LAUNCH + 1)
+    else:
+        line = _read_line(sys.stdin.fileno(), wait)
     if not line.strip():
         raise Failure(EXIT_BAD_LAUNCH, "no launch message on stdin")
     try:
@@ -1729,7 +1905,10 @@ def kill_tagged(run: str, step: str, grace: float) -> int:
     return EXIT_OK
 
 
-_USAGE = "usage: agent [--status | --stop PROGRAM [GRACE [force]] | --kill RUN STEP [GRACE]]"
+_USAGE = (
+    "usage: agent [--wait SECONDS | --status | --stop PROGRAM [GRACE [force]]"
+    " | --kill RUN STEP [GRACE]]"
+)
 
 
 def _modes(args: list[str]) -> int:
@@ -1754,13 +1933,20 @@ def _modes(args: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: run the launch line on stdin, or one of the modes (see _USAGE)."""
+    """Entry point: run the launch line on stdin (within ``--wait`` seconds), or one of the
+    modes (see _USAGE)."""
     args = sys.argv[1:] if argv is None else argv
-    if args:
+    wait = None
+    if len(args) == 2 and args[0] == "--wait":
+        with contextlib.suppress(ValueError):
+            wait = float(args[1])
+        if wait is None or not 0 < wait <= 86400:
+            return _print(Failure(EXIT_BAD_LAUNCH, _USAGE).result())
+    elif args:
         return _modes(args)
     _trap_signals()
     try:
-        launch = _read_launch()
+        launch = _read_launch(wait)
         home = rex_home()
         secret = load_key(home, launch)
         lock_fd, replaced = _claim(home, launch)

@@ -3,21 +3,24 @@
 Stdlib only, Python >= 3.8. The launcher (rexplan.tree) runs it as ``python3 -I -S -c
 BOOTSTRAP <sha256> <name>`` over its SSH connection to the relay host and writes to stdin:
 ``<length>\\n<this source>`` (checked by BOOTSTRAP), one JSON header line (this relay's name,
-the ``identity`` file it logs in with, the agent's sha256, file name and missing-agent exit
-code, and its ``children``: name, address, port, python, the known_hosts lines pinning each,
-and for a child that is a relay itself its ``relay`` login and children), ``<length>\\n<agent
-bundle>``, then step lines as the launcher has them: ``{"step", "host", "login", "argv",
-"line", "timeout", "connect"}``. stdin stays open; EOF means no more steps.
+the ``identity`` file it logs in with, the agent's sha256, file name, missing-agent exit code
+and launch ``marker``, and its ``children``: name, address, port, python, the known_hosts
+lines pinning each, and for a child that is a relay itself its ``relay`` login and children),
+``<length>\\n<agent bundle>``, then step lines as the launcher has them: ``{"step", "host",
+"login", "argv", "line", "timeout", "connect"[, "start"]}``. stdin stays open; EOF means no
+more steps.
 
 A step on a direct child runs as ``ssh ... LOGIN@ADDR -- ARGV`` (OpenSSH: batch mode, strict
 host keys pinned in a temporary known_hosts file, this identity only) with the launch line on
-stdin; a step further down goes to the relay this relay starts on that child (the same way,
-with this source). Launch lines hold no key: every agent proves itself to the root launcher
-directly. Upward, one JSON line per event: ``{"up": name}`` once; per step ``{"step",
-"launched": true}``, then ``{"step", "report": <the agent front's report>}`` or ``{"step",
-"error", "reason", "phase", "launched"}``, reason ``unreachable``, ``host_key``, ``auth``,
-``agent_upload``, ``timeout``, ``exec`` (ssh ended without a report) or ``relay_lost`` (the
-relay below died). Lines from relays below are passed up as they are.
+stdin, which a step with a ``start`` gets only once the command printed the marker line, within
+``connect`` + ``start`` seconds of the ssh's start; a step further down goes to the relay this
+relay starts on that child (the same way, with this source). Launch lines hold no key: every
+agent proves itself to the root launcher directly. Upward, one JSON line per event: ``{"up":
+name}`` once; per step ``{"step", "launched": true}``, then ``{"step", "report": <the agent
+front's report>}`` or ``{"step", "error", "reason", "phase", "launched"}``, reason
+``unreachable``, ``host_key``, ``auth``, ``agent_upload``, ``agent_start_timeout`` (no marker
+in time: the launch line was never sent), ``timeout``, ``exec`` (ssh ended without a report)
+or ``relay_lost`` (the relay below died). Lines from relays below are passed up as they are.
 """
 
 from __future__ import annotations
@@ -27,12 +30,14 @@ import json
 import math
 import os
 import queue
+import select
 import shlex
 import shutil
 import subprocess
 import sys
 import tempfile
 import threading
+import time
 
 # every relay run pays for its imports: typing never
 TYPE_CHECKING = False
@@ -200,9 +205,12 @@ class Relay:
         step, login, argv = msg["step"], msg["login"], list(msg["argv"])
         timeout, connect = float(msg["timeout"]), float(msg["connect"])
         launch = str(msg["line"]).encode()
+        gate = None
+        if msg.get("start") is not None:
+            gate = (str(self.header["agent"]["marker"]).encode(), connect + float(msg["start"]))
         try:
             self.emit({"step": step, "launched": True})
-            status, out, err = _run(self.ssh(child, login, argv, connect), launch, timeout)
+            status, out, err = _run(self.ssh(child, login, argv, connect), launch, timeout, gate)
             report = _report(out)
             agent = self.header["agent"]
             if report is not None and status == agent["missing"] == report.get("exit"):
@@ -213,8 +221,13 @@ class Relay:
                     error = f"{child['name']}: cannot install the agent: {_tail(err)}"
                     self.emit(_error(step, error, "agent_upload", "start"))
                     return
-                status, out, err = _run(self.ssh(child, login, argv, connect), launch, timeout)
+                ssh = self.ssh(child, login, argv, connect)
+                status, out, err = _run(ssh, launch, timeout, gate)
                 report = _report(out)
+        except _NotStarted as exc:
+            error = f"{child['name']}: the agent did not start within {exc.within:g}s"
+            self.emit(_error(step, error, "agent_start_timeout", "start", launched=False))
+            return
         except subprocess.TimeoutExpired:
             error = f"{child['name']}: no report within {timeout:g}s"
             self.emit(_error(step, error, "timeout", "start"))
@@ -248,18 +261,60 @@ def _error(step: str, error: str, reason: str, phase: str, launched: bool = True
     return {"step": step, "error": error, "reason": reason, "phase": phase, "launched": launched}
 
 
-def _run(argv: list[str], stdin: bytes, timeout: float) -> tuple[int, bytes, bytes]:
-    """Run ``argv`` with ``stdin``; kill it past ``timeout`` (TimeoutExpired)."""
+class _NotStarted(Exception):
+    """The command did not print the launch marker within ``within`` seconds."""
+
+    def __init__(self, within: float) -> None:
+        super().__init__(within)
+        self.within = within
+
+
+def _announce(
+    proc: subprocess.Popen[bytes], marker: bytes, within: float
+) -> tuple[bool, list[bytes]]:
+    """Read ``proc``'s output until ``marker`` is a line of its stdout (True) or that ends
+    (False), within ``within`` seconds (else _NotStarted); and [stdout, stderr] so far."""
+    assert proc.stdout is not None and proc.stderr is not None
+    end = time.monotonic() + within
+    fds = {proc.stdout.fileno(): 0, proc.stderr.fileno(): 1}
+    got = [b"", b""]
+    while b"\n" + marker + b"\n" not in b"\n" + got[0]:
+        if proc.stdout.fileno() not in fds:
+            return False, got
+        left = end - time.monotonic()
+        if left <= 0:
+            raise _NotStarted(within)
+        for fd in select.select(list(fds), [], [], left)[0]:
+            data = os.read(fd, 65536)
+            if data:
+                got[fds[fd]] += data
+            else:
+                del fds[fd]
+    return True, got
+
+
+def _run(
+    argv: list[str], stdin: bytes, timeout: float, gate: tuple[bytes, float] | None = None
+) -> tuple[int, bytes, bytes]:
+    """Run ``argv`` with ``stdin``; kill it past ``timeout`` (TimeoutExpired). ``gate`` =
+    (marker, seconds): ``stdin`` is written only once ``marker`` is a line of the output, and
+    not at all if the output ends first; _NotStarted (and killed) past those seconds."""
+    end = time.monotonic() + timeout
     proc = subprocess.Popen(
         argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
     )
+    got = [b"", b""]
     try:
-        out, err = proc.communicate(stdin, timeout=timeout)
-    except subprocess.TimeoutExpired:
+        if gate is not None:
+            announced, got = _announce(proc, *gate)
+            stdin = stdin if announced else b""
+        out, err = proc.communicate(stdin, timeout=max(0.0, end - time.monotonic()))
+    except (subprocess.TimeoutExpired, _NotStarted):
+        # killing ssh closes the session: a remote still in its login gets EOF, not the line
         proc.kill()
         proc.communicate()
         raise
-    return proc.returncode, out, err
+    return proc.returncode, got[0] + out, got[1] + err
 
 
 class Below:
