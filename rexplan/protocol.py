@@ -36,10 +36,8 @@ line) is built by make_launch and read by parse_launch; it is the only place the
 from __future__ import annotations
 
 import binascii
-import json
 import math
 import os
-import re
 import struct
 from _operator import _compare_digest
 
@@ -61,6 +59,15 @@ else:
             from _sha256 import sha256  # before 3.12
         except ImportError:  # an interpreter built without its own SHA-256
             from hashlib import sha256
+
+# json's C half, as json.loads and json.dumps use it: the json package imports re, and re
+# imports enum, functools and collections, a quarter of an agent start's CPU
+try:
+    import _json
+
+    _cjson: Any = _json
+except ImportError:  # an interpreter without it: the json package then
+    _cjson = None
 
 #: the constant-time comparison of MACs: hmac.compare_digest as the hmac module defines it
 #: without OpenSSL (with OpenSSL it is CRYPTO_memcmp, equally constant-time)
@@ -106,24 +113,89 @@ CODES = (
     DECLINED,
 )
 
-# Every regex uses \Z: '$' would also accept a trailing newline.
-_NAME = re.compile(r"^[a-z_][a-z0-9_-]{0,31}\Z")
+# The names, ids and hex strings of the protocol are checked with _Chars, not re: importing re
+# (with the enum, functools and collections it imports) is a large part of an agent start.
+_LOWER = "abcdefghijklmnopqrstuvwxyz"
+_UPPER = _LOWER.upper()
+_DIGITS = "0123456789"
+_HEX = _DIGITS + "abcdef"
+_PRINTABLE = "".join(map(chr, range(0x20, 0x7F)))  # [ -~]
+
+
+class _Chars:
+    """A full match of ASCII character runs, as ``^[A]{m,n}[B]{m,n}...\\Z``: each run takes as
+    many characters of its set as it may (the runs of every pattern here either have a fixed
+    length or sets the next run does not share, so that is the only way to match). ``match``
+    answers as re's does: a true value, or None."""
+
+    __slots__ = ("_runs", "pattern")
+
+    def __init__(self, pattern: str, *runs: tuple[str, int, int]) -> None:
+        self.pattern = pattern  # the regex it stands for, for reading and the tests
+        self._runs = tuple((frozenset(chars), low, high) for chars, low, high in runs)
+
+    def match(self, value: str) -> bool | None:
+        pos, end = 0, len(value)
+        for chars, low, high in self._runs:
+            stop = min(end, pos + high)
+            start = pos
+            while pos < stop and value[pos] in chars:
+                pos += 1
+            if pos - start < low:
+                return None
+        return True if pos == end else None
+
+
+class _Dotted:
+    """Labels of ``label`` joined by single dots (a host name)."""
+
+    __slots__ = ("_label", "pattern")
+
+    def __init__(self, pattern: str, label: _Chars) -> None:
+        self.pattern = pattern
+        self._label = label
+
+    def match(self, value: str) -> bool | None:
+        return True if all(self._label.match(part) for part in value.split(".")) else None
+
+
+_NAME = _Chars(r"^[a-z_][a-z0-9_-]{0,31}\Z", (_LOWER + "_", 1, 1), (_LOWER + _DIGITS + "_-", 0, 31))
 #: user and program names as the wire accepts them
 NAME_RE = _NAME
-_HOST = re.compile(r"^(?!-)[A-Za-z0-9_][A-Za-z0-9_-]{0,62}(?:\.[A-Za-z0-9_][A-Za-z0-9_-]{0,62})*\Z")
+_HOST_CHARS = _LOWER + _UPPER + _DIGITS + "_"
+_HOST = _Dotted(
+    r"^(?!-)[A-Za-z0-9_][A-Za-z0-9_-]{0,62}(?:\.[A-Za-z0-9_][A-Za-z0-9_-]{0,62})*\Z",
+    _Chars("", (_HOST_CHARS, 1, 1), (_HOST_CHARS + "-", 0, 62)),
+)
 #: run ids, step ids and triples as the wire accepts them
-RUN_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}\Z")
-STEP_RE = re.compile(r"^[!-~]{1,255}\Z")  # printable ASCII without spaces: safe to log verbatim
-TRIPLE_RE = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9_.-]{2,299}\Z")
-_KEY_ID = re.compile(r"^[0-9a-f]{16}\Z")
-_NONCE_HEX = re.compile(r"^[0-9a-f]{32}\Z")  # NONCE_BYTES in hex
-_MAC_HEX = re.compile(r"^[0-9a-f]{64}\Z")  # MAC_BYTES in hex
-_START = re.compile(r"^[0-9]{1,20}\Z")
-_REF = re.compile(r"^[0-9a-f]{1,32}\Z")
-_REASON = re.compile(r"^[ -~]{1,200}\Z")  # printable ASCII: safe to log and show
-_B64 = re.compile(r"^[A-Za-z0-9+/]*={0,2}\Z")
-_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}\Z")
-_TAG_NAME = re.compile(r"^REX_[A-Z0-9_]{1,60}\Z")
+RUN_RE = _Chars(r"^[A-Za-z0-9_-]{1,64}\Z", (_HOST_CHARS + "-", 1, 64))
+#: printable ASCII without spaces: safe to log verbatim
+STEP_RE = _Chars(r"^[!-~]{1,255}\Z", (_PRINTABLE[1:], 1, 255))
+TRIPLE_RE = _Chars(
+    r"^[A-Za-z0-9_-][A-Za-z0-9_.-]{2,299}\Z",
+    (_HOST_CHARS + "-", 1, 1),
+    (_HOST_CHARS + ".-", 2, 299),
+)
+_KEY_ID = _Chars(r"^[0-9a-f]{16}\Z", (_HEX, 16, 16))
+_NONCE_HEX = _Chars(r"^[0-9a-f]{32}\Z", (_HEX, 32, 32))  # NONCE_BYTES in hex
+_MAC_HEX = _Chars(r"^[0-9a-f]{64}\Z", (_HEX, 64, 64))  # MAC_BYTES in hex
+_START = _Chars(r"^[0-9]{1,20}\Z", (_DIGITS, 1, 20))
+_REF = _Chars(r"^[0-9a-f]{1,32}\Z", (_HEX, 1, 32))
+_REASON = _Chars(r"^[ -~]{1,200}\Z", (_PRINTABLE, 1, 200))  # printable ASCII: safe to show
+_B64 = _Chars(
+    r"^[A-Za-z0-9+/]*={0,2}\Z", (_UPPER + _LOWER + _DIGITS + "+/", 0, 1 << 62), ("=", 0, 2)
+)
+_ENV_NAME = _Chars(
+    r"^[A-Za-z_][A-Za-z0-9_]{0,127}\Z", (_UPPER + _LOWER + "_", 1, 1), (_HOST_CHARS, 0, 127)
+)
+_TAG_NAME = _Chars(
+    r"^REX_[A-Z0-9_]{1,60}\Z",
+    ("R", 1, 1),
+    ("E", 1, 1),
+    ("X", 1, 1),
+    ("_", 1, 1),
+    (_UPPER + _DIGITS + "_", 1, 60),
+)
 RESERVED_ENV = ("REX_RUN", "REX_STEP", "REX_TRIPLE", "NOTIFY_SOCKET")
 
 _HEADER = struct.Struct(">I")
@@ -244,12 +316,7 @@ def _loads(data: bytes) -> dict[str, Any]:
     except UnicodeDecodeError:
         raise FrameError(MALFORMED, "not UTF-8") from None
     try:
-        obj = json.loads(
-            text,
-            object_pairs_hook=_no_duplicates,
-            parse_constant=_no_constant,
-            parse_float=_finite,
-        )
+        obj = loads(text, _no_duplicates, _finite, _no_constant)
     except FrameError:
         raise
     except (ValueError, RecursionError):
@@ -260,7 +327,92 @@ def _loads(data: bytes) -> dict[str, Any]:
 
 
 def _dumps(obj: Mapping[str, Any]) -> bytes:
-    return json.dumps(obj, separators=(",", ":"), allow_nan=False).encode("ascii")
+    return dumps(obj, compact=True, allow_nan=False).encode("ascii")
+
+
+class _Decoding:
+    """What json's C scanner reads from its decoder (a json.JSONDecoder's attributes)."""
+
+    strict = True  # no control characters inside strings
+    object_hook = None
+    parse_int = int
+
+    def __init__(
+        self,
+        pairs: Callable[[list[tuple[str, Any]]], Any] | None,
+        parse_float: Callable[[str], Any],
+        parse_constant: Callable[[str], Any],
+    ) -> None:
+        self.object_pairs_hook = pairs
+        self.parse_float = parse_float
+        self.parse_constant = parse_constant
+
+
+def loads(
+    text: str,
+    pairs: Callable[[list[tuple[str, Any]]], Any] | None = None,
+    parse_float: Callable[[str], Any] = float,
+    parse_constant: Callable[[str], Any] = float,
+) -> Any:
+    """json.loads(text, object_pairs_hook=pairs, parse_float=..., parse_constant=...), over
+    json's C scanner as json.loads runs it; ValueError when ``text`` is not one JSON value."""
+    if _cjson is None:
+        import json
+
+        decoder = json.JSONDecoder(
+            object_pairs_hook=pairs, parse_float=parse_float, parse_constant=parse_constant
+        )
+        return decoder.decode(text)
+    text = text.strip(" \t\n\r")  # JSON's whitespace, as json.loads skips it
+    scan = _cjson.make_scanner(_Decoding(pairs, parse_float, parse_constant))
+    try:
+        try:
+            obj, end = scan(text, 0)
+        except SystemError:
+            # Before Python 3.12 the scanner raises its syntax errors as json.decoder's
+            # JSONDecodeError and finds that class only if json.decoder was imported: import
+            # it now (bad input is rare) and scan again for the error.
+            import json.decoder
+
+            obj, end = scan(text, 0)
+    except StopIteration:
+        raise ValueError("no JSON value") from None
+    if end != len(text):
+        raise ValueError("extra data after the JSON value")
+    return obj
+
+
+def _unserializable(obj: Any) -> Any:
+    raise TypeError(f"Object of type {type(obj).__name__} is not JSON serializable")
+
+
+def dumps(
+    obj: Any, *, compact: bool = False, sort_keys: bool = False, allow_nan: bool = True
+) -> str:
+    """json.dumps(obj, sort_keys=..., allow_nan=...), with separators (",", ":") if
+    ``compact``: the same text, from json's C encoder as json.dumps runs it."""
+    items, keys = (",", ":") if compact else (", ", ": ")
+    if isinstance(obj, str) and _cjson is not None:
+        return str(_cjson.encode_basestring_ascii(obj))
+    try:
+        if _cjson is None:
+            raise TypeError("no C encoder")
+        encode = _cjson.make_encoder(
+            {},
+            _unserializable,
+            _cjson.encode_basestring_ascii,
+            None,
+            keys,
+            items,
+            sort_keys,
+            False,
+            allow_nan,
+        )
+    except TypeError:  # no C half, or one called otherwise: json knows how
+        import json
+
+        return json.dumps(obj, separators=(items, keys), sort_keys=sort_keys, allow_nan=allow_nan)
+    return "".join(encode(obj, 0))
 
 
 # ---- frames ----
@@ -343,7 +495,7 @@ def _is_seq(value: Any) -> bool:
     return type(value) is int and 0 < value < 1 << 31
 
 
-def _matches(pattern: re.Pattern[str]) -> Callable[[Any], bool]:
+def _matches(pattern: _Chars) -> Callable[[Any], bool]:
     return lambda value: isinstance(value, str) and pattern.match(value) is not None
 
 
@@ -879,7 +1031,7 @@ def _key_path(value: Any) -> str:
     return str(value)
 
 
-def _pairs(value: Any, what: str, name_re: re.Pattern[str]) -> tuple[tuple[str, str], ...]:
+def _pairs(value: Any, what: str, name_re: _Chars) -> tuple[tuple[str, str], ...]:
     if not isinstance(value, dict):
         raise LaunchError(f"{what} must be an object")
     for name, text in value.items():
@@ -919,7 +1071,7 @@ def _probe(value: Any) -> Probe:
     )
 
 
-_SHA_HEX = re.compile(r"^[0-9a-f]{64}\Z")
+_SHA_HEX = _Chars(r"^[0-9a-f]{64}\Z", (_HEX, 64, 64))
 
 
 def safe_relpath(path: str) -> bool:
@@ -1045,4 +1197,4 @@ def spec_digest(launch: Launch) -> str:
         spec["restart"] = launch.restart
     if launch.files:
         spec["files"] = [list(f) for f in launch.files]
-    return sha256(json.dumps(spec, sort_keys=True).encode("ascii")).hexdigest()
+    return sha256(dumps(spec, sort_keys=True).encode("ascii")).hexdigest()

@@ -8,11 +8,16 @@ import hashlib
 import hmac
 import json
 import os
+import re
 import struct
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from rexplan import protocol as p
 
@@ -411,3 +416,105 @@ def test_spec_digest_follows_the_program_not_the_run() -> None:
 def test_key_relpath_rejects_a_trailing_newline() -> None:
     with pytest.raises(p.KeyFormatError):
         p.key_relpath("h1", "alice\n", None)
+
+
+# ---- the protocol's own pattern and JSON code against re and json ---------------------------
+
+PATTERNS = {
+    name: getattr(p, name)
+    for name in dir(p)
+    if isinstance(getattr(p, name), (p._Chars, p._Dotted)) and getattr(p, name).pattern
+}
+#: characters around every set's edges, a dot, the padding, controls, non-ASCII
+EDGES = "azAZ09_-.=+/!~ \x1f\x7f\n\t\u00e9\u0660REX"
+
+
+def test_every_pattern_is_checked() -> None:
+    assert {"NAME_RE", "RUN_RE", "STEP_RE", "TRIPLE_RE", "_HOST", "_B64", "_SHA_HEX"} <= set(
+        PATTERNS
+    )
+
+
+@pytest.mark.parametrize("name", sorted(PATTERNS))
+@settings(max_examples=300, deadline=None)
+@given(
+    value=st.one_of(
+        st.text(alphabet=EDGES, max_size=70),
+        st.text(max_size=20),
+        st.text(alphabet="0123456789abcdef", min_size=14, max_size=66),
+        st.text(alphabet="abc.-_", max_size=300),
+    )
+)
+def test_patterns_match_exactly_what_their_regex_matches(name: str, value: str) -> None:
+    pattern = PATTERNS[name]
+    want = re.match(pattern.pattern, value) is not None
+    assert (pattern.match(value) is not None) == want, (name, value)
+
+
+@pytest.mark.parametrize("name", sorted(PATTERNS))
+def test_patterns_at_their_length_bounds(name: str) -> None:
+    pattern = PATTERNS[name]
+    for n in (0, 1, 2, 3, 15, 16, 17, 31, 32, 33, 60, 61, 63, 64, 65, 128, 129, 200, 201):
+        for ch in "a0_A-.=":
+            for value in (ch * n, "REX_" + ch * n, "a" + ch * n, ch * n + "=="):
+                want = re.match(pattern.pattern, value) is not None
+                assert (pattern.match(value) is not None) == want, (name, value)
+
+
+JSON_VALUES = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(value=JSON_VALUES, sort_keys=st.booleans(), compact=st.booleans())
+def test_dumps_writes_what_json_dumps_writes(value: Any, sort_keys: bool, compact: bool) -> None:
+    separators = (",", ":") if compact else (", ", ": ")
+    want = json.dumps(value, sort_keys=sort_keys, separators=separators)
+    assert p.dumps(value, sort_keys=sort_keys, compact=compact) == want
+    assert p.loads(want) == json.loads(want)
+
+
+@settings(max_examples=300, deadline=None)
+@given(text=st.text(alphabet=' \t\n\r{}[]":,0123456789.eE+-truefalsnNaIiy\\u', max_size=30))
+def test_loads_refuses_what_json_loads_refuses(text: str) -> None:
+    try:
+        want: Any = json.loads(text)
+    except ValueError:
+        want = ValueError
+    try:
+        got: Any = p.loads(text)
+    except ValueError:
+        got = ValueError
+    if want is ValueError or got is ValueError:
+        assert got is want, text
+    else:
+        assert json.dumps(got) == json.dumps(want), text
+
+
+def test_loads_reports_bad_json_in_a_fresh_interpreter() -> None:
+    # before Python 3.12 json's C scanner needs json.decoder imported to raise its errors
+    code = (
+        "import sys\n"
+        f"sys.path.insert(0, {str(PACKAGE.parent)!r})\n"
+        "from rexplan import protocol as p\n"
+        "assert 'json' not in sys.modules and 're' not in sys.modules, sorted(sys.modules)\n"
+        "for bad in ('{', '[1,', '{\"a\" 1}', '\"\\x01\"', 'nul', '1 2'):\n"
+        "    try:\n"
+        "        p.loads(bad)\n"
+        "    except ValueError:\n"
+        "        continue\n"
+        "    raise SystemExit('accepted ' + bad)\n"
+        "print(p.loads(' {\"a\": [1, 2.5, null]} '))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-I", "-S", "-c", code], capture_output=True, text=True, check=False
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "{'a': [1, 2.5, None]}"

@@ -63,11 +63,9 @@ Process groups <= 1 and the agent's own group are never signalled.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import fcntl
 import gc
-import json
 import os
 import select
 import stat
@@ -85,7 +83,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     import signal
     import socket
-    from collections.abc import Iterator, Mapping, Sequence
+    from collections.abc import Mapping, Sequence
     from typing import Any
 else:
     import _signal as signal
@@ -112,6 +110,20 @@ RESTART_RESET = 60.0  # a run this long counts as healthy: backoff and count sta
 
 _POLL = 0.02  # seconds between checks while waiting for a process group to die
 _Timeout = socket.timeout  # not TimeoutError: they are one class only from Python 3.10 on
+
+
+class _suppress:
+    """Ignore the given exceptions in a with block: contextlib.suppress, without contextlib
+    (which imports functools and collections at every agent start)."""
+
+    def __init__(self, *kinds: type[BaseException]) -> None:
+        self.kinds = kinds
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: type[BaseException] | None, *rest: object) -> bool:
+        return kind is not None and issubclass(kind, self.kinds)
 
 
 class Failure(Exception):
@@ -384,7 +396,7 @@ def _cloexec_inherited() -> None:
     for name in names:
         fd = int(name)
         if fd > 2:
-            with contextlib.suppress(OSError):
+            with _suppress(OSError):
                 os.set_inheritable(fd, False)
 
 
@@ -496,7 +508,7 @@ def _tagged(triple: str) -> list[int]:
 
 def _signal_all(pids: list[int], sig: int) -> None:
     for pid in pids:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
+        with _suppress(ProcessLookupError, PermissionError):
             os.kill(pid, sig)
 
 
@@ -608,7 +620,7 @@ def _own_cgroup() -> str | None:
 def _marked_delegated(path: str) -> bool:
     """systemd marks a cgroup it delegates (Delegate=yes) with this xattr."""
     for name in ("trusted.delegate", "user.delegate"):
-        with contextlib.suppress(OSError):
+        with _suppress(OSError):
             if os.getxattr(path, name) == b"1":
                 return True
     return False
@@ -671,7 +683,7 @@ def cgroup_pids(path: str) -> list[int]:
     """The live processes in cgroup ``path`` and its descendants (never this one)."""
     found: set[int] = set()
     for directory, _dirs, _files in os.walk(path):
-        with contextlib.suppress(OSError, ValueError):
+        with _suppress(OSError, ValueError):
             with open(os.path.join(directory, "cgroup.procs"), "rb") as f:
                 found.update(int(word) for word in f.read().split())
     me = os.getpid()
@@ -705,7 +717,7 @@ def remove_cgroup(path: str) -> bool:
     """rmdir cgroup ``path`` and the cgroups below it (a cgroup with processes stays);
     whether it is gone."""
     for directory, _dirs, _files in os.walk(path, topdown=False):
-        with contextlib.suppress(OSError):
+        with _suppress(OSError):
             os.rmdir(directory)
     return not os.path.isdir(path)
 
@@ -756,7 +768,7 @@ def _start_watchdog(launch: protocol.Launch) -> None:
 def _tell_watchdog(*words: str) -> None:
     if _Watch.fd >= 0:
         # OSError: the watchdog is gone (killed): the launch goes on without it
-        with contextlib.suppress(OSError):
+        with _suppress(OSError):
             os.write(_Watch.fd, " ".join(words).encode() + b"\n")
 
 
@@ -800,7 +812,7 @@ def _watchdog(launch: protocol.Launch, fd: int) -> None:
     # the launch's state claimed, or the front waiting
     for entry in os.listdir("/proc/self/fd"):
         if int(entry) not in (0, 1, 2, fd):
-            with contextlib.suppress(OSError):
+            with _suppress(OSError):
                 os.close(int(entry))
     end = time.monotonic() + sum(v for _, v in launch.deadlines) + launch.deadline("stop") + 5
     pgid, start = 0, ""
@@ -838,7 +850,7 @@ def _end_launch(launch: protocol.Launch, pgid: int, start: str, cgroup: str | No
     # a live process with this pid but another start time has reused the number (a group's
     # id is not reused while the group has members), so that group is not ours
     if pgid > 1 and not (len(fields) > 19 and fields[19].decode("ascii") != start):
-        with contextlib.suppress(Failure):
+        with _suppress(Failure):
             kill_group(pgid, grace)
     if cgroup is not None:
         cgroup_kill(cgroup)
@@ -1061,7 +1073,7 @@ def _handshake(
             raise Failure(EXIT_REJECTED, "the listener could not prove it holds the key")
         if decline is not None:
             decl = protocol.make_decl(k_a, t, ns, launch.nl, lp, decline)
-            with contextlib.suppress(OSError, EOFError, _Timeout):
+            with _suppress(OSError, EOFError, _Timeout):
                 _send(sock, protocol.encode_frame(decl), deadline)
                 # the listener decides and closes: wait for it, so no reset loses the frame
                 sock.settimeout(max(0.001, deadline - time.monotonic()))
@@ -1240,8 +1252,8 @@ def _store(home: str, name: str, record: dict[str, Any]) -> None:
     tmp = os.path.join(run, f".{name}.{os.urandom(6).hex()}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(record, f, sort_keys=True)
+        with os.fdopen(fd, "wb") as f:
+            f.write(protocol.dumps(record, sort_keys=True).encode("ascii"))
         os.replace(tmp, os.path.join(run, f"{name}.json"))
     except BaseException:
         os.unlink(tmp)
@@ -1252,7 +1264,7 @@ def read_state(home: str, name: str) -> dict[str, Any] | None:
     """The record REX_HOME/run/<name>.json; None when there is none or it is unreadable."""
     try:
         with open(os.path.join(home, "run", f"{name}.json"), "rb") as f:
-            data = json.loads(f.read(1 << 20))
+            data = protocol.loads(f.read(1 << 20).decode("utf-8"))
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None
@@ -1379,7 +1391,7 @@ def stop_program(home: str, name: str, grace: float, force: bool = False) -> dic
     if same_process(pid, start) and pid != os.getpgrp():
         killed.append(pid)
         if force:
-            with contextlib.suppress(ProcessLookupError):
+            with _suppress(ProcessLookupError):
                 os.killpg(pid, signal.SIGKILL)
         else:
             kill_group(pid, grace)
@@ -1439,8 +1451,8 @@ def _program_env(launch: protocol.Launch, notify: str | None) -> dict[str, str]:
 
 def _report(fd: int, obj: dict[str, Any]) -> None:
     # OSError: the front is gone; the outcome stands without it
-    with contextlib.suppress(OSError):
-        os.write(fd, json.dumps(obj).encode("ascii") + b"\n")
+    with _suppress(OSError):
+        os.write(fd, protocol.dumps(obj).encode("ascii") + b"\n")
 
 
 def _spawn(launch: protocol.Launch, log_fd: int, env: dict[str, str], restart: int = 0) -> _Proc:
@@ -1527,7 +1539,7 @@ def _supervise(launch: protocol.Launch, home: str, secret: bytes, log_fd: int, o
     finally:
         if notify is not None and notify_path is not None:
             notify.close()
-            with contextlib.suppress(OSError):
+            with _suppress(OSError):
                 os.unlink(notify_path)
                 os.rmdir(os.path.dirname(notify_path))
     pid = proc.pid
@@ -1643,7 +1655,7 @@ def _finish_job(link: _Link, output: bytes, status: int) -> None:
     frames.append(protocol.make_exit(link.session, len(frames) + 1, status))
     try:
         # OSError: the launcher went away; the record still holds the status
-        with contextlib.suppress(OSError):
+        with _suppress(OSError):
             link.sock.settimeout(protocol.JOB_SILENCE)
             for frame in frames:
                 link.sock.sendall(protocol.encode_frame(frame))
@@ -1669,14 +1681,15 @@ def _on_stop(signum: int, frame: object) -> None:
         raise _Stop()
 
 
-@contextlib.contextmanager
-def _stoppable() -> Iterator[None]:
-    if _Stopping.requested:
-        raise _Stop()
-    _Stopping.armed = True
-    try:
-        yield
-    finally:
+class _stoppable:
+    """A block a stop request may interrupt (raising _Stop): a wait or a sleep."""
+
+    def __enter__(self) -> None:
+        if _Stopping.requested:
+            raise _Stop()
+        _Stopping.armed = True
+
+    def __exit__(self, *exc: object) -> None:
         _Stopping.armed = False
 
 
@@ -1802,7 +1815,7 @@ def _await(child: int, fd: int, launch: protocol.Launch) -> dict[str, Any]:
             buf += data
             while b"\n" in buf:
                 line, buf = buf.split(b"\n", 1)
-                report = json.loads(line)
+                report = protocol.loads(line.decode("ascii"))
                 if "started" in report:
                     pgid = report["started"][1]
                 else:
@@ -1866,8 +1879,8 @@ def _read_launch(wait: float | None = None) -> protocol.Launch:
 
 def _print(result: dict[str, Any]) -> int:
     # OSError: the launcher is gone; the exit code still tells
-    with contextlib.suppress(OSError):
-        sys.stdout.write(json.dumps(result) + "\n")
+    with _suppress(OSError):
+        sys.stdout.write(protocol.dumps(result) + "\n")
         sys.stdout.flush()
         if not result["ok"]:
             sys.stderr.write(f"rex-agent: {result['reason']}\n")
@@ -1901,7 +1914,7 @@ def kill_tagged(run: str, step: str, grace: float) -> int:
     groups = sorted(g for g in _tagged_groups(run, step) if g > 1 and g != os.getpgrp())
     for pgid in groups:
         kill_group(pgid, grace)
-    sys.stdout.write(json.dumps({"ok": True, "killed": groups}) + "\n")
+    sys.stdout.write(protocol.dumps({"ok": True, "killed": groups}) + "\n")
     return EXIT_OK
 
 
@@ -1938,7 +1951,7 @@ def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     wait = None
     if len(args) == 2 and args[0] == "--wait":
-        with contextlib.suppress(ValueError):
+        with _suppress(ValueError):
             wait = float(args[1])
         if wait is None or not 0 < wait <= 86400:
             return _print(Failure(EXIT_BAD_LAUNCH, _USAGE).result())
@@ -1972,7 +1985,7 @@ def main(argv: list[str] | None = None) -> int:
         result["replaced"] = True
     code = _print(result)
     # the report is out and the supervisor owns the program: skip the interpreter's teardown
-    with contextlib.suppress(OSError):
+    with _suppress(OSError):
         sys.stderr.flush()
     os._exit(code)
 
