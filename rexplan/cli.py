@@ -210,8 +210,9 @@ def build_parser() -> argparse.ArgumentParser:
     apply.add_argument(
         "--dry-run",
         action="store_true",
-        help="only read each host's records and show what apply would do per step "
-        "(unchanged, started, restarted); nothing is started, stopped or written",
+        help="only read each host's records (and probe the load of least-loaded programs' "
+        "hosts) and show what apply would do per step (unchanged, started, restarted, "
+        "unplaced); nothing is started, stopped or written",
     )
     apply.add_argument(
         "--retry",

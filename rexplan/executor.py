@@ -34,7 +34,8 @@ from rexplan.errors import (
     UnreachableError,
 )
 from rexplan.keys import KeyInfo, KeyStore
-from rexplan.model import FailurePolicy, FileSpec, Manifest, Plan, Step, Timeouts, When
+from rexplan.model import FailurePolicy, FileSpec, Host, Manifest, Plan, Step, Timeouts, When
+from rexplan.plan import least_loaded
 from rexplan.remote import (
     EXIT_NO_AGENT,
     EXIT_NO_LAUNCH,
@@ -311,50 +312,31 @@ class Executor:
     def _place(self, todo: list[StepResult]) -> list[StepResult]:
         """Narrow each least-loaded program to its ``count`` best hosts; the others' steps end
         ``unplaced``. Probes every candidate at once (one exec each, on the shared connection)."""
-        groups: dict[str, list[StepResult]] = {}
-        for r in todo:
-            placement = self.manifest.program(r.step.program).placement
-            if placement.strategy == "least-loaded" and placement.count is not None:
-                groups.setdefault(r.step.program, []).append(r)
-        if not groups:
-            return todo
-        candidates = [r for group in groups.values() for r in group]
-        with ThreadPoolExecutor(max_workers=min(self.forks, len(candidates))) as probes:
-            probed = list(probes.map(self._probe, candidates))
-        loads = {r.step.id: load for r, load in zip(candidates, probed, strict=True)}
-        for program, group in groups.items():
-            count = self.manifest.program(program).placement.count or len(group)
-            chosen = choose([(r.step.id, loads[r.step.id]) for r in group], count)
-            shown = ", ".join(f"{r.step.host} ({loads[r.step.id].describe()})" for r in group)
-            picked = ", ".join(r.step.host for r in group if r.step.id in chosen)
-            self._emit(
-                ev.NOTICE,
-                program=program,
-                detail=f"least-loaded placement of {program}: {picked} (of {shown})",
-            )
-            for r in group:
-                if r.step.id not in chosen:
-                    detail = f"least-loaded placement chose {picked}"
-                    self._state(r, ev.UNPLACED, reason="not_placed", detail=detail)
+        by_id = {r.step.id: r for r in todo}
+        steps = [r.step for r in todo]
+        for placed in place(self.manifest, steps, self._probe, forks=self.forks):
+            self._emit(ev.NOTICE, program=placed.program, detail=placed.describe())
+            detail = f"least-loaded placement chose {placed.picked()}"
+            for step in placed.unplaced():
+                self._state(by_id[step.id], ev.UNPLACED, reason="not_placed", detail=detail)
         return [r for r in todo if r.state != ev.UNPLACED]
 
-    def _probe(self, r: StepResult) -> Load:
+    def _probe(self, step: Step) -> Load:
         """A candidate host's load, measured as its ``load`` setting says (and whether the
         program already runs there, current)."""
-        step = r.step
         host = self.manifest.host(step.host)
-        try:
-            transport = self.pool.get(host, self.manifest.user(step.user))
-            res = transport.run(
-                [host.python, "-I", "-S", "-c", LOAD_PROBE, host.load, str(CGROUP_SAMPLE)],
-                timeout=step.timeouts.start,
-            )
+
+        def current(transport: Transport) -> bool:
             agent = self._agent_on(step.host, step.login, transport)
             files = [f.entry for f in self._local_files(step.program)]
-            current = self.status_of(step, transport, agent, files)[0].current
-            return parse_load(res.stdout.decode("ascii", "replace"), current)
-        except (TransportError, OSError, ValueError, KeyError, IndexError, TypeError):
-            return Load(None, 0, False)
+            return self.status_of(step, transport, agent, files)[0].current
+
+        return probe_candidate(
+            lambda: self.pool.get(host, self.manifest.user(step.user)),
+            host,
+            step.timeouts.start,
+            current,
+        )
 
     def _blocked_by(self, step: Step, by_step: dict[str, StepResult]) -> str | None:
         """Why ``step`` cannot start: a required program has a step that is not ready (an
@@ -996,6 +978,69 @@ def choose(candidates: Sequence[tuple[str, Load]], count: int) -> set[str]:
         ),
     )
     return {candidates[i][0] for i in order[:count]}
+
+
+def probe_candidate(
+    connect: Callable[[], Transport],
+    host: Host,
+    timeout: float,
+    current: Callable[[Transport], bool],
+) -> Load:
+    """A placement candidate's Load: LOAD_PROBE once on the host's connection, then whether
+    the program already runs there current; ``Load(None, 0, False)`` when either fails."""
+    try:
+        transport = connect()
+        res = transport.run(
+            [host.python, "-I", "-S", "-c", LOAD_PROBE, host.load, str(CGROUP_SAMPLE)],
+            timeout=timeout,
+        )
+        return parse_load(res.stdout.decode("ascii", "replace"), current(transport))
+    except (TransportError, OSError, ValueError, KeyError, IndexError, TypeError):
+        return Load(None, 0, False)
+
+
+@dataclass(frozen=True)
+class Placed:
+    """Least-loaded placement of one program: its candidate steps with their Loads, in plan
+    order, and the ids of the steps chosen to run."""
+
+    program: str
+    candidates: tuple[tuple[Step, Load], ...]
+    chosen: frozenset[str]
+
+    def picked(self) -> str:
+        """The chosen hosts, in plan order: ``h1, h3``."""
+        return ", ".join(s.host for s, _ in self.candidates if s.id in self.chosen)
+
+    def unplaced(self) -> list[Step]:
+        """The candidate steps not chosen: apply starts nothing for them."""
+        return [s for s, _ in self.candidates if s.id not in self.chosen]
+
+    def describe(self) -> str:
+        """``least-loaded placement of P: h1 (of h1 (load 0.10/cpu, 900 MB free), h2 (...))``."""
+        shown = ", ".join(f"{s.host} ({load.describe()})" for s, load in self.candidates)
+        return f"least-loaded placement of {self.program}: {self.picked()} (of {shown})"
+
+
+def place(
+    manifest: Manifest, steps: Sequence[Step], probe: Callable[[Step], Load], *, forks: int
+) -> list[Placed]:
+    """Least-loaded placement among ``steps``: ``probe`` every candidate of every least-loaded
+    program at once (at most ``forks`` in flight), then choose each program's ``count``.
+    ``rex apply`` calls it at each wave, ``apply --dry-run`` once for the plan."""
+    groups = least_loaded(manifest, steps)
+    candidates = [s for group in groups.values() for s in group]
+    if not candidates:
+        return []
+    with ThreadPoolExecutor(max_workers=max(1, min(forks, len(candidates)))) as probes:
+        probed = list(probes.map(probe, candidates))
+    loads = {s.id: load for s, load in zip(candidates, probed, strict=True)}
+    placed = []
+    for program, group in groups.items():
+        count = manifest.program(program).placement.count or len(group)
+        chosen = choose([(s.id, loads[s.id]) for s in group], count)
+        placed.append(Placed(program, tuple((s, loads[s.id]) for s in group), frozenset(chosen)))
+    return placed
 
 
 @dataclass(frozen=True)

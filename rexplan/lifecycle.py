@@ -18,10 +18,11 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from rexplan import events as ev
 from rexplan import spec as specs
 from rexplan import ui
 from rexplan.errors import TransportError, UsageError
-from rexplan.executor import local_files
+from rexplan.executor import Load, Placed, local_files, place, probe_candidate
 from rexplan.keys import KeyStore, default_known_hosts
 from rexplan.model import Manifest, Plan, Step, Timeouts
 from rexplan.remote import bootstrap_argv, bootstrap_input
@@ -107,6 +108,61 @@ def planned_action(status: specs.StepStatus) -> str:
     return specs.action_for(status)[0]
 
 
+def placements(
+    manifest: Manifest,
+    statuses: Sequence[specs.StepStatus],
+    pool: TransportPool,
+    *,
+    forks: int = 64,
+) -> list[Placed]:
+    """Least-loaded placement as ``rex apply`` would make it now: every candidate host probed
+    (one exec on its connection), whether the program runs there current taken from its
+    status; an unreachable host counts as not probed, as it would in apply."""
+    by_id = {st.step.id: st for st in statuses}
+
+    def probe(step: Step) -> Load:
+        st = by_id[step.id]
+        if st.status == specs.UNREACHABLE:
+            return Load(None, 0, False)
+        host = manifest.host(step.host)
+        return probe_candidate(
+            lambda: pool.get(host, manifest.user(step.user)),
+            host,
+            step.timeouts.start,
+            lambda _transport: st.current,
+        )
+
+    return place(manifest, [st.step for st in statuses], probe, forks=forks)
+
+
+def dry_run_actions(statuses: Sequence[specs.StepStatus], placed: Sequence[Placed]) -> list[str]:
+    """What ``rex apply`` would do with each step: ``unplaced`` for a least-loaded candidate
+    it would not choose, else the step's planned_action."""
+    left_out = {s.id for p in placed for s in p.unplaced()}
+    return [ev.UNPLACED if st.step.id in left_out else planned_action(st) for st in statuses]
+
+
+def placement_to_dict(placed: Placed) -> dict[str, object]:
+    """One program's least-loaded placement as ``apply --dry-run --json`` shows it."""
+    return {
+        "program": placed.program,
+        "chosen": [s.id for s, _ in placed.candidates if s.id in placed.chosen],
+        "candidates": [
+            {
+                "id": s.id,
+                "host": s.host,
+                "load": load.per_cpu,
+                "source": None if load.per_cpu is None else load.source,
+                "fallback": load.fallback or None,
+                "free_mb": None if load.per_cpu is None else load.free_mb,
+                "current": load.current,
+            }
+            for s, load in placed.candidates
+        ],
+        "detail": placed.describe(),
+    }
+
+
 def status_exit_code(statuses: Sequence[specs.StepStatus], manifest: Manifest) -> int:
     """0 when every step runs with the manifest's spec (a least-loaded program: ``count`` of
     its steps), else 2."""
@@ -185,12 +241,18 @@ def stop_exit_code(results: Sequence[specs.StopResult]) -> int:
 
 
 def status_to_dict(
-    statuses: Sequence[specs.StepStatus], manifest: Manifest, *, actions: bool = False
+    statuses: Sequence[specs.StepStatus],
+    manifest: Manifest,
+    *,
+    actions: bool = False,
+    placed: Sequence[Placed] = (),
 ) -> dict[str, object]:
-    """The stable JSON of ``rex status --json`` (and ``apply --dry-run --json``), format 1."""
+    """The stable JSON of ``rex status --json`` (and, with ``actions`` and the ``placed``
+    programs, of ``apply --dry-run --json``), format 1."""
     counts: dict[str, int] = {}
     steps = []
-    for st in statuses:
+    planned = dry_run_actions(statuses, placed) if actions else []
+    for i, st in enumerate(statuses):
         counts[st.status] = counts.get(st.status, 0) + 1
         row: dict[str, object] = {
             "id": st.step.id,
@@ -208,9 +270,9 @@ def status_to_dict(
             "detail": st.detail,
         }
         if actions:
-            row["action"] = planned_action(st)
+            row["action"] = planned[i]
         steps.append(row)
-    return {
+    doc: dict[str, object] = {
         "format": 1,
         "manifest": manifest.path,
         "manifest_digest": manifest.digest,
@@ -218,6 +280,9 @@ def status_to_dict(
         "counts": counts,
         "steps": steps,
     }
+    if actions:
+        doc["placements"] = [placement_to_dict(p) for p in placed]
+    return doc
 
 
 # --- the command line ---------------------------------------------------------------------------
@@ -319,16 +384,24 @@ def dry_run(
     as_json: bool,
 ) -> int:
     """``rex apply --dry-run``: what apply would do to each step, from the hosts' records
-    only; nothing is started, stopped or written. 3 if a host was unreachable, else 0."""
+    and, for least-loaded programs, their candidate hosts' load now (the probe apply runs);
+    nothing is started, stopped or written. 3 if a host was unreachable, else 0."""
     with pool_for(compiled, known_hosts) as pool:
         statuses = survey(loaded, compiled.steps, pool, forks=forks)
-    actions = [planned_action(st) for st in statuses]
+        placed = placements(loaded, statuses, pool, forks=forks)
+    actions = dry_run_actions(statuses, placed)
     if as_json:
-        doc = status_to_dict(statuses, loaded, actions=True)
+        doc = status_to_dict(statuses, loaded, actions=True, placed=placed)
         doc["exit"] = 3 if UNREACHABLE in actions else 0
         ui.print_text(console, json.dumps(doc, indent=2))
     else:
-        ui.print_status(console, statuses, actions=actions, title="rex apply --dry-run")
+        ui.print_status(
+            console,
+            statuses,
+            actions=actions,
+            title="rex apply --dry-run",
+            notes=[p.describe() for p in placed],
+        )
     return 3 if UNREACHABLE in actions else 0
 
 

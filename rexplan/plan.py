@@ -36,11 +36,17 @@ this order, and later formats only add keys::
         "restart": "no", "stop_timeout": 10.0,
         "timeouts": {"connect": 10.0, "start": 20.0, "callback": 30.0, "ready": 30.0},
         "requires": []                  program names this step waits for
+      }, ...],
+      "placements": [{                  one per least-loaded program with steps in the plan
+        "program": "app", "strategy": "least-loaded",
+        "count": 2,                     apply starts this many of the steps (all if fewer)
+        "steps": ["app@web1", ...]      the candidates; apply picks the least loaded
       }, ...]
     }
 
 ``waves`` lists every non-empty wave in order; ``steps`` lists every step in launch order
-(wave by wave), each exactly once.
+(wave by wave), each exactly once. A least-loaded program's steps are all in the plan: which
+of them start is decided by ``rex apply`` at their wave, from the hosts' load then.
 """
 
 from __future__ import annotations
@@ -344,6 +350,33 @@ def step_to_dict(step: Step) -> dict[str, object]:
     }
 
 
+def least_loaded(manifest: Manifest, steps: Iterable[Step]) -> dict[str, list[Step]]:
+    """The steps of each least-loaded program among ``steps``, programs and steps in the order
+    given: ``rex apply`` starts ``placement.count`` of each program's, on the least-loaded hosts."""
+    counted = {
+        p.name
+        for p in manifest.programs
+        if p.placement.strategy == "least-loaded" and p.placement.count is not None
+    }
+    groups: dict[str, list[Step]] = {}
+    if counted:
+        for s in steps:
+            if s.program in counted:
+                groups.setdefault(s.program, []).append(s)
+    return groups
+
+
+def placement_to_dict(manifest: Manifest, program: str, steps: Iterable[Step]) -> dict[str, object]:
+    """One least-loaded program's candidates as JSON."""
+    placement = manifest.program(program).placement
+    return {
+        "program": program,
+        "strategy": placement.strategy,
+        "count": placement.count,
+        "steps": [s.id for s in steps],
+    }
+
+
 def wave_programs(wave: tuple[Step, ...]) -> list[str]:
     """The programs with steps in a wave, in plan order."""
     return list(dict.fromkeys(s.program for s in wave))
@@ -362,6 +395,10 @@ def plan_to_dict(plan: Plan, manifest: Manifest) -> dict[str, object]:
             for w in plan.waves
         ],
         "steps": [step_to_dict(s) for s in plan.steps],
+        "placements": [
+            placement_to_dict(manifest, program, steps)
+            for program, steps in least_loaded(manifest, plan.steps).items()
+        ],
     }
 
 

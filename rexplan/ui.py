@@ -22,6 +22,7 @@ from rich.text import Text
 
 from rexplan.events import Event
 from rexplan.model import Manifest, Plan, Ready, Step
+from rexplan.plan import least_loaded
 from rexplan.spec import StepStatus, StopResult
 
 __all__ = [
@@ -94,17 +95,34 @@ def format_plan_summary(plan: Plan) -> str:
     return f"{text} (limit {plan.limit})" if plan.limit is not None else text
 
 
-def format_plan_lines(plan: Plan) -> str:
+def plan_placements(plan: Plan, manifest: Manifest) -> dict[str, str]:
+    """``least-loaded 2 of 5`` for each candidate step of a least-loaded program, by step id:
+    the plan holds every candidate, ``rex apply`` starts that many at the wave."""
+    marks: dict[str, str] = {}
+    for program, steps in least_loaded(manifest, plan.steps).items():
+        count = manifest.program(program).placement.count or len(steps)
+        mark = f"least-loaded {min(count, len(steps))} of {len(steps)}"
+        marks.update(dict.fromkeys((s.id for s in steps), mark))
+    return marks
+
+
+def format_plan_lines(plan: Plan, manifest: Manifest | None = None) -> str:
     """One line per step for pipes and logs; fields are separated by two spaces.
 
     ``wave 0  db@web1  web1.postgres.db  ready=tcp:5432  argv=postgres -D /data``
+
+    With the manifest, a candidate step of a least-loaded program gets a field before argv
+    (which stays last): ``placement=least-loaded 1 of 3 (chosen at apply)``.
     """
     steps = plan.steps
+    marks = plan_placements(plan, manifest) if manifest is not None else {}
     id_width = max((len(s.id) for s in steps), default=0)
     triple_width = max((len(s.triple) for s in steps), default=0)
     lines = [
         f"wave {s.wave}  {s.id:<{id_width}}  {s.triple:<{triple_width}}"
-        f"  ready={format_ready(s.ready)}  argv={format_command(s)}"
+        f"  ready={format_ready(s.ready)}"
+        + (f"  placement={marks[s.id]} (chosen at apply)" if s.id in marks else "")
+        + f"  argv={format_command(s)}"
         for s in steps
     ]
     lines.append(format_plan_summary(plan))
@@ -115,15 +133,22 @@ def plan_table(plan: Plan, manifest: Manifest, width: int = 100) -> Table:
     """The plan as a rich table for a ``width``-column terminal, one section per wave.
 
     Every cell stays on one line; the command gets what the other columns leave and is cut
-    with "…".
+    with "…". A plan with least-loaded programs gets a placement column, which marks their
+    candidate steps.
     """
+    marks = plan_placements(plan, manifest)
+    caption = format_plan_summary(plan)
+    if marks:
+        caption += "; least-loaded hosts are chosen at apply"
     table = Table(
         title=Text(manifest.path),
-        caption=Text(format_plan_summary(plan)),
+        caption=Text(caption),
         title_justify="left",
         caption_justify="left",
     )
-    columns = ("wave", "program", "host", "user", "triple", "command", "ready")
+    columns: tuple[str, ...] = ("wave", "program", "host", "user", "triple", "command", "ready")
+    if marks:
+        columns += ("placement",)
     rows = [
         [
             str(s.wave),
@@ -133,6 +158,7 @@ def plan_table(plan: Plan, manifest: Manifest, width: int = 100) -> Table:
             s.triple,
             format_command(s),
             format_ready(s.ready),
+            *([marks.get(s.id, "")] if marks else []),
         ]
         for s in plan.steps
     ]
@@ -168,7 +194,7 @@ def print_plan(plan: Plan, manifest: Manifest, console: Console) -> None:
     if console.is_terminal:
         console.print(plan_table(plan, manifest, console.width))
     else:
-        print_text(console, format_plan_lines(plan))
+        print_text(console, format_plan_lines(plan, manifest))
 
 
 def format_validate_ok(path: str, manifest: Manifest, plan: Plan) -> str:
@@ -371,6 +397,7 @@ _STATUS_STYLE = {
     "declined": "yellow",
     "unknown": "magenta",
     "unreachable": "bold magenta",
+    "unplaced": "dim",
 }
 
 
@@ -437,8 +464,11 @@ def print_status(
     *,
     actions: list[str] | None = None,
     title: str = "rex status",
+    notes: Iterable[str] = (),
 ) -> None:
-    """A table on a terminal, aligned lines otherwise; then the totals (by action, if given)."""
+    """A table on a terminal, aligned lines otherwise; then the totals (by action, if given)
+    and a line per note (the least-loaded placements of ``apply --dry-run``)."""
+    shown = [printable(n) for n in notes]
     header = ["step", "triple", "status", "pid", "uptime", "restarts"]
     if actions is not None:
         header.append("action")
@@ -461,8 +491,10 @@ def print_status(
             table.add_row(*cells)
         console.print(table)
         console.print(Text(total))
+        for note in shown:
+            console.print(Text(note, style="cyan"))
     else:
-        print_text(console, "\n".join([*format_columns(header, rows), total]))
+        print_text(console, "\n".join([*format_columns(header, rows), total, *shown]))
 
 
 def format_stop_line(result: StopResult) -> str:

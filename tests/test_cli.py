@@ -150,6 +150,74 @@ def test_plan_plain_lines(capsys: pytest.CaptureFixture[str], tmp_path: Path) ->
     ]
 
 
+#: GOOD with web placed on the least loaded 2 of its 3 hosts
+LEAST_LOADED = GOOD.replace(
+    "  web2: {address: 127.0.0.12, groups: [web]}\n",
+    "  web2: {address: 127.0.0.12, groups: [web]}\n  web3: {address: 127.0.0.13, groups: [web]}\n",
+).replace(
+    "    run: [web-server]\n",
+    "    run: [web-server]\n    placement: {strategy: least-loaded, count: 2}\n",
+)
+
+
+def test_plan_plain_lines_mark_least_loaded_candidates(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    path = write(tmp_path, "m.yaml", LEAST_LOADED)
+    code, out, err = run(capsys, "plan", path)
+    assert (code, err) == (0, "")
+    mark = "placement=least-loaded 2 of 3 (chosen at apply)"
+    assert out.splitlines() == [
+        "wave 0  db@db1    db1.app.db    ready=tcp:5432  argv=db-server --port 5432",
+        f"wave 1  web@web1  web1.app.web  ready=alive:0.5s  {mark}  argv=web-server",
+        f"wave 1  web@web2  web2.app.web  ready=alive:0.5s  {mark}  argv=web-server",
+        f"wave 1  web@web3  web3.app.web  ready=alive:0.5s  {mark}  argv=web-server",
+        "4 steps in 2 waves on 4 hosts",
+    ]
+    # a limit leaves fewer candidates than the count: apply starts them all
+    code, out, _ = run(capsys, "plan", "--limit", "web3", path)
+    assert out.splitlines()[0].endswith(
+        "placement=least-loaded 1 of 1 (chosen at apply)  argv=web-server"
+    )
+
+
+def test_plan_table_has_a_placement_column_only_for_least_loaded_plans() -> None:
+    def table(text: str) -> str:
+        buffer = io.StringIO()
+        console = Console(file=buffer, force_terminal=True, width=120, color_system=None)
+        loaded = manifest.loads(text, "m.yaml")
+        ui.print_plan(planner.compile(loaded), loaded, console)
+        return buffer.getvalue()
+
+    plain = table(GOOD)
+    assert "placement" not in plain and "least-loaded" not in plain
+    marked = table(LEAST_LOADED)
+    header = next(line for line in marked.splitlines() if "triple" in line)
+    assert header.split("┃")[-2].strip() == "placement"
+    rows = [line for line in marked.splitlines() if "web@" in line or ".app." in line]
+    assert [r.count("least-loaded 2 of 3") for r in rows] == [0, 1, 1, 1]
+    assert "4 steps in 2 waves on 4 hosts; least-loaded hosts are chosen at apply" in marked
+    assert all(len(line) <= 120 for line in marked.splitlines())
+
+
+def test_plan_json_lists_least_loaded_candidates(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    code, out, _ = run(capsys, "plan", "--json", write(tmp_path, "m.yaml", LEAST_LOADED))
+    assert code == 0
+    data = json.loads(out)
+    assert data["placements"] == [
+        {
+            "program": "web",
+            "strategy": "least-loaded",
+            "count": 2,
+            "steps": ["web@web1", "web@web2", "web@web3"],
+        }
+    ]
+    # every candidate is a step of the plan; apply picks among them
+    assert [s["id"] for s in data["steps"]][1:] == data["placements"][0]["steps"]
+
+
 @pytest.mark.parametrize("playbook", PLAYBOOKS, ids=lambda p: p.name)
 def test_playbooks_plan(capsys: pytest.CaptureFixture[str], playbook: Path) -> None:
     code, out, _ = run(capsys, "plan", str(playbook))
@@ -190,7 +258,17 @@ def test_plan_json(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     code, out, _ = run(capsys, "plan", "--json", path)
     assert code == 0
     data = json.loads(out)
-    assert list(data) == ["rex", "format", "manifest", "manifest_digest", "limit", "waves", "steps"]
+    assert list(data) == [
+        "rex",
+        "format",
+        "manifest",
+        "manifest_digest",
+        "limit",
+        "waves",
+        "steps",
+        "placements",
+    ]
+    assert data["placements"] == []
     assert data["rex"] == __version__
     assert data["format"] == 1
     assert data["manifest"] == path

@@ -841,6 +841,146 @@ def test_least_loaded_places_count_steps(world: World, sshd_hosts: Hosts) -> Non
     assert world.rex("stop", str(m))[0] == 0
 
 
+def _placement_manifest() -> manifests.Manifest:
+    return manifests.loads(
+        json.dumps(
+            {
+                "rex": 1,
+                "hosts": {f"h{i}": {"address": f"127.0.0.{i}"} for i in (1, 2, 3)},
+                "users": {"app": {}},
+                "programs": {
+                    "db": {"on": ["h1"], "user": "app", "run": ["db"]},
+                    "spread": {
+                        "on": ["h1", "h2", "h3"],
+                        "user": "app",
+                        "run": ["spread"],
+                        "placement": {"strategy": "least-loaded", "count": 2},
+                    },
+                },
+                "authorize": ["*.*.*"],
+            }
+        ),
+        "m.yaml",
+    )
+
+
+def test_place_probes_the_candidates_and_dry_run_marks_the_others_unplaced() -> None:
+    from rexplan import lifecycle
+    from rexplan import plan as planner
+    from rexplan import spec as specs
+
+    m = _placement_manifest()
+    plan = planner.compile(m)
+    loads = {"h1": Load(0.9, 100, False), "h2": Load(0.1, 100, False), "h3": Load(None, 0, False)}
+    probed: list[str] = []
+
+    def probe(step: Step) -> Load:
+        probed.append(step.id)
+        return loads[step.host]
+
+    (placed,) = executor.place(m, plan.steps, probe, forks=2)
+    assert sorted(probed) == ["spread@h1", "spread@h2", "spread@h3"]  # db is not a candidate
+    assert placed.chosen == {"spread@h1", "spread@h2"}
+    assert placed.picked() == "h1, h2" and [s.id for s in placed.unplaced()] == ["spread@h3"]
+    assert placed.describe() == (
+        "least-loaded placement of spread: h1, h2 (of h1 (load 0.90/cpu, 100 MB free), "
+        "h2 (load 0.10/cpu, 100 MB free), h3 (no probe))"
+    )
+    statuses = [specs.StepStatus(s, specs.ABSENT) for s in plan.steps]
+    assert lifecycle.dry_run_actions(statuses, [placed]) == [
+        "started",
+        "started",
+        "started",
+        "unplaced",
+    ]
+    doc = lifecycle.status_to_dict(statuses, m, actions=True, placed=[placed])
+    rows = doc["steps"]
+    assert isinstance(rows, list)
+    assert [row["action"] for row in rows] == ["started", "started", "started", "unplaced"]
+    assert doc["placements"] == [
+        {
+            "program": "spread",
+            "chosen": ["spread@h1", "spread@h2"],
+            "candidates": [
+                {
+                    "id": "spread@h1",
+                    "host": "h1",
+                    "load": 0.9,
+                    "source": "loadavg",
+                    "fallback": None,
+                    "free_mb": 100,
+                    "current": False,
+                },
+                {
+                    "id": "spread@h2",
+                    "host": "h2",
+                    "load": 0.1,
+                    "source": "loadavg",
+                    "fallback": None,
+                    "free_mb": 100,
+                    "current": False,
+                },
+                {
+                    "id": "spread@h3",
+                    "host": "h3",
+                    "load": None,
+                    "source": None,
+                    "fallback": None,
+                    "free_mb": None,
+                    "current": False,
+                },
+            ],
+            "detail": placed.describe(),
+        }
+    ]
+    # rex status keeps its document; without least-loaded programs nothing is probed
+    assert "placements" not in lifecycle.status_to_dict(statuses, m)
+    assert executor.place(m, plan.steps[:1], probe, forks=2) == []
+
+
+def test_dry_run_shows_least_loaded_placement_and_starts_nothing(
+    world: World, sshd_hosts: Hosts
+) -> None:
+    hosts = sshd_hosts(3)
+    names = [h.name for h in hosts]
+    placement = {"strategy": "least-loaded", "count": 2}
+    m = world.manifest(hosts, {"dryspread": {**SLEEPER, "on": names, "placement": placement}})
+    world.distribute(m)
+    code, out, err = world.rex("apply", str(m), "--dry-run", "--json")
+    assert code == 0, out + err
+    doc = json.loads(out)
+    actions = {s["id"]: s["action"] for s in doc["steps"]}
+    assert sorted(actions.values()) == ["started", "started", "unplaced"]
+    (placed,) = doc["placements"]
+    assert placed["chosen"] == [s for s, a in actions.items() if a == "started"]
+    assert [c["host"] for c in placed["candidates"]] == names
+    assert all(c["load"] is not None and not c["current"] for c in placed["candidates"])
+    picked = ", ".join(s.split("@")[1] for s in placed["chosen"])
+    assert placed["detail"].startswith(f"least-loaded placement of dryspread: {picked} (of ")
+    code, out, _ = world.rex("apply", str(m), "--dry-run")
+    assert code == 0
+    header, *rows, total, line = out.splitlines()
+    column = header.split().index("action")
+    assert sorted(row.split()[column] for row in rows) == ["started", "started", "unplaced"]
+    assert total in ("3 steps: 2 started, 1 unplaced", "3 steps: 1 unplaced, 2 started")
+    assert line.startswith("least-loaded placement of dryspread: ")
+    assert all(f"{n} (load " in line for n in names)
+    # nothing started, nothing recorded
+    assert world.tagged() == []
+    assert not any(Path(world.home(n), "run", "dryspread.json").exists() for n in names)
+    # once applied, the dry run keeps the program where it runs, as apply would
+    run = world.apply(m)
+    assert run.code == 0, run.out + run.err
+    running = [s for s, e in run.final().items() if e["state"] == "ready"]
+    code, out, _ = world.rex("apply", str(m), "--dry-run", "--json")
+    doc = json.loads(out)
+    assert {s["id"]: s["action"] for s in doc["steps"]} == {
+        s: ("unchanged" if s in running else "unplaced") for s in actions
+    }
+    assert [c["id"] for c in doc["placements"][0]["candidates"] if c["current"]] == running
+    assert world.rex("stop", str(m))[0] == 0
+
+
 def _probe_code() -> dict[str, Any]:
     """LOAD_PROBE's functions, to run against a fake /proc and /sys under a directory."""
     namespace: dict[str, Any] = {"__name__": "load_probe"}

@@ -25,6 +25,7 @@ from rexplan.model import (
     Authorization,
     Host,
     Manifest,
+    Placement,
     Program,
     Ready,
     Step,
@@ -100,7 +101,7 @@ def test_golden_plan(case: str) -> None:
 
 
 def test_golden_cases_exist() -> None:
-    wanted = {"quickstart", "diamond", "webstack", "host-ranges", "limit"}
+    wanted = {"quickstart", "diamond", "webstack", "host-ranges", "limit", "placement"}
     assert wanted <= set(golden_cases())
 
 
@@ -340,8 +341,18 @@ STEP_KEYS = [
 def test_plan_to_dict_shape() -> None:
     m = limited_manifest()
     data = planner.plan_to_dict(planner.compile(m), m)
-    assert list(data) == ["rex", "format", "manifest", "manifest_digest", "limit", "waves", "steps"]
+    assert list(data) == [
+        "rex",
+        "format",
+        "manifest",
+        "manifest_digest",
+        "limit",
+        "waves",
+        "steps",
+        "placements",
+    ]
     assert data["format"] == 1
+    assert data["placements"] == []
     assert data["waves"] == [
         {"wave": 0, "programs": ["db"], "steps": ["db@db1"]},
         {"wave": 1, "programs": ["app"], "steps": ["app@web1", "app@web2"]},
@@ -362,6 +373,41 @@ def test_plan_to_dict_shape() -> None:
         "path",
     ]
     assert json.loads(json.dumps(data)) == data
+
+
+def test_least_loaded_groups_candidates_in_plan_order() -> None:
+    hosts = ("h1", "h2", "h3")
+    m = make(
+        [
+            prog("db", hosts),
+            dataclasses.replace(
+                prog("app", hosts, requires=("db",)), placement=Placement("least-loaded", 2)
+            ),
+            dataclasses.replace(prog("one", ("h3", "h1")), placement=Placement("least-loaded", 1)),
+        ]
+    )
+    plan = planner.compile(m)
+    groups = planner.least_loaded(m, plan.steps)
+    assert {p: [s.id for s in steps] for p, steps in groups.items()} == {
+        "one": ["one@h3", "one@h1"],
+        "app": ["app@h1", "app@h2", "app@h3"],
+    }
+    # every candidate stays a step of the plan: apply chooses among them at the wave
+    assert len(plan.steps) == 8
+    assert planner.plan_to_dict(plan, m)["placements"] == [
+        {"program": "one", "strategy": "least-loaded", "count": 1, "steps": ["one@h3", "one@h1"]},
+        {
+            "program": "app",
+            "strategy": "least-loaded",
+            "count": 2,
+            "steps": ["app@h1", "app@h2", "app@h3"],
+        },
+    ]
+    limited = planner.compile(m, limit="h2")
+    assert planner.plan_to_dict(limited, m)["placements"] == [
+        {"program": "app", "strategy": "least-loaded", "count": 2, "steps": ["app@h2"]}
+    ]
+    assert planner.least_loaded(make([prog("db", hosts)]), plan.steps) == {}
 
 
 def test_plan_to_dot() -> None:
