@@ -25,7 +25,7 @@ from rexplan.errors import TransportError, UsageError
 from rexplan.executor import Load, Placed, local_files, place, probe_candidate
 from rexplan.keys import KeyStore, default_known_hosts
 from rexplan.model import Manifest, Plan, Step, Timeouts
-from rexplan.remote import bootstrap_argv, bootstrap_input
+from rexplan.remote import EXIT_NO_AGENT, bootstrap_argv, bootstrap_input, launch_argv
 from rexplan.transport import Result, Transport, TransportPool
 
 #: seconds added to what the agent may take before the launcher gives up on the exec
@@ -40,7 +40,12 @@ STOPPED, ABSENT, STOP_FAILED, UNREACHABLE = (
 
 
 def agent_run(transport: Transport, python: str, *args: str, timeout: float) -> Result:
-    """Run the agent with ``args`` on the host, without leaving a file there."""
+    """Run the agent with ``args`` on the host: the copy a launch left there, through the
+    launch stub (its code cached: nothing sent, nothing compiled), else the bundle piped
+    over stdin and compiled there (a host rex never launched on: nothing is left on it)."""
+    res = transport.run(launch_argv(python, *args), timeout=timeout)
+    if res.exit_status != EXIT_NO_AGENT:
+        return res
     return transport.run(bootstrap_argv(python, *args), stdin=bootstrap_input(b""), timeout=timeout)
 
 
