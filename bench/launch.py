@@ -119,12 +119,11 @@ def work_fabric(cfg: dict[str, Any]) -> None:
     print(json.dumps({"inner": inner}))
 
 
-def work_rex(cfg: dict[str, Any]) -> None:
-    from rexplan import executor  # noqa: F401 - imported before the clock starts, like fabric
+def timed_rex(argv: list[str]) -> float:
+    """Seconds ``rex ARGV`` took in this process, its output discarded; exits unless it
+    succeeded."""
     from rexplan.cli import main
 
-    argv = ["apply", cfg["manifest"], "-y", "-q", "--keys", cfg["keys"]]
-    argv += ["--known-hosts", cfg["known_hosts"], "--forks", str(cfg["forks"])]
     stdout = sys.stdout
     t0 = time.perf_counter()
     with open(os.devnull, "w") as sink:
@@ -135,46 +134,33 @@ def work_rex(cfg: dict[str, Any]) -> None:
             sys.stdout = stdout
     inner = time.perf_counter() - t0
     if code != 0:
-        raise SystemExit(f"rex apply exited {code}")
-    print(json.dumps({"inner": inner}))
+        raise SystemExit(f"rex {' '.join(argv[:2])} exited {code}")
+    return inner
+
+
+def _apply_argv(cfg: dict[str, Any]) -> list[str]:
+    argv = ["apply", cfg["manifest"], "-y", "-q", "--keys", cfg["keys"]]
+    return [*argv, "--known-hosts", cfg["known_hosts"], "--forks", str(cfg["forks"])]
+
+
+def work_rex(cfg: dict[str, Any]) -> None:
+    from rexplan import executor  # noqa: F401 - imported before the clock starts, like fabric
+
+    print(json.dumps({"inner": timed_rex(_apply_argv(cfg))}))
 
 
 def work_reapply(cfg: dict[str, Any]) -> None:
     """Apply (untimed), then apply the unchanged manifest again: "inner" is the second."""
-    stdout = sys.stdout
-    with open(os.devnull, "w") as sink:
-        sys.stdout = sink
-        try:
-            work_rex(cfg)
-        finally:
-            sys.stdout = stdout
-    work_rex(cfg)
+    timed_rex(_apply_argv(cfg))
+    print(json.dumps({"inner": timed_rex(_apply_argv(cfg))}))
 
 
 def work_stop(cfg: dict[str, Any]) -> None:
     """Apply (untimed), then ``rex stop`` every step: "inner" is the stop alone."""
-    from rexplan.cli import main
-
-    stdout = sys.stdout
-    with open(os.devnull, "w") as sink:
-        sys.stdout = sink
-        try:
-            work_rex(cfg)
-        finally:
-            sys.stdout = stdout
+    timed_rex(_apply_argv(cfg))
     argv = ["-q", "stop", cfg["manifest"], "--keys", cfg["keys"]]
     argv += ["--known-hosts", cfg["known_hosts"], "--forks", str(cfg["forks"])]
-    t0 = time.perf_counter()
-    with open(os.devnull, "w") as sink:
-        sys.stdout = sink
-        try:
-            code = main(argv)
-        finally:
-            sys.stdout = stdout
-    inner = time.perf_counter() - t0
-    if code != 0:
-        raise SystemExit(f"rex stop exited {code}")
-    print(json.dumps({"inner": inner}))
+    print(json.dumps({"inner": timed_rex(argv)}))
 
 
 def worker(variant: str, cfg_path: str) -> None:

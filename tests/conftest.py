@@ -8,6 +8,7 @@ from typing import Any
 
 import paramiko
 import pytest
+from helpers_world import World, new_tag, open_world
 from oracle import no_orphans  # noqa: F401 - registers the fixture
 from sshrig import RigHost, SshdRig, unavailable_reason
 
@@ -93,3 +94,22 @@ def _reject_policy_only(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     found = list(_policy_violations)
     _policy_violations.clear()
     assert not found, f"connections without RejectPolicy: {found}"
+
+
+@pytest.fixture
+def tag() -> str:
+    """The test's tag: REXTEST in the environment of every program it starts."""
+    return new_tag()
+
+
+@pytest.fixture
+def world(
+    sshd_rig: SshdRig,
+    tmp_path: Path,
+    tag: str,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> Iterator[World]:
+    """Manifests over the rig run through rex's main() (tests/helpers_world.py); afterwards
+    nothing the test started remains. A test file may define its own."""
+    yield from open_world(sshd_rig, tmp_path, tag, capsys, monkeypatch)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import secrets
+import socket
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +47,39 @@ class Run:
 
     def pids(self) -> dict[str, int]:
         return {s: e["pid"] for s, e in self.final().items() if e.get("pid")}
+
+    def states(self) -> dict[str, str]:
+        return {step: e["state"] for step, e in self.final().items()}
+
+    def only(self) -> dict[str, Any]:
+        """The last state event of the run's one step."""
+        (event,) = self.final().values()
+        return event
+
+    def index(self, program: str, state: str) -> list[int]:
+        """Positions in the event stream where a step of ``program`` entered ``state``."""
+        return [
+            i
+            for i, e in enumerate(self.events)
+            if e["kind"] == "step" and e["program"] == program and e["state"] == state
+        ]
+
+    def summarized(self, program: str, reason: str) -> bool:
+        """The plain summary names the program with this reason."""
+        return f"{program}: {reason}" in self.out
+
+
+def read_events(path: Path) -> list[dict[str, Any]]:
+    """The JSON events a run wrote to ``path`` so far ([] before it wrote any)."""
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def free_port(address: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((address, 0))
+        return int(s.getsockname()[1])
 
 
 def new_tag() -> str:

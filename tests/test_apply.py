@@ -17,6 +17,7 @@ from typing import Any
 
 import helpers_procs as procs
 import pytest
+from helpers_world import Run, free_port, read_events
 from sshrig import RigHost, SshdRig
 
 from rexplan.cli import main
@@ -31,49 +32,6 @@ TIMEOUTS = {"connect": 10, "start": 10, "callback": 10, "ready": 10}
 #: a service that runs until it is stopped
 SLEEPER = {"run": ["sleep", "300"], "ready": {"alive": 0.2}}
 AGENT_FILE = f"agent-{bundle_sha()[:16]}.py"
-
-
-def free_port(address: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((address, 0))
-        return int(s.getsockname()[1])
-
-
-@dataclass
-class Run:
-    """One `rex apply`: its exit code, events and output."""
-
-    code: int
-    events: list[dict[str, Any]]
-    out: str = ""
-    err: str = ""
-
-    @property
-    def id(self) -> str:
-        return str(self.events[0]["run"])
-
-    def final(self) -> dict[str, dict[str, Any]]:
-        """step id -> the step's last state event."""
-        out: dict[str, dict[str, Any]] = {}
-        for e in self.events:
-            if e["kind"] == "step":
-                out[e["step"]] = e
-        return out
-
-    def states(self) -> dict[str, str]:
-        return {step: e["state"] for step, e in self.final().items()}
-
-    def index(self, program: str, state: str) -> list[int]:
-        """Positions in the event stream where a step of ``program`` entered ``state``."""
-        return [
-            i
-            for i, e in enumerate(self.events)
-            if e["kind"] == "step" and e["program"] == program and e["state"] == state
-        ]
-
-
-def read_events(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 @pytest.fixture

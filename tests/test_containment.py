@@ -15,7 +15,7 @@ from typing import Any
 
 import helpers_procs as procs
 import pytest
-from helpers_world import World, new_tag, open_world
+from helpers_world import World
 from sshrig import RigHost, SshdRig, cgroup_unavailable_reason
 
 from rexplan import protocol, remote
@@ -216,22 +216,6 @@ def test_front_and_supervisor_sigkilled_before_ok_the_watchdog_ends_the_group(
 ESCAPEE = (
     "( setsid env -i /bin/sh -c 'echo $$ > {pidfile}; exec /bin/sleep 300' & ) ; exec sleep 300"
 )
-
-
-@pytest.fixture
-def tag() -> str:
-    return new_tag()
-
-
-@pytest.fixture
-def world(
-    sshd_rig: SshdRig,
-    tmp_path: Path,
-    tag: str,
-    capsys: pytest.CaptureFixture[str],
-    monkeypatch: pytest.MonkeyPatch,
-) -> Iterator[World]:
-    yield from open_world(sshd_rig, tmp_path, tag, capsys, monkeypatch)
 
 
 @pytest.fixture

@@ -11,7 +11,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ from typing import Any
 
 import faultproxy as fp
 import pytest
+from helpers_world import Run, free_port, read_events
 from oracle import Oracle
 from sshrig import RigHost, SshdRig
 
@@ -86,47 +86,7 @@ def kill_all(pids: Sequence[int]) -> None:
             os.kill(pid, signal.SIGKILL)
 
 
-def free_port(address: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((address, 0))
-        return int(s.getsockname()[1])
-
-
 # ---- runs ---------------------------------------------------------------------------------------
-
-
-@dataclass
-class Run:
-    """One `rex apply`: exit code, events, output."""
-
-    code: int
-    events: list[dict[str, Any]]
-    out: str = ""
-
-    @property
-    def id(self) -> str:
-        return str(self.events[0]["run"])
-
-    def final(self) -> dict[str, dict[str, Any]]:
-        out: dict[str, dict[str, Any]] = {}
-        for e in self.events:
-            if e["kind"] == "step":
-                out[e["step"]] = e
-        return out
-
-    def only(self) -> dict[str, Any]:
-        (event,) = self.final().values()
-        return event
-
-    def summarized(self, program: str, reason: str) -> bool:
-        """The plain summary names the program with this reason."""
-        return f"{program}: {reason}" in self.out
-
-
-def read_events(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 @dataclass

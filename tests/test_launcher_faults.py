@@ -18,9 +18,10 @@ from pathlib import Path
 
 import helpers_procs as procs
 import pytest
+from helpers_world import Run, read_events
 from oracle import Oracle
 from sshrig import RigHost, SshdRig
-from test_faults import SLEEPER, Run, World, never_ready, read_events, wait_for, with_env
+from test_faults import SLEEPER, World, never_ready, wait_for, with_env
 from test_tree import _rig_manifest, _steps, relay_identity  # noqa: F401 - registers the fixture
 
 from rexplan import protocol

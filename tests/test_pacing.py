@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import paramiko
 import pytest
-from helpers_world import TIMEOUTS, World, new_tag, open_world
+from helpers_world import TIMEOUTS, World
 from sshrig import RigHost, SshdRig
 
 from rexplan import manifest
@@ -455,16 +455,6 @@ def test_a_hung_sshd_holds_its_slots_and_the_waiters_say_so(
 
 
 # --- rex apply through one sshd -----------------------------------------------------------------
-
-
-@pytest.fixture
-def world(
-    sshd_rig: SshdRig,
-    tmp_path: Path,
-    capsys: pytest.CaptureFixture[str],
-    monkeypatch: pytest.MonkeyPatch,
-) -> Iterator[World]:
-    yield from open_world(sshd_rig, tmp_path, new_tag(), capsys, monkeypatch)
 
 
 def test_rex_apply_of_twelve_hosts_entries_on_one_sshd(

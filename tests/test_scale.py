@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from pathlib import Path
 
 import helpers_procs as procs
 import pytest
-from helpers_world import SLEEPER, World, new_tag, open_world
+from helpers_world import SLEEPER, World
 from sshrig import RigHost, SshdRig
 
 HOSTS = 128
@@ -31,16 +30,6 @@ def own_hosts(rig: SshdRig, count: int) -> Iterator[list[RigHost]]:
 def hosts(sshd_rig: SshdRig) -> Iterator[list[RigHost]]:
     with own_hosts(sshd_rig, HOSTS) as spawned:
         yield spawned
-
-
-@pytest.fixture
-def world(
-    sshd_rig: SshdRig,
-    tmp_path: Path,
-    capsys: pytest.CaptureFixture[str],
-    monkeypatch: pytest.MonkeyPatch,
-) -> Iterator[World]:
-    yield from open_world(sshd_rig, tmp_path, new_tag(), capsys, monkeypatch)
 
 
 # hosts before world: the world's teardown (`rex stop` of any leftover) still finds them up

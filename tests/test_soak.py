@@ -17,7 +17,7 @@ from pathlib import Path
 
 import helpers_procs as procs
 import pytest
-from helpers_world import SLEEPER, World, new_tag, open_world
+from helpers_world import SLEEPER, World
 from sshrig import RigHost, SshdRig
 from test_scale import own_hosts
 
@@ -62,16 +62,6 @@ def hosts(sshd_rig: SshdRig) -> Iterator[list[RigHost]]:
     """Hosts of the soak's own (tests/test_scale.py's own_hosts says why)."""
     with own_hosts(sshd_rig, HOSTS) as spawned:
         yield spawned
-
-
-@pytest.fixture
-def world(
-    sshd_rig: SshdRig,
-    tmp_path: Path,
-    capsys: pytest.CaptureFixture[str],
-    monkeypatch: pytest.MonkeyPatch,
-) -> Iterator[World]:
-    yield from open_world(sshd_rig, tmp_path, new_tag(), capsys, monkeypatch)
 
 
 def cycle(world: World, m: Path, steps: set[str]) -> None:

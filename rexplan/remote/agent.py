@@ -83,7 +83,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     import signal
     import socket
-    from collections.abc import Mapping, Sequence
+    from collections.abc import Callable, Mapping, Sequence
     from typing import Any
 else:
     import _signal as signal
@@ -1104,6 +1104,33 @@ def _handshake(
     return _Link(sock, reader, protocol.Session.of((k_l, k_a), t, ns, launch.nl, ap))
 
 
+def _dial(
+    launch: protocol.Launch,
+    deadline: float,
+    attempt: Callable[[], _Link | None],
+    proc: _Proc | None = None,
+) -> _Link | None:
+    """Run ``attempt`` (one handshake) until a verdict; dial again, backing off, while the
+    listener refuses or resets. With ``proc``, a service that exits meanwhile fails."""
+    where = f"{launch.callback[0]}:{launch.callback[1]}"
+    delay = 0.05
+    while True:
+        if proc is not None and launch.kind != "job" and proc.poll() is not None:
+            raise _exited(proc)
+        try:
+            return attempt()
+        except _Timeout:
+            raise Failure(EXIT_NO_CALLBACK, f"no verdict from {where} by the deadline") from None
+        except protocol.FrameError as exc:
+            raise Failure(EXIT_REJECTED, f"the listener broke {protocol.VERSION}: {exc}") from None
+        except _Retry:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise Failure(EXIT_NO_CALLBACK, f"cannot reach {where}") from None
+            time.sleep(min(delay, remaining))
+            delay = min(delay * 2, 0.5)
+
+
 def call_back(
     launch: protocol.Launch,
     secret: bytes,
@@ -1111,46 +1138,18 @@ def call_back(
     start: str,
     deadline: float,
 ) -> _Link | None:
-    """Run the handshake until ``ok``; dials again while the listener refuses or resets. A
-    service that exits meanwhile fails; a job may end before its callback, and reports it."""
-    where = f"{launch.callback[0]}:{launch.callback[1]}"
-    delay = 0.05
-    while True:
-        if launch.kind != "job" and proc.poll() is not None:
-            raise _exited(proc)
-        try:
-            return _handshake(launch, secret, proc.pid, start, deadline)
-        except _Timeout:
-            raise Failure(EXIT_NO_CALLBACK, f"no verdict from {where} by the deadline") from None
-        except protocol.FrameError as exc:
-            raise Failure(EXIT_REJECTED, f"the listener broke {protocol.VERSION}: {exc}") from None
-        except _Retry:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise Failure(EXIT_NO_CALLBACK, f"cannot reach {where}") from None
-            time.sleep(min(delay, remaining))
-            delay = min(delay * 2, 0.5)
+    """Run the handshake until ``ok``. A service that exits meanwhile fails; a job may end
+    before its callback, and reports it."""
+    return _dial(
+        launch, deadline, lambda: _handshake(launch, secret, proc.pid, start, deadline), proc
+    )
 
 
 def decline_back(launch: protocol.Launch, secret: bytes, reason: str, deadline: float) -> None:
     """Prove to the listener that this host declines the launch (nothing was started)."""
-    where = f"{launch.callback[0]}:{launch.callback[1]}"
     pid = os.getpid()
-    delay = 0.05
-    while True:
-        try:
-            _handshake(launch, secret, pid, start_time(pid), deadline, decline=reason)
-            return
-        except _Timeout:
-            raise Failure(EXIT_NO_CALLBACK, f"no verdict from {where} by the deadline") from None
-        except protocol.FrameError as exc:
-            raise Failure(EXIT_REJECTED, f"the listener broke {protocol.VERSION}: {exc}") from None
-        except _Retry:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise Failure(EXIT_NO_CALLBACK, f"cannot reach {where}") from None
-            time.sleep(min(delay, remaining))
-            delay = min(delay * 2, 0.5)
+    start = start_time(pid)
+    _dial(launch, deadline, lambda: _handshake(launch, secret, pid, start, deadline, reason))
 
 
 # ---- preconditions and files ----
