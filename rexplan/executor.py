@@ -40,11 +40,13 @@ from rexplan.remote import (
     EXIT_NO_AGENT,
     EXIT_NO_LAUNCH,
     LAUNCH_MARKER,
+    bootstrap_argv,
+    bootstrap_input,
     bundle,
     bundle_sha,
     launch_argv,
 )
-from rexplan.transport import Gate, Transport, TransportPool
+from rexplan.transport import Gate, Result, Transport, TransportPool
 from rexplan.tree import RELAY_LOST, RelayError, TreeLauncher
 
 #: reasons that mean "who you are was not accepted": exit code 6
@@ -815,109 +817,15 @@ class Executor:
 #: seconds over which a ``load: cgroup`` host's probe samples its cgroup's CPU time
 CGROUP_SAMPLE = 0.2
 
-#: ``python3 -I -S -c LOAD_PROBE MODE SECONDS`` on a candidate host prints one JSON line:
-#: ``load`` (runnable tasks, or busy CPUs), ``cpus`` (those it may use), ``free_mb``, ``source``
-#: and, when MODE is cgroup but the cgroup could not be read, ``fallback`` (why). The loadavg
-#: mode reads two /proc files, as cheap as a probe can be; the cgroup mode also sleeps SECONDS.
-LOAD_PROBE = r'''
-import json, os, sys, time
 
-
-def mem_available(root):
-    for line in open(root + '/proc/meminfo'):
-        if line.startswith('MemAvailable:'):
-            return int(line.split()[1]) // 1024
-    return 0
-
-
-def own_cgroup(root):
-    """(the cgroup v2 directory to measure, the cgroup2 mount point it is under)."""
-    path = ''
-    for line in open(root + '/proc/self/cgroup'):
-        if line.startswith('0::'):
-            path = line[3:].rstrip('\n')
-    parts = path.split('/')
-    if not path.startswith('/') or '..' in parts:
-        raise ValueError('no cgroup v2 of this login in /proc/self/cgroup')
-    for i, part in enumerate(parts):
-        # a systemd inside the container puts each login in a slice: the container's own
-        # cgroup is the root of that slice tree
-        if part in ('user.slice', 'system.slice'):
-            parts = parts[:i]
-            break
-    path = '/'.join(parts) or '/'
-    for line in open(root + '/proc/self/mountinfo'):
-        left, sep, right = line.partition(' - ')
-        f = left.split()
-        if sep and right.split(' ', 1)[0] == 'cgroup2' and len(f) >= 5:
-            top, point = f[3], f[4].replace('\\040', ' ')
-            if top == '/':
-                rel = path
-            elif path == top or path.startswith(top + '/'):
-                rel = path[len(top):]
-            else:
-                continue
-            point = os.path.normpath(root + point)
-            return os.path.normpath(point + '/' + rel), point
-    raise ValueError('no cgroup2 mount shows ' + path)
-
-
-def usage_usec(directory):
-    for line in open(directory + '/cpu.stat'):
-        if line.startswith('usage_usec '):
-            return int(line.split()[1])
-    raise ValueError('no usage_usec in ' + directory + '/cpu.stat')
-
-
-def limits(directory, top):
-    """(CPUs, MiB of memory or None) that the cpu.max and memory.max of the cgroup and of
-    its ancestors up to the mount leave it; files absent where a controller is off."""
-    cpus, free = float(len(os.sched_getaffinity(0))), None
-    while True:
-        try:
-            quota, period = open(directory + '/cpu.max').read().split()
-            if quota != 'max':
-                cpus = min(cpus, int(quota) / int(period))
-        except OSError:
-            pass
-        try:
-            limit = open(directory + '/memory.max').read().strip()
-            if limit != 'max':
-                used = int(open(directory + '/memory.current').read())
-                left = max(0, int(limit) - used) // 1048576
-                free = left if free is None else min(free, left)
-        except OSError:
-            pass
-        if len(directory) <= len(top):
-            return cpus, free
-        directory = os.path.dirname(directory)
-
-
-def measure(mode, sample, root=''):
-    free = mem_available(root)
-    out = {'load': os.getloadavg()[0], 'cpus': os.cpu_count() or 1, 'free_mb': free,
-           'source': 'loadavg'}
-    if mode != 'cgroup':
-        return out
-    try:
-        directory, top = own_cgroup(root)
-        cpus, room = limits(directory, top)
-        start, before = time.monotonic(), usage_usec(directory)
-        time.sleep(sample)
-        used = usage_usec(directory) - before
-        busy = used / 1e6 / max(time.monotonic() - start, 1e-6)
-    except (OSError, ValueError) as exc:
-        out['fallback'] = str(exc)
-        return out
-    out.update(load=busy, cpus=cpus, source='cgroup')
-    if room is not None:
-        out['free_mb'] = min(free, room) if free else room
-    return out
-
-
-if __name__ == '__main__':
-    print(json.dumps(measure(sys.argv[1], float(sys.argv[2]))))
-'''
+def agent_run(transport: Transport, python: str, *args: str, timeout: float) -> Result:
+    """Run the agent with ``args`` on the host: the copy a launch left there, through the
+    launch stub (its code cached: nothing sent, nothing compiled), else the bundle piped
+    over stdin and compiled there (a host rex never launched on: nothing is left on it)."""
+    res = transport.run(launch_argv(python, *args), timeout=timeout)
+    if res.exit_status != EXIT_NO_AGENT:
+        return res
+    return transport.run(bootstrap_argv(python, *args), stdin=bootstrap_input(b""), timeout=timeout)
 
 
 @dataclass(frozen=True)
@@ -945,8 +853,8 @@ class Load:
 
 
 def parse_load(output: str, current: bool) -> Load:
-    """A candidate's Load from LOAD_PROBE's output (its last line counts); ValueError when
-    that is not the probe's JSON or its figures make no sense."""
+    """A candidate's Load from the output of the agent's ``--load`` mode (its last line
+    counts); ValueError when that is not the probe's JSON or its figures make no sense."""
     lines = output.strip().splitlines()
     try:
         data: Any = json.loads(lines[-1]) if lines else None
@@ -986,13 +894,13 @@ def probe_candidate(
     timeout: float,
     current: Callable[[Transport], bool],
 ) -> Load:
-    """A placement candidate's Load: LOAD_PROBE once on the host's connection, then whether
-    the program already runs there current; ``Load(None, 0, False)`` when either fails."""
+    """A placement candidate's Load: the agent's ``--load`` mode once on the host's
+    connection (agent_run), then whether the program already runs there current;
+    ``Load(None, 0, False)`` when either fails."""
     try:
         transport = connect()
-        res = transport.run(
-            [host.python, "-I", "-S", "-c", LOAD_PROBE, host.load, str(CGROUP_SAMPLE)],
-            timeout=timeout,
+        res = agent_run(
+            transport, host.python, "--load", host.load, f"{CGROUP_SAMPLE:g}", timeout=timeout
         )
         return parse_load(res.stdout.decode("ascii", "replace"), current(transport))
     except (TransportError, OSError, ValueError, KeyError, IndexError, TypeError):

@@ -1,12 +1,13 @@
 """``rex status`` and ``rex stop``: read and end what a manifest runs, in parallel over SSH.
 
-Both run the agent in one of its modes through the bootstrap (``python3 -I -S -c BOOTSTRAP``
-with the bundle on stdin), so reading or stopping never writes a file to a host. ``survey``
-reads each host's records with one exec per host and login, whatever the number of steps
-there, and classifies every step (spec.classify). ``stop`` goes through the waves in reverse
-order, dependents first, in parallel within a wave: the agent tells each program's supervisor
-to stop it (TERM to the group, the stop grace, KILL, then every process still tagged with the
-triple), or with ``force`` kills supervisor, group and tagged processes at once.
+Both run the agent in one of its modes (executor.agent_run: the copy a launch left on the
+host, else the bundle piped over stdin), so reading or stopping never writes a file to a
+host. ``survey`` reads each host's records with one exec per host and login, whatever the
+number of steps there, and classifies every step (spec.classify). ``stop`` goes through the
+waves in reverse order, dependents first, in parallel within a wave: the agent tells each
+program's supervisor to stop it (TERM to the group, the stop grace, KILL, then every process
+still tagged with the triple), or with ``force`` kills supervisor, group and tagged processes
+at once.
 """
 
 from __future__ import annotations
@@ -22,11 +23,10 @@ from rexplan import events as ev
 from rexplan import spec as specs
 from rexplan import ui
 from rexplan.errors import TransportError, UsageError
-from rexplan.executor import Load, Placed, local_files, place, probe_candidate
+from rexplan.executor import Load, Placed, agent_run, local_files, place, probe_candidate
 from rexplan.keys import KeyStore, default_known_hosts
 from rexplan.model import Manifest, Plan, Step, Timeouts
-from rexplan.remote import EXIT_NO_AGENT, bootstrap_argv, bootstrap_input, launch_argv
-from rexplan.transport import Result, Transport, TransportPool
+from rexplan.transport import Result, TransportPool
 
 #: seconds added to what the agent may take before the launcher gives up on the exec
 EXEC_SLACK = 5.0
@@ -37,16 +37,6 @@ STOPPED, ABSENT, STOP_FAILED, UNREACHABLE = (
     specs.FAILED,
     specs.UNREACHABLE,
 )
-
-
-def agent_run(transport: Transport, python: str, *args: str, timeout: float) -> Result:
-    """Run the agent with ``args`` on the host: the copy a launch left there, through the
-    launch stub (its code cached: nothing sent, nothing compiled), else the bundle piped
-    over stdin and compiled there (a host rex never launched on: nothing is left on it)."""
-    res = transport.run(launch_argv(python, *args), timeout=timeout)
-    if res.exit_status != EXIT_NO_AGENT:
-        return res
-    return transport.run(bootstrap_argv(python, *args), stdin=bootstrap_input(b""), timeout=timeout)
 
 
 def _report(res: Result) -> dict[str, Any]:

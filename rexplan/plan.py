@@ -64,6 +64,18 @@ from rexplan.model import Host, Manifest, Plan, Program, Ready, Step, User, trip
 
 FORMAT = 1
 
+#: the top-level keys of the JSON form (plan_to_dict), in order; later formats only add keys
+PLAN_KEYS = (
+    "rex",
+    "format",
+    "manifest",
+    "manifest_digest",
+    "limit",
+    "waves",
+    "steps",
+    "placements",
+)
+
 #: how many offending triples one unauthorized-program diagnostic names before "and N more"
 _EXAMPLES = 5
 

@@ -487,27 +487,38 @@ def _end(proc: subprocess.Popen[bytes]) -> None:
             pipe.close()
 
 
-def _stub_env(rig: Rig) -> dict[str, str]:
-    """REX_HOME holding the agent where LAUNCH_STUB looks for it."""
+def _stub(rig: Rig, wait: float, stdout: int = subprocess.PIPE) -> subprocess.Popen[bytes]:
+    """LAUNCH_STUB started as a launch runs it (``--wait``), the agent in REX_HOME where it
+    looks for it; stdin and stderr are pipes."""
     (rig.home / remote.agent_name()).write_bytes(remote.bundle())
-    return {"REX_HOME": str(rig.home), "PATH": os.environ.get("PATH", "/usr/bin:/bin")}
+    return subprocess.Popen(
+        remote.launch_argv(PY, wait=wait),
+        stdin=subprocess.PIPE,
+        stdout=stdout,
+        stderr=subprocess.PIPE,
+        cwd=rig.work,
+        env={"REX_HOME": str(rig.home), "PATH": os.environ.get("PATH", "/usr/bin:/bin")},
+    )
+
+
+def _announced(rig: Rig, wait: float) -> subprocess.Popen[bytes]:
+    """_stub, once it printed LAUNCH_MARKER; nothing was sent to it yet: the marker comes
+    first, unasked."""
+    proc = _stub(rig, wait)
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline() == remote.LAUNCH_MARKER.encode() + b"\n"
+    except BaseException:
+        _end(proc)
+        raise
+    return proc
 
 
 def test_launch_stub_announces_itself_before_it_reads_the_launch_line(rig: Rig) -> None:
-    env = _stub_env(rig)
     line, step = rig.line(["sleep", "30"])
-    proc = subprocess.Popen(
-        remote.launch_argv(PY, wait=5),
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        cwd=rig.work,
-        env=env,
-    )
+    proc = _announced(rig, wait=5)
     assert proc.stdin is not None and proc.stdout is not None
     try:
-        # nothing was sent yet: the marker comes first, unasked
-        assert proc.stdout.readline() == remote.LAUNCH_MARKER.encode() + b"\n"
         proc.stdin.write(line)
         proc.stdin.close()
         report = json.loads(proc.stdout.readline())
@@ -523,20 +534,11 @@ def test_launch_stub_announces_itself_before_it_reads_the_launch_line(rig: Rig) 
 def test_agent_given_no_launch_line_in_time_starts_nothing(rig: Rig, part: float) -> None:
     """The launcher stopped between the marker and its line (or in the middle of it): stdin
     stays open, and the agent gives up at its --wait deadline without starting anything."""
-    env = _stub_env(rig)
     line, _ = rig.line(["touch", "started"], expect=False)
     sent = line[: int(len(line) * part)]
-    proc = subprocess.Popen(
-        remote.launch_argv(PY, wait=0.5),
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        cwd=rig.work,
-        env=env,
-    )
+    proc = _announced(rig, wait=0.5)
     assert proc.stdin is not None and proc.stdout is not None
     try:
-        assert proc.stdout.readline() == remote.LAUNCH_MARKER.encode() + b"\n"
         proc.stdin.write(sent)
         proc.stdin.flush()
         code = proc.wait(10)  # stdin still open
@@ -552,18 +554,10 @@ def test_agent_given_no_launch_line_in_time_starts_nothing(rig: Rig, part: float
 def test_launch_stub_exits_when_the_launcher_is_gone(rig: Rig) -> None:
     """Its stdout closed before it announces itself (the launcher gave up on a slow start):
     it exits at once, without reading or starting anything."""
-    env = _stub_env(rig)
     read_end, write_end = os.pipe()
     os.close(read_end)
     try:
-        proc = subprocess.Popen(
-            remote.launch_argv(PY, wait=60),
-            stdin=subprocess.PIPE,
-            stdout=write_end,
-            stderr=subprocess.PIPE,
-            cwd=rig.work,
-            env=env,
-        )
+        proc = _stub(rig, wait=60, stdout=write_end)
     finally:
         os.close(write_end)
     try:

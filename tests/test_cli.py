@@ -258,16 +258,7 @@ def test_plan_json(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     code, out, _ = run(capsys, "plan", "--json", path)
     assert code == 0
     data = json.loads(out)
-    assert list(data) == [
-        "rex",
-        "format",
-        "manifest",
-        "manifest_digest",
-        "limit",
-        "waves",
-        "steps",
-        "placements",
-    ]
+    assert list(data) == list(planner.PLAN_KEYS)
     assert data["placements"] == []
     assert data["rex"] == __version__
     assert data["format"] == 1

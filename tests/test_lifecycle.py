@@ -15,7 +15,7 @@ from typing import Any
 
 import helpers_procs as procs
 import pytest
-from helpers_world import SLEEPER, Hosts, Run, World, new_tag, nothing_left, open_world
+from helpers_world import SLEEPER, Hosts, Run, World, nothing_left
 from sshrig import RigHost, SshdRig, cgroup_unavailable_reason
 
 from rexplan import executor, protocol, remote
@@ -41,26 +41,10 @@ DAEMON = (
 STUBBORN = "import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\ntime.sleep(300)\n"
 
 
-@pytest.fixture
-def tag() -> str:
-    return new_tag()
-
-
 @pytest.fixture(autouse=True)
 def _nothing_left_running(tag: str) -> Iterator[None]:
     yield
     nothing_left(lambda env: env.get("REXTEST") == tag)
-
-
-@pytest.fixture
-def world(
-    sshd_rig: SshdRig,
-    tmp_path: Path,
-    tag: str,
-    capsys: pytest.CaptureFixture[str],
-    monkeypatch: pytest.MonkeyPatch,
-) -> Iterator[World]:
-    yield from open_world(sshd_rig, tmp_path, tag, capsys, monkeypatch)
 
 
 # --- idempotent apply ------------------------------------------------------------------------
@@ -981,13 +965,6 @@ def test_dry_run_shows_least_loaded_placement_and_starts_nothing(
     assert world.rex("stop", str(m))[0] == 0
 
 
-def _probe_code() -> dict[str, Any]:
-    """LOAD_PROBE's functions, to run against a fake /proc and /sys under a directory."""
-    namespace: dict[str, Any] = {"__name__": "load_probe"}
-    exec(compile(executor.LOAD_PROBE, "<LOAD_PROBE>", "exec"), namespace)
-    return namespace
-
-
 def _fake_host(root: Path, cgroup: str, mountinfo: str) -> None:
     (root / "proc" / "self").mkdir(parents=True)
     (root / "proc" / "meminfo").write_text("MemTotal: 4096000 kB\nMemAvailable: 2048000 kB\n")
@@ -1016,7 +993,7 @@ def test_load_probe_finds_the_cgroup_to_measure(
     tmp_path: Path, cgroup: str, mountinfo: str, measured: str
 ) -> None:
     _fake_host(tmp_path, cgroup, mountinfo)
-    directory, top = _probe_code()["own_cgroup"](str(tmp_path))
+    directory, top = agent._measured_cgroup(str(tmp_path))
     assert directory == str(tmp_path / measured)
     assert directory.startswith(top)
 
@@ -1034,7 +1011,7 @@ def test_load_probe_falls_back_to_the_load_average_and_says_why(
     tmp_path: Path, cgroup: str, mountinfo: str, why: str
 ) -> None:
     _fake_host(tmp_path, cgroup, mountinfo)
-    out = _probe_code()["measure"]("cgroup", 0.0, str(tmp_path))
+    out = agent.load_report("cgroup", 0.0, str(tmp_path))
     assert out["source"] == "loadavg" and why in out["fallback"]
     assert out["load"] >= 0
     assert (out["cpus"], out["free_mb"]) == (os.cpu_count(), 2000)
@@ -1049,16 +1026,15 @@ def test_load_probe_measures_cpu_time_against_the_cgroup_limits(tmp_path: Path) 
     (ct / "memory.max").write_text(f"{1 << 30}\n")
     (ct / "memory.current").write_text(f"{768 << 20}\n")
     (ct / "app" / "cpu.stat").write_text("usage_usec 123456\nuser_usec 100000\n")
-    code = _probe_code()
-    out = code["measure"]("cgroup", 0.0, str(tmp_path))
+    out = agent.load_report("cgroup", 0.0, str(tmp_path))
     # the fake usage_usec stands still: an idle cgroup, with 256 of its 1 GiB free
     assert out == {"load": 0.0, "cpus": 0.5, "free_mb": 256, "source": "cgroup"}
     (ct / "app" / "cpu.stat").write_text("user_usec 1\n")
-    out = code["measure"]("cgroup", 0.0, str(tmp_path))
+    out = agent.load_report("cgroup", 0.0, str(tmp_path))
     assert out["source"] == "loadavg" and "no usage_usec in " in out["fallback"]
     # loadavg reads no cgroup file at all
     (tmp_path / "proc" / "self" / "cgroup").unlink()
-    assert code["measure"]("loadavg", 0.0, str(tmp_path))["source"] == "loadavg"
+    assert agent.load_report("loadavg", 0.0, str(tmp_path))["source"] == "loadavg"
 
 
 def test_load_probe_output_becomes_a_load() -> None:
@@ -1096,6 +1072,24 @@ def test_load_probe_output_becomes_a_load() -> None:
 def test_unusable_load_probe_output_is_refused(output: str) -> None:
     with pytest.raises(ValueError):
         parse_load(output, False)
+
+
+@pytest.mark.parametrize("args", [["loadavg", "0"], ["cgroup", "0"]])
+def test_the_agent_load_mode_prints_what_parse_load_reads(
+    args: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert agent.main(["--load", *args]) == 0
+    got = parse_load(capsys.readouterr().out, False)
+    assert got.per_cpu is not None and got.per_cpu >= 0
+
+
+@pytest.mark.parametrize(
+    "args", [["psi", "0"], ["cgroup"], ["cgroup", "soon"], ["cgroup", "nan"], ["loadavg", "61"]]
+)
+def test_a_bad_load_mode_is_refused(args: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    assert agent.main(["--load", *args]) == agent.EXIT_BAD_LAUNCH
+    with pytest.raises(ValueError):
+        parse_load(capsys.readouterr().out, False)
 
 
 def _cgroup_loads(detail: str) -> dict[str, float]:

@@ -13,6 +13,7 @@ import gc
 import itertools
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -341,16 +342,9 @@ STEP_KEYS = [
 def test_plan_to_dict_shape() -> None:
     m = limited_manifest()
     data = planner.plan_to_dict(planner.compile(m), m)
-    assert list(data) == [
-        "rex",
-        "format",
-        "manifest",
-        "manifest_digest",
-        "limit",
-        "waves",
-        "steps",
-        "placements",
-    ]
+    assert list(data) == list(planner.PLAN_KEYS)
+    # the keys the module's docstring documents, in its order (its top level is indented 6)
+    assert re.findall(r'^ {6}"(\w+)":', planner.__doc__ or "", re.M) == list(planner.PLAN_KEYS)
     assert data["format"] == 1
     assert data["placements"] == []
     assert data["waves"] == [

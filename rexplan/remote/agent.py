@@ -33,7 +33,8 @@ group) and records ``stopped``; it is never restarted after that.
 Other modes: ``--status`` prints every record with liveness checked by pid + start time;
 ``--stop PROGRAM [GRACE [force]]`` stops a program through its supervisor (or directly if the
 supervisor is gone), ``force`` SIGKILLs supervisor, group and tagged processes at once;
-``--kill RUN STEP [GRACE]`` ends what one run started for one step.
+``--kill RUN STEP [GRACE]`` ends what one run started for one step; ``--load loadavg|cgroup
+SECONDS`` measures what the host has to spare for least-loaded placement (load_report).
 
 Cgroups. Where the host delegates the agent's cgroup v2 to its user (delegated_cgroup), each
 program runs in a cgroup of its own, ``rex-<program>-<run>-<random>``, joined between fork and
@@ -593,15 +594,21 @@ def _cgroup2_mounts(mountinfo: str) -> list[tuple[str, str]]:
     return mounts
 
 
-def cgroup_dir(cgroups: str, mountinfo: str) -> str | None:
-    """The directory of the cgroup v2 that /proc/PID/cgroup (``cgroups``) names in its
-    ``0::`` line, under a cgroup2 mount that shows it; None when there is none."""
+def _v2_path(cgroups: str) -> str | None:
+    """The cgroup v2 path that /proc/PID/cgroup (``cgroups``) names in its ``0::`` line;
+    None when there is none a mount could show."""
     path = ""
     for line in cgroups.splitlines():
         if line.startswith("0::"):
             path = line[3:]
     if not path.startswith("/") or ".." in path.split("/"):
         return None  # "/../x": outside this cgroup namespace, so no mount shows it
+    return path
+
+
+def _mounted(path: str, mountinfo: str) -> tuple[str, str] | None:
+    """(directory, mount point) of cgroup v2 ``path`` under the first cgroup2 mount that
+    shows it; None when none does."""
     for root, point in _cgroup2_mounts(mountinfo):
         if root == "/":
             rel = path
@@ -609,8 +616,16 @@ def cgroup_dir(cgroups: str, mountinfo: str) -> str | None:
             rel = path[len(root) :]
         else:
             continue
-        return os.path.normpath(point + "/" + rel)
+        return os.path.normpath(point + "/" + rel), point
     return None
+
+
+def cgroup_dir(cgroups: str, mountinfo: str) -> str | None:
+    """The directory of the cgroup v2 that /proc/PID/cgroup (``cgroups``) names in its
+    ``0::`` line, under a cgroup2 mount that shows it; None when there is none."""
+    path = _v2_path(cgroups)
+    found = None if path is None else _mounted(path, mountinfo)
+    return None if found is None else found[0]
 
 
 def _own_cgroup() -> str | None:
@@ -1155,9 +1170,10 @@ def decline_back(launch: protocol.Launch, secret: bytes, reason: str, deadline: 
 # ---- preconditions and files ----
 
 
-def _free_mb() -> int | None:
+def _free_mb(root: str = "") -> int | None:
+    """MiB of memory available, from ``root``/proc/meminfo; None when it does not say."""
     try:
-        with open("/proc/meminfo", "rb") as f:
+        with open(root + "/proc/meminfo", "rb") as f:
             for line in f:
                 if line.startswith(b"MemAvailable:"):
                     return int(line.split()[1]) // 1024
@@ -1227,6 +1243,92 @@ def file_hashes(home: str, name: str) -> dict[str, str]:
             uploading = entry.startswith(".") and ".rex-" in entry and entry.endswith(".tmp")
             if sha is not None and not uploading:
                 out[os.path.relpath(path, base)] = sha
+    return out
+
+
+# ---- load: what a placement candidate has to spare ----
+
+
+def _measured_cgroup(root: str = "") -> tuple[str, str]:
+    """(the cgroup v2 directory a ``load: cgroup`` host is measured by, the cgroup2 mount
+    point it is under), from /proc under ``root``; ValueError saying why there is none."""
+    path = _v2_path(_read_text(root + "/proc/self/cgroup"))
+    if path is None:
+        raise ValueError("no cgroup v2 of this login in /proc/self/cgroup")
+    parts = path.split("/")
+    for i, part in enumerate(parts):
+        # a systemd inside the container puts each login in a slice: the container's own
+        # cgroup is the root of that slice tree
+        if part in ("user.slice", "system.slice"):
+            parts = parts[:i]
+            break
+    path = "/".join(parts) or "/"
+    found = _mounted(path, _read_text(root + "/proc/self/mountinfo"))
+    if found is None:
+        raise ValueError(f"no cgroup2 mount shows {path}")
+    return os.path.normpath(root + found[0]), os.path.normpath(root + found[1])
+
+
+def _usage_usec(directory: str) -> int:
+    with open(directory + "/cpu.stat", "rb") as f:
+        for line in f:
+            if line.startswith(b"usage_usec "):
+                return int(line.split()[1])
+    raise ValueError(f"no usage_usec in {directory}/cpu.stat")
+
+
+def _cgroup_room(directory: str, top: str) -> tuple[float, int | None]:
+    """(CPUs, MiB of memory or None) that the cpu.max and memory.max of cgroup ``directory``
+    and of its ancestors up to the mount point ``top`` leave it; the files are absent where
+    a controller is off."""
+    cpus, free = float(len(os.sched_getaffinity(0))), None
+    while True:
+        with _suppress(OSError):
+            with open(directory + "/cpu.max", "rb") as f:
+                quota, period = f.read().split()
+            if quota != b"max":
+                cpus = min(cpus, int(quota) / int(period))
+        with _suppress(OSError):
+            with open(directory + "/memory.max", "rb") as f:
+                limit = f.read().strip()
+            if limit != b"max":
+                with open(directory + "/memory.current", "rb") as f:
+                    used = int(f.read())
+                left = max(0, int(limit) - used) // 1048576
+                free = left if free is None else min(free, left)
+        if len(directory) <= len(top):
+            return cpus, free
+        directory = os.path.dirname(directory)
+
+
+def load_report(mode: str, sample: float, root: str = "") -> dict[str, Any]:
+    """``--load MODE SECONDS`` (rexplan.executor.parse_load reads it): ``load`` (runnable
+    tasks, or busy CPUs), ``cpus`` (those it may use), ``free_mb``, ``source`` and, when MODE
+    is cgroup but the cgroup could not be read, ``fallback`` (why). loadavg reads only
+    /proc/meminfo besides the load average; cgroup also samples its cgroup's CPU time over
+    ``sample`` seconds. ``root``: where /proc and /sys are."""
+    free = _free_mb(root) or 0
+    out: dict[str, Any] = {
+        "load": os.getloadavg()[0],
+        "cpus": os.cpu_count() or 1,
+        "free_mb": free,
+        "source": "loadavg",
+    }
+    if mode != "cgroup":
+        return out
+    try:
+        directory, top = _measured_cgroup(root)
+        cpus, room = _cgroup_room(directory, top)
+        start, before = time.monotonic(), _usage_usec(directory)
+        time.sleep(sample)
+        used = _usage_usec(directory) - before
+        busy = used / 1e6 / max(time.monotonic() - start, 1e-6)
+    except (OSError, ValueError) as exc:
+        out["fallback"] = str(exc)
+        return out
+    out.update(load=busy, cpus=cpus, source="cgroup")
+    if room is not None:
+        out["free_mb"] = min(free, room) if free else room
     return out
 
 
@@ -1919,12 +2021,21 @@ def kill_tagged(run: str, step: str, grace: float) -> int:
 
 _USAGE = (
     "usage: agent [--wait SECONDS | --status | --stop PROGRAM [GRACE [force]]"
-    " | --kill RUN STEP [GRACE]]"
+    " | --kill RUN STEP [GRACE] | --load loadavg|cgroup SECONDS]"
 )
 
 
 def _modes(args: list[str]) -> int:
-    """The modes that read or end what runs, not launch: one JSON line on stdout each."""
+    """The modes that launch nothing: read or end what runs (--status, --stop, --kill), or
+    measure what the host has to spare (--load); one JSON line on stdout each."""
+    if args[:1] == ["--load"] and len(args) == 3 and args[1] in ("loadavg", "cgroup"):
+        try:
+            sample = float(args[2])
+        except ValueError:
+            sample = -1.0
+        if 0 <= sample <= 60:
+            sys.stdout.write(protocol.dumps(load_report(args[1], sample)) + "\n")
+            return EXIT_OK
     if args[:1] == ["--kill"] and len(args) in (3, 4):
         return kill_tagged(args[1], args[2], float(args[3]) if len(args) == 4 else 2.0)
     if args == ["--status"]:
