@@ -15,16 +15,11 @@ from typing import Any
 
 import helpers_procs as procs
 import pytest
-from helpers_world import SLEEPER, Hosts, World, new_tag, nothing_left, open_world
+from helpers_world import SLEEPER, Hosts, World, nothing_left, open_world
 from sshrig import SshdRig
 
 from rexplan import adhoc, protocol
 from rexplan.callback import EXITED, LOST, CallbackListener, JobResult, PendingStep
-
-
-@pytest.fixture
-def tag() -> str:
-    return new_tag()
 
 
 @pytest.fixture
