@@ -583,8 +583,9 @@ class Executor:
     def _launch_relayed(self, r: StepResult, tree: TreeLauncher) -> None:
         """A step on a host below a relay (strategy: tree): the launcher never connects there;
         the relay runs the same agent command with the same launch line, and the agent calls
-        back here as always. What it cannot do from here: kill a failed step over SSH (the
-        agent kills its program itself when it has no ok by its deadline)."""
+        back here as always. A step that failed after its launch line went out is killed
+        through the relay, as _kill_remote kills a flat one (its agent would end it too, but
+        only by its own deadlines)."""
         step = r.step
         r.phase = "start"
         self._state(r, ev.CONNECTING, phase="connect")
@@ -625,6 +626,9 @@ class Executor:
         verdict = self._settle(r, diag, check, action, remaining)
         if verdict is None:
             return
+        if error is None or error.launched:
+            # no verified callback: make sure nothing stays running
+            tree.kill(step, self.run_id, step.stop_timeout + EXEC_SLACK)
         if error is not None and error.reason == "unreachable":
             self._state(
                 r, ev.UNREACHABLE, reason="unreachable", phase=error.phase, detail=str(error)
@@ -803,7 +807,9 @@ class Executor:
         def kill(step: Step) -> None:
             self.listener.cancel(step.id)
             if self.tree is not None and self.tree.relayed(step.host):
-                return  # never connected to: its agent ends it without an ok
+                # never connected to: its relay runs the kill there
+                self.tree.kill(step, self.run_id, 2.0 + EXEC_SLACK)
+                return
             host = self.manifest.host(step.host)
             with contextlib.suppress(Exception):
                 transport = self.pool.get(host, self.manifest.user(step.user))

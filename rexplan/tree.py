@@ -9,7 +9,9 @@ it is launched (the executor's agent argv and launch line; no key, ever), and it
 comes back as one JSON line. Every agent still calls back to this launcher and is verified
 here: a relay cannot make a step succeed. Relays log in to their children with OpenSSH, the
 manifest's ``relay_identity`` (a key file on the relay hosts) and strict host keys pinned from
-the launcher's known_hosts.
+the launcher's known_hosts, at most each child's ``max_startups`` handshakes at once per sshd,
+retrying those the sshd dropped. A step that failed after its launch line went out is killed
+through its relay (``kill``), as the flat launcher kills one over its own connection.
 """
 
 from __future__ import annotations
@@ -27,7 +29,15 @@ from rexplan import hostkeys
 from rexplan.errors import TransportError, UsageError
 from rexplan.manifest import tree_problems
 from rexplan.model import Manifest, Step
-from rexplan.remote import EXIT_NO_AGENT, LAUNCH_MARKER, agent_name, bundle, bundle_sha, relay
+from rexplan.remote import (
+    EXIT_NO_AGENT,
+    LAUNCH_MARKER,
+    agent_name,
+    bundle,
+    bundle_sha,
+    launch_argv,
+    relay,
+)
 from rexplan.simulate import Subtree, split_tree
 from rexplan.transport import (
     DEFAULT_KNOWN_HOSTS,
@@ -97,6 +107,7 @@ class _Relay:
         self.lost: str | None = None
         self.up = False
         self.waiters: dict[str, _Waiter] = {}
+        self.kills: dict[str, list[_Waiter]] = {}  # step id -> kills awaiting their answer
 
     def submit(self, step: Step, message: bytes) -> _Waiter:
         """Send ``step`` to this relay (started on first use); RelayError once it is lost."""
@@ -123,6 +134,29 @@ class _Relay:
     def forget(self, step_id: str) -> None:
         with self.lock:
             self.waiters.pop(step_id, None)
+
+    def kill(self, step_id: str, message: bytes) -> _Waiter | None:
+        """Send a kill for ``step_id``; None when this relay is not running (then nothing
+        went through it)."""
+        waiter = _Waiter()
+        with self.lock:
+            if self.lost is not None or self.stream is None:
+                return None
+            self.kills.setdefault(step_id, []).append(waiter)
+            stream = self.stream
+        try:
+            stream.send(message)
+        except TransportError as exc:
+            self._lose(f"relay {self.host} lost: {exc}")
+        return waiter
+
+    def forget_kill(self, step_id: str, waiter: _Waiter) -> None:
+        with self.lock:
+            waiting = self.kills.get(step_id, [])
+            if waiter in waiting:
+                waiting.remove(waiter)
+            if not waiting:
+                self.kills.pop(step_id, None)
 
     def _start(self) -> None:
         tree, first = self.tree, self.tree.first[self.host]
@@ -165,6 +199,9 @@ class _Relay:
         if "up" in msg:
             self.up = True
             return
+        if "killed" in msg:
+            self._on_killed(str(msg["killed"]), msg)
+            return
         with self.lock:
             waiter = self.waiters.get(str(msg.get("step")))
             if waiter is None:
@@ -182,14 +219,30 @@ class _Relay:
             del self.waiters[str(msg["step"])]
         waiter.done.set()
 
+    def _on_killed(self, step_id: str, msg: dict[str, object]) -> None:
+        with self.lock:
+            waiting = self.kills.get(step_id)
+            if not waiting:
+                return
+            waiter = waiting.pop(0)
+            if not waiting:
+                del self.kills[step_id]
+        waiter.report = msg
+        waiter.done.set()
+
     def _lose(self, why: str) -> None:
         with self.lock:
             if self.lost is None:
                 self.lost = why
             waiters, self.waiters = self.waiters, {}
+            kills, self.kills = self.kills, {}
         for waiter in waiters.values():
             waiter.error = (why, RELAY_LOST, "relay")
             waiter.done.set()
+        for waiting in kills.values():
+            for waiter in waiting:
+                waiter.error = (why, RELAY_LOST, "relay")
+                waiter.done.set()
 
     def close(self) -> None:
         """No more steps: the relay finishes what it launched and exits; then close."""
@@ -281,6 +334,7 @@ class TreeLauncher:
             "address": host.address,
             "port": host.port,
             "python": host.python,
+            "max_startups": host.max_startups,
             "known_hosts": [
                 f"{pin} {kind} {key}" for kind, key in hostkeys.pinned_keys(self._known_hosts, pin)
             ],
@@ -335,6 +389,28 @@ class TreeLauncher:
             )
         assert waiter.report is not None
         return waiter.report
+
+    def kill(self, step: Step, run: str, timeout: float) -> bool:
+        """Have ``step``'s relay run the agent's ``--kill RUN STEP`` on its host within
+        ``timeout`` seconds there: what run ``run`` started for the step ends. Whether the
+        relay reported it done; never raises (a lost relay cannot be asked)."""
+        top = self._relays[self._top[step.host]]
+        message = {
+            "kill": step.id,
+            "host": step.host,
+            "login": step.login,
+            "argv": launch_argv(step.python, "--kill", run, step.id),
+            "timeout": timeout,
+            "connect": step.timeouts.connect,
+        }
+        waiter = top.kill(step.id, (json.dumps(message) + "\n").encode())
+        if waiter is None:
+            return False
+        bound = timeout + self._depth[step.host] * (step.timeouts.connect + HOP_SLACK)
+        if not waiter.done.wait(bound):
+            top.forget_kill(step.id, waiter)
+            return False
+        return waiter.report is not None and waiter.report.get("ok") is True
 
     def close(self) -> None:
         """End every relay (each first finishes what it launched), in parallel."""

@@ -19,7 +19,7 @@ from typing import Any
 
 import helpers_procs as procs
 import pytest
-from helpers_world import SLEEPER, Hosts, Run, World, new_tag, open_world
+from helpers_world import SLEEPER, Hosts, Run, World
 from hypothesis import given
 from hypothesis import strategies as st
 from sshrig import RigHost, SshdRig
@@ -111,6 +111,37 @@ def test_relay_classifies_ssh_failures(
     assert relay.classify(status, stderr) == expected
 
 
+@pytest.mark.parametrize(
+    ("stderr", "expected"),
+    [
+        (b"kex_exchange_identification: Connection closed by remote host\r\n"
+         b"Connection closed by 127.0.0.10 port 2222\r\n", True),
+        (b"kex_exchange_identification: read: Connection reset by peer\r\n"
+         b"Connection reset by 127.0.0.10 port 2222\r\n", True),
+        (b"ssh_exchange_identification: Connection closed by remote host\r\n", True),
+        (b"Connection timed out during banner exchange\r\n", False),
+        (b"ssh: connect to host h port 1: Connection refused\r\n", False),
+        (b"Host key verification failed.\r\n", False),
+        (b"rex@h: Permission denied (publickey).\r\n", False),
+    ],
+)  # fmt: skip
+def test_relay_knows_a_max_startups_drop(stderr: bytes, expected: bool) -> None:
+    assert relay.dropped(255, stderr) is expected
+    assert relay.dropped(1, stderr) is False  # the remote command's own exit
+
+
+def test_relay_gate_admits_its_limit_and_learns_from_drops() -> None:
+    gate = relay.Gate(3)
+    soon = time.monotonic() + 0.05
+    assert [gate.acquire(soon) for _ in range(4)] == [True, True, True, False]
+    gate.dropped()  # 3 in flight, one of them dropped: the sshd takes 2 at most
+    gate.release()
+    assert gate.limit == 2 and gate.in_flight == 2
+    assert not gate.acquire(time.monotonic() + 0.05)
+    gate.release()
+    assert gate.acquire(time.monotonic() + 0.05)
+
+
 def _relay_run(
     python: str, header: dict[str, Any], steps: list[dict[str, Any]], home: Path
 ) -> subprocess.CompletedProcess[bytes]:
@@ -167,16 +198,25 @@ def test_relay_reports_a_child_it_cannot_reach_and_cleans_up(python: str, tmp_pa
          "line": "{}\n", "timeout": 10, "connect": 2},
         {"step": "p@c9", "host": "c9", "login": "nobody", "argv": ["true"], "line": "{}\n",
          "timeout": 10, "connect": 2},
+        {"kill": "p@c1", "host": "c1", "login": "nobody", "argv": ["true"], "timeout": 10,
+         "connect": 2},
+        {"kill": "p@c9", "host": "c9", "login": "nobody", "argv": ["true"], "timeout": 10,
+         "connect": 2},
     ]  # fmt: skip
     done = _relay_run(exe, header, steps, tmp_path / "home")
     assert done.returncode == 0, done.stderr
     lines = [json.loads(x) for x in done.stdout.splitlines()]
     assert lines[0] == {"up": "r0"}
-    final = {m["step"]: m for m in lines[1:] if "error" in m}
+    final = {m["step"]: m for m in lines[1:] if "step" in m and "error" in m}
+    kills = {m["killed"]: m for m in lines if "killed" in m}
+    assert not kills["p@c1"]["ok"] and "Connection refused" in kills["p@c1"]["error"]
+    assert not kills["p@c9"]["ok"] and "not below relay r0" in kills["p@c9"]["error"]
     assert final["p@c1"]["reason"] == "unreachable", final
     assert "Connection refused" in final["p@c1"]["error"]
     assert "not below relay r0" in final["p@c9"]["error"]
-    assert {"step": "p@c1", "launched": True} in lines
+    # refused before it authenticated: its launch line never went out
+    assert final["p@c1"]["launched"] is False
+    assert {"step": "p@c1", "launched": True} not in lines
     assert list((tmp_path / "home").iterdir()) == []  # its known_hosts file is gone
 
 
@@ -254,6 +294,7 @@ def test_relay_header_pins_host_keys_and_holds_no_secret(tmp_path: Path) -> None
     assert children["n2"]["known_hosts"] == ["[10.0.0.3]:2202 ssh-ed25519 AAAAC3three"]
     assert children["n3"]["known_hosts"] == ["[10.0.0.4]:2203 ssh-ed25519 AAAAC3four"]
     assert "relay" not in children["n2"]  # a leaf
+    assert children["n2"]["max_startups"] == 10  # the relay paces its handshakes to it
     assert "key" not in json.dumps(head).replace("known_hosts", "")
 
 
@@ -279,22 +320,6 @@ def test_manifest_strategy_fields() -> None:
 
 
 # --- through relays on the sshd rig --------------------------------------------------------------
-
-
-@pytest.fixture
-def tag() -> str:
-    return new_tag()
-
-
-@pytest.fixture
-def world(
-    sshd_rig: SshdRig,
-    tmp_path: Path,
-    tag: str,
-    capsys: pytest.CaptureFixture[str],
-    monkeypatch: pytest.MonkeyPatch,
-) -> Iterator[World]:
-    yield from open_world(sshd_rig, tmp_path, tag, capsys, monkeypatch)
 
 
 @pytest.fixture
@@ -377,10 +402,11 @@ def test_a_relay_pins_host_keys_strictly(
                 tree.launch(steps[2], b"{}\n", 10, argv=["true"])
         finally:
             tree.close()
+    # refused before it authenticated: nothing was launched there
     assert (info.value.reason, info.value.phase, info.value.launched) == (
         "host_key",
         "hostkey",
-        True,
+        False,
     )
     assert "Host key verification failed" in str(info.value)
 
@@ -522,3 +548,93 @@ def test_relay_killed_mid_boot_fails_its_subtree_relay_lost(
         shutil.rmtree(d)
     code, _, err = world.rex("stop", str(m))
     assert code == 0, err
+
+
+#: what sshd logs when it turns a connection away past MaxStartups (the rig's sshd logs at
+#: VERBOSE when spawned with max_startups, so every drop is there)
+DROP_LINES = ("drop connection", "beginning MaxStartups throttling")
+
+
+@needs_hook
+@pytest.mark.parametrize("max_startups", [2, 10], ids=["paced", "retried"])
+def test_a_storm_through_a_relay_is_paced_by_max_startups(
+    world: World,
+    sshd_rig: SshdRig,
+    sshd_hosts: Hosts,
+    fresh_sshd: Callable[..., RigHost],
+    relay_identity: str,
+    max_startups: int,
+) -> None:
+    # the relay on the launcher's first child launches six steps (and the agent's install)
+    # on one sshd that drops every connection past two unauthenticated ones
+    hosts = [*sshd_hosts(2), fresh_sshd(max_startups="2:100:2")]
+    leaf = hosts[2]
+    programs = {"app": {"on": [h.name for h in hosts], **SLEEPER}}
+    programs.update({f"p{i}": {"on": [leaf.name], **SLEEPER} for i in range(1, 6)})
+    timeouts = {"connect": 20, "start": 5, "callback": 5, "ready": 3}
+    defaults = {**tree_defaults(relay_identity), "timeouts": timeouts, "max_startups": max_startups}
+    m = world.manifest(hosts, programs, defaults=defaults)
+    world.distribute(m)
+    log_before = len(sshd_rig.log_text(leaf).splitlines())
+    run = world.apply(m)
+    assert run.code == 0, run.out + run.err
+    states = {s: e["state"] for s, e in run.final().items()}
+    assert set(states.values()) == {"ready"}, run.final()
+    assert sorted(s for s in states if s.endswith(f"@{leaf.name}")) == sorted(
+        [f"app@{leaf.name}", *(f"p{i}@{leaf.name}" for i in range(1, 6))]
+    )
+    drops = [
+        line
+        for line in sshd_rig.log_text(leaf).splitlines()[log_before:]
+        if any(d in line for d in DROP_LINES)
+    ]
+    if max_startups == 2:
+        # paced to the sshd's real limit: not one handshake dropped
+        assert not drops, drops
+    code, _, err = world.rex("stop", str(m))
+    assert code == 0, err
+
+
+@needs_hook
+def test_an_interrupted_tree_run_kills_its_relayed_steps_through_the_relays(
+    world: World, sshd_rig: SshdRig, sshd_hosts: Hosts, relay_identity: str, tmp_path: Path
+) -> None:
+    # split(7 hosts, 2) = [h0, [[h2, [h4]], h3]], [h1, [h5, h6]]: h4 is two relays down
+    hosts = sshd_hosts(7)
+    never = {"file": f"/nonexistent/rex-never-{world.tag}", "timeout": 60}
+    m = world.manifest(
+        hosts,
+        {"slow": {"on": [h.name for h in hosts], "run": ["sleep", "300"], "ready": never}},
+        defaults={
+            **tree_defaults(relay_identity),
+            "timeouts": {"connect": 5, "start": 5, "callback": 5, "ready": 60},
+        },
+    )
+    world.distribute(m)
+    events = tmp_path / "events.jsonl"
+    argv = [sys.executable, "-c", "import sys; from rexplan.cli import main; sys.exit(main())"]
+    argv += ["apply", str(m), "-y", "--keys", str(world.keys)]
+    argv += ["--known-hosts", sshd_rig.known_hosts, "--events", str(events)]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent), "NO_COLOR": "1"}
+    launcher = subprocess.Popen(
+        argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    try:
+        # every program runs, its agent probing for a file that never comes (for 60 s)
+        end = time.monotonic() + 60
+        while not all(world.tagged(h.name, "slow") for h in hosts):
+            if launcher.poll() is not None or time.monotonic() > end:
+                launcher.kill()
+                said = launcher.communicate()[0].decode(errors="replace")
+                raise AssertionError(f"not every program started: {said} {events.read_text()}")
+            time.sleep(0.05)
+        launcher.send_signal(signal.SIGINT)
+        out, _ = launcher.communicate(timeout=60)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+            launcher.communicate()
+    assert launcher.returncode == 130, out.decode(errors="replace")
+    # killed through the relays, long before the agents' own 60 s ready deadline
+    for host in hosts:
+        _wait(lambda host=host: not world.tagged(host.name, "slow"), timeout=20)

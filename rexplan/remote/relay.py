@@ -4,23 +4,35 @@ Stdlib only, Python >= 3.8. The launcher (rexplan.tree) runs it as ``python3 -I 
 BOOTSTRAP <sha256> <name>`` over its SSH connection to the relay host and writes to stdin:
 ``<length>\\n<this source>`` (checked by BOOTSTRAP), one JSON header line (this relay's name,
 the ``identity`` file it logs in with, the agent's sha256, file name, missing-agent exit code
-and launch ``marker``, and its ``children``: name, address, port, python, the known_hosts
-lines pinning each, and for a child that is a relay itself its ``relay`` login and children),
-``<length>\\n<agent bundle>``, then step lines as the launcher has them: ``{"step", "host",
-"login", "argv", "line", "timeout", "connect"[, "start"]}``. stdin stays open; EOF means no
-more steps.
+and launch ``marker``, and its ``children``: name, address, port, python, ``max_startups``,
+the known_hosts lines pinning each, and for a child that is a relay itself its ``relay`` login
+and children), ``<length>\\n<agent bundle>``, then one JSON line per request as the launcher
+has it: a step ``{"step", "host", "login", "argv", "line", "timeout", "connect"[, "start"]}``
+or a kill ``{"kill": step, "host", "login", "argv", "timeout", "connect"}``. stdin stays open;
+EOF means no more requests.
 
 A step on a direct child runs as ``ssh ... LOGIN@ADDR -- ARGV`` (OpenSSH: batch mode, strict
 host keys pinned in a temporary known_hosts file, this identity only) with the launch line on
 stdin, which a step with a ``start`` gets only once the command printed the marker line, within
-``connect`` + ``start`` seconds of the ssh's start; a step further down goes to the relay this
-relay starts on that child (the same way, with this source). Launch lines hold no key: every
-agent proves itself to the root launcher directly. Upward, one JSON line per event: ``{"up":
-name}`` once; per step ``{"step", "launched": true}``, then ``{"step", "report": <the agent
-front's report>}`` or ``{"step", "error", "reason", "phase", "launched"}``, reason
-``unreachable``, ``host_key``, ``auth``, ``agent_upload``, ``agent_start_timeout`` (no marker
-in time: the launch line was never sent), ``timeout``, ``exec`` (ssh ended without a report)
-or ``relay_lost`` (the relay below died). Lines from relays below are passed up as they are.
+``connect`` + ``start`` seconds; a step further down goes to the relay this relay starts on
+that child (the same way, with this source). A kill runs its ``argv`` (the agent's ``--kill
+RUN STEP``) on the step's host the same way. Launch lines hold no key: every agent proves
+itself to the root launcher directly.
+
+Connection storms: at most a child's ``max_startups`` of this relay's ssh clients are in the
+handshake with its sshd at once (children sharing an sshd share the smallest), counted until
+the sshd's post-authentication process confirmed the session; an ssh the sshd dropped before
+authenticating (MaxStartups' early drop) is run again after a full-jitter pause, at most
+ATTEMPTS times within ``connect`` seconds. Nothing is retried once authenticated, so never
+after a launch line went out.
+
+Upward, one JSON line per event: ``{"up": name}`` once; per step ``{"step", "launched": true}``
+once its launch line is sent, then ``{"step", "report": <the agent front's report>}`` or
+``{"step", "error", "reason", "phase", "launched"}``, reason ``unreachable``, ``host_key``,
+``auth``, ``agent_upload``, ``agent_start_timeout`` (no marker in time: the launch line was
+never sent), ``timeout``, ``exec`` (ssh ended without a report) or ``relay_lost`` (the relay
+below died); per kill ``{"killed": step, "ok": true}`` or ``{"killed": step, "ok": false,
+"error"}``. Lines from relays below are passed up as they are.
 """
 
 from __future__ import annotations
@@ -30,6 +42,7 @@ import json
 import math
 import os
 import queue
+import random
 import select
 import shlex
 import shutil
@@ -42,6 +55,7 @@ import time
 # every relay run pays for its imports: typing never
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Callable, Iterable, Iterator
     from typing import IO, Any
 
 #: ``python3 -I -S -c BOOTSTRAP <sha256> <name>``: read "<length>\n<relay source>" from stdin,
@@ -71,7 +85,15 @@ INSTALL = (
 )
 
 EXIT_BAD_INPUT = 16
+#: OpenSSH's default MaxStartups start value, for a child whose header names none
+MAX_STARTUPS = 10
+#: ssh runs in all for one request whose handshakes the sshd keeps dropping, and the full-jitter
+#: pause before retry n: uniform in [0, min(BACKOFF_CAP, BACKOFF * 2**(n-1))] (as the launcher)
+ATTEMPTS = 4
+BACKOFF = 0.1
+BACKOFF_CAP = 2.0
 _TAIL = 4  # lines of a dead process's stderr kept for the error message
+_KEEP = 1 << 16  # bytes of a relay below's stderr kept for its error message
 #: ssh's own failures (exit 255), by what it printed: (reason, phase)
 _SSH_FAILURES = (
     ("Host key verification failed", "host_key", "hostkey"),
@@ -86,6 +108,19 @@ _SSH_FAILURES = (
     ("Connection closed by", "unreachable", "connect"),
     ("Connection reset by", "unreachable", "connect"),
 )
+#: what an sshd's MaxStartups drop (it closes right after accept) makes ssh print
+_DROPS = (
+    "kex_exchange_identification",
+    "ssh_exchange_identification",
+    "Connection closed by",
+    "Connection reset by",
+)
+#: ssh's debug line once the server's post-authentication process confirmed the session
+#: channel: sshd stopped counting the connection toward MaxStartups before that process ran
+_SESSION = b"debug1: Sending command: "
+_AUTHENTICATED = b"Authenticated to "
+#: ssh's log lines (LogLevel DEBUG1) that are no failure: left out of error messages
+_LOG = (b"debug", b"Authenticated to ", b"Transferred: ", b"Bytes per second: ")
 
 
 def _framed(data: bytes) -> bytes:
@@ -119,12 +154,184 @@ def classify(status: int, stderr: bytes) -> tuple[str, str]:
     return "exec", "start"
 
 
+def dropped(status: int, stderr: bytes) -> bool:
+    """Whether an ssh that never authenticated ended because its sshd closed the connection
+    during the banner or key exchange: what MaxStartups' early drop looks like."""
+    if classify(status, stderr) != ("unreachable", "connect"):
+        return False
+    text = stderr.decode("utf-8", "replace")
+    return any(needle in text for needle in _DROPS)
+
+
+def _announced(out: bytes, marker: bytes) -> bool:
+    return b"\n" + marker + b"\n" in b"\n" + out
+
+
 def _subtree(child: dict[str, Any]) -> list[str]:
     """Every host at or below ``child``."""
     out = [child["name"]]
     for below in (child.get("relay") or {}).get("children", ()):
         out.extend(_subtree(below))
     return out
+
+
+class _Late(Exception):
+    """An ssh did not get as far as it had to in time (it was killed); ``sent``: after its
+    stdin data went out."""
+
+    def __init__(self, sent: bool = False) -> None:
+        super().__init__(sent)
+        self.sent = sent
+
+
+class _Refused(Exception):
+    """No handshake slot for the child's sshd within the connect deadline."""
+
+
+class Gate:
+    """At most ``limit`` of this relay's ssh clients in the handshake with one sshd at once
+    (rexplan.transport.HandshakeGate for OpenSSH clients); safe across threads."""
+
+    def __init__(self, limit: int) -> None:
+        self.cond = threading.Condition()
+        self.limit = max(1, limit)
+        self.in_flight = 0
+
+    def acquire(self, until: float) -> bool:
+        """Wait for a slot until ``until`` (monotonic time); False if none came."""
+        with self.cond:
+            while self.in_flight >= self.limit:
+                left = until - time.monotonic()
+                if left <= 0:
+                    return False
+                self.cond.wait(left)
+            self.in_flight += 1
+            return True
+
+    def dropped(self) -> None:
+        """The sshd dropped a handshake this gate admitted (call before its release): admit no
+        more than the others still in flight, at least one, from now on."""
+        with self.cond:
+            self.limit = max(1, min(self.limit, self.in_flight - 1))
+
+    def release(self) -> None:
+        with self.cond:
+            self.in_flight -= 1
+            self.cond.notify()
+
+
+class Client:
+    """One ssh process: its stdout and stderr (where ssh logs at DEBUG1) as they come."""
+
+    def __init__(self, argv: list[str]) -> None:
+        self.command = argv[-1].encode()
+        self.proc = subprocess.Popen(
+            argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+        assert self.proc.stdout is not None and self.proc.stderr is not None
+        self.out_fd = self.proc.stdout.fileno()
+        self.err_fd = self.proc.stderr.fileno()
+        self.got = {self.out_fd: b"", self.err_fd: b""}
+        self.open = {self.out_fd, self.err_fd}
+        self.status: int | None = None
+        self.tries = 1
+        self.sent = False
+
+    @property
+    def out(self) -> bytes:
+        return self.got[self.out_fd]
+
+    @property
+    def err(self) -> bytes:
+        return self.got[self.err_fd]
+
+    def session(self) -> bool:
+        """Whether the remote command runs (which the post-authentication process started)."""
+        return bool(self.out) or _SESSION in self.err
+
+    def dropped(self) -> bool:
+        """Whether ssh ended before authenticating because the sshd dropped the connection."""
+        if self.status is None or self.out or _AUTHENTICATED in self.err:
+            return False
+        return dropped(self.status, self.said())
+
+    def said(self) -> bytes:
+        """stderr without ssh's debug log: the remote's stderr and ssh's own messages. ssh
+        logs the command it sends, newlines and all, truncated at 900 bytes."""
+        err = self.err.replace(_SESSION + self.command[:900], _SESSION)
+        return b"\n".join(x for x in err.splitlines() if x.strip() and not x.startswith(_LOG))
+
+    def pump(self, done: Callable[[], bool], until: float) -> bool:
+        """Read output until ``done()`` (True) or stdout ended (False); past ``until`` kill
+        ssh and raise _Late."""
+        while not done():
+            if self.out_fd not in self.open:
+                return False
+            self._read(self.open, until)
+        return True
+
+    def finish(self, data: bytes, until: float) -> int:
+        """Write ``data`` to ssh's stdin and close it, read the rest of its output, and return
+        its exit status; past ``until`` kill it and raise _Late."""
+        stdin = self.proc.stdin
+        assert stdin is not None
+        view = memoryview(data)
+        os.set_blocking(stdin.fileno(), False)
+        while view:
+            if self._read(self.open, until, stdin.fileno()):
+                try:
+                    view = view[os.write(stdin.fileno(), view[:65536]) :]
+                except BlockingIOError:
+                    continue
+                except OSError:
+                    break  # ssh is gone: the rest cannot be delivered
+        try:
+            stdin.close()
+        except OSError:
+            pass
+        while self.open:
+            self._read(self.open, until)
+        try:
+            self.status = self.proc.wait(max(0.0, until - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise _Late from None
+        self._close()
+        return self.status
+
+    def drain(self) -> None:
+        """Read stderr until it ends, keeping its last _KEEP bytes (a relay below's ssh)."""
+        for chunk in iter(lambda: os.read(self.err_fd, 65536), b""):
+            self.got[self.err_fd] = (self.err + chunk)[-_KEEP:]
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+        self._close()
+
+    def _read(self, fds: set[int], until: float, write: int | None = None) -> bool:
+        """Wait for output on ``fds`` (or room to ``write``) and read what came; whether
+        ``write`` may be written to. Past ``until`` kill ssh and raise _Late."""
+        left = until - time.monotonic()
+        if left <= 0:
+            self.kill()
+            raise _Late
+        readable, writable, _ = select.select(list(fds), [] if write is None else [write], [], left)
+        for fd in readable:
+            data = os.read(fd, 65536)
+            if data:
+                self.got[fd] += data
+            else:
+                self.open.discard(fd)
+        return bool(writable)
+
+    def _close(self) -> None:
+        for pipe in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+            if pipe is not None:
+                try:
+                    pipe.close()
+                except OSError:
+                    pass
 
 
 class Relay:
@@ -139,6 +346,11 @@ class Relay:
         self._out_lock = threading.Lock()
         self.children = {c["name"]: c for c in header["children"]}
         self.route = {host: c["name"] for c in header["children"] for host in _subtree(c)}
+        self.gates: dict[tuple[str, int], Gate] = {}
+        for c in header["children"]:
+            limit = int(c.get("max_startups") or MAX_STARTUPS)
+            gate = self.gates.setdefault((str(c["address"]), int(c["port"])), Gate(limit))
+            gate.limit = min(gate.limit, max(1, limit))
         self.below: dict[str, Below] = {}
         self.threads: list[threading.Thread] = []
         home = os.environ.get("REX_HOME") or os.path.join(os.path.expanduser("~"), ".rex")
@@ -176,6 +388,8 @@ class Relay:
             "ForwardAgent": "no",
             "ClearAllForwardings": "yes",
             "ConnectTimeout": str(max(1, math.ceil(connect))),
+            # its log says when it authenticated and when the session runs (Client.session)
+            "LogLevel": "DEBUG1",
         }
         out = ["ssh", "-T"]
         for key, value in options.items():
@@ -184,12 +398,88 @@ class Relay:
         out += ["-i", identity, "-p", str(child["port"]), "-l", login, child["address"], "--"]
         return [*out, shlex.join(argv)]
 
+    def connect(
+        self, child: dict[str, Any], ssh: list[str], connect: float, up_by: float
+    ) -> Client:
+        """Run ``ssh`` inside a handshake slot of ``child``'s sshd (taken within ``connect``
+        seconds, else _Refused) until its session runs or it ended (its status set), by
+        ``up_by`` (else _Late); run again after a full-jitter pause while the sshd dropped it
+        before it authenticated, at most ATTEMPTS times and only while the pause ends within
+        ``connect`` seconds."""
+        address, port = str(child["address"]), int(child["port"])
+        gate = self.gates[(address, port)]
+        until = time.monotonic() + connect
+        tries = 0
+        while True:
+            tries += 1
+            if not gate.acquire(until):
+                raise _Refused(
+                    f"no handshake slot for {address}:{port} within {connect:g}s: "
+                    f"{gate.in_flight} earlier handshakes from relay {self.name} to it are "
+                    f"still in flight (max_startups {gate.limit})"
+                )
+            try:
+                client = Client(ssh)
+                if not client.pump(client.session, up_by):
+                    client.finish(b"", up_by)
+                    if client.dropped():
+                        gate.dropped()
+            finally:
+                gate.release()
+            client.tries = tries
+            if not client.dropped():
+                return client
+            pause = random.uniform(0.0, min(BACKOFF_CAP, BACKOFF * 2 ** (tries - 1)))
+            if tries >= ATTEMPTS or time.monotonic() + pause >= until:
+                return client
+            time.sleep(pause)
+
+    def run(
+        self,
+        child: dict[str, Any],
+        msg: dict[str, Any],
+        argv: list[str],
+        data: bytes,
+        marker: bytes | None = None,
+        launch: str | None = None,
+    ) -> Client:
+        """Run ``argv`` on ``child`` as ``msg``'s login within its connect and ``timeout``
+        seconds, ``data`` on stdin once the session runs and, with ``marker``, only once the
+        command printed that line, within ``connect`` + ``start`` s (else _Late); its Client
+        with ``sent`` whether ``data`` went out, which is announced upward as step
+        ``launch``'s launch."""
+        connect, timeout = float(msg["connect"]), float(msg["timeout"])
+        now = time.monotonic()
+        end = now + timeout
+        up_by = end if marker is None else now + connect + float(msg["start"])
+        ssh = self.ssh(child, str(msg["login"]), argv, connect)
+        client = self.connect(child, ssh, connect, up_by)
+        if client.status is not None:
+            return client
+        try:
+            feed = True
+            if marker is not None:
+                line = marker
+                feed = client.pump(lambda: _announced(client.out, line), up_by)
+            if feed and launch is not None:
+                self.emit({"step": launch, "launched": True})
+            client.sent = feed
+            client.finish(data if feed else b"", end)
+        except _Late:
+            raise _Late(client.sent) from None
+        return client
+
     def dispatch(self, msg: dict[str, Any]) -> None:
-        """Launch one step on its child, or pass it to the relay below that leads to it."""
+        """Launch one step (or kill one) on its child, or pass it to the relay below that
+        leads to it."""
+        kill = msg.get("kill")
         via = self.route.get(str(msg.get("host")))
         if via is None:
             error = f"{msg.get('host')} is not below relay {self.name}"
-            self.emit({"step": msg.get("step"), "error": error, "reason": "exec", "phase": "relay"})
+            if kill is not None:
+                self.emit({"killed": kill, "ok": False, "error": error})
+            else:
+                self.emit(_error(msg["step"], error, "exec", "relay", launched=False))
             return
         if via != msg["host"]:
             below = self.below.get(via)
@@ -197,40 +487,41 @@ class Relay:
                 below = self.below[via] = Below(self, self.children[via])
             below.send(msg)
             return
-        thread = threading.Thread(target=self._leaf, args=(self.children[via], msg))
+        target = self._leaf if kill is None else self._kill
+        thread = threading.Thread(target=target, args=(self.children[via], msg))
         thread.start()
         self.threads.append(thread)
 
     def _leaf(self, child: dict[str, Any], msg: dict[str, Any]) -> None:
-        step, login, argv = msg["step"], msg["login"], list(msg["argv"])
-        timeout, connect = float(msg["timeout"]), float(msg["connect"])
-        launch = str(msg["line"]).encode()
-        gate = None
+        step, argv, name = msg["step"], list(msg["argv"]), child["name"]
+        marker = None
         if msg.get("start") is not None:
-            gate = (str(self.header["agent"]["marker"]).encode(), connect + float(msg["start"]))
+            marker = str(self.header["agent"]["marker"]).encode()
+        line = str(msg["line"]).encode()
+        agent = self.header["agent"]
         try:
-            self.emit({"step": step, "launched": True})
-            status, out, err = _run(self.ssh(child, login, argv, connect), launch, timeout, gate)
-            report = _report(out)
-            agent = self.header["agent"]
-            if report is not None and status == agent["missing"] == report.get("exit"):
+            done = self.run(child, msg, argv, line, marker, step)
+            report = _report(done.out)
+            if report is not None and done.status == agent["missing"] == report.get("exit"):
                 install = [argv[0], "-I", "-S", "-c", INSTALL, agent["sha"], agent["name"]]
-                ssh = self.ssh(child, login, install, connect)
-                status, _, err = _run(ssh, _framed(self.bundle), timeout)
-                if status != 0:
-                    error = f"{child['name']}: cannot install the agent: {_tail(err)}"
-                    self.emit(_error(step, error, "agent_upload", "start"))
+                got = self.run(child, msg, install, _framed(self.bundle))
+                if got.status != 0:
+                    error = f"{name}: cannot install the agent: {_tail(got.said())}"
+                    self.emit(_error(step, error, "agent_upload", "start", launched=False))
                     return
-                ssh = self.ssh(child, login, argv, connect)
-                status, out, err = _run(ssh, launch, timeout, gate)
-                report = _report(out)
-        except _NotStarted as exc:
-            error = f"{child['name']}: the agent did not start within {exc.within:g}s"
-            self.emit(_error(step, error, "agent_start_timeout", "start", launched=False))
+                done = self.run(child, msg, argv, line, marker, step)
+                report = _report(done.out)
+        except _Refused as exc:
+            self.emit(_error(step, f"{name}: {exc}", "unreachable", "connect", launched=False))
             return
-        except subprocess.TimeoutExpired:
-            error = f"{child['name']}: no report within {timeout:g}s"
-            self.emit(_error(step, error, "timeout", "start"))
+        except _Late as late:
+            if marker is not None and not late.sent:
+                within = float(msg["connect"]) + float(msg["start"])
+                error = f"{name}: the agent did not start within {within:g}s"
+                self.emit(_error(step, error, "agent_start_timeout", "start", launched=False))
+            else:
+                error = f"{name}: no report within {float(msg['timeout']):g}s"
+                self.emit(_error(step, error, "timeout", "start", launched=late.sent))
             return
         except (OSError, ValueError) as exc:
             # ssh could not even be run here: nothing reached the child
@@ -239,13 +530,41 @@ class Relay:
         if report is not None:
             self.emit({"step": step, "report": report})
             return
-        reason, phase = classify(status, err)
-        name, tail = child["name"], _tail(err)
-        error = f"{name}: ssh from relay {self.name} exited {status}: {tail}"
-        self.emit(_error(step, error, reason, phase))
+        reason, phase = classify(done.status or 0, done.said())
+        self.emit(_error(step, self._failure(name, done), reason, phase, launched=done.sent))
+
+    def _failure(self, name: str, client: Client) -> str:
+        error = f"{name}: ssh from relay {self.name} exited {client.status}: {_tail(client.said())}"
+        if client.tries > 1 and client.dropped():
+            error += (
+                f" ({client.tries} attempts, each dropped before authentication: set "
+                f"hosts.{name}.max_startups to its sshd's MaxStartups start value, or raise that)"
+            )
+        return error
+
+    def _kill(self, child: dict[str, Any], msg: dict[str, Any]) -> None:
+        """Run a kill (the agent's ``--kill RUN STEP``) on ``child`` and report its outcome."""
+        step, name = msg["kill"], child["name"]
+        try:
+            done = self.run(child, msg, list(msg["argv"]), b"")
+        except _Refused as exc:
+            self.emit({"killed": step, "ok": False, "error": f"{name}: {exc}"})
+            return
+        except _Late:
+            error = f"{name}: the kill did not end within {float(msg['timeout']):g}s"
+            self.emit({"killed": step, "ok": False, "error": error})
+            return
+        except (OSError, ValueError) as exc:
+            self.emit({"killed": step, "ok": False, "error": f"relay {self.name}: {exc}"})
+            return
+        report = _report(done.out)
+        if report is not None and report.get("ok") is True:
+            self.emit({"killed": step, "ok": True})
+        else:
+            self.emit({"killed": step, "ok": False, "error": self._failure(name, done)})
 
     def finish(self) -> None:
-        """No more steps: let every launch end, then the relays below."""
+        """No more requests: let every launch and kill end, then the relays below."""
         for below in self.below.values():
             below.close()
         for thread in self.threads:
@@ -261,129 +580,101 @@ def _error(step: str, error: str, reason: str, phase: str, launched: bool = True
     return {"step": step, "error": error, "reason": reason, "phase": phase, "launched": launched}
 
 
-class _NotStarted(Exception):
-    """The command did not print the launch marker within ``within`` seconds."""
-
-    def __init__(self, within: float) -> None:
-        super().__init__(within)
-        self.within = within
-
-
-def _announce(
-    proc: subprocess.Popen[bytes], marker: bytes, within: float
-) -> tuple[bool, list[bytes]]:
-    """Read ``proc``'s output until ``marker`` is a line of its stdout (True) or that ends
-    (False), within ``within`` seconds (else _NotStarted); and [stdout, stderr] so far."""
-    assert proc.stdout is not None and proc.stderr is not None
-    end = time.monotonic() + within
-    fds = {proc.stdout.fileno(): 0, proc.stderr.fileno(): 1}
-    got = [b"", b""]
-    while b"\n" + marker + b"\n" not in b"\n" + got[0]:
-        if proc.stdout.fileno() not in fds:
-            return False, got
-        left = end - time.monotonic()
-        if left <= 0:
-            raise _NotStarted(within)
-        for fd in select.select(list(fds), [], [], left)[0]:
-            data = os.read(fd, 65536)
-            if data:
-                got[fds[fd]] += data
-            else:
-                del fds[fd]
-    return True, got
-
-
-def _run(
-    argv: list[str], stdin: bytes, timeout: float, gate: tuple[bytes, float] | None = None
-) -> tuple[int, bytes, bytes]:
-    """Run ``argv`` with ``stdin``; kill it past ``timeout`` (TimeoutExpired). ``gate`` =
-    (marker, seconds): ``stdin`` is written only once ``marker`` is a line of the output, and
-    not at all if the output ends first; _NotStarted (and killed) past those seconds."""
-    end = time.monotonic() + timeout
-    proc = subprocess.Popen(
-        argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
-    )
-    got = [b"", b""]
-    try:
-        if gate is not None:
-            announced, got = _announce(proc, *gate)
-            stdin = stdin if announced else b""
-        out, err = proc.communicate(stdin, timeout=max(0.0, end - time.monotonic()))
-    except (subprocess.TimeoutExpired, _NotStarted):
-        # killing ssh closes the session: a remote still in its login gets EOF, not the line
-        proc.kill()
-        proc.communicate()
-        raise
-    return proc.returncode, got[0] + out, got[1] + err
+def _lines(first: bytes, stream: IO[bytes]) -> Iterator[bytes]:
+    """``first`` (output read already) and then ``stream``, line by line."""
+    if first:
+        lines = first.splitlines(keepends=True)
+        if not lines[-1].endswith(b"\n"):
+            lines[-1] += stream.readline()
+        yield from lines
+    yield from stream
 
 
 class Below:
-    """The relay this relay started on one of its children, fed step lines as they come."""
+    """The relay this relay started on one of its children, fed requests as they come."""
 
     def __init__(self, relay: Relay, child: dict[str, Any]) -> None:
         self.relay = relay
         self.child = child
         self.lock = threading.Lock()
         self.pending: dict[str, bool] = {}  # step id -> launched
+        self.kills: list[str] = []  # step ids of kills it owes an answer
         self.lost: str | None = None
         self.up = False
         self.lines: queue.Queue[bytes | None] = queue.Queue()
-        header = dict(relay.header, name=child["name"], children=child["relay"]["children"])
-        sha = hashlib.sha256(relay.source).hexdigest()
-        argv = [child["python"], "-I", "-S", "-c", BOOTSTRAP, sha, child["name"]]
-        ssh = relay.ssh(child, child["relay"]["login"], argv, float(relay.header["connect"]))
-        self.proc = subprocess.Popen(
-            ssh, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
-        )
-        first = (json.dumps(header) + "\n").encode()
-        self.lines.put(_framed(relay.source) + first + _framed(relay.bundle))
-        self.err = b""
-        self.threads = [
-            threading.Thread(target=self._write),
-            threading.Thread(target=self._read),
-            threading.Thread(target=self._drain),
-        ]
-        for thread in self.threads:
-            thread.start()
+        self.threads = [threading.Thread(target=self._run)]
+        self.threads[0].start()
 
     def send(self, msg: dict[str, Any]) -> None:
+        kill = msg.get("kill")
         with self.lock:
             lost = self.lost
-            if lost is None:
+            if lost is None and kill is not None:
+                self.kills.append(kill)
+            elif lost is None:
                 self.pending[msg["step"]] = False
         if lost is not None:
-            self.relay.emit(_error(msg["step"], lost, "relay_lost", "relay", launched=False))
+            if kill is not None:
+                self.relay.emit({"killed": kill, "ok": False, "error": lost})
+            else:
+                self.relay.emit(_error(msg["step"], lost, "relay_lost", "relay", launched=False))
             return
         self.lines.put((json.dumps(msg) + "\n").encode())
 
-    def _write(self) -> None:
-        stdin = self.proc.stdin
-        assert stdin is not None
+    def _run(self) -> None:
+        relay, child, name = self.relay, self.child, self.child["name"]
+        header = dict(relay.header, name=name, children=child["relay"]["children"])
+        sha = hashlib.sha256(relay.source).hexdigest()
+        argv = [child["python"], "-I", "-S", "-c", BOOTSTRAP, sha, name]
+        connect = float(relay.header["connect"])
+        ssh = relay.ssh(child, child["relay"]["login"], argv, connect)
         try:
-            while True:
-                data = self.lines.get()
-                if data is None:
-                    break
+            client = relay.connect(child, ssh, connect, time.monotonic() + connect)
+        except _Refused as exc:
+            self._lose(f"relay {name} did not start: {exc}")
+            return
+        except _Late:
+            self._lose(f"relay {name} did not start within {connect:g}s")
+            return
+        except OSError as exc:
+            self._lose(f"relay {name} did not start: relay {relay.name}: {exc}")
+            return
+        status = client.status
+        if status is None:
+            first = _framed(relay.source) + (json.dumps(header) + "\n").encode()
+            writer = threading.Thread(
+                target=self._write, args=(client, first + _framed(relay.bundle))
+            )
+            drain = threading.Thread(target=client.drain)
+            self.threads += [writer, drain]
+            writer.start()
+            drain.start()
+            assert client.proc.stdout is not None
+            self._read(_lines(client.out, client.proc.stdout))
+            status = client.proc.wait()
+            drain.join()
+        what = "lost" if self.up else "did not start"
+        self._lose(f"relay {name} {what} (exit {status}: {_tail(client.said())})")
+
+    def _write(self, client: Client, first: bytes) -> None:
+        stdin = client.proc.stdin
+        assert stdin is not None
+        data: bytes | None = first
+        try:
+            while data is not None:
                 stdin.write(data)
                 stdin.flush()
+                data = self.lines.get()
         except OSError:
-            pass  # it died; _read reports that
+            pass  # it died; _run reports that
         finally:
             try:
                 stdin.close()
             except OSError:
                 pass
 
-    def _drain(self) -> None:
-        stderr = self.proc.stderr
-        assert stderr is not None
-        for chunk in iter(lambda: stderr.read(4096), b""):
-            self.err = (self.err + chunk)[-4096:]
-
-    def _read(self) -> None:
-        stdout = self.proc.stdout
-        assert stdout is not None
-        for line in stdout:
+    def _read(self, lines: Iterable[bytes]) -> None:
+        for line in lines:
             try:
                 msg = json.loads(line)
             except ValueError:
@@ -395,33 +686,37 @@ class Below:
                 continue
             step = msg.get("step")
             with self.lock:
-                if step in self.pending:
+                if msg.get("killed") in self.kills:
+                    self.kills.remove(msg["killed"])
+                elif step in self.pending:
                     if msg.get("launched") and len(msg) == 2:
                         self.pending[step] = True
                     else:
                         del self.pending[step]
             self.relay.emit_line(line if line.endswith(b"\n") else line + b"\n")
-        status = self.proc.wait()
-        self.threads[2].join()
-        what = "lost" if self.up else "did not start"
-        name, tail = self.child["name"], _tail(self.err)
-        detail = f"relay {name} {what} (exit {status}: {tail})"
+
+    def _lose(self, detail: str) -> None:
+        """It ended or never started: fail what it still owes."""
         with self.lock:
             self.lost = detail
             pending, self.pending = self.pending, {}
+            kills, self.kills = self.kills, []
         for step, launched in pending.items():
             self.relay.emit(_error(step, detail, "relay_lost", "relay", launched))
+        for kill in kills:
+            self.relay.emit({"killed": kill, "ok": False, "error": detail})
 
     def close(self) -> None:
         self.lines.put(None)
 
     def join(self) -> None:
-        for thread in self.threads:
+        self.threads[0].join()  # then the writer and drain it started, if any, are listed
+        for thread in self.threads[1:]:
             thread.join()
 
 
 def main(source: bytes) -> int:
-    """Read the header and the agent, then launch step lines until EOF; 16 on bad input."""
+    """Read the header and the agent, then serve request lines until EOF; 16 on bad input."""
     stdin = sys.stdin.buffer
     try:
         header = json.loads(stdin.readline())
