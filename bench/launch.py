@@ -307,7 +307,7 @@ def bench(
             for rep in range(reps):
                 for variant in variants:
                     m = timed(variant, cfg_path)
-                    clean(uid, marker, n)
+                    clean(uid, marker, 0 if variant == "stop" else n)
                     rows.append((n, variant, rep, m))
                     print(
                         f"N={n:<4} {variant:<8} rep {rep}: wall {m['wall']:6.2f}s  "
