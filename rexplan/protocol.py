@@ -1134,6 +1134,7 @@ def parse_launch(line: bytes) -> Launch:
         or len(callback) != 2
         or not isinstance(callback[0], str)
         or not 0 < len(callback[0]) <= 255
+        or not callback[0].isascii()  # an address or a DNS name, passed on as bytes
         or type(callback[1]) is not int
         or not 0 < callback[1] < 65536
     ):

@@ -365,6 +365,7 @@ def test_launch_round_trip_is_one_line() -> None:
         {"key_path": "/etc/alice.key"},
         {"nl": b"short"},
         {"callback": ("127.0.0.1", 0)},
+        {"callback": ("h\u00f6st", 7000)},  # the agent passes it to getaddrinfo as ASCII bytes
         {"deadlines": {"start": 1, "ready": 1, "callback": 1}},
         {"deadlines": {"start": 1, "ready": -1, "callback": 1, "stop": 1}},
         {"ready": {"kind": "tcp"}},
