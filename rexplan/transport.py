@@ -202,6 +202,98 @@ class _KnownHostsCache:
 _KNOWN_HOSTS = _KnownHostsCache()
 
 
+def _stamp(paths: Sequence[str]) -> tuple[tuple[int, int] | None, ...]:
+    """(mtime, size) of each path, None where there is no file: a cache key that changes
+    when any of them is edited, created or removed."""
+    stamps: list[tuple[int, int] | None] = []
+    for path in paths:
+        try:
+            st = os.stat(os.path.expanduser(path))
+        except OSError:
+            stamps.append(None)
+        else:
+            stamps.append((st.st_mtime_ns, st.st_size))
+    return tuple(stamps)
+
+
+#: the files a fabric.Config reads when it is built: ssh_config and fabric's own
+_FABRIC_FILES = (
+    "/etc/ssh/ssh_config",
+    "~/.ssh/config",
+    *(f"{d}fabric.{ext}" for d in ("/etc/", "~/.") for ext in ("yaml", "yml", "json", "py")),
+)
+
+
+class _FabricConfigCache:
+    """One fabric.Config per content of the files it reads, shared by every Connection, as
+    fabric's own Group shares one: a Connection built without one constructs two Configs,
+    each loading those files and merging its defaults (a fifth of a launch's launcher CPU)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._config: tuple[tuple[object, ...], fabric.Config] | None = None
+
+    def get(self) -> fabric.Config:
+        key = (os.path.expanduser("~"), _stamp(_FABRIC_FILES))
+        with self._lock:
+            if self._config is None or self._config[0] != key:
+                self._config = (key, fabric.Config())
+            return self._config[1]
+
+
+_FABRIC_CONFIG = _FabricConfigCache()
+
+
+class _IdentityCache:
+    """Private keys loaded once per file content rather than per connection: paramiko's
+    key_filename path parses the file once per key class it tries (three times for an
+    ed25519 key) on every connection. A key that does not load here (encrypted, unknown
+    type) is left to paramiko's key_filename path and its error messages."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._keys: dict[str, tuple[tuple[object, ...], paramiko.PKey | None]] = {}
+
+    def get(self, path: str) -> paramiko.PKey | None:
+        cert = path + "-cert.pub"
+        key = _stamp((path, cert))
+        with self._lock:
+            hit = self._keys.get(path)
+            if hit is None or hit[0] != key:
+                hit = (key, self._load(path, cert))
+                self._keys[path] = hit
+            return hit[1]
+
+    @staticmethod
+    def _load(path: str, cert: str) -> paramiko.PKey | None:
+        try:
+            pkey = paramiko.PKey.from_path(path)
+            if os.path.isfile(cert):  # as paramiko's key_filename path does
+                pkey.load_certificate(cert)
+        except Exception:  # paramiko raises many types; its key_filename path reports them
+            return None
+        return pkey
+
+
+_IDENTITIES = _IdentityCache()
+
+#: AEAD ciphers first: their integrity check runs in the cipher library, where with the
+#: other ciphers paramiko compares every packet's MAC in a Python loop
+_AEAD = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com")
+
+
+def _aead_first(sock: Any, **kwargs: Any) -> paramiko.Transport:
+    """SSHClient.connect's transport_factory: paramiko's Transport offering the AES-GCM
+    ciphers first (OpenSSH >= 6.2 has them); every cipher it offers stays on the list."""
+    transport = paramiko.Transport(sock, **kwargs)
+    options = transport.get_security_options()
+    offered = tuple(options.ciphers)
+    options.ciphers = tuple(c for c in _AEAD if c in offered) + tuple(
+        c for c in offered if c not in _AEAD
+    )
+    return transport
+
+
 def _load_known_hosts(client: paramiko.SSHClient, known_hosts: str) -> None:
     # Into the client's own HostKeys (not client.load_host_keys: no file to save back into);
     # entries are immutable once parsed, so the clients share them
@@ -422,15 +514,21 @@ def _handshake(
     deadline: float,
 ) -> tuple[fabric.Connection, StrictPolicy]:
     """One connect, key exchange and authentication, inside a handshake slot of the sshd."""
-    kwargs: dict[str, Any] = {}
+    # never empty: fabric would use (and extend) the shared config's own dict instead
+    kwargs: dict[str, Any] = {"transport_factory": _aead_first}
     if user.identity:
         # an explicit identity is the only key offered: deterministic, and no agent surprises
-        kwargs.update(
-            key_filename=[os.path.expanduser(user.identity)],
-            look_for_keys=False,
-            allow_agent=False,
-        )
-    conn = fabric.Connection(host.address, user=user.login, port=host.port, connect_kwargs=kwargs)
+        path = os.path.expanduser(user.identity)
+        pkey = _IDENTITIES.get(path)
+        kwargs.update(look_for_keys=False, allow_agent=False)
+        kwargs.update({"pkey": pkey} if pkey is not None else {"key_filename": [path]})
+    conn = fabric.Connection(
+        host.address,
+        user=user.login,
+        port=host.port,
+        config=_FABRIC_CONFIG.get(),
+        connect_kwargs=kwargs,
+    )
     policy = StrictPolicy()
     # fabric installs AutoAddPolicy in its constructor; replace it before anything connects
     conn.client.set_missing_host_key_policy(policy)

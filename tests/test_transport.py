@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -17,6 +18,7 @@ import paramiko
 import pytest
 from sshrig import RigHost, SshdRig
 
+from rexplan import transport
 from rexplan.errors import (
     AuthenticationError,
     HostKeyError,
@@ -306,6 +308,70 @@ def test_wrong_key_is_authentication_error(host: RigHost, tmp_path: Path) -> Non
     with pytest.raises(AuthenticationError) as e:
         connect(host.model_host(), user, known_hosts=host.known_hosts, timeouts=FAST)
     assert e.value.phase == "auth" and e.value.exit_code == 6
+
+
+@pytest.mark.sshd
+def test_aes_gcm_is_negotiated_with_openssh(ssh: SSHTransport) -> None:
+    """rex offers the AEAD ciphers first (paramiko checks other ciphers' MACs in Python)."""
+    t = ssh._client.get_transport()
+    assert t is not None
+    assert (t.local_cipher, t.remote_cipher) == ("aes128-gcm@openssh.com",) * 2
+
+
+@pytest.mark.sshd
+def test_identity_is_parsed_once_per_content(
+    host: RigHost, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    key = tmp_path / "id"
+    key.write_bytes(Path(host.identity).read_bytes())
+    key.chmod(0o600)
+    loads: list[str] = []
+    real = paramiko.PKey.from_path
+
+    def counting(path: object, *args: object, **kwargs: object) -> paramiko.PKey:
+        loads.append(str(path))
+        return real(path, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(paramiko.PKey, "from_path", staticmethod(counting))
+    user = User(name="tester", login=host.login, identity=str(key))
+    for _ in range(3):
+        connect(host.model_host(), user, known_hosts=host.known_hosts, timeouts=FAST).close()
+    assert loads == [str(key)]
+    # another key in the same file: loaded again, and it is the one offered
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp_path / "k2")])
+    key.write_bytes((tmp_path / "k2").read_bytes() + b"\n")
+    with pytest.raises(AuthenticationError):
+        connect(host.model_host(), user, known_hosts=host.known_hosts, timeouts=FAST)
+    assert loads == [str(key)] * 2
+
+
+@pytest.mark.sshd
+def test_encrypted_identity_reports_as_before(host: RigHost, tmp_path: Path) -> None:
+    """A key rex cannot load itself goes to paramiko's key_filename path and its errors."""
+    key = tmp_path / "locked"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "s3cret", "-f", str(key)])
+    user = User(name="tester", login=host.login, identity=str(key))
+    with pytest.raises(AuthenticationError) as e:
+        connect(host.model_host(), user, known_hosts=host.known_hosts, timeouts=FAST)
+    assert e.value.phase == "auth" and "s3cret" not in str(e.value)
+
+
+@pytest.mark.sshd
+def test_ssh_config_identity_does_not_leak_between_hosts(
+    sshd_hosts: Hosts, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Connections share one fabric Config; a host's IdentityFile stays that host's (fabric
+    extends the config's own connect_kwargs when a Connection is given none)."""
+    a, b = sshd_hosts(2)
+    home = tmp_path / "home"
+    (home / ".ssh").mkdir(parents=True, mode=0o700)
+    (home / ".ssh" / "config").write_text(f"Host {a.address}\n  IdentityFile {tmp_path}/nokey\n")
+    monkeypatch.setenv("HOME", str(home))
+    anon = User(name="anon", login=b.login)  # no identity: ssh_config's apply
+    for h in (a, b):
+        with contextlib.suppress(TransportError):  # neither has a usable key here
+            connect(h.model_host(), anon, known_hosts=h.known_hosts, timeouts=FAST).close()
+    assert "key_filename" not in transport._FABRIC_CONFIG.get().connect_kwargs
 
 
 @pytest.mark.sshd
