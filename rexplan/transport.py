@@ -244,6 +244,15 @@ class _FabricConfigCache:
 _FABRIC_CONFIG = _FabricConfigCache()
 
 
+class _Connection(fabric.Connection):  # type: ignore[misc]  # fabric ships no types
+    """fabric's Connection with every attribute its constructor sets declared: invoke's
+    DataProxy turns a set of an undeclared attribute into a write to the Config, and fabric
+    3.2 sets ``inline_ssh_env`` undeclared. That write re-merges the shared Config, clearing
+    it for a moment under the other threads reading it."""
+
+    inline_ssh_env = None
+
+
 class _IdentityCache:
     """Private keys loaded once per file content rather than per connection: paramiko's
     key_filename path parses the file once per key class it tries (three times for an
@@ -522,7 +531,7 @@ def _handshake(
         pkey = _IDENTITIES.get(path)
         kwargs.update(look_for_keys=False, allow_agent=False)
         kwargs.update({"pkey": pkey} if pkey is not None else {"key_filename": [path]})
-    conn = fabric.Connection(
+    conn = _Connection(
         host.address,
         user=user.login,
         port=host.port,

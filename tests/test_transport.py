@@ -319,6 +319,37 @@ def test_aes_gcm_is_negotiated_with_openssh(ssh: SSHTransport) -> None:
 
 
 @pytest.mark.sshd
+def test_connections_never_write_the_shared_fabric_config(
+    sshd_hosts: Hosts, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Threads read the one Config while others build Connections: nothing may write it (a
+    write re-merges it, emptying it for a moment: 'No attribute or config key ...')."""
+    import fabric
+
+    shared = transport._FABRIC_CONFIG.get()
+    merges: list[object] = []
+    real = fabric.Config.merge
+
+    def merge(self: fabric.Config, *args: object, **kwargs: object) -> None:
+        if self is shared:
+            merges.append(self)
+        real(self, *args, **kwargs)
+
+    monkeypatch.setattr(fabric.Config, "merge", merge)
+    hosts = sshd_hosts(4)
+    opened: list[Transport] = []
+    threads = [threading.Thread(target=lambda h=h: opened.append(_connect(h))) for h in hosts]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for t in opened:
+        t.run(["true"])
+        t.close()
+    assert len(opened) == 4 and merges == []
+
+
+@pytest.mark.sshd
 def test_identity_is_parsed_once_per_content(
     host: RigHost, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
