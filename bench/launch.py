@@ -14,7 +14,12 @@ then per N, each variant in a fresh worker process:
   before the timed run. The first rex run on a host also uploads the agent (cold);
 - reapply: ``rex apply`` twice, the second on the unchanged manifest (every step ``unchanged``,
   no process started); its inner time is the second apply's alone;
-- stop:    ``rex apply``, then ``rex stop`` of every step; its inner time is the stop's alone.
+- stop:    ``rex apply``, then ``rex stop`` of every step; its inner time is the stop's alone;
+- persist: ``rex apply --persist 60`` with no daemon running yet: the daemon it starts opens
+  every connection (a first apply with connection persistence on);
+- reapply-p: the same, then the unchanged manifest again over the kept connections; its inner
+  time is the second apply's alone. The daemon's CPU is added to the launcher's, and it is
+  stopped (by pid, if need be) after the run.
 
 Sizes run in order, and within each repetition the variants alternate, so a slow spell of the
 machine hits every variant alike; medians are over the repetitions. The workers run with
@@ -28,6 +33,7 @@ rex's ratios to fabric and OpenSSH. Every launched process is killed by pid afte
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -37,7 +43,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +54,7 @@ sys.path.insert(0, str(ROOT))
 import helpers_procs as procs  # noqa: E402 - tests/helpers_procs.py, found via sys.path
 
 COMMAND = "nohup sleep 30 >/dev/null 2>&1 &"
-VARIANTS = ("openssh", "fabric", "rex", "reapply", "stop")
+VARIANTS = ("openssh", "fabric", "rex", "reapply", "stop", "persist", "reapply-p")
 
 
 # --- workers: one process per timed run ---------------------------------------------------------
@@ -155,6 +161,43 @@ def work_reapply(cfg: dict[str, Any]) -> None:
     print(json.dumps({"inner": timed_rex(_apply_argv(cfg))}))
 
 
+@contextlib.contextmanager
+def fresh_daemon() -> Iterator[dict[str, float]]:
+    """A REX_MUX_DIR of its own for a persist run; afterwards the daemon's CPU time (in
+    ``extra["cpu"]``: it is nobody's child) and the daemon stopped, by pid if need be."""
+    from rexplan import mux
+
+    base = tempfile.mkdtemp(prefix="rexmux-", dir="/tmp")
+    directory = os.path.join(base, "mux")
+    os.environ[mux.MUX_ENV] = directory
+    extra = {"cpu": 0.0}
+    try:
+        yield extra
+    finally:
+        pid = None
+        with contextlib.suppress(OSError, ValueError):
+            pid = int(Path(directory, mux.PID_FILE).read_text())
+        if pid is not None:
+            extra["cpu"] = procs.cpu_seconds(pid)
+            with contextlib.suppress(Exception):
+                mux.MuxClient(60, directory).stop()
+            procs.kill([pid])
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def work_persist(cfg: dict[str, Any]) -> None:
+    with fresh_daemon() as extra:
+        inner = timed_rex([*_apply_argv(cfg), "--persist", "60"])
+    print(json.dumps({"inner": inner, "cpu": extra["cpu"]}))
+
+
+def work_reapply_p(cfg: dict[str, Any]) -> None:
+    with fresh_daemon() as extra:
+        timed_rex([*_apply_argv(cfg), "--persist", "60"])
+        inner = timed_rex([*_apply_argv(cfg), "--persist", "60"])
+    print(json.dumps({"inner": inner, "cpu": extra["cpu"]}))
+
+
 def work_stop(cfg: dict[str, Any]) -> None:
     """Apply (untimed), then ``rex stop`` every step: "inner" is the stop alone."""
     timed_rex(_apply_argv(cfg))
@@ -169,6 +212,8 @@ def worker(variant: str, cfg_path: str) -> None:
     works = {"openssh": work_openssh, "fabric": work_fabric, "rex": work_rex}
     works["reapply"] = work_reapply
     works["stop"] = work_stop
+    works["persist"] = work_persist
+    works["reapply-p"] = work_reapply_p
     works[variant](cfg)
     if variant == "openssh":
         print(json.dumps({"inner": time.perf_counter() - t0}))
@@ -205,8 +250,9 @@ def timed(variant: str, cfg_path: Path) -> dict[str, float]:
     wall, cpu = time.perf_counter() - t0, cpu_children() - cpu0
     if out.returncode != 0:
         raise SystemExit(f"{variant} worker failed: {out.stderr.decode(errors='replace')}")
-    inner = json.loads(out.stdout.decode().strip().splitlines()[-1])["inner"]
-    return {"wall": wall, "inner": inner, "cpu": cpu}
+    last = json.loads(out.stdout.decode().strip().splitlines()[-1])
+    # a persistence daemon is nobody's child: its CPU comes in the worker's report
+    return {"wall": wall, "inner": last["inner"], "cpu": cpu + last.get("cpu", 0.0)}
 
 
 def launched(uid: int, agent_marker: str) -> list[int]:
@@ -310,7 +356,7 @@ def bench(
                     clean(uid, marker, 0 if variant == "stop" else n)
                     rows.append((n, variant, rep, m))
                     print(
-                        f"N={n:<4} {variant:<8} rep {rep}: wall {m['wall']:6.2f}s  "
+                        f"N={n:<4} {variant:<9} rep {rep}: wall {m['wall']:6.2f}s  "
                         f"inner {m['inner']:6.2f}s  cpu {m['cpu']:6.2f}s",
                         flush=True,
                     )
@@ -329,11 +375,11 @@ def report(
         return statistics.median(m[key] for nn, v, _, m in rows if nn == n and v == variant)
 
     print()
-    print(f"{'N':>4}  {'variant':<8} {'wall s':>7} {'inner s':>8} {'cpu s':>7}   (median of reps)")
+    print(f"{'N':>4}  {'variant':<9} {'wall s':>7} {'inner s':>8} {'cpu s':>7}   (median of reps)")
     for n in sizes:
         for v in variants:
             print(
-                f"{n:>4}  {v:<8} {med(n, v, 'wall'):7.2f} {med(n, v, 'inner'):8.2f} "
+                f"{n:>4}  {v:<9} {med(n, v, 'wall'):7.2f} {med(n, v, 'inner'):8.2f} "
                 f"{med(n, v, 'cpu'):7.2f}"
             )
         if "rex" in variants:
@@ -345,9 +391,10 @@ def report(
                     for key in ("wall", "inner", "cpu")
                 )
                 print(f"{n:>4}  rex/{other:<8} {ratios}")
-        if "rex" in variants and "reapply" in variants:
-            ratio = med(n, "reapply", "inner") / med(n, "rex", "inner")
-            print(f"{n:>4}  re-apply unchanged / first apply (inner): {ratio:.2f}x")
+        for again, label in (("reapply", ""), ("reapply-p", " with persist")):
+            if "rex" in variants and again in variants:
+                ratio = med(n, again, "inner") / med(n, "rex", "inner")
+                print(f"{n:>4}  re-apply unchanged{label} / first apply (inner): {ratio:.2f}x")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -19,7 +19,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from rexplan import events as ev
-from rexplan import executor, ui
+from rexplan import executor, mux, ui
 from rexplan.errors import UsageError
 from rexplan.keys import KeyStore, default_known_hosts
 from rexplan.model import Manifest, Program, Ready
@@ -156,7 +156,8 @@ def cmd_run(args: argparse.Namespace, console: ui.Console) -> int:
     from rexplan import manifest as manifests
     from rexplan import plan as plans
 
-    loaded = adhoc_manifest(manifests.load(args.manifest), args.user, args.command)
+    loaded = mux.with_option(manifests.load(args.manifest), args)
+    loaded = adhoc_manifest(loaded, args.user, args.command)
     compiled = plans.compile(loaded, limit=args.pattern)
     store = KeyStore(args.keys, insecure_ok=args.insecure_keys)
     final: dict[str, ev.Event] = {}
@@ -261,6 +262,7 @@ def add_parser(subparsers: argparse._SubParsersAction[Any]) -> None:
         help="pinned SSH host keys (default: known_hosts in the key store if present, else "
         "~/.ssh/known_hosts)",
     )
+    mux.add_option(parser)
     parser.add_argument(
         "--insecure-keys", action="store_true", help="load keys with loose permissions anyway"
     )

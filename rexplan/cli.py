@@ -24,6 +24,7 @@ from rexplan import (
     importer,
     lifecycle,
     manifest,
+    mux,
     retry,
     runs,
     simulate,
@@ -221,6 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
         "skipped (kept in $REX_STATE_DIR/retry/<manifest name>.json, default ./.rex)",
     )
     _key_options(apply)
+    mux.add_option(apply)
     apply.set_defaults(func=cmd_apply)
 
     hostkeys.add_parser(commands)
@@ -229,6 +231,16 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_parser(commands)
     blame.add_parser(commands)
     lifecycle.add_parser(commands)
+    disconnect = commands.add_parser(
+        "disconnect",
+        help="close the SSH connections kept open by persist",
+        description="Stop your connection persistence daemon (started by runs with --persist "
+        "or the manifest's defaults.persist): every SSH connection it keeps is closed. It "
+        "stops by itself after that many seconds without use.",
+        epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    disconnect.set_defaults(func=cmd_disconnect)
     adhoc.add_parser(commands)
     return parser
 
@@ -338,7 +350,7 @@ def cmd_apply(args: argparse.Namespace, console: ui.Console) -> int:
     """``rex apply MANIFEST``: launch, verify, summarize; the exit code says the worst outcome."""
     from rexplan import executor  # imports the transport stack only when launching
 
-    loaded = manifest.load(args.manifest)
+    loaded = mux.with_option(manifest.load(args.manifest), args)
     compiled = planner.compile(loaded, limit=args.limit)
     if args.retry:
         compiled = retry.narrow(loaded, compiled)
@@ -393,6 +405,17 @@ def cmd_apply(args: argparse.Namespace, console: ui.Console) -> int:
     if args.json:
         ui.print_text(console, json.dumps(executor.result_to_dict(result, loaded), indent=2))
     return result.exit_code()
+
+
+def cmd_disconnect(args: argparse.Namespace, console: ui.Console) -> int:
+    """``rex disconnect``: stop the persistence daemon, if one runs."""
+    pid = mux.MuxClient(mux.MAX_PERSIST).stop()
+    if not args.quiet:
+        if pid is None:
+            ui.print_text(console, "rex: no connections kept (no daemon in " + mux.mux_dir() + ")")
+        else:
+            ui.print_text(console, f"rex: closed the kept connections (daemon pid {pid})")
+    return 0
 
 
 def _warn(message: str) -> None:

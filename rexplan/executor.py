@@ -22,7 +22,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from rexplan import events as ev
-from rexplan import protocol
+from rexplan import mux, protocol
 from rexplan import spec as specs
 from rexplan.callback import EXITED, CallbackListener, PendingStep, Verdict, ensure_fd_budget
 from rexplan.errors import (
@@ -1201,8 +1201,10 @@ def apply(
     connect_timeout = max((s.timeouts.connect for s in plan.steps), default=10.0)
     with CallbackListener(bind, manifest.callback.port, run_id=run_id or new_run_id()) as listener:
         port = listener.address[1]
-        with TransportPool(
-            known_hosts=known_hosts, timeouts=Timeouts(connect=connect_timeout)
+        with mux.transport_pool(
+            known_hosts=known_hosts,
+            timeouts=Timeouts(connect=connect_timeout),
+            persist=manifest.persist,
         ) as pool:
             tree = None
             if (strategy or manifest.strategy) == "tree":

@@ -20,8 +20,8 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from rexplan import events as ev
+from rexplan import mux, ui
 from rexplan import spec as specs
-from rexplan import ui
 from rexplan.errors import TransportError, UsageError
 from rexplan.executor import Load, Placed, agent_run, local_files, place, probe_candidate
 from rexplan.keys import KeyStore, default_known_hosts
@@ -313,10 +313,13 @@ exit codes:
 """
 
 
-def pool_for(plan: Plan, known_hosts: str | None) -> TransportPool:
-    """One transport per host and login, with the plan's longest connect deadline."""
+def pool_for(manifest: Manifest, plan: Plan, known_hosts: str | None) -> TransportPool:
+    """One transport per host and login, with the plan's longest connect deadline; through
+    the connection persistence daemon with the manifest's ``persist``."""
     connect = max((s.timeouts.connect for s in plan.steps), default=10.0)
-    return TransportPool(known_hosts=known_hosts, timeouts=Timeouts(connect=connect))
+    return mux.transport_pool(
+        known_hosts=known_hosts, timeouts=Timeouts(connect=connect), persist=manifest.persist
+    )
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -343,6 +346,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
         help="pinned SSH host keys (default: known_hosts in the key store if present, else "
         "~/.ssh/known_hosts); unknown or changed host keys are refused",
     )
+    mux.add_option(parser)
 
 
 def _load(args: argparse.Namespace) -> tuple[Manifest, Plan, str | None, int]:
@@ -351,7 +355,7 @@ def _load(args: argparse.Namespace) -> tuple[Manifest, Plan, str | None, int]:
 
     if args.forks is not None and args.forks < 1:
         raise UsageError("--forks must be at least 1")
-    loaded = manifests.load(args.manifest)
+    loaded = mux.with_option(manifests.load(args.manifest), args)
     compiled = plans.compile(loaded, limit=args.limit)
     known_hosts = default_known_hosts(KeyStore(args.keys), args.known_hosts)
     return loaded, compiled, known_hosts, args.forks or loaded.forks
@@ -360,7 +364,7 @@ def _load(args: argparse.Namespace) -> tuple[Manifest, Plan, str | None, int]:
 def cmd_status(args: argparse.Namespace, console: ui.Console) -> int:
     """``rex status MANIFEST``: every step's status on its host; 0 only if all run current."""
     loaded, compiled, known_hosts, forks = _load(args)
-    with pool_for(compiled, known_hosts) as pool:
+    with pool_for(loaded, compiled, known_hosts) as pool:
         statuses = survey(loaded, compiled.steps, pool, forks=forks)
     if args.json:
         ui.print_text(console, json.dumps(status_to_dict(statuses, loaded), indent=2))
@@ -381,7 +385,7 @@ def dry_run(
     """``rex apply --dry-run``: what apply would do to each step, from the hosts' records
     and, for least-loaded programs, their candidate hosts' load now (the probe apply runs);
     nothing is started, stopped or written. 3 if a host was unreachable, else 0."""
-    with pool_for(compiled, known_hosts) as pool:
+    with pool_for(loaded, compiled, known_hosts) as pool:
         statuses = survey(loaded, compiled.steps, pool, forks=forks)
         placed = placements(loaded, statuses, pool, forks=forks)
     actions = dry_run_actions(statuses, placed)
@@ -408,7 +412,7 @@ def cmd_stop(args: argparse.Namespace, console: ui.Console) -> int:
             f"--program {args.program}: no such program in {loaded.path}",
             hint="programs: " + ", ".join(p.name for p in loaded.programs),
         )
-    with pool_for(compiled, known_hosts) as pool:
+    with pool_for(loaded, compiled, known_hosts) as pool:
         results = stop(
             loaded,
             compiled,

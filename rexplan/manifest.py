@@ -760,6 +760,9 @@ class _Checker:
         self._strategy()
         return self._callback(), _int(self.defaults.get("forks"), 64)
 
+    def persist(self) -> float:
+        return _num(self.defaults.get("persist"), 0.0)
+
     def _unknown(self, path: Path, what: str, name: str, known: Any) -> None:
         hint = _close(name, known) or (
             f"add 'groups: [{name}]' to a host" if what == "group" else f"declare it under {what}s:"
@@ -1343,6 +1346,7 @@ def _validate(text: str, raw: bytes, filename: str, track: bool) -> Manifest:
         strategy=checker.strategy,
         fanout=checker.fanout,
         relay_identity=checker.relay_identity,
+        persist=checker.persist(),
     )
 
 

@@ -197,6 +197,9 @@ class Manifest:
     strategy: str = "flat"
     fanout: int = 4
     relay_identity: str | None = None
+    #: seconds a daemon keeps rex's SSH connections open after their last use (0: none are
+    #: kept; rexplan.mux), as OpenSSH's ControlPersist
+    persist: float = 0.0
 
     def host(self, name: str) -> Host:
         for h in self.hosts:

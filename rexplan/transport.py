@@ -714,9 +714,11 @@ class SSHTransport:
         timeout: float | None = None,
         env: Mapping[str, str] | None = None,
         gate: Gate | None = None,
+        abort: threading.Event | None = None,
     ) -> Result:
         """Run ``argv``, shlex-quoted, via the login shell; HostTimeoutError past ``timeout``,
-        or (phase ``start``) past ``gate.within`` without the gate's marker."""
+        or (phase ``start``) past ``gate.within`` without the gate's marker. ``abort`` set
+        (the caller went away) closes the channel, held stdin unsent: TransportError."""
         command = command_line(argv, env)
         now = time.monotonic()
         deadline = None if timeout is None else now + timeout
@@ -741,9 +743,22 @@ class SSHTransport:
             finally:
                 if timer is not None:
                     timer.cancel()
-            return self._collect(chan, stdin, deadline, timeout, gate, gate_end)
+            return self._collect(chan, stdin, deadline, timeout, gate, gate_end, abort)
         finally:
             chan.close()
+
+    def usable(self, known_hosts: str | None) -> bool:
+        """Whether this connection is up and its host key is still the one ``known_hosts``
+        (None: ~/.ssh/known_hosts) pins for it now: a kept connection is reused only then."""
+        transport = self._client.get_transport()
+        if transport is None or not transport.is_active():
+            return False
+        known = os.path.expanduser(known_hosts or DEFAULT_KNOWN_HOSTS)
+        pinned = _KNOWN_HOSTS.get(known)
+        if pinned is None:
+            return False
+        name = host_key_name(str(self.connection.host), int(self.connection.port))
+        return bool(pinned.check(name, transport.get_remote_server_key()))
 
     def _exec_error(
         self, exc: BaseException, deadline: float | None, timeout: float | None
@@ -762,6 +777,7 @@ class SSHTransport:
         timeout: float | None,
         gate: Gate | None = None,
         gate_end: float = 0.0,
+        abort: threading.Event | None = None,
     ) -> Result:
         out: list[bytes] = []
         err: list[bytes] = []
@@ -792,6 +808,10 @@ class SSHTransport:
                 continue
             if done:
                 break
+            if abort is not None and abort.is_set():
+                raise TransportError(
+                    "cancelled: the launcher went away", host=self.host.name, phase="exec"
+                )
             now = time.monotonic()
             wait = None if deadline is None else deadline - now
             if wait is not None and wait <= 0:
@@ -1384,6 +1404,9 @@ class Stream:
 def open_stream(transport: Transport, argv: Sequence[str], *, timeout: float) -> Stream:
     """Start ``argv`` (shlex-quoted, via the login shell) on an SSH transport as a Stream;
     ``timeout`` bounds the channel open and exec request."""
+    direct = getattr(transport, "direct", None)  # a kept connection's (rexplan.mux)
+    if callable(direct):
+        transport = direct()
     if not isinstance(transport, SSHTransport):
         raise TransportError("streams need transport: ssh", host=transport.host.name, phase="exec")
     command = command_line(argv)
