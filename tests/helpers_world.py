@@ -191,7 +191,12 @@ class World:
         for host in self.hosts.values():
             home = Path(host.state_dir_for(self.rig.login))
             for program in self.programs:
-                for name in (f"run/{program}.json", f"run/{program}.lock", f"logs/{program}.log"):
+                for name in (
+                    f"run/{program}.json",
+                    f"run/{program}.id",
+                    f"run/{program}.lock",
+                    f"logs/{program}.log",
+                ):
                     (home / name).unlink(missing_ok=True)
 
 

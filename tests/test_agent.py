@@ -573,3 +573,75 @@ def test_agent_refuses_a_bad_wait(rig: Rig, wait: str) -> None:
     result = rig.run([PY, "-I", "-S", str(rig.bundle), "--wait", wait], line)
     assert result.code == agent_module.EXIT_BAD_LAUNCH
     assert not (rig.work / "started").exists()
+
+
+# ---- the shell check of an unchanged program (remote.CHECK_SH) ---------------------------------
+
+
+def _start_time(pid: int) -> str:
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        return f.read().rsplit(b")", 1)[1].split()[19].decode()
+
+
+@pytest.mark.parametrize("name", ["sleep", "x) y z"])
+def test_shell_check_says_what_the_stub_check_says(tmp_path: Path, name: str) -> None:
+    """CHECK_SH answers ``unchanged`` exactly as LAUNCH_STUB's check, from run/PROGRAM.id,
+    and for anything else runs the command after its arguments (the stub), here an echo. A
+    command name holding ") " does not shift the fields."""
+    link = tmp_path / name
+    link.symlink_to(subprocess.run(["sh", "-c", "command -v sleep"], capture_output=True,
+                                   text=True, check=True).stdout.strip())  # fmt: skip
+    proc = subprocess.Popen([str(link), "30"])
+    try:
+        home = tmp_path / "home"
+        (home / "run").mkdir(parents=True)
+        triple, spec, start = "h1.alice.app", "ab" * 32, _start_time(proc.pid)
+        record = {"pid": proc.pid, "start": start, "spec": spec, "triple": triple}
+        (home / "run" / "app.json").write_text(json.dumps(record))
+        (home / remote.agent_name()).write_bytes(remote.bundle())
+        argv = remote.launch_argv(PY, check=(triple, "app", spec))
+        env = {"REX_HOME": str(home), "PATH": os.environ.get("PATH", "/usr/bin:/bin")}
+
+        def shell(line: str | None) -> bytes:
+            target = home / "run" / "app.id"
+            if line is None:
+                target.unlink(missing_ok=True)
+            else:
+                target.write_text(line)
+            cmd = [*argv[:7], "echo", "fallback"]
+            return subprocess.run(cmd, env=env, capture_output=True, check=True).stdout
+
+        stub = subprocess.run(argv[7:], env=env, capture_output=True, check=True).stdout
+        assert stub == f'{{"ok": true, "unchanged": true, "pid": {proc.pid}}}\n'.encode()
+        good = f"{proc.pid} {start} {spec} {triple}\n"
+        assert shell(good) == stub
+        for bad in (
+            None,
+            f"{proc.pid} {int(start) + 1} {spec} {triple}\n",  # another process, same pid
+            f"{proc.pid} {start} {'cd' * 32} {triple}\n",  # another spec
+            f"{proc.pid} {start} {spec} h2.alice.app\n",  # another triple
+            f"{proc.pid} {start} {spec} {triple} extra\n",
+            f"1 {start} {spec} {triple}\n",
+            f"-{proc.pid} {start} {spec} {triple}\n",
+            f"{proc.pid}x {start} {spec} {triple}\n",
+            f"999999999 {start} {spec} {triple}\n",  # no such process
+            "",
+        ):
+            assert shell(bad) == b"fallback\n", bad
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_records_keep_their_shell_check_line(tmp_path: Path) -> None:
+    """The agent writes run/NAME.id with every record that names a live program's pid, and
+    removes it with one that names none."""
+    home = str(tmp_path)
+    record = {"pid": os.getpid(), "start": _start_time(os.getpid()), "spec": "ab" * 32}
+    agent_module._store(home, "app", {**record, "triple": "h1.alice.app", "state": "ready"})
+    line = (tmp_path / "run" / "app.id").read_text()
+    assert line == f"{os.getpid()} {record['start']} {'ab' * 32} h1.alice.app\n"
+    agent_module._store(home, "app", {"triple": "h1.alice.app", "state": "stopped"})
+    assert not (tmp_path / "run" / "app.id").exists()
+    agent_module._store(home, "app", {**record, "triple": "a b", "state": "ready"})
+    assert not (tmp_path / "run" / "app.id").exists()  # a word with a space: no line

@@ -232,7 +232,12 @@ class World:
             shutil.rmtree(keys / self.user, ignore_errors=True)
             (keys / f"{self.user}.key").unlink(missing_ok=True)
             for program in self.programs:
-                for rel in (f"run/{program}.json", f"run/{program}.lock", f"logs/{program}.log"):
+                for rel in (
+                    f"run/{program}.json",
+                    f"run/{program}.id",
+                    f"run/{program}.lock",
+                    f"logs/{program}.log",
+                ):
                     (home / rel).unlink(missing_ok=True)
 
 

@@ -73,6 +73,33 @@ def test_apply_twice_changes_nothing_the_second_time(world: World, sshd_hosts: H
     assert code == 0 and world.tagged() == []
 
 
+def test_unchanged_reapply_starts_no_interpreter_on_the_host(
+    world: World, sshd_hosts: Hosts
+) -> None:
+    """The shell check (remote.CHECK_SH) answers for an unchanged program: with the host's
+    python made unusable, the re-apply still reports unchanged; a changed one needs it."""
+    (host,) = sshd_hosts(1)
+    m = world.manifest([host], {"db": {"on": [host.name], **SLEEPER}})
+    world.distribute(m)
+    first = world.apply(m)
+    assert first.code == 0, first.out + first.err
+    doc = json.loads(m.read_text())
+    doc["hosts"][host.name]["python"] = "/nonexistent/python3"
+    no_python = m.with_name("no-python.yaml")
+    no_python.write_text(json.dumps(doc))
+    again = world.apply(no_python)
+    assert again.code == 0, again.out + again.err
+    assert again.actions() == {f"db@{host.name}": "unchanged"}
+    assert again.pids() == first.pids()
+    doc["programs"]["db"]["env"]["CHANGED"] = "1"
+    no_python.write_text(json.dumps(doc))
+    changed = world.apply(no_python)
+    assert changed.code != 0  # the stub runs, and there is no interpreter to run it
+    assert world.tagged() == list(first.pids().values())  # the old one still runs
+    code, out, err = world.rex("stop", str(m))
+    assert code == 0, out + err
+
+
 def test_records_over_sftp_say_what_the_agent_says(world: World, sshd_hosts: Hosts) -> None:
     """apply reads a host's records over SFTP instead of running the agent's --status: both
     agree, for running programs and for stopped ones (all but the uptime)."""

@@ -187,6 +187,35 @@ def agent_name() -> str:
     return f"agent-{bundle_sha()[:16]}.py"
 
 
+#: ``sh -c CHECK_SH sh PROGRAM TRIPLE SPEC ARGV...``: LAUNCH_STUB's ``check`` in the shell, from
+#: the line ``PID START SPEC TRIPLE`` the agent keeps beside PROGRAM's record (run/PROGRAM.id):
+#: the same triple and spec digest with that pid alive and started at START (/proc/PID/stat
+#: field 22, after the last ") ": a command name may hold one) prints the stub's ``unchanged``
+#: report; anything else (no line, another spec, a dead or reused pid, a read error) runs
+#: ARGV, the stub, which checks again and launches. An unchanged re-apply then starts no
+#: interpreter on the host.
+CHECK_SH = """u() {
+  f="${REX_HOME:-$HOME/.rex}/run/$1.id"
+  [ -f "$f" ] || return 1
+  IFS=' ' read -r p s d t x < "$f" || return 1
+  [ -z "$x" ] && [ "$t" = "$2" ] && [ "$d" = "$3" ] || return 1
+  case $p in ''|*[!0-9]*) return 1;; esac
+  [ "$p" -gt 1 ] || return 1
+  read -r l < "/proc/$p/stat" || return 1
+  l=${l##*") "}
+  set -f
+  set -- $l
+  [ "$#" -ge 20 ] && [ "$1" != Z ] || return 1
+  shift 19
+  [ "$1" = "$s" ] || return 1
+  printf '{"ok": true, "unchanged": true, "pid": %s}\\n' "$p"
+}
+u "$1" "$2" "$3" 2>/dev/null && exit 0
+shift 3
+exec "$@"
+"""
+
+
 def launch_argv(
     python: str = "python3",
     *args: str,
@@ -199,4 +228,8 @@ def launch_argv(
     mode = ["check", *check] if check is not None else ["-"]
     if wait is not None:
         args = ("--wait", f"{wait:g}", *args)
-    return [python, "-I", "-S", "-c", LAUNCH_STUB, bundle_sha()[:16], *mode, *args]
+    argv = [python, "-I", "-S", "-c", LAUNCH_STUB, bundle_sha()[:16], *mode, *args]
+    if check is None:
+        return argv
+    triple, program, spec = check
+    return ["sh", "-c", CHECK_SH, "sh", program, triple, spec, *argv]

@@ -1351,14 +1351,29 @@ def _run_dir(home: str) -> str:
 
 
 def _store(home: str, name: str, record: dict[str, Any]) -> None:
-    """Atomically replace REX_HOME/run/<name>.json (temp file in the same directory, rename)."""
+    """Atomically replace REX_HOME/run/<name>.json, and <name>.id: the line ``PID START SPEC
+    TRIPLE`` the launcher's shell check reads (remote.CHECK_SH), removed when the record has
+    no program pid."""
     run = _run_dir(home)
+    _replace(run, name, ".json", protocol.dumps(record, sort_keys=True).encode("ascii"))
+    pid = record.get("pid")
+    words = [str(pid)] + [record.get(k) for k in ("start", "spec", "triple")]
+    line = " ".join(w for w in words if type(w) is str and w.isprintable() and w.isascii())
+    if type(pid) is int and pid > 1 and line.split(" ") == words and "" not in words:
+        _replace(run, name, ".id", (line + "\n").encode("ascii"))
+        return
+    with _suppress(FileNotFoundError):
+        os.unlink(os.path.join(run, f"{name}.id"))
+
+
+def _replace(run: str, name: str, suffix: str, data: bytes) -> None:
+    """Write run/<name><suffix> atomically: a temp file in the same directory, renamed."""
     tmp = os.path.join(run, f".{name}.{os.urandom(6).hex()}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(protocol.dumps(record, sort_keys=True).encode("ascii"))
-        os.replace(tmp, os.path.join(run, f"{name}.json"))
+            f.write(data)
+        os.replace(tmp, os.path.join(run, f"{name}{suffix}"))
     except BaseException:
         os.unlink(tmp)
         raise

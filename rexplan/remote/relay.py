@@ -503,7 +503,9 @@ class Relay:
             done = self.run(child, msg, argv, line, marker, step)
             report = _report(done.out)
             if report is not None and done.status == agent["missing"] == report.get("exit"):
-                install = [argv[0], "-I", "-S", "-c", INSTALL, agent["sha"], agent["name"]]
+                # the host's interpreter: a launch's argv may start with the shell check
+                python = str(child["python"])
+                install = [python, "-I", "-S", "-c", INSTALL, agent["sha"], agent["name"]]
                 got = self.run(child, msg, install, _framed(self.bundle))
                 if got.status != 0:
                     error = f"{name}: cannot install the agent: {_tail(got.said())}"
