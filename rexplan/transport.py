@@ -234,10 +234,10 @@ class _FabricConfigCache:
         self._config: tuple[tuple[object, ...], fabric.Config] | None = None
 
     def get(self) -> fabric.Config:
-        key = (os.path.expanduser("~"), _stamp(_FABRIC_FILES))
+        stamp = (os.path.expanduser("~"), _stamp(_FABRIC_FILES))
         with self._lock:
-            if self._config is None or self._config[0] != key:
-                self._config = (key, fabric.Config())
+            if self._config is None or self._config[0] != stamp:
+                self._config = (stamp, fabric.Config())
             return self._config[1]
 
 
@@ -265,11 +265,11 @@ class _IdentityCache:
 
     def get(self, path: str) -> paramiko.PKey | None:
         cert = path + "-cert.pub"
-        key = _stamp((path, cert))
+        stamp = _stamp((path, cert))
         with self._lock:
             hit = self._keys.get(path)
-            if hit is None or hit[0] != key:
-                hit = (key, self._load(path, cert))
+            if hit is None or hit[0] != stamp:
+                hit = (stamp, self._load(path, cert))
                 self._keys[path] = hit
             return hit[1]
 
