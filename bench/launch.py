@@ -307,6 +307,7 @@ def bench(
 
     from rexplan.keycli import main as rex_key
     from rexplan.remote import bundle_sha
+    from rexplan.transport import host_key_name
 
     marker = f"agent-{bundle_sha()[:16]}.py"
     rig = SshdRig()
@@ -339,11 +340,17 @@ def bench(
                     sys.stdout = stdout
             if codes != [0, 0]:
                 raise SystemExit(f"key set-up failed: {codes}")
+            # every tool gets a known_hosts of exactly these hosts: fabric's clients each
+            # parse the whole file, so the rig's (all sizes) would slow fabric alone
+            known = tmp / f"known{n}"
+            pins = {host_key_name(h.address, h.port) for h in hosts}
+            lines = Path(rig.known_hosts).read_text().splitlines()
+            known.write_text("".join(f"{x}\n" for x in lines if x.split(" ", 1)[0] in pins))
             cfg = {
                 "hosts": [{"name": h.name, "address": h.address, "port": h.port} for h in hosts],
                 "login": rig.login,
                 "identity": rig.identity,
-                "known_hosts": rig.known_hosts,
+                "known_hosts": str(known),
                 "manifest": str(manifest),
                 "keys": str(keys),
                 "forks": forks or n,
