@@ -28,7 +28,6 @@ import errno
 import fcntl
 import json
 import os
-import select
 import socket
 import stat
 import struct
@@ -40,6 +39,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from rexplan import errors
+from rexplan.callback import ensure_fd_budget
 from rexplan.errors import RexError, TransportError
 from rexplan.model import Host, Manifest, Timeouts, User
 from rexplan.transport import (
@@ -50,6 +50,7 @@ from rexplan.transport import (
     SSHTransport,
     Transport,
     TransportPool,
+    wait_readable,
 )
 
 MUX_ENV = "REX_MUX_DIR"
@@ -58,6 +59,8 @@ PID_FILE = "mux.pid"
 LOG_FILE = "mux.log"
 #: a frame's largest body: file contents travel base64-encoded
 MAX_FRAME = 64 << 20
+#: descriptors the daemon makes room for at start (RLIMIT_NOFILE, toward the hard limit)
+DAEMON_FDS = 16384
 #: seconds a client has to send its whole request
 REQUEST_TIMEOUT = 10.0
 #: seconds a new daemon may take to listen
@@ -399,8 +402,7 @@ def _client_watch(conn: socket.socket) -> Iterator[threading.Event]:
 
     def watch() -> None:
         with contextlib.suppress(OSError, ValueError):
-            readable, _, _ = select.select([conn.fileno(), wake_r], [], [])
-            if conn.fileno() in readable:
+            if conn.fileno() in wait_readable([conn.fileno(), wake_r], None):
                 gone.set()
 
     watcher = threading.Thread(target=watch, daemon=True)
@@ -417,6 +419,11 @@ def _client_watch(conn: socket.socket) -> Iterator[threading.Event]:
 def serve(directory: str, persist: float, ready_fd: int | None = None) -> int:
     """The daemon's main: listen, tell ``ready_fd``, serve until idle for ``persist`` s."""
     daemon = Daemon(_safe_dir(directory), persist)
+    # it may hold many runs' connections: about four descriptors each (socket, channel
+    # pipes, the client's); a limit it cannot raise is noted in its log
+    notice = ensure_fd_budget(DAEMON_FDS)
+    if notice is not None:
+        print(f"rex mux: {notice}", file=sys.stderr, flush=True)
     try:
         daemon.bind()
     except OSError as exc:
@@ -573,7 +580,7 @@ def _read_line(fd: int, within: float) -> bytes:
     buf = b""
     while b"\n" not in buf:
         remaining = end - time.monotonic()
-        if remaining <= 0 or not select.select([fd], [], [], remaining)[0]:
+        if remaining <= 0 or not wait_readable([fd], remaining):
             break
         data = os.read(fd, 512)
         if not data:

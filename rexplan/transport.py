@@ -70,6 +70,17 @@ class Gate:
     within: float
 
 
+def wait_readable(fds: Sequence[int], timeout: float | None) -> list[int]:
+    """``select.select(fds, [], [], timeout)[0]`` over poll(2): select() refuses descriptors
+    past FD_SETSIZE (1024), which a launcher with a few hundred connections reaches. EOF and
+    errors count as readable, as with select."""
+    poller = select.poll()
+    for fd in fds:
+        poller.register(fd, select.POLLIN | select.POLLPRI)
+    ms = None if timeout is None else max(0, int(timeout * 1000 + 0.999))
+    return [fd for fd, _ in poller.poll(ms)]
+
+
 def _announced(out: Sequence[bytes], marker: bytes) -> bool:
     """Whether the output so far holds ``marker`` as a whole line."""
     return b"\n" + marker + b"\n" in b"\n" + b"".join(out)
@@ -826,7 +837,7 @@ class SSHTransport:
             # Held stdin waits for output like no stdin: the marker wakes the select.
             poll = _SEND_POLL if pending is not None and held is None else _RECV_POLL
             wait = poll if wait is None else min(wait, poll)
-            select.select([chan], [], [], wait)
+            wait_readable([chan.fileno()], wait)
         remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
         if not chan.status_event.wait(remaining):
             raise self._exec_error(TimeoutError(), deadline, timeout)
@@ -1220,7 +1231,7 @@ def _await_marker(
         left = until - time.monotonic()
         if left <= 0:
             raise TimeoutError
-        for fd in select.select(list(fds), [], [], left)[0]:
+        for fd in wait_readable(list(fds), left):
             data = os.read(fd, _CHUNK)
             if data:
                 got[fds[fd]].append(data)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import resource
 import socket
 import stat
 import subprocess
@@ -28,6 +29,7 @@ from rexplan.errors import (
 )
 from rexplan.model import Host, Timeouts, User
 from rexplan.transport import (
+    Gate,
     HostKeyInfo,
     LocalTransport,
     Result,
@@ -308,6 +310,31 @@ def test_wrong_key_is_authentication_error(host: RigHost, tmp_path: Path) -> Non
     with pytest.raises(AuthenticationError) as e:
         connect(host.model_host(), user, known_hosts=host.known_hosts, timeouts=FAST)
     assert e.value.phase == "auth" and e.value.exit_code == 6
+
+
+@pytest.mark.sshd
+def test_runs_work_with_descriptors_past_fd_setsize(host: RigHost) -> None:
+    """A launcher with hundreds of connections holds descriptors past 1024, where select()
+    raises ValueError: rex waits with poll(2)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 1200:
+        pytest.skip(f"RLIMIT_NOFILE hard limit {hard} < 1200")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 1200), hard))
+    filler: list[int] = []
+    try:
+        while len(filler) < 1100:
+            filler.append(os.open(os.devnull, os.O_RDONLY))
+        t = _connect(host)
+        try:
+            assert t.run(["sh", "-c", "cat; echo done"], stdin=b"in\n").stdout == b"in\ndone\n"
+            gated = t.run(["sh", "-c", "echo go; cat"], stdin=b"fed\n", gate=Gate(b"go", 10))
+            assert gated.stdout == b"go\nfed\n"
+        finally:
+            t.close()
+    finally:
+        for fd in filler:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
 @pytest.mark.sshd
