@@ -11,7 +11,8 @@ then per N, each variant in a fresh worker process:
 - fabric:  ``ThreadingGroup.run`` of the same command, RejectPolicy and the pinned known_hosts;
 - rex:     ``rex apply -y`` of a manifest running ``[sleep, 30]`` on every host, each verified by
   its callback after an ``alive`` probe of --settle seconds; keys are created and distributed
-  before the timed run. The first rex run on a host also uploads the agent (cold);
+  before the timed run. The first rex run on each size's hosts also uploads the agent: it is
+  timed and printed apart ("cold"), not counted in the medians;
 - reapply: ``rex apply`` twice, the second on the unchanged manifest (every step ``unchanged``,
   no process started); its inner time is the second apply's alone;
 - stop:    ``rex apply``, then ``rex stop`` of every step; its inner time is the stop's alone;
@@ -357,6 +358,13 @@ def bench(
             }
             cfg_path = tmp / f"cfg{n}.json"
             cfg_path.write_text(json.dumps(cfg))
+            if "rex" in variants:
+                # the first launch on a host uploads the agent and compiles it there once:
+                # shown apart, so that the medians are of hosts rex has run on before
+                m = timed("rex", cfg_path)
+                clean(uid, marker, n)
+                print(f"N={n:<4} rex cold  (agent upload): wall {m['wall']:6.2f}s  "
+                      f"inner {m['inner']:6.2f}s  cpu {m['cpu']:6.2f}s", flush=True)  # fmt: skip
             for rep in range(reps):
                 for variant in variants:
                     m = timed(variant, cfg_path)
