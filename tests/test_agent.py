@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import glob
 import json
+import marshal
 import os
 import signal
 import socket
@@ -573,6 +574,38 @@ def test_agent_refuses_a_bad_wait(rig: Rig, wait: str) -> None:
     result = rig.run([PY, "-I", "-S", str(rig.bundle), "--wait", wait], line)
     assert result.code == agent_module.EXIT_BAD_LAUNCH
     assert not (rig.work / "started").exists()
+
+
+def test_agent_file_keeps_its_compiled_code_and_the_stub_runs_it(rig: Rig) -> None:
+    """The first run of an uploaded agent leaves its compiled modules beside it (0600,
+    checked by the sources' sha256); LAUNCH_STUB runs that code, and a damaged cache falls
+    back to the source."""
+    agent = rig.home / remote.agent_name()
+    agent.write_bytes(remote.bundle())
+    cache = Path(f"{agent}.{sys.implementation.cache_tag}.code")
+    env = {"REX_HOME": str(rig.home), "PATH": os.environ.get("PATH", "/usr/bin:/bin")}
+
+    def stub() -> subprocess.CompletedProcess[bytes]:
+        argv = remote.launch_argv(PY, wait=5)
+        return subprocess.run(argv, input=b"", capture_output=True, env=env, timeout=20)
+
+    first = subprocess.run([PY, "-I", "-S", str(agent)], input=b"", capture_output=True, env=env)
+    assert first.returncode == agent_module.EXIT_BAD_LAUNCH  # no launch line: nothing started
+    assert cache.stat().st_mode & 0o777 == 0o600
+    sha, (protocol_code, agent_code) = marshal.loads(cache.read_bytes())
+    assert agent_code.co_filename.endswith("rexplan/remote/agent.py") and len(sha) == 64
+
+    # the stub takes the agent's code from the cache: a stand-in there is what runs
+    stand_in = compile("def main():\n    print('from the cache')\n    return 0\n", "x", "exec")
+    cache.write_bytes(marshal.dumps((sha, (protocol_code, stand_in))))
+    ran = stub()
+    assert ran.returncode == 0 and ran.stdout.endswith(b"from the cache\n"), ran
+
+    # a damaged cache: the stub compiles the source, then the agent says its launch line is missing
+    cache.write_bytes(b"\xff not marshal")
+    ran = stub()
+    assert ran.returncode == agent_module.EXIT_BAD_LAUNCH, ran
+    assert b"no launch message" in ran.stderr
 
 
 # ---- the shell check of an unchanged program (remote.CHECK_SH) ---------------------------------
