@@ -792,10 +792,12 @@ class Executor:
             )
 
     def _kill_remote(self, transport: Transport, python: str, step: Step) -> None:
-        """Kill whatever this run started for ``step`` on its host, found by the rex tags."""
+        """Kill whatever this run started for ``step`` on its host, found by the rex tags
+        (the run id goes on stdin: a command line is anyone's to read there)."""
         with contextlib.suppress(TransportError):
             transport.run(
-                launch_argv(python, "--kill", self.run_id, step.id),
+                launch_argv(python, "--kill"),
+                stdin=protocol.make_kill(self.run_id, step.id, step.stop_timeout),
                 timeout=step.stop_timeout + EXEC_SLACK,
             )
 
@@ -1132,8 +1134,9 @@ def _failure(
 
 
 def new_run_id() -> str:
-    """A fresh run id: time-ordered and unguessable enough to tell runs apart."""
-    return time.strftime("%Y%m%dT%H%M%S") + "-" + secrets.token_hex(4)
+    """A fresh run id: time-ordered, then 128 random bits, so a stranger cannot guess one
+    (the listener refuses a callback naming another run before any HMAC)."""
+    return time.strftime("%Y%m%dT%H%M%S") + "-" + secrets.token_hex(16)
 
 
 def _is_loopback(address: str) -> bool:

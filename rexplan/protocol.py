@@ -1199,3 +1199,42 @@ def spec_digest(launch: Launch) -> str:
     if launch.files:
         spec["files"] = [list(f) for f in launch.files]
     return sha256(dumps(spec, sort_keys=True).encode("ascii")).hexdigest()
+
+
+# ---- the kill request ----
+
+#: seconds the agent's ``--kill`` mode waits for its request line on stdin
+KILL_WAIT = 30.0
+_KILL_KEYS = ("v", "run", "step", "grace")
+
+
+def make_kill(run: str, step: str, grace: float) -> bytes:
+    """The agent's ``--kill`` request, one JSON line for its stdin: end what run ``run``
+    started for ``step``, allowing ``grace`` seconds after SIGTERM. The run id goes there, not
+    in argv, which every user of the host can read. Raises LaunchError."""
+    try:
+        line = _dumps({"v": VERSION, "run": run, "step": step, "grace": grace}) + b"\n"
+    except (TypeError, ValueError) as exc:
+        raise LaunchError(f"kill request cannot be encoded: {exc}") from None
+    parse_kill(line)
+    return line
+
+
+def parse_kill(line: bytes) -> tuple[str, str, float]:
+    """(run, step, grace) of a kill request line; raises LaunchError."""
+    if len(line) > MAX_FRAME:
+        raise LaunchError("kill request too long")
+    try:
+        msg = _loads(line)
+    except FrameError as exc:
+        raise LaunchError(f"kill request is not a strict JSON object: {exc}") from None
+    if set(msg) != set(_KILL_KEYS) or msg["v"] != VERSION:
+        raise LaunchError(f"kill request needs exactly the keys {', '.join(_KILL_KEYS)}")
+    run, step, grace = msg["run"], msg["step"], msg["grace"]
+    if not isinstance(run, str) or not RUN_RE.match(run):
+        raise LaunchError("run is invalid")
+    if not isinstance(step, str) or not STEP_RE.match(step):
+        raise LaunchError("step is invalid")
+    if type(grace) not in (int, float) or not 0 <= grace <= 86400:
+        raise LaunchError("grace must be a number of seconds in [0, 86400]")
+    return run, step, float(grace)

@@ -25,7 +25,7 @@ import threading
 from collections.abc import Sequence
 from importlib import resources
 
-from rexplan import hostkeys
+from rexplan import hostkeys, protocol
 from rexplan.errors import TransportError, UsageError
 from rexplan.manifest import tree_problems
 from rexplan.model import Manifest, Step
@@ -391,15 +391,18 @@ class TreeLauncher:
         return waiter.report
 
     def kill(self, step: Step, run: str, timeout: float) -> bool:
-        """Have ``step``'s relay run the agent's ``--kill RUN STEP`` on its host within
-        ``timeout`` seconds there: what run ``run`` started for the step ends. Whether the
-        relay reported it done; never raises (a lost relay cannot be asked)."""
+        """Have ``step``'s relay run the agent's ``--kill`` on its host within ``timeout``
+        seconds there: what run ``run`` started for the step ends. The request goes on the
+        agent's stdin, never in a command line (the relay's ssh, the host's shell). Whether
+        the relay reported it done; never raises (a lost relay cannot be asked)."""
         top = self._relays[self._top[step.host]]
+        grace = max(0.0, min(step.stop_timeout, timeout))
         message = {
             "kill": step.id,
             "host": step.host,
             "login": step.login,
-            "argv": launch_argv(step.python, "--kill", run, step.id),
+            "argv": launch_argv(step.python, "--kill"),
+            "line": protocol.make_kill(run, step.id, grace).decode("ascii"),
             "timeout": timeout,
             "connect": step.timeouts.connect,
         }

@@ -446,9 +446,17 @@ def test_kill_mode_ends_the_step_by_its_tags(rig: Rig) -> None:
     result = rig.launch(["sh", "-c", "sleep 30 & sleep 30"])
     assert result.code == 0, result
     assert len(tagged(rig.lis.run_id)) >= 2
-    other = rig.run([PY, "-I", "-S", str(rig.bundle), "--kill", rig.lis.run_id, "other@h1"], b"")
+    kill = [PY, "-I", "-S", str(rig.bundle), "--kill"]  # the run id goes on stdin only
+    other = rig.run(kill, protocol.make_kill(rig.lis.run_id, "other@h1", 1))
     assert other.report == {"ok": True, "killed": []}
-    killed = rig.run([PY, "-I", "-S", str(rig.bundle), "--kill", rig.lis.run_id, STEP, "1"], b"")
+    # the old form, with the run id in argv (anyone's to read in ps), is refused
+    old = rig.run([*kill, rig.lis.run_id, STEP], b"")
+    assert old.code == agent_module.EXIT_BAD_LAUNCH
+    assert len(tagged(rig.lis.run_id)) >= 2
+    garbled = rig.run(kill, b'{"run": "x"}\n')
+    assert garbled.code == agent_module.EXIT_BAD_LAUNCH
+    assert "--kill needs" in garbled.report["reason"]
+    killed = rig.run(kill, protocol.make_kill(rig.lis.run_id, STEP, 1))
     assert killed.report == {"ok": True, "killed": [result.report["pid"]]}
     assert tagged(rig.lis.run_id) == []
     assert wait_for(lambda: state(rig)["state"] == "exited")

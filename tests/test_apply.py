@@ -23,6 +23,7 @@ from sshrig import RigHost, SshdRig
 from rexplan.cli import main
 from rexplan.keycli import main as rex_key
 from rexplan.remote import bundle_sha
+from rexplan.transport import SSHTransport
 
 Hosts = Callable[[int], list[RigHost]]
 REPO = Path(__file__).resolve().parent.parent
@@ -325,6 +326,33 @@ def test_wrong_key_on_one_host_fails_that_step_only(world: World, sshd_hosts: Ho
         assert procs.tagged(REXTEST=world.tag, REX_TRIPLE=f"{bad.name}.{world.user}.svc") == []
     finally:
         world.stop(run)
+
+
+def test_the_run_id_stays_out_of_every_command_line(
+    world: World, sshd_hosts: Hosts, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (host,) = sshd_hosts(1)
+    sent: list[tuple[list[str], bytes]] = []
+    real = SSHTransport.run
+
+    def spy(self: SSHTransport, argv: Sequence[str], **kwargs: Any) -> Any:
+        sent.append((list(argv), kwargs.get("stdin") or b""))
+        return real(self, argv, **kwargs)
+
+    monkeypatch.setattr(SSHTransport, "run", spy)
+    closed = free_port()
+    never = {"shell": "sleep 300", "ready": {"tcp": closed, "timeout": 1.0}}
+    m = world.manifest([host], {"deaf": {"on": [host.name], **never}})
+    world.distribute(m)
+    run = world.apply(m)
+    assert run.code == 2
+    assert run.only()["reason"] == "not_ready"
+    # 128 random bits after the time; on SSH stdin only, the kill's request included
+    stamp, _, random_part = run.id.partition("-")
+    assert len(random_part) == 32 and int(random_part, 16) >= 0 and stamp[8] == "T"
+    kills = [stdin for argv, stdin in sent if argv[-1] == "--kill"]
+    assert kills and all(run.id.encode() in stdin for stdin in kills), sent
+    assert not [argv for argv, _ in sent if any(run.id in arg for arg in argv)]
 
 
 def test_no_key_on_the_host_starts_nothing(world: World, sshd_hosts: Hosts) -> None:

@@ -1,4 +1,5 @@
-"""Fuzzing the two parsers that read untrusted bytes: the manifest loader and the rex-cb/1 frames.
+"""Fuzzing the parsers that read untrusted bytes: the manifest loader, rex-cb/1 frames, the
+agent's launch line and its kill request.
 
 Only the documented errors may escape (ManifestError; FrameError, LaunchError), each case uses
 under CPU_LIMIT seconds of CPU (and WALL_LIMIT of wall time) and allocates under MEMORY_CAP.
@@ -390,12 +391,52 @@ def test_parse_launch(rng: random.Random) -> None:
     bounded(lambda: read_launch(line))
 
 
+GOOD_KILL = protocol.make_kill("20260101T000000-" + "0" * 32, "app@h1", 2.0)
+
+
+def kill_line(rng: random.Random) -> bytes:
+    """Raw bytes, a byte-mutated good request, or one with fields dropped or replaced."""
+    kind = rng.choice(["raw", "mutated", "fields"])
+    if kind == "raw":
+        return rng.randbytes(rng.randrange(300))
+    if kind == "mutated":
+        line = bytearray(GOOD_KILL)
+        for _ in range(rng.randint(1, 4)):
+            line[rng.randrange(len(line))] = rng.randrange(256)
+        return bytes(line)
+    msg = json.loads(GOOD_KILL)
+    for _ in range(rng.randint(1, 3)):
+        name = rng.choice(["v", "run", "step", "grace", "extra"])
+        if rng.random() < 0.3:
+            msg.pop(name, None)
+        else:
+            msg[name] = random_json(rng)
+    return json.dumps(msg).encode() + b"\n"
+
+
+def read_kill(line: bytes) -> None:
+    try:
+        run, step, grace = protocol.parse_kill(line)
+    except protocol.LaunchError as exc:
+        assert str(exc)
+        return
+    assert protocol.RUN_RE.match(run) and protocol.STEP_RE.match(step) and 0 <= grace <= 86400
+
+
+@fuzz
+@given(st.randoms(use_true_random=False))
+def test_parse_kill(rng: random.Random) -> None:
+    line = kill_line(rng)
+    bounded(lambda: read_kill(line))
+
+
 # ---- inputs that once broke a parser (or were built to) --------------------------------------
 
 TARGETS: dict[str, Callable[[bytes], None]] = {
     "manifest": load_manifest,
     "frames": lambda data: read_frames(data, list(range(0, len(data), 7))),
     "launch": read_launch,
+    "kill": read_kill,
 }
 
 

@@ -407,6 +407,22 @@ def test_parse_launch_rejects_unknown_and_duplicate_keys() -> None:
         p.parse_launch(text)
 
 
+def test_kill_request_round_trip_is_one_line() -> None:
+    run = "20260101T000000-" + "ab" * 16
+    line = p.make_kill(run, "app@h1", 2)
+    assert line.endswith(b"\n") and line.count(b"\n") == 1
+    assert p.parse_kill(line) == (run, "app@h1", 2.0)
+
+
+@pytest.mark.parametrize(
+    ("run", "step", "grace"),
+    [("bad run", "app@h1", 1), ("r", "a b", 1), ("r", "s", -1), ("r", "s", 86401)],
+)
+def test_kill_request_rejects(run: str, step: str, grace: float) -> None:
+    with pytest.raises(p.LaunchError):
+        p.make_kill(run, step, grace)
+
+
 def test_spec_digest_follows_the_program_not_the_run() -> None:
     a = p.parse_launch(p.make_launch(**launch_args()))
     b = p.parse_launch(p.make_launch(**launch_args(run="run2", nl=bytes(16))))

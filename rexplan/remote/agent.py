@@ -33,8 +33,10 @@ group) and records ``stopped``; it is never restarted after that.
 Other modes: ``--status`` prints every record with liveness checked by pid + start time;
 ``--stop PROGRAM [GRACE [force]]`` stops a program through its supervisor (or directly if the
 supervisor is gone), ``force`` SIGKILLs supervisor, group and tagged processes at once;
-``--kill RUN STEP [GRACE]`` ends what one run started for one step; ``--load loadavg|cgroup
-SECONDS`` measures what the host has to spare for least-loaded placement (load_report).
+``--kill`` ends what one run started for one step, named by the request line on its stdin
+(protocol.make_kill: run, step, grace; the run id stays out of argv, which every user of the
+host can read); ``--load loadavg|cgroup SECONDS`` measures what the host has to spare for
+least-loaded placement (load_report).
 
 Cgroups. Where the host delegates the agent's cgroup v2 to its user (delegated_cgroup), each
 program runs in a cgroup of its own, ``rex-<program>-<run>-<random>``, joined between fork and
@@ -2026,8 +2028,19 @@ def _tagged_groups(run: str, step: str) -> set[int]:
     return groups
 
 
+def _kill_request() -> int:
+    """``--kill``: read the request line (run, step, grace) from stdin, then kill_tagged."""
+    try:
+        line = _read_line(sys.stdin.fileno(), protocol.KILL_WAIT)
+        run, step, grace = protocol.parse_kill(line)
+    except (Failure, protocol.LaunchError) as exc:
+        reason = f"--kill needs its request (run, step, grace) on stdin: {exc}"
+        return _print(Failure(EXIT_BAD_LAUNCH, reason).result())
+    return kill_tagged(run, step, grace)
+
+
 def kill_tagged(run: str, step: str, grace: float) -> int:
-    """``--kill RUN STEP [GRACE]``: end every group this run started for the step."""
+    """End every group run ``run`` started for ``step`` (SIGTERM, ``grace`` s, SIGKILL)."""
     if not protocol.RUN_RE.match(run) or not protocol.STEP_RE.match(step):
         return _print(Failure(EXIT_BAD_LAUNCH, "--kill needs a run id and a step id").result())
     groups = sorted(g for g in _tagged_groups(run, step) if g > 1 and g != os.getpgrp())
@@ -2039,7 +2052,7 @@ def kill_tagged(run: str, step: str, grace: float) -> int:
 
 _USAGE = (
     "usage: agent [--wait SECONDS | --status | --stop PROGRAM [GRACE [force]]"
-    " | --kill RUN STEP [GRACE] | --load loadavg|cgroup SECONDS]"
+    " | --kill (request on stdin) | --load loadavg|cgroup SECONDS]"
 )
 
 
@@ -2054,8 +2067,8 @@ def _modes(args: list[str]) -> int:
         if 0 <= sample <= 60:
             sys.stdout.write(protocol.dumps(load_report(args[1], sample)) + "\n")
             return EXIT_OK
-    if args[:1] == ["--kill"] and len(args) in (3, 4):
-        return kill_tagged(args[1], args[2], float(args[3]) if len(args) == 4 else 2.0)
+    if args == ["--kill"]:
+        return _kill_request()
     if args == ["--status"]:
         return _print(status_report(rex_home()))
     if (

@@ -8,16 +8,16 @@ and launch ``marker``, and its ``children``: name, address, port, python, ``max_
 the known_hosts lines pinning each, and for a child that is a relay itself its ``relay`` login
 and children), ``<length>\\n<agent bundle>``, then one JSON line per request as the launcher
 has it: a step ``{"step", "host", "login", "argv", "line", "timeout", "connect"[, "start"]}``
-or a kill ``{"kill": step, "host", "login", "argv", "timeout", "connect"}``. stdin stays open;
-EOF means no more requests.
+or a kill ``{"kill": step, "host", "login", "argv", "line", "timeout", "connect"}``. stdin
+stays open; EOF means no more requests.
 
 A step on a direct child runs as ``ssh ... LOGIN@ADDR -- ARGV`` (OpenSSH: batch mode, strict
 host keys pinned in a temporary known_hosts file, this identity only) with the launch line on
 stdin, which a step with a ``start`` gets only once the command printed the marker line, within
 ``connect`` + ``start`` seconds; a step further down goes to the relay this relay starts on
-that child (the same way, with this source). A kill runs its ``argv`` (the agent's ``--kill
-RUN STEP``) on the step's host the same way. Launch lines hold no key: every agent proves
-itself to the root launcher directly.
+that child (the same way, with this source). A kill runs its ``argv`` (the agent's
+``--kill``) on the step's host the same way, with its ``line`` (the run and step) on stdin.
+Launch lines hold no key: every agent proves itself to the root launcher directly.
 
 Connection storms: at most a child's ``max_startups`` of this relay's ssh clients are in the
 handshake with its sshd at once (children sharing an sshd share the smallest), counted until
@@ -545,10 +545,11 @@ class Relay:
         return error
 
     def _kill(self, child: dict[str, Any], msg: dict[str, Any]) -> None:
-        """Run a kill (the agent's ``--kill RUN STEP``) on ``child`` and report its outcome."""
+        """Run a kill (the agent's ``--kill``, its request line on stdin) on ``child`` and
+        report its outcome."""
         step, name = msg["kill"], child["name"]
         try:
-            done = self.run(child, msg, list(msg["argv"]), b"")
+            done = self.run(child, msg, list(msg["argv"]), str(msg.get("line", "")).encode())
         except _Refused as exc:
             self.emit({"killed": step, "ok": False, "error": f"{name}: {exc}"})
             return
