@@ -4,14 +4,27 @@ One selector loop on one thread serves every connection, rather than LAM's block
 agent: a run may hold 10,000 pending steps and take thousands of callbacks a second, and a
 handshake is two small frames and three HMACs, so a thread (stack, scheduling) per connection
 would cost far more than the work. Nothing in the loop blocks; each connection is a small state
-machine (hello -> chal -> resp -> verdict) with its own handshake deadline, and at most
-``max_unauthenticated`` connections are open at once (more are closed at once, counted BUSY).
+machine (hello -> chal -> resp -> verdict) with its own deadlines: a complete hello within
+``hello_timeout`` seconds of its connect, the whole handshake within ``handshake_timeout``.
+
+Slots. Only connections still in the handshake count (a verified job's connection does not):
+at most ``max_per_source`` from one peer address and ``max_unauthenticated`` in all. A
+connection past its address's limit is closed at once; one past the total limit takes the
+slot of the oldest connection still without a hello of the address holding the most, if that
+address holds more than the newcomer's, else it is closed. So one address never holds every
+slot, a peer that says nothing holds one for seconds, and an agent from an address holding
+few gets in at once (an agent closed before its challenge dials again). Refusals and failed
+handshakes are counted and summed up in one WARNING line at most every ``report_every``
+seconds (each failed handshake also has an INFO line with its ref, a refusal a DEBUG line).
 
 Cheap checks come first (frame size, schema, version, run, pending step, expected triple,
-key_id), so a stranger costs no HMAC. A step is decided once: OK, or rejected when an agent
-naming it proves the wrong key (WRONG_KEY, BAD_PROOF), or TIMEOUT/CANCELLED; any later attempt
-is a DUPLICATE. The peer only ever learns ``ok`` or ``no`` with an opaque ref; the log line
-with that ref holds the result code. expect/wait/cancel are thread-safe.
+key_id), so a stranger costs no HMAC. Nothing a peer sends without proving the key decides a
+step: a wrong key_id, a wrong triple or a proof that does not verify is refused on its own
+connection and kept as the step's detail (a bounded summary), and the step's deadline still
+decides, so the genuine agent verifies after any number of forged attempts. A step is decided
+once: OK, DECLINED (proven), or TIMEOUT/CANCELLED; any later attempt is a DUPLICATE. The peer
+only ever learns ``ok`` or ``no`` with an opaque ref; the log line with that ref holds the
+result code. expect/wait/cancel are thread-safe.
 
 A job step (``PendingStep.job``) keeps its connection after ``ok``: the loop sends it a MAC'd
 heartbeat every protocol.JOB_HEARTBEAT seconds and takes its ``out`` and ``exit`` frames,
@@ -47,6 +60,21 @@ EXITED = "EXITED"  # a job's result: it sent its exit status
 LOST = "LOST"  # a job's result: its connection ended or broke the protocol first
 
 _HELLO, _RESP, _JOB, _DONE = "hello", "resp", "job", "done"
+
+#: seconds a new connection has to deliver its complete hello: a real agent sends it as soon
+#: as it is connected, so a silent or trickling peer loses its slot after that
+HELLO_TIMEOUT = 2.0
+#: seconds a whole handshake may take, counted from the connect
+HANDSHAKE_TIMEOUT = 5.0
+#: connections in the handshake at once, in all and from one peer address
+MAX_HANDSHAKES = 256
+MAX_PER_SOURCE = 128
+#: seconds between the WARNING lines that sum up refused and failed connections
+REPORT_EVERY = 10.0
+#: distinct rejected attempts a step keeps for its failure's detail (more are only counted)
+KEPT_REJECTIONS = 4
+#: peer addresses a summary counts apart (more are counted together as "others")
+KEPT_SOURCES = 1024
 
 #: descriptors kept free above a run's own estimate: logs, pipes, the listener's sockets
 FD_HEADROOM = 256
@@ -93,7 +121,8 @@ class Verdict:
     start: str | None = None
     peer: tuple[str, int] | None = None
     ref: str | None = None
-    detail: str | None = None  # DECLINED: the reason the agent proved
+    #: DECLINED: the reason the agent proved; TIMEOUT: the attempts rejected meanwhile
+    detail: str | None = None
 
 
 @dataclass(frozen=True)
@@ -107,7 +136,7 @@ class JobResult:
 
 
 class _Step:
-    __slots__ = ("job", "k_a", "k_l", "output", "pending", "verdict")
+    __slots__ = ("job", "k_a", "k_l", "output", "pending", "rejected", "rejections", "verdict")
 
     def __init__(self, pending: PendingStep) -> None:
         self.pending = pending
@@ -115,14 +144,37 @@ class _Step:
         self.verdict: Verdict | None = None
         self.job: JobResult | None = None
         self.output = bytearray()
+        self.rejected = 0  # attempts that named this step and proved nothing
+        self.rejections: Counter[str] = Counter()  # the first KEPT_REJECTIONS kinds of them
+
+    def reject(self, what: str) -> None:
+        """Under the lock: keep a rejected attempt as detail; it decides nothing."""
+        self.rejected += 1
+        if what in self.rejections or len(self.rejections) < KEPT_REJECTIONS:
+            self.rejections[what] += 1
+
+    def rejected_text(self) -> str | None:
+        """``3 rejected attempts: wrong key_id ... from 127.0.0.5 (x2), ...``; None if none."""
+        if not self.rejected:
+            return None
+        kinds = [what if n == 1 else f"{what} (x{n})" for what, n in self.rejections.items()]
+        others = self.rejected - sum(self.rejections.values())
+        if others:
+            kinds.append(f"{others} more")
+        plural = "s" if self.rejected != 1 else ""
+        return f"{self.rejected} rejected attempt{plural}: {', '.join(kinds)}"
 
 
 class _Conn:
     __slots__ = (
         "closed",
+        "due",
         "hello",
+        "id",
         "lp",
+        "named",
         "ns",
+        "opened",
         "out",
         "peer",
         "reader",
@@ -130,6 +182,7 @@ class _Conn:
         "seq_in",
         "seq_out",
         "session",
+        "slot",
         "sock",
         "state",
         "step",
@@ -137,9 +190,14 @@ class _Conn:
         "writing",
     )
 
-    def __init__(self, sock: socket.socket, peer: tuple[str, int]) -> None:
+    def __init__(self, sock: socket.socket, peer: tuple[str, int], cid: int, now: float) -> None:
         self.sock = sock
         self.peer = peer
+        self.id = cid
+        self.opened = now
+        self.due = now  # its current deadline; an earlier timer of it is stale
+        self.slot = False  # holds a handshake slot of its peer address
+        self.named: _Step | None = None  # the pending step a refused hello named
         self.reader = protocol.FrameReader()
         self.state = _HELLO
         self.out = bytearray()
@@ -171,8 +229,11 @@ class CallbackListener:
         port: int = 0,
         *,
         run_id: str | None = None,
-        handshake_timeout: float = 5.0,
-        max_unauthenticated: int = 256,
+        handshake_timeout: float = HANDSHAKE_TIMEOUT,
+        hello_timeout: float = HELLO_TIMEOUT,
+        max_unauthenticated: int = MAX_HANDSHAKES,
+        max_per_source: int = MAX_PER_SOURCE,
+        report_every: float = REPORT_EVERY,
         log: logging.Logger | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -182,13 +243,24 @@ class CallbackListener:
         self.attempts: Counter[str] = Counter()
         self._bind = (bind, port)
         self._handshake_timeout = handshake_timeout
+        self._hello_timeout = min(hello_timeout, handshake_timeout)
         self._max = max_unauthenticated
+        self._per_source = max(1, min(max_per_source, max_unauthenticated))
         self._log = log or logging.getLogger("rexplan.callback")
         self._clock = clock
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         self._steps: dict[str, _Step] = {}
         self._conns: dict[int, _Conn] = {}
+        # connections in the handshake, per peer address, oldest first; and their number
+        self._sources: dict[str, dict[int, _Conn]] = {}
+        self._handshaking = 0
+        # refused and failed connections since the last summary line (listener thread only)
+        self._report_every = report_every
+        self._tally: Counter[str] = Counter()
+        self._tally_sources: Counter[str] = Counter()
+        self._reported = clock()
+        self._next_report = self._reported  # the first refusal is reported at once
         self._timers: list[tuple[float, int, _Conn]] = []
         self._beats: list[tuple[float, int, _Conn]] = []
         self._seq = itertools.count()
@@ -199,6 +271,11 @@ class CallbackListener:
         self._stopping = False
 
     # ---- public API ----
+
+    @property
+    def max_handshakes(self) -> int:
+        """Connections the listener holds in the handshake at most (descriptors it may need)."""
+        return self._max
 
     @property
     def address(self) -> tuple[str, int]:
@@ -237,6 +314,7 @@ class CallbackListener:
             self._thread.join()
         for conn in list(self._conns.values()):
             self._drop(conn)
+        self._summarize(self._clock(), final=True)
         if self._sock is not None:
             self._sel.unregister(self._sock)
             self._sock.close()
@@ -282,11 +360,13 @@ class CallbackListener:
             while st.verdict is None:
                 remaining = end - self._clock()
                 if remaining <= 0:
-                    self._decide(st, Verdict(False, protocol.TIMEOUT))
+                    rejected = st.rejected_text()
+                    self._decide(st, Verdict(False, protocol.TIMEOUT, detail=rejected))
                     # info, not warning: the caller reports the step as failed, with its cause
                     self._log.info(
-                        "callback step=%s: no verified callback by the deadline (TIMEOUT)",
+                        "callback step=%s: no verified callback by the deadline (TIMEOUT)%s",
                         step_id,
+                        f"; {rejected}" if rejected else "",
                     )
                     break
                 self._changed.wait(remaining)
@@ -325,6 +405,9 @@ class CallbackListener:
                 if heap:
                     due = max(0.0, heap[0][0] - self._clock())
                     timeout = due if timeout is None else min(timeout, due)
+            if self._tally:
+                due = max(0.0, self._next_report - self._clock())
+                timeout = due if timeout is None else min(timeout, due)
             for key, mask in self._sel.select(timeout):
                 if key.fileobj is self._sock:
                     self._accept()
@@ -339,9 +422,13 @@ class CallbackListener:
             now = self._clock()
             while self._timers and self._timers[0][0] <= now:
                 conn = heapq.heappop(self._timers)[2]
-                if conn.state == _JOB:
-                    continue  # a verified job: its connection lives until its exit
-                if conn.state != _DONE:
+                if conn.state == _JOB or conn.closed or conn.due > now:
+                    continue  # a verified job lives until its exit; a later deadline is due
+                if conn.state == _HELLO:
+                    # no complete hello: nothing was claimed, so no verdict is owed, and an
+                    # agent that was merely slow dials again
+                    self._finish(conn, protocol.TIMEOUT, "no hello in time", send=False)
+                elif conn.state != _DONE:
                     self._finish(conn, protocol.TIMEOUT, "no handshake in time")
                 if not conn.closed:
                     self._drop(conn)
@@ -351,6 +438,7 @@ class CallbackListener:
                     conn.seq_out += 1
                     self._send(conn, protocol.make_hb(conn.session, conn.seq_out))
                     self._beat(conn, now)
+            self._summarize(now)
 
     def _accept(self) -> None:
         assert self._sock is not None
@@ -363,16 +451,54 @@ class CallbackListener:
                 self._log.warning("callback accept failed: %s", exc.strerror)
                 return
             peer = (str(addr[0]), int(addr[1]))
-            if len(self._conns) >= self._max:
-                self._record(protocol.BUSY, secrets.token_hex(6), peer, None, "too many open")
+            held = self._sources.get(peer[0])
+            mine = len(held) if held else 0
+            if mine >= self._per_source:
+                self._refuse(peer, "per-source limit")
                 sock.close()
                 continue
+            if self._handshaking >= self._max:
+                victim = self._victim(mine)
+                if victim is None:
+                    self._refuse(peer, "total limit")
+                    sock.close()
+                    continue
+                self._refuse(victim.peer, "evicted")
+                self._drop(victim)
             sock.setblocking(False)
-            conn = _Conn(sock, peer)
+            now = self._clock()
+            conn = _Conn(sock, peer, next(self._seq), now)
             self._conns[sock.fileno()] = conn
             self._sel.register(sock, selectors.EVENT_READ, conn)
-            deadline = self._clock() + self._handshake_timeout
-            heapq.heappush(self._timers, (deadline, next(self._seq), conn))
+            self._sources.setdefault(peer[0], {})[conn.id] = conn
+            self._handshaking += 1
+            conn.slot = True
+            self._due(conn, now + self._hello_timeout)
+
+    def _victim(self, mine: int) -> _Conn | None:
+        """At the total limit: the oldest connection still without a hello of the address
+        holding the most, if it holds more than the newcomer's (``mine``), so each address
+        keeps its share. One past its hello is never taken: it may be an agent proving
+        itself, which would not dial again."""
+        crowded = max(self._sources.values(), key=len)
+        if len(crowded) <= mine:
+            return None
+        return next((c for c in crowded.values() if c.state == _HELLO), None)
+
+    def _due(self, conn: _Conn, deadline: float) -> None:
+        conn.due = deadline
+        heapq.heappush(self._timers, (deadline, next(self._seq), conn))
+
+    def _release(self, conn: _Conn) -> None:
+        """The connection left the handshake (verdict, verified job, closed): free its slot."""
+        if not conn.slot:
+            return
+        conn.slot = False
+        held = self._sources[conn.peer[0]]
+        del held[conn.id]
+        if not held:
+            del self._sources[conn.peer[0]]
+        self._handshaking -= 1
 
     def _readable(self, conn: _Conn) -> None:
         try:
@@ -418,6 +544,7 @@ class CallbackListener:
             st = self._steps.get(hello["step"]) if hello["run"] == self.run_id else None
             code = self._admit(conn, st, hello)
         if st is None or code is not None:
+            conn.named = st
             self._finish(conn, code or protocol.UNKNOWN_STEP, "")
             return
         conn.step = st
@@ -425,6 +552,7 @@ class CallbackListener:
         conn.ns = protocol.new_nonce()
         conn.lp = protocol.launcher_proof(st.k_l, conn.t, conn.ns, st.pending.nl)
         conn.state = _RESP
+        self._due(conn, conn.opened + self._handshake_timeout)
         self._send(conn, protocol.make_chal(conn.ns, conn.lp))
 
     def _admit(self, conn: _Conn, st: _Step | None, hello: dict[str, Any]) -> str | None:
@@ -436,10 +564,12 @@ class CallbackListener:
         if hello["triple"] != st.pending.triple:
             return protocol.WRONG_TRIPLE
         if hello["key_id"] != st.pending.key_id:
-            self._decide(st, Verdict(False, protocol.WRONG_KEY, peer=conn.peer, ref=conn.ref))
-            return protocol.WRONG_KEY
+            return protocol.WRONG_KEY  # key_id is public: a claim anyone can make decides nothing
         if self._clock() > st.pending.deadline:
-            self._decide(st, Verdict(False, protocol.TIMEOUT, peer=conn.peer, ref=conn.ref))
+            verdict = Verdict(
+                False, protocol.TIMEOUT, peer=conn.peer, ref=conn.ref, detail=st.rejected_text()
+            )
+            self._decide(st, verdict)
             return protocol.TIMEOUT
         return None
 
@@ -457,7 +587,6 @@ class CallbackListener:
                 code = protocol.DUPLICATE
             elif not proven:
                 code = protocol.BAD_PROOF
-                self._decide(st, Verdict(False, code, peer=conn.peer, ref=conn.ref))
             else:
                 code = protocol.DECLINED
                 verdict = Verdict(False, code, peer=conn.peer, ref=conn.ref, detail=reason)
@@ -476,10 +605,12 @@ class CallbackListener:
                 code = protocol.DUPLICATE
             elif not proven:
                 code = protocol.BAD_PROOF
-                self._decide(st, Verdict(False, code, peer=conn.peer, ref=conn.ref))
             elif self._clock() > st.pending.deadline:
                 code = protocol.TIMEOUT
-                self._decide(st, Verdict(False, code, peer=conn.peer, ref=conn.ref))
+                verdict = Verdict(
+                    False, code, peer=conn.peer, ref=conn.ref, detail=st.rejected_text()
+                )
+                self._decide(st, verdict)
             else:
                 code = protocol.OK
                 verdict = Verdict(
@@ -490,6 +621,7 @@ class CallbackListener:
             self._finish(conn, code, "")
             return
         self._record(code, conn.ref, conn.peer, hello, "")
+        self._release(conn)
         if st.pending.job:
             conn.state = _JOB
             conn.session = protocol.Session.of((st.k_l, st.k_a), conn.t, conn.ns, nl, ap)
@@ -537,9 +669,16 @@ class CallbackListener:
         self._changed.notify_all()
 
     def _finish(self, conn: _Conn, code: str, detail: str, *, send: bool = True) -> None:
-        """End a handshake that failed: log it, tell the peer only ``no`` and its ref."""
+        """End a handshake that failed: log it, tell the peer only ``no`` and its ref. If it
+        named a pending step, the step keeps it as detail; it decides nothing."""
         self._record(code, conn.ref, conn.peer, conn.hello or None, detail)
+        st = conn.step or conn.named
+        if st is not None and code != protocol.DUPLICATE:
+            with self._lock:
+                if st.verdict is None:
+                    st.reject(_rejection(code, conn.hello, st.pending.key_id, conn.peer[0]))
         conn.state = _DONE
+        self._release(conn)
         if send:
             self._send(conn, protocol.make_no(conn.ref))
         else:
@@ -555,12 +694,13 @@ class CallbackListener:
     ) -> None:
         with self._lock:
             self.attempts[code] += 1
+        if code != protocol.OK:
+            self._count(code, peer[0])
         # Only validated hello fields (safe charsets) reach the log; never keys or nonces.
+        # INFO (rex -vv): anyone who can connect makes these lines; _summarize warns.
         step = hello["step"] if hello else "-"
         triple = hello["triple"] if hello else "-"
-        level = logging.INFO if code == protocol.OK else logging.WARNING
-        self._log.log(
-            level,
+        self._log.info(
             "callback %s ref=%s peer=%s:%d step=%s triple=%s%s",
             code,
             ref,
@@ -570,6 +710,40 @@ class CallbackListener:
             triple,
             f" ({detail})" if detail else "",
         )
+
+    def _refuse(self, peer: tuple[str, int], why: str) -> None:
+        """A connection closed for want of a slot (BUSY): counted, summed up, no line."""
+        with self._lock:
+            self.attempts[protocol.BUSY] += 1
+        self._count(f"{protocol.BUSY} ({why})", peer[0])
+        self._log.debug("callback %s peer=%s:%d (%s)", protocol.BUSY, peer[0], peer[1], why)
+
+    def _count(self, what: str, source: str) -> None:
+        self._tally[what] += 1
+        if source in self._tally_sources or len(self._tally_sources) < KEPT_SOURCES:
+            self._tally_sources[source] += 1
+        else:
+            self._tally_sources["others"] += 1
+
+    def _summarize(self, now: float, *, final: bool = False) -> None:
+        """One WARNING line for what was refused or failed since the last one: at most one
+        per ``report_every`` seconds (and one when the listener closes)."""
+        if not self._tally or (now < self._next_report and not final):
+            return
+        total = sum(self._tally.values())
+        kinds = ", ".join(f"{n} {what}" for what, n in self._tally.most_common())
+        sources = ", ".join(f"{ip} ({n})" for ip, n in self._tally_sources.most_common(3))
+        self._log.warning(
+            "callback: %d connection(s) refused or failed in %.1fs: %s; most from %s",
+            total,
+            now - self._reported,
+            kinds,
+            sources,
+        )
+        self._tally.clear()
+        self._tally_sources.clear()
+        self._reported = now
+        self._next_report = now + self._report_every
 
     def _send(self, conn: _Conn, msg: dict[str, Any]) -> None:
         conn.out += protocol.encode_frame(msg)
@@ -597,10 +771,21 @@ class CallbackListener:
     def _drop(self, conn: _Conn) -> None:
         if conn.closed:
             return
+        self._release(conn)
         conn.closed = True
         self._conns.pop(conn.sock.fileno(), None)
         self._sel.unregister(conn.sock)
         conn.sock.close()
+
+
+def _rejection(code: str, hello: dict[str, Any], key_id: str, source: str) -> str:
+    """How a rejected attempt on a step reads in its failure: validated hello fields only."""
+    what = {
+        protocol.WRONG_KEY: f"wrong key_id {hello.get('key_id')} (expected {key_id})",
+        protocol.WRONG_TRIPLE: f"wrong triple {str(hello.get('triple'))[:64]}",
+        protocol.BAD_PROOF: "a proof that did not verify",
+    }.get(code, code)
+    return f"{what} from {source}"
 
 
 def _open_fds() -> int:

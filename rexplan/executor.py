@@ -233,8 +233,9 @@ class Executor:
         result.results = list(by_step.values())
         self._emit(ev.RUN_STARTED, total=len(by_step))
         hosts = len({(s.host, s.login) for s in self.plan.steps})
-        # one SSH connection per host and login, and a callback per step in flight
-        notice = ensure_fd_budget(hosts + 2 * self.forks)
+        # one SSH connection per host and login, a callback per step in flight, and the
+        # connections the listener may hold in the handshake
+        notice = ensure_fd_budget(hosts + 2 * self.forks + self.listener.max_handshakes)
         if notice is not None:
             self._emit(ev.NOTICE, detail=notice)
         try:
@@ -501,7 +502,7 @@ class Executor:
             return
         # no verified callback: failed, whatever SSH said; make sure nothing stays running
         self._kill_remote(transport, host.python, step)
-        reason, phase, detail = _failure(verdict.code, diag, exec_error)
+        reason, phase, detail = _failure(verdict, diag, exec_error, info.key_id)
         self._state(r, ev.FAILED, reason=reason, phase=phase, detail=detail)
 
     def _expect(
@@ -636,7 +637,7 @@ class Executor:
         elif error is not None and (error.reason == RELAY_LOST or error.reason in NOT_RUN):
             self._state(r, ev.FAILED, reason=error.reason, phase=error.phase, detail=str(error))
         else:
-            reason, phase, detail = _failure(verdict.code, diag, error)
+            reason, phase, detail = _failure(verdict, diag, error, info.key_id)
             self._state(r, ev.FAILED, reason=reason, phase=phase, detail=detail)
 
     def _key_for(self, step: Step, transport: Transport) -> tuple[KeyInfo, bytes]:
@@ -1108,12 +1109,26 @@ def _front_report(stdout: bytes) -> dict[str, object]:
 
 
 def _failure(
-    code: str, diag: dict[str, object], exec_error: TransportError | None
+    verdict: Verdict, diag: dict[str, object], exec_error: TransportError | None, key_id: str
 ) -> tuple[str, str, str]:
-    """(reason, phase, detail) for a step that was not verified."""
-    if code in ("BAD_PROOF", "WRONG_KEY"):
-        return "bad_proof", "callback", f"callback did not prove the key ({code})"
-    if code == OK_LOST:
+    """(reason, phase, detail) for a step that was not verified; ``key_id`` is the key's the
+    launcher proved with. The attempts the listener rejected meanwhile (the verdict's detail)
+    are only detail: anyone who can connect can make them. The agent front's report comes
+    over SSH: a refused agent names the key it holds there."""
+    held = diag.get("key_id")
+    if (
+        diag.get("exit") == 15
+        and isinstance(held, str)
+        and protocol.KEY_ID_RE.match(held)
+        and held != key_id
+    ):
+        detail = (
+            f"the agent proved a different key (key_id {held}, expected {key_id}): "
+            "run rex_key distribute"
+        )
+        return "bad_proof", "callback", detail
+    rejected = f"; {verdict.detail}" if verdict.detail else ""
+    if verdict.code == OK_LOST:
         detail = "the agent proved the key but never received ok, so it stopped its program"
         return "ok_lost", "callback", detail
     exit_code = diag.get("exit")
@@ -1127,10 +1142,13 @@ def _failure(
         status = diag.get("status")
         if reason == "exited" and isinstance(status, int):
             detail = f"program exited with status {status} before it was ready"
-        return reason, phase, detail
+        return reason, phase, detail + rejected
     if exec_error is not None:
-        return "no_callback", exec_error.phase or "start", f"no verified callback; {exec_error}"
-    return "no_callback", "callback", f"no verified callback ({code or 'none'})"
+        phase = exec_error.phase or "start"
+        return "no_callback", phase, f"no verified callback; {exec_error}{rejected}"
+    if rejected:
+        return "no_callback", "callback", f"no verified callback{rejected}"
+    return "no_callback", "callback", f"no verified callback ({verdict.code or 'none'})"
 
 
 def new_run_id() -> str:

@@ -177,6 +177,8 @@ TRIPLE_RE = _Chars(
     (_HOST_CHARS + ".-", 2, 299),
 )
 _KEY_ID = _Chars(r"^[0-9a-f]{16}\Z", (_HEX, 16, 16))
+#: key ids as key_id() makes them
+KEY_ID_RE = _KEY_ID
 _NONCE_HEX = _Chars(r"^[0-9a-f]{32}\Z", (_HEX, 32, 32))  # NONCE_BYTES in hex
 _MAC_HEX = _Chars(r"^[0-9a-f]{64}\Z", (_HEX, 64, 64))  # MAC_BYTES in hex
 _START = _Chars(r"^[0-9]{1,20}\Z", (_DIGITS, 1, 20))

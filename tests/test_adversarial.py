@@ -11,6 +11,7 @@ from __future__ import annotations
 import ast
 import contextlib
 import json
+import logging
 import os
 import random
 import signal
@@ -28,7 +29,7 @@ from typing import Any
 import faultproxy as fp
 import pytest
 
-from rexplan import protocol, remote
+from rexplan import callback, protocol, remote
 from rexplan.callback import CallbackListener, PendingStep
 from rexplan.remote import agent as agent_module
 
@@ -448,7 +449,10 @@ def test_recorded_handshake_replayed_never_verifies(host: AgentHost, lis: Callba
         replies = fp.replay(lis.address, [hello, resp])
         report = host.finish(front)
     assert [protocol.decode_frame(f)["t"] for f in replies] == ["chal", "no"]
-    assert lis.wait(pending.step_id, 0).code == protocol.BAD_PROOF
+    assert lis.attempts[protocol.BAD_PROOF] == 1
+    verdict = lis.wait(pending.step_id, 0)  # the replay decided nothing: the deadline does
+    assert (verdict.ok, verdict.code) == (False, protocol.TIMEOUT)
+    assert verdict.detail is not None and "a proof that did not verify" in verdict.detail
     assert report["code"] in (agent_module.EXIT_REJECTED, agent_module.EXIT_NO_CALLBACK)
     assert not alive(report["pid"])
 
@@ -500,7 +504,8 @@ def test_reflected_launcher_proof_is_not_an_agent_proof(lis: CallbackListener) -
         conn.sendall(protocol.encode_frame(protocol.make_resp(bytes.fromhex(chal["lp"]))))
         (reply,) = reader.feed(recv_frame(conn))
     assert reply["t"] == "no"
-    assert lis.wait(step.step_id, 0).code == protocol.BAD_PROOF
+    assert lis.attempts[protocol.BAD_PROOF] == 1
+    assert not lis.wait(step.step_id, 0).ok
 
     # reflecting the whole chal frame back is out of order
     other = PendingStep.create("mirror2@h1", TRIPLE, key, 30)
@@ -629,7 +634,8 @@ def test_listener_refuses_malformed_frames(lis: CallbackListener, name: str, cod
             conn.shutdown(socket.SHUT_WR)
         got = recv_all(conn, 3)
     types = [m["t"] for m in protocol.FrameReader().feed(got)]
-    assert types[-1:] == ([] if code == protocol.CLOSED else ["no"])
+    # no verdict when it closed, or when its hello never completed (nothing was claimed)
+    assert types[-1:] == ([] if code in (protocol.CLOSED, protocol.TIMEOUT) else ["no"])
     assert lis.attempts == {code: 1}
     assert not lis.wait(step.step_id, 0).ok
 
@@ -743,6 +749,194 @@ def test_floods_do_not_stop_a_real_handshake_and_fds_come_back(
         assert lis.attempts[protocol.OK] == 1
         assert wait_for(lambda: open_fds() == listening, 10), (open_fds(), listening)
     assert wait_for(lambda: open_fds() == baseline, 5), (open_fds(), baseline)
+
+
+#: a launch's deadlines under a flood: what a launch needs without one, with room to spare
+FLOODED = {**DEADLINES, "callback": 4.0}
+
+
+class Flood:
+    """``count`` connections to the listener from 127.0.0.2..127.0.0.(1 + sources), half of
+    them silent and half slowloris (one byte of a hello every ``drip`` s each), on one
+    thread: each one the listener closes is opened again (at most ``refill`` per tick), so
+    the flood stays at ``count`` until stopped. Bounded in count and time; every socket is
+    closed when it stops."""
+
+    def __init__(
+        self,
+        address: tuple[str, int],
+        data: bytes,
+        count: int = 2000,
+        sources: int = 8,
+        drip: float = 0.3,
+        refill: int = 100,
+    ) -> None:
+        self.address = address
+        self.data = data
+        self.drip = drip
+        self.refill = refill
+        self.slots = [(f"127.0.0.{2 + i % sources}", i % 2 == 1) for i in range(count)]
+        self.socks: dict[int, tuple[socket.socket, int]] = {}  # slot -> (socket, bytes sent)
+        self.opened = 0  # connections made in all
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._loop, name="flood")
+
+    def __enter__(self) -> Flood:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join(30)
+        assert not self.thread.is_alive()
+
+    def _open(self, slot: int) -> None:
+        source, _ = self.slots[slot]
+        with contextlib.suppress(OSError):
+            sock = socket.create_connection(self.address, timeout=2, source_address=(source, 0))
+            sock.setblocking(False)
+            self.socks[slot] = (sock, 0)
+            self.opened += 1
+
+    def _loop(self) -> None:
+        missing = list(range(len(self.slots)))
+        next_drip = time.monotonic()
+        try:
+            while not self.stop.is_set():
+                for slot in missing[: self.refill]:
+                    self._open(slot)
+                missing = missing[self.refill :]
+                for slot, (sock, _) in list(self.socks.items()):
+                    try:
+                        if sock.recv(64) in (b"",):
+                            raise ConnectionResetError
+                    except BlockingIOError:
+                        continue  # still open
+                    except OSError:
+                        pass
+                    sock.close()
+                    del self.socks[slot]
+                    missing.append(slot)
+                if time.monotonic() >= next_drip:
+                    next_drip += self.drip
+                    for slot, (sock, sent) in list(self.socks.items()):
+                        if self.slots[slot][1] and sent < len(self.data):
+                            with contextlib.suppress(OSError):
+                                sock.send(self.data[sent : sent + 1])
+                                self.socks[slot] = (sock, sent + 1)
+                self.stop.wait(0.05)
+        finally:
+            for sock, _ in self.socks.values():
+                sock.close()
+            self.socks.clear()
+
+
+def test_a_flood_of_idle_and_slowloris_connections_does_not_delay_a_real_launch(
+    host: AgentHost, caplog: pytest.LogCaptureFixture
+) -> None:
+    # the listener as a run has it (its default limits and deadlines), 2,000 connections
+    # from 8 other addresses at once, opened again as fast as they are closed
+    assert callback.ensure_fd_budget(3000) is None
+    caplog.set_level(logging.WARNING, logger="rexplan.callback")
+    baseline = open_fds()
+    started = time.monotonic()
+    with CallbackListener() as lis:
+        step = host.step(lis, "real@h1")
+        data = protocol.encode_frame(good_hello(lis, step))
+        with Flood(lis.address, data, refill=250) as flood:
+            assert wait_for(lambda: flood.opened >= 2000, 30), flood.opened
+            time.sleep(callback.HELLO_TIMEOUT + 0.5)  # every slot taken, some turned over
+            launched, before = time.monotonic(), flood.opened
+            report = host.run(launch_line(lis.run_id, step, lis.address, deadlines=FLOODED))
+            took = time.monotonic() - launched
+            # the flood went on meanwhile: what the listener closed was opened again
+            assert flood.opened - before > 100 * took, (flood.opened - before, took)
+        assert report["code"] == 0, report
+        verdict = lis.wait(step.step_id, 0)
+        assert verdict.ok and verdict.pid == report["pid"]
+        assert took < FLOODED["callback"], took  # verified before its callback deadline
+        stop_program(report["pid"])
+        refused = lis.attempts[protocol.BUSY]
+        failed = sum(lis.attempts.values()) - lis.attempts[protocol.OK]
+        assert refused > 2000 and flood.opened > 2000
+    elapsed = time.monotonic() - started
+    # no line per refusal: one summary per REPORT_EVERY seconds at most (the first at once,
+    # the last when the listener closes), which together count every refused or failed one
+    lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert 1 <= len(lines) <= elapsed / callback.REPORT_EVERY + 2, lines
+    assert all(line.startswith("callback: ") and " most from 127.0.0." in line for line in lines)
+    assert sum(int(line.split()[1]) for line in lines) >= failed
+    assert wait_for(lambda: open_fds() == baseline, 10), (open_fds(), baseline)
+
+
+def test_the_real_agent_verifies_while_forgers_claim_its_step(host: AgentHost) -> None:
+    """Hole 1 as reproduced: anyone with the run id (every launched program has REX_RUN)
+    sends hellos for a step of the run, with another key_id or a proof that does not verify,
+    before and while its agent calls back; the step still verifies, once."""
+    with CallbackListener() as lis:
+        step = host.step(lis, "b@h1")
+        stop = threading.Event()
+        forged: list[str] = []
+
+        def forger(source: str) -> None:
+            while not stop.is_set():
+                key = os.urandom(32)
+                wrong = len(forged) % 2 == 0
+                hello = protocol.make_hello(
+                    run=lis.run_id,
+                    step=step.step_id,
+                    triple=TRIPLE,
+                    key_id=protocol.key_id(key) if wrong else step.key_id,
+                    na=protocol.new_nonce(),
+                    pid=PID,
+                    pgid=PID,
+                    start=START,
+                )
+                with (
+                    contextlib.suppress(OSError),
+                    socket.create_connection(
+                        lis.address, timeout=5, source_address=(source, 0)
+                    ) as conn,
+                ):
+                    conn.sendall(protocol.encode_frame(hello))
+                    reply = protocol.decode_frame(recv_frame(conn))
+                    if reply["t"] == "chal":
+                        conn.sendall(protocol.encode_frame(protocol.make_resp(os.urandom(32))))
+                        reply = protocol.decode_frame(recv_frame(conn))
+                    forged.append(str(reply["t"]))
+
+        threads = [threading.Thread(target=forger, args=(f"127.0.0.{5 + i}",)) for i in range(3)]
+        for t in threads:
+            t.start()
+        try:
+            assert wait_for(lambda: len(forged) >= 30, 20)
+            report = host.run(launch_line(lis.run_id, step, lis.address))
+        finally:
+            stop.set()
+            for t in threads:
+                t.join(10)
+        assert report["code"] == 0, report
+        verdict = lis.wait(step.step_id, 0)
+        assert verdict.ok and verdict.pid == report["pid"]
+        assert set(forged) == {"no"} and len(forged) >= 30
+        assert lis.attempts[protocol.OK] == 1
+        assert lis.attempts[protocol.WRONG_KEY] >= 15 and lis.attempts[protocol.BAD_PROOF] >= 1
+        stop_program(report["pid"])
+
+
+def test_an_agent_with_another_key_is_refused_names_its_key_and_kills_its_program(
+    host: AgentHost, tmp_path: Path
+) -> None:
+    with CallbackListener() as lis:
+        step = PendingStep.create("w@h1", TRIPLE, os.urandom(32), 30)  # not the host's key
+        lis.expect(step)
+        report = host.run(launch_line(lis.run_id, step, lis.address))
+        assert report["code"] == agent_module.EXIT_REJECTED, report
+        assert report["key_id"] == protocol.key_id(host.secret) != step.key_id
+        assert not alive(report["pid"])
+        verdict = lis.wait(step.step_id, 0)  # nothing decided it: a key_id is a public claim
+        assert verdict.code == protocol.TIMEOUT and verdict.detail is not None
+        assert f"wrong key_id {report['key_id']} (expected {step.key_id})" in verdict.detail
 
 
 # ---- every MAC comparison is constant-time -----------------------------------------------------

@@ -20,6 +20,7 @@ import pytest
 from helpers_world import Run, free_port, read_events
 from sshrig import RigHost, SshdRig
 
+from rexplan import protocol
 from rexplan.cli import main
 from rexplan.keycli import main as rex_key
 from rexplan.remote import bundle_sha
@@ -32,6 +33,7 @@ REPO = Path(__file__).resolve().parent.parent
 TIMEOUTS = {"connect": 10, "start": 10, "callback": 10, "ready": 10}
 #: a service that runs until it is stopped
 SLEEPER = {"run": ["sleep", "300"], "ready": {"alive": 0.2}}
+ALIVE = {"ready": {"alive": 0.2}}
 AGENT_FILE = f"agent-{bundle_sha()[:16]}.py"
 
 
@@ -310,20 +312,107 @@ def test_never_ready_fails_and_its_group_is_gone(world: World, sshd_hosts: Hosts
     assert procs.tagged(REXTEST=world.tag) == []
 
 
+def key_id_of(world: World, host: str, program: str) -> str:
+    """The key_id of the launcher's key for ``host``.<world user>.``program``."""
+    path = world.keys / host / world.user / f"{program}.key"
+    return protocol.key_id(protocol.parse_key_file(path.read_bytes())[2])
+
+
 def test_wrong_key_on_one_host_fails_that_step_only(world: World, sshd_hosts: Hosts) -> None:
     hosts = sshd_hosts(3)
     m = world.manifest(hosts, {"svc": {"on": [h.name for h in hosts], **SLEEPER}})
     world.distribute(m)
     bad = hosts[1]
+    held = key_id_of(world, bad.name, "svc")  # what the host keeps
     world.rex_key("create", "--force", f"{bad.name}.{world.user}.svc")  # not distributed
+    expected = key_id_of(world, bad.name, "svc")
     run = world.apply(m)
     try:
         assert run.code == 6, run.err
         states = run.states()
         assert states.pop(f"svc@{bad.name}") == "failed"
         assert set(states.values()) == {"ready"}
-        assert run.final()[f"svc@{bad.name}"]["reason"] == "bad_proof"
+        e = run.final()[f"svc@{bad.name}"]
+        assert (e["reason"], e["phase"]) == ("bad_proof", "callback")
+        assert e["detail"] == (
+            f"the agent proved a different key (key_id {held}, expected {expected}): "
+            "run rex_key distribute"
+        )
         assert procs.tagged(REXTEST=world.tag, REX_TRIPLE=f"{bad.name}.{world.user}.svc") == []
+    finally:
+        world.stop(run)
+
+
+#: a program of step A: with the run id every launched program has (REX_RUN), it claims step
+#: B of the next wave over and over, with another key_id and with B's own (public) key_id and
+#: a random proof, and prints each reply's type
+FORGER = """
+import json, os, socket, struct, sys, time
+def frame(msg):
+    data = json.dumps(msg, separators=(",", ":")).encode()
+    return struct.pack(">I", len(data)) + data
+def recv(sock):
+    def exact(n):
+        out = b""
+        while len(out) < n:
+            more = sock.recv(n - len(out))
+            if not more:
+                raise EOFError
+            out += more
+        return out
+    return json.loads(exact(struct.unpack(">I", exact(4))[0]))
+env = os.environ
+end = time.monotonic() + 20
+while time.monotonic() < end:
+    for key_id in (os.urandom(8).hex(), env["B_KEY_ID"]):
+        hello = {"t": "hello", "v": "rex-cb/1", "run": env["REX_RUN"], "step": env["B_STEP"],
+                 "triple": env["B_TRIPLE"], "key_id": key_id, "na": os.urandom(16).hex(),
+                 "pid": 4242, "pgid": 4242, "start": "1"}
+        try:
+            with socket.create_connection(("127.0.0.1", int(env["CB_PORT"])), timeout=2) as s:
+                s.sendall(frame(hello))
+                reply = recv(s)
+                if reply["t"] == "chal":
+                    print("chal", flush=True)
+                    s.sendall(frame({"t": "resp", "ap": os.urandom(32).hex()}))
+                    reply = recv(s)
+                print(reply["t"], flush=True)
+        except (OSError, EOFError, ValueError):
+            pass
+    time.sleep(0.01)
+time.sleep(300)
+"""
+
+
+def test_a_program_of_the_run_cannot_fail_a_step_of_the_next_wave(
+    world: World, sshd_hosts: Hosts
+) -> None:
+    (host,) = sshd_hosts(1)
+    port = free_port()
+
+    def manifest(key_id: str) -> Path:
+        env = {
+            "CB_PORT": str(port),
+            "B_STEP": f"b@{host.name}",
+            "B_TRIPLE": f"{host.name}.{world.user}.b",
+            "B_KEY_ID": key_id,
+        }
+        programs = {
+            "a": {"on": [host.name], "run": ["python3", "-c", FORGER], "env": env, **ALIVE},
+            # a settle of 1 s: the forger has time to claim b while b awaits its callback
+            "b": {"on": [host.name], "requires": ["a"], **SLEEPER, "ready": {"alive": 1.0}},
+        }
+        return world.manifest([host], programs, callback={"port": port})
+
+    world.distribute(manifest("0" * 16))
+    m = manifest(key_id_of(world, host.name, "b"))
+    run = world.apply(m)
+    try:
+        assert run.code == 0, run.out + run.err
+        assert run.states() == {f"a@{host.name}": "ready", f"b@{host.name}": "ready"}
+        log = Path(world.home(host.name, world.user), "logs", "a.log").read_text()
+        # forged attempts met b while it was pending (a chal), and every one was refused
+        assert "chal" in log.split() and "ok" not in log.split()
     finally:
         world.stop(run)
 

@@ -9,7 +9,9 @@ import os
 import socket
 import struct
 import threading
+import time
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -21,10 +23,12 @@ TRIPLE = "h1.alice.app"
 
 
 class Client:
-    """One connection of a scripted agent: raw frames in, decoded messages out."""
+    """One connection of a scripted agent: raw frames in, decoded messages out; ``source``
+    binds it to another loopback address (127.0.0.x), another peer for the listener."""
 
-    def __init__(self, address: tuple[str, int]) -> None:
-        self.sock = socket.create_connection(address, timeout=5)
+    def __init__(self, address: tuple[str, int], source: str | None = None) -> None:
+        where = None if source is None else (source, 0)
+        self.sock = socket.create_connection(address, timeout=5, source_address=where)
         self.reader = protocol.FrameReader()
 
     def send(self, data: bytes) -> None:
@@ -77,9 +81,11 @@ class Agent:
     def ap(self, ns: bytes, lp: bytes) -> bytes:
         return protocol.agent_proof(self.k_a, self.t, ns, self.nl, lp)
 
-    def run(self, hello_frame: bytes | None = None) -> tuple[dict[str, Any] | None, Client]:
+    def run(
+        self, hello_frame: bytes | None = None, source: str | None = None
+    ) -> tuple[dict[str, Any] | None, Client]:
         """hello, then resp if challenged; returns the last message and the open connection."""
-        conn = Client(self.lis.address)
+        conn = Client(self.lis.address, source)
         conn.send(hello_frame or protocol.encode_frame(self.hello))
         chal = conn.recv()
         if chal is None or chal["t"] != "chal":
@@ -125,23 +131,181 @@ def test_good_agent_is_verified_and_can_check_the_ok(lis: CallbackListener) -> N
     assert lis.attempts == {protocol.OK: 1}
 
 
-def test_forged_proof_with_the_right_key_id_is_bad_proof(lis: CallbackListener) -> None:
+def verifies(lis: CallbackListener, step: PendingStep) -> bool:
+    """The genuine agent's handshake gets ``ok``: nothing decided the step before it."""
+    reply, conn = Agent(lis, step).run()
+    conn.close()
+    return reply is not None and reply["t"] == "ok" and lis.wait(step.step_id, 5).ok
+
+
+def test_a_forged_proof_is_refused_and_decides_nothing(lis: CallbackListener) -> None:
     step = pending(lis)
     forger = Agent(lis, step, key=os.urandom(32), key_id=step.key_id)
     reply, conn = forger.run()
     conn.close()
     assert reply is not None and reply["t"] == "no"
-    assert lis.wait(step.step_id, 5) == Verdict(
-        False, protocol.BAD_PROOF, peer=lis.wait(step.step_id).peer, ref=reply["ref"]
+    assert lis.attempts == {protocol.BAD_PROOF: 1}
+    assert verifies(lis, step)
+
+
+def test_agent_with_another_key_is_refused_before_any_challenge(
+    lis: CallbackListener, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    step = pending(lis)
+    calls: list[int] = []
+    real = protocol.launcher_proof
+
+    def counting(*args: bytes) -> bytes:
+        calls.append(1)
+        return real(*args)
+
+    monkeypatch.setattr(protocol, "launcher_proof", counting)
+    reply, conn = Agent(lis, step, key=os.urandom(32)).run()
+    conn.close()
+    assert reply is not None and reply["t"] == "no"  # no chal: refused on the key_id alone
+    assert calls == []
+    assert lis.attempts == {protocol.WRONG_KEY: 1}
+    assert verifies(lis, step)  # key_id is public: the claim decides nothing
+
+
+def test_a_forged_decline_is_refused_and_decides_nothing(lis: CallbackListener) -> None:
+    step = pending(lis)
+    forger = Agent(lis, step, key=os.urandom(32), key_id=step.key_id)
+    conn = Client(lis.address)
+    conn.send(protocol.encode_frame(forger.hello))
+    chal = conn.recv()
+    assert chal is not None and chal["t"] == "chal"
+    ns, lp = bytes.fromhex(chal["ns"]), bytes.fromhex(chal["lp"])
+    decl = protocol.make_decl(forger.k_a, forger.t, ns, step.nl, lp, "load too high")
+    conn.send(protocol.encode_frame(decl))
+    assert conn.recv() is None  # no verdict after a decl; closed
+    conn.close()
+    assert lis.attempts == {protocol.BAD_PROOF: 1}
+    assert verifies(lis, step)
+
+
+def forge(lis: CallbackListener, step: PendingStep, kind: str, source: str | None = None) -> str:
+    """One forged attempt on ``step`` (another key_id, a bad proof, or a bad decline); the
+    last message type it got, "" for none."""
+    if kind == "wrong-key":
+        reply, conn = Agent(lis, step, key=os.urandom(32)).run(source=source)
+    else:
+        forger = Agent(lis, step, key=os.urandom(32), key_id=step.key_id)
+        if kind == "bad-proof":
+            reply, conn = forger.run(source=source)
+        else:
+            conn = Client(lis.address, source)
+            conn.send(protocol.encode_frame(forger.hello))
+            reply = conn.recv()
+            if reply is not None and reply["t"] == "chal":
+                ns, lp = bytes.fromhex(reply["ns"]), bytes.fromhex(reply["lp"])
+                decl = protocol.make_decl(forger.k_a, forger.t, ns, step.nl, lp, "x")
+                conn.send(protocol.encode_frame(decl))
+                reply = conn.recv()
+    conn.close()
+    return "" if reply is None else str(reply["t"])
+
+
+KINDS = ("wrong-key", "bad-proof", "bad-decl")
+
+
+def test_forgeries_before_and_during_a_real_handshake_decide_nothing(
+    lis: CallbackListener,
+) -> None:
+    step = pending(lis, timeout=30)
+    for i in range(60):  # any number of them first: each refused (a decl gets no verdict)
+        assert forge(lis, step, KINDS[i % 3]) == ("" if i % 3 == 2 else "no")
+    real = Agent(lis, step)
+    conn = Client(lis.address)
+    conn.send(protocol.encode_frame(real.hello))
+    chal = conn.recv()
+    assert chal is not None and chal["t"] == "chal"
+    # forgers hammer the step from other addresses while the real agent is half-way
+    stop = threading.Event()
+    forged: list[int] = []
+
+    def forger(n: int) -> None:
+        while not stop.is_set():
+            forge(lis, step, KINDS[len(forged) % 3], source=f"127.0.0.{5 + n}")
+            forged.append(1)
+
+    threads = [threading.Thread(target=forger, args=(n,)) for n in range(3)]
+    for t in threads:
+        t.start()
+    try:
+        end = time.monotonic() + 20
+        while len(forged) < 30 and time.monotonic() < end:
+            time.sleep(0.01)
+        conn.send(real.resp_for(chal))
+        ok = conn.recv()
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(10)
+        conn.close()
+    assert len(forged) >= 30
+    assert ok is not None and ok["t"] == "ok"
+    ns, lp = bytes.fromhex(chal["ns"]), bytes.fromhex(chal["lp"])
+    mac = bytes.fromhex(ok["mac"])
+    assert protocol.verify_ok_mac(real.k_l, real.t, ns, step.nl, real.ap(ns, lp), mac)
+    verdict = lis.wait(step.step_id, 0)
+    assert verdict.ok and verdict.code == protocol.OK
+    assert lis.attempts[protocol.OK] == 1
+    forgeries = lis.attempts[protocol.WRONG_KEY] + lis.attempts[protocol.BAD_PROOF]
+    assert forgeries + lis.attempts[protocol.DUPLICATE] == 60 + len(forged)
+
+
+def test_rejected_attempts_are_the_detail_of_a_step_that_times_out(lis: CallbackListener) -> None:
+    step = pending(lis, timeout=1.0)
+    one = Agent(lis, step, key=os.urandom(32))
+    for _ in range(3):
+        reply, conn = one.run(source="127.0.0.5")
+        conn.close()
+        assert reply is not None and reply["t"] == "no"
+    verdict = lis.wait(step.step_id, 10)  # the deadline decides
+    assert (verdict.ok, verdict.code) == (False, protocol.TIMEOUT)
+    claimed = one.hello["key_id"]
+    assert verdict.detail == (
+        f"3 rejected attempts: wrong key_id {claimed} (expected {step.key_id}) from 127.0.0.5 (x3)"
     )
 
 
-def test_agent_with_another_key_is_refused_before_any_challenge(lis: CallbackListener) -> None:
-    step = pending(lis)
-    reply, conn = Agent(lis, step, key=os.urandom(32)).run()
-    conn.close()
-    assert reply is not None and reply["t"] == "no"
-    assert lis.wait(step.step_id, 5).code == protocol.WRONG_KEY
+def test_a_failed_step_names_its_rejected_attempts_and_a_wrong_key_is_actionable() -> None:
+    from rexplan.executor import _failure
+
+    rejected = "3 rejected attempts: wrong key_id 00000000000000aa (expected 0123456789abcdef) "
+    rejected += "from 127.0.0.5 (x3)"
+    timeout = Verdict(False, protocol.TIMEOUT, detail=rejected)
+    expected = "0123456789abcdef"
+    # at the deadline, nothing heard from the agent: the rejected attempts are the detail
+    assert _failure(timeout, {}, None, expected) == (
+        "no_callback",
+        "callback",
+        f"no verified callback; {rejected}",
+    )
+    # the agent's own report (over SSH) says it was refused holding another key
+    report: dict[str, object] = {"ok": False, "exit": 15, "reason": "launcher refused the callback"}
+    assert _failure(timeout, {**report, "key_id": "00000000000000aa"}, None, expected) == (
+        "bad_proof",
+        "callback",
+        "the agent proved a different key (key_id 00000000000000aa, expected 0123456789abcdef):"
+        " run rex_key distribute",
+    )
+    # refused holding the right key (or a report that is not a key_id): still rejected
+    for key_id in (expected, "not a key id \x1b[2J"):
+        reason, _, detail = _failure(timeout, {**report, "key_id": key_id}, None, expected)
+        assert reason == "rejected" and "\x1b" not in detail
+
+
+def test_the_detail_of_rejected_attempts_is_bounded(lis: CallbackListener) -> None:
+    step = pending(lis, timeout=1.5)
+    for i in range(40):
+        forge(lis, step, KINDS[i % 2], source=f"127.0.0.{10 + i}")
+    verdict = lis.wait(step.step_id, 10)
+    assert verdict.code == protocol.TIMEOUT and verdict.detail is not None
+    assert verdict.detail.startswith("40 rejected attempts: ")
+    assert verdict.detail.endswith(f", {40 - callback.KEPT_REJECTIONS} more")
+    assert len(verdict.detail) < 600
 
 
 def test_wrong_triple_is_refused_and_the_step_still_verifies(lis: CallbackListener) -> None:
@@ -194,8 +358,8 @@ def test_replayed_hello_and_resp_on_a_new_connection_never_verify(lis: CallbackL
     reply = replay.recv()
     replay.close()
     assert reply is not None and reply["t"] == "no"
-    verdict = lis.wait(step.step_id, 5)
-    assert not verdict.ok and verdict.code == protocol.BAD_PROOF
+    assert lis.attempts == {protocol.CLOSED: 1, protocol.BAD_PROOF: 1}
+    assert verifies(lis, step)  # the replay decided nothing
 
 
 def test_replay_after_verification_is_a_duplicate(lis: CallbackListener) -> None:
@@ -218,9 +382,10 @@ def test_silent_peer_times_out(lis: CallbackListener) -> None:
     half.send(protocol.encode_frame(Agent(lis, step).hello))
     chal = half.recv()  # never answered
     assert chal is not None and chal["t"] == "chal"
+    reply = half.recv()
+    assert reply is not None and set(reply) == {"t", "ref"} and reply["t"] == "no"
+    # without a hello nothing was claimed: closed, no verdict (an agent would dial again)
     for conn in (silent, half):
-        reply = conn.recv()
-        assert reply is not None and set(reply) == {"t", "ref"} and reply["t"] == "no"
         assert conn.recv() is None
         conn.close()
     assert lis.attempts == {protocol.TIMEOUT: 2}
@@ -387,3 +552,124 @@ def test_many_agents_in_parallel_are_each_verified_once(lis: CallbackListener) -
     assert replies == ["ok"] * 100
     assert all(lis.wait(s.step_id, 1).ok for s in steps)
     assert lis.attempts == {protocol.OK: 100}
+
+
+# ---- slots: per address, a hello deadline, verified jobs do not count --------------------------
+
+
+def idle(lis: CallbackListener, source: str) -> socket.socket:
+    return socket.create_connection(lis.address, timeout=5, source_address=(source, 0))
+
+
+def closed_now(sock: socket.socket, within: float = 5.0) -> bool:
+    """The listener closed ``sock`` (end of file or reset within ``within`` s)."""
+    sock.settimeout(within)
+    try:
+        return sock.recv(1) == b""
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
+
+
+def test_one_address_cannot_take_every_slot() -> None:
+    with CallbackListener(handshake_timeout=30, max_unauthenticated=4, max_per_source=2) as lis:
+        crowd = [idle(lis, "127.0.0.2") for _ in range(3)]
+        others = [idle(lis, "127.0.0.3") for _ in range(2)]
+        try:
+            assert closed_now(crowd[2])  # past its address's limit: closed at once
+            assert not closed_now(crowd[0], 0.3) and not closed_now(others[0], 0.3)
+            # every slot is held: a newcomer from an address holding fewer takes the slot of
+            # the oldest connection of the address holding the most
+            late = idle(lis, "127.0.0.4")
+            assert closed_now(crowd[0])
+            assert not closed_now(late, 0.3)
+            step = pending(lis)
+            assert verifies(lis, step)  # 127.0.0.1 holds none: it gets a slot too
+            assert lis.attempts[protocol.BUSY] == 3
+        finally:
+            for sock in [*crowd, *others, late]:
+                sock.close()
+
+
+def test_a_connection_without_a_hello_loses_its_slot_in_two_seconds() -> None:
+    with CallbackListener(handshake_timeout=60) as lis:
+        step = pending(lis)
+        silent = idle(lis, "127.0.0.2")
+        trickle = idle(lis, "127.0.0.3")
+        frame = protocol.encode_frame(Agent(lis, step).hello)
+        try:
+            start = time.monotonic()
+            for byte in frame[:20]:  # a slowloris: one byte every 0.2 s
+                with contextlib.suppress(OSError):
+                    trickle.send(bytes([byte]))
+                time.sleep(0.2)
+            # far before the 60 s handshake deadline; no verdict: nothing was claimed
+            assert closed_now(silent, 10) and closed_now(trickle, 10)
+            assert time.monotonic() - start < 30
+            assert lis.attempts == {protocol.TIMEOUT: 2}
+            assert verifies(lis, step)
+        finally:
+            silent.close()
+            trickle.close()
+
+
+def job_handshake(lis: CallbackListener, step: PendingStep) -> Client:
+    """Verify a job step; its connection stays open (a running job) for the caller to close."""
+    reply, conn = Agent(lis, step).run()
+    assert reply is not None and reply["t"] == "ok"
+    return conn
+
+
+def test_running_jobs_do_not_hold_handshake_slots() -> None:
+    with CallbackListener(handshake_timeout=5, max_unauthenticated=2) as lis:
+        jobs = []
+        try:
+            for i in range(4):  # twice the handshake limit, all running
+                step = PendingStep.create(f"job{i}@h1", TRIPLE, os.urandom(32), 10.0)
+                step = replace(step, job=True)  # as the executor makes a job's
+                lis.expect(step)
+                jobs.append(job_handshake(lis, step))
+            assert all(lis.wait(f"job{i}@h1", 0).ok for i in range(4))
+            assert verifies(lis, pending(lis, "svc@h1"))
+            assert protocol.BUSY not in lis.attempts
+        finally:
+            for conn in jobs:
+                conn.close()
+
+
+# ---- refusals are counted and summed up, not a line each ---------------------------------------
+
+
+def test_refusals_are_summed_up_in_one_warning_per_interval(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="rexplan.callback")
+    every = 0.5
+    with CallbackListener(max_unauthenticated=2, max_per_source=1, report_every=every) as lis:
+        start = time.monotonic()
+        held = idle(lis, "127.0.0.2")
+        refused = 0
+        try:
+            while time.monotonic() - start < 2.0:
+                sock = idle(lis, "127.0.0.2")  # past the address's limit
+                assert closed_now(sock)
+                sock.close()
+                refused += 1
+        finally:
+            held.close()
+        # its close is a failed connection too (CLOSED), once the listener has read it
+        end = time.monotonic() + 5
+        while sum(lis.attempts.values()) <= refused and time.monotonic() < end:
+            time.sleep(0.01)
+    elapsed = time.monotonic() - start
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert refused >= 20
+    assert 1 <= len(warnings) <= elapsed / every + 2, warnings
+    counted = 0
+    for line in warnings:
+        assert line.startswith("callback: ") and "most from 127.0.0.2" in line, line
+        counted += int(line.split()[1])
+    # every refusal and the held connection's close are in the lines, none is left out
+    assert counted == refused + 1 == sum(lis.attempts.values())
+    assert lis.attempts[protocol.BUSY] == refused

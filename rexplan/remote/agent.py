@@ -130,18 +130,25 @@ class _suppress:
 
 
 class Failure(Exception):
-    """The launch failed: an exit code and a one-line reason that holds no secret."""
+    """The launch failed: an exit code and a one-line reason that holds no secret; a refused
+    callback names the key_id (public) of the key the agent holds, for the launcher to say
+    whether it was the wrong one."""
 
-    def __init__(self, code: int, reason: str, status: int | None = None) -> None:
+    def __init__(
+        self, code: int, reason: str, status: int | None = None, key_id: str | None = None
+    ) -> None:
         super().__init__(reason)
         self.code = code
         self.reason = reason
         self.status = status
+        self.key_id = key_id
 
     def result(self) -> dict[str, Any]:
         out: dict[str, Any] = {"ok": False, "exit": self.code, "reason": self.reason}
         if self.status is not None:
             out["status"] = self.status
+        if self.key_id is not None:
+            out["key_id"] = self.key_id
         return out
 
 
@@ -1087,7 +1094,8 @@ def _handshake(
         except (EOFError, OSError):
             raise _Retry() from None
         if chal["t"] == "no":
-            raise Failure(EXIT_REJECTED, f"launcher refused the callback (ref {chal['ref']})")
+            refused = f"launcher refused the callback (ref {chal['ref']})"
+            raise Failure(EXIT_REJECTED, refused, key_id=hello["key_id"])
         ns, lp = bytes.fromhex(chal["ns"]), bytes.fromhex(chal["lp"])
         if not protocol.verify_launcher_proof(k_l, t, ns, launch.nl, lp):
             raise Failure(EXIT_REJECTED, "the listener could not prove it holds the key")
@@ -1112,7 +1120,8 @@ def _handshake(
             # only be refused as a duplicate.
             raise Failure(EXIT_NO_CALLBACK, "the listener closed without a verdict") from None
         if verdict["t"] == "no":
-            raise Failure(EXIT_REJECTED, f"launcher refused the callback (ref {verdict['ref']})")
+            refused = f"launcher refused the callback (ref {verdict['ref']})"
+            raise Failure(EXIT_REJECTED, refused, key_id=hello["key_id"])
         if not protocol.verify_ok_mac(k_l, t, ns, launch.nl, ap, bytes.fromhex(verdict["mac"])):
             raise Failure(EXIT_REJECTED, "the verdict is not authenticated")
     except BaseException:
