@@ -330,7 +330,8 @@ class CallbackListener:
             self._changed.notify_all()
 
     def __enter__(self) -> CallbackListener:
-        self.start()
+        if self._sock is None:  # not started yet
+            self.start()
         return self
 
     def __exit__(self, *exc: object) -> None:

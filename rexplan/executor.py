@@ -8,6 +8,7 @@ what SSH says (exit status, stderr) is kept as a diagnostic and never decides th
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import ipaddress
 import json
@@ -27,9 +28,11 @@ from rexplan import spec as specs
 from rexplan.callback import EXITED, CallbackListener, PendingStep, Verdict, ensure_fd_budget
 from rexplan.errors import (
     AuthenticationError,
+    Diagnostic,
     HostKeyError,
     HostTimeoutError,
     KeyStoreError,
+    ManifestError,
     TransportError,
     UnreachableError,
 )
@@ -1220,7 +1223,9 @@ def apply(
     ``strategy`` (default: the manifest's) ``tree`` launches most hosts through relays."""
     bind, dial = callback_endpoints(manifest, plan)
     connect_timeout = max((s.timeouts.connect for s in plan.steps), default=10.0)
-    with CallbackListener(bind, manifest.callback.port, run_id=run_id or new_run_id()) as listener:
+    listener = CallbackListener(bind, manifest.callback.port, run_id=run_id or new_run_id())
+    listen(listener, manifest, bind)
+    with listener:
         port = listener.address[1]
         with mux.transport_pool(
             known_hosts=known_hosts,
@@ -1246,6 +1251,26 @@ def apply(
             finally:
                 if tree is not None:
                     tree.close()
+
+
+def listen(listener: CallbackListener, manifest: Manifest, bind: str) -> None:
+    """Start the run's listener before any host is contacted; a ManifestError (exit 4) naming
+    the address when it cannot listen there, e.g. another process (maybe another user's)
+    holds a fixed ``callback.port``: agents would call that process instead."""
+    try:
+        listener.start()
+    except OSError as exc:
+        listener.close()
+        port = manifest.callback.port
+        where = f"[{bind}]:{port}" if ":" in bind else f"{bind}:{port}"
+        if exc.errno == errno.EADDRINUSE:
+            setting, problem = "callback.port", f"{where} is already in use by another process"
+            hint = "stop what listens there, or choose another callback.port (0: any free port)"
+        else:
+            setting, problem = "callback", f"cannot listen on {where}"
+            hint = "callback.bind must be an address of this machine"
+        message = f"{problem} ({exc.strerror or exc}); no host was contacted"
+        raise ManifestError([Diagnostic(manifest.path, 0, 0, setting, message, hint)]) from None
 
 
 def result_to_dict(result: RunResult, manifest: Manifest) -> dict[str, object]:

@@ -8,10 +8,13 @@ import logging
 import os
 import socket
 import struct
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -673,3 +676,59 @@ def test_refusals_are_summed_up_in_one_warning_per_interval(
     # every refusal and the held connection's close are in the lines, none is left out
     assert counted == refused + 1 == sum(lis.attempts.values())
     assert lis.attempts[protocol.BUSY] == refused
+
+
+#: listens on a free loopback port, prints it, and holds it until its stdin ends
+HOLDER = """
+import socket, sys
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("127.0.0.1", 0))
+s.listen()
+print(s.getsockname()[1], flush=True)
+sys.stdin.read()
+"""
+
+
+def test_a_fixed_callback_port_in_use_fails_before_any_host_is_contacted(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from rexplan.cli import main
+
+    # another user's process listens there first, with SO_REUSEADDR as rex's listener has it
+    # (as root: nobody, with the system's python3, which that user may run)
+    other = os.geteuid() == 0 and os.access("/usr/bin/python3", os.X_OK)
+    holder = subprocess.Popen(
+        ["/usr/bin/python3" if other else sys.executable, "-I", "-c", HOLDER],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        cwd="/",
+        user="nobody" if other else None,
+    )
+    assert holder.stdout is not None and holder.stdin is not None
+    port = int(holder.stdout.readline())
+    decoy = socket.create_server(("127.0.0.1", 0))  # the host's "sshd": must see nobody
+    manifest = tmp_path / "m.yaml"
+    manifest.write_text(
+        "rex: 1\n"
+        "defaults: {user: me}\n"
+        f"hosts: {{h1: {{address: 127.0.0.1, port: {decoy.getsockname()[1]}}}}}\n"
+        "users: {me: {}}\n"
+        "programs: {app: {on: [h1], run: [sleep, '30']}}\n"
+        "authorize: [h1.me.app]\n"
+        f"callback: {{bind: 127.0.0.1, port: {port}}}\n"
+    )
+    try:
+        with decoy:
+            code = main(["apply", str(manifest), "-y", "--keys", str(tmp_path / "keys")])
+            out, err = capsys.readouterr()
+            decoy.settimeout(0.5)
+            with pytest.raises(TimeoutError):
+                decoy.accept()
+    finally:
+        holder.stdin.close()  # it exits at end of input
+        holder.wait(10)
+    assert code == 4, out + err
+    assert f"callback.port: 127.0.0.1:{port} is already in use by another process" in err
+    assert "no host was contacted" in err and "hint:" in err
+    assert "internal error" not in err and "Traceback" not in err
