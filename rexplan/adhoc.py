@@ -116,7 +116,9 @@ def format_folded(results: Sequence[Outcome]) -> str:
         elif r.status:
             title += f" (exit {r.status})"
         rule = "-" * min(max(len(title), 16), 78)
-        body = r.output if not r.output or r.output.endswith("\n") else r.output + "\n"
+        # the hosts' bytes: their lines and tabs, never a control sequence for the terminal
+        output = ui.printable(r.output, None, keep="\n\t")
+        body = output if not output or output.endswith("\n") else output + "\n"
         blocks.append(f"{rule}\n{title}\n{rule}\n{body}")
     return "".join(blocks)
 

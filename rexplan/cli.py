@@ -34,6 +34,7 @@ from rexplan import events as ev
 from rexplan import plan as planner
 from rexplan.errors import ManifestError, RexError, UsageError
 from rexplan.keys import KeyStore, default_known_hosts
+from rexplan.text import printable
 
 EXIT_CODES = """\
 exit codes:
@@ -47,6 +48,9 @@ exit codes:
   130  interrupted
   141  the output pipe was closed early (rex plan ... | head)
 """
+
+#: characters one error message (or one log record) may show
+MESSAGE_LIMIT = 4000
 
 
 class _Parser(argparse.ArgumentParser):
@@ -419,7 +423,7 @@ def cmd_disconnect(args: argparse.Namespace, console: ui.Console) -> int:
 
 
 def _warn(message: str) -> None:
-    _write_stderr(f"rex: warning: {message}")
+    _write_stderr(f"rex: warning: {printable(message, MESSAGE_LIMIT)}")
 
 
 def _plural(n: int, word: str) -> str:
@@ -429,19 +433,24 @@ def _plural(n: int, word: str) -> str:
 def format_error(error: RexError) -> str:
     """What the user sees for an expected error: no traceback, a hint when one is known.
 
-    A ManifestError shows every diagnostic as is, then a count per file.
+    A ManifestError shows every diagnostic, then a count per file. Every message goes through
+    rexplan.text.printable: it may quote a host or a manifest.
     """
     diagnostics = error.diagnostics if isinstance(error, ManifestError) else ()
     if diagnostics:
-        lines = [d.format() for d in diagnostics]
+        lines = [printable(d.format(), MESSAGE_LIMIT, keep="\n") for d in diagnostics]
         per_file: dict[str, int] = {}
         for d in diagnostics:
             per_file[d.file] = per_file.get(d.file, 0) + 1
-        lines += [f"rex: error: {_plural(n, 'error')} in {f}" for f, n in per_file.items()]
+        lines += [
+            f"rex: error: {_plural(n, 'error')} in {printable(f)}" for f, n in per_file.items()
+        ]
     else:
-        lines = [f"rex: error: {error}"]
+        # an error may quote a host (an SSH failure, the persistence daemon's log)
+        message = printable(str(error), MESSAGE_LIMIT, keep="\n")
+        lines = [f"rex: error: {message}"]
     if error.hint:
-        lines.append(f"  hint: {error.hint}")
+        lines.append(f"  hint: {printable(error.hint, MESSAGE_LIMIT)}")
     return "\n".join(lines)
 
 
@@ -473,7 +482,8 @@ class _StderrHandler(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            _write_stderr(self.format(record))
+            # records may quote a peer or a host: escaped and cut, as every host's words are
+            _write_stderr(printable(self.format(record), MESSAGE_LIMIT, keep="\n"))
         except Exception:
             self.handleError(record)
 
@@ -526,7 +536,8 @@ def main(argv: list[str] | None = None) -> int:
         return 141
     except Exception as e:
         where = _log_internal_error(e, args_list)
-        _write_stderr(f"rex: internal error: {type(e).__name__}: {e} (traceback in {where})")
+        what = printable(f"{type(e).__name__}: {e}")
+        _write_stderr(f"rex: internal error: {what} (traceback in {where})")
         return 1
 
 

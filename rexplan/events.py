@@ -8,6 +8,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from typing import IO
 
+from rexplan.text import LIMIT, printable
+
+#: characters an event's ``detail`` keeps (its host-given words are cut and escaped here)
+DETAIL_LIMIT = 4 * LIMIT
+#: characters of ``reason`` and ``phase``: short words by design
+WORD_LIMIT = 64
+_BOUNDED = (("detail", DETAIL_LIMIT), ("reason", WORD_LIMIT), ("phase", WORD_LIMIT))
+
 #: step states, in the order a healthy step passes through them
 PENDING = "pending"
 CONNECTING = "connecting"
@@ -55,6 +63,13 @@ class Event:
     output: str | None = None  # the tail of a job's output
     total: int | None = None  # steps in the wave / run, for progress totals
     counts: dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        # a host's words reach every sink (terminal, --events, the run log): bounded, one line
+        for name, limit in _BOUNDED:
+            value = getattr(self, name)
+            if isinstance(value, str):
+                object.__setattr__(self, name, printable(value, limit))
 
     def to_json(self) -> str:
         # a shallow read: asdict() deep-copies every value, once per event per sink

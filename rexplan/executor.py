@@ -49,6 +49,7 @@ from rexplan.remote import (
     bundle_sha,
     launch_argv,
 )
+from rexplan.text import printable
 from rexplan.transport import Gate, Result, Transport, TransportPool
 from rexplan.tree import RELAY_LOST, RelayError, TreeLauncher
 
@@ -879,7 +880,7 @@ def parse_load(output: str, current: bool) -> Load:
     if source not in ("loadavg", "cgroup") or not isinstance(fallback, str):
         raise ValueError(f"unknown load source {source!r}")
     # the host's words go into events and the terminal: one short printable line
-    fallback = "".join(c if c.isprintable() else "?" for c in fallback)[:160]
+    fallback = printable(fallback, 160)
     return Load(load / cpus, free, current, source, fallback)
 
 
@@ -1135,7 +1136,7 @@ def _failure(
         detail = "the agent proved the key but never received ok, so it stopped its program"
         return "ok_lost", "callback", detail
     exit_code = diag.get("exit")
-    agent_reason = str(diag.get("reason") or "")
+    agent_reason = printable(str(diag.get("reason") or ""))  # the host's words
     if isinstance(exit_code, int) and exit_code in AGENT_REASONS:
         reason = AGENT_REASONS[exit_code]
         phase = {"not_ready": "ready", "exited": "ready", "no_callback": "callback"}.get(

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import collections
 import contextlib
 import os
 import re
@@ -20,7 +21,7 @@ import secrets
 import shlex
 import string
 import textwrap
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,9 @@ CONVERTED = frozenset(
     )
 )
 _SSH_CONNECTIONS = ("ssh", "paramiko", "smart")
+#: host entries (a host in a group) plus their variables an inventory may add up to: a few
+#: hundred bytes of ranges listed in many groups must not cost gigabytes
+MAX_ENTRIES = 1_000_000
 _SECTION = re.compile(r"^\[([^:\]\s]+)(?::(\w+))?\]\s*(?:[#;].*)?$")
 _ADDRESS = re.compile(r"[A-Za-z0-9_.:%-]+\Z")
 _PLAIN = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*\Z")
@@ -74,11 +78,20 @@ class Inventory:
     hosts: dict[str, dict[str, Any]] = field(default_factory=dict)
     groups: dict[str, Group] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    #: host entries and variables added so far (see MAX_ENTRIES)
+    entries: int = 0
 
     def group(self, name: str) -> Group:
         return self.groups.setdefault(name, Group())
 
     def add_host(self, group: str, name: str, variables: Mapping[str, Any]) -> None:
+        """Add ``name`` to ``group``; ValueError past MAX_ENTRIES."""
+        self.entries += 1 + len(variables)
+        if self.entries > MAX_ENTRIES:
+            raise ValueError(
+                f"the inventory adds up to more than {MAX_ENTRIES:,} host entries and "
+                "variables (hosts x groups they are listed in)"
+            )
         self.hosts.setdefault(name, {}).update(variables)
         self.group(group).hosts[name] = None
 
@@ -273,22 +286,34 @@ def parse_yaml(text: str, source: str = "<inventory>") -> Inventory:
         return inv
     if not isinstance(doc, dict):
         raise _error(source, 1, "a YAML inventory is a mapping of group names")
+    walked: set[tuple[str, int]] = set()
     for name, body in doc.items():
-        _yaml_group(inv, str(name), body)
+        _yaml_group(inv, str(name), body, walked)
     return inv
 
 
-def _yaml_group(inv: Inventory, name: str, body: Any, depth: int = 0) -> None:
+def _yaml_group(
+    inv: Inventory, name: str, body: Any, walked: set[tuple[str, int]], depth: int = 0
+) -> None:
+    """Add group ``name`` as ``body`` describes it, children first walked here.
+
+    A YAML alias makes one body appear in many places: each (name, body) is walked once, so
+    aliases nested n deep cost n walks, not 2**n. ``walked`` holds id()s of nodes that live
+    as long as the document.
+    """
     if depth > 64:
         raise _error(inv.source, 0, f"group {name!r}: children nested too deeply")
     group = inv.group(name)
-    if body is None:
+    if body is None or (name, id(body)) in walked:
         return
+    walked.add((name, id(body)))
     if not isinstance(body, dict):
         raise _error(inv.source, 0, f"group {name!r} must be a mapping (hosts, children, vars)")
     for key in body:
         if key not in ("hosts", "children", "vars"):
-            inv.notes.append(f"group {name}: key {key!r} ignored (not hosts, children or vars)")
+            inv.notes.append(
+                f"group {_named(name)}: key {key!r} ignored (not hosts, children or vars)"
+            )
     variables = body.get("vars") or {}
     if not isinstance(variables, dict):
         raise _error(inv.source, 0, f"group {name!r}: vars must be a mapping")
@@ -306,14 +331,17 @@ def _yaml_group(inv: Inventory, name: str, body: Any, depth: int = 0) -> None:
         variables = {str(k): v for k, v in (host_vars or {}).items()}
         if port is not None:
             variables.setdefault("ansible_port", port)
-        for host in names:
-            inv.add_host(name, host, variables)
+        try:
+            for host in names:
+                inv.add_host(name, host, variables)
+        except ValueError as exc:
+            raise _error(inv.source, 0, str(exc)) from None
     children = body.get("children") or {}
     if not isinstance(children, dict):
         raise _error(inv.source, 0, f"group {name!r}: children must be a mapping")
     for child, child_body in children.items():
         inv.add_child(name, str(child))
-        _yaml_group(inv, str(child), child_body, depth + 1)
+        _yaml_group(inv, str(child), child_body, walked, depth + 1)
 
 
 def parse_inventory(text: str, source: str = "<inventory>") -> Inventory:
@@ -368,14 +396,14 @@ def _depths(inv: Inventory, parents: dict[str, list[str]]) -> dict[str, int]:
 
 
 def _ancestors(name: str, parents: dict[str, list[str]]) -> list[str]:
-    found: list[str] = []
-    todo = list(parents.get(name, ()))
+    found: dict[str, None] = {}  # an ordered set
+    todo = collections.deque(parents.get(name, ()))
     while todo:
-        group = todo.pop(0)
+        group = todo.popleft()
         if group not in found:
-            found.append(group)
+            found[group] = None
             todo.extend(parents.get(group, ()))
-    return found
+    return list(found)
 
 
 def _user_problem(value: Any) -> str | None:
@@ -385,6 +413,12 @@ def _user_problem(value: Any) -> str | None:
             "declare a user with that login: and set user: by hand"
         )
     return None
+
+
+def _named(name: str) -> str:
+    """A group or variable name for a comment: as is when plain (letters, digits, ``_.-``),
+    else as repr(), so quotes and escapes show where it starts, ends and what it holds."""
+    return name if _PLAIN.match(name) else repr(name)
 
 
 def _shown(value: Any) -> str:
@@ -435,31 +469,49 @@ def convert(inv: Inventory) -> tuple[list[ImportedHost], list[str]]:
     for name in sorted(inv.groups, key=lambda g: (depths[g], g)):
         other = [v for v in inv.groups[name].vars if v not in CONVERTED]
         if other:
-            notes.append(f"group {name}: variables not converted: {', '.join(other)}")
+            names = ", ".join(_named(v) for v in other)
+            notes.append(f"group {_named(name)}: variables not converted: {names}")
     memberships: dict[str, list[str]] = {name: [] for name in inv.hosts}
     for group_name, group in inv.groups.items():
         for host in group.hosts:
             memberships[host].append(group_name)
+    # a range puts many hosts in the same groups: their groups and the variables those give
+    # are worked out once per distinct set of groups, not once per host
+    ancestors: dict[str, list[str]] = {}
+    members: dict[tuple[str, ...], tuple[list[str], dict[str, Any]]] = {}
     hosts = []
     for name, direct in memberships.items():
-        member = list(direct)
-        for g in direct:
-            member += [a for a in _ancestors(g, parents) if a not in member]
-        hosts.append(_convert_host(inv, name, member, depths, rex_groups))
+        known = members.get(tuple(direct))
+        if known is None:
+            member = dict.fromkeys(direct)
+            for g in direct:
+                if g not in ancestors:
+                    ancestors[g] = _ancestors(g, parents)
+                member.update(dict.fromkeys(a for a in ancestors[g] if a not in member))
+            known = members[tuple(direct)] = (list(member), _inherited(inv, member, depths))
+        hosts.append(_convert_host(inv, name, known[0], known[1], rex_groups))
     return hosts, notes
+
+
+def _inherited(inv: Inventory, member: Iterable[str], depths: dict[str, int]) -> dict[str, Any]:
+    """The converted variables groups give their hosts: ``all`` first, then each group by
+    depth and name (the later wins)."""
+    combined: dict[str, Any] = {}
+    for group in sorted({"all", *member}, key=lambda g: (depths.get(g, 0), g)):
+        if group in inv.groups:
+            variables = inv.groups[group].vars
+            combined.update((k, variables[k]) for k in CONVERTED if k in variables)
+    return combined
 
 
 def _convert_host(
     inv: Inventory,
     name: str,
     member: list[str],
-    depths: dict[str, int],
+    inherited: dict[str, Any],
     rex_groups: dict[str, bool],
 ) -> ImportedHost:
-    combined: dict[str, Any] = {}
-    for group in sorted({"all", *member}, key=lambda g: (depths.get(g, 0), g)):
-        if group in inv.groups:
-            combined.update(inv.groups[group].vars)
+    combined = dict(inherited)
     combined.update(inv.hosts[name])
     notes: list[str] = []
     problem = _host_problem(name)
@@ -499,7 +551,7 @@ def _convert_host(
         notes.append(f"ansible_connection {_shown(connection)} is not supported; left as ssh")
     other = [v for v in inv.hosts[name] if v not in CONVERTED]
     if other:
-        notes.append(f"variables not converted: {', '.join(other)}")
+        notes.append(f"variables not converted: {', '.join(_named(v) for v in other)}")
     groups = tuple(g for g in member if rex_groups.get(g))
     return ImportedHost(name, address, port, user, transport, groups, tuple(notes))
 
@@ -515,8 +567,10 @@ def _scalar(text: str) -> str:
 
 
 def _comment(text: str, indent: str) -> list[str]:
+    # YAML ends a comment at \x85, U+2028 and U+2029 too: printable escapes them (and every
+    # other character str.isprintable() rejects), so the comment cannot end early
     return textwrap.wrap(
-        ui.printable(text),
+        ui.printable(text, None),
         width=96,
         initial_indent=f"{indent}# ",
         subsequent_indent=f"{indent}#   ",

@@ -15,6 +15,7 @@ from rexplan.distribute import HostReport, distribute, exit_code, revoke_remote
 from rexplan.errors import RexError, UsageError
 from rexplan.keys import KeyInfo, KeyStore, default_known_hosts, key_triple, parse_key_triple
 from rexplan.model import Manifest
+from rexplan.text import printable
 
 PROG = "rex_key"
 COMMANDS = ("create", "list", "distribute", "revoke")
@@ -279,15 +280,15 @@ def format_host_report(report: HostReport, *, dry_run: bool = False) -> str:
     """A line per host, then a line per changed key file or directory; never a secret."""
     who = f"{report.host} as {report.login}"
     if report.error is not None:
-        return f"{who}: FAILED: {report.error}"
+        return f"{who}: FAILED: {printable(report.error)}"
     counts = f"{report.changed} {'to change' if dry_run else 'changed'}"
     lines = [f"{who}: {counts}, {report.unchanged} unchanged"]
     for a in report.actions:
         if a.changed:
             verb = _DRY_VERBS.get(a.action, a.action) if dry_run else a.action
             what = f"{a.triple} {a.key_id} " if a.key_id else (f"{a.triple} " if a.triple else "")
-            why = f" ({a.reason})" if a.reason else ""
-            lines.append(f"  {verb} {what}{a.path}{why}")
+            why = f" ({printable(a.reason)})" if a.reason else ""
+            lines.append(f"  {verb} {what}{printable(a.path)}{why}")
     return "\n".join(lines)
 
 
@@ -302,7 +303,7 @@ def format_totals(reports: Sequence[HostReport], *, dry_run: bool = False) -> st
         f"{changed} {'to change' if dry_run else 'changed'}, {unchanged} unchanged, "
         f"{len(failed)} failed"
     ]
-    lines += [f"failed: {r.host} as {r.login}: {r.error}" for r in failed]
+    lines += [f"failed: {r.host} as {r.login}: {printable(r.error or '')}" for r in failed]
     return "\n".join(lines)
 
 
@@ -389,7 +390,7 @@ _HANDLERS = {
 
 
 def _warn(message: str) -> None:
-    print(f"{PROG}: warning: {message}", file=sys.stderr)
+    print(f"{PROG}: warning: {printable(message)}", file=sys.stderr)
 
 
 def _run(argv: Sequence[str]) -> int:
@@ -410,9 +411,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
     except RexError as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
+        # an error may quote a host (a failed SFTP call, an SSH error): escaped and cut
+        message = printable(str(e), 4000, keep="\n")
+        print(f"{PROG}: error: {message}", file=sys.stderr)
         if e.hint:
-            print(f"  hint: {e.hint}", file=sys.stderr)
+            print(f"  hint: {printable(e.hint)}", file=sys.stderr)
         return e.exit_code
     except Exception:
         fd, log = tempfile.mkstemp(prefix=f"{PROG}-", suffix=".log")

@@ -23,6 +23,7 @@ from rexplan import hostrange
 from rexplan.errors import Diagnostic, ManifestError
 from rexplan.model import (
     HOST_RE,
+    MAX_STEPS,
     NAME_RE,
     Authorization,
     Callback,
@@ -737,6 +738,7 @@ class _Checker:
         self.entries: dict[str, list[str]] = {}  # hosts key as written -> its names
         self.groups: dict[str, list[str]] = {}
         self.programs: list[Program] = []
+        self.steps = 0  # programs x their hosts so far (MAX_STEPS)
         self.authorize: list[tuple[Authorization, re.Pattern[str], re.Pattern[str], str]] = []
         self._on_cache: dict[str, list[str]] = {}
         self._pythons: set[str] = set()  # interpreters already found valid
@@ -1072,12 +1074,25 @@ class _Checker:
             )
         on = _names(spec.get("on"))
         selected: set[str] = set()
+        # past MAX_STEPS (reported once) a program's hosts are not gathered: the manifest
+        # is refused, and 200 programs on 100,000 hosts must not cost their 20 million steps
+        over = self.steps > MAX_STEPS
         for i, item in on:
             on_path = (*path, "on") if i is None else (*path, "on", i)
             names = self._on(on_path, item)
-            if names:
+            if names and not over:
                 selected.update(names)
         hosts = tuple(sorted(selected, key=self.index.__getitem__))
+        self.steps += len(hosts)
+        if self.steps > MAX_STEPS and not over:
+            where = (*path, "on") if "on" in spec else path
+            report.add(
+                report.where(where, key="on" not in spec),
+                where,
+                f"the manifest makes more than {MAX_STEPS:,} steps (programs x their hosts): "
+                f"{self.steps:,} with this program's {len(hosts):,}",
+                "split the manifest, or narrow on: (rex --limit narrows a run, not the manifest)",
+            )
         if spec.get("on") == []:
             report.value((*path, "on"), "'on' selects no host")
         user = _str(spec.get("user"), None)

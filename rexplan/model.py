@@ -15,6 +15,10 @@ HOST_RE = re.compile(
 
 Pairs = tuple[tuple[str, str], ...]
 
+#: most steps (programs x their hosts) a manifest may make: a 10 kB manifest of 200 programs
+#: on 100,000 hosts would be 20 million steps, gigabytes before the first is launched
+MAX_STEPS = 1_000_000
+
 
 @dataclass(frozen=True)
 class Timeouts:

@@ -60,7 +60,7 @@ from collections.abc import Callable, Iterable, Iterator
 
 from rexplan import __version__
 from rexplan.errors import Diagnostic, PlanError
-from rexplan.model import Host, Manifest, Plan, Program, Ready, Step, User, triple
+from rexplan.model import MAX_STEPS, Host, Manifest, Plan, Program, Ready, Step, User, triple
 
 FORMAT = 1
 
@@ -84,8 +84,14 @@ def compile(manifest: Manifest, *, limit: str | None = None) -> Plan:
     """The launch plan of ``manifest``, optionally narrowed to the hosts ``limit`` matches.
 
     Raises PlanError for a ``requires`` cycle, a reference to something the manifest lacks,
-    an unauthorized triple, or a limit that leaves no step.
+    an unauthorized triple, more than MAX_STEPS steps, or a limit that leaves no step.
     """
+    # counted before a step is made: manifest.py refuses such a manifest, one built otherwise
+    # (rex run's) must not make them either
+    total = sum(len(p.hosts) for p in manifest.programs)
+    if total > MAX_STEPS:
+        message = f"the plan would have {total:,} steps, more than {MAX_STEPS:,}"
+        raise PlanError([_diag(manifest, "programs", message)])
     levels = _levels(manifest)
     users = {u.name: u for u in manifest.users}
     keep = _limit_filter(manifest, limit) if limit is not None else None

@@ -24,6 +24,7 @@ from rexplan.events import Event
 from rexplan.model import Manifest, Plan, Ready, Step
 from rexplan.plan import least_loaded
 from rexplan.spec import StepStatus, StopResult
+from rexplan.text import printable
 
 __all__ = [
     "ApplyDisplay",
@@ -52,17 +53,8 @@ def _plural(n: int, word: str) -> str:
     return f"{n} {word}" if n == 1 else f"{n} {word}s"
 
 
-# manifest strings may hold control characters (YAML escapes); never send them to a terminal
-_ESCAPES = {c: f"\\x{c:02x}" for c in [*range(0x20), 0x7F]} | {
-    ord("\n"): "\\n",
-    ord("\t"): "\\t",
-    ord("\r"): "\\r",
-}
-
-
-def printable(text: str) -> str:
-    """``text`` on one line, control characters written as escapes (``\\n``, ``\\x1b``)."""
-    return text.translate(_ESCAPES)
+#: characters of a command shown in a plan (a long shell: script is cut, with a note)
+COMMAND_LIMIT = 2000
 
 
 def format_ready(ready: Ready) -> str:
@@ -73,7 +65,7 @@ def format_ready(ready: Ready) -> str:
     if ready.kind == "http":
         return printable(ready.url or "")
     if ready.kind == "command":
-        return printable(f"command:{shlex.join(ready.argv)}")
+        return printable(f"command:{shlex.join(ready.argv)}", COMMAND_LIMIT)
     if ready.kind == "file":
         return printable(f"file:{ready.path}")
     if ready.kind == "alive":
@@ -83,7 +75,7 @@ def format_ready(ready: Ready) -> str:
 
 def format_command(step: Step) -> str:
     """The step's argv as one shell-quoted line."""
-    return printable(shlex.join(step.argv))
+    return printable(shlex.join(step.argv), COMMAND_LIMIT)
 
 
 def format_plan_summary(plan: Plan) -> str:
@@ -185,7 +177,9 @@ def plan_table(plan: Plan, manifest: Manifest, width: int = 100) -> Table:
 
 
 def print_text(console: Console, text: str) -> None:
-    """Write text as is: no markup, highlighting or wrapping (JSON, DOT, plain plans)."""
+    """Write text as is: no markup, highlighting or wrapping (JSON, DOT, plain plans); a
+    control character that got this far is still shown as an escape, never sent."""
+    text = printable(text, None, keep="\n\t")
     console.file.write(text if text.endswith("\n") else text + "\n")
 
 
@@ -233,10 +227,11 @@ def format_step_line(event: Event) -> str:
     if event.action is not None and event.state == "ready":
         text += f" {event.action}"
     if event.state not in ("ready", "unchanged"):
+        # a stored run (rex blame) may hold anything in any field
         if event.phase:
-            text += f" phase={event.phase}"
+            text += f" phase={printable(event.phase)}"
         if event.reason:
-            text += f" reason={event.reason}"
+            text += f" reason={printable(event.reason)}"
         if event.detail:
             text += f": {printable(event.detail)}"
     return text
@@ -551,6 +546,6 @@ class HostProgress:
 
     def host_done(self, text: str) -> None:
         """Print one host's report above the bar and advance it."""
-        self.console.print(Text(text), soft_wrap=True, highlight=False)
+        self.console.print(Text(printable(text, None, keep="\n")), soft_wrap=True, highlight=False)
         if self._progress is not None and self._task is not None:
             self._progress.advance(self._task)

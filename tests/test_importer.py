@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import re
+import resource
+import subprocess
+import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from rexplan import cli, importer, manifest
 from rexplan import plan as planner
@@ -286,3 +293,132 @@ def test_output_file_is_written_once_unless_forced(
 def test_unreadable_inventory(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["import", "ansible", str(tmp_path / "missing.ini")]) == 4
     assert "cannot read the inventory" in capsys.readouterr().err
+
+
+# --- hostile inventories (security issue, hole 5) ----------------------------------------------
+
+#: characters YAML takes for a line break (PyYAML: YAML 1.1) besides \n and \r
+YAML_BREAKS = "\x85\u2028\u2029"
+
+#: a variable name that, written raw into a comment, ends the comment and adds a host whose
+#: python is a file of the inventory author's choosing
+SMUGGLER = """\
+all:
+  hosts:
+    web1:
+      "pw\\L  evil: {address: 127.0.0.1, python: /tmp/evil/python3}\\L#": 1
+  children:
+    "g\\Pevil2: {python: /tmp/evil/python3}\\N#":
+      hosts:
+        web2:
+"""
+
+
+def test_a_variable_name_cannot_smuggle_a_host_into_the_output() -> None:
+    text = importer.import_ansible(SMUGGLER, "inv.yaml")
+    assert not set(YAML_BREAKS) & set(text)
+    loaded = manifest.loads(wrap(text, set()), "wrapped.yaml")
+    assert [h.name for h in loaded.hosts] == ["web1", "web2"]
+    assert {h.python for h in loaded.hosts} == {"python3"}
+    # the names are still shown, as repr() with escapes, not dropped silently
+    assert "'pw\\u2028  evil:" in text and "'g\\u2029evil2:" in text
+
+
+_NAMES = st.text(min_size=1, max_size=40)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    host_vars=st.lists(_NAMES, max_size=4),
+    group_vars=st.lists(_NAMES, max_size=4),
+    groups=st.lists(_NAMES, max_size=3),
+    hosts=st.lists(_NAMES, max_size=3),
+    source=_NAMES,
+)
+def test_every_comment_stays_one_line_for_any_name(
+    host_vars: list[str], group_vars: list[str], groups: list[str], hosts: list[str], source: str
+) -> None:
+    inv = importer.Inventory(source)
+    for group in groups:
+        inv.group(group).vars.update(dict.fromkeys(group_vars, 1))
+        for host in ["web1", *hosts]:
+            inv.add_host(group, host, dict.fromkeys(host_vars, "x"))
+    inv.add_host("ungrouped", "web1", dict.fromkeys(host_vars, "x"))
+    hosts_found, notes = importer.convert(inv)
+    text = importer.format_hosts(hosts_found, notes, source)
+    # YAML's line breaks are \n only: every other one is escaped, in comments and elsewhere
+    assert text.splitlines() == text.split("\n")[:-1]
+    for line in text.split("\n")[:-1]:
+        assert line.isprintable()
+        assert (
+            line.lstrip().startswith("#")
+            or line in ("hosts:", "hosts: {}")
+            or (line.startswith("  ") and line.endswith("}"))
+        )
+    loaded = importer._safe_load(text)
+    kept = [h.name for h in hosts_found if not importer._host_problem(h.name)]
+    assert list((loaded or {}).get("hosts") or {}) == kept
+
+
+# --- small inventories, huge costs (security issue, hole 9) ------------------------------------
+
+
+def _limited_import(path: Path) -> subprocess.CompletedProcess[str]:
+    """``rex import ansible PATH`` in a child held to 60 s of CPU and 1 GiB of address space:
+    an import that does not stay bounded is killed (or fails) instead of taking the machine."""
+
+    def limits() -> None:
+        resource.setrlimit(resource.RLIMIT_CPU, (60, 60))
+        resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))
+
+    code = "import sys; from rexplan import cli; sys.exit(cli.main(sys.argv[1:]))"
+    return subprocess.run(
+        [sys.executable, "-c", code, "import", "ansible", str(path)],
+        capture_output=True,
+        text=True,
+        preexec_fn=limits,  # the child runs only rex: no threads yet
+        check=False,
+        env={**os.environ, "PYTHONPATH": str(Path(importer.__file__).parent.parent)},
+    )
+
+
+def test_aliased_groups_are_walked_once(tmp_path: Path) -> None:
+    # each level's body names the one below twice, through an alias: 2**30 walks before
+    levels = ['l0: &l0 {hosts: {"h[1:50]": }}']
+    levels += [
+        f"l{i}: &l{i} {{children: {{a{i}: *l{i - 1}, b{i}: *l{i - 1}}}}}" for i in range(1, 31)
+    ]
+    inventory = tmp_path / "aliases.yaml"
+    inventory.write_text("\n".join([*levels, "top: *l30"]) + "\n")
+    done = _limited_import(inventory)
+    assert done.returncode == 0, done.stderr
+    loaded = _safe_hosts(done.stdout)
+    assert list(loaded) == [f"h{n}" for n in range(1, 51)]
+    groups = [
+        "l0",
+        "a1",
+        "b1",
+        *(g for i in range(1, 30) for g in (f"l{i}", f"a{i + 1}", f"b{i + 1}")),
+    ]
+    assert loaded["h1"]["groups"] == [*groups, "l30", "top"]
+
+
+def test_ranges_listed_in_many_groups_are_capped(tmp_path: Path) -> None:
+    inventory = tmp_path / "many.ini"
+    inventory.write_text("".join(f"[g{i}]\nh[1:100000]\n" for i in range(30)))
+    assert len(inventory.read_bytes()) < 600
+    done = _limited_import(inventory)
+    assert done.returncode == 4, done.stderr
+    assert (
+        f"{inventory}:22:1: the inventory adds up to more than 1,000,000 host entries"
+        in done.stderr
+    )
+
+
+def _safe_hosts(text: str) -> dict[str, Any]:
+    import yaml
+
+    doc = yaml.safe_load(text)
+    assert isinstance(doc, dict)
+    hosts: dict[str, Any] = doc["hosts"]
+    return hosts

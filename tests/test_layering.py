@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "rexplan"
-PURE = ("plan.py", "model.py", "manifest.py", "protocol.py")
+PURE = ("plan.py", "model.py", "manifest.py", "protocol.py", "text.py")
 IO_LIBRARIES = {
     "fabric",
     "paramiko",

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
+import resource
+import subprocess
+import sys
 from pathlib import Path
 
 import jsonschema
@@ -569,3 +573,48 @@ def test_any_shape_gives_records_or_diagnostics(
         assert exc.diagnostics
         for d in exc.diagnostics:
             assert d.line >= 1 and d.col >= 1 and d.message
+
+
+# --- small manifest, huge plan (security issue, hole 9) ----------------------------------------
+
+#: 9.8 kB: 200 programs on 100,000 hosts, 20 million steps; it took `rex validate` past 5.9 GB
+STEP_BOMB = (
+    "rex: 1\ndefaults: {user: u}\nusers:\n  u: {}\nhosts:\n  'n[1-100000]': {}\nprograms:\n"
+    + "".join(f"  p{i}: {{on: ['n[1-100000]'], run: [sleep, '1']}}\n" for i in range(200))
+    + "authorize: ['*.*.*']\n"
+)
+
+
+def test_steps_are_capped_before_the_plan_is_made(tmp_path: Path) -> None:
+    path = tmp_path / "bomb.yaml"
+    path.write_text(STEP_BOMB)
+    assert len(STEP_BOMB) < 10_000
+
+    def limits() -> None:
+        # the steps it asked for need gigabytes; the refusal must fit in much less
+        resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))
+        resource.setrlimit(resource.RLIMIT_CPU, (120, 120))
+
+    code = "import sys; from rexplan import cli; sys.exit(cli.main(sys.argv[1:]))"
+    done = subprocess.run(
+        [sys.executable, "-c", code, "validate", str(path)],
+        capture_output=True,
+        text=True,
+        preexec_fn=limits,  # the child runs only rex: no threads yet
+        check=False,
+        env={**os.environ, "PYTHONPATH": str(Path(manifest.__file__).parent.parent)},
+    )
+    assert done.returncode == 4, done.stderr
+    # the program that crosses 1,000,000 steps, at its on: key's value
+    assert done.stderr.startswith(
+        f"{path}:18:13: programs.p10.on: the manifest makes more than 1,000,000 steps"
+    ), done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_a_manifest_at_the_step_cap_is_accepted() -> None:
+    text = STEP_BOMB.replace("n[1-100000]", "n[1-5000]")  # 200 x 5,000 = 1,000,000 steps
+    loaded = manifest.loads(text, "cap.yaml")
+    assert sum(len(p.hosts) for p in loaded.programs) == 1_000_000
+    with pytest.raises(ManifestError, match="more than 1,000,000 steps"):
+        manifest.loads(text.replace("n[1-5000]", "n[1-5001]"), "over.yaml")

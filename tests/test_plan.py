@@ -573,3 +573,13 @@ def test_authorization_agrees_with_manifest_authorized(
             planner.compile(m)
     else:
         assert len(planner.compile(m).steps) == len(hosts)
+
+
+def test_a_manifest_of_too_many_steps_is_refused_before_they_are_made() -> None:
+    # a manifest not from manifest.py (rex run builds one): 11 programs on 100,000 hosts
+    names = tuple(f"n{i}" for i in range(100_000))
+    hosts = [Host(name=n, address=n) for n in names]
+    programs = [Program(name=f"p{i}", hosts=names, user="u", run=("true",)) for i in range(11)]
+    m = make(programs, hosts=hosts)
+    with pytest.raises(PlanError, match=r"1,100,000 steps, more than 1,000,000"):
+        planner.compile(m)

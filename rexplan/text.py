@@ -1,0 +1,108 @@
+"""The one filter for text rex did not write itself, before a terminal, a log or a comment.
+
+A host (an agent's report, a relay's line, a command's output, an SSH error), a run log or a
+manifest may hold any character. Written as is, C0 and C1 controls (``ESC``, ``CSI`` U+009B)
+drive the terminal, bidi overrides (U+202A-U+202E, U+2066-U+2069) reorder what is shown, and
+NEL, LINE SEPARATOR and PARAGRAPH SEPARATOR (U+0085, U+2028, U+2029) end a line for YAML and
+for some terminals. :func:`printable` writes every character ``str.isprintable()`` rejects as
+a Python escape (``\\n``, ``\\x1b``, ``\\x85``, ``\\u202e``) and caps the length, so what it
+returns stays one line of bounded length (or, with ``keep="\\n"``, the same lines).
+"""
+
+from __future__ import annotations
+
+#: characters one host-given field may show; longer text is cut with a note of how much
+LIMIT = 500
+
+_MEMO = 4096
+_NAMED = {"\n": "\\n", "\t": "\\t", "\r": "\\r"}
+
+
+def _escape(char: str) -> str:
+    if char in _NAMED:
+        return _NAMED[char]
+    code = ord(char)
+    if code < 0x100:
+        return f"\\x{code:02x}"
+    if code < 0x10000:
+        return f"\\u{code:04x}"
+    return f"\\U{code:08x}"
+
+
+def _cut(pieces: list[str], total: int, limit: int) -> str:
+    """The first of ``pieces`` (one per input character, escaped) that fit in ``limit``
+    characters with a note of how many of the ``total`` input characters were left out."""
+    room = limit
+    while True:
+        shown: list[str] = []
+        size = 0
+        for piece in pieces:
+            if size + len(piece) > room:
+                break
+            shown.append(piece)
+            size += len(piece)
+        note = f"... [{total - len(shown)} more characters]"
+        if size + len(note) <= limit or room == 0:
+            return ("".join(shown) + note)[:limit]
+        room = max(0, limit - len(note))
+
+
+def printable(text: str, limit: int | None = LIMIT, *, keep: str = "") -> str:
+    """``text`` safe to show: what ``str.isprintable()`` rejects is escaped, except the
+    characters of ``keep`` (``"\\n"`` for several lines, ``"\\n\\t"`` for a command's
+    output); at most ``limit`` characters (None: no cap), a longer text ends with
+    ``... [N more characters]``. Idempotent: printable text within the limit is returned
+    as is."""
+    fits = limit is None or len(text) <= limit
+    if fits and (text.isprintable() or (keep and _only_kept(text, keep))):
+        return text
+    table = _table(keep)
+    if limit is None:
+        # line by line: the lines that need no escape (most of them) are copied whole
+        return "".join(
+            line if _only_kept(line, keep) else "".join(map(table.__getitem__, map(ord, line)))
+            for line in text.splitlines(keepends=True)
+        )
+    pieces: list[str] = []
+    size = 0
+    # past the limit nothing more is looked at: a huge text costs at most `limit` escapes
+    for code in map(ord, text[: limit + 1]):
+        piece = table[code]
+        pieces.append(piece)
+        size += len(piece)
+        if size > limit:
+            return _cut(pieces, len(text), limit)
+    return "".join(pieces)
+
+
+class _Escapes(dict[int, str]):
+    """Each character's rendering, worked out once (for the first _MEMO characters met: a
+    host sending every code point must not grow it without end)."""
+
+    def __init__(self, keep: str) -> None:
+        super().__init__()
+        self.keep = keep
+
+    def __missing__(self, code: int) -> str:
+        char = chr(code)
+        piece = char if char.isprintable() or char in self.keep else _escape(char)
+        if len(self) < _MEMO:
+            self[code] = piece
+        return piece
+
+
+_TABLES: dict[str, _Escapes] = {}
+
+
+def _table(keep: str) -> _Escapes:
+    table = _TABLES.get(keep)
+    if table is None:
+        table = _TABLES[keep] = _Escapes(keep)
+    return table
+
+
+def _only_kept(text: str, keep: str) -> bool:
+    """Whether every character of ``text`` is printable or in ``keep``."""
+    for char in keep:
+        text = text.replace(char, " ")
+    return text.isprintable()
