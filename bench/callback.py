@@ -3,10 +3,10 @@
 Usage: python3 bench/callback.py [--clients 1,16,64] [--reps 3] [--handshakes 3000]
     [--pending 10000] [--procs N] [--profile FILE]
 
-The listener (rexplan.callback, one selector thread) runs in this process with --pending
+The listener (rexplan.engine.callback, one selector thread) runs in this process with --pending
 steps registered; the clients run in --procs worker processes (default: one per core, at
 most M), M / procs threads each, so their Python does not share the listener's GIL. A
-client builds its hello and resp with rexplan.protocol exactly as the agent does, checks
+client builds its hello and resp with rexplan.wire.protocol exactly as the agent does, checks
 the listener's proof and the ok's MAC, and counts the handshake verified only then. Each
 repetition uses a fresh listener and fresh steps (a step verifies once); the steps' keys
 reach the workers over a pipe, never argv.
@@ -39,8 +39,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from rexplan import protocol
-from rexplan.callback import CallbackListener, PendingStep
+from rexplan.engine.callback import CallbackListener, PendingStep
+from rexplan.wire import protocol
 
 # --- worker: M / procs client threads ------------------------------------------------------------
 

@@ -129,7 +129,7 @@ def work_fabric(cfg: dict[str, Any]) -> None:
 def timed_rex(argv: list[str]) -> float:
     """Seconds ``rex ARGV`` took in this process, its output discarded; exits unless it
     succeeded."""
-    from rexplan.cli import main
+    from rexplan.cli.rex import main
 
     stdout = sys.stdout
     t0 = time.perf_counter()
@@ -151,7 +151,7 @@ def _apply_argv(cfg: dict[str, Any]) -> list[str]:
 
 
 def work_rex(cfg: dict[str, Any]) -> None:
-    from rexplan import executor  # noqa: F401 - imported before the clock starts, like fabric
+    from rexplan.engine import executor  # noqa: F401 - imported before the clock starts, like fabric
 
     print(json.dumps({"inner": timed_rex(_apply_argv(cfg))}))
 
@@ -166,7 +166,7 @@ def work_reapply(cfg: dict[str, Any]) -> None:
 def fresh_daemon() -> Iterator[dict[str, float]]:
     """A REX_MUX_DIR of its own for a persist run; afterwards the daemon's CPU time (in
     ``extra["cpu"]``: it is nobody's child) and the daemon stopped, by pid if need be."""
-    from rexplan import mux
+    from rexplan.transport import persist as mux
 
     base = tempfile.mkdtemp(prefix="rexmux-", dir="/tmp")
     directory = os.path.join(base, "mux")
@@ -238,7 +238,7 @@ def worker_env() -> dict[str, str]:
 
 def warm_imports() -> None:
     """Import every worker's modules once, so that each has its bytecode cached."""
-    code = "import fabric, paramiko, rexplan.cli, rexplan.executor, rexplan.keycli"
+    code = "import fabric, paramiko, rexplan.cli.rex, rexplan.engine.executor, rexplan.cli.rex_key"
     subprocess.run([sys.executable, "-c", code], env=worker_env(), check=True)
 
 
@@ -306,9 +306,9 @@ def bench(
 ) -> None:
     from sshrig import SshdRig
 
-    from rexplan.keycli import main as rex_key
+    from rexplan.cli.rex_key import main as rex_key
     from rexplan.remote import bundle_sha
-    from rexplan.transport import host_key_name
+    from rexplan.transport.ssh import host_key_name
 
     marker = f"agent-{bundle_sha()[:16]}.py"
     rig = SshdRig()

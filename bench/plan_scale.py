@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from rexplan import manifest, plan
+from rexplan.core import manifest, plan
 
 PER_RACK = 250
 

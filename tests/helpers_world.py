@@ -14,8 +14,8 @@ import helpers_procs as procs
 import pytest
 from sshrig import RigHost, SshdRig
 
-from rexplan.cli import main
-from rexplan.keycli import main as rex_key
+from rexplan.cli.rex import main
+from rexplan.cli.rex_key import main as rex_key
 
 Hosts = Callable[[int], list[RigHost]]
 TIMEOUTS = {"connect": 5, "start": 5, "callback": 5, "ready": 3}

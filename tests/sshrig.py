@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from rexplan.model import Host, User
+from rexplan.core.model import Host, User
 
 SSHD = "/usr/sbin/sshd"
 #: primary account plus this many extra ones; the names are fixed up front because every sshd's

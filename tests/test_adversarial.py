@@ -29,9 +29,11 @@ from typing import Any
 import faultproxy as fp
 import pytest
 
-from rexplan import callback, protocol, remote
-from rexplan.callback import CallbackListener, PendingStep
+from rexplan import remote
+from rexplan.engine import callback
+from rexplan.engine.callback import CallbackListener, PendingStep
 from rexplan.remote import agent as agent_module
+from rexplan.wire import protocol
 
 PACKAGE = Path(__file__).resolve().parent.parent / "rexplan"
 TRIPLE = "h1.alice.app"
@@ -837,7 +839,7 @@ def test_a_flood_of_idle_and_slowloris_connections_does_not_delay_a_real_launch(
     # the listener as a run has it (its default limits and deadlines), 2,000 connections
     # from 8 other addresses at once, opened again as fast as they are closed
     assert callback.ensure_fd_budget(3000) is None
-    caplog.set_level(logging.WARNING, logger="rexplan.callback")
+    caplog.set_level(logging.WARNING, logger="rexplan.engine.callback")
     baseline = open_fds()
     started = time.monotonic()
     with CallbackListener() as lis:
@@ -1025,7 +1027,7 @@ def test_every_mac_comparison_in_rexplan_uses_compare_digest() -> None:
     ]
     assert offenders == [], "compare secrets with compare_digest: " + ", ".join(offenders)
     # and the verifiers themselves compare with it
-    tree = ast.parse((PACKAGE / "protocol.py").read_text())
+    tree = ast.parse((PACKAGE / "wire" / "protocol.py").read_text())
     verifiers = [
         f for f in tree.body if isinstance(f, ast.FunctionDef) and f.name.startswith("verify_")
     ]

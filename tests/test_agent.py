@@ -20,9 +20,10 @@ from typing import Any
 
 import pytest
 
-from rexplan import protocol, remote
-from rexplan.callback import CallbackListener, PendingStep
+from rexplan import remote
+from rexplan.engine.callback import CallbackListener, PendingStep
 from rexplan.remote import agent as agent_module
+from rexplan.wire import protocol
 
 PY = sys.executable
 TRIPLE = "h1.alice.app"

@@ -20,11 +20,11 @@ import pytest
 from helpers_world import Run, free_port, read_events
 from sshrig import RigHost, SshdRig
 
-from rexplan import protocol
-from rexplan.cli import main
-from rexplan.keycli import main as rex_key
+from rexplan.cli.rex import main
+from rexplan.cli.rex_key import main as rex_key
 from rexplan.remote import bundle_sha
-from rexplan.transport import SSHTransport
+from rexplan.transport.ssh import SSHTransport
+from rexplan.wire import protocol
 
 Hosts = Callable[[int], list[RigHost]]
 REPO = Path(__file__).resolve().parent.parent
@@ -506,7 +506,7 @@ def test_launcher_killed_mid_wave_leaves_nothing_behind(
     m = world.manifest(hosts, programs)
     world.distribute(m)
     events = world.tmp / "events.jsonl"
-    argv = [sys.executable, "-c", "import sys; from rexplan.cli import main; sys.exit(main())"]
+    argv = [sys.executable, "-c", "import sys; from rexplan.cli.rex import main; sys.exit(main())"]
     argv += ["apply", str(m), "-y", "--keys", str(world.keys), "--events", str(events)]
     argv += ["--known-hosts", world.rig.known_hosts]
     env = {**os.environ, "PYTHONPATH": str(REPO)}

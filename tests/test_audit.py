@@ -18,13 +18,13 @@ from pathlib import Path
 import pytest
 from sshrig import RigHost, SshdRig
 
-from rexplan import audit
-from rexplan.distribute import distribute
-from rexplan.keys import KeyInfo, KeyStore
-from rexplan.manifest import load
-from rexplan.model import Authorization, Manifest, Plan, Program, Step
-from rexplan.protocol import format_key_file, parse_key_file
-from rexplan.transport import connect
+from rexplan.core.manifest import load
+from rexplan.core.model import Authorization, Manifest, Plan, Program, Step
+from rexplan.transport.ssh import connect
+from rexplan.trust import audit
+from rexplan.trust.distribute import distribute
+from rexplan.trust.keys import KeyInfo, KeyStore
+from rexplan.wire.protocol import format_key_file, parse_key_file
 
 Hosts = Callable[[int], list[RigHost]]
 
@@ -35,7 +35,7 @@ ROW_KEYS = {
 
 
 def rex(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    """Run ``rex audit ...`` through a parser built with audit.add_parser, as cli.py will."""
+    """Run ``rex audit ...`` through a parser built with audit.add_parser, as rex does."""
     parser = argparse.ArgumentParser(prog="rex")
     audit.add_parser(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(list(argv))
@@ -314,7 +314,7 @@ def test_help_for_every_option() -> None:
 
 
 def _manifest(authorize: Sequence[str]) -> Manifest:
-    from rexplan.model import Host, User
+    from rexplan.core.model import Host, User
 
     return Manifest(
         path="m.yaml",

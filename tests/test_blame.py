@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from rexplan import blame, runs
-from rexplan import events as ev
-from rexplan.cli import main
+from rexplan.cli import blame
+from rexplan.cli.rex import main
+from rexplan.engine import events as ev
+from rexplan.engine import runs
 from rexplan.errors import UsageError
 
 RUN = "20250101T120000-0badcafe"

@@ -19,8 +19,9 @@ from typing import Any
 
 import pytest
 
-from rexplan import callback, protocol
-from rexplan.callback import CallbackListener, PendingStep, Verdict
+from rexplan.engine import callback
+from rexplan.engine.callback import CallbackListener, PendingStep, Verdict
+from rexplan.wire import protocol
 
 TRIPLE = "h1.alice.app"
 
@@ -99,7 +100,7 @@ class Agent:
 
 @pytest.fixture
 def lis(caplog: pytest.LogCaptureFixture) -> Iterator[CallbackListener]:
-    caplog.set_level(logging.INFO, logger="rexplan.callback")
+    caplog.set_level(logging.INFO, logger="rexplan.engine.callback")
     listener = CallbackListener(handshake_timeout=0.5)
     with listener:
         yield listener
@@ -274,7 +275,7 @@ def test_rejected_attempts_are_the_detail_of_a_step_that_times_out(lis: Callback
 
 
 def test_a_failed_step_names_its_rejected_attempts_and_a_wrong_key_is_actionable() -> None:
-    from rexplan.executor import _failure
+    from rexplan.engine.executor import _failure
 
     rejected = "3 rejected attempts: wrong key_id 00000000000000aa (expected 0123456789abcdef) "
     rejected += "from 127.0.0.5 (x3)"
@@ -647,7 +648,7 @@ def test_running_jobs_do_not_hold_handshake_slots() -> None:
 def test_refusals_are_summed_up_in_one_warning_per_interval(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    caplog.set_level(logging.INFO, logger="rexplan.callback")
+    caplog.set_level(logging.INFO, logger="rexplan.engine.callback")
     every = 0.5
     with CallbackListener(max_unauthenticated=2, max_per_source=1, report_every=every) as lis:
         start = time.monotonic()
@@ -693,7 +694,7 @@ sys.stdin.read()
 def test_a_fixed_callback_port_in_use_fails_before_any_host_is_contacted(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from rexplan.cli import main
+    from rexplan.cli.rex import main
 
     # another user's process listens there first, with SO_REUSEADDR as rex's listener has it
     # (as root: nobody, with the system's python3, which that user may run)

@@ -18,8 +18,9 @@ from typing import Any
 
 import pytest
 
-from rexplan import callback, protocol
-from rexplan.callback import CallbackListener, PendingStep
+from rexplan.engine import callback
+from rexplan.engine.callback import CallbackListener, PendingStep
+from rexplan.wire import protocol
 
 ROOT = Path(__file__).resolve().parent.parent
 PENDING = 10_000
@@ -56,7 +57,7 @@ def recv_msg(sock: socket.socket, reader: protocol.FrameReader, *expected: str) 
 
 
 def handshake(lis: CallbackListener, step: PendingStep) -> str:
-    """The agent's side, built with rexplan.protocol as the agent builds it: ok or no."""
+    """The agent's side, built with rexplan.wire.protocol as the agent builds it: ok or no."""
     k_l, k_a = protocol.direction_keys(step.key)
     hello = protocol.make_hello(
         run=lis.run_id,

@@ -9,8 +9,11 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from rexplan import __version__, cli, manifest, ui
-from rexplan import plan as planner
+from rexplan import __version__
+from rexplan.cli import rex as cli
+from rexplan.cli import ui
+from rexplan.core import manifest
+from rexplan.core import plan as planner
 from rexplan.errors import UsageError
 
 ROOT = Path(__file__).resolve().parent.parent

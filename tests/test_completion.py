@@ -13,7 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from rexplan import cli, completion, keycli
+from rexplan.cli import completion
+from rexplan.cli import rex as cli
+from rexplan.cli import rex_key as keycli
 
 MANIFEST = """\
 rex: 1
@@ -39,7 +41,7 @@ def workdir(tmp_path: Path) -> Path:
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     rex = bin_dir / "rex"
-    code = "import sys; from rexplan.cli import main; sys.exit(main())"
+    code = "import sys; from rexplan.cli.rex import main; sys.exit(main())"
     rex.write_text(f'#!/bin/sh\nexec {shlex.quote(sys.executable)} -c {shlex.quote(code)} "$@"\n')
     rex.chmod(0o755)
     return tmp_path

@@ -18,9 +18,10 @@ import pytest
 from helpers_world import World
 from sshrig import RigHost, SshdRig, cgroup_unavailable_reason
 
-from rexplan import protocol, remote
-from rexplan.callback import CallbackListener, PendingStep
+from rexplan import remote
+from rexplan.engine.callback import CallbackListener, PendingStep
 from rexplan.remote import agent
+from rexplan.wire import protocol
 
 PY = sys.executable
 TRIPLE = "h1.alice.app"

@@ -15,13 +15,13 @@ from pathlib import Path
 import pytest
 from sshrig import RigHost, SshdRig, descendants
 
-from rexplan.distribute import distribute
-from rexplan.keycli import main
-from rexplan.keys import KeyStore
-from rexplan.manifest import load
-from rexplan.model import Host, Timeouts, User
-from rexplan.protocol import key_id, parse_key_file
-from rexplan.transport import Result, Transport, connect
+from rexplan.cli.rex_key import main
+from rexplan.core.manifest import load
+from rexplan.core.model import Host, Timeouts, User
+from rexplan.transport.ssh import Result, Transport, connect
+from rexplan.trust.distribute import distribute
+from rexplan.trust.keys import KeyStore
+from rexplan.wire.protocol import key_id, parse_key_file
 
 Hosts = Callable[[int], list[RigHost]]
 

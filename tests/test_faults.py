@@ -25,10 +25,11 @@ from helpers_world import Run, free_port, read_events
 from oracle import Oracle
 from sshrig import RigHost, SshdRig
 
-from rexplan import protocol, remote
-from rexplan.callback import CallbackListener, PendingStep
-from rexplan.cli import main
-from rexplan.keycli import main as rex_key
+from rexplan import remote
+from rexplan.cli.rex import main
+from rexplan.cli.rex_key import main as rex_key
+from rexplan.engine.callback import CallbackListener, PendingStep
+from rexplan.wire import protocol
 
 REPO = Path(__file__).resolve().parent.parent
 #: failing steps end within seconds; passing ones never wait for these
@@ -178,7 +179,11 @@ class World:
     def launch(self, manifest: Path) -> tuple[subprocess.Popen[bytes], Path]:
         """`rex apply` as its own process (to be signalled); its events file."""
         events = self.tmp / f"events-{secrets.token_hex(3)}.jsonl"
-        argv = [sys.executable, "-c", "import sys; from rexplan.cli import main; sys.exit(main())"]
+        argv = [
+            sys.executable,
+            "-c",
+            "import sys; from rexplan.cli.rex import main; sys.exit(main())",
+        ]
         env = {**os.environ, "PYTHONPATH": str(REPO), "NO_COLOR": "1"}
         proc = subprocess.Popen(
             [*argv, *self.argv(manifest, events)],

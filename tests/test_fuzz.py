@@ -25,9 +25,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from rexplan import manifest, protocol
-from rexplan import plan as planner
+from rexplan.core import manifest
+from rexplan.core import plan as planner
 from rexplan.errors import ManifestError
+from rexplan.wire import protocol
 
 ROOT = Path(__file__).resolve().parent.parent
 REGRESSIONS = Path(__file__).resolve().parent / "data" / "fuzz"

@@ -16,9 +16,9 @@ import paramiko
 import pytest
 from sshrig import RigHost, SshdRig
 
-from rexplan import hostkeys
 from rexplan.errors import UsageError
-from rexplan.transport import HostKeyInfo, connect
+from rexplan.transport.ssh import HostKeyInfo, connect
+from rexplan.trust import hostkeys
 
 Hosts = Callable[[int], list[RigHost]]
 

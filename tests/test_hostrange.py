@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from rexplan.hostrange import MAX_HOSTS, RangeHost, check_template, expand, is_range, render
+from rexplan.core.hostrange import MAX_HOSTS, RangeHost, check_template, expand, is_range, render
 
 
 def names(pattern: str) -> list[str]:

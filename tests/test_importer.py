@@ -14,8 +14,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rexplan import cli, importer, manifest
-from rexplan import plan as planner
+from rexplan.cli import importer
+from rexplan.cli import rex as cli
+from rexplan.core import manifest
+from rexplan.core import plan as planner
 from rexplan.errors import ManifestError
 
 DATA = Path(__file__).resolve().parent / "data" / "ansible"
@@ -371,7 +373,7 @@ def _limited_import(path: Path) -> subprocess.CompletedProcess[str]:
         resource.setrlimit(resource.RLIMIT_CPU, (60, 60))
         resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))
 
-    code = "import sys; from rexplan import cli; sys.exit(cli.main(sys.argv[1:]))"
+    code = "import sys; from rexplan.cli import rex; sys.exit(rex.main(sys.argv[1:]))"
     return subprocess.run(
         [sys.executable, "-c", code, "import", "ansible", str(path)],
         capture_output=True,

@@ -67,7 +67,7 @@ def test_sigint_kills_what_is_starting_and_exits_130(tmp_path: Path) -> None:
         [
             sys.executable,
             "-c",
-            "import sys; from rexplan.cli import main; sys.exit(main())",
+            "import sys; from rexplan.cli.rex import main; sys.exit(main())",
             "apply",
             "-y",
             str(manifest),

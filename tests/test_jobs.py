@@ -18,8 +18,9 @@ import pytest
 from helpers_world import SLEEPER, Hosts, World, nothing_left, open_world
 from sshrig import SshdRig
 
-from rexplan import adhoc, protocol
-from rexplan.callback import EXITED, LOST, CallbackListener, JobResult, PendingStep
+from rexplan.engine import adhoc
+from rexplan.engine.callback import EXITED, LOST, CallbackListener, JobResult, PendingStep
+from rexplan.wire import protocol
 
 
 @pytest.fixture
@@ -128,7 +129,12 @@ def test_launcher_killed_during_a_job_kills_the_job(world: World, sshd_hosts: Ho
     argv = ["run", "*", "-m", str(m), "--keys", str(world.keys)]
     argv += ["--known-hosts", world.rig.known_hosts, "--", "sleep", "300"]
     launcher = subprocess.Popen(
-        [sys.executable, "-c", "import sys; from rexplan.cli import main; sys.exit(main())", *argv],
+        [
+            sys.executable,
+            "-c",
+            "import sys; from rexplan.cli.rex import main; sys.exit(main())",
+            *argv,
+        ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         env={**os.environ},

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from rexplan.keycli import main, modernize
-from rexplan.keys import KeyStore
-from rexplan.protocol import parse_key_file
+from rexplan.cli.rex_key import main, modernize
+from rexplan.trust.keys import KeyStore
+from rexplan.wire.protocol import parse_key_file
 
 
 def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from rexplan.errors import KeyStoreError, UsageError
-from rexplan.keys import KeyStore, parse_key_triple
-from rexplan.protocol import format_key_file, key_id, parse_key_file
+from rexplan.trust.keys import KeyStore, parse_key_triple
+from rexplan.wire.protocol import format_key_file, key_id, parse_key_file
 
 
 def mode(path: Path) -> int:

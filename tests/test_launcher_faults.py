@@ -24,12 +24,12 @@ from sshrig import RigHost, SshdRig
 from test_faults import SLEEPER, World, never_ready, wait_for, with_env
 from test_tree import _rig_manifest, _steps, relay_identity  # noqa: F401 - registers the fixture
 
-from rexplan import protocol
+from rexplan.core.model import Host, Timeouts
+from rexplan.engine.fanout import RelayError, TreeLauncher
 from rexplan.errors import HostTimeoutError
-from rexplan.model import Host, Timeouts
 from rexplan.remote import LAUNCH_MARKER
-from rexplan.transport import Gate, LocalTransport, TransportPool
-from rexplan.tree import RelayError, TreeLauncher
+from rexplan.transport.ssh import Gate, LocalTransport, TransportPool
+from rexplan.wire import protocol
 
 Hosts = Callable[[int], list[RigHost]]
 Spawn = Callable[[], RigHost]

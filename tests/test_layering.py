@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "rexplan"
-PURE = ("plan.py", "model.py", "manifest.py", "protocol.py", "text.py")
+PURE = ("core/plan.py", "core/model.py", "core/manifest.py", "wire/protocol.py", "core/text.py")
 IO_LIBRARIES = {
     "fabric",
     "paramiko",
@@ -71,16 +71,16 @@ def test_pure_modules_import_no_io_library(name: str) -> None:
 
 def test_only_ui_imports_rich() -> None:
     importers = {rel(p) for p in modules() if "rich" in top_level_imports(p)}
-    assert importers <= {"ui.py"}
+    assert importers <= {"cli/ui.py"}
 
 
 def test_only_transport_imports_ssh_libraries() -> None:
     importers = {rel(p) for p in modules() if top_level_imports(p) & SSH_LIBRARIES}
-    assert importers <= {"transport.py"}
+    assert importers <= {"transport/ssh.py"}
 
 
 def package_imports(path: Path) -> set[str]:
-    """The rexplan modules a file imports: ``from rexplan import protocol`` is rexplan.protocol."""
+    """The rexplan modules a file imports (``from rexplan.wire import protocol`` included)."""
     names: set[str] = set()
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
         if isinstance(node, ast.Import):
@@ -99,14 +99,14 @@ def package_imports(path: Path) -> set[str]:
 def test_package_scanner(tmp_path: Path) -> None:
     sample = tmp_path / "sample.py"
     sample.write_text(
-        "import rexplan.model\nfrom rexplan import protocol, errors\n"
-        "from rexplan.plan import compile\nimport os\n"
+        "import rexplan.core.model\nfrom rexplan import protocol, errors\n"
+        "from rexplan.core.plan import compile\nimport os\n"
     )
     assert package_imports(sample) == {
-        "rexplan.model",
+        "rexplan.core.model",
         "rexplan.protocol",
         "rexplan.errors",
-        "rexplan.plan",
+        "rexplan.core.plan",
     }
 
 
@@ -117,7 +117,7 @@ BUILTIN_SHA256 = {"_sha2", "_sha256"}
 
 def test_protocol_imports_only_the_standard_library() -> None:
     stdlib = set(sys.stdlib_module_names) | BUILTIN_SHA256
-    outside = top_level_imports(PACKAGE / "protocol.py") - stdlib
+    outside = top_level_imports(PACKAGE / "wire" / "protocol.py") - stdlib
     assert outside == set()
 
 
@@ -127,4 +127,4 @@ def test_agent_imports_only_the_standard_library_and_protocol() -> None:
         pytest.skip("remote/agent.py does not exist yet")
     outside = top_level_imports(AGENT) - set(sys.stdlib_module_names) - {"rexplan"}
     assert outside == set(), f"the agent imports {sorted(outside)} outside the stdlib"
-    assert package_imports(AGENT) <= {"rexplan.protocol"}
+    assert package_imports(AGENT) <= {"rexplan.wire.protocol"}

@@ -18,14 +18,16 @@ import pytest
 from helpers_world import SLEEPER, Hosts, Run, World, nothing_left
 from sshrig import RigHost, SshdRig, cgroup_unavailable_reason
 
-from rexplan import executor, protocol, remote
-from rexplan import manifest as manifests
-from rexplan.callback import CallbackListener, PendingStep
+from rexplan import remote
+from rexplan.core import manifest as manifests
+from rexplan.core.model import FailurePolicy, Ready, Step
+from rexplan.engine import executor
+from rexplan.engine.callback import CallbackListener, PendingStep
+from rexplan.engine.executor import Load, parse_load
 from rexplan.errors import ManifestError
-from rexplan.executor import Load, parse_load
-from rexplan.model import FailurePolicy, Ready, Step
 from rexplan.remote import agent
-from rexplan.transport import connect
+from rexplan.transport.ssh import connect
+from rexplan.wire import protocol
 
 #: forks a grandchild that leaves the process group (setsid), then waits forever
 DAEMON = (
@@ -876,9 +878,9 @@ def _placement_manifest() -> manifests.Manifest:
 
 
 def test_place_probes_the_candidates_and_dry_run_marks_the_others_unplaced() -> None:
-    from rexplan import lifecycle
-    from rexplan import plan as planner
-    from rexplan import spec as specs
+    from rexplan.core import plan as planner
+    from rexplan.core import spec as specs
+    from rexplan.engine import lifecycle
 
     m = _placement_manifest()
     plan = planner.compile(m)

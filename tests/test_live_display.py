@@ -18,7 +18,7 @@ import helpers_procs as procs
 import pytest
 from rich.cells import cell_len
 
-from rexplan import runs
+from rexplan.engine import runs
 
 ROOT = Path(__file__).resolve().parent.parent
 WIDTH, HEIGHT = 80, 30
@@ -109,7 +109,7 @@ def run_in_tmux(tmux: Tmux, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, **e
     home = tmp_path / "home"
     monkeypatch.setenv("REX_STATE_DIR", str(tmp_path / ".rex"))  # for stop_everything
     exports = {"REX_HOME": str(home), "PYTHONPATH": str(ROOT), **env}
-    rex = [sys.executable, "-c", "import sys; from rexplan.cli import main; sys.exit(main())"]
+    rex = [sys.executable, "-c", "import sys; from rexplan.cli.rex import main; sys.exit(main())"]
     script = tmp_path / "go"
     script.write_text(
         f"cd {shlex.quote(str(tmp_path))}\n"

@@ -15,10 +15,15 @@ from pathlib import Path
 
 import pytest
 
-from rexplan import audit, blame, cli, events, executor, hostkeys, keycli, lifecycle, manifest, spec
-from rexplan import plan as planner
-from rexplan.keys import KeyInfo
-from rexplan.model import Host
+from rexplan.cli import blame
+from rexplan.cli import rex as cli
+from rexplan.cli import rex_key as keycli
+from rexplan.core import manifest, spec
+from rexplan.core import plan as planner
+from rexplan.core.model import Host
+from rexplan.engine import events, executor, lifecycle
+from rexplan.trust import audit, hostkeys
+from rexplan.trust.keys import KeyInfo
 
 ROOT = Path(__file__).resolve().parent.parent
 MAN = ROOT / "man"

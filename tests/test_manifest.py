@@ -17,9 +17,8 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rexplan import manifest
-from rexplan.errors import Diagnostic, ManifestError
-from rexplan.model import (
+from rexplan.core import manifest
+from rexplan.core.model import (
     Authorization,
     Callback,
     FileSpec,
@@ -30,6 +29,7 @@ from rexplan.model import (
     User,
     When,
 )
+from rexplan.errors import Diagnostic, ManifestError
 
 BAD = Path(__file__).parent / "data" / "bad"
 EXPECT = re.compile(r"# expect: (\d+):(\d+) (.+?): (.*)$")
@@ -595,7 +595,7 @@ def test_steps_are_capped_before_the_plan_is_made(tmp_path: Path) -> None:
         resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))
         resource.setrlimit(resource.RLIMIT_CPU, (120, 120))
 
-    code = "import sys; from rexplan import cli; sys.exit(cli.main(sys.argv[1:]))"
+    code = "import sys; from rexplan.cli import rex; sys.exit(rex.main(sys.argv[1:]))"
     done = subprocess.run(
         [sys.executable, "-c", code, "validate", str(path)],
         capture_output=True,

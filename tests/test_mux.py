@@ -1,6 +1,6 @@
-"""Connection persistence (``persist``, rexplan.mux) against the sshd rig: the daemon keeps
-the connections between runs, reuses one only while its host key is still pinned, refuses
-an unsafe directory and other users, and is stopped by pid after every test."""
+"""Connection persistence (``persist``, rexplan.transport.persist) against the sshd rig: the
+daemon keeps the connections between runs, reuses one only while its host key is still
+pinned, refuses an unsafe directory and other users, and is stopped by pid after every test."""
 
 from __future__ import annotations
 
@@ -21,11 +21,12 @@ import pytest
 from helpers_world import SLEEPER, World
 from sshrig import RigHost, SshdRig
 
-from rexplan import mux, transport
-from rexplan.cli import main
+from rexplan.cli.rex import main
+from rexplan.core.model import Timeouts
 from rexplan.errors import TransportError
-from rexplan.model import Timeouts
-from rexplan.transport import Gate, SSHTransport
+from rexplan.transport import persist as mux
+from rexplan.transport import ssh as transport
+from rexplan.transport.ssh import Gate, SSHTransport
 
 pytestmark = pytest.mark.sshd
 

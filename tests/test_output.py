@@ -12,7 +12,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rexplan import cli, runs
+from rexplan.cli import rex as cli
+from rexplan.engine import runs
 
 #: two waves of sleepers on this machine; the tag finds what a test started
 MANIFEST = """\
@@ -105,7 +106,9 @@ def test_vv_logs_the_callback_handshakes(apply: Apply) -> None:
     assert code == 0
     handshakes = [line for line in err.splitlines() if "callback OK" in line]
     assert len(handshakes) == 2
-    assert all(line.startswith("rex: rexplan.callback: callback OK ref=") for line in handshakes)
+    assert all(
+        line.startswith("rex: rexplan.engine.callback: callback OK ref=") for line in handshakes
+    )
 
 
 @pytest.mark.parametrize("where", ["global", "apply"])
@@ -136,7 +139,7 @@ def test_verbose_and_quiet_exclude_each_other(capsys: pytest.CaptureFixture[str]
 def test_host_progress_shows_a_bar_on_a_terminal_and_lines_everywhere() -> None:
     import io
 
-    from rexplan import ui
+    from rexplan.cli import ui
 
     tty = io.StringIO()
     console = ui.Console(file=tty, force_terminal=True, width=80, color_system=None)
@@ -169,7 +172,7 @@ assert len(BAD) == 19  # the 19 distinct controls above
 
 
 def test_printable_escapes_every_control_and_bidi_character() -> None:
-    from rexplan.text import LIMIT, printable
+    from rexplan.core.text import LIMIT, printable
 
     shown = printable(HOSTILE, None)
     assert shown.isprintable() and not BAD & set(shown)
@@ -191,7 +194,7 @@ def test_printable_escapes_every_control_and_bidi_character() -> None:
 @settings(max_examples=300, deadline=None)
 @given(text=st.text(), limit=st.integers(min_value=40, max_value=2000))
 def test_printable_is_one_bounded_printable_line_for_any_text(text: str, limit: int) -> None:
-    from rexplan.text import printable
+    from rexplan.core.text import printable
 
     shown = printable(text, limit)
     assert shown.isprintable() and len(shown) <= limit
@@ -252,9 +255,10 @@ def test_every_path_of_host_text_to_the_terminal_escapes_and_bounds_it(
 ) -> None:
     import logging
 
-    from rexplan import adhoc, keycli
-    from rexplan.distribute import HostReport, KeyAction
+    from rexplan.cli import rex_key as keycli
+    from rexplan.engine import adhoc
     from rexplan.errors import TransportError
+    from rexplan.trust.distribute import HostReport, KeyAction
 
     words = HOSTILE + "B" * 100_000
     shown: list[str] = []

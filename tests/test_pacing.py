@@ -12,7 +12,8 @@ import pytest
 from helpers_world import TIMEOUTS, World
 from sshrig import RigHost, SshdRig
 
-from rexplan import manifest
+from rexplan.core import manifest
+from rexplan.core.model import Host, Manifest, Timeouts, User
 from rexplan.errors import (
     AuthenticationError,
     HostKeyError,
@@ -21,8 +22,7 @@ from rexplan.errors import (
     TransportError,
     UnreachableError,
 )
-from rexplan.model import Host, Manifest, Timeouts, User
-from rexplan.transport import (
+from rexplan.transport.ssh import (
     HandshakeGate,
     HandshakeGates,
     HandshakeRetry,

@@ -20,9 +20,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rexplan import plan as planner
-from rexplan.errors import PlanError
-from rexplan.model import (
+from rexplan.core import plan as planner
+from rexplan.core.model import (
     Authorization,
     Host,
     Manifest,
@@ -32,6 +31,7 @@ from rexplan.model import (
     Step,
     User,
 )
+from rexplan.errors import PlanError
 
 CASES = Path(__file__).parent / "data" / "plans"
 REGEN = os.environ.get("REX_REGEN_GOLDEN") == "1"
@@ -82,7 +82,7 @@ def golden_cases() -> list[str]:
 
 @pytest.mark.parametrize("case", golden_cases())
 def test_golden_plan(case: str) -> None:
-    from rexplan import manifest as loader
+    from rexplan.core import manifest as loader
 
     directory = CASES / case
     data = (directory / "manifest.yaml").read_bytes()

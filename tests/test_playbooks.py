@@ -11,9 +11,10 @@ from pathlib import Path
 import helpers_procs as procs
 import pytest
 
-from rexplan import manifest, runs
-from rexplan import plan as planner
-from rexplan.cli import main
+from rexplan.cli.rex import main
+from rexplan.core import manifest
+from rexplan.core import plan as planner
+from rexplan.engine import runs
 
 ROOT = Path(__file__).resolve().parent.parent
 PLAYBOOKS = sorted((ROOT / "playbooks").glob("*.yaml"))

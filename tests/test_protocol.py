@@ -19,7 +19,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rexplan import protocol as p
+from rexplan.wire import protocol as p
 
 PACKAGE = Path(__file__).resolve().parent.parent / "rexplan"
 KEY = bytes(range(32))
@@ -243,7 +243,7 @@ def _compared_names(node: ast.expr) -> set[str]:
 SECRET_WORDS = {"mac", "lp", "ap", "proof", "digest", "secret", "nl", "ns", "na"}
 
 
-@pytest.mark.parametrize("name", ["protocol.py", "callback.py", "remote/agent.py"])
+@pytest.mark.parametrize("name", ["wire/protocol.py", "engine/callback.py", "remote/agent.py"])
 def test_no_mac_is_compared_with_equality(name: str) -> None:
     tree = ast.parse((PACKAGE / name).read_text())
     for node in ast.walk(tree):
@@ -264,7 +264,7 @@ def test_equality_scan_catches_a_mac_compare() -> None:
 
 
 def test_protocol_verifies_with_compare_digest_only() -> None:
-    source = (PACKAGE / "protocol.py").read_text()
+    source = (PACKAGE / "wire" / "protocol.py").read_text()
     # launcher proof, agent proof, ok verdict, a decline, and the job frames after ok
     assert source.count(" compare_digest(") == 5
     assert "==" not in "".join(line for line in source.splitlines() if "compare_digest(" in line)
@@ -307,7 +307,7 @@ def test_hmac_sha256_rfc4231_vectors() -> None:
         assert p.hmac_sha256(key, msg).hex() == want
 
 
-@pytest.mark.parametrize("name", ["protocol.py", "remote/agent.py"])
+@pytest.mark.parametrize("name", ["wire/protocol.py", "remote/agent.py"])
 def test_shipped_code_parses_as_python_3_8(name: str) -> None:
     ast.parse((PACKAGE / name).read_text(), feature_version=(3, 8))
 
@@ -520,7 +520,7 @@ def test_loads_reports_bad_json_in_a_fresh_interpreter() -> None:
     code = (
         "import sys\n"
         f"sys.path.insert(0, {str(PACKAGE.parent)!r})\n"
-        "from rexplan import protocol as p\n"
+        "from rexplan.wire import protocol as p\n"
         "assert 'json' not in sys.modules and 're' not in sys.modules, sorted(sys.modules)\n"
         "for bad in ('{', '[1,', '{\"a\" 1}', '\"\\x01\"', 'nul', '1 2'):\n"
         "    try:\n"

@@ -14,7 +14,10 @@ from pathlib import Path
 import helpers_procs as procs
 import pytest
 
-from rexplan import cli, keycli, manifest, runs
+from rexplan.cli import rex as cli
+from rexplan.cli import rex_key as keycli
+from rexplan.core import manifest
+from rexplan.engine import runs
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"

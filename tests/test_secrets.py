@@ -25,9 +25,9 @@ import pytest
 from oracle import Oracle
 from sshrig import RigHost, SshdRig
 
-from rexplan import protocol
-from rexplan.cli import main
-from rexplan.keycli import main as rex_key
+from rexplan.cli.rex import main
+from rexplan.cli.rex_key import main as rex_key
+from rexplan.wire import protocol
 
 SAMPLE_EVERY = 0.05
 MAX_SAMPLES = 20_000  # distinct cmdline/environ contents kept; far above what a run makes

@@ -12,8 +12,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rexplan import cli, simulate
-from rexplan.simulate import CostModel, Subtree
+from rexplan.cli import rex as cli
+from rexplan.core import simulate
+from rexplan.core.simulate import CostModel, Subtree
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = CostModel()  # 40 + 30 + 2 x 0.2 = 70.4 ms a launch, 64 in flight
@@ -251,7 +252,7 @@ def test_dearer_connections_never_launch_faster(
 
 
 def test_the_model_imports_no_io_library() -> None:
-    tree = ast.parse((ROOT / "rexplan" / "simulate.py").read_text())
+    tree = ast.parse((ROOT / "rexplan" / "core" / "simulate.py").read_text())
     names = {
         alias.name.split(".")[0]
         for node in ast.walk(tree)

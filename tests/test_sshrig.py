@@ -11,8 +11,8 @@ from collections.abc import Callable
 import pytest
 from sshrig import RigHost, SshdRig, unavailable_reason
 
-from rexplan.model import Timeouts
-from rexplan.transport import SSHTransport, connect
+from rexplan.core.model import Timeouts
+from rexplan.transport.ssh import SSHTransport, connect
 
 FAST = Timeouts(connect=3.0, start=5.0)
 

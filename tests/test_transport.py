@@ -19,7 +19,7 @@ import paramiko
 import pytest
 from sshrig import RigHost, SshdRig
 
-from rexplan import transport
+from rexplan.core.model import Host, Timeouts, User
 from rexplan.errors import (
     AuthenticationError,
     HostKeyError,
@@ -27,8 +27,8 @@ from rexplan.errors import (
     TransportError,
     UnreachableError,
 )
-from rexplan.model import Host, Timeouts, User
-from rexplan.transport import (
+from rexplan.transport import ssh as transport
+from rexplan.transport.ssh import (
     Gate,
     HostKeyInfo,
     LocalTransport,

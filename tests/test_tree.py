@@ -24,14 +24,15 @@ from hypothesis import given
 from hypothesis import strategies as st
 from sshrig import RigHost, SshdRig
 
-from rexplan import executor, transport
-from rexplan import manifest as manifests
+from rexplan.core import manifest as manifests
+from rexplan.core.model import Authorization, Host, Manifest, Program, Step, User
+from rexplan.core.simulate import Subtree
+from rexplan.engine import executor
+from rexplan.engine.fanout import RelayError, TreeLauncher, relay_source, split
 from rexplan.errors import UsageError
-from rexplan.model import Authorization, Host, Manifest, Program, Step, User
 from rexplan.remote import agent_name, bundle_sha, relay
-from rexplan.simulate import Subtree
-from rexplan.transport import TransportPool
-from rexplan.tree import RelayError, TreeLauncher, relay_source, split
+from rexplan.transport import ssh as transport
+from rexplan.transport.ssh import TransportPool
 
 HOOKED = hasattr(executor, "TreeLauncher")
 needs_hook = pytest.mark.skipif(not HOOKED, reason="the executor has no tree hook yet")
@@ -262,7 +263,7 @@ def _manifest(n: int, **fields: Any) -> Manifest:
 
 
 def _steps(m: Manifest) -> list[Step]:
-    from rexplan import plan
+    from rexplan.core import plan
 
     return list(plan.compile(m).steps)
 
@@ -612,7 +613,7 @@ def test_an_interrupted_tree_run_kills_its_relayed_steps_through_the_relays(
     )
     world.distribute(m)
     events = tmp_path / "events.jsonl"
-    argv = [sys.executable, "-c", "import sys; from rexplan.cli import main; sys.exit(main())"]
+    argv = [sys.executable, "-c", "import sys; from rexplan.cli.rex import main; sys.exit(main())"]
     argv += ["apply", str(m), "-y", "--keys", str(world.keys)]
     argv += ["--known-hosts", sshd_rig.known_hosts, "--events", str(events)]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent), "NO_COLOR": "1"}

@@ -1,7 +1,7 @@
 """Code shipped to remote hosts (stdlib only), and the launcher's helpers that package it.
 
-The agent runs on a host as ONE script, ``bundle()``: it registers rexplan/protocol.py and
-rexplan/remote/agent.py as in-memory modules (``rexplan.protocol``, ``rexplan.remote.agent``,
+The agent runs on a host as ONE script, ``bundle()``: it registers rexplan/wire/protocol.py and
+rexplan/remote/agent.py as in-memory modules (``rexplan.wire.protocol``, ``rexplan.remote.agent``,
 ahead of any rexplan installed there) and runs the agent. Two ways to run it:
 
 - a file: upload ``bundle()`` once as ``~/.rex/agent-<bundle_sha()>.py``, then run
@@ -30,7 +30,7 @@ BOOTSTRAP = (
 )
 
 #: the end of every agent run: register the compiled modules (``_rex_protocol``,
-#: ``_rex_agent``) as ``rexplan.protocol`` and ``rexplan.remote.agent``, then run the agent
+#: ``_rex_agent``) as ``rexplan.wire.protocol`` and ``rexplan.remote.agent``, then run the agent
 _RUN = (
     "def _rex_module(name, code=None):\n"
     "    module = types.ModuleType(name)\n"
@@ -44,7 +44,8 @@ _RUN = (
     "\n"
     "\n"
     "_rex_module('rexplan').remote = _rex_module('rexplan.remote')\n"
-    "sys.modules['rexplan'].protocol = _rex_module('rexplan.protocol', _rex_protocol)\n"
+    "sys.modules['rexplan'].wire = _rex_module('rexplan.wire')\n"
+    "sys.modules['rexplan.wire'].protocol = _rex_module('rexplan.wire.protocol', _rex_protocol)\n"
     "sys.exit(_rex_module('rexplan.remote.agent', _rex_agent).main())\n"
 )
 
@@ -111,7 +112,7 @@ LAUNCH_STUB = (
 ) + _RUN
 
 _TEMPLATE = """\
-# rex agent bundle: rexplan/protocol.py and rexplan/remote/agent.py; stdlib only, Python >= 3.8
+# rex agent bundle: rexplan/wire/protocol.py and rexplan/remote/agent.py; stdlib only, Python >= 3.8
 import sys
 import types
 
@@ -153,7 +154,7 @@ def _rex_codes(sources):
 
 
 _rex_protocol, _rex_agent = _rex_codes(
-    (("rexplan.protocol", {protocol!r}), ("rexplan.remote.agent", {agent!r}))
+    (("rexplan.wire.protocol", {protocol!r}), ("rexplan.remote.agent", {agent!r}))
 )
 {run}"""
 
@@ -162,7 +163,7 @@ _rex_protocol, _rex_agent = _rex_codes(
 def bundle() -> bytes:
     """The agent as one self-contained Python >= 3.8 script."""
     package = resources.files("rexplan")
-    protocol = package.joinpath("protocol.py").read_text(encoding="utf-8")
+    protocol = package.joinpath("wire").joinpath("protocol.py").read_text(encoding="utf-8")
     agent = package.joinpath("remote").joinpath("agent.py").read_text(encoding="utf-8")
     sha = hashlib.sha256(f"{protocol}\0{agent}".encode()).hexdigest()
     return _TEMPLATE.format(protocol=protocol, agent=agent, sha=sha, run=_RUN).encode("utf-8")

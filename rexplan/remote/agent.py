@@ -1,7 +1,7 @@
 """The agent rex ships to hosts: start a program, probe it, call the launcher back, supervise it.
 
 Stdlib only, Python >= 3.8. It runs as one script, ``rexplan.remote.bundle()`` (this module
-plus rexplan/protocol.py): ``python3 -I -S agent-<sha>.py``, or without a file on the host as
+plus rexplan/wire/protocol.py): ``python3 -I -S agent-<sha>.py``, or without a file on the host as
 ``python3 -I -S -c BOOTSTRAP <sha>`` with the bundle piped ahead of the launch message (see
 rexplan.remote). Either way it reads ONE JSON launch line from stdin (protocol.parse_launch);
 secrets (the key, the launch nonce nl) never appear in argv or the environment. Run as
@@ -75,7 +75,7 @@ import stat
 import sys
 import time
 
-from rexplan import protocol
+from rexplan.wire import protocol
 
 # Every agent run pays for its imports: tempfile and traceback come where used, typing never,
 # and no subprocess (it imports threading and selectors): _Proc and _start do what the agent
@@ -1316,7 +1316,7 @@ def _cgroup_room(directory: str, top: str) -> tuple[float, int | None]:
 
 
 def load_report(mode: str, sample: float, root: str = "") -> dict[str, Any]:
-    """``--load MODE SECONDS`` (rexplan.executor.parse_load reads it): ``load`` (runnable
+    """``--load MODE SECONDS`` (rexplan.engine.executor.parse_load reads it): ``load`` (runnable
     tasks, or busy CPUs), ``cpus`` (those it may use), ``free_mb``, ``source`` and, when MODE
     is cgroup but the cgroup could not be read, ``fallback`` (why). loadavg reads only
     /proc/meminfo besides the load average; cgroup also samples its cgroup's CPU time over

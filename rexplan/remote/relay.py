@@ -1,6 +1,6 @@
 """The relay of tree fan-out: on a relay host, launch its subtree's steps over OpenSSH.
 
-Stdlib only, Python >= 3.8. The launcher (rexplan.tree) runs it as ``python3 -I -S -c
+Stdlib only, Python >= 3.8. The launcher (rexplan.engine.fanout) runs it as ``python3 -I -S -c
 BOOTSTRAP <sha256> <name>`` over its SSH connection to the relay host and writes to stdin:
 ``<length>\\n<this source>`` (checked by BOOTSTRAP), one JSON header line (this relay's name,
 the ``identity`` file it logs in with, the agent's sha256, file name, missing-agent exit code
@@ -190,7 +190,7 @@ class _Refused(Exception):
 
 class Gate:
     """At most ``limit`` of this relay's ssh clients in the handshake with one sshd at once
-    (rexplan.transport.HandshakeGate for OpenSSH clients); safe across threads."""
+    (rexplan.transport.ssh.HandshakeGate for OpenSSH clients); safe across threads."""
 
     def __init__(self, limit: int) -> None:
         self.cond = threading.Condition()

@@ -18,11 +18,13 @@ import textwrap
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from rexplan import events as ev
-from rexplan import executor, mux, ui
+from rexplan.cli import ui
+from rexplan.core.model import Manifest, Program, Ready
+from rexplan.engine import events as ev
+from rexplan.engine import executor
 from rexplan.errors import UsageError
-from rexplan.keys import KeyStore, default_known_hosts
-from rexplan.model import Manifest, Program, Ready
+from rexplan.transport import persist as mux
+from rexplan.trust.keys import KeyStore, default_known_hosts
 
 #: the program name of every ad-hoc job (its key: host/user/run.key, else host/user.key)
 PROGRAM = "run"
@@ -154,9 +156,9 @@ def exit_code(results: Sequence[Outcome]) -> int:
 
 def cmd_run(args: argparse.Namespace, console: ui.Console) -> int:
     """``rex run``: launch the job on the matching hosts, print the folded output."""
-    from rexplan import executor
-    from rexplan import manifest as manifests
-    from rexplan import plan as plans
+    from rexplan.core import manifest as manifests
+    from rexplan.core import plan as plans
+    from rexplan.engine import executor
 
     loaded = mux.with_option(manifests.load(args.manifest), args)
     loaded = adhoc_manifest(loaded, args.user, args.command)

@@ -14,27 +14,17 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import NoReturn
 
-from rexplan import (
-    __version__,
-    adhoc,
-    audit,
-    blame,
-    completion,
-    hostkeys,
-    importer,
-    lifecycle,
-    manifest,
-    mux,
-    retry,
-    runs,
-    simulate,
-    ui,
-)
-from rexplan import events as ev
-from rexplan import plan as planner
+from rexplan import __version__
+from rexplan.cli import blame, completion, importer, ui
+from rexplan.core import manifest, simulate
+from rexplan.core import plan as planner
+from rexplan.core.text import printable
+from rexplan.engine import adhoc, lifecycle, retry, runs
+from rexplan.engine import events as ev
 from rexplan.errors import ManifestError, RexError, UsageError
-from rexplan.keys import KeyStore, default_known_hosts
-from rexplan.text import printable
+from rexplan.transport import persist as mux
+from rexplan.trust import audit, hostkeys
+from rexplan.trust.keys import KeyStore, default_known_hosts
 
 EXIT_CODES = """\
 exit codes:
@@ -352,7 +342,7 @@ def _simulate(args: argparse.Namespace, hosts: int, forks: int, console: ui.Cons
 
 def cmd_apply(args: argparse.Namespace, console: ui.Console) -> int:
     """``rex apply MANIFEST``: launch, verify, summarize; the exit code says the worst outcome."""
-    from rexplan import executor  # imports the transport stack only when launching
+    from rexplan.engine import executor  # imports the transport stack only when launching
 
     loaded = mux.with_option(manifest.load(args.manifest), args)
     compiled = planner.compile(loaded, limit=args.limit)
@@ -434,7 +424,7 @@ def format_error(error: RexError) -> str:
     """What the user sees for an expected error: no traceback, a hint when one is known.
 
     A ManifestError shows every diagnostic, then a count per file. Every message goes through
-    rexplan.text.printable: it may quote a host or a manifest.
+    rexplan.core.text.printable: it may quote a host or a manifest.
     """
     diagnostics = error.diagnostics if isinstance(error, ManifestError) else ()
     if diagnostics:

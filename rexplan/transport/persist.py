@@ -2,10 +2,10 @@
 
 What OpenSSH's ControlMaster/ControlPersist does for Ansible: with ``persist: SECONDS``
 (manifest ``defaults.persist`` or ``--persist``) rex's SSH work goes through one daemon per
-local user, ``python -m rexplan.mux serve``, which holds the connections (opened, pinned and
-authenticated exactly as without it: rexplan.transport) and closes them, and itself, after
-SECONDS without a request. A later run to the same hosts then skips the TCP connect, key
-exchange and authentication (for an unchanged re-apply, most of its cost).
+local user, ``python -m rexplan.transport.persist serve``, which holds the connections
+(opened, pinned and authenticated exactly as without it: rexplan.transport.ssh) and closes
+them, and itself, after SECONDS without a request. A later run to the same hosts then skips
+the TCP connect, key exchange and authentication (for an unchanged re-apply, most of its cost).
 
 The daemon listens on ``$REX_MUX_DIR/mux.sock`` (default ``~/.rex/mux``): a directory of
 mode 0700 that the user owns (else rex refuses to use it), a socket of mode 0600, and every
@@ -39,10 +39,10 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from rexplan import errors
-from rexplan.callback import ensure_fd_budget
+from rexplan.core.model import Host, Manifest, Timeouts, User
+from rexplan.engine.callback import ensure_fd_budget
 from rexplan.errors import RexError, TransportError
-from rexplan.model import Host, Manifest, Timeouts, User
-from rexplan.transport import (
+from rexplan.transport.ssh import (
     Connector,
     Gate,
     LocalTransport,
@@ -501,7 +501,7 @@ class MuxClient:
             os.path.join(self.directory, LOG_FILE), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600
         )
         try:
-            argv = [sys.executable, "-m", "rexplan.mux", "serve", self.directory]
+            argv = [sys.executable, "-m", "rexplan.transport.persist", "serve", self.directory]
             argv += ["--persist", f"{self.persist:g}", "--ready-fd", str(write_end)]
             spawned = subprocess.Popen(
                 argv,
@@ -750,7 +750,7 @@ def with_option(manifest: Manifest, args: argparse.Namespace) -> Manifest:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m rexplan.mux")
+    parser = argparse.ArgumentParser(prog="python -m rexplan.transport.persist")
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("serve", help="run the daemon (rex starts it)")
     run.add_argument("directory")

@@ -59,8 +59,8 @@ import re
 from collections.abc import Callable, Iterable, Iterator
 
 from rexplan import __version__
+from rexplan.core.model import MAX_STEPS, Host, Manifest, Plan, Program, Ready, Step, User, triple
 from rexplan.errors import Diagnostic, PlanError
-from rexplan.model import MAX_STEPS, Host, Manifest, Plan, Program, Ready, Step, User, triple
 
 FORMAT = 1
 

@@ -25,6 +25,7 @@ from typing import Any, NoReturn, Protocol, TypeVar, cast
 import fabric
 import paramiko
 
+from rexplan.core.model import Host, Timeouts, User
 from rexplan.errors import (
     AuthenticationError,
     HostKeyError,
@@ -32,7 +33,6 @@ from rexplan.errors import (
     TransportError,
     UnreachableError,
 )
-from rexplan.model import Host, Timeouts, User
 
 DEFAULT_KNOWN_HOSTS = "~/.ssh/known_hosts"
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -1415,7 +1415,7 @@ class Stream:
 def open_stream(transport: Transport, argv: Sequence[str], *, timeout: float) -> Stream:
     """Start ``argv`` (shlex-quoted, via the login shell) on an SSH transport as a Stream;
     ``timeout`` bounds the channel open and exec request."""
-    direct = getattr(transport, "direct", None)  # a kept connection's (rexplan.mux)
+    direct = getattr(transport, "direct", None)  # a kept connection's (rexplan.transport.persist)
     if callable(direct):
         transport = direct()
     if not isinstance(transport, SSHTransport):

@@ -11,11 +11,11 @@ import traceback
 from collections.abc import Iterator, Sequence
 from typing import NoReturn
 
-from rexplan.distribute import HostReport, distribute, exit_code, revoke_remote
+from rexplan.core.model import Manifest
+from rexplan.core.text import printable
 from rexplan.errors import RexError, UsageError
-from rexplan.keys import KeyInfo, KeyStore, default_known_hosts, key_triple, parse_key_triple
-from rexplan.model import Manifest
-from rexplan.text import printable
+from rexplan.trust.distribute import HostReport, distribute, exit_code, revoke_remote
+from rexplan.trust.keys import KeyInfo, KeyStore, default_known_hosts, key_triple, parse_key_triple
 
 PROG = "rex_key"
 COMMANDS = ("create", "list", "distribute", "revoke")
@@ -308,7 +308,7 @@ def format_totals(reports: Sequence[HostReport], *, dry_run: bool = False) -> st
 
 
 def _print_reports(reports: Iterator[HostReport], *, dry_run: bool, total: int = 0) -> int:
-    from rexplan import ui  # rich is only loaded by commands that show progress
+    from rexplan.cli import ui  # rich is only loaded by commands that show progress
 
     done = []
     label = "checking keys" if dry_run else "distributing keys"
@@ -322,14 +322,14 @@ def _print_reports(reports: Iterator[HostReport], *, dry_run: bool, total: int =
 
 def _load_manifest(path: str) -> Manifest:
     # the manifest stack (YAML, JSON Schema) is only loaded when a command needs it
-    from rexplan import manifest
+    from rexplan.core import manifest
 
     return manifest.load(path)
 
 
 def _cmd_distribute(args: argparse.Namespace, store: KeyStore) -> int:
     m = _load_manifest(args.manifest)
-    from rexplan import plan
+    from rexplan.core import plan
 
     reports = distribute(
         m, store, known_hosts=_known_hosts(args, store), dry_run=args.dry_run, limit=args.limit

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from typing import IO
 
-from rexplan.text import LIMIT, printable
+from rexplan.core.text import LIMIT, printable
 
 #: characters an event's ``detail`` keeps (its host-given words are cut and escaped here)
 DETAIL_LIMIT = 4 * LIMIT

@@ -53,7 +53,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from rexplan import protocol
+from rexplan.wire import protocol
 
 CANCELLED = "CANCELLED"  # verdict only: the launcher gave up on the step (or closed)
 EXITED = "EXITED"  # a job's result: it sent its exit status
@@ -246,7 +246,7 @@ class CallbackListener:
         self._hello_timeout = min(hello_timeout, handshake_timeout)
         self._max = max_unauthenticated
         self._per_source = max(1, min(max_per_source, max_unauthenticated))
-        self._log = log or logging.getLogger("rexplan.callback")
+        self._log = log or logging.getLogger("rexplan.engine.callback")
         self._clock = clock
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)

@@ -19,14 +19,15 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from rexplan import events as ev
-from rexplan import mux, ui
-from rexplan import spec as specs
+from rexplan.cli import ui
+from rexplan.core import spec as specs
+from rexplan.core.model import Manifest, Plan, Step, Timeouts
+from rexplan.engine import events as ev
+from rexplan.engine.executor import Load, Placed, agent_run, local_files, place, probe_candidate
 from rexplan.errors import TransportError, UsageError
-from rexplan.executor import Load, Placed, agent_run, local_files, place, probe_candidate
-from rexplan.keys import KeyStore, default_known_hosts
-from rexplan.model import Manifest, Plan, Step, Timeouts
-from rexplan.transport import Result, TransportPool
+from rexplan.transport import persist as mux
+from rexplan.transport.ssh import Result, TransportPool
+from rexplan.trust.keys import KeyStore, default_known_hosts
 
 #: seconds added to what the agent may take before the launcher gives up on the exec
 EXEC_SLACK = 5.0
@@ -350,8 +351,8 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 
 def _load(args: argparse.Namespace) -> tuple[Manifest, Plan, str | None, int]:
-    from rexplan import manifest as manifests
-    from rexplan import plan as plans
+    from rexplan.core import manifest as manifests
+    from rexplan.core import plan as plans
 
     if args.forks is not None and args.forks < 1:
         raise UsageError("--forks must be at least 1")

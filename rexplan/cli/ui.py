@@ -20,11 +20,11 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
-from rexplan.events import Event
-from rexplan.model import Manifest, Plan, Ready, Step
-from rexplan.plan import least_loaded
-from rexplan.spec import StepStatus, StopResult
-from rexplan.text import printable
+from rexplan.core.model import Manifest, Plan, Ready, Step
+from rexplan.core.plan import least_loaded
+from rexplan.core.spec import StepStatus, StopResult
+from rexplan.core.text import printable
+from rexplan.engine.events import Event
 
 __all__ = [
     "ApplyDisplay",

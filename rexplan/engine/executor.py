@@ -22,10 +22,13 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from rexplan import events as ev
-from rexplan import mux, protocol
-from rexplan import spec as specs
-from rexplan.callback import EXITED, CallbackListener, PendingStep, Verdict, ensure_fd_budget
+from rexplan.core import spec as specs
+from rexplan.core.model import FailurePolicy, FileSpec, Host, Manifest, Plan, Step, Timeouts, When
+from rexplan.core.plan import least_loaded
+from rexplan.core.text import printable
+from rexplan.engine import events as ev
+from rexplan.engine.callback import EXITED, CallbackListener, PendingStep, Verdict, ensure_fd_budget
+from rexplan.engine.fanout import RELAY_LOST, RelayError, TreeLauncher
 from rexplan.errors import (
     AuthenticationError,
     Diagnostic,
@@ -36,9 +39,6 @@ from rexplan.errors import (
     TransportError,
     UnreachableError,
 )
-from rexplan.keys import KeyInfo, KeyStore
-from rexplan.model import FailurePolicy, FileSpec, Host, Manifest, Plan, Step, Timeouts, When
-from rexplan.plan import least_loaded
 from rexplan.remote import (
     EXIT_NO_AGENT,
     EXIT_NO_LAUNCH,
@@ -49,9 +49,10 @@ from rexplan.remote import (
     bundle_sha,
     launch_argv,
 )
-from rexplan.text import printable
-from rexplan.transport import Gate, Result, Transport, TransportPool
-from rexplan.tree import RELAY_LOST, RelayError, TreeLauncher
+from rexplan.transport import persist as mux
+from rexplan.transport.ssh import Gate, Result, Transport, TransportPool
+from rexplan.trust.keys import KeyInfo, KeyStore
+from rexplan.wire import protocol
 
 #: reasons that mean "who you are was not accepted": exit code 6
 AUTH_REASONS = frozenset({"auth", "host_key", "no_key", "key_insecure", "bad_proof", "rejected"})

@@ -9,12 +9,12 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from rexplan import plan as plans
+from rexplan.core import plan as plans
+from rexplan.core.model import Host, Manifest, Timeouts, User
 from rexplan.errors import RexError, TransportError, UsageError
-from rexplan.keys import KeyInfo, KeyStore, key_triple, relpath
-from rexplan.model import Host, Manifest, Timeouts, User
-from rexplan.protocol import KeyFormatError, format_key_file, key_id, parse_key_file
-from rexplan.transport import Transport, connect
+from rexplan.transport.ssh import Transport, connect
+from rexplan.trust.keys import KeyInfo, KeyStore, key_triple, relpath
+from rexplan.wire.protocol import KeyFormatError, format_key_file, key_id, parse_key_file
 
 #: a remote key file larger than this is not fetched, just replaced
 MAX_KEY_FILE = 4096

@@ -15,7 +15,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from rexplan import __version__, ui
+from rexplan import __version__
+from rexplan.cli import ui
 from rexplan.errors import RexError, UsageError
 
 SHELLS = ("bash", "zsh")
@@ -113,7 +114,8 @@ def _walk(parser: argparse.ArgumentParser, path: tuple[str, ...]) -> Iterator[Co
 
 def _parsers() -> list[tuple[str, argparse.ArgumentParser]]:
     # imported here: cli imports this module to register the subcommand
-    from rexplan import cli, keycli
+    from rexplan.cli import rex as cli
+    from rexplan.cli import rex_key as keycli
 
     return [("rex", cli.build_parser()), ("rex_key", keycli.build_parser())]
 
@@ -195,7 +197,7 @@ _rex_names() {
     "${words[0]%_key}" completion --names "$1" "$manifest" 2>/dev/null
 }
 
-# COMPREPLY for a value of kind $1 (see rexplan/completion.py), the word being $2
+# COMPREPLY for a value of kind $1 (see rexplan/cli/completion.py), the word being $2
 _rex_values() {
     local kind=$1 cur=$2 f head= last
     case $kind in
@@ -434,7 +436,7 @@ def names(kind: str, path: str) -> list[str]:
 
     Only parses and validates the manifest; raises ManifestError like ``rex validate``.
     """
-    from rexplan import manifest
+    from rexplan.core import manifest
 
     loaded = manifest.load(path)
     if kind == "hosts":

@@ -8,8 +8,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from rexplan import events as ev
-from rexplan import runs, ui
+from rexplan.cli import ui
+from rexplan.engine import events as ev
+from rexplan.engine import runs
 
 FORMAT = 1
 

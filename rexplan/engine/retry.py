@@ -21,10 +21,10 @@ import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
-from rexplan import events as ev
-from rexplan import runs
+from rexplan.core.model import Manifest, Plan
+from rexplan.engine import events as ev
+from rexplan.engine import runs
 from rexplan.errors import UsageError
-from rexplan.model import Manifest, Plan
 
 FORMAT = 1
 #: final states whose steps a retry launches again

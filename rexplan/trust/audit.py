@@ -14,15 +14,15 @@ from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from rexplan import plan as plans
-from rexplan import ui
-from rexplan.distribute import MAX_KEY_FILE, Connector, default_connector, key_dirs
+from rexplan.cli import ui
+from rexplan.core import plan as plans
+from rexplan.core.model import Host, Manifest, Plan, Timeouts, User
 from rexplan.errors import RexError, UsageError
-from rexplan.hostkeys import format_columns
-from rexplan.keys import KeyInfo, KeyStore, default_known_hosts, key_triple, relpath
-from rexplan.model import Host, Manifest, Plan, Timeouts, User
-from rexplan.protocol import KeyFormatError, key_id, parse_key_file
-from rexplan.transport import Transport
+from rexplan.transport.ssh import Transport
+from rexplan.trust.distribute import MAX_KEY_FILE, Connector, default_connector, key_dirs
+from rexplan.trust.hostkeys import format_columns
+from rexplan.trust.keys import KeyInfo, KeyStore, default_known_hosts, key_triple, relpath
+from rexplan.wire.protocol import KeyFormatError, key_id, parse_key_file
 
 FORMAT = 1
 STATES = ("OK", "MISSING", "MISMATCH", "UNAUTHORIZED", "INSECURE", "UNREACHABLE")
@@ -497,7 +497,7 @@ def _known_hosts(args: argparse.Namespace, store: KeyStore) -> str | None:
 
 def cmd_audit(args: argparse.Namespace, console: ui.Console | None = None) -> int:
     """``rex audit MANIFEST``: the table (or ``--json``) to ``console`` (default stdout)."""
-    from rexplan import manifest as manifests
+    from rexplan.core import manifest as manifests
 
     def out(text: str) -> None:
         if console is None:

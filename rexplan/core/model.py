@@ -202,7 +202,7 @@ class Manifest:
     fanout: int = 4
     relay_identity: str | None = None
     #: seconds a daemon keeps rex's SSH connections open after their last use (0: none are
-    #: kept; rexplan.mux), as OpenSSH's ControlPersist
+    #: kept; rexplan.transport.persist), as OpenSSH's ControlPersist
     persist: float = 0.0
 
     def host(self, name: str) -> Host:

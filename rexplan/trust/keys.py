@@ -12,9 +12,9 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+from rexplan.core.model import parse_triple
 from rexplan.errors import KeyStoreError, UsageError
-from rexplan.model import parse_triple
-from rexplan.protocol import (
+from rexplan.wire.protocol import (
     KEY_BYTES,
     KeyFormatError,
     format_key_file,

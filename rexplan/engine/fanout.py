@@ -25,10 +25,10 @@ import threading
 from collections.abc import Sequence
 from importlib import resources
 
-from rexplan import hostkeys, protocol
+from rexplan.core.manifest import tree_problems
+from rexplan.core.model import Manifest, Step
+from rexplan.core.simulate import Subtree, split_tree
 from rexplan.errors import TransportError, UsageError
-from rexplan.manifest import tree_problems
-from rexplan.model import Manifest, Step
 from rexplan.remote import (
     EXIT_NO_AGENT,
     LAUNCH_MARKER,
@@ -38,14 +38,15 @@ from rexplan.remote import (
     launch_argv,
     relay,
 )
-from rexplan.simulate import Subtree, split_tree
-from rexplan.transport import (
+from rexplan.transport.ssh import (
     DEFAULT_KNOWN_HOSTS,
     Stream,
     TransportPool,
     host_key_name,
     open_stream,
 )
+from rexplan.trust import hostkeys
+from rexplan.wire import protocol
 
 #: the reason of a step whose relay died (or could not be started) before it reported
 RELAY_LOST = "relay_lost"

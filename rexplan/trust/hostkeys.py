@@ -18,11 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rexplan import ui
+from rexplan.cli import ui
+from rexplan.core.model import Host, Manifest, Timeouts
 from rexplan.errors import KeyStoreError, TransportError, UsageError
-from rexplan.keys import KeyStore
-from rexplan.model import Host, Manifest, Timeouts
-from rexplan.transport import HostKeyInfo, host_key_name, host_key_status, scan_host_key
+from rexplan.transport.ssh import HostKeyInfo, host_key_name, host_key_status, scan_host_key
+from rexplan.trust.keys import KeyStore
 
 FORMAT = 1
 #: what ``scan`` shows for a key known_hosts does not hold yet (``verify`` says ``unknown``)
@@ -105,7 +105,7 @@ def scan_hosts(manifest: Manifest, known_hosts: Path) -> list[HostKeyReport]:
     return reports
 
 
-# --- known_hosts, stdlib only (OpenSSH's format; paramiko stays in transport.py) -------------
+# --- known_hosts, stdlib only (OpenSSH's format; paramiko stays in rexplan.transport) -------------
 
 
 def _read(path: Path) -> str:
@@ -296,7 +296,7 @@ def report_to_dict(report: HostKeyReport) -> dict[str, object]:
 
 def _load(path: str) -> Manifest:
     # the manifest stack (YAML, JSON Schema) is only imported when a command needs it
-    from rexplan import manifest
+    from rexplan.core import manifest
 
     return manifest.load(path)
 

@@ -14,8 +14,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from rexplan import protocol
-from rexplan.model import Step
+from rexplan.core.model import Step
+from rexplan.wire import protocol
 
 #: a step's status on its host, as ``rex status`` shows it
 RUNNING = "running"  # alive (pid + start time) with the manifest's spec

@@ -28,9 +28,11 @@ from typing import Any
 
 import yaml
 
-from rexplan import __version__, hostrange, ui
+from rexplan import __version__
+from rexplan.cli import ui
+from rexplan.core import hostrange
+from rexplan.core.model import HOST_RE, NAME_RE
 from rexplan.errors import Diagnostic, ManifestError, UsageError
-from rexplan.model import HOST_RE, NAME_RE
 
 #: Ansible's implicit groups: every host is in ``all``; ``ungrouped`` holds the groupless
 IMPLICIT_GROUPS = ("all", "ungrouped")
@@ -428,7 +430,7 @@ def _shown(value: Any) -> str:
 
 
 def _is_address(value: Any) -> bool:
-    """Whether rex takes ``value`` as a host's address (rexplan.manifest checks the same)."""
+    """Whether rex takes ``value`` as a host's address (rexplan.core.manifest checks the same)."""
     return (
         isinstance(value, str)
         and _ADDRESS.match(value) is not None

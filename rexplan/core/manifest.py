@@ -19,9 +19,8 @@ import yaml
 if TYPE_CHECKING:
     import jsonschema
 
-from rexplan import hostrange
-from rexplan.errors import Diagnostic, ManifestError
-from rexplan.model import (
+from rexplan.core import hostrange
+from rexplan.core.model import (
     HOST_RE,
     MAX_STEPS,
     NAME_RE,
@@ -40,7 +39,8 @@ from rexplan.model import (
     When,
     triple,
 )
-from rexplan.protocol import safe_relpath
+from rexplan.errors import Diagnostic, ManifestError
+from rexplan.wire.protocol import safe_relpath
 
 #: largest manifest read, in bytes
 MAX_BYTES = 5 * 1024 * 1024

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
-from rexplan import events as ev
+from rexplan.engine import events as ev
 from rexplan.errors import UsageError
 
 #: runs kept; older ones are removed when a new one starts

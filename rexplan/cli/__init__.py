@@ -1,0 +1,1 @@
+"""The face: the rex and rex_key commands, their error boundary and rich output."""

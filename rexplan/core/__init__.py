@@ -1,0 +1,1 @@
+"""The pure core: manifest loading and checks, frozen records, planning; no I/O."""

@@ -1,0 +1,1 @@
+"""Runs plans: waves, callbacks, fan-out, lifecycle, events and run records."""

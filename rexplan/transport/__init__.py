@@ -1,0 +1,1 @@
+"""How the launcher reaches hosts: SSH, local, pacing, pooled and kept connections."""

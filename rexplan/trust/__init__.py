@@ -1,0 +1,1 @@
+"""Keys and host keys: the key store, distribution, audit."""

@@ -1,0 +1,1 @@
+"""The wire format shared with the agent: stdlib only, shipped to hosts."""
