@@ -5,6 +5,7 @@
     ├── ManifestError             exit 4   manifest unreadable or invalid (carries Diagnostics)
     │   └── PlanError             exit 4   the manifest cannot be compiled into a plan
     ├── KeyStoreError             exit 6   key missing, unreadable, or insecure on disk
+    ├── InsecurePathError         exit 6   .rex/runs a symlink, another user's, or writable
     ├── TransportError            exit 3   a host could not be used
     │   ├── UnreachableError      exit 3   refused, no route, DNS, connect deadline
     │   ├── HostTimeoutError      exit 3   connected but a phase deadline passed (banner, exec)
@@ -82,6 +83,13 @@ class PlanError(ManifestError):
 
 class KeyStoreError(RexError):
     """A key is missing, unreadable, malformed or stored insecurely."""
+
+    exit_code = 6
+
+
+class InsecurePathError(RexError):
+    """A place rex keeps state in (.rex/runs) is a symlink, another user's, or writable by
+    others, or a directory above it is: refused, as ssh's StrictModes."""
 
     exit_code = 6
 

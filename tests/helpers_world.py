@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import secrets
+import shutil
 import socket
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -198,6 +199,11 @@ class World:
                     f"logs/{program}.log",
                 ):
                     (home / name).unlink(missing_ok=True)
+            # the keys this world's user distributed there: a later test auditing that host
+            # must not find them (they would show as UNAUTHORIZED triples of another user)
+            for name in self.hosts:
+                shutil.rmtree(home / "keys" / name / self.user, ignore_errors=True)
+                (home / "keys" / name / f"{self.user}.key").unlink(missing_ok=True)
 
 
 def open_world(

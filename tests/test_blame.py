@@ -7,6 +7,7 @@ import io
 import json
 import os
 import stat
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,7 @@ from rexplan.cli import blame
 from rexplan.cli.rex import main
 from rexplan.engine import events as ev
 from rexplan.engine import runs
-from rexplan.errors import UsageError
+from rexplan.errors import InsecurePathError, UsageError
 
 RUN = "20250101T120000-0badcafe"
 
@@ -315,3 +316,61 @@ def test_apply_stores_its_run_and_blame_reads_it(
     (only,) = report["steps"]
     assert (only["step"], only["state"], only["reason"]) == ("oops@localhost", "failed", "exited")
     assert set(only["phases"]) == {"connect", "start", "callback"}
+
+
+# --- StrictModes for the run store ------------------------------------------------------------
+
+
+def _symlinked_runs(state: Path) -> None:
+    (state.parent / "elsewhere").mkdir(mode=0o700)
+    state.mkdir(mode=0o700)
+    (state / "runs").symlink_to(state.parent / "elsewhere")
+
+
+@pytest.mark.parametrize(
+    "spoil, problem",
+    [
+        (_symlinked_runs, "runs: is a symbolic link"),
+        (lambda s: (s.mkdir(), s.chmod(0o777)), "state: mode 0777 lets group or other write"),
+        (lambda s: (s.mkdir(), os.chown(s, 4242, -1)), "state: owned by uid 4242"),
+        (lambda s: s.parent.chmod(0o777), "mode 0777 lets group or other write"),
+    ],
+    ids=["runs-symlink", "state-world-writable", "state-another-owner", "parent-world-writable"],
+)
+def test_an_unsafe_run_store_is_refused_and_never_written(
+    state: Path, spoil: Callable[[Path], object], problem: str
+) -> None:
+    spoil(state)
+    try:
+        with pytest.raises(InsecurePathError, match=problem) as info:
+            runs.open_run_log(RUN)
+        fix = "chown" if "owned" in problem else "chmod go-w" if "mode" in problem else "its own"
+        assert info.value.exit_code == 6 and fix in str(info.value)
+        with pytest.raises(InsecurePathError, match=problem):
+            runs.list_runs()
+        assert not list(state.parent.glob("**/*.jsonl"))
+    finally:
+        state.parent.chmod(0o700)
+
+
+def test_apply_with_a_symlinked_run_store_exits_6_before_anything_runs(
+    state: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _symlinked_runs(state)
+    ran = tmp_path / "ran"
+    manifest = tmp_path / "m.yaml"
+    manifest.write_text(
+        "rex: 1\n"
+        "defaults: {user: me, transport: local, timeouts: {start: 3, callback: 3}}\n"
+        "hosts: {localhost: {transport: local}}\n"
+        "users: {me: {}}\n"
+        "programs:\n"
+        f"  oops: {{on: [localhost], run: [sh, -c, 'touch {ran}; exit 3'], ready: {{alive: 2}}}}\n"
+        "authorize: ['*.*.*']\n"
+    )
+    monkeypatch.setenv("REX_HOME", str(tmp_path / "home"))
+    assert main(["apply", "-y", str(manifest), "--keys", str(tmp_path / "keys")]) == 6
+    err = capsys.readouterr().err
+    assert f"{state / 'runs'}: is a symbolic link" in err and "REX_STATE_DIR" in err
+    assert not ran.exists() and not list((tmp_path / "elsewhere").iterdir())
+    assert main(["blame"]) == 6

@@ -149,7 +149,7 @@ def test_ten_thousand_pending_steps_on_one_thread() -> None:
 
 _PROBE = """
 import json, os, resource, sys
-from rexplan import callback
+from rexplan.engine import callback
 soft, hard = (int(v) for v in sys.argv[1:3])
 resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 notice = callback.ensure_fd_budget(int(sys.argv[3]))

@@ -16,7 +16,7 @@ import paramiko
 import pytest
 from sshrig import RigHost, SshdRig
 
-from rexplan.errors import UsageError
+from rexplan.errors import KeyStoreError, UsageError
 from rexplan.transport.ssh import HostKeyInfo, connect
 from rexplan.trust import hostkeys
 
@@ -245,3 +245,25 @@ def test_help_for_every_option() -> None:
     scan_help = actions.choices["scan"].format_help()
     for word in ("--accept", "--replace", "--known-hosts", "--keys", "exit codes"):
         assert word in scan_help
+
+
+def test_scan_never_writes_through_a_symlinked_known_hosts_in_the_store(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    manifest = tmp_path / "m.yaml"
+    manifest.write_text(
+        "rex: 1\n"
+        "hosts: {web1: {address: 127.0.0.1, port: 1}}\n"
+        "users: {u: {login: nobody}}\n"
+        "programs: {web: {on: [web1], user: u, run: [/bin/true]}}\n"
+        "authorize: ['*.u.*']\n"
+    )
+    keys = tmp_path / "keys"
+    keys.mkdir(mode=0o700)
+    victim = tmp_path / "victim"
+    victim.write_text("theirs\n")
+    (keys / "known_hosts").symlink_to(victim)  # planted: scan --accept would write there
+    with pytest.raises(KeyStoreError, match=f"{keys / 'known_hosts'}: is a symbolic link"):
+        rex(capsys, "hostkeys", "scan", "-m", str(manifest), "--keys", str(keys), "--accept")
+    assert victim.read_text() == "theirs\n"
+    assert (keys / "known_hosts").is_symlink()

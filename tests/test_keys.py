@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from rexplan.errors import KeyStoreError, UsageError
-from rexplan.trust.keys import KeyStore, parse_key_triple
+from rexplan.trust.keys import KeyStore, default_known_hosts, parse_key_triple
 from rexplan.wire.protocol import format_key_file, key_id, parse_key_file
 
 
@@ -336,3 +336,64 @@ def test_check(store: KeyStore, tmp_path: Path) -> None:
     outside.write_bytes(info.path.read_bytes())
     outside.chmod(0o644)
     assert "mode 0644" in (store.check(outside) or "")
+
+
+# --- StrictModes: the store, its known_hosts and the directories above them -------------------
+
+
+def test_a_store_below_a_directory_others_can_write_is_refused(tmp_path: Path) -> None:
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)  # anyone may rename keys/ away and put their own in its place
+    store = KeyStore(shared / "keys")
+    with pytest.raises(KeyStoreError, match=f"{shared}: mode 0777 .*chmod go-w {shared}"):
+        store.create("web1", "alice", "app")
+    assert not (shared / "keys").exists()
+    shared.chmod(0o1777)  # sticky, as /tmp: others cannot rename or remove what is ours
+    store.create("web1", "alice", "app")
+    assert store.load("web1", "alice", "app")[1]
+    other = tmp_path / "other"
+    other.mkdir()
+    os.chown(other, 4242, -1)
+    (other / "keys").mkdir(mode=0o700)
+    with pytest.raises(KeyStoreError, match=f"{other}: owned by uid 4242.*chown"):
+        KeyStore(other / "keys").load("web1", "alice", "app")
+
+
+def test_a_symlinked_store_is_refused_unless_insecure_keys(tmp_path: Path) -> None:
+    real = KeyStore(tmp_path / "real")
+    real.create("web1", "alice", "app")
+    (tmp_path / "keys").symlink_to(tmp_path / "real")
+    store = KeyStore(tmp_path / "keys")
+    with pytest.raises(KeyStoreError, match="keys: is a symbolic link"):
+        store.load("web1", "alice", "app")
+    with pytest.raises(KeyStoreError, match="symbolic link"):
+        store.create("web1", "bob")
+    assert not (tmp_path / "real" / "web1" / "bob.key").exists()
+    warned: list[str] = []
+    lax = KeyStore(tmp_path / "keys", insecure_ok=True, warn=warned.append)
+    assert lax.load("web1", "alice", "app")[1]
+    assert any("is a symbolic link" in w for w in warned)
+
+
+@pytest.mark.parametrize(
+    "spoil, problem",
+    [
+        (lambda p: p.chmod(0o664), "mode 0664 lets group or other write"),
+        (lambda p: os.chown(p, 4242, -1), "owned by uid 4242"),
+        (lambda p: (p.rename(p.parent / "elsewhere"), p.symlink_to("elsewhere")), "symbolic link"),
+    ],
+    ids=["group-writable", "another-owner", "symlink"],
+)
+def test_the_stores_known_hosts_is_refused_when_unsafe(
+    store: KeyStore, spoil: Callable[[Path], object], problem: str
+) -> None:
+    store.create("web1", "alice", "app")
+    pinned = store.root / "known_hosts"
+    pinned.write_text("[127.0.0.1]:22 ssh-ed25519 AAAA\n")
+    pinned.chmod(0o644)  # ssh's own mode for it: fine
+    assert default_known_hosts(store, None) == str(pinned)
+    spoil(pinned)
+    with pytest.raises(KeyStoreError, match=f"{pinned}: .*{problem}"):
+        default_known_hosts(store, None)
+    assert default_known_hosts(store, "/elsewhere/known_hosts") == "/elsewhere/known_hosts"

@@ -89,8 +89,10 @@ def package_imports(path: Path) -> set[str]:
             module = node.module or ""
             if node.level:
                 names.add(f"<relative import of {module or '.'}>")
-            elif module == "rexplan":
-                names.update(f"rexplan.{a.name}" for a in node.names)
+            elif module == "rexplan" or (
+                module.startswith("rexplan.") and PACKAGE.joinpath(*module.split(".")[1:]).is_dir()
+            ):
+                names.update(f"{module}.{a.name}" for a in node.names)
             elif module.startswith("rexplan."):
                 names.add(module)
     return names

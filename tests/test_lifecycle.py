@@ -1074,9 +1074,9 @@ def test_load_probe_output_becomes_a_load() -> None:
     assert got.describe() == "cgroup load 0.50/cpu, 512 MB free, running"
     fell = '{"load": 1, "cpus": 4, "free_mb": 9, "source": "loadavg", "fallback": "no\\u001b[1m"}'
     got = parse_load(fell, False)
-    assert got == Load(0.25, 9, False, "loadavg", "no?[1m")
+    assert got == Load(0.25, 9, False, "loadavg", "no\\x1b[1m")
     assert got.describe() == (
-        "load 0.25/cpu (load average: its cgroup could not be read: no?[1m), 9 MB free"
+        "load 0.25/cpu (load average: its cgroup could not be read: no\\x1b[1m), 9 MB free"
     )
     # ranked with the others: the busy cgroup loses to the idle one
     idle = parse_load('{"load": 0.01, "cpus": 2, "free_mb": 1, "source": "cgroup"}', False)

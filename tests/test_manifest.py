@@ -602,7 +602,7 @@ def test_steps_are_capped_before_the_plan_is_made(tmp_path: Path) -> None:
         text=True,
         preexec_fn=limits,  # the child runs only rex: no threads yet
         check=False,
-        env={**os.environ, "PYTHONPATH": str(Path(manifest.__file__).parent.parent)},
+        env={**os.environ, "PYTHONPATH": str(Path(manifest.__file__).parents[2])},
     )
     assert done.returncode == 4, done.stderr
     # the program that crosses 1,000,000 steps, at its on: key's value

@@ -11,6 +11,7 @@ import socket
 import stat
 import struct
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -21,6 +22,7 @@ import pytest
 from helpers_world import SLEEPER, World
 from sshrig import RigHost, SshdRig
 
+import rexplan
 from rexplan.cli.rex import main
 from rexplan.core.model import Timeouts
 from rexplan.errors import TransportError
@@ -236,12 +238,12 @@ def test_another_user_gets_no_answer(
         "s = socket.socket(socket.AF_UNIX)\n"
         "s.connect(sys.argv[1])\n"
         'body = b\'{"op":"ping"}\'\n'
-        "s.sendall(struct.pack('>I', len(body)) + body)\n"
         "s.settimeout(10)\n"
         "try:\n"
+        "    s.sendall(struct.pack('>I', len(body)) + body)\n"
         "    got = s.recv(100)\n"
-        "except ConnectionResetError:\n"
-        "    got = b''\n"
+        "except (BrokenPipeError, ConnectionResetError):\n"
+        "    got = b''  # closed before or after the frame arrived\n"
         "sys.stdout.write('closed' if got == b'' else repr(got))\n"
     )
     account = sshd_rig.account(0)
@@ -299,3 +301,69 @@ def test_abort_never_sends_a_held_launch(sshd_hosts: Hosts, tmp_path: Path) -> N
         t.close()
     time.sleep(2.5)  # what the command would have done by now
     assert not sink.exists() or sink.read_bytes() == b""
+
+
+# --- the daemon's imports and start (security issue, hole 4) -----------------------------------
+
+
+def test_the_daemon_never_imports_from_the_current_directory(
+    world: World,
+    sshd_hosts: Hosts,
+    mux_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    (host,) = sshd_hosts(1)
+    m = world.manifest([host], {"db": {"on": [host.name], **SLEEPER}}, defaults={"persist": 30})
+    world.distribute(m)
+    # a directory someone else prepared, where the user runs rex apply --persist
+    trap = tmp_path / "trap"
+    (trap / "rexplan").mkdir(parents=True)
+    marker = tmp_path / "planted-code-ran"
+    (trap / "rexplan" / "__init__.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    monkeypatch.chdir(trap)
+    run = world.apply(m)
+    assert run.code == 0, run.out + run.err
+    assert not marker.exists()
+    pid = _daemon_pid(mux_dir)
+    assert pid is not None
+    argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    assert argv[1] == b"-I" and os.readlink(f"/proc/{pid}/cwd") == "/"
+    # the daemon serves later runs from anywhere, and imports nothing from here either
+    again = world.apply(m)
+    assert again.code == 0 and set(again.actions().values()) == {"unchanged"}
+    assert not marker.exists()
+    code, out, err = world.rex("stop", str(m))
+    assert code == 0, out + err
+
+
+def test_a_daemon_that_dies_at_once_is_reported_with_its_status_and_log(
+    mux_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # an interpreter that cannot run the daemon: it complains (with a control sequence) and exits
+    broken = tmp_path / "python3"
+    broken.write_text(
+        "#!/bin/sh\nprintf 'daemon: cannot import rexplan\\033]0;owned\\007\\n' >&2\nexit 3\n"
+    )
+    broken.chmod(0o755)
+    monkeypatch.setattr(sys, "executable", str(broken))
+    with pytest.raises(mux.MuxError) as info:
+        mux.MuxClient(30, str(mux_dir)).connect()
+    message = str(info.value)
+    assert "did not start: it exited (status 3)" in message, message
+    assert "cannot import rexplan\\x1b]0;owned\\x07" in message
+    assert "\x1b" not in message and "no answer" not in message
+
+
+def test_the_daemon_path_holds_nothing_named_by_the_current_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    here = tmp_path / "here"
+    (here / "lib").mkdir(parents=True)
+    (tmp_path / "link").symlink_to(here)
+    monkeypatch.chdir(here)
+    kept = ["/usr/lib/python3/dist-packages", str(tmp_path / "elsewhere")]
+    given = ["", ".", "lib", str(here), str(tmp_path / "link"), kept[0], "./x", kept[1]]
+    monkeypatch.setattr(sys, "path", given)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(rexplan.__file__)))
+    assert mux.daemon_path() == [root, *kept]

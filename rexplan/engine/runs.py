@@ -1,4 +1,11 @@
-"""Stored runs: every ``rex apply`` keeps its events in ``.rex/runs/<run id>.jsonl``."""
+"""Stored runs: every ``rex apply`` keeps its events in ``.rex/runs/<run id>.jsonl``.
+
+The state directory and its ``runs`` are checked as ssh's StrictModes would before a run log
+is written or runs are listed (rexplan.trust.strictmodes): a symlink, another user's directory, or
+one that group or other may write to (or a directory above them that others may write to)
+raises InsecurePathError (exit 6), so nobody else can plant, swap or redirect a run log. The
+log is opened through the checked directory's fd, never by following a link.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +19,8 @@ from pathlib import Path
 from typing import IO
 
 from rexplan.engine import events as ev
-from rexplan.errors import UsageError
+from rexplan.errors import InsecurePathError, UsageError
+from rexplan.trust import strictmodes
 
 #: runs kept; older ones are removed when a new one starts
 KEEP = 20
@@ -35,25 +43,58 @@ def runs_dir() -> Path:
     return state_dir() / "runs"
 
 
+def _checked_runs_dir(*, create: bool) -> bool:
+    """Check (and with ``create`` make, 0700) the state directory and its runs/; False when
+    runs/ does not exist. Raises InsecurePathError naming each problem and its fix."""
+    state = state_dir()
+    directory = runs_dir()
+    if create:
+        os.makedirs(state.parent, mode=0o700, exist_ok=True)
+    problems = strictmodes.parent_problems(state)
+    for path in (state, directory):
+        if create and not problems:
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(path, 0o700)
+        try:
+            problems += strictmodes.entry_problems(path, directory=True)
+        except FileNotFoundError:
+            if not problems:
+                return False
+            break
+    if problems:
+        raise InsecurePathError(
+            "; ".join(problems),
+            hint="runs are kept in a directory only you can write to (as ssh's StrictModes); "
+            "fix what is named, or set REX_STATE_DIR to such a place",
+        )
+    return True
+
+
 def open_run_log(
     run_id: str, *, keep: int = KEEP, warn: Callable[[str], None] | None = None
 ) -> tuple[ev.Sink, Callable[[], None]]:
     """(sink, close) writing the run's events to ``runs/<run_id>.jsonl`` (0600 in a 0700
     directory), then prune to the newest ``keep`` runs, this one included. A run log that
-    cannot be written costs a warning, never the run: the sink then drops events."""
+    cannot be written costs a warning, never the run: the sink then drops events. An insecure
+    one (see the module) raises InsecurePathError before anything runs."""
     if not RUN_ID_RE.match(run_id):
         raise ValueError(f"not a run id: {run_id!r}")
     directory = runs_dir()
     try:
-        directory.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        directory.mkdir(mode=0o700, exist_ok=True)
-        # mkdir's mode is filtered by the umask, and the directory may predate rex
-        os.chmod(directory, 0o700)
-        fd = os.open(
-            directory / f"{run_id}{_SUFFIX}",
-            os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-            0o600,
-        )
+        _checked_runs_dir(create=True)
+        dirfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            # mkdir's mode is filtered by the umask, and the directory may predate rex
+            if os.fstat(dirfd).st_uid == os.geteuid():
+                os.fchmod(dirfd, 0o700)
+            fd = os.open(
+                f"{run_id}{_SUFFIX}",
+                os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                0o600,
+                dir_fd=dirfd,
+            )
+        finally:
+            os.close(dirfd)
     except OSError as exc:
         if warn is not None:
             warn(f"run events not stored ({directory}: {exc.strerror or exc})")
@@ -87,7 +128,10 @@ class _RunLog:
 
 
 def list_runs() -> list[str]:
-    """Stored run ids, oldest first (ids sort by start time)."""
+    """Stored run ids, oldest first (ids sort by start time); InsecurePathError when the
+    runs directory is not safe to read (see the module)."""
+    if not _checked_runs_dir(create=False):
+        return []
     try:
         names = os.listdir(runs_dir())
     except (FileNotFoundError, NotADirectoryError):

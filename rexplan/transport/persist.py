@@ -7,6 +7,12 @@ local user, ``python -m rexplan.transport.persist serve``, which holds the conne
 them, and itself, after SECONDS without a request. A later run to the same hosts then skips
 the TCP connect, key exchange and authentication (for an unchanged re-apply, most of its cost).
 
+The daemon runs isolated (``python -I``, cwd ``/``): ``-m`` would put the current directory
+first on ``sys.path``, and a ``./rexplan/__init__.py`` planted where someone runs ``rex apply
+--persist`` would run as that user, in the process holding the SSH connections. It imports
+from the launcher's ``sys.path`` instead (passed in its argv: its absolute entries other
+than the current directory), with the directory rexplan itself was imported from.
+
 The daemon listens on ``$REX_MUX_DIR/mux.sock`` (default ``~/.rex/mux``): a directory of
 mode 0700 that the user owns (else rex refuses to use it), a socket of mode 0600, and every
 peer checked by SO_PEERCRED to be this user. Each request is one connection: a frame (u32
@@ -38,8 +44,10 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
+import rexplan
 from rexplan import errors
 from rexplan.core.model import Host, Manifest, Timeouts, User
+from rexplan.core.text import printable
 from rexplan.engine.callback import ensure_fd_budget
 from rexplan.errors import RexError, TransportError
 from rexplan.transport.ssh import (
@@ -67,6 +75,16 @@ REQUEST_TIMEOUT = 10.0
 SPAWN_TIMEOUT = 10.0
 #: longest persistence accepted (a day), as for ControlPersist a time, not forever
 MAX_PERSIST = 86400.0
+#: bytes of the daemon's log quoted when it would not start
+LOG_TAIL = 2000
+#: ``python -I -c BOOT SYS_PATH_JSON serve ...``: the daemon's sys.path is exactly the one
+#: given (-I has put neither the current directory nor PYTHONPATH on it), then its main
+BOOT = (
+    "import json,sys\n"
+    "sys.path[:]=json.loads(sys.argv.pop(1))\n"
+    "from rexplan.transport.persist import main\n"
+    "sys.exit(main())\n"
+)
 #: the Transport calls a client may make, and nothing else
 METHODS = ("open", "run", "put", "get", "stat", "remove", "listdir", "rex_home")
 _ERRORS: dict[str, type[TransportError]] = {
@@ -497,12 +515,13 @@ class MuxClient:
 
     def _spawn(self) -> None:
         read_end, write_end = os.pipe()
-        log = os.open(
-            os.path.join(self.directory, LOG_FILE), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600
-        )
+        log_path = os.path.join(self.directory, LOG_FILE)
+        log = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600)
+        logged = os.fstat(log).st_size
         try:
-            argv = [sys.executable, "-m", "rexplan.transport.persist", "serve", self.directory]
-            argv += ["--persist", f"{self.persist:g}", "--ready-fd", str(write_end)]
+            argv = [sys.executable, "-I", "-c", BOOT, json.dumps(daemon_path())]
+            argv += ["serve", os.path.abspath(self.directory), "--persist", f"{self.persist:g}"]
+            argv += ["--ready-fd", str(write_end)]
             spawned = subprocess.Popen(
                 argv,
                 stdin=subprocess.DEVNULL,
@@ -511,6 +530,7 @@ class MuxClient:
                 pass_fds=(write_end,),
                 start_new_session=True,
                 close_fds=True,
+                cwd="/",
             )
         finally:
             os.close(write_end)
@@ -521,12 +541,23 @@ class MuxClient:
             os.close(read_end)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 spawned.wait(SPAWN_TIMEOUT)  # it forks the daemon and exits
-        if ready != b"ready":
-            why = ready.decode(errors="replace") or f"no answer within {SPAWN_TIMEOUT:g}s"
-            raise MuxError(
-                f"the connection persistence daemon did not start: {why}",
-                hint=f"see {os.path.join(self.directory, LOG_FILE)}, or run without persist",
-            )
+        if ready == b"ready":
+            return
+        if ready:
+            why = printable(ready.decode(errors="replace"))
+        elif spawned.returncode is None:
+            why = f"no answer within {SPAWN_TIMEOUT:g}s"
+        else:
+            # it died before it was ready (at once, as a rule): say so, and what it said
+            status = spawned.returncode
+            why = f"it exited (status {status})" if status else "it exited before it was ready"
+            tail = _log_tail(log_path, logged)
+            if tail:
+                why += f"; its log ends: {tail}"
+        raise MuxError(
+            f"the connection persistence daemon did not start: {why}",
+            hint=f"see {log_path}, or run without persist",
+        )
 
     def request(self, obj: Mapping[str, Any], timeout: float | None) -> dict[str, Any]:
         """Send one request and return the daemon's reply (a daemon shutting down as we
@@ -573,6 +604,34 @@ class MuxClient:
             reply = _recv(sock)
         pid = reply.get("pid")
         return pid if isinstance(pid, int) else None
+
+
+def daemon_path() -> list[str]:
+    """The daemon's sys.path: this process's absolute entries other than the current
+    directory (what ``-m`` puts first), so nothing that names a directory by where rex runs
+    (``''``, ``.``, any relative entry), with the directory rexplan came from."""
+    here = os.path.realpath(os.getcwd())
+    paths: list[str] = []
+    for entry in sys.path:
+        if not os.path.isabs(entry) or os.path.realpath(entry) == here:
+            continue
+        if entry not in paths:
+            paths.append(entry)
+    # rexplan may have come from the current directory (python -m rexplan.cli in a checkout)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(rexplan.__file__)))
+    return paths if root in paths else [root, *paths]
+
+
+def _log_tail(path: str, start: int) -> str:
+    """The last LOG_TAIL bytes the daemon wrote to its log after ``start``, shown safely."""
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            f.seek(max(start, size - LOG_TAIL))
+            data = f.read(LOG_TAIL)
+    except OSError:
+        return ""
+    return printable(data.decode(errors="replace").strip(), LOG_TAIL // 2, keep="\n")
 
 
 def _read_line(fd: int, within: float) -> bytes:

@@ -64,10 +64,12 @@ class HostKeyReport:
 
 
 def known_hosts_path(keys: str | None, known_hosts: str | None) -> Path:
-    """``--known-hosts`` if given, else ``known_hosts`` in the key store (``--keys``/REX_KEYS)."""
+    """``--known-hosts`` if given, else ``known_hosts`` in the key store (``--keys``/REX_KEYS),
+    refused (KeyStoreError, exit 6) when it or the store is a symlink, another user's, or
+    writable by others (KeyStore.pinned_hosts): scan writes pins there."""
     if known_hosts:
         return Path(known_hosts)
-    return KeyStore(keys).root / "known_hosts"
+    return KeyStore(keys).pinned_hosts()
 
 
 def _connect_timeout(manifest: Manifest, host: Host) -> float:
@@ -188,7 +190,8 @@ def pinned_text(text: str, add: Sequence[HostKeyInfo], replace: Sequence[HostKey
 def write_atomically(path: Path, text: str) -> None:
     """Replace ``path`` by ``text``: 0600 temp file in the same directory, fsync, rename.
 
-    A symlinked known_hosts is followed, so the file it points to is updated; a missing key
+    A symlinked ``--known-hosts`` is followed, so the file it points to is updated (the key
+    store's own known_hosts is never a symlink: known_hosts_path refuses it); a missing key
     store directory is created 0700.
     """
     target = Path(os.path.realpath(path))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import builtins
+import contextlib
 import logging
 import os
 import secrets
@@ -14,6 +15,7 @@ from pathlib import Path
 
 from rexplan.core.model import parse_triple
 from rexplan.errors import KeyStoreError, UsageError
+from rexplan.trust import strictmodes
 from rexplan.wire.protocol import (
     KEY_BYTES,
     KeyFormatError,
@@ -33,6 +35,16 @@ _NAMES_HINT = (
 _INSECURE_HINT = (
     "chmod 600 the key file and chmod 700 its directories (or rotate it with "
     "'rex_key create --force'); --insecure-keys loads it anyway"
+)
+_PLACE_HINT = (
+    "the key store must be a directory of its own, the user's (or root's), in directories "
+    "no other user can write to (as ssh's StrictModes); fix what is named, or move the store "
+    "($REX_KEYS); --insecure-keys uses it anyway"
+)
+_KNOWN_HOSTS_HINT = (
+    "the key store's known_hosts must be a file of its own, the user's (or root's), not "
+    "writable by group or other, in a store that is safe too; fix what is named, or pass "
+    "--known-hosts"
 )
 
 _log = logging.getLogger(__name__)
@@ -142,6 +154,8 @@ class KeyStore:
 
     Every path is walked directory by directory with ``openat`` and ``O_NOFOLLOW``, so a
     symlink planted anywhere below the root is seen, not followed (unless ``insecure_ok``).
+    The root itself must not be a symlink, and the directories above it must be safe as ssh's
+    StrictModes wants them (rexplan.trust.strictmodes): else the store is insecure too.
     """
 
     def __init__(
@@ -315,13 +329,35 @@ class KeyStore:
             return str(e)
         return "; ".join(reasons) or None
 
+    def pinned_hosts(self) -> Path:
+        """The store's ``known_hosts`` (it may not exist yet), checked before rex reads or
+        writes it: the file and the store are not symbolic links, are the user's (or root's)
+        and not writable by group or other, and neither is a directory above them (see
+        rexplan.trust.strictmodes). Raises KeyStoreError (exit 6) unless ``insecure_ok``, which
+        warns."""
+        path = self.root / "known_hosts"
+        reasons = self._root_problems()
+        with contextlib.suppress(FileNotFoundError):
+            reasons += strictmodes.entry_problems(self.root, directory=True)
+            reasons += strictmodes.entry_problems(path, directory=False)
+        self._judge(reasons, hint=_KNOWN_HOSTS_HINT)
+        return path
+
     # -- internals ---------------------------------------------------------------------------
 
-    def _judge(self, reasons: builtins.list[str]) -> None:
+    def _root_problems(self, top: Path | None = None) -> builtins.list[str]:
+        """The directories above the store (or ``top``), and the root not being a symlink."""
+        top = self.root if top is None else top
+        reasons = strictmodes.parent_problems(top)
+        if os.path.islink(top):
+            reasons.append(f"{top}: is a symbolic link (to {os.readlink(top)})")
+        return reasons
+
+    def _judge(self, reasons: builtins.list[str], *, hint: str = _INSECURE_HINT) -> None:
         if not reasons:
             return
         if not self.insecure_ok:
-            raise KeyStoreError("; ".join(reasons), hint=_INSECURE_HINT)
+            raise KeyStoreError("; ".join(reasons), hint=hint)
         for reason in reasons:
             self._warn(f"using an insecure key (--insecure-keys): {reason}")
 
@@ -349,10 +385,15 @@ class KeyStore:
     ) -> int:
         """Open the directory ``root/names...`` one level at a time; returns its fd."""
         path = self.root if root is None else root
+        # a symlinked root or an unsafe directory above it: refused before anything is read
+        # or made there; used only with insecure_ok (as a symlink below the root)
+        problems = self._root_problems(path)
+        if problems and not self.insecure_ok:
+            raise KeyStoreError("; ".join(problems), hint=_PLACE_HINT)
+        reasons.extend(problems)
         try:
             if create:
                 self._make_root()
-            # the root itself may be reached through a link the user chose
             fd = os.open(path, _DIR_FLAGS)
         except FileNotFoundError:
             raise
@@ -499,9 +540,10 @@ def default_known_hosts(store: KeyStore, explicit: str | None) -> str | None:
     """``--known-hosts`` if given, else the store's ``known_hosts`` if present, else None.
 
     None means ~/.ssh/known_hosts (the transport's default). ``rex hostkeys scan --accept``
-    records into the store's file, so pinning once there is enough for every command.
+    records into the store's file, so pinning once there is enough for every command. The
+    store's file is checked first (KeyStore.pinned_hosts: KeyStoreError when insecure).
     """
     if explicit:
         return str(explicit)
-    pinned = store.root / "known_hosts"
+    pinned = store.pinned_hosts()
     return str(pinned) if pinned.is_file() else None
