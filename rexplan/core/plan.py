@@ -86,7 +86,7 @@ def compile(manifest: Manifest, *, limit: str | None = None) -> Plan:
     Raises PlanError for a ``requires`` cycle, a reference to something the manifest lacks,
     an unauthorized triple, more than MAX_STEPS steps, or a limit that leaves no step.
     """
-    # counted before a step is made: manifest.py refuses such a manifest, one built otherwise
+    # counted before a step is made: checks.py refuses such a manifest, one built otherwise
     # (rex run's) must not make them either
     total = sum(len(p.hosts) for p in manifest.programs)
     if total > MAX_STEPS:
