@@ -211,14 +211,9 @@ def to_dict(
     """The JSON document of ``rex plan --simulate --json`` (format 1)."""
 
     def row(e: Estimate) -> dict[str, Any]:
-        return {
-            "hosts": e.hosts,
-            "strategy": e.strategy,
-            "fanout": e.fanout,
-            "depth": e.depth,
-            "rounds": e.rounds,
-            "expected_ms": round(e.ms, 3),
-        }
+        fields = dict(vars(e))  # Estimate's fields in order, ms (last) renamed and rounded
+        fields["expected_ms"] = round(fields.pop("ms"), 3)
+        return fields
 
     return {
         "format": 1,
