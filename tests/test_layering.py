@@ -9,7 +9,18 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "rexplan"
-PURE = ("core/plan.py", "core/model.py", "core/manifest.py", "wire/protocol.py", "core/text.py")
+PURE = (
+    "core/plan.py",
+    "core/model.py",
+    "core/manifest.py",
+    "core/yamlpos.py",
+    "core/schema.py",
+    "core/checks.py",
+    "core/settings.py",
+    "core/values.py",
+    "wire/protocol.py",
+    "core/text.py",
+)
 IO_LIBRARIES = {
     "fabric",
     "paramiko",

@@ -17,7 +17,8 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rexplan.core import manifest
+from rexplan.core import manifest, yamlpos
+from rexplan.core import schema as manifest_schema
 from rexplan.core.model import (
     Authorization,
     Callback,
@@ -88,7 +89,7 @@ def _load_good(tmp_path: Path) -> manifest.Manifest:
 
 def test_the_schema_is_a_valid_draft_2020_12_schema() -> None:
     # rex does not check it on every run (it costs more than loading a manifest)
-    jsonschema.Draft202012Validator.check_schema(manifest._schema_document())
+    jsonschema.Draft202012Validator.check_schema(manifest_schema.document())
 
 
 def test_good_manifest_becomes_records(tmp_path: Path) -> None:
@@ -218,7 +219,7 @@ def test_there_are_enough_bad_cases() -> None:
 @pytest.mark.parametrize("name", _cases())
 def test_bad_manifest(name: str, loader: str, monkeypatch: pytest.MonkeyPatch) -> None:
     if loader == "pure":
-        monkeypatch.setattr(manifest, "_LOADER", yaml.SafeLoader)
+        monkeypatch.setattr(yamlpos, "_LOADER", yaml.SafeLoader)
     elif not yaml.__with_libyaml__:
         pytest.skip("PyYAML was built without libyaml")
     path = BAD / name
@@ -270,8 +271,8 @@ def test_billion_laughs_fails_fast() -> None:
 def test_deep_nesting_is_refused() -> None:
     depth = 200
     (d,) = _error("rex: 1\nx: " + "[" * depth + "]" * depth + "\n")
-    assert d.message == f"nesting is deeper than {manifest.MAX_DEPTH} levels"
-    assert (d.line, d.col) == (2, 4 + manifest.MAX_DEPTH - 1)
+    assert d.message == f"nesting is deeper than {yamlpos.MAX_DEPTH} levels"
+    assert (d.line, d.col) == (2, 4 + yamlpos.MAX_DEPTH - 1)
 
 
 def test_block_nesting_is_refused_too() -> None:
@@ -470,7 +471,7 @@ _PROBES = [
 def _schema_paths(
     schema: dict[str, object], prefix: tuple[object, ...]
 ) -> list[tuple[object, ...]]:
-    defs = manifest._schema_document()["$defs"]
+    defs = manifest_schema.document()["$defs"]
     ref = schema.get("$ref")
     if isinstance(ref, str):
         schema = defs[ref.removeprefix("#/$defs/")]
@@ -504,10 +505,10 @@ def _with(tree: object, path: tuple[object, ...], value: object) -> object:
 
 
 def test_fast_schema_check_agrees_with_jsonschema_field_by_field() -> None:
-    base = manifest._compose(GOOD, manifest._Report("x"))
-    accepts, validator = manifest._accepts(), manifest._validator()
+    base = yamlpos.compose(GOOD, yamlpos.Report("x"))
+    accepts, validator = manifest_schema.accepts(), manifest_schema.validator()
     assert accepts(base) and validator.is_valid(base)
-    paths = _schema_paths(manifest._schema_document(), ())
+    paths = _schema_paths(manifest_schema.document(), ())
     assert ("programs", "app", "ready", "tcp", "port") in paths
     for path in paths[1:]:
         for probe in _PROBES:
@@ -533,7 +534,7 @@ def test_fast_schema_check_agrees_with_jsonschema_field_by_field() -> None:
 )
 def test_fast_schema_check_never_accepts_what_jsonschema_rejects(host: dict[str, object]) -> None:
     doc = {"rex": 1, "hosts": {"h": host}, "programs": {"p": {"on": "h", "ready": host}}}
-    assert manifest._accepts()(doc) == manifest._validator().is_valid(doc)
+    assert manifest_schema.accepts()(doc) == manifest_schema.validator().is_valid(doc)
 
 
 _WORDS = [

@@ -1,22 +1,5 @@
-"""Host ranges in ClusterShell NodeSet style and the address templates they feed.
-
-A host name may hold bracketed ranges: ``node[001-147]``, ``n[1-3,7,10-12]``,
-``rack[1-4]-n[01-32]``. Each range is a comma-separated list of numbers ``N`` and
-inclusive spans ``N-M``; a number written with a leading zero fixes the width, so
-``[001-147]`` gives ``node001`` .. ``node147`` (both ends must then have the same width).
-Several ranges expand as a cartesian product, the first range outermost:
-``rack[1-2]-n[1-2]`` is ``rack1-n1 rack1-n2 rack2-n1 rack2-n2``. Items keep the order
-written. More than ``MAX_HOSTS`` names, a reversed span, a repeated value, an empty or
-non-numeric item and unbalanced brackets are errors (``ValueError``).
-
-An address template is a string with placeholders, used as ``address: 10.1.0.{n}``:
-
-    {n}       the integer value of the LAST range (no zero padding)
-    {n1} {n2} the integer value of the first, second, ... range
-    {name}    the expanded host name
-
-``{{`` and ``}}`` are not supported; any other brace is an error.
-"""
+"""Host ranges in ClusterShell NodeSet style (``node[001-147]``) and the address templates
+they feed (``10.1.0.{n}``); the grammar is in rex-manifest(5), HOST RANGES."""
 
 from __future__ import annotations
 

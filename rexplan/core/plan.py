@@ -78,6 +78,8 @@ PLAN_KEYS = (
 
 #: how many offending triples one unauthorized-program diagnostic names before "and N more"
 _EXAMPLES = 5
+#: the Step fields copied from the Host of the same name
+_FROM_HOST = ("address", "port", "transport", "python")
 
 
 def compile(manifest: Manifest, *, limit: str | None = None) -> Plan:
@@ -86,7 +88,7 @@ def compile(manifest: Manifest, *, limit: str | None = None) -> Plan:
     Raises PlanError for a ``requires`` cycle, a reference to something the manifest lacks,
     an unauthorized triple, more than MAX_STEPS steps, or a limit that leaves no step.
     """
-    # counted before a step is made: manifest.py refuses such a manifest, one built otherwise
+    # counted before a step is made: checks.py refuses such a manifest, one built otherwise
     # (rex run's) must not make them either
     total = sum(len(p.hosts) for p in manifest.programs)
     if total > MAX_STEPS:
@@ -253,14 +255,9 @@ def _steps(
 
 
 def _host_fields(host: Host) -> dict[str, object]:
-    """The Step fields that come from the host."""
-    return {
-        "host": host.name,
-        "address": host.address,
-        "port": host.port,
-        "transport": host.transport,
-        "python": host.python,
-    }
+    """The Step fields that come from the host: its name, and those Step and Host share."""
+    fields = vars(host)
+    return {"host": host.name, **{name: fields[name] for name in _FROM_HOST}}
 
 
 def _host_matcher(manifest: Manifest, user: str, program: str) -> Callable[[str], object] | None:
@@ -321,23 +318,14 @@ def _diag(manifest: Manifest, path: str, message: str, hint: str | None = None) 
 
 
 def ready_to_dict(ready: Ready) -> dict[str, object]:
-    """A readiness probe as JSON, every key always present."""
-    return {
-        "kind": ready.kind,
-        "timeout": ready.timeout,
-        "interval": ready.interval,
-        "settle": ready.settle,
-        "port": ready.port,
-        "host": ready.host,
-        "url": ready.url,
-        "argv": list(ready.argv),
-        "path": ready.path,
-    }
+    """A readiness probe as JSON: every field of Ready, in its order, always present."""
+    fields = dict(vars(ready))
+    fields["argv"] = list(ready.argv)
+    return fields
 
 
 def step_to_dict(step: Step) -> dict[str, object]:
     """One step as JSON, keys in the documented order."""
-    t = step.timeouts
     return {
         "id": step.id,
         "wave": step.wave,
@@ -358,12 +346,7 @@ def step_to_dict(step: Step) -> dict[str, object]:
         "python": step.python,
         "restart": step.restart,
         "stop_timeout": step.stop_timeout,
-        "timeouts": {
-            "connect": t.connect,
-            "start": t.start,
-            "callback": t.callback,
-            "ready": t.ready,
-        },
+        "timeouts": dict(vars(step.timeouts)),
         "requires": list(step.requires),
     }
 

@@ -1,24 +1,5 @@
-"""Launch-time model of flat, ring and k-ary tree fan-out (``rex plan --simulate``); pure.
-
-The question LAM's scalable boot answered: one launcher opening every connection itself grows
-linearly with the host count, a tree of relays grows with its depth. The model:
-
-- A launch is one connection (``conn_cost`` + one ``latency`` round trip: TCP and the SSH
-  handshake), then the exec and the verified callback (one more round trip + ``agent_cost``:
-  the agent's start, probe and handshake). Every launch costs the same, ``CostModel.launch``.
-- Every launching node (the launcher, and each relay, which inherits ``forks``) has at most
-  ``forks`` launches in flight: its i-th child (0-based) is up ``i // forks + 1`` launches
-  after the node itself. Relays are not slowed by the launcher; the launcher's callback
-  verification (well under 1 ms a host) is left out.
-- flat: the launcher launches all H hosts, ``ceil(H / forks)`` launches one after another.
-- ring: each host launches the next, H launches one after another (LAM's linear lamboot).
-- tree k: the launcher launches min(k, M) relays and hands each its subtree in the launch
-  message (so, unlike LAM, no relay waits for its siblings): the M - N remaining hosts are
-  split (M - N) / N each, the first (M - N) mod N relays taking one more; recursively.
-
-``rounds`` is the number of launches one after another on the slowest path; the expected
-time is ``rounds * launch``. ``split_tree`` is the same split as host names, for a launcher.
-"""
+"""Launch-time model of flat, ring and k-ary tree fan-out (``rex plan --simulate``, the model
+in rex(7), TREE FAN-OUT); pure."""
 
 from __future__ import annotations
 
@@ -211,14 +192,9 @@ def to_dict(
     """The JSON document of ``rex plan --simulate --json`` (format 1)."""
 
     def row(e: Estimate) -> dict[str, Any]:
-        return {
-            "hosts": e.hosts,
-            "strategy": e.strategy,
-            "fanout": e.fanout,
-            "depth": e.depth,
-            "rounds": e.rounds,
-            "expected_ms": round(e.ms, 3),
-        }
+        fields = dict(vars(e))  # Estimate's fields in order, ms (last) renamed and rounded
+        fields["expected_ms"] = round(fields.pop("ms"), 3)
+        return fields
 
     return {
         "format": 1,

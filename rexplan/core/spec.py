@@ -1,11 +1,6 @@
-"""What a step launches, and how a host's record of it compares: pure, no I/O.
-
-``launch_args`` is the one place a step becomes launch-message fields (``rex apply`` sends
-them; ``rex status`` and ``apply --dry-run`` digest them), so the spec digest the agent records
-and the one rex expects can only differ when the program really changed. ``classify`` turns the
-agent's ``--status`` record of a step into one of STATUSES; ``action_for`` says what an
-idempotent apply does about it.
-"""
+"""What a step launches and how a host's record of it compares: pure, no I/O. ``launch_args`` is
+the one renderer of a step, so the spec digest the agent records and the one rex expects differ
+only when the program changed; ``classify`` and ``action_for`` judge a host's record."""
 
 from __future__ import annotations
 

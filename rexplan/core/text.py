@@ -1,13 +1,5 @@
-"""The one filter for text rex did not write itself, before a terminal, a log or a comment.
-
-A host (an agent's report, a relay's line, a command's output, an SSH error), a run log or a
-manifest may hold any character. Written as is, C0 and C1 controls (``ESC``, ``CSI`` U+009B)
-drive the terminal, bidi overrides (U+202A-U+202E, U+2066-U+2069) reorder what is shown, and
-NEL, LINE SEPARATOR and PARAGRAPH SEPARATOR (U+0085, U+2028, U+2029) end a line for YAML and
-for some terminals. :func:`printable` writes every character ``str.isprintable()`` rejects as
-a Python escape (``\\n``, ``\\x1b``, ``\\x85``, ``\\u202e``) and caps the length, so what it
-returns stays one line of bounded length (or, with ``keep="\\n"``, the same lines).
-"""
+"""The one filter for text rex did not write itself (host output, run logs, manifests) before a
+terminal, a log or a comment: controls, bidi overrides and line separators become escapes."""
 
 from __future__ import annotations
 

@@ -25,8 +25,8 @@ import threading
 from collections.abc import Sequence
 from importlib import resources
 
-from rexplan.core.manifest import tree_problems
 from rexplan.core.model import Manifest, Step
+from rexplan.core.settings import tree_problems
 from rexplan.core.simulate import Subtree, split_tree
 from rexplan.errors import TransportError, UsageError
 from rexplan.remote import (

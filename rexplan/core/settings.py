@@ -1,0 +1,165 @@
+"""A program's settings as records (ready probe, placement, files, failure policy); tree limits."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Sequence
+from typing import Any
+
+from rexplan.core.model import FailurePolicy, FileSpec, Placement, Program, Ready
+from rexplan.core.values import address_problem, as_int, as_map, as_num, as_str, count_or_percent
+from rexplan.core.yamlpos import KeyPath, Report
+from rexplan.wire.protocol import safe_relpath
+
+_MODE_RE = re.compile(r"0?[0-7]{3}\Z|0o[0-7]{3}\Z")
+_PROBES = ("tcp", "http", "command", "file", "notify", "alive")
+
+
+def policy(spec: dict[str, Any], defaults: dict[str, Any]) -> FailurePolicy:
+    """The program's failure policy; each key falls back to ``defaults``."""
+
+    def get(key: str) -> Any:
+        return spec[key] if key in spec else defaults.get(key)
+
+    max_fail, max_fail_percent = count_or_percent(get("max_fail"))
+    serial, serial_percent = count_or_percent(get("serial"))
+    return FailurePolicy(
+        max_fail=max_fail,
+        max_fail_percent=max_fail_percent,
+        any_errors_fatal=get("any_errors_fatal") is True,
+        serial=serial,
+        serial_percent=serial_percent,
+        ignore_unreachable=get("ignore_unreachable") is True,
+    )
+
+
+def ready(report: Report, path: KeyPath, value: Any, timeout: float) -> Ready:
+    """The readiness probe at ``path``; the ready timeout defaults to ``timeout``."""
+    spec = as_map(value)
+    probes = [p for p in _PROBES if p in spec]
+    if len(probes) > 1:
+        report.key(
+            (*path, probes[1]),
+            f"ready has more than one probe: {', '.join(probes)}",
+            "choose one of tcp, http, command, file, notify, alive",
+        )
+    base = Ready(
+        timeout=as_num(spec.get("timeout"), timeout), interval=as_num(spec.get("interval"), 0.2)
+    )
+    kind = probes[0] if probes else "alive"
+    probe = spec.get(kind)
+    if kind == "tcp":
+        target = as_map(probe)
+        port = as_int(probe, 0) if not target else as_int(target.get("port"), 0)
+        host = as_str(target.get("host"), base.host) or base.host
+        problem = address_problem(host)
+        if problem:
+            report.value((*path, "tcp", "host"), f"address {host!r} {problem}")
+        return Ready("tcp", base.timeout, base.interval, port=port, host=host)
+    if kind == "http":
+        url = as_str(probe, "") or ""
+        if not url.startswith(("http://", "https://")):
+            report.value((*path, "http"), f"{url!r} is not an http:// or https:// URL")
+        return Ready("http", base.timeout, base.interval, url=url)
+    if kind == "command":
+        argv = tuple(a for a in probe if isinstance(a, str)) if isinstance(probe, list) else ()
+        return Ready("command", base.timeout, base.interval, argv=argv)
+    if kind == "file":
+        return Ready("file", base.timeout, base.interval, path=as_str(probe, None))
+    if kind == "notify":
+        if probe is False:
+            report.value((*path, "notify"), "notify: false is not a probe")
+        return Ready("notify", base.timeout, base.interval)
+    return Ready(
+        "alive", base.timeout, base.interval, settle=as_num(spec.get("alive"), base.settle)
+    )
+
+
+def placement(report: Report, path: KeyPath, value: Any, hosts: int) -> Placement:
+    """The placement at ``path`` of a program on ``hosts`` hosts."""
+    if value is None:
+        return Placement()
+    spec = as_map(value)
+    strategy = value if isinstance(value, str) else as_str(spec.get("strategy"), "all")
+    count = spec.get("count")
+    count_int = as_int(count, 0) if count is not None else None
+    if strategy == "least-loaded":
+        if count_int is None:
+            report.value(
+                path,
+                "least-loaded placement needs a count >= 1",
+                "placement: {strategy: least-loaded, count: 2}",
+            )
+        elif hosts and count_int > hosts:
+            report.value(
+                (*path, "count"), f"count {count_int} is more than the {hosts} host(s) of on"
+            )
+    elif count is not None:
+        report.value((*path, "count"), "count applies only to least-loaded placement")
+    return Placement(strategy or "all", count_int)
+
+
+def files(report: Report, path: KeyPath, value: Any, base_dir: str) -> tuple[FileSpec, ...]:
+    """The files at ``path`` to upload; ``src`` is relative to ``base_dir``."""
+    specs: list[FileSpec] = []
+    for i, item in enumerate(value if isinstance(value, list) else []):
+        spec = as_map(item)
+        src, dest = spec.get("src"), spec.get("dest")
+        mode_text = spec.get("mode", "0644")
+        mode = 0o644
+        if isinstance(mode_text, str):
+            if _MODE_RE.match(mode_text):
+                mode = int(mode_text.removeprefix("0o"), 8)
+            else:
+                report.value(
+                    (*path, i, "mode"),
+                    f"{mode_text!r} is not an octal file mode",
+                    'write three octal digits, e.g. mode: "0644"',
+                )
+        if isinstance(dest, str) and not safe_relpath(dest):
+            report.value(
+                (*path, i, "dest"),
+                f"{dest!r} leaves the program's files directory",
+                "give a relative path without '..', e.g. dest: conf/app.ini",
+            )
+        elif isinstance(src, str) and isinstance(dest, str):
+            specs.append(FileSpec(os.path.join(base_dir, src), dest, mode))
+    return tuple(specs)
+
+
+def tree_problems(
+    programs: Sequence[Program], relay_identity: str | None
+) -> list[tuple[KeyPath, str, str]]:
+    """Why ``programs`` cannot be launched with ``strategy: tree``: (key path, message, hint)
+    for each. Relays only pass launch lines on; what the launcher does over its own connection
+    to a host (files over SFTP, load probes) it cannot do through them."""
+    out: list[tuple[KeyPath, str, str]] = []
+    if relay_identity is None:
+        out.append(
+            (
+                ("defaults", "strategy"),
+                "strategy: tree needs defaults.relay_identity",
+                "relay_identity: ~/.ssh/rex_relay (a private key file on the relay hosts that "
+                "the hosts below them accept)",
+            )
+        )
+    for p in programs:
+        if p.files:
+            out.append(
+                (
+                    ("programs", p.name, "files"),
+                    "files cannot be uploaded through relays (strategy: tree)",
+                    "launch this manifest with strategy: flat (rex apply --strategy flat)",
+                )
+            )
+        if p.placement.strategy == "least-loaded":
+            out.append(
+                (
+                    ("programs", p.name, "placement"),
+                    "least-loaded placement probes every host from the launcher, "
+                    "not with strategy: tree",
+                    "launch this manifest with strategy: flat (rex apply --strategy flat)",
+                )
+            )
+    return out
