@@ -32,6 +32,7 @@ from rexplan import __version__
 from rexplan.cli import ui
 from rexplan.core import hostrange
 from rexplan.core.model import HOST_RE, NAME_RE
+from rexplan.core.text import printable
 from rexplan.errors import Diagnostic, ManifestError, UsageError
 
 #: Ansible's implicit groups: every host is in ``all``; ``ungrouped`` holds the groupless
@@ -426,7 +427,7 @@ def _named(name: str) -> str:
 def _shown(value: Any) -> str:
     if isinstance(value, _Opaque):
         return "(vaulted)"
-    return ui.printable(repr(value))
+    return printable(repr(value))
 
 
 def _is_address(value: Any) -> bool:
@@ -572,7 +573,7 @@ def _comment(text: str, indent: str) -> list[str]:
     # YAML ends a comment at \x85, U+2028 and U+2029 too: printable escapes them (and every
     # other character str.isprintable() rejects), so the comment cannot end early
     return textwrap.wrap(
-        ui.printable(text, None),
+        printable(text, None),
         width=96,
         initial_indent=f"{indent}# ",
         subsequent_indent=f"{indent}#   ",
@@ -585,7 +586,7 @@ def format_hosts(hosts: list[ImportedHost], notes: list[str], source: str) -> st
     kept = [h for h in hosts if not _host_problem(h.name)]
     users = sorted({h.user for h in kept if h.user})
     lines = [
-        f"# rex hosts imported from {ui.printable(source)} by 'rex import ansible' (rex "
+        f"# rex hosts imported from {printable(source)} by 'rex import ansible' (rex "
         f"{__version__}).",
         "# Ranges are expanded; Ansible groups (and their parents through children) are",
         "# groups:; ansible_host, ansible_port, ansible_user and ansible_connection=local are",
@@ -652,7 +653,7 @@ def write_new(path: str | os.PathLike[str], text: str, *, force: bool = False) -
             os.unlink(tmp)
 
 
-def cmd_import(args: argparse.Namespace, console: ui.Console) -> int:
+def cmd_import(args: argparse.Namespace, screen: ui.Screen) -> int:
     """``rex import ansible INVENTORY [-o FILE] [--force]``: YAML to stdout or to FILE."""
     try:
         with open(args.inventory, encoding="utf-8") as f:
@@ -662,7 +663,7 @@ def cmd_import(args: argparse.Namespace, console: ui.Console) -> int:
         raise _error(args.inventory, 0, f"cannot read the inventory: {reason}") from None
     result = import_ansible(text, args.inventory)
     if args.output is None or args.output == "-":
-        ui.print_text(console, result)
+        screen.text(result)
     else:
         write_new(args.output, result, force=args.force)
     return 0
