@@ -545,15 +545,15 @@ class Screen:
     def text(self, text: str) -> None:
         print_text(self.console, text)
 
-    def status(
-        self,
-        statuses: Sequence[StepStatus],
-        *,
-        actions: Sequence[str] | None = None,
-        title: str = "rex status",
-        notes: Iterable[str] = (),
+    def status(self, statuses: Sequence[StepStatus]) -> None:
+        print_status(self.console, statuses)
+
+    def dry_run(
+        self, statuses: Sequence[StepStatus], actions: Sequence[str], notes: Sequence[str]
     ) -> None:
-        print_status(self.console, statuses, actions=actions, title=title, notes=notes)
+        print_status(
+            self.console, statuses, actions=actions, title="rex apply --dry-run", notes=notes
+        )
 
     def stopped(self, result: StopResult) -> None:
         print_stop(self.console, result)

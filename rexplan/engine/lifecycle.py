@@ -395,12 +395,7 @@ def dry_run(
         doc["exit"] = 3 if UNREACHABLE in actions else 0
         out.text(json.dumps(doc, indent=2))
     else:
-        out.status(
-            statuses,
-            actions=actions,
-            title="rex apply --dry-run",
-            notes=[p.describe() for p in placed],
-        )
+        out.dry_run(statuses, actions, [p.describe() for p in placed])
     return 3 if UNREACHABLE in actions else 0
 
 

@@ -3,7 +3,7 @@ which chooses a table on a terminal or plain lines for pipes."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Protocol
 
 from rexplan.core.spec import StepStatus, StopResult
@@ -11,15 +11,14 @@ from rexplan.trust.output import Output
 
 
 class Reporter(Output, Protocol):
-    def status(
-        self,
-        statuses: Sequence[StepStatus],
-        *,
-        actions: Sequence[str] | None = None,
-        title: str = "rex status",
-        notes: Iterable[str] = (),
+    def status(self, statuses: Sequence[StepStatus]) -> None:
+        """``rex status``: the steps' statuses, then the totals."""
+
+    def dry_run(
+        self, statuses: Sequence[StepStatus], actions: Sequence[str], notes: Sequence[str]
     ) -> None:
-        """The steps' statuses (and what ``apply --dry-run`` would do), then the totals."""
+        """``rex apply --dry-run``: the statuses, what apply would do to each step (totals by
+        action), then a line per note (the least-loaded placements)."""
 
     def stopped(self, result: StopResult) -> None:
         """One step's stop, as it finishes."""
