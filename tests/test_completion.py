@@ -60,7 +60,7 @@ def _env(workdir: Path) -> dict[str, str]:
 def bash_complete(workdir: Path, *lines: Sequence[str]) -> list[list[str]]:
     """COMPREPLY for each command line (its last word is completed), in one bash process."""
     script = workdir / "rex.bash"
-    script.write_text(completion.script("bash"))
+    script.write_text(completion.script("bash", cli.parsers()))
     body = [f"source {shlex.quote(str(script))}"]
     for words in lines:
         body += [
@@ -88,7 +88,11 @@ def bash_complete(workdir: Path, *lines: Sequence[str]) -> list[list[str]]:
 
 def test_bash_script_parses() -> None:
     proc = subprocess.run(
-        ["bash", "-n"], input=completion.script("bash"), capture_output=True, text=True, timeout=60
+        ["bash", "-n"],
+        input=completion.script("bash", cli.parsers()),
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert proc.returncode == 0, proc.stderr
 
@@ -214,7 +218,7 @@ _files() { print -r -- "_files $*" }
 
 def zsh_complete(workdir: Path, *lines: Sequence[str]) -> list[list[str]]:
     script = workdir / "_rex"
-    script.write_text(completion.script("zsh"))
+    script.write_text(completion.script("zsh", cli.parsers()))
     body = [_ZSH_STUBS, f"source {shlex.quote(str(script))}"]
     for words in lines:
         body += [
@@ -244,7 +248,11 @@ def zsh_complete(workdir: Path, *lines: Sequence[str]) -> list[list[str]]:
 def test_zsh_script_parses() -> None:
     assert ZSH is not None
     proc = subprocess.run(
-        [ZSH, "-n"], input=completion.script("zsh"), capture_output=True, text=True, timeout=60
+        [ZSH, "-n"],
+        input=completion.script("zsh", cli.parsers()),
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert proc.returncode == 0, proc.stderr
 

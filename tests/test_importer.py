@@ -15,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rexplan.cli import importer
+from rexplan.cli import inventory as ansible
 from rexplan.cli import rex as cli
 from rexplan.core import manifest
 from rexplan.core import plan as planner
@@ -26,7 +27,7 @@ INVENTORIES = sorted(p.name for p in DATA.iterdir())
 
 def hosts_of(name: str) -> dict[str, importer.ImportedHost]:
     path = DATA / name
-    hosts, _notes = importer.convert(importer.parse_inventory(path.read_text(), str(path)))
+    hosts, _notes = importer.convert(ansible.parse_inventory(path.read_text(), str(path)))
     return {h.name: h for h in hosts}
 
 
@@ -58,13 +59,13 @@ def wrap(hosts_yaml: str, users: set[str]) -> str:
     ],
 )
 def test_expand_range(pattern: str, expected: list[str]) -> None:
-    assert importer.expand_range(pattern) == expected
+    assert ansible.expand_range(pattern) == expected
 
 
 def test_the_documented_ranges_have_the_documented_sizes() -> None:
-    assert len(importer.expand_range("www[01:50].example.com")) == 50
-    assert importer.expand_range("www[01:50:2].example.com")[-1] == "www49.example.com"
-    assert len(importer.expand_range("db-[a:f].example.com")) == 6
+    assert len(ansible.expand_range("www[01:50].example.com")) == 50
+    assert ansible.expand_range("www[01:50:2].example.com")[-1] == "www49.example.com"
+    assert len(ansible.expand_range("db-[a:f].example.com")) == 6
 
 
 @pytest.mark.parametrize(
@@ -84,7 +85,7 @@ def test_the_documented_ranges_have_the_documented_sizes() -> None:
 )
 def test_bad_ranges(pattern: str) -> None:
     with pytest.raises(ValueError, match=re.escape(repr(pattern))):
-        importer.expand_range(pattern)
+        ansible.expand_range(pattern)
 
 
 @pytest.mark.parametrize(
@@ -97,7 +98,7 @@ def test_bad_ranges(pattern: str) -> None:
     ],
 )
 def test_expand_hostpattern(pattern: str, names: list[str], port: int | None) -> None:
-    assert importer.expand_hostpattern(pattern) == (names, port)
+    assert ansible.expand_hostpattern(pattern) == (names, port)
 
 
 # --- the documentation's inventories ------------------------------------------------------------
@@ -180,7 +181,7 @@ ansible_user=bee
 ansible_user=parent
 ansible_host=10.9.9.9
 """
-    (h1,), _ = importer.convert(importer.parse_ini(inventory))
+    (h1,), _ = importer.convert(ansible.parse_ini(inventory))
     # a (a child of parent) is deeper than b and parent, so its port wins over b's; b and
     # parent are one below all, and parent comes later by name, so its user wins over b's
     assert (h1.port, h1.user, h1.address) == (2201, "parent", "10.9.9.9")
@@ -263,7 +264,7 @@ def test_an_inventory_without_hosts_gives_an_empty_section(inventory: str) -> No
 )
 def test_bad_inventories_name_the_place(text: str, source: str, where: str) -> None:
     with pytest.raises(ManifestError) as info:
-        importer.convert(importer.parse_inventory(text, source))
+        importer.convert(ansible.parse_inventory(text, source))
     assert str(info.value.diagnostics[0].format()).startswith(where + ":")
 
 
@@ -340,7 +341,7 @@ _NAMES = st.text(min_size=1, max_size=40)
 def test_every_comment_stays_one_line_for_any_name(
     host_vars: list[str], group_vars: list[str], groups: list[str], hosts: list[str], source: str
 ) -> None:
-    inv = importer.Inventory(source)
+    inv = ansible.Inventory(source)
     for group in groups:
         inv.group(group).vars.update(dict.fromkeys(group_vars, 1))
         for host in ["web1", *hosts]:
@@ -357,7 +358,7 @@ def test_every_comment_stays_one_line_for_any_name(
             or line in ("hosts:", "hosts: {}")
             or (line.startswith("  ") and line.endswith("}"))
         )
-    loaded = importer._safe_load(text)
+    loaded = ansible._safe_load(text)
     kept = [h.name for h in hosts_found if not importer._host_problem(h.name)]
     assert list((loaded or {}).get("hosts") or {}) == kept
 

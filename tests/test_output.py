@@ -12,6 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from rexplan.cli import boundary
 from rexplan.cli import rex as cli
 from rexplan.engine import runs
 
@@ -269,7 +270,7 @@ def test_every_path_of_host_text_to_the_terminal_escapes_and_bounds_it(
     assert "line 1\tx\n" in folded and "\nline 3\n" in folded
     shown.append(folded)
     # an error quoting a host, at the error boundary
-    shown.append(cli.format_error(TransportError(words, host="h1", phase="exec", hint=words)))
+    shown.append(boundary.format_error(TransportError(words, host="h1", phase="exec", hint=words)))
     # rex_key distribute's per-host lines
     action = KeyAction("h1.app", "abc", words, "replaced", words)
     shown.append(keycli.format_host_report(HostReport("h1", "app", (action,)), dry_run=False))

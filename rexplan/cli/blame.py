@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rexplan.cli import ui
+from rexplan.core.text import printable
 from rexplan.engine import events as ev
 from rexplan.engine import runs
 
@@ -310,7 +311,7 @@ def format_blame(report: dict[str, Any]) -> str:
             )
     chain.append(("done", f"@{_secs(report['seconds'])}", "", ""))
     lines += _columns(chain, align="lrrl")
-    return "\n".join(ui.printable(line) for line in lines)
+    return "\n".join(printable(line) for line in lines)
 
 
 def format_run_list(rows: list[dict[str, Any]]) -> str:
@@ -367,7 +368,7 @@ def add_parser(subparsers: argparse._SubParsersAction[Any]) -> None:
     parser.set_defaults(func=cmd_blame)
 
 
-def cmd_blame(args: argparse.Namespace, console: ui.Console) -> int:
+def cmd_blame(args: argparse.Namespace, screen: ui.Screen) -> int:
     """``rex blame [RUN]``: the report of one stored run, or ``--list`` of them all."""
     if args.list:
         rows = []
@@ -376,9 +377,9 @@ def cmd_blame(args: argparse.Namespace, console: ui.Console) -> int:
             report = analyze(run_id, events, top=1)
             rows.append({k: report[k] for k in ("run", "complete", "seconds", "counts")})
         text = json.dumps({"format": FORMAT, "runs": rows}, indent=2) if args.json else None
-        ui.print_text(console, text or format_run_list(rows))
+        screen.text(text or format_run_list(rows))
         return 0
     run_id, events = runs.load_run(args.run)
     report = analyze(run_id, events, top=args.top)
-    ui.print_text(console, json.dumps(report, indent=2) if args.json else format_blame(report))
+    screen.text(json.dumps(report, indent=2) if args.json else format_blame(report))
     return 0

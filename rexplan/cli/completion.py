@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -110,14 +110,6 @@ def _walk(parser: argparse.ArgumentParser, path: tuple[str, ...]) -> Iterator[Co
     yield Command(path, tuple(subcommands), tuple(options), tuple(positionals))
     for name, sub in children:
         yield from _walk(sub, (*path, name))
-
-
-def _parsers() -> list[tuple[str, argparse.ArgumentParser]]:
-    # imported here: cli imports this module to register the subcommand
-    from rexplan.cli import rex as cli
-    from rexplan.cli import rex_key as keycli
-
-    return [("rex", cli.build_parser()), ("rex_key", keycli.build_parser())]
 
 
 def _q(text: str) -> str:
@@ -418,11 +410,11 @@ def _header(shell: str, comment: str) -> str:
     )
 
 
-def script(shell: str, parsers: Sequence[tuple[str, argparse.ArgumentParser]] = ()) -> str:
-    """The completion script for ``shell`` (bash or zsh), from ``parsers`` (default: rex's)."""
+def script(shell: str, parsers: Sequence[tuple[str, argparse.ArgumentParser]]) -> str:
+    """The completion script for ``shell`` (bash or zsh), from ``parsers`` (command, parser)."""
     if shell not in SHELLS:
         raise UsageError(f"no completion for {shell!r}", hint=f"shells: {', '.join(SHELLS)}")
-    commands = [c for prog, parser in (parsers or _parsers()) for c in walk(parser, prog)]
+    commands = [c for prog, parser in parsers for c in walk(parser, prog)]
     if shell == "bash":
         head = _header(shell, '# bash: eval "$(rex completion bash)" in ~/.bashrc')
         return "\n".join([head, _spec_bash(commands), _optval(commands), _BASH.lstrip("\n")])
@@ -449,7 +441,7 @@ def names(kind: str, path: str) -> list[str]:
     return [h.name for h in loaded.hosts] + [f"group:{g}" for g in groups]
 
 
-def cmd_completion(args: argparse.Namespace, console: ui.Console) -> int:
+def cmd_completion(args: argparse.Namespace, screen: ui.Screen) -> int:
     """``rex completion bash|zsh`` prints a script; ``--names KIND MANIFEST`` prints names."""
     if args.names is not None:
         kind, path = args.names
@@ -461,16 +453,20 @@ def cmd_completion(args: argparse.Namespace, console: ui.Console) -> int:
             # called by the shell at every TAB: a broken manifest completes nothing, quietly
             return e.exit_code
         if found:
-            ui.print_text(console, "\n".join(found))
+            screen.text("\n".join(found))
         return 0
     if args.shell is None:
         raise UsageError("name a shell: rex completion bash, or rex completion zsh")
-    ui.print_text(console, script(args.shell))
+    screen.text(script(args.shell, args.completion_parsers()))
     return 0
 
 
-def add_parser(subparsers: argparse._SubParsersAction[Any]) -> None:
-    """Register ``rex completion`` on ``rex``'s subcommands."""
+def add_parser(
+    subparsers: argparse._SubParsersAction[Any],
+    parsers: Callable[[], Sequence[tuple[str, argparse.ArgumentParser]]],
+) -> None:
+    """Register ``rex completion`` on ``rex``'s subcommands; ``parsers`` gives the parsers
+    the scripts complete (rex's own among them: passed in, so this module never imports it)."""
     parser = subparsers.add_parser(
         "completion",
         help="print a bash or zsh completion script",
@@ -488,4 +484,4 @@ def add_parser(subparsers: argparse._SubParsersAction[Any]) -> None:
         "MANIFEST, one a line (what the scripts call; prints nothing if the manifest is "
         "invalid)",
     )
-    parser.set_defaults(func=cmd_completion)
+    parser.set_defaults(func=cmd_completion, completion_parsers=parsers)

@@ -6,14 +6,13 @@ import argparse
 import json
 import os
 import sys
-import tempfile
-import traceback
 from collections.abc import Iterator, Sequence
 from typing import NoReturn
 
+from rexplan.cli.boundary import run_main, temp_log_dirs
 from rexplan.core.model import Manifest
 from rexplan.core.text import printable
-from rexplan.errors import RexError, UsageError
+from rexplan.errors import UsageError
 from rexplan.trust.distribute import HostReport, distribute, exit_code, revoke_remote
 from rexplan.trust.keys import KeyInfo, KeyStore, default_known_hosts, key_triple, parse_key_triple
 
@@ -404,25 +403,14 @@ def _run(argv: Sequence[str]) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of `rex_key`; the one error boundary: expected errors print one line + hint."""
-    try:
-        return _run(sys.argv[1:] if argv is None else argv)
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
-        return 130
-    except RexError as e:
-        # an error may quote a host (a failed SFTP call, an SSH error): escaped and cut
-        message = printable(str(e), 4000, keep="\n")
-        print(f"{PROG}: error: {message}", file=sys.stderr)
-        if e.hint:
-            print(f"  hint: {printable(e.hint)}", file=sys.stderr)
-        return e.exit_code
-    except Exception:
-        fd, log = tempfile.mkstemp(prefix=f"{PROG}-", suffix=".log")
-        with os.fdopen(fd, "w") as f:
-            f.write(traceback.format_exc())
-        print(f"{PROG}: internal error (details in {log})", file=sys.stderr)
-        return 1
+    """Entry point of `rex_key`: the exit code; errors pass the boundary ``rex`` has too."""
+    return run_main(
+        PROG,
+        _run,
+        sys.argv[1:] if argv is None else argv,
+        log_dirs=temp_log_dirs,
+        name_internal_error=False,
+    )
 
 
 if __name__ == "__main__":

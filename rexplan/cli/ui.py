@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import shlex
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from rich.cells import cell_len
@@ -23,12 +23,13 @@ from rich.text import Text
 from rexplan.core.model import Manifest, Plan, Ready, Step
 from rexplan.core.plan import least_loaded
 from rexplan.core.spec import StepStatus, StopResult
-from rexplan.core.text import printable
+from rexplan.core.text import format_columns, plural, printable
 from rexplan.engine.events import Event
 
 __all__ = [
     "ApplyDisplay",
     "Console",
+    "Screen",
     "format_command",
     "format_plan_lines",
     "format_plan_summary",
@@ -40,17 +41,12 @@ __all__ = [
     "print_status",
     "print_stop",
     "print_text",
-    "printable",
 ]
 
 
 def make_console(*, stderr: bool = False) -> Console:
     """The stdout (or stderr) console; rich honours NO_COLOR, TERM=dumb and non-TTY output."""
     return Console(highlight=False, stderr=stderr)
-
-
-def _plural(n: int, word: str) -> str:
-    return f"{n} {word}" if n == 1 else f"{n} {word}s"
 
 
 #: characters of a command shown in a plan (a long shell: script is cut, with a note)
@@ -83,7 +79,7 @@ def format_plan_summary(plan: Plan) -> str:
     steps = plan.steps
     hosts = len({s.host for s in steps})
     waves = len(plan.waves)
-    text = f"{_plural(len(steps), 'step')} in {_plural(waves, 'wave')} on {_plural(hosts, 'host')}"
+    text = f"{plural(len(steps), 'step')} in {plural(waves, 'wave')} on {plural(hosts, 'host')}"
     return f"{text} (limit {plan.limit})" if plan.limit is not None else text
 
 
@@ -194,8 +190,8 @@ def print_plan(plan: Plan, manifest: Manifest, console: Console) -> None:
 def format_validate_ok(path: str, manifest: Manifest, plan: Plan) -> str:
     """``ok: FILE (H hosts, P programs, S steps)``."""
     return (
-        f"ok: {path} ({_plural(len(manifest.hosts), 'host')}, "
-        f"{_plural(len(manifest.programs), 'program')}, {_plural(len(plan.steps), 'step')})"
+        f"ok: {path} ({plural(len(manifest.hosts), 'host')}, "
+        f"{plural(len(manifest.programs), 'program')}, {plural(len(plan.steps), 'step')})"
     )
 
 
@@ -435,17 +431,6 @@ def status_rows(
     return rows
 
 
-def format_columns(header: list[str], rows: list[list[str]]) -> list[str]:
-    """Left-aligned columns two spaces apart, trailing blanks stripped: for pipes and logs."""
-    widths = [max(cell_len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    return [
-        "  ".join(
-            cell + " " * (w - cell_len(cell)) for cell, w in zip(r, widths, strict=True)
-        ).rstrip()
-        for r in [header, *rows]
-    ]
-
-
 def _tally(values: Iterable[str]) -> str:
     counts: dict[str, int] = {}
     for v in values:
@@ -455,9 +440,9 @@ def _tally(values: Iterable[str]) -> str:
 
 def print_status(
     console: Console,
-    statuses: list[StepStatus],
+    statuses: Sequence[StepStatus],
     *,
-    actions: list[str] | None = None,
+    actions: Sequence[str] | None = None,
     title: str = "rex status",
     notes: Iterable[str] = (),
 ) -> None:
@@ -469,7 +454,7 @@ def print_status(
         header.append("action")
     header.append("detail")
     rows = status_rows(statuses, actions)
-    total = f"{_plural(len(statuses), 'step')}: " + _tally(
+    total = f"{plural(len(statuses), 'step')}: " + _tally(
         actions if actions is not None else (st.status for st in statuses)
     )
     if console.is_terminal:
@@ -489,7 +474,7 @@ def print_status(
         for note in shown:
             console.print(Text(note, style="cyan"))
     else:
-        print_text(console, "\n".join([*format_columns(header, rows), total, *shown]))
+        print_text(console, "\n".join([*format_columns(header, rows, cell_len), total, *shown]))
 
 
 def format_stop_line(result: StopResult) -> str:
@@ -512,8 +497,8 @@ def print_stop(console: Console, result: StopResult) -> None:
     )
 
 
-def format_stop_summary(results: list[StopResult]) -> str:
-    return f"{_plural(len(results), 'step')}: " + (_tally(r.outcome for r in results) or "none")
+def format_stop_summary(results: Sequence[StopResult]) -> str:
+    return f"{plural(len(results), 'step')}: " + (_tally(r.outcome for r in results) or "none")
 
 
 class HostProgress:
@@ -549,3 +534,29 @@ class HostProgress:
         self.console.print(Text(printable(text, None, keep="\n")), soft_wrap=True, highlight=False)
         if self._progress is not None and self._task is not None:
             self._progress.advance(self._task)
+
+
+class Screen:
+    """The Reporter (rexplan.engine.report) on ``console``: what every command prints through."""
+
+    def __init__(self, console: Console) -> None:
+        self.console = console
+
+    def text(self, text: str) -> None:
+        print_text(self.console, text)
+
+    def status(self, statuses: Sequence[StepStatus]) -> None:
+        print_status(self.console, statuses)
+
+    def dry_run(
+        self, statuses: Sequence[StepStatus], actions: Sequence[str], notes: Sequence[str]
+    ) -> None:
+        print_status(
+            self.console, statuses, actions=actions, title="rex apply --dry-run", notes=notes
+        )
+
+    def stopped(self, result: StopResult) -> None:
+        print_stop(self.console, result)
+
+    def stop_summary(self, results: Sequence[StopResult]) -> None:
+        print_text(self.console, format_stop_summary(results))

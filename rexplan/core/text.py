@@ -3,6 +3,8 @@ terminal, a log or a comment: controls, bidi overrides and line separators becom
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+
 #: characters one host-given field may show; longer text is cut with a note of how much
 LIMIT = 500
 
@@ -98,3 +100,23 @@ def _only_kept(text: str, keep: str) -> bool:
     for char in keep:
         text = text.replace(char, " ")
     return text.isprintable()
+
+
+def plural(n: int, word: str) -> str:
+    """``1 step``, ``3 steps``."""
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+def format_columns(
+    header: Sequence[str], rows: Sequence[Sequence[str]], width: Callable[[str], int] = len
+) -> list[str]:
+    """Left-aligned columns two spaces apart, trailing blanks stripped: for pipes and logs.
+    ``width`` measures a cell as the terminal shows it (the cli passes rich's cell width)."""
+    table = [list(header), *(list(r) for r in rows)]
+    widths = [max(width(r[c]) for r in table) for c in range(len(header))]
+    return [
+        "  ".join(
+            cell + " " * (w - width(cell)) for cell, w in zip(r, widths, strict=True)
+        ).rstrip()
+        for r in table
+    ]

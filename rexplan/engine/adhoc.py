@@ -18,10 +18,11 @@ import textwrap
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from rexplan.cli import ui
 from rexplan.core.model import Manifest, Program, Ready
+from rexplan.core.text import printable
 from rexplan.engine import events as ev
 from rexplan.engine import executor
+from rexplan.engine.report import Reporter
 from rexplan.errors import UsageError
 from rexplan.transport import persist as mux
 from rexplan.trust.keys import KeyStore, default_known_hosts
@@ -114,12 +115,12 @@ def format_folded(results: Sequence[Outcome]) -> str:
     for hosts, r in fold(results):
         title = ",".join(hosts)
         if r.problem is not None:
-            title += f" ({ui.printable(r.problem)})"
+            title += f" ({printable(r.problem)})"
         elif r.status:
             title += f" (exit {r.status})"
         rule = "-" * min(max(len(title), 16), 78)
         # the hosts' bytes: their lines and tabs, never a control sequence for the terminal
-        output = ui.printable(r.output, None, keep="\n\t")
+        output = printable(r.output, None, keep="\n\t")
         body = output if not output or output.endswith("\n") else output + "\n"
         blocks.append(f"{rule}\n{title}\n{rule}\n{body}")
     return "".join(blocks)
@@ -154,7 +155,7 @@ def exit_code(results: Sequence[Outcome]) -> int:
     return worst
 
 
-def cmd_run(args: argparse.Namespace, console: ui.Console) -> int:
+def cmd_run(args: argparse.Namespace, out: Reporter) -> int:
     """``rex run``: launch the job on the matching hosts, print the folded output."""
     from rexplan.core import manifest as manifests
     from rexplan.core import plan as plans
@@ -195,9 +196,9 @@ def cmd_run(args: argparse.Namespace, console: ui.Console) -> int:
     results = outcomes(final[s.id] for s in compiled.steps if s.id in final)
     if args.json:
         doc = results_to_dict(result.run_id, results)
-        ui.print_text(console, json.dumps(doc, indent=2, sort_keys=True))
+        out.text(json.dumps(doc, indent=2, sort_keys=True))
     else:
-        ui.print_text(console, format_folded(results))
+        out.text(format_folded(results))
     return 130 if result.interrupted else exit_code(results)
 
 

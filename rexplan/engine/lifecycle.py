@@ -19,11 +19,11 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from rexplan.cli import ui
 from rexplan.core import spec as specs
 from rexplan.core.model import Manifest, Plan, Step, Timeouts
 from rexplan.engine import events as ev
 from rexplan.engine.executor import Load, Placed, agent_run, local_files, place, probe_candidate
+from rexplan.engine.report import Reporter
 from rexplan.errors import TransportError, UsageError
 from rexplan.transport import persist as mux
 from rexplan.transport.ssh import Result, TransportPool
@@ -362,15 +362,15 @@ def _load(args: argparse.Namespace) -> tuple[Manifest, Plan, str | None, int]:
     return loaded, compiled, known_hosts, args.forks or loaded.forks
 
 
-def cmd_status(args: argparse.Namespace, console: ui.Console) -> int:
+def cmd_status(args: argparse.Namespace, out: Reporter) -> int:
     """``rex status MANIFEST``: every step's status on its host; 0 only if all run current."""
     loaded, compiled, known_hosts, forks = _load(args)
     with pool_for(loaded, compiled, known_hosts) as pool:
         statuses = survey(loaded, compiled.steps, pool, forks=forks)
     if args.json:
-        ui.print_text(console, json.dumps(status_to_dict(statuses, loaded), indent=2))
+        out.text(json.dumps(status_to_dict(statuses, loaded), indent=2))
     else:
-        ui.print_status(console, statuses)
+        out.status(statuses)
     return status_exit_code(statuses, loaded)
 
 
@@ -378,7 +378,7 @@ def dry_run(
     loaded: Manifest,
     compiled: Plan,
     known_hosts: str | None,
-    console: ui.Console,
+    out: Reporter,
     *,
     forks: int,
     as_json: bool,
@@ -393,19 +393,13 @@ def dry_run(
     if as_json:
         doc = status_to_dict(statuses, loaded, actions=True, placed=placed)
         doc["exit"] = 3 if UNREACHABLE in actions else 0
-        ui.print_text(console, json.dumps(doc, indent=2))
+        out.text(json.dumps(doc, indent=2))
     else:
-        ui.print_status(
-            console,
-            statuses,
-            actions=actions,
-            title="rex apply --dry-run",
-            notes=[p.describe() for p in placed],
-        )
+        out.dry_run(statuses, actions, [p.describe() for p in placed])
     return 3 if UNREACHABLE in actions else 0
 
 
-def cmd_stop(args: argparse.Namespace, console: ui.Console) -> int:
+def cmd_stop(args: argparse.Namespace, out: Reporter) -> int:
     """``rex stop MANIFEST``: stop the steps, dependents first; a line per step, then totals."""
     loaded, compiled, known_hosts, forks = _load(args)
     if args.program is not None and args.program not in {p.name for p in loaded.programs}:
@@ -421,9 +415,9 @@ def cmd_stop(args: argparse.Namespace, console: ui.Console) -> int:
             forks=forks,
             force=args.force,
             program=args.program,
-            on_result=lambda r: ui.print_stop(console, r),
+            on_result=out.stopped,
         )
-    ui.print_text(console, ui.format_stop_summary(results))
+    out.stop_summary(results)
     return stop_exit_code(results)
 
 

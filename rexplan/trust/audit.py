@@ -14,14 +14,14 @@ from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from rexplan.cli import ui
 from rexplan.core import plan as plans
 from rexplan.core.model import Host, Manifest, Plan, Timeouts, User
+from rexplan.core.text import format_columns, printable
 from rexplan.errors import RexError, UsageError
 from rexplan.transport.ssh import Transport
 from rexplan.trust.distribute import MAX_KEY_FILE, Connector, default_connector, key_dirs
-from rexplan.trust.hostkeys import format_columns
 from rexplan.trust.keys import KeyInfo, KeyStore, default_known_hosts, key_triple, relpath
+from rexplan.trust.output import STDOUT, Output
 from rexplan.wire.protocol import KeyFormatError, key_id, parse_key_file
 
 FORMAT = 1
@@ -304,9 +304,9 @@ def format_table(rows: Sequence[Row], *, remote: bool) -> str:
         ]
         if remote:
             cells.append(r.remote_key_id or ("-" if r.remote_checked else "?"))
-        cells += [r.state, ui.printable(r.detail)]
+        cells += [r.state, printable(r.detail)]
         table.append(cells)
-    return format_columns(header, table)
+    return "\n".join(format_columns(header, table))
 
 
 def format_summary(rows: Sequence[Row]) -> str:
@@ -495,15 +495,9 @@ def _known_hosts(args: argparse.Namespace, store: KeyStore) -> str | None:
     return default_known_hosts(store, args.known_hosts)
 
 
-def cmd_audit(args: argparse.Namespace, console: ui.Console | None = None) -> int:
-    """``rex audit MANIFEST``: the table (or ``--json``) to ``console`` (default stdout)."""
+def cmd_audit(args: argparse.Namespace, out: Output = STDOUT) -> int:
+    """``rex audit MANIFEST``: the table (or ``--json``) to ``out`` (default stdout)."""
     from rexplan.core import manifest as manifests
-
-    def out(text: str) -> None:
-        if console is None:
-            print(text, flush=True)
-        else:
-            ui.print_text(console, text)
 
     m = manifests.load(args.manifest)
     store = KeyStore(args.keys)
@@ -515,11 +509,11 @@ def cmd_audit(args: argparse.Namespace, console: ui.Console | None = None) -> in
         limit=args.limit,
     )
     if args.json:
-        out(to_json(m, plan, rows, remote=args.remote))
+        out.text(to_json(m, plan, rows, remote=args.remote))
     else:
         if rows:
-            out(format_table(rows, remote=args.remote))
-        out(format_summary(rows))
+            out.text(format_table(rows, remote=args.remote))
+        out.text(format_summary(rows))
     return exit_code(rows, held)
 
 

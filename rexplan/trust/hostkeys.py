@@ -18,11 +18,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rexplan.cli import ui
 from rexplan.core.model import Host, Manifest, Timeouts
+from rexplan.core.text import format_columns, printable
 from rexplan.errors import KeyStoreError, TransportError, UsageError
 from rexplan.transport.ssh import HostKeyInfo, host_key_name, host_key_status, scan_host_key
 from rexplan.trust.keys import KeyStore
+from rexplan.trust.output import STDOUT, Output
 
 FORMAT = 1
 #: what ``scan`` shows for a key known_hosts does not hold yet (``verify`` says ``unknown``)
@@ -226,15 +227,6 @@ def write_atomically(path: Path, text: str) -> None:
 # --- output ---------------------------------------------------------------------------------
 
 
-def format_columns(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    """Plain left-aligned columns separated by two spaces; trailing blanks stripped."""
-    table = [list(header), *(list(r) for r in rows)]
-    widths = [max(len(r[c]) for r in table) for c in range(len(header))]
-    return "\n".join(
-        "  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip() for r in table
-    )
-
-
 def _status_word(report: HostKeyReport, words: dict[str, str]) -> str:
     word = words.get(report.status, report.status)
     return f"{word}, {report.action}" if report.action else word
@@ -243,7 +235,7 @@ def _status_word(report: HostKeyReport, words: dict[str, str]) -> str:
 def _detail(report: HostKeyReport) -> str:
     if report.status == "changed" and report.pinned:
         return f"pinned {', '.join(report.pinned)}"
-    return ui.printable(report.detail)
+    return printable(report.detail)
 
 
 def format_reports(reports: Sequence[HostKeyReport], *, words: dict[str, str]) -> str:
@@ -260,7 +252,7 @@ def format_reports(reports: Sequence[HostKeyReport], *, words: dict[str, str]) -
         for r in reports
     ]
     header = ["HOST", "NAME", "TYPE", "FINGERPRINT", "STATUS", "DETAIL"]
-    return format_columns(header, rows)
+    return "\n".join(format_columns(header, rows))
 
 
 def counts(reports: Sequence[HostKeyReport]) -> dict[str, int]:
@@ -393,18 +385,11 @@ def _verify(args: argparse.Namespace, out: Callable[[str], None]) -> int:
     return 3 if any(r.status == "unreachable" for r in reports) else 0
 
 
-def cmd_hostkeys(args: argparse.Namespace, console: ui.Console | None = None) -> int:
-    """``rex hostkeys scan|verify``: output to ``console`` (default stdout); the exit code."""
-
-    def out(text: str) -> None:
-        if console is None:
-            print(text, flush=True)
-        else:
-            ui.print_text(console, text)
-
+def cmd_hostkeys(args: argparse.Namespace, out: Output = STDOUT) -> int:
+    """``rex hostkeys scan|verify``: output to ``out`` (default stdout); the exit code."""
     if args.hostkeys_command == "scan":
-        return _scan(args, out)
-    return _verify(args, out)
+        return _scan(args, out.text)
+    return _verify(args, out.text)
 
 
 def _common_options(parser: argparse.ArgumentParser) -> None:

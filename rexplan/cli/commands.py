@@ -1,0 +1,154 @@
+"""``rex validate``, ``rex plan``, ``rex apply`` and ``rex disconnect``: the commands that
+read a manifest and launch its plan."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from rexplan.cli import ui
+from rexplan.cli.boundary import MESSAGE_LIMIT, format_error, write_stderr
+from rexplan.core import manifest, simulate
+from rexplan.core import plan as planner
+from rexplan.core.text import plural, printable
+from rexplan.engine import events as ev
+from rexplan.engine import lifecycle, retry, runs
+from rexplan.errors import ManifestError, UsageError
+from rexplan.transport import persist as mux
+from rexplan.trust.keys import KeyStore, default_known_hosts
+
+
+def cmd_validate(args: argparse.Namespace, screen: ui.Screen) -> int:
+    """``rex validate MANIFEST...``: an ok line per good file, the diagnostics of bad ones."""
+    failed = 0
+    for path in args.manifests:
+        try:
+            loaded = manifest.load(path)
+            compiled = planner.compile(loaded)
+        except ManifestError as e:
+            failed += 1
+            write_stderr(format_error(e))
+            continue
+        if not args.quiet:
+            screen.text(ui.format_validate_ok(path, loaded, compiled))
+    return ManifestError.exit_code if failed else 0
+
+
+def cmd_plan(args: argparse.Namespace, screen: ui.Screen) -> int:
+    """``rex plan MANIFEST``: the table, plain lines, ``--json`` or ``--dot``."""
+    loaded = manifest.load(args.manifest)
+    compiled = planner.compile(loaded, limit=args.limit)
+    if args.simulate:
+        return _simulate(args, len({step.host for step in compiled.steps}), loaded.forks, screen)
+    modelling = ("conn_cost", "latency", "agent_cost", "fanout_max", "forks")
+    given = [name for name in modelling if getattr(args, name) is not None]
+    if given:
+        option = "--" + given[0].replace("_", "-")
+        raise UsageError(f"{option} needs --simulate", hint=f"rex plan --simulate {option} ...")
+    if args.json:
+        screen.text(json.dumps(planner.plan_to_dict(compiled, loaded), indent=2))
+    elif args.dot:
+        screen.text(planner.plan_to_dot(compiled, loaded))
+    else:
+        ui.print_plan(compiled, loaded, screen.console)
+    return 0
+
+
+def _simulate(args: argparse.Namespace, hosts: int, forks: int, screen: ui.Screen) -> int:
+    """``rex plan --simulate``: the launch-time model for the plan's host count."""
+    if args.dot:
+        raise UsageError("--simulate prints a table or --json, not --dot")
+    model = simulate.CostModel(
+        conn_cost=simulate.CONN_COST_MS if args.conn_cost is None else args.conn_cost,
+        latency=simulate.LATENCY_MS if args.latency is None else args.latency,
+        agent_cost=simulate.AGENT_COST_MS if args.agent_cost is None else args.agent_cost,
+        forks=args.forks or forks,
+    )
+    fanout_max = args.fanout_max or simulate.FANOUT_MAX
+    estimates = simulate.simulate(hosts, model, fanout_max)
+    cross = simulate.crossover(model, fanout_max)
+    if args.json:
+        doc = simulate.to_dict(estimates, model, cross)
+        screen.text(json.dumps(doc, indent=2))
+    else:
+        screen.text(simulate.format_table(estimates, model, cross))
+    return 0
+
+
+def cmd_apply(args: argparse.Namespace, screen: ui.Screen) -> int:
+    """``rex apply MANIFEST``: launch, verify, summarize; the exit code says the worst outcome."""
+    from rexplan.engine import executor  # imports the transport stack only when launching
+
+    loaded = mux.with_option(manifest.load(args.manifest), args)
+    compiled = planner.compile(loaded, limit=args.limit)
+    if args.retry:
+        compiled = retry.narrow(loaded, compiled)
+    store = KeyStore(args.keys, insecure_ok=args.insecure_keys, warn=_warn)
+    known_hosts = default_known_hosts(store, args.known_hosts)
+    if args.dry_run:
+        forks = args.forks or loaded.forks
+        return lifecycle.dry_run(
+            loaded, compiled, known_hosts, screen, forks=forks, as_json=args.json
+        )
+    display_console = (
+        ui.make_console(stderr=True) if (args.json or args.events == "-") else screen.console
+    )
+    if not args.yes and sys.stdin.isatty() and display_console.is_terminal:
+        ui.print_text(display_console, ui.format_plan_summary(compiled))
+        answer = input(f"apply {len(compiled.steps)} step(s)? [y/N] ").strip().lower()
+        if answer not in ("y", "yes"):
+            write_stderr("rex: nothing applied")
+            return 0
+    sinks: list[ev.Sink] = []
+    events_file = None
+    if args.events == "-":
+        sinks.append(ev.JsonlWriter(sys.stdout))
+    elif args.events:
+        events_file = open(args.events, "w", encoding="utf-8")
+        sinks.append(ev.JsonlWriter(events_file))
+    run_id = executor.new_run_id()
+    run_log, close_run_log = runs.open_run_log(run_id, warn=_warn)
+    sinks.append(run_log)
+    try:
+        with ui.ApplyDisplay(display_console, quiet=args.quiet, verbose=args.verbose) as display:
+            result = executor.apply(
+                loaded,
+                compiled,
+                keys=store,
+                known_hosts=known_hosts,
+                emit=ev.fan_out(display, *sinks),
+                forks=args.forks,
+                run_id=run_id,
+                strategy=args.strategy,
+            )
+        display.print_summary(result.actions())
+    finally:
+        close_run_log()
+        if events_file is not None:
+            events_file.close()
+    unfinished = [r.step.id for r in result.results if r.state in retry.RETRY_STATES]
+    retry_file, left = retry.update(loaded, compiled, result.run_id, unfinished)
+    if left:
+        write_stderr(
+            f"rex: {plural(left, 'step')} to retry ({retry_file}): "
+            f"rex apply {args.manifest} --retry"
+        )
+    if args.json:
+        screen.text(json.dumps(executor.result_to_dict(result, loaded), indent=2))
+    return result.exit_code()
+
+
+def cmd_disconnect(args: argparse.Namespace, screen: ui.Screen) -> int:
+    """``rex disconnect``: stop the persistence daemon, if one runs."""
+    pid = mux.MuxClient(mux.MAX_PERSIST).stop()
+    if not args.quiet:
+        if pid is None:
+            screen.text("rex: no connections kept (no daemon in " + mux.mux_dir() + ")")
+        else:
+            screen.text(f"rex: closed the kept connections (daemon pid {pid})")
+    return 0
+
+
+def _warn(message: str) -> None:
+    write_stderr(f"rex: warning: {printable(message, MESSAGE_LIMIT)}")
