@@ -107,7 +107,7 @@ class JobResult:
 
 
 class _Step:
-    __slots__ = ("job", "k_a", "k_l", "output", "pending", "verdict")
+    __slots__ = ("cut", "job", "k_a", "k_l", "output", "pending", "verdict")
 
     def __init__(self, pending: PendingStep) -> None:
         self.pending = pending
@@ -115,6 +115,19 @@ class _Step:
         self.verdict: Verdict | None = None
         self.job: JobResult | None = None
         self.output = bytearray()
+        self.cut = 0  # bytes of a job's output dropped past protocol.OUT_TAIL
+
+    def take(self, data: bytes) -> None:
+        """Keep the last protocol.OUT_TAIL bytes of a job's output (an agent sends no more)."""
+        self.output += data
+        extra = len(self.output) - protocol.OUT_TAIL
+        if extra > 0:
+            del self.output[:extra]
+            self.cut += extra
+
+    def tail(self) -> bytes:
+        """The output kept, opened by the line that says how much of it was dropped."""
+        return (protocol.cut_line(self.cut) if self.cut else b"") + bytes(self.output)
 
 
 class _Conn:
@@ -248,7 +261,7 @@ class CallbackListener:
                 if st.verdict is None:
                     st.verdict = Verdict(False, CANCELLED)
                 if st.pending.job and st.job is None:
-                    st.job = JobResult(LOST, output=bytes(st.output), detail="listener closed")
+                    st.job = JobResult(LOST, output=st.tail(), detail="listener closed")
             self._changed.notify_all()
 
     def __enter__(self) -> CallbackListener:
@@ -511,10 +524,9 @@ class CallbackListener:
             raise protocol.FrameError(protocol.BAD_PROOF, f"{msg['t']} out of sequence or forged")
         conn.seq_in = msg["seq"]
         if msg["t"] == "out":
-            st.output += payload
-            del st.output[: -protocol.OUT_TAIL]
+            st.take(payload)
             return
-        self._job_end(conn, JobResult(EXITED, msg["status"], bytes(st.output)))
+        self._job_end(conn, JobResult(EXITED, msg["status"], st.tail()))
         conn.state = _DONE
         self._drop(conn)
 
@@ -526,7 +538,7 @@ class CallbackListener:
                 st.job = (
                     result
                     if result.output
-                    else JobResult(result.code, result.status, bytes(st.output), result.detail)
+                    else JobResult(result.code, result.status, st.tail(), result.detail)
                 )
                 self._changed.notify_all()
         conn.state = _DONE

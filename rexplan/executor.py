@@ -80,6 +80,11 @@ INTERRUPT_GRACE = 10.0
 #: seconds added to the remote deadlines before the launcher gives up on the SSH exec
 EXEC_SLACK = 5.0
 
+#: the longest record (REX_HOME/run/PROGRAM.json) read over SFTP, as the agent reads them
+RECORD_LIMIT = 1 << 20
+#: the longest key file and /proc/PID/stat read from a host: they are a few hundred bytes
+KEY_FILE_LIMIT = PROC_STAT_LIMIT = 4096
+
 #: relay errors after which no agent ran on the host: its step fails without awaiting a callback
 NOT_RUN = frozenset({"unreachable", "host_key", "auth", "agent_upload", "agent_start_timeout"})
 
@@ -661,8 +666,9 @@ class Executor:
         rel = protocol.key_relpath(info.host, info.user, info.program)
         path = f"{transport.rex_home()}/keys/{rel}"
         with self._lock_for(transport.host.name):
-            with contextlib.suppress(FileNotFoundError, protocol.KeyFormatError):
-                _, _, there = protocol.parse_key_file(transport.get(path))
+            # absent, unreadable, too long or malformed: written anew
+            with contextlib.suppress(OSError, protocol.KeyFormatError):
+                _, _, there = protocol.parse_key_file(transport.get(path, KEY_FILE_LIMIT))
                 if protocol.key_id(there) == info.key_id:
                     return
             data = protocol.format_key_file(info.triple, info.created, secret)
@@ -1066,9 +1072,9 @@ def sftp_records(transport: Transport) -> dict[str, dict[str, Any]] | None:
             if transport.listdir(f"{home}/files/{name}"):
                 return None
             try:
-                record = json.loads(transport.get(f"{run}/{entry}")[: 1 << 20])
+                record = json.loads(transport.get(f"{run}/{entry}", RECORD_LIMIT))
             except (OSError, ValueError):
-                continue  # vanished or unreadable: the agent skips it too
+                continue  # vanished, unreadable or too long: the agent skips it too
             if not isinstance(record, dict):
                 continue
             record.update(
@@ -1089,7 +1095,7 @@ def _same_process(transport: Transport, pid: Any, start: Any) -> bool:
     if type(pid) is not int or pid <= 1 or not isinstance(start, str):
         return False
     try:
-        fields = transport.get(f"/proc/{pid}/stat").rsplit(b")", 1)[1].split()
+        fields = transport.get(f"/proc/{pid}/stat", PROC_STAT_LIMIT).rsplit(b")", 1)[1].split()
     except (OSError, IndexError):
         return False
     return len(fields) > 19 and fields[0] != b"Z" and fields[19] == start.encode()

@@ -26,6 +26,9 @@ A ``kind: job`` keeps the connection after ``ok``; every later frame carries a s
     agent -> listener  out   {t, seq, data, mac}    base64 output, <= OUT_CHUNK bytes; K_A
     agent -> listener  exit  {t, seq, status, mac}  the job's exit status; K_A
 
+The ``out`` frames carry the last OUT_TAIL bytes of the job's output at most, opened by the line
+``[... N bytes cut]`` (cut_line) when N bytes came before them; the listener keeps no more.
+
 The agent kills the job when the connection ends or no heartbeat came for JOB_SILENCE s.
 
 Nonces and MACs travel as lowercase hex. The launch message (launcher -> agent stdin, one JSON
@@ -692,6 +695,11 @@ JOB_SILENCE = 5.0
 #: raw output bytes per ``out`` frame, and in all (the tail of the job's output)
 OUT_CHUNK = 2048
 OUT_TAIL = 16384
+
+
+def cut_line(count: int) -> bytes:
+    """The line that stands for ``count`` bytes of output cut before a tail."""
+    return b"[... %d bytes cut]\n" % count
 
 
 class _Frozen:

@@ -53,7 +53,10 @@ RELAY_LOST = "relay_lost"
 HOP_SLACK = 5.0
 #: seconds close() waits for a relay to finish after its last step
 CLOSE_GRACE = 10.0
+#: the longest line read from a relay (a longer one is cut there, and is no JSON), and the
+#: characters of a relay's non-JSON line kept for the message when it ends
 _LINE = 1 << 20
+_SAID = 200
 
 
 def split(hosts: Sequence[str], k: int) -> list[Subtree]:
@@ -188,7 +191,7 @@ class _Relay:
             try:
                 msg = json.loads(line)
             except ValueError:
-                said.append(line.decode("utf-8", "replace").strip())
+                said.append(line[:_SAID].decode("utf-8", "replace").strip())
                 continue
             if isinstance(msg, dict):
                 self._on(msg)

@@ -1689,7 +1689,8 @@ class _Output:
 
 
 def _tail(home: str, launch: protocol.Launch) -> bytes:
-    """The last protocol.OUT_TAIL bytes the job wrote (stdout and stderr, interleaved)."""
+    """The tail of what the job wrote (stdout and stderr, interleaved): protocol.OUT_TAIL
+    bytes at most, opened by protocol.cut_line when more came before it."""
     path = os.path.join(home, "logs", f"{launch.log}.log")
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
@@ -1697,8 +1698,12 @@ def _tail(home: str, launch: protocol.Launch) -> bytes:
         return b""
     try:
         end = os.fstat(fd).st_size
-        begin = max(_Output.start, end - protocol.OUT_TAIL)
-        return os.pread(fd, max(0, end - begin), begin)
+        size = max(0, end - _Output.start)
+        if size <= protocol.OUT_TAIL:
+            return os.pread(fd, size, end - size)
+        # the line for ``size`` is as long as the one for what is cut, or longer
+        keep = protocol.OUT_TAIL - len(protocol.cut_line(size))
+        return protocol.cut_line(size - keep) + os.pread(fd, keep, end - keep)
     finally:
         os.close(fd)
 

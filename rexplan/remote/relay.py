@@ -94,6 +94,7 @@ BACKOFF = 0.1
 BACKOFF_CAP = 2.0
 _TAIL = 4  # lines of a dead process's stderr kept for the error message
 _KEEP = 1 << 16  # bytes of a relay below's stderr kept for its error message
+_LINE = 1 << 20  # the longest line read from a relay below (the launcher reads no longer)
 #: ssh's own failures (exit 255), by what it printed: (reason, phase)
 _SSH_FAILURES = (
     ("Host key verification failed", "host_key", "hostkey"),
@@ -320,7 +321,9 @@ class Client:
         for fd in readable:
             data = os.read(fd, 65536)
             if data:
-                self.got[fd] += data
+                # the tail only (the report is the last line, the marker is looked for after
+                # each read): a child flooding its output costs this relay a MiB a stream
+                self.got[fd] = (self.got[fd] + data)[-_LINE:]
             else:
                 self.open.discard(fd)
         return bool(writable)
@@ -583,13 +586,15 @@ def _error(step: str, error: str, reason: str, phase: str, launched: bool = True
 
 
 def _lines(first: bytes, stream: IO[bytes]) -> Iterator[bytes]:
-    """``first`` (output read already) and then ``stream``, line by line."""
+    """``first`` (output read already) and then ``stream``, line by line; a line longer than
+    _LINE comes in pieces (no JSON, so dropped): a relay below cannot make this one buffer
+    without bound."""
     if first:
         lines = first.splitlines(keepends=True)
         if not lines[-1].endswith(b"\n"):
-            lines[-1] += stream.readline()
+            lines[-1] += stream.readline(_LINE)
         yield from lines
-    yield from stream
+    yield from iter(lambda: stream.readline(_LINE), b"")
 
 
 class Below:
