@@ -409,9 +409,11 @@ class CallbackListener:
                 elif conn.state == _HELLO:
                     self._on_hello(conn, protocol.check_message(msg, "hello"))
                 elif conn.state == _RESP:
-                    answer = protocol.check_message(msg, "resp", "decl")
+                    answer = protocol.check_message(msg, "resp", "decl", "same")
                     if answer["t"] == "decl":
                         self._on_decl(conn, answer)
+                    elif answer["t"] == "same":
+                        self._on_same(conn, answer)
                     else:
                         self._on_resp(conn, answer)
                 else:
@@ -476,6 +478,28 @@ class CallbackListener:
                 verdict = Verdict(False, code, peer=conn.peer, ref=conn.ref, detail=reason)
                 self._decide(st, verdict)
         self._finish(conn, code, reason if code == protocol.DECLINED else "", send=False)
+
+    def _on_same(self, conn: _Conn, same: dict[str, Any]) -> None:
+        """An "unchanged" proven with K_A: the step is decided UNCHANGED, its program the
+        hello's pid, pgid and start. A job is never unchanged: such a claim is BAD_PROOF."""
+        st = conn.step
+        assert st is not None
+        hello = conn.hello
+        mac = bytes.fromhex(same["mac"])
+        proven = not st.pending.job and protocol.verify_same(
+            st.k_a, conn.t, conn.ns, st.pending.nl, conn.lp, mac
+        )
+        with self._changed:
+            if st.verdict is not None:
+                code = protocol.DUPLICATE
+            elif not proven:
+                code = protocol.BAD_PROOF
+                self._decide(st, Verdict(False, code, peer=conn.peer, ref=conn.ref))
+            else:
+                code = protocol.UNCHANGED
+                pid, pgid, start = hello["pid"], hello["pgid"], hello["start"]
+                self._decide(st, Verdict(False, code, pid, pgid, start, conn.peer, conn.ref))
+        self._finish(conn, code, "", send=False)
 
     def _on_resp(self, conn: _Conn, resp: dict[str, Any]) -> None:
         st = conn.step

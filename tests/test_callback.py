@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import dataclasses
 import logging
 import os
 import socket
@@ -134,6 +135,44 @@ def test_forged_proof_with_the_right_key_id_is_bad_proof(lis: CallbackListener) 
     assert lis.wait(step.step_id, 5) == Verdict(
         False, protocol.BAD_PROOF, peer=lis.wait(step.step_id).peer, ref=reply["ref"]
     )
+
+
+def _prove_same(agent: Agent, key: bytes) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """hello, then ``same`` proven with ``key`` in place of resp: (chal, what came after)."""
+    conn = Client(agent.lis.address)
+    conn.send(protocol.encode_frame(agent.hello))
+    chal = conn.recv()
+    assert chal is not None and chal["t"] == "chal"
+    ns, lp = bytes.fromhex(chal["ns"]), bytes.fromhex(chal["lp"])
+    conn.send(protocol.encode_frame(protocol.make_same(key, agent.t, ns, agent.nl, lp)))
+    after = conn.recv()
+    conn.close()
+    return chal, after
+
+
+def test_only_the_agents_key_proves_a_step_unchanged(lis: CallbackListener) -> None:
+    # proven with K_A: UNCHANGED, the program the hello names (the running one)
+    step = pending(lis, "app@h1")
+    agent = Agent(lis, step, pid=777, pgid=777, start="12345")
+    _, after = _prove_same(agent, agent.k_a)
+    assert after is None  # decided and closed, as a decline
+    verdict = lis.wait(step.step_id, 5)
+    assert (verdict.ok, verdict.code) == (False, protocol.UNCHANGED)
+    assert (verdict.pid, verdict.pgid, verdict.start) == (777, 777, "12345")
+    # with anything but K_A (K_L, another key): BAD_PROOF, never unchanged
+    for name, key in (("app@h2", "k_l"), ("app@h3", "other")):
+        step = pending(lis, name)
+        agent = Agent(lis, step)
+        _prove_same(agent, os.urandom(32) if key == "other" else agent.k_l)
+        assert lis.wait(step.step_id, 5).code == protocol.BAD_PROOF, name
+    # a job never runs unchanged: its claim is BAD_PROOF even with K_A
+    job = PendingStep.create("job@h1", TRIPLE, os.urandom(32), 10)
+    job = dataclasses.replace(job, job=True)
+    lis.expect(job)
+    agent = Agent(lis, job)
+    _prove_same(agent, agent.k_a)
+    assert lis.wait(job.step_id, 5).code == protocol.BAD_PROOF
+    assert lis.attempts == {protocol.UNCHANGED: 1, protocol.BAD_PROOF: 3}
 
 
 def test_agent_with_another_key_is_refused_before_any_challenge(lis: CallbackListener) -> None:

@@ -32,7 +32,10 @@ once its launch line is sent, then ``{"step", "report": <the agent front's repor
 ``auth``, ``agent_upload``, ``agent_start_timeout`` (no marker in time: the launch line was
 never sent), ``timeout``, ``exec`` (ssh ended without a report) or ``relay_lost`` (the relay
 below died); per kill ``{"killed": step, "ok": true}`` or ``{"killed": step, "ok": false,
-"error"}``. Lines from relays below are passed up as they are.
+"error"}``. Lines from relays below are passed up as they are, but only those for the steps
+and kills this relay sent there and still awaits: a line for any other step is dropped and
+reported upward as ``{"warn": text}`` (WARNINGS of them per relay below, then one saying that
+more came).
 """
 
 from __future__ import annotations
@@ -95,6 +98,7 @@ BACKOFF_CAP = 2.0
 _TAIL = 4  # lines of a dead process's stderr kept for the error message
 _KEEP = 1 << 16  # bytes of a relay below's stderr kept for its error message
 _LINE = 1 << 20  # the longest line read from a relay below (the launcher reads no longer)
+WARNINGS = 8  # lines of a relay below for steps it was not sent that are reported, at most
 #: ssh's own failures (exit 255), by what it printed: (reason, phase)
 _SSH_FAILURES = (
     ("Host key verification failed", "host_key", "hostkey"),
@@ -606,6 +610,8 @@ class Below:
         self.lock = threading.Lock()
         self.pending: dict[str, bool] = {}  # step id -> launched
         self.kills: list[str] = []  # step ids of kills it owes an answer
+        self.asked: set[str] = set()  # step ids of every step and kill sent to it
+        self.strays = 0  # its lines for steps it was never sent
         self.lost: str | None = None
         self.up = False
         self.lines: queue.Queue[bytes | None] = queue.Queue()
@@ -618,8 +624,10 @@ class Below:
             lost = self.lost
             if lost is None and kill is not None:
                 self.kills.append(kill)
+                self.asked.add(kill)
             elif lost is None:
                 self.pending[msg["step"]] = False
+                self.asked.add(msg["step"])
         if lost is not None:
             if kill is not None:
                 self.relay.emit({"killed": kill, "ok": False, "error": lost})
@@ -691,16 +699,37 @@ class Below:
             if "up" in msg:
                 self.up = True
                 continue
-            step = msg.get("step")
+            if "warn" in msg:  # from further down: passed up, bounded there
+                self.relay.emit_line(line if line.endswith(b"\n") else line + b"\n")
+                continue
+            step, killed = msg.get("step"), msg.get("killed")
             with self.lock:
-                if msg.get("killed") in self.kills:
-                    self.kills.remove(msg["killed"])
-                elif step in self.pending:
+                if killed is not None and killed in self.kills:
+                    self.kills.remove(killed)
+                elif killed is None and step in self.pending:
                     if msg.get("launched") and len(msg) == 2:
                         self.pending[step] = True
                     else:
                         del self.pending[step]
+                else:
+                    # not owed: late (sent, answered already) or a step it was never sent,
+                    # which a relay speaking for steps outside its subtree would claim
+                    stray = killed if killed is not None else step
+                    if stray not in self.asked:
+                        self._stray(stray)
+                    continue
             self.relay.emit_line(line if line.endswith(b"\n") else line + b"\n")
+
+    def _stray(self, step: Any) -> None:
+        """Report a line of the relay below for a step it was not sent (under the lock)."""
+        self.strays += 1
+        name = self.child["name"]
+        if self.strays <= WARNINGS:
+            what = "".join(c if " " <= c <= "~" else "?" for c in str(step)[:100])
+            text = f"relay {name} sent a line for {what!r}, a step outside its subtree: dropped"
+            self.relay.emit({"warn": text})
+        elif self.strays == WARNINGS + 1:
+            self.relay.emit({"warn": f"relay {name} sent more lines for steps outside its subtree"})
 
     def _lose(self, detail: str) -> None:
         """It ended or never started: fail what it still owes."""
