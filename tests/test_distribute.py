@@ -21,7 +21,7 @@ from rexplan.keys import KeyStore
 from rexplan.manifest import load
 from rexplan.model import Host, Timeouts, User
 from rexplan.protocol import key_id, parse_key_file
-from rexplan.transport import Result, Transport, connect
+from rexplan.transport import GET_LIMIT, Result, Transport, connect
 
 Hosts = Callable[[int], list[RigHost]]
 
@@ -298,8 +298,8 @@ class _Spy:
         self.sent += [*argv, repr(kw)]
         return self.inner.run(argv, **kw)  # type: ignore[arg-type]
 
-    def get(self, path: str) -> bytes:
-        return self.inner.get(path)
+    def get(self, path: str, limit: int = GET_LIMIT) -> bytes:
+        return self.inner.get(path, limit)
 
     def stat(self, path: str) -> tuple[int, int] | None:
         return self.inner.stat(path)
