@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import dataclasses
 import logging
 import os
 import socket
@@ -310,6 +311,47 @@ def test_the_detail_of_rejected_attempts_is_bounded(lis: CallbackListener) -> No
     assert verdict.detail.startswith("40 rejected attempts: ")
     assert verdict.detail.endswith(f", {40 - callback.KEPT_REJECTIONS} more")
     assert len(verdict.detail) < 600
+
+
+def _prove_same(agent: Agent, key: bytes) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """hello, then ``same`` proven with ``key`` in place of resp: (chal, what came after)."""
+    conn = Client(agent.lis.address)
+    conn.send(protocol.encode_frame(agent.hello))
+    chal = conn.recv()
+    assert chal is not None and chal["t"] == "chal"
+    ns, lp = bytes.fromhex(chal["ns"]), bytes.fromhex(chal["lp"])
+    conn.send(protocol.encode_frame(protocol.make_same(key, agent.t, ns, agent.nl, lp)))
+    after = conn.recv()
+    conn.close()
+    return chal, after
+
+
+def test_only_the_agents_key_proves_a_step_unchanged(lis: CallbackListener) -> None:
+    # proven with K_A: UNCHANGED, the program the hello names (the running one)
+    step = pending(lis, "app@h1")
+    agent = Agent(lis, step, pid=777, pgid=777, start="12345")
+    _, after = _prove_same(agent, agent.k_a)
+    assert after is None  # decided and closed, as a decline
+    verdict = lis.wait(step.step_id, 5)
+    assert (verdict.ok, verdict.code) == (False, protocol.UNCHANGED)
+    assert (verdict.pid, verdict.pgid, verdict.start) == (777, 777, "12345")
+    # with anything but K_A (K_L, another key): a BAD_PROOF attempt that decides nothing,
+    # never unchanged; the genuine agent still verifies after it
+    for name, key in (("app@h2", "k_l"), ("app@h3", "other")):
+        step = pending(lis, name)
+        agent = Agent(lis, step)
+        _prove_same(agent, os.urandom(32) if key == "other" else agent.k_l)
+        assert verifies(lis, step), name
+    # a job never runs unchanged: its claim is BAD_PROOF even with K_A, and decides nothing
+    job = PendingStep.create("job@h1", TRIPLE, os.urandom(32), 1.0)
+    job = dataclasses.replace(job, job=True)
+    lis.expect(job)
+    agent = Agent(lis, job)
+    _prove_same(agent, agent.k_a)
+    verdict = lis.wait(job.step_id, 10)  # its deadline decides
+    assert verdict.code == protocol.TIMEOUT and verdict.detail is not None
+    assert verdict.detail.startswith("1 rejected attempt: a proof that did not verify")
+    assert lis.attempts == {protocol.UNCHANGED: 1, protocol.BAD_PROOF: 3, protocol.OK: 2}
 
 
 def test_wrong_triple_is_refused_and_the_step_still_verifies(lis: CallbackListener) -> None:

@@ -18,7 +18,7 @@ from sshrig import RigHost, SshdRig, descendants
 from rexplan.cli.rex_key import main
 from rexplan.core.manifest import load
 from rexplan.core.model import Host, Timeouts, User
-from rexplan.transport.ssh import Result, Transport, connect
+from rexplan.transport.ssh import GET_LIMIT, Result, Transport, connect
 from rexplan.trust.distribute import distribute
 from rexplan.trust.keys import KeyStore
 from rexplan.wire.protocol import key_id, parse_key_file
@@ -298,8 +298,8 @@ class _Spy:
         self.sent += [*argv, repr(kw)]
         return self.inner.run(argv, **kw)  # type: ignore[arg-type]
 
-    def get(self, path: str) -> bytes:
-        return self.inner.get(path)
+    def get(self, path: str, limit: int = GET_LIMIT) -> bytes:
+        return self.inner.get(path, limit)
 
     def stat(self, path: str) -> tuple[int, int] | None:
         return self.inner.stat(path)

@@ -218,7 +218,7 @@ def read_frames(data: bytes, cuts: list[int]) -> None:
 def with_type(msg: dict[str, Any]) -> None:
     """check_message as each side calls it; a hello that passes has a transcript."""
     expectations = [(kind,) for kind in MESSAGE_TYPES]
-    expectations += [("chal", "no"), ("ok", "no"), ("resp", "decl")]
+    expectations += [("chal", "no"), ("ok", "no"), ("resp", "decl", "same")]
     for expected in expectations:
         try:
             checked = protocol.check_message(msg, *expected)

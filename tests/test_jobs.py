@@ -231,3 +231,38 @@ def test_listener_heartbeats_a_job_and_takes_only_its_frames() -> None:
             job = lis.wait_job("b@h1", 5)
         assert job is not None and job.code == LOST and job.status is None
         assert job.output == b"fine\n" and "sequence" in job.detail
+
+
+def test_listener_keeps_a_jobs_tail_and_says_how_much_it_cut() -> None:
+    secret = os.urandom(32)
+    with CallbackListener(handshake_timeout=1) as lis:
+        step = dataclasses.replace(PendingStep.create("a@h1", "h1.u.a", secret, 10), job=True)
+        lis.expect(step)
+        (sock, _), session = _agent_side(lis, step, secret)
+        # an agent sending more than its tail (it never should) costs the listener no more
+        chunk = b"x" * (protocol.OUT_CHUNK - 1) + b"\n"
+        count = 4 * protocol.OUT_TAIL // protocol.OUT_CHUNK
+        with sock:
+            for seq in range(1, count + 1):
+                sock.sendall(protocol.encode_frame(protocol.make_out(session, seq, chunk)))
+            sock.sendall(protocol.encode_frame(protocol.make_exit(session, count + 1, 0)))
+            job = lis.wait_job("a@h1", 10)
+    assert job is not None and job.code == EXITED
+    cut = count * protocol.OUT_CHUNK - protocol.OUT_TAIL
+    assert job.output == protocol.cut_line(cut) + chunk * (protocol.OUT_TAIL // len(chunk))
+
+
+def test_rex_run_shows_the_tail_of_a_long_output_and_what_was_cut(
+    world: World, sshd_hosts: Hosts
+) -> None:
+    (host,) = sshd_hosts(1)
+    m = world.manifest([host], jobs(world, [host.name]))
+    world.distribute(m)
+    script = "head -c 1000000 /dev/zero | tr '\\0' y; echo; echo end"
+    code, out, err = world.rex("run", "*", "-m", str(m), "--json", "--", "sh", "-c", script)
+    assert code == 0, out + err
+    (result,) = json.loads(out)["hosts"]
+    written = b"y" * 1_000_000 + b"\nend\n"
+    keep = protocol.OUT_TAIL - len(protocol.cut_line(len(written)))
+    assert result["output"].encode() == protocol.cut_line(len(written) - keep) + written[-keep:]
+    assert len(result["output"]) <= protocol.OUT_TAIL

@@ -407,6 +407,22 @@ def local(tmp_path: Path, tag: str) -> Iterator[Local]:
             rig.agent("--stop", "app", "1", "force")
 
 
+def test_an_agent_proves_its_program_unchanged_when_asked(local: Local) -> None:
+    first = local.launch(["sleep", "300"], "u1")
+    assert first["code"] == 0, first
+    # the same spec alive: proven to the listener (protocol ``same``), nothing started
+    same = local.launch(["sleep", "300"], "u2", replace=True, unchanged=True)
+    assert same == {"ok": True, "same": True, "pid": first["pid"], "code": 0}, same
+    verdict = local.lis.wait("u2", 5)
+    assert (verdict.ok, verdict.code, verdict.pid) == (False, protocol.UNCHANGED, first["pid"])
+    assert verdict.start == local.record()["start"]
+    assert procs.tagged(REXTEST=local.tag) == [first["pid"]]
+    # another spec is replaced as before: ``unchanged`` proves only the same spec
+    other = local.launch(["sleep", "301"], "u3", replace=True, unchanged=True)
+    assert other["code"] == 0 and other["replaced"] is True, other
+    assert local.lis.wait("u3", 5).ok
+
+
 def test_one_instance_per_triple_unless_replaced(local: Local) -> None:
     first = local.launch(["sleep", "300"], "s1")
     assert first["code"] == 0, first

@@ -265,8 +265,8 @@ def test_equality_scan_catches_a_mac_compare() -> None:
 
 def test_protocol_verifies_with_compare_digest_only() -> None:
     source = (PACKAGE / "wire" / "protocol.py").read_text()
-    # launcher proof, agent proof, ok verdict, a decline, and the job frames after ok
-    assert source.count(" compare_digest(") == 5
+    # launcher proof, agent proof, ok verdict, a decline, an unchanged, and the job frames
+    assert source.count(" compare_digest(") == 6
     assert "==" not in "".join(line for line in source.splitlines() if "compare_digest(" in line)
 
 

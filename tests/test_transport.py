@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import pwd
 import resource
 import socket
 import stat
@@ -17,6 +19,7 @@ from pathlib import Path
 
 import paramiko
 import pytest
+from helpers_world import World
 from sshrig import RigHost, SshdRig
 
 from rexplan.core.model import Host, Timeouts, User
@@ -148,8 +151,137 @@ def test_large_stdin_stdout_stderr_do_not_deadlock(ssh: SSHTransport) -> None:
     )
     result = ssh.run(["python3", "-c", script], stdin=data, timeout=30)
     assert result.exit_status == 0
-    assert result.stdout == data
-    assert result.stderr == data
+    # what a Result keeps is the tail of each stream, the rest counted
+    tail, cut = data[-transport.OUTPUT_TAIL :], len(data) - transport.OUTPUT_TAIL
+    assert (result.stdout, result.stdout_cut) == (tail, cut)
+    assert (result.stderr, result.stderr_cut) == (tail, cut)
+
+
+#: a command writing 300 MB to stdout, then 300 MB to stderr, then a last line on each
+FLOOD = (
+    "head -c 300000000 /dev/zero; head -c 300000000 /dev/zero >&2; "
+    "echo; echo last; echo >&2; echo err >&2"
+)
+#: what comes before the kept tail: (stdout, stderr)
+FLOODED = (300_000_006 - transport.OUTPUT_TAIL, 300_000_005 - transport.OUTPUT_TAIL)
+
+
+@pytest.mark.sshd
+def test_a_flood_of_output_keeps_its_tail_over_ssh_and_locally(
+    ssh: SSHTransport, local: LocalTransport
+) -> None:
+    for t in (ssh, local):
+        result = t.run(["sh", "-c", FLOOD], timeout=60)
+        assert result.exit_status == 0
+        assert len(result.stdout) == len(result.stderr) == transport.OUTPUT_TAIL
+        assert result.stdout.endswith(b"\0\nlast\n") and result.stderr.endswith(b"\0\nerr\n")
+        assert (result.stdout_cut, result.stderr_cut) == FLOODED
+
+
+@pytest.mark.sshd
+def test_a_gate_sees_its_marker_after_a_flood(ssh: SSHTransport, local: LocalTransport) -> None:
+    # the marker is looked for in each chunk as it comes (not in all the output so far, again),
+    # also when it straddles two chunks
+    gate = Gate(b"rex-go", 30.0)
+    script = "head -c 200000001 /dev/zero; printf '\\nrex-'; sleep 0.2; echo go; read -r l; echo $l"
+    for t in (ssh, local):
+        result = t.run(["sh", "-c", script], stdin=b"fed\n", timeout=30, gate=gate)
+        assert result.stdout.endswith(b"\0\nrex-go\nfed\n"), t
+
+
+@pytest.mark.sshd
+def test_get_reads_no_more_than_its_limit(
+    ssh: SSHTransport, local: LocalTransport, host: RigHost
+) -> None:
+    account = pwd.getpwnam(host.login)
+    path = Path(host.state_dir_for(host.login), f"big-{os.getpid()}")
+    with open(path, "wb") as f:
+        f.truncate(200_000_000)  # sparse: 200 MB that cost no disk
+    os.chown(path, account.pw_uid, account.pw_gid)
+    try:
+        for t in (ssh, local):
+            started = time.monotonic()
+            with pytest.raises(OSError) as info:
+                t.get(str(path))
+            assert info.value.errno == errno.EFBIG, t
+            assert time.monotonic() - started < 5, t  # a megabyte read, not 200
+        path.write_bytes(b"x" * transport.GET_LIMIT)
+        for t in (ssh, local):
+            assert t.get(str(path)) == b"x" * transport.GET_LIMIT
+            with pytest.raises(OSError) as info:
+                t.get(str(path), limit=4)
+            assert info.value.errno == errno.EFBIG
+    finally:
+        path.unlink()
+
+
+#: ``python3 -c PEAK_RUNNER OUT REX-ARGS...``: rex's main() in a process of its own; writes
+#: its exit code and peak resident set (VmHWM, kB) after the imports and at the end to OUT
+PEAK_RUNNER = """
+import json, sys
+def peak():
+    with open('/proc/self/status') as f:
+        return next(int(x.split()[1]) for x in f if x.startswith('VmHWM:'))
+from rexplan.engine import callback
+from rexplan.cli import rex as cli
+from rexplan.engine import executor
+from rexplan.transport import persist as mux
+from rexplan.transport import ssh as transport
+from rexplan.engine import fanout as tree
+before = peak()
+code = cli.main(sys.argv[2:])
+with open(sys.argv[1], 'w') as f:
+    json.dump({'code': code, 'before': before, 'after': peak()}, f)
+"""
+
+#: a host's interpreter that floods the session (as a login script could) before it runs: 300 MB
+#: of lines on stdout and on stderr
+FLOOD_PYTHON = """#!/bin/sh
+yes | head -c 300000000
+yes | head -c 300000000 >&2
+exec python3 "$@"
+"""
+
+
+@pytest.mark.sshd
+def test_a_host_flooding_its_output_costs_the_launcher_little(
+    world: World, sshd_hosts: Hosts, tmp_path: Path
+) -> None:
+    flood, honest = sshd_hosts(2)
+    account = pwd.getpwnam(world.rig.login)
+    remote_python = Path(account.pw_dir, f"flood-{world.tag}")
+    local_python = tmp_path / "flood"
+    for path in (remote_python, local_python):
+        path.write_text(FLOOD_PYTHON)
+        path.chmod(0o755)
+    os.chown(remote_python, account.pw_uid, account.pw_gid)
+    world.leftovers.append(remote_python)
+    programs = {"job": {"on": [flood.name, honest.name], "kind": "job", "run": ["echo", "done"]}}
+    defaults = {"timeouts": {"connect": 5, "start": 60, "callback": 5, "ready": 3}}
+    world.distribute(world.manifest([flood, honest], programs, defaults=defaults))
+    # then a local host too (its key is made at the launch, in the launcher's REX_HOME)
+    m = tmp_path / "m.yaml"
+    doc = json.loads(m.read_text())
+    doc["hosts"][flood.name]["python"] = str(remote_python)
+    here = {"address": "127.0.0.1", "transport": "local", "python": str(local_python)}
+    doc["hosts"]["here"] = here
+    doc["programs"]["job"]["on"].append("here")
+    m.write_text(json.dumps(doc))
+    out, events = tmp_path / "peak.json", tmp_path / "events.jsonl"
+    argv = ["apply", str(m), "-y", "--events", str(events), "--keys", str(world.keys)]
+    argv += ["--known-hosts", world.rig.known_hosts]
+    env = {**os.environ, "REX_HOME": str(tmp_path / "rex")}
+    subprocess.run([sys.executable, "-c", PEAK_RUNNER, str(out), *argv], env=env, timeout=300)
+    run = json.loads(out.read_text())
+    final = {e["step"]: e for e in map(json.loads, events.read_text().splitlines()) if "step" in e}
+    # every step ran, the flooding ones too (their agents started after the flood)
+    assert {s: e["state"] for s, e in final.items()} == {
+        f"job@{h}": "ready" for h in (flood.name, honest.name, "here")
+    }, final
+    assert run["code"] == 0
+    grown = (run["after"] - run["before"]) // 1024
+    # 1.2 GB of output came in; what the launcher kept of it is two megabytes per command
+    assert grown < 100, f"the launcher grew by {grown} MB"
 
 
 @pytest.mark.sshd

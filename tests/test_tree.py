@@ -28,6 +28,7 @@ from rexplan.core import manifest as manifests
 from rexplan.core.model import Authorization, Host, Manifest, Program, Step, User
 from rexplan.core.simulate import Subtree
 from rexplan.engine import executor
+from rexplan.engine import fanout as tree_module
 from rexplan.engine.fanout import RelayError, TreeLauncher, relay_source, split
 from rexplan.errors import UsageError
 from rexplan.remote import agent_name, bundle_sha, relay
@@ -639,3 +640,78 @@ def test_an_interrupted_tree_run_kills_its_relayed_steps_through_the_relays(
     # killed through the relays, long before the agents' own 60 s ready deadline
     for host in hosts:
         _wait(lambda host=host: not world.tagged(host.name, "slow"), timeout=20)
+
+
+def _lying_relay(lies: dict[str, dict[str, Any]]) -> bytes:
+    """relay.py, patched: the relay named in ``lies`` answers its first step request with
+    "unchanged" reports for the steps ``others`` (none of its subtree), then, with ``own``,
+    claims every step it is sent unchanged without launching it (else launches it)."""
+    source = relay_source().decode()
+    anchor = '''        leads to it."""\n'''
+    lie = (
+        "        lies = _LIES.get(self.name)\n"
+        "        if lies is not None and 'kill' not in msg:\n"
+        "            said = {'ok': True, 'unchanged': True, 'pid': 4242}\n"
+        "            for step in lies.pop('others', []):\n"
+        "                self.emit({'step': step, 'report': said})\n"
+        "            if lies['own']:\n"
+        "                self.emit({'step': msg['step'], 'report': said})\n"
+        "                return\n"
+    )
+    assert source.count(anchor) == 1
+    source = source.replace(anchor, anchor + lie).replace(
+        "\nclass Relay:", f"\n_LIES = {lies!r}\n\n\nclass Relay:"
+    )
+    return source.encode()
+
+
+@needs_hook
+def test_relays_cannot_settle_steps_unchanged_nor_answer_outside_their_subtree(
+    world: World,
+    sshd_hosts: Hosts,
+    relay_identity: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # split(7 hosts, 2) = [h0, [[h2, [h4]], h3]], [h1, [h5, h6]]
+    hosts = sshd_hosts(7)
+    h = [x.name for x in hosts]
+    m = world.manifest(hosts, {"app": {"on": h, **SLEEPER}}, defaults=tree_defaults(relay_identity))
+    world.distribute(m)
+    lies = {
+        # a relay below a relay: its own subtree's step (h4), a sibling's (h3) and a step of
+        # the other top relay's subtree (h6), all "unchanged"
+        h[2]: {"own": True, "others": [f"app@{h[3]}", f"app@{h[6]}"]},
+        # one of the launcher's own children: honest with its subtree, lying about h5
+        h[0]: {"own": False, "others": [f"app@{h[5]}"]},
+    }
+    monkeypatch.setattr(tree_module, "relay_source", lambda: _lying_relay(lies))
+    run = world.apply(m)
+    final = run.final()
+    # the step below the lying relay is neither unchanged nor ready: no agent proved anything
+    lied = final[f"app@{h[4]}"]
+    assert (lied["state"], lied["reason"]) == ("failed", "no_callback"), lied
+    assert f"relay {h[0]} > {h[2]} reported it unchanged" in lied["detail"], lied
+    # every other step was launched and verified by its own agent
+    assert {s: e["state"] for s, e in final.items() if s != f"app@{h[4]}"} == {
+        f"app@{x}": "ready" for x in h if x != h[4]
+    }, final
+    assert run.code != 0
+    notices = [e["detail"] for e in run.events if e["kind"] == "notice"]
+    expected = [
+        f"relay {h[2]} sent a line for 'app@{h[3]}', a step outside its subtree: dropped",
+        f"relay {h[2]} sent a line for 'app@{h[6]}', a step outside its subtree: dropped",
+        f"relay {h[0]} sent a line for 'app@{h[5]}', outside its subtree: dropped",
+        f"app@{h[4]}: relay {h[0]} > {h[2]} reported it unchanged without its agent's proof",
+    ]
+    for text in expected:
+        assert any(text in n for n in notices), (text, notices)
+    # the honest relays, on a re-apply: every running program is unchanged, proven by its
+    # agent through them (the step the liar left unlaunched now starts)
+    monkeypatch.undo()
+    again = world.apply(m)
+    assert again.code == 0, again.out + again.err
+    actions = again.actions()
+    assert actions.pop(f"app@{h[4]}") == "started", again.final()
+    assert set(actions.values()) == {"unchanged"}, again.final()
+    code, _, err = world.rex("stop", str(m))
+    assert code == 0, err

@@ -71,9 +71,11 @@ def launch_args(
     replace: bool = False,
     files: Sequence[tuple[str, str, int]] = (),
     when: Mapping[str, float] | None = None,
+    unchanged: bool = False,
 ) -> dict[str, Any]:
     """Keyword arguments of protocol.make_launch for ``step``; ``files`` are (dest, sha256,
-    mode) of its program's files, ``when`` its preconditions."""
+    mode) of its program's files, ``when`` its preconditions, ``unchanged``: an instance of
+    the same spec running is proven to the listener rather than refused."""
     t = step.timeouts
     return {
         "run": run,
@@ -98,6 +100,7 @@ def launch_args(
         "restart": step.restart,
         "files": tuple(files),
         "when": dict(when or {}),
+        "unchanged": unchanged,
     }
 
 

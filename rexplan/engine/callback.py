@@ -136,7 +136,17 @@ class JobResult:
 
 
 class _Step:
-    __slots__ = ("job", "k_a", "k_l", "output", "pending", "rejected", "rejections", "verdict")
+    __slots__ = (
+        "cut",
+        "job",
+        "k_a",
+        "k_l",
+        "output",
+        "pending",
+        "rejected",
+        "rejections",
+        "verdict",
+    )
 
     def __init__(self, pending: PendingStep) -> None:
         self.pending = pending
@@ -146,6 +156,7 @@ class _Step:
         self.output = bytearray()
         self.rejected = 0  # attempts that named this step and proved nothing
         self.rejections: Counter[str] = Counter()  # the first KEPT_REJECTIONS kinds of them
+        self.cut = 0  # bytes of a job's output dropped past protocol.OUT_TAIL
 
     def reject(self, what: str) -> None:
         """Under the lock: keep a rejected attempt as detail; it decides nothing."""
@@ -163,6 +174,18 @@ class _Step:
             kinds.append(f"{others} more")
         plural = "s" if self.rejected != 1 else ""
         return f"{self.rejected} rejected attempt{plural}: {', '.join(kinds)}"
+
+    def take(self, data: bytes) -> None:
+        """Keep the last protocol.OUT_TAIL bytes of a job's output (an agent sends no more)."""
+        self.output += data
+        extra = len(self.output) - protocol.OUT_TAIL
+        if extra > 0:
+            del self.output[:extra]
+            self.cut += extra
+
+    def tail(self) -> bytes:
+        """The output kept, opened by the line that says how much of it was dropped."""
+        return (protocol.cut_line(self.cut) if self.cut else b"") + bytes(self.output)
 
 
 class _Conn:
@@ -326,7 +349,7 @@ class CallbackListener:
                 if st.verdict is None:
                     st.verdict = Verdict(False, CANCELLED)
                 if st.pending.job and st.job is None:
-                    st.job = JobResult(LOST, output=bytes(st.output), detail="listener closed")
+                    st.job = JobResult(LOST, output=st.tail(), detail="listener closed")
             self._changed.notify_all()
 
     def __enter__(self) -> CallbackListener:
@@ -523,9 +546,11 @@ class CallbackListener:
                 elif conn.state == _HELLO:
                     self._on_hello(conn, protocol.check_message(msg, "hello"))
                 elif conn.state == _RESP:
-                    answer = protocol.check_message(msg, "resp", "decl")
+                    answer = protocol.check_message(msg, "resp", "decl", "same")
                     if answer["t"] == "decl":
                         self._on_decl(conn, answer)
+                    elif answer["t"] == "same":
+                        self._on_same(conn, answer)
                     else:
                         self._on_resp(conn, answer)
                 else:
@@ -594,6 +619,28 @@ class CallbackListener:
                 self._decide(st, verdict)
         self._finish(conn, code, reason if code == protocol.DECLINED else "", send=False)
 
+    def _on_same(self, conn: _Conn, same: dict[str, Any]) -> None:
+        """An "unchanged" proven with K_A: the step is decided UNCHANGED, its program the
+        hello's pid, pgid and start. A job is never unchanged: such a claim, like one proven
+        with another key, is a BAD_PROOF attempt that decides nothing."""
+        st = conn.step
+        assert st is not None
+        hello = conn.hello
+        mac = bytes.fromhex(same["mac"])
+        proven = not st.pending.job and protocol.verify_same(
+            st.k_a, conn.t, conn.ns, st.pending.nl, conn.lp, mac
+        )
+        with self._changed:
+            if st.verdict is not None:
+                code = protocol.DUPLICATE
+            elif not proven:
+                code = protocol.BAD_PROOF  # kept as detail by _finish: it decides nothing
+            else:
+                code = protocol.UNCHANGED
+                pid, pgid, start = hello["pid"], hello["pgid"], hello["start"]
+                self._decide(st, Verdict(False, code, pid, pgid, start, conn.peer, conn.ref))
+        self._finish(conn, code, "", send=False)
+
     def _on_resp(self, conn: _Conn, resp: dict[str, Any]) -> None:
         st = conn.step
         assert st is not None
@@ -644,10 +691,9 @@ class CallbackListener:
             raise protocol.FrameError(protocol.BAD_PROOF, f"{msg['t']} out of sequence or forged")
         conn.seq_in = msg["seq"]
         if msg["t"] == "out":
-            st.output += payload
-            del st.output[: -protocol.OUT_TAIL]
+            st.take(payload)
             return
-        self._job_end(conn, JobResult(EXITED, msg["status"], bytes(st.output)))
+        self._job_end(conn, JobResult(EXITED, msg["status"], st.tail()))
         conn.state = _DONE
         self._drop(conn)
 
@@ -659,7 +705,7 @@ class CallbackListener:
                 st.job = (
                     result
                     if result.output
-                    else JobResult(result.code, result.status, bytes(st.output), result.detail)
+                    else JobResult(result.code, result.status, st.tail(), result.detail)
                 )
                 self._changed.notify_all()
         conn.state = _DONE

@@ -85,6 +85,11 @@ INTERRUPT_GRACE = 10.0
 #: seconds added to the remote deadlines before the launcher gives up on the SSH exec
 EXEC_SLACK = 5.0
 
+#: the longest record (REX_HOME/run/PROGRAM.json) read over SFTP, as the agent reads them
+RECORD_LIMIT = 1 << 20
+#: the longest key file and /proc/PID/stat read from a host: they are a few hundred bytes
+KEY_FILE_LIMIT = PROC_STAT_LIMIT = 4096
+
 #: relay errors after which no agent ran on the host: its step fails without awaiting a callback
 NOT_RUN = frozenset({"unreachable", "host_key", "auth", "agent_upload", "agent_start_timeout"})
 
@@ -180,6 +185,8 @@ class Executor:
     ) -> None:
         self.manifest = manifest
         self.tree = tree
+        if tree is not None:
+            tree.warn = self._relay_warning
         self.plan = plan
         self.keys = keys
         self.pool = pool
@@ -206,6 +213,9 @@ class Executor:
         self._bundle_sha = bundle_sha()
 
     # --- events -------------------------------------------------------------------------
+
+    def _relay_warning(self, relay: str, text: str) -> None:
+        self._emit(ev.NOTICE, host=relay, detail=f"warning: {text}")
 
     def _emit(self, kind: str, **fields: object) -> None:
         event = ev.Event(kind=kind, t=round(self._clock() - self._t0, 4), run=self.run_id, **fields)  # type: ignore[arg-type]
@@ -518,9 +528,11 @@ class Executor:
         deadline: float,
         replacing: bool,
         files: Sequence[tuple[str, str, int]],
+        unchanged: bool = False,
     ) -> bytes:
         """Register ``step`` with the listener under a fresh launch nonce and return its launch
-        line (the nonce travels only in it)."""
+        line (the nonce travels only in it); ``unchanged``: an instance of the same spec that
+        runs is proven to the listener (protocol ``same``) rather than refused."""
         nl = protocol.new_nonce()
         self.listener.expect(
             PendingStep(
@@ -543,6 +555,7 @@ class Executor:
                 replace=replacing,
                 files=files,
                 when=preconditions(self.manifest.program(step.program).when),
+                unchanged=unchanged,
             )
         )
 
@@ -556,7 +569,11 @@ class Executor:
     ) -> Verdict | None:
         """Conclude a launched step from the agent's report and the listener's verdict; None
         when it is settled (unchanged, ready, a finished job, declined), else the verdict of
-        a step that was not verified (its expectation cancelled) for the caller to report."""
+        a step that was not verified (its expectation cancelled) for the caller to report.
+
+        The report's ``unchanged`` settles a step only with ``check``: the flat path's, read
+        from the SSH channel of the pinned host itself. Through a relay (no ``check``) only
+        the agent's proof (the listener's UNCHANGED) does."""
         step = r.step
         if diag.get("unchanged") is True and check is not None:
             self.listener.cancel(step.id)
@@ -583,15 +600,21 @@ class Executor:
             detail = verdict.detail or "declined"
             self._state(r, ev.DECLINED, reason="declined", phase="start", detail=detail)
             return None
+        if verdict.code == protocol.UNCHANGED:
+            self._state(r, ev.UNCHANGED, pid=verdict.pid, action=specs.UNCHANGED)
+            return None
         self.listener.cancel(step.id)
         return verdict
 
     def _launch_relayed(self, r: StepResult, tree: TreeLauncher) -> None:
         """A step on a host below a relay (strategy: tree): the launcher never connects there;
-        the relay runs the same agent command with the same launch line, and the agent calls
-        back here as always. A step that failed after its launch line went out is killed
-        through the relay, as _kill_remote kills a flat one (its agent would end it too, but
-        only by its own deadlines)."""
+        the relay runs the agent with the launch line, and the agent calls back here as always.
+        A relay cannot settle a step, not even as unchanged: the agent proves that with its key
+        (protocol ``same``; one callback per unchanged step), where a flat launch takes the
+        stub's word read from the pinned host's own SSH channel; a relay's report of
+        "unchanged" is a lie, reported as one. A step that failed after its launch line went
+        out is killed through the relay, as _kill_remote kills a flat one (its agent would end
+        it too, but only by its own deadlines)."""
         step = r.step
         r.phase = "start"
         self._state(r, ev.CONNECTING, phase="connect")
@@ -602,14 +625,12 @@ class Executor:
             return
         if self._cancel.is_set():
             raise _Cancelled
-        check = None
-        if step.kind != "job":
-            check = (step.triple, step.program, specs.expected_spec(step))
         action = specs.STARTED
         t = step.timeouts
-        stopping = step.stop_timeout if step.kind != "job" else 0.0
+        service = step.kind != "job"
+        stopping = step.stop_timeout if service else 0.0
         deadline = self._clock() + t.connect + t.start + t.ready + t.callback + stopping
-        line = self._expect(step, info, secret, deadline, step.kind != "job", ())
+        line = self._expect(step, info, secret, deadline, service, (), unchanged=service)
         del secret
         with self._inflight_lock:
             self._inflight[step.id] = step
@@ -620,7 +641,7 @@ class Executor:
         diag: dict[str, object] = {}
         error: RelayError | None = None
         try:
-            argv = launch_argv(step.python, check=check, wait=t.start)
+            argv = launch_argv(step.python, wait=t.start)
             diag = tree.launch(step, line, exec_timeout, argv=argv, start=t.start)
         except RelayError as exc:
             error = exc
@@ -629,13 +650,18 @@ class Executor:
             remaining = 0.05  # no agent ran: nothing can call back
         elif error is None:
             remaining = min(remaining, 0.2 if "ok" in diag else 2.0)
-        verdict = self._settle(r, diag, check, action, remaining)
+        verdict = self._settle(r, diag, None, action, remaining)
         if verdict is None:
             return
         if error is None or error.launched:
             # no verified callback: make sure nothing stays running
             tree.kill(step, self.run_id, step.stop_timeout + EXEC_SLACK)
-        if error is not None and error.reason == "unreachable":
+        if error is None and diag.get("unchanged") is True:
+            path = " > ".join(tree.relays_of(step.host))
+            lie = f"relay {path} reported it unchanged without its agent's proof: a lie"
+            self._emit(ev.NOTICE, host=step.host, detail=f"warning: {step.id}: {lie}")
+            self._state(r, ev.FAILED, reason="no_callback", phase="callback", detail=lie)
+        elif error is not None and error.reason == "unreachable":
             self._state(
                 r, ev.UNREACHABLE, reason="unreachable", phase=error.phase, detail=str(error)
             )
@@ -667,8 +693,9 @@ class Executor:
         rel = protocol.key_relpath(info.host, info.user, info.program)
         path = f"{transport.rex_home()}/keys/{rel}"
         with self._lock_for(transport.host.name):
-            with contextlib.suppress(FileNotFoundError, protocol.KeyFormatError):
-                _, _, there = protocol.parse_key_file(transport.get(path))
+            # absent, unreadable, too long or malformed: written anew
+            with contextlib.suppress(OSError, protocol.KeyFormatError):
+                _, _, there = protocol.parse_key_file(transport.get(path, KEY_FILE_LIMIT))
                 if protocol.key_id(there) == info.key_id:
                     return
             data = protocol.format_key_file(info.triple, info.created, secret)
@@ -1074,9 +1101,9 @@ def sftp_records(transport: Transport) -> dict[str, dict[str, Any]] | None:
             if transport.listdir(f"{home}/files/{name}"):
                 return None
             try:
-                record = json.loads(transport.get(f"{run}/{entry}")[: 1 << 20])
+                record = json.loads(transport.get(f"{run}/{entry}", RECORD_LIMIT))
             except (OSError, ValueError):
-                continue  # vanished or unreadable: the agent skips it too
+                continue  # vanished, unreadable or too long: the agent skips it too
             if not isinstance(record, dict):
                 continue
             record.update(
@@ -1097,7 +1124,7 @@ def _same_process(transport: Transport, pid: Any, start: Any) -> bool:
     if type(pid) is not int or pid <= 1 or not isinstance(start, str):
         return False
     try:
-        fields = transport.get(f"/proc/{pid}/stat").rsplit(b")", 1)[1].split()
+        fields = transport.get(f"/proc/{pid}/stat", PROC_STAT_LIMIT).rsplit(b")", 1)[1].split()
     except (OSError, IndexError):
         return False
     return len(fields) > 19 and fields[0] != b"Z" and fields[19] == start.encode()

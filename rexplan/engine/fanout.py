@@ -4,14 +4,18 @@ LAM's scalable boot. The plan's SSH hosts, in plan order, are split k-ary (``spl
 launcher's own children are the first k hosts, launched as in a flat run; each is also the
 relay of an even share of the others, and a relay whose share exceeds k hands the surplus to
 relays of its own, recursively. A relay is rexplan/remote/relay.py run over the launcher's
-pooled SSH connection to the relay host, with stdin kept open: each step below it is sent as
-it is launched (the executor's agent argv and launch line; no key, ever), and its outcome
-comes back as one JSON line. Every agent still calls back to this launcher and is verified
-here: a relay cannot make a step succeed. Relays log in to their children with OpenSSH, the
-manifest's ``relay_identity`` (a key file on the relay hosts) and strict host keys pinned from
-the launcher's known_hosts, at most each child's ``max_startups`` handshakes at once per sshd,
-retrying those the sshd dropped. A step that failed after its launch line went out is killed
-through its relay (``kill``), as the flat launcher kills one over its own connection.
+pooled SSH connection to the relay host, with stdin kept open: each step below it is sent as it
+is launched (the executor's agent argv and launch line; no key, ever), and its outcome comes
+back as one JSON line. Every agent still calls back to this launcher and is verified here: a
+relay cannot make a step succeed, nor settle it unchanged (the agent proves that to the
+listener with its key, protocol ``same``; a relay's "unchanged" is not taken). A line of a
+relay for a step it was not sent (outside its subtree) is dropped and reported, as a relay
+reports such lines of the relays below it (``warn``): ``warn`` gets them, WARNINGS per relay.
+Relays log in to their children with OpenSSH, the manifest's ``relay_identity`` (a key file on
+the relay hosts) and strict host keys pinned from the launcher's known_hosts, at most each
+child's ``max_startups`` handshakes at once per sshd, retrying those the sshd dropped. A step
+that failed after its launch line went out is killed through its relay (``kill``), as the flat
+launcher kills one over its own connection.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import hashlib
 import json
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from importlib import resources
 
 from rexplan.core.model import Manifest, Step
@@ -54,7 +58,12 @@ RELAY_LOST = "relay_lost"
 HOP_SLACK = 5.0
 #: seconds close() waits for a relay to finish after its last step
 CLOSE_GRACE = 10.0
+#: the longest line read from a relay (a longer one is cut there, and is no JSON), and the
+#: characters of a relay's non-JSON line kept for the message when it ends
 _LINE = 1 << 20
+_SAID = 200
+#: warnings about one relay's stray lines reported, at most (then one saying more came)
+WARNINGS = 8
 
 
 def split(hosts: Sequence[str], k: int) -> list[Subtree]:
@@ -67,6 +76,11 @@ def split(hosts: Sequence[str], k: int) -> list[Subtree]:
 def relay_source() -> bytes:
     """rexplan/remote/relay.py, as shipped to relay hosts."""
     return resources.files("rexplan").joinpath("remote").joinpath("relay.py").read_bytes()
+
+
+def _printable(value: object, limit: int = 300) -> str:
+    """A relay's text as it may be shown: ``limit`` printable ASCII characters at most."""
+    return "".join(c if " " <= c <= "~" else "?" for c in str(value)[:limit])
 
 
 def _framed(data: bytes) -> bytes:
@@ -109,6 +123,8 @@ class _Relay:
         self.up = False
         self.waiters: dict[str, _Waiter] = {}
         self.kills: dict[str, list[_Waiter]] = {}  # step id -> kills awaiting their answer
+        self.asked: set[str] = set()  # every step id sent to it, as a step or a kill
+        self.warned = 0
 
     def submit(self, step: Step, message: bytes) -> _Waiter:
         """Send ``step`` to this relay (started on first use); RelayError once it is lost."""
@@ -125,6 +141,7 @@ class _Relay:
                     launched=False,
                 )
             self.waiters[step.id] = waiter
+            self.asked.add(step.id)
             stream = self.stream
         try:
             stream.send(message)
@@ -144,6 +161,7 @@ class _Relay:
             if self.lost is not None or self.stream is None:
                 return None
             self.kills.setdefault(step_id, []).append(waiter)
+            self.asked.add(step_id)
             stream = self.stream
         try:
             stream.send(message)
@@ -189,7 +207,7 @@ class _Relay:
             try:
                 msg = json.loads(line)
             except ValueError:
-                said.append(line.decode("utf-8", "replace").strip())
+                said.append(line[:_SAID].decode("utf-8", "replace").strip())
                 continue
             if isinstance(msg, dict):
                 self._on(msg)
@@ -200,9 +218,18 @@ class _Relay:
         if "up" in msg:
             self.up = True
             return
+        if "warn" in msg:  # from a relay below it: this one passes it on, unverifiable
+            self._warn(f"via relay {self.host}: {_printable(msg['warn'])}")
+            return
         if "killed" in msg:
             self._on_killed(str(msg["killed"]), msg)
             return
+        with self.lock:
+            waiter = self.waiters.get(str(msg.get("step")))
+            stray = waiter is None and str(msg.get("step")) not in self.asked
+        if stray:
+            what = _printable(msg.get("step"), 100)
+            self._warn(f"relay {self.host} sent a line for {what!r}, outside its subtree: dropped")
         with self.lock:
             waiter = self.waiters.get(str(msg.get("step")))
             if waiter is None:
@@ -220,7 +247,26 @@ class _Relay:
             del self.waiters[str(msg["step"])]
         waiter.done.set()
 
+    def _warn(self, text: str) -> None:
+        """Report what this relay (or one below it) did wrong, WARNINGS times at most."""
+        with self.lock:
+            self.warned += 1
+            count = self.warned
+        if count <= WARNINGS:
+            self.tree.warn(self.host, text)
+        elif count == WARNINGS + 1:
+            self.tree.warn(self.host, f"relay {self.host}: more warnings, not shown")
+
     def _on_killed(self, step_id: str, msg: dict[str, object]) -> None:
+        with self.lock:
+            waiting = self.kills.get(step_id)
+            if not waiting and step_id not in self.asked:
+                stray = _printable(step_id, 100)
+            else:
+                stray = None
+        if stray is not None:
+            self._warn(f"relay {self.host} answered a kill of {stray!r}, outside its subtree")
+            return
         with self.lock:
             waiting = self.kills.get(step_id)
             if not waiting:
@@ -295,17 +341,28 @@ class TreeLauncher:
             self._known_hosts = ""
         self._top: dict[str, str] = {}  # host below a relay -> the launcher's child above it
         self._depth: dict[str, int] = {}  # relay hops between the launcher and the host
+        self._above: dict[str, tuple[str, ...]] = {}  # host -> the relays to it, top first
+        #: (relay, text): what a relay did wrong; the executor emits it as a notice
+        self.warn: Callable[[str, str], None] = lambda relay, text: None
         self._relays: dict[str, _Relay] = {}
         for sub in self.tree:
             if sub.children:
                 self._relays[sub.host] = _Relay(self, sub)
             self._index(sub.host, sub.children, 1)
 
-    def _index(self, top: str, children: Sequence[Subtree], depth: int) -> None:
+    def _index(
+        self, top: str, children: Sequence[Subtree], depth: int, path: tuple[str, ...] = ()
+    ) -> None:
+        path = path or (top,)
         for child in children:
             self._top[child.host] = top
             self._depth[child.host] = depth
-            self._index(top, child.children, depth + 1)
+            self._above[child.host] = path
+            self._index(top, child.children, depth + 1, (*path, child.host))
+
+    def relays_of(self, host_name: str) -> tuple[str, ...]:
+        """The relays a relayed host's steps pass, the launcher's child first."""
+        return self._above[host_name]
 
     def relayed(self, host_name: str) -> bool:
         """Whether ``host_name``'s steps go through a relay (it is not the launcher's child)."""

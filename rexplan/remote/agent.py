@@ -1062,9 +1062,11 @@ def _handshake(
     start: str,
     deadline: float,
     decline: str | None = None,
+    same: bool = False,
 ) -> _Link | None:
     """One handshake; a job keeps its verified connection (the _Link), a service closes it.
-    With ``decline`` the agent proves that reason instead of its ``resp``."""
+    With ``decline`` the agent proves that reason instead of its ``resp``; with ``same``, that
+    the program ``pid`` started at ``start`` runs the launch's spec already."""
     k_l, k_a = protocol.direction_keys(secret)
     remaining = deadline - time.monotonic()
     try:
@@ -1099,8 +1101,11 @@ def _handshake(
         ns, lp = bytes.fromhex(chal["ns"]), bytes.fromhex(chal["lp"])
         if not protocol.verify_launcher_proof(k_l, t, ns, launch.nl, lp):
             raise Failure(EXIT_REJECTED, "the listener could not prove it holds the key")
-        if decline is not None:
-            decl = protocol.make_decl(k_a, t, ns, launch.nl, lp, decline)
+        if decline is not None or same:
+            if decline is not None:
+                decl = protocol.make_decl(k_a, t, ns, launch.nl, lp, decline)
+            else:
+                decl = protocol.make_same(k_a, t, ns, launch.nl, lp)
             with _suppress(OSError, EOFError, _Timeout):
                 _send(sock, protocol.encode_frame(decl), deadline)
                 # the listener decides and closes: wait for it, so no reset loses the frame
@@ -1172,6 +1177,14 @@ def call_back(
     return _dial(
         launch, deadline, lambda: _handshake(launch, secret, proc.pid, start, deadline), proc
     )
+
+
+def same_back(
+    launch: protocol.Launch, secret: bytes, pid: int, start: str, deadline: float
+) -> None:
+    """Prove to the listener that the program ``pid`` (started at ``start``) runs the launch's
+    spec already (nothing was started)."""
+    _dial(launch, deadline, lambda: _handshake(launch, secret, pid, start, deadline, same=True))
 
 
 def decline_back(launch: protocol.Launch, secret: bytes, reason: str, deadline: float) -> None:
@@ -1450,11 +1463,32 @@ def _describe(record: dict[str, Any] | None) -> str:
     return f"pid {record.get('pid')}, run {record.get('run')}, state {record.get('state')}"
 
 
+class _Same(Exception):
+    """The launch's program runs already with its spec (a launch asking ``unchanged``)."""
+
+    def __init__(self, pid: int, start: str) -> None:
+        super().__init__(pid, start)
+        self.pid = pid
+        self.start = start
+
+
+def _prove_same(launch: protocol.Launch, secret: bytes, same: _Same) -> int:
+    """Prove to the listener that the program runs unchanged and report it: only that proof
+    makes the step unchanged (a relay passing this report on cannot)."""
+    deadline = time.monotonic() + launch.deadline("callback")
+    try:
+        same_back(launch, secret, same.pid, same.start, deadline)
+    except Failure as failure:
+        return _print(failure.result())
+    return _print({"ok": True, "same": True, "pid": same.pid})
+
+
 def _claim(home: str, launch: protocol.Launch) -> tuple[int, bool]:
     """(the lock fd this launch's supervisor will hold, whether a running instance was
     stopped for it). Only an established instance is replaced, and only when the launch asks;
     a launch still in progress, or an instance of the same spec, refuses it (EXIT_RUNNING):
-    two launchers racing on a triple never run it twice."""
+    two launchers racing on a triple never run it twice. A launch asking ``unchanged`` finds
+    an instance of the same spec alive: _Same, to be proven."""
     name = launch.log
     try:
         fd = _lock(home, name)
@@ -1478,6 +1512,9 @@ def _claim(home: str, launch: protocol.Launch) -> tuple[int, bool]:
             and recorded.isascii()
             and protocol.compare_digest(recorded, protocol.spec_digest(launch))
         )
+        if same and launch.unchanged:
+            assert record is not None
+            raise _Same(record["pid"], record["start"])
         if not launch.replace or not established or same:
             raise Failure(EXIT_RUNNING, f"{launch.triple} is already running ({_describe(record)})")
         stop_program(home, name, launch.deadline("stop"))
@@ -1700,7 +1737,8 @@ class _Output:
 
 
 def _tail(home: str, launch: protocol.Launch) -> bytes:
-    """The last protocol.OUT_TAIL bytes the job wrote (stdout and stderr, interleaved)."""
+    """The tail of what the job wrote (stdout and stderr, interleaved): protocol.OUT_TAIL
+    bytes at most, opened by protocol.cut_line when more came before it."""
     path = os.path.join(home, "logs", f"{launch.log}.log")
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
@@ -1708,8 +1746,12 @@ def _tail(home: str, launch: protocol.Launch) -> bytes:
         return b""
     try:
         end = os.fstat(fd).st_size
-        begin = max(_Output.start, end - protocol.OUT_TAIL)
-        return os.pread(fd, max(0, end - begin), begin)
+        size = max(0, end - _Output.start)
+        if size <= protocol.OUT_TAIL:
+            return os.pread(fd, size, end - size)
+        # the line for ``size`` is as long as the one for what is cut, or longer
+        keep = protocol.OUT_TAIL - len(protocol.cut_line(size))
+        return protocol.cut_line(size - keep) + os.pread(fd, keep, end - keep)
     finally:
         os.close(fd)
 
@@ -2116,6 +2158,8 @@ def main(argv: list[str] | None = None) -> int:
         log_fd = _open_log(home, launch.log)
     except Failure as failure:
         return _print(failure.result())
+    except _Same as same:
+        return _prove_same(launch, secret, same)
     read_end, write_end = os.pipe()
     _disarm()  # until _await, which owns the child and kills it on a signal
     gc.freeze()  # a collection would otherwise copy every page the two processes share

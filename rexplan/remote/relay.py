@@ -32,7 +32,10 @@ once its launch line is sent, then ``{"step", "report": <the agent front's repor
 ``auth``, ``agent_upload``, ``agent_start_timeout`` (no marker in time: the launch line was
 never sent), ``timeout``, ``exec`` (ssh ended without a report) or ``relay_lost`` (the relay
 below died); per kill ``{"killed": step, "ok": true}`` or ``{"killed": step, "ok": false,
-"error"}``. Lines from relays below are passed up as they are.
+"error"}``. Lines from relays below are passed up as they are, but only those for the steps
+and kills this relay sent there and still awaits: a line for any other step is dropped and
+reported upward as ``{"warn": text}`` (WARNINGS of them per relay below, then one saying that
+more came).
 """
 
 from __future__ import annotations
@@ -94,6 +97,8 @@ BACKOFF = 0.1
 BACKOFF_CAP = 2.0
 _TAIL = 4  # lines of a dead process's stderr kept for the error message
 _KEEP = 1 << 16  # bytes of a relay below's stderr kept for its error message
+_LINE = 1 << 20  # the longest line read from a relay below (the launcher reads no longer)
+WARNINGS = 8  # lines of a relay below for steps it was not sent that are reported, at most
 #: ssh's own failures (exit 255), by what it printed: (reason, phase)
 _SSH_FAILURES = (
     ("Host key verification failed", "host_key", "hostkey"),
@@ -320,7 +325,9 @@ class Client:
         for fd in readable:
             data = os.read(fd, 65536)
             if data:
-                self.got[fd] += data
+                # the tail only (the report is the last line, the marker is looked for after
+                # each read): a child flooding its output costs this relay a MiB a stream
+                self.got[fd] = (self.got[fd] + data)[-_LINE:]
             else:
                 self.open.discard(fd)
         return bool(writable)
@@ -584,13 +591,15 @@ def _error(step: str, error: str, reason: str, phase: str, launched: bool = True
 
 
 def _lines(first: bytes, stream: IO[bytes]) -> Iterator[bytes]:
-    """``first`` (output read already) and then ``stream``, line by line."""
+    """``first`` (output read already) and then ``stream``, line by line; a line longer than
+    _LINE comes in pieces (no JSON, so dropped): a relay below cannot make this one buffer
+    without bound."""
     if first:
         lines = first.splitlines(keepends=True)
         if not lines[-1].endswith(b"\n"):
-            lines[-1] += stream.readline()
+            lines[-1] += stream.readline(_LINE)
         yield from lines
-    yield from stream
+    yield from iter(lambda: stream.readline(_LINE), b"")
 
 
 class Below:
@@ -602,6 +611,8 @@ class Below:
         self.lock = threading.Lock()
         self.pending: dict[str, bool] = {}  # step id -> launched
         self.kills: list[str] = []  # step ids of kills it owes an answer
+        self.asked: set[str] = set()  # step ids of every step and kill sent to it
+        self.strays = 0  # its lines for steps it was never sent
         self.lost: str | None = None
         self.up = False
         self.lines: queue.Queue[bytes | None] = queue.Queue()
@@ -614,8 +625,10 @@ class Below:
             lost = self.lost
             if lost is None and kill is not None:
                 self.kills.append(kill)
+                self.asked.add(kill)
             elif lost is None:
                 self.pending[msg["step"]] = False
+                self.asked.add(msg["step"])
         if lost is not None:
             if kill is not None:
                 self.relay.emit({"killed": kill, "ok": False, "error": lost})
@@ -687,16 +700,37 @@ class Below:
             if "up" in msg:
                 self.up = True
                 continue
-            step = msg.get("step")
+            if "warn" in msg:  # from further down: passed up, bounded there
+                self.relay.emit_line(line if line.endswith(b"\n") else line + b"\n")
+                continue
+            step, killed = msg.get("step"), msg.get("killed")
             with self.lock:
-                if msg.get("killed") in self.kills:
-                    self.kills.remove(msg["killed"])
-                elif step in self.pending:
+                if killed is not None and killed in self.kills:
+                    self.kills.remove(killed)
+                elif killed is None and step in self.pending:
                     if msg.get("launched") and len(msg) == 2:
                         self.pending[step] = True
                     else:
                         del self.pending[step]
+                else:
+                    # not owed: late (sent, answered already) or a step it was never sent,
+                    # which a relay speaking for steps outside its subtree would claim
+                    stray = killed if killed is not None else step
+                    if stray not in self.asked:
+                        self._stray(stray)
+                    continue
             self.relay.emit_line(line if line.endswith(b"\n") else line + b"\n")
+
+    def _stray(self, step: Any) -> None:
+        """Report a line of the relay below for a step it was not sent (under the lock)."""
+        self.strays += 1
+        name = self.child["name"]
+        if self.strays <= WARNINGS:
+            what = "".join(c if " " <= c <= "~" else "?" for c in str(step)[:100])
+            text = f"relay {name} sent a line for {what!r}, a step outside its subtree: dropped"
+            self.relay.emit({"warn": text})
+        elif self.strays == WARNINGS + 1:
+            self.relay.emit({"warn": f"relay {name} sent more lines for steps outside its subtree"})
 
     def _lose(self, detail: str) -> None:
         """It ended or never started: fail what it still owes."""

@@ -51,6 +51,7 @@ from rexplan.core.text import printable
 from rexplan.engine.callback import ensure_fd_budget
 from rexplan.errors import RexError, TransportError
 from rexplan.transport.ssh import (
+    GET_LIMIT,
     Connector,
     Gate,
     LocalTransport,
@@ -175,12 +176,16 @@ def _error_to_wire(exc: BaseException) -> dict[str, Any]:
         }
     if isinstance(exc, FileNotFoundError):
         return {"type": "FileNotFoundError", "message": str(exc.filename or exc)}
+    if isinstance(exc, OSError) and exc.errno == errno.EFBIG:  # get() past its limit
+        return {"type": "EFBIG", "message": str(exc.strerror), "path": str(exc.filename)}
     return {"type": "TransportError", "message": f"{type(exc).__name__}: {exc}"}
 
 
 def _error_from_wire(err: Mapping[str, Any], host: str) -> Exception:
     if err.get("type") == "FileNotFoundError":
         return FileNotFoundError(errno.ENOENT, "No such file", str(err.get("message", "")))
+    if err.get("type") == "EFBIG":
+        return OSError(errno.EFBIG, str(err.get("message", "")), str(err.get("path", "")))
     cls = _ERRORS.get(str(err.get("type")), TransportError)
     hint = err.get("hint")
     return cls(
@@ -397,12 +402,13 @@ class Daemon:
                 "exit_status": result.exit_status,
                 "stdout": _b64(result.stdout),
                 "stderr": _b64(result.stderr),
+                "cut": [result.stdout_cut, result.stderr_cut],
             }
         if method == "put":
             t.put(_unb64(args["data"]), str(args["path"]), int(args.get("mode", 0o600)))
             return None
         if method == "get":
-            return _b64(t.get(str(args["path"])))
+            return _b64(t.get(str(args["path"]), int(args.get("limit", GET_LIMIT))))
         if method == "stat":
             return t.stat(str(args["path"]))
         if method == "remove":
@@ -710,13 +716,20 @@ class MuxTransport:
             env=dict(env) if env is not None else None,
             gate=None if gate is None else [_b64(gate.marker), gate.within],
         )
-        return Result(int(value["exit_status"]), _unb64(value["stdout"]), _unb64(value["stderr"]))
+        cut = value.get("cut") or [0, 0]
+        return Result(
+            int(value["exit_status"]),
+            _unb64(value["stdout"]),
+            _unb64(value["stderr"]),
+            int(cut[0]),
+            int(cut[1]),
+        )
 
     def put(self, data: bytes, path: str, mode: int = 0o600) -> None:
         self._call("put", None, data=_b64(data), path=path, mode=mode)
 
-    def get(self, path: str) -> bytes:
-        return _unb64(self._call("get", None, path=path))
+    def get(self, path: str, limit: int = GET_LIMIT) -> bytes:
+        return _unb64(self._call("get", None, path=path, limit=limit))
 
     def stat(self, path: str) -> tuple[int, int] | None:
         value = self._call("stat", None, path=path)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno
 import logging
@@ -42,6 +43,12 @@ _SEND_POLL = 0.005
 #: longest wait for output before both channel buffers are checked again
 _RECV_POLL = 0.05
 _REX_HOME_SCRIPT = 'printf "%s\\000%s" "$HOME" "${REX_HOME-}"'
+#: bytes of a command's stdout, and as many of its stderr, that a Result keeps: the tail (the
+#: agent's report is its last line); what came before is only counted, so a host that floods
+#: its output costs the launcher this much, not what it sent
+OUTPUT_TAIL = 1 << 20
+#: the largest file get() returns unless told otherwise: keys, records and /proc files are small
+GET_LIMIT = 1 << 20
 
 # paramiko logs every failed handshake (a dropped banner exchange included) at ERROR with a
 # traceback; with no handler anywhere, logging's last resort would print it on stderr. rex
@@ -52,11 +59,15 @@ logging.getLogger("paramiko").addHandler(logging.NullHandler())
 
 @dataclass(frozen=True)
 class Result:
-    """What a remote command did: its exit status (-1: killed by a signal) and its output."""
+    """What a remote command did: its exit status (-1: killed by a signal) and its output, the
+    last OUTPUT_TAIL bytes of each stream; ``stdout_cut``/``stderr_cut`` count the bytes that
+    came before them and were dropped."""
 
     exit_status: int
     stdout: bytes
     stderr: bytes
+    stdout_cut: int = 0
+    stderr_cut: int = 0
 
 
 @dataclass(frozen=True)
@@ -81,9 +92,51 @@ def wait_readable(fds: Sequence[int], timeout: float | None) -> list[int]:
     return [fd for fd, _ in poller.poll(ms)]
 
 
-def _announced(out: Sequence[bytes], marker: bytes) -> bool:
-    """Whether the output so far holds ``marker`` as a whole line."""
-    return b"\n" + marker + b"\n" in b"\n" + b"".join(out)
+class _Tail:
+    """The last ``limit`` bytes of a stream read chunk by chunk, and how many came before
+    them: memory stays at ``limit`` plus a chunk whatever the stream's length, and each byte
+    is copied once."""
+
+    __slots__ = ("_chunks", "_size", "cut", "limit")
+
+    def __init__(self, limit: int = OUTPUT_TAIL) -> None:
+        self.limit = limit
+        self._chunks: collections.deque[bytes] = collections.deque()
+        self._size = 0
+        self.cut = 0
+
+    def add(self, data: bytes) -> None:
+        self._chunks.append(data)
+        self._size += len(data)
+        while self._size - len(self._chunks[0]) >= self.limit:
+            dropped = len(self._chunks.popleft())
+            self._size -= dropped
+            self.cut += dropped
+
+    def value(self) -> tuple[bytes, int]:
+        """(the kept tail, the bytes dropped before it)."""
+        data = b"".join(self._chunks)
+        extra = max(0, len(data) - self.limit)
+        return data[extra:], self.cut + extra
+
+
+class _Announcement:
+    """Whether ``marker`` came as a line of its own in a stream read chunk by chunk, looking
+    at each new chunk and the few bytes before it only (never the whole output again)."""
+
+    __slots__ = ("_carry", "_needle", "seen")
+
+    def __init__(self, marker: bytes) -> None:
+        self._needle = b"\n" + marker + b"\n"
+        self._carry = b"\n"  # the stream's start counts as a line start
+        self.seen = False
+
+    def feed(self, data: bytes) -> bool:
+        if not self.seen:
+            window = self._carry + data
+            self.seen = self._needle in window
+            self._carry = window[-(len(self._needle) - 1) :]
+        return self.seen
 
 
 def _not_started(gate: Gate, host: str) -> HostTimeoutError:
@@ -112,7 +165,7 @@ class Transport(Protocol):
 
     def put(self, data: bytes, path: str, mode: int = 0o600) -> None: ...
 
-    def get(self, path: str) -> bytes: ...
+    def get(self, path: str, limit: int = GET_LIMIT) -> bytes: ...
 
     def stat(self, path: str) -> tuple[int, int] | None: ...
 
@@ -790,13 +843,13 @@ class SSHTransport:
         gate_end: float = 0.0,
         abort: threading.Event | None = None,
     ) -> Result:
-        out: list[bytes] = []
-        err: list[bytes] = []
+        out, err = _Tail(), _Tail()
         pending = memoryview(stdin) if stdin else None
         if pending is None:
             chan.shutdown_write()
         # stdin waits for the gate's marker until ``gate_end``, if there is something to send
         held = gate if pending is not None else None
+        announced = _Announcement(held.marker) if held is not None else None
         while True:
             while pending is not None and held is None and chan.send_ready():
                 try:
@@ -811,10 +864,13 @@ class SSHTransport:
             # checked before draining: all data fed before EOF or close is then in the buffers
             done = chan.eof_received or chan.closed
             while chan.recv_ready():
-                out.append(chan.recv(_CHUNK))
+                data = chan.recv(_CHUNK)
+                out.add(data)
+                if announced is not None:
+                    announced.feed(data)
             while chan.recv_stderr_ready():
-                err.append(chan.recv_stderr(_CHUNK))
-            if held is not None and _announced(out, held.marker):
+                err.add(chan.recv_stderr(_CHUNK))
+            if held is not None and announced is not None and announced.seen:
                 held = None
                 continue
             if done:
@@ -844,7 +900,8 @@ class SSHTransport:
         transport = self._client.get_transport()
         if chan.exit_status == -1 and (transport is None or not transport.is_active()):
             raise self._exec_error(EOFError("connection closed"), deadline, timeout)
-        return Result(chan.recv_exit_status(), b"".join(out), b"".join(err))
+        (stdout, stdout_cut), (stderr, stderr_cut) = out.value(), err.value()
+        return Result(chan.recv_exit_status(), stdout, stderr, stdout_cut, stderr_cut)
 
     @contextlib.contextmanager
     def _sftp_session(self) -> Iterator[paramiko.SFTPClient]:
@@ -880,10 +937,11 @@ class SSHTransport:
                     self.leftovers.append(tmp)
                 raise
 
-    def get(self, path: str) -> bytes:
-        """The content of ``path``; FileNotFoundError if absent."""
+    def get(self, path: str, limit: int = GET_LIMIT) -> bytes:
+        """The content of ``path``, read in pieces and never more than ``limit`` bytes of it;
+        FileNotFoundError if absent, OSError (EFBIG) if it is longer."""
         with self._sftp_session() as sftp, sftp.open(path, "rb") as f:
-            return f.read()
+            return _at_most(f.read(limit + 1), limit, path)
 
     def stat(self, path: str) -> tuple[int, int] | None:
         """(st_mode, st_size) of ``path`` without following a final symlink; None if absent."""
@@ -938,6 +996,13 @@ class SSHTransport:
         self.connection.close()
         # fabric closes only a connection it still sees as up; a dead one keeps its client
         self._client.close()
+
+
+def _at_most(data: bytes, limit: int, path: str) -> bytes:
+    """``data`` (read with ``limit`` + 1 asked for) if it fits ``limit``, else EFBIG."""
+    if len(data) > limit:
+        raise OSError(errno.EFBIG, f"longer than {limit} bytes", path)
+    return data
 
 
 def _sftp_makedirs(sftp: paramiko.SFTPClient, path: str) -> None:
@@ -1095,8 +1160,8 @@ class LocalTransport:
 
     Commands run with subprocess (argv list, no shell, a new session so a timeout kills the
     whole group) rather than invoke's Local runner: invoke wants a shell command string and
-    polls its pipes with sleeping threads, while Popen.communicate waits on a selector.
-    ``user.login`` is not switched to.
+    polls its pipes with sleeping threads, while _pump waits on poll(2) and keeps only the
+    tail of the output. ``user.login`` is not switched to.
     """
 
     def __init__(self, host: Host) -> None:
@@ -1122,7 +1187,7 @@ class LocalTransport:
         try:
             proc = subprocess.Popen(
                 list(argv),
-                stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
+                stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 env=environ,
@@ -1131,24 +1196,23 @@ class LocalTransport:
         except (FileNotFoundError, PermissionError) as e:
             status = 127 if isinstance(e, FileNotFoundError) else 126
             return Result(status, b"", f"{argv[0]}: {e.strerror}\n".encode())
-        first = (b"", b"")
-        if gate is not None and stdin:
-            try:
-                first, announced = _await_marker(proc, gate.marker, gate_end)
-            except TimeoutError:
-                _kill_group(proc)
-                raise _not_started(gate, self.host.name) from None
-            if not announced:
-                stdin = None
         try:
-            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-            out, err = proc.communicate(stdin, timeout=remaining)
-        except subprocess.TimeoutExpired as e:
+            out, err = _pump(proc, stdin, deadline, gate if stdin else None, gate_end)
+        except _Overdue as e:
             _kill_group(proc)
+            if gate is not None and e.phase == "start":
+                raise _not_started(gate, self.host.name) from None
             raise HostTimeoutError(
                 f"command did not finish within {timeout:g}s", host=self.host.name, phase="exec"
-            ) from e
-        return Result(proc.returncode, first[0] + out, first[1] + err)
+            ) from None
+        except BaseException:
+            _kill_group(proc)
+            raise
+        finally:
+            for pipe in (proc.stdout, proc.stderr):
+                _close(pipe)
+        (stdout, stdout_cut), (stderr, stderr_cut) = out.value(), err.value()
+        return Result(proc.returncode, stdout, stderr, stdout_cut, stderr_cut)
 
     def _path(self, path: str) -> str:
         return os.path.join(os.path.expanduser("~"), path)
@@ -1175,10 +1239,11 @@ class LocalTransport:
                 os.unlink(tmp)
             raise
 
-    def get(self, path: str) -> bytes:
-        """The content of ``path``; FileNotFoundError if absent."""
+    def get(self, path: str, limit: int = GET_LIMIT) -> bytes:
+        """The content of ``path``, never more than ``limit`` bytes of it; FileNotFoundError
+        if absent, OSError (EFBIG) if it is longer."""
         with open(self._path(path), "rb") as f:
-            return f.read()
+            return _at_most(f.read(limit + 1), limit, path)
 
     def stat(self, path: str) -> tuple[int, int] | None:
         """(st_mode, st_size) of ``path`` without following a final symlink; None if absent."""
@@ -1214,30 +1279,93 @@ class LocalTransport:
 def _kill_group(proc: subprocess.Popen[bytes]) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
-    proc.communicate()
+    for pipe in (proc.stdin, proc.stdout, proc.stderr):
+        _close(pipe)
+    proc.wait()
 
 
-def _await_marker(
-    proc: subprocess.Popen[bytes], marker: bytes, until: float
-) -> tuple[tuple[bytes, bytes], bool]:
-    """Read ``proc``'s output until ``marker`` is a line of it (True) or its stdout ends
-    (False), by ``until`` (else TimeoutError): ((stdout, stderr) so far, announced)."""
+class _Overdue(Exception):
+    """A local command passed a deadline: ``phase`` is ``start`` (its gate's) or ``exec``."""
+
+    def __init__(self, phase: str) -> None:
+        super().__init__(phase)
+        self.phase = phase
+
+
+def _pump(
+    proc: subprocess.Popen[bytes],
+    stdin: bytes | None,
+    deadline: float | None,
+    gate: Gate | None,
+    gate_end: float,
+) -> tuple[_Tail, _Tail]:
+    """Feed ``stdin`` to ``proc`` (with ``gate``: only once its stdout announced the gate's
+    marker, by ``gate_end``; never if its stdout ends first) and keep the tails of its output
+    until both streams end and it exits; _Overdue past a deadline (the caller kills it).
+
+    Popen.communicate would keep every byte the command writes: a host that floods its
+    output (a login script, a hostile interpreter) would cost the launcher that much memory.
+    """
     assert proc.stdout is not None and proc.stderr is not None
-    fds = {proc.stdout.fileno(): 0, proc.stderr.fileno(): 1}
-    got: list[list[bytes]] = [[], []]
-    while not _announced(got[0], marker):
-        if proc.stdout.fileno() not in fds:
-            return (b"".join(got[0]), b"".join(got[1])), False
-        left = until - time.monotonic()
-        if left <= 0:
-            raise TimeoutError
-        for fd in wait_readable(list(fds), left):
-            data = os.read(fd, _CHUNK)
-            if data:
-                got[fds[fd]].append(data)
-            else:
-                del fds[fd]
-    return (b"".join(got[0]), b"".join(got[1])), True
+    out, err = _Tail(), _Tail()
+    stdout = proc.stdout.fileno()
+    tails = {stdout: out, proc.stderr.fileno(): err}
+    announced = _Announcement(gate.marker) if gate is not None else None
+    pending = memoryview(stdin) if stdin and proc.stdin is not None else None
+    writer = proc.stdin.fileno() if proc.stdin is not None else -1
+    if pending is not None:
+        os.set_blocking(writer, False)
+    feeding = False  # the writer is registered with the poller
+    poller = select.poll()
+    for fd in tails:
+        poller.register(fd, select.POLLIN)
+    while tails:
+        held = announced is not None and not announced.seen
+        if held and stdout not in tails:
+            held, pending = False, None  # its stdout ended unannounced: no use for stdin
+            _close(proc.stdin)
+        now = time.monotonic()
+        if held and now >= gate_end:
+            raise _Overdue("start")
+        if deadline is not None and now >= deadline:
+            raise _Overdue("exec")
+        if pending is not None and not held and not feeding:
+            poller.register(writer, select.POLLOUT)
+            feeding = True
+        ends = [t for t in (deadline, gate_end if held else None) if t is not None]
+        wait = None if not ends else max(0, int((min(ends) - now) * 1000 + 0.999))
+        for fd, _ in poller.poll(wait):
+            if fd in tails:
+                data = os.read(fd, _CHUNK)
+                if not data:
+                    poller.unregister(fd)
+                    del tails[fd]
+                    continue
+                tails[fd].add(data)
+                if announced is not None and fd == stdout:
+                    announced.feed(data)
+            elif pending is not None:
+                try:
+                    pending = pending[os.write(fd, pending[:_CHUNK]) :] or None
+                except BlockingIOError:
+                    continue
+                except OSError:  # it stopped reading, as with EPIPE: the rest is not for it
+                    pending = None
+                if pending is None:
+                    poller.unregister(fd)
+                    _close(proc.stdin)
+    _close(proc.stdin)
+    try:
+        proc.wait(None if deadline is None else max(0.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        raise _Overdue("exec") from None
+    return out, err
+
+
+def _close(pipe: Any) -> None:
+    if pipe is not None:
+        with contextlib.suppress(OSError):
+            pipe.close()
 
 
 def _local_makedirs(path: str) -> None:

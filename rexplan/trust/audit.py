@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import fnmatch
 import json
 import os
@@ -385,9 +386,14 @@ def _remote_key(
             fault = f"{path} is not a key file (larger than {MAX_KEY_FILE} bytes)"
         else:
             try:
-                named, _created, secret = parse_key_file(transport.get(path))
+                named, _created, secret = parse_key_file(transport.get(path, MAX_KEY_FILE))
             except KeyFormatError as e:
                 fault = f"{path}: malformed key file: {e}"
+            except OSError as e:
+                if e.errno != errno.EFBIG:
+                    raise
+                # it grew past MAX_KEY_FILE since its stat
+                fault = f"{path} is not a key file (larger than {MAX_KEY_FILE} bytes)"
             else:
                 digest = key_id(secret)
                 if named != key_triple(host, user, program):

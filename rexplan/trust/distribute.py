@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import posixpath
 import stat
@@ -260,9 +261,13 @@ def _compare(transport: Transport, path: str, info: KeyInfo) -> tuple[str, str]:
     if size > MAX_KEY_FILE:
         return "replaced", "not a key file"
     try:
-        remote_triple, _created, remote_secret = parse_key_file(transport.get(path))
+        remote_triple, _created, remote_secret = parse_key_file(transport.get(path, MAX_KEY_FILE))
     except KeyFormatError as e:
         return "replaced", f"malformed: {e}"
+    except OSError as e:
+        if e.errno != errno.EFBIG:
+            raise
+        return "replaced", "not a key file"  # it grew past MAX_KEY_FILE since its stat
     remote_id = key_id(remote_secret)
     if remote_id != info.key_id:
         return "replaced", f"was {remote_id}"

@@ -16,6 +16,12 @@ An agent whose host fails the launch's ``when`` preconditions starts nothing and
 ``resp``, proves a decline: ``decl {t, reason, mac}``, mac = HMAC(K_A, "decl" || T || ns || nl ||
 lp || reason); the hello then names the agent's own pid. The listener decides DECLINED.
 
+An agent whose launch asks for it (``unchanged``) and that finds the launch's program already
+running with the same spec starts nothing and, in place of ``resp``, proves that: ``same {t,
+mac}``, mac = HMAC(K_A, "same" || T || ns || nl || lp); the hello then names the running
+program's pid, pgid and start time. The listener decides UNCHANGED: a relay, which holds no
+key, cannot.
+
 T = transcript(hello) is a fixed binary encoding of the hello fields (version first), so the
 MACs never depend on how JSON was written.
 
@@ -25,6 +31,9 @@ A ``kind: job`` keeps the connection after ``ok``; every later frame carries a s
     listener -> agent  hb    {t, seq, mac}          every JOB_HEARTBEAT s; K_L
     agent -> listener  out   {t, seq, data, mac}    base64 output, <= OUT_CHUNK bytes; K_A
     agent -> listener  exit  {t, seq, status, mac}  the job's exit status; K_A
+
+The ``out`` frames carry the last OUT_TAIL bytes of the job's output at most, opened by the line
+``[... N bytes cut]`` (cut_line) when N bytes came before them; the listener keeps no more.
 
 The agent kills the job when the connection ends or no heartbeat came for JOB_SILENCE s.
 
@@ -96,6 +105,7 @@ OUT_OF_ORDER = "OUT_OF_ORDER"  # a valid message at the wrong point of the hands
 BUSY = "BUSY"  # too many unauthenticated connections; closed at once
 CLOSED = "CLOSED"  # the peer closed the connection before a verdict
 DECLINED = "DECLINED"  # the agent proved that its host declined the launch (``when``)
+UNCHANGED = "UNCHANGED"  # the agent proved that the program runs already, with the same spec
 CODES = (
     OK,
     BAD_PROOF,
@@ -111,6 +121,7 @@ CODES = (
     BUSY,
     CLOSED,
     DECLINED,
+    UNCHANGED,
 )
 
 # The names, ids and hex strings of the protocol are checked with _Chars, not re: importing re
@@ -516,6 +527,7 @@ _MESSAGES: dict[str, dict[str, Callable[[Any], bool]]] = {
     "chal": {"ns": _matches(_NONCE_HEX), "lp": _matches(_MAC_HEX)},
     "resp": {"ap": _matches(_MAC_HEX)},
     "decl": {"reason": _matches(_REASON), "mac": _matches(_MAC_HEX)},
+    "same": {"mac": _matches(_MAC_HEX)},
     "ok": {"mac": _matches(_MAC_HEX)},
     "no": {"ref": _matches(_REF)},
     "hb": {"seq": lambda v: _is_seq(v), "mac": _matches(_MAC_HEX)},
@@ -608,6 +620,19 @@ def verify_decline(
     return compare_digest(decline_mac(k_a, t, ns, nl, lp, reason), mac)
 
 
+def make_same(k_a: bytes, t: bytes, ns: bytes, nl: bytes, lp: bytes) -> dict[str, Any]:
+    """A proven "unchanged": the hello's pid, pgid and start are the running program's."""
+    return {"t": "same", "mac": same_mac(k_a, t, ns, nl, lp).hex()}
+
+
+def same_mac(k_a: bytes, t: bytes, ns: bytes, nl: bytes, lp: bytes) -> bytes:
+    return _mac(k_a, b"same", t, ns, nl, lp)
+
+
+def verify_same(k_a: bytes, t: bytes, ns: bytes, nl: bytes, lp: bytes, mac: bytes) -> bool:
+    return compare_digest(same_mac(k_a, t, ns, nl, lp), mac)
+
+
 def make_ok(mac: bytes) -> dict[str, Any]:
     return {"t": "ok", "mac": mac.hex()}
 
@@ -694,6 +719,11 @@ JOB_SILENCE = 5.0
 #: raw output bytes per ``out`` frame, and in all (the tail of the job's output)
 OUT_CHUNK = 2048
 OUT_TAIL = 16384
+
+
+def cut_line(count: int) -> bytes:
+    """The line that stands for ``count`` bytes of output cut before a tail."""
+    return b"[... %d bytes cut]\n" % count
 
 
 class _Frozen:
@@ -811,7 +841,7 @@ _LAUNCH_KEYS = (
     "tags",
 )
 #: launch keys an older launcher may leave out; their defaults are Launch's
-_OPTIONAL_LAUNCH_KEYS = ("replace", "restart", "files", "when")
+_OPTIONAL_LAUNCH_KEYS = ("replace", "restart", "files", "when", "unchanged")
 RESTART_POLICIES = ("no", "on-failure", "always")
 
 
@@ -874,6 +904,7 @@ class Launch(_Frozen):
         "restart",
         "files",
         "when",
+        "unchanged",
     )
     __slots__ = _fields
     _hidden = ("nl",)
@@ -897,6 +928,8 @@ class Launch(_Frozen):
     files: tuple[tuple[str, str, int], ...]
     #: preconditions: ("max_load", 1-minute load average) and ("min_free_mb", MemAvailable)
     when: tuple[tuple[str, float], ...]
+    #: an instance of the same spec alive is proven to the listener (``same``), not refused
+    unchanged: bool
 
     def __init__(
         self,
@@ -918,6 +951,7 @@ class Launch(_Frozen):
         restart: str = "no",
         files: tuple[tuple[str, str, int], ...] = (),
         when: tuple[tuple[str, float], ...] = (),
+        unchanged: bool = False,
     ) -> None:
         self._init(
             run=run,
@@ -938,6 +972,7 @@ class Launch(_Frozen):
             restart=restart,
             files=files,
             when=when,
+            unchanged=unchanged,
         )
 
     def deadline(self, name: str) -> float:
@@ -964,6 +999,7 @@ def make_launch(
     restart: str = "no",
     files: Sequence[tuple[str, str, int]] = (),
     when: Mapping[str, float] | None = None,
+    unchanged: bool = False,
 ) -> bytes:
     """The launch message as one JSON line (newline-terminated); raises LaunchError.
 
@@ -995,6 +1031,8 @@ def make_launch(
         "files": [list(f) for f in files],
         "when": dict(when or {}),
     }
+    if unchanged:
+        msg["unchanged"] = True
     try:
         line = _dumps(msg) + b"\n"
     except (TypeError, ValueError) as exc:
@@ -1153,6 +1191,9 @@ def parse_launch(line: bytes) -> Launch:
     replace = msg.get("replace", False)
     if type(replace) is not bool:
         raise LaunchError("replace must be true or false")
+    unchanged = msg.get("unchanged", False)
+    if type(unchanged) is not bool:
+        raise LaunchError("unchanged must be true or false")
     restart = msg.get("restart", "no")
     if restart not in RESTART_POLICIES:
         raise LaunchError(f"restart must be one of {', '.join(RESTART_POLICIES)}")
@@ -1182,12 +1223,14 @@ def parse_launch(line: bytes) -> Launch:
         restart=restart,
         files=_files(msg.get("files", [])),
         when=tuple(sorted((k, float(v)) for k, v in when.items())),
+        unchanged=unchanged,
     )
 
 
 def spec_digest(launch: Launch) -> str:
     """sha256 of what the program is (argv, env, cwd, probe, kind, restart, files' content and
-    modes), for change detection; ``replace``, ``when`` and the run's identity are not."""
+    modes), for change detection; ``replace``, ``unchanged``, ``when`` and the run's identity
+    are not."""
     spec: dict[str, Any] = {
         "argv": list(launch.argv),
         "env": dict(launch.env),
