@@ -3,7 +3,7 @@
 Usage: python3 bench/callback.py [--clients 1,16,64] [--reps 3] [--handshakes 3000]
     [--pending 10000] [--procs N] [--profile FILE]
 
-The listener (rexplan.engine.callback, one selector thread) runs in this process with --pending
+The listener (rexplan.engine.listener, one selector thread) runs in this process with --pending
 steps registered; the clients run in --procs worker processes (default: one per core, at
 most M), M / procs threads each, so their Python does not share the listener's GIL. A
 client builds its hello and resp with rexplan.wire.protocol exactly as the agent does, checks
@@ -39,7 +39,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from rexplan.engine.callback import CallbackListener, PendingStep
+from rexplan.engine.listener import CallbackListener
+from rexplan.engine.pending import PendingStep
 from rexplan.wire import protocol
 
 # --- worker: M / procs client threads ------------------------------------------------------------

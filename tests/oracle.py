@@ -32,7 +32,7 @@ from pathlib import Path
 import pytest
 from sshrig import SshdRig, descendants
 
-from rexplan.engine.callback import CallbackListener
+from rexplan.engine.listener import CallbackListener
 
 GRACE = 3.0
 

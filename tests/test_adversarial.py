@@ -30,8 +30,9 @@ import faultproxy as fp
 import pytest
 
 from rexplan import remote
-from rexplan.engine import callback
-from rexplan.engine.callback import CallbackListener, PendingStep
+from rexplan.engine import callback, slots
+from rexplan.engine.listener import CallbackListener
+from rexplan.engine.pending import PendingStep
 from rexplan.remote import agent as agent_module
 from rexplan.wire import protocol
 
@@ -847,7 +848,7 @@ def test_a_flood_of_idle_and_slowloris_connections_does_not_delay_a_real_launch(
         data = protocol.encode_frame(good_hello(lis, step))
         with Flood(lis.address, data, refill=250) as flood:
             assert wait_for(lambda: flood.opened >= 2000, 30), flood.opened
-            time.sleep(callback.HELLO_TIMEOUT + 0.5)  # every slot taken, some turned over
+            time.sleep(slots.HELLO_TIMEOUT + 0.5)  # every slot taken, some turned over
             launched, before = time.monotonic(), flood.opened
             report = host.run(launch_line(lis.run_id, step, lis.address, deadlines=FLOODED))
             took = time.monotonic() - launched
@@ -865,7 +866,7 @@ def test_a_flood_of_idle_and_slowloris_connections_does_not_delay_a_real_launch(
     # no line per refusal: one summary per REPORT_EVERY seconds at most (the first at once,
     # the last when the listener closes), which together count every refused or failed one
     lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
-    assert 1 <= len(lines) <= elapsed / callback.REPORT_EVERY + 2, lines
+    assert 1 <= len(lines) <= elapsed / slots.REPORT_EVERY + 2, lines
     assert all(line.startswith("callback: ") and " most from 127.0.0." in line for line in lines)
     assert sum(int(line.split()[1]) for line in lines) >= failed
     assert wait_for(lambda: open_fds() == baseline, 10), (open_fds(), baseline)

@@ -21,7 +21,8 @@ from typing import Any
 import pytest
 
 from rexplan import remote
-from rexplan.engine.callback import CallbackListener, PendingStep
+from rexplan.engine.listener import CallbackListener
+from rexplan.engine.pending import PendingStep
 from rexplan.remote import agent as agent_module
 from rexplan.wire import protocol
 

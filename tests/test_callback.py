@@ -20,8 +20,8 @@ from typing import Any
 
 import pytest
 
-from rexplan.engine import callback
-from rexplan.engine.callback import CallbackListener, PendingStep, Verdict
+from rexplan.engine.listener import CallbackListener
+from rexplan.engine.pending import CANCELLED, KEPT_REJECTIONS, PendingStep, Verdict
 from rexplan.wire import protocol
 
 TRIPLE = "h1.alice.app"
@@ -309,7 +309,7 @@ def test_the_detail_of_rejected_attempts_is_bounded(lis: CallbackListener) -> No
     verdict = lis.wait(step.step_id, 10)
     assert verdict.code == protocol.TIMEOUT and verdict.detail is not None
     assert verdict.detail.startswith("40 rejected attempts: ")
-    assert verdict.detail.endswith(f", {40 - callback.KEPT_REJECTIONS} more")
+    assert verdict.detail.endswith(f", {40 - KEPT_REJECTIONS} more")
     assert len(verdict.detail) < 600
 
 
@@ -543,11 +543,11 @@ def test_cancel_and_close_release_waiters() -> None:
         t.start()
     lis.cancel(first.step_id)
     threads[0].join(5)
-    assert got[first.step_id].code == callback.CANCELLED
+    assert got[first.step_id].code == CANCELLED
     lis.close()
     lis.close()
     threads[1].join(5)
-    assert got[second.step_id].code == callback.CANCELLED
+    assert got[second.step_id].code == CANCELLED
 
 
 def test_expect_checks_its_step(lis: CallbackListener) -> None:

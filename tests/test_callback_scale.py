@@ -18,8 +18,9 @@ from typing import Any
 
 import pytest
 
-from rexplan.engine import callback
-from rexplan.engine.callback import CallbackListener, PendingStep
+from rexplan.engine import callback, pending
+from rexplan.engine.listener import CallbackListener
+from rexplan.engine.pending import PendingStep
 from rexplan.wire import protocol
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -134,7 +135,7 @@ def test_ten_thousand_pending_steps_on_one_thread() -> None:
         rest = [step for step in steps if step.step_id not in done]
         for step in rest:
             lis.cancel(step.step_id)
-        assert {lis.wait(step.step_id, timeout=0).code for step in rest} == {callback.CANCELLED}
+        assert {lis.wait(step.step_id, timeout=0).code for step in rest} == {pending.CANCELLED}
         # an agent of a cancelled step is refused, and only told "no"
         assert handshake(lis, rest[0]) == "no"
         assert lis.attempts[protocol.OK] == SAMPLE

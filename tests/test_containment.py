@@ -19,7 +19,8 @@ from helpers_world import World
 from sshrig import RigHost, SshdRig, cgroup_unavailable_reason
 
 from rexplan import remote
-from rexplan.engine.callback import CallbackListener, PendingStep
+from rexplan.engine.listener import CallbackListener
+from rexplan.engine.pending import PendingStep
 from rexplan.remote import agent
 from rexplan.wire import protocol
 

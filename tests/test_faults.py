@@ -28,7 +28,8 @@ from sshrig import RigHost, SshdRig
 from rexplan import remote
 from rexplan.cli.rex import main
 from rexplan.cli.rex_key import main as rex_key
-from rexplan.engine.callback import CallbackListener, PendingStep
+from rexplan.engine.listener import CallbackListener
+from rexplan.engine.pending import PendingStep
 from rexplan.wire import protocol
 
 REPO = Path(__file__).resolve().parent.parent

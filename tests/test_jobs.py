@@ -19,7 +19,8 @@ from helpers_world import SLEEPER, Hosts, World, nothing_left, open_world
 from sshrig import SshdRig
 
 from rexplan.engine import adhoc
-from rexplan.engine.callback import EXITED, LOST, CallbackListener, JobResult, PendingStep
+from rexplan.engine.listener import CallbackListener
+from rexplan.engine.pending import EXITED, LOST, JobResult, PendingStep
 from rexplan.wire import protocol
 
 

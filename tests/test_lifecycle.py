@@ -22,8 +22,9 @@ from rexplan import remote
 from rexplan.core import manifest as manifests
 from rexplan.core.model import FailurePolicy, Ready, Step
 from rexplan.engine import executor
-from rexplan.engine.callback import CallbackListener, PendingStep
 from rexplan.engine.executor import Load, parse_load
+from rexplan.engine.listener import CallbackListener
+from rexplan.engine.pending import PendingStep
 from rexplan.errors import ManifestError
 from rexplan.remote import agent
 from rexplan.transport.ssh import connect

@@ -1,7 +1,7 @@
 """Runs a Plan: wave by wave, a thread per in-flight step, every step verified by its callback.
 
 The executor never prints: it emits events.Event records to a sink (the UI, the JSONL writer).
-A step is READY only when its agent called back and proved the triple's key (callback.py);
+A step is READY only when its agent called back and proved the triple's key (listener.py);
 what SSH says (exit status, stderr) is kept as a diagnostic and never decides the outcome.
 """
 
@@ -27,8 +27,10 @@ from rexplan.core.model import FailurePolicy, FileSpec, Host, Manifest, Plan, St
 from rexplan.core.plan import least_loaded
 from rexplan.core.text import printable
 from rexplan.engine import events as ev
-from rexplan.engine.callback import EXITED, CallbackListener, PendingStep, Verdict, ensure_fd_budget
+from rexplan.engine.callback import ensure_fd_budget
 from rexplan.engine.fanout import RELAY_LOST, RelayError, TreeLauncher
+from rexplan.engine.listener import CallbackListener
+from rexplan.engine.pending import EXITED, PendingStep, Verdict
 from rexplan.errors import (
     AuthenticationError,
     Diagnostic,
