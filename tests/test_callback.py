@@ -276,21 +276,21 @@ def test_rejected_attempts_are_the_detail_of_a_step_that_times_out(lis: Callback
 
 
 def test_a_failed_step_names_its_rejected_attempts_and_a_wrong_key_is_actionable() -> None:
-    from rexplan.engine.executor import _failure
+    from rexplan.engine.outcomes import failure
 
     rejected = "3 rejected attempts: wrong key_id 00000000000000aa (expected 0123456789abcdef) "
     rejected += "from 127.0.0.5 (x3)"
     timeout = Verdict(False, protocol.TIMEOUT, detail=rejected)
     expected = "0123456789abcdef"
     # at the deadline, nothing heard from the agent: the rejected attempts are the detail
-    assert _failure(timeout, {}, None, expected) == (
+    assert failure(timeout, {}, None, expected) == (
         "no_callback",
         "callback",
         f"no verified callback; {rejected}",
     )
     # the agent's own report (over SSH) says it was refused holding another key
     report: dict[str, object] = {"ok": False, "exit": 15, "reason": "launcher refused the callback"}
-    assert _failure(timeout, {**report, "key_id": "00000000000000aa"}, None, expected) == (
+    assert failure(timeout, {**report, "key_id": "00000000000000aa"}, None, expected) == (
         "bad_proof",
         "callback",
         "the agent proved a different key (key_id 00000000000000aa, expected 0123456789abcdef):"
@@ -298,7 +298,7 @@ def test_a_failed_step_names_its_rejected_attempts_and_a_wrong_key_is_actionable
     )
     # refused holding the right key (or a report that is not a key_id): still rejected
     for key_id in (expected, "not a key id \x1b[2J"):
-        reason, _, detail = _failure(timeout, {**report, "key_id": key_id}, None, expected)
+        reason, _, detail = failure(timeout, {**report, "key_id": key_id}, None, expected)
         assert reason == "rejected" and "\x1b" not in detail
 
 

@@ -21,10 +21,11 @@ from sshrig import RigHost, SshdRig, cgroup_unavailable_reason
 from rexplan import remote
 from rexplan.core import manifest as manifests
 from rexplan.core.model import FailurePolicy, Ready, Step
-from rexplan.engine import executor
-from rexplan.engine.executor import Load, parse_load
+from rexplan.engine import agentctl
 from rexplan.engine.listener import CallbackListener
 from rexplan.engine.pending import PendingStep
+from rexplan.engine.placement import Load, choose, parse_load, place
+from rexplan.engine.policy import batches, counts_as_failure, exceeds
 from rexplan.errors import ManifestError
 from rexplan.remote import agent
 from rexplan.transport.ssh import connect
@@ -115,8 +116,8 @@ def test_records_over_sftp_say_what_the_agent_says(world: World, sshd_hosts: Hos
         t = connect(host.model_host(), host.model_user(), known_hosts=host.known_hosts)
         try:
             agent = f"{t.rex_home()}/agent-{remote.bundle_sha()[:16]}.py"
-            slow = executor.read_records(t, host.model_host().python, agent, 5.0)
-            fast = executor.sftp_records(t)
+            slow = agentctl.read_records(t, host.model_host().python, agent, 5.0)
+            fast = agentctl.sftp_records(t)
         finally:
             t.close()
         assert slow is not None and fast is not None
@@ -544,14 +545,14 @@ def failing_on(hosts: Sequence[RigHost]) -> str:
 def test_max_fail_is_strictly_more_than(
     policy: FailurePolicy, failed: int, total: int, aborts: bool
 ) -> None:
-    assert executor.exceeds(policy, failed, total) is aborts
+    assert exceeds(policy, failed, total) is aborts
 
 
 def test_unreachable_counts_unless_ignored() -> None:
-    assert executor.counts_as_failure("unreachable", FailurePolicy())
-    assert not executor.counts_as_failure("unreachable", FailurePolicy(ignore_unreachable=True))
-    assert executor.counts_as_failure("failed", FailurePolicy(ignore_unreachable=True))
-    assert not executor.counts_as_failure("skipped", FailurePolicy())
+    assert counts_as_failure("unreachable", FailurePolicy())
+    assert not counts_as_failure("unreachable", FailurePolicy(ignore_unreachable=True))
+    assert counts_as_failure("failed", FailurePolicy(ignore_unreachable=True))
+    assert not counts_as_failure("skipped", FailurePolicy())
 
 
 def test_serial_batches_each_program() -> None:
@@ -575,14 +576,14 @@ def test_serial_batches_each_program() -> None:
 
     steps = [step("a", f"h{i}") for i in range(5)] + [step("b", f"h{i}") for i in range(2)]
     policies = {"a": FailurePolicy(serial=2), "b": FailurePolicy()}
-    assert [[s.id for s in b] for b in executor.batches(steps, policies)] == [
+    assert [[s.id for s in b] for b in batches(steps, policies)] == [
         ["a@h0", "a@h1", "b@h0", "b@h1"],
         ["a@h2", "a@h3"],
         ["a@h4"],
     ]
     policies = {"a": FailurePolicy(serial_percent=50), "b": FailurePolicy(serial_percent=50)}
-    assert [len(b) for b in executor.batches(steps, policies)] == [4, 3]
-    assert [len(b) for b in executor.batches(steps, {})] == [7]
+    assert [len(b) for b in batches(steps, policies)] == [4, 3]
+    assert [len(b) for b in batches(steps, {})] == [7]
 
 
 @pytest.mark.parametrize(
@@ -826,15 +827,15 @@ def test_a_host_that_fails_when_declines_and_starts_nothing(
 
 def test_least_loaded_prefers_running_then_idle_hosts() -> None:
     busy, idle, middle = Load(4.0, 100, False), Load(0.1, 100, False), Load(0.5, 9000, False)
-    assert executor.choose([("h10", busy), ("h11", idle), ("h12", middle)], 1) == {"h11"}
-    assert executor.choose([("h10", busy), ("h11", idle), ("h12", middle)], 2) == {"h11", "h12"}
+    assert choose([("h10", busy), ("h11", idle), ("h12", middle)], 1) == {"h11"}
+    assert choose([("h10", busy), ("h11", idle), ("h12", middle)], 2) == {"h11", "h12"}
     # equal load: more free memory wins, then manifest order
-    assert executor.choose([("a", Load(1.0, 10, False)), ("b", Load(1.0, 20, False))], 1) == {"b"}
-    assert executor.choose([("a", Load(1.0, 10, False)), ("b", Load(1.0, 10, False))], 1) == {"a"}
+    assert choose([("a", Load(1.0, 10, False)), ("b", Load(1.0, 20, False))], 1) == {"b"}
+    assert choose([("a", Load(1.0, 10, False)), ("b", Load(1.0, 10, False))], 1) == {"a"}
     # where it already runs current beats an idler host: a re-apply moves nothing
-    assert executor.choose([("h10", Load(4.0, 1, True)), ("h11", idle)], 1) == {"h10"}
+    assert choose([("h10", Load(4.0, 1, True)), ("h11", idle)], 1) == {"h10"}
     # a host that could not be probed comes last
-    assert executor.choose([("x", Load(None, 0, False)), ("h10", busy)], 1) == {"h10"}
+    assert choose([("x", Load(None, 0, False)), ("h10", busy)], 1) == {"h10"}
 
 
 def test_least_loaded_places_count_steps(world: World, sshd_hosts: Hosts) -> None:
@@ -908,7 +909,7 @@ def test_place_probes_the_candidates_and_dry_run_marks_the_others_unplaced() -> 
         probed.append(step.id)
         return loads[step.host]
 
-    (placed,) = executor.place(m, plan.steps, probe, forks=2)
+    (placed,) = place(m, plan.steps, probe, forks=2)
     assert sorted(probed) == ["spread@h1", "spread@h2", "spread@h3"]  # db is not a candidate
     assert placed.chosen == {"spread@h1", "spread@h2"}
     assert placed.picked() == "h1, h2" and [s.id for s in placed.unplaced()] == ["spread@h3"]
@@ -965,7 +966,7 @@ def test_place_probes_the_candidates_and_dry_run_marks_the_others_unplaced() -> 
     ]
     # rex status keeps its document; without least-loaded programs nothing is probed
     assert "placements" not in lifecycle.status_to_dict(statuses, m)
-    assert executor.place(m, plan.steps[:1], probe, forks=2) == []
+    assert place(m, plan.steps[:1], probe, forks=2) == []
 
 
 def test_dry_run_shows_least_loaded_placement_and_starts_nothing(
@@ -1098,7 +1099,7 @@ def test_load_probe_output_becomes_a_load() -> None:
     # ranked with the others: the busy cgroup loses to the idle one
     idle = parse_load('{"load": 0.01, "cpus": 2, "free_mb": 1, "source": "cgroup"}', False)
     busy = parse_load('{"load": 1.0, "cpus": 2, "free_mb": 9, "source": "cgroup"}', False)
-    assert executor.choose([("busy", busy), ("idle", idle)], 1) == {"idle"}
+    assert choose([("busy", busy), ("idle", idle)], 1) == {"idle"}
 
 
 @pytest.mark.parametrize(

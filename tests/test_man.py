@@ -21,7 +21,7 @@ from rexplan.cli import rex_key as keycli
 from rexplan.core import manifest, spec
 from rexplan.core import plan as planner
 from rexplan.core.model import Host
-from rexplan.engine import events, executor, lifecycle
+from rexplan.engine import events, lifecycle, outcomes
 from rexplan.trust import audit, hostkeys
 from rexplan.trust.keys import KeyInfo
 
@@ -312,8 +312,8 @@ def test_plan_json_keys_are_documented() -> None:
 
 def test_apply_json_keys_are_documented() -> None:
     loaded, compiled = _example()
-    result = executor.RunResult("r1", [executor.StepResult(compiled.steps[0])])
-    doc = executor.result_to_dict(result, loaded)
+    result = outcomes.RunResult("r1", [outcomes.StepResult(compiled.steps[0])])
+    doc = outcomes.result_to_dict(result, loaded)
     assert_documented(keys_of(doc), "rex.1", "rex apply --json")
 
 

@@ -78,7 +78,7 @@ def _simulate(args: argparse.Namespace, hosts: int, forks: int, screen: ui.Scree
 
 def cmd_apply(args: argparse.Namespace, screen: ui.Screen) -> int:
     """``rex apply MANIFEST``: launch, verify, summarize; the exit code says the worst outcome."""
-    from rexplan.engine import executor  # imports the transport stack only when launching
+    from rexplan.engine import executor, outcomes  # imports the transport stack only when launching
 
     loaded = mux.with_option(manifest.load(args.manifest), args)
     compiled = planner.compile(loaded, limit=args.limit)
@@ -107,7 +107,7 @@ def cmd_apply(args: argparse.Namespace, screen: ui.Screen) -> int:
     elif args.events:
         events_file = open(args.events, "w", encoding="utf-8")
         sinks.append(ev.JsonlWriter(events_file))
-    run_id = executor.new_run_id()
+    run_id = runs.new_run_id()
     run_log, close_run_log = runs.open_run_log(run_id, warn=_warn)
     sinks.append(run_log)
     try:
@@ -135,7 +135,7 @@ def cmd_apply(args: argparse.Namespace, screen: ui.Screen) -> int:
             f"rex apply {args.manifest} --retry"
         )
     if args.json:
-        screen.text(json.dumps(executor.result_to_dict(result, loaded), indent=2))
+        screen.text(json.dumps(outcomes.result_to_dict(result, loaded), indent=2))
     return result.exit_code()
 
 

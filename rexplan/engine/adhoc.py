@@ -21,7 +21,7 @@ from typing import Any
 from rexplan.core.model import Manifest, Program, Ready
 from rexplan.core.text import printable
 from rexplan.engine import events as ev
-from rexplan.engine import executor
+from rexplan.engine.outcomes import AUTH_REASONS
 from rexplan.engine.report import Reporter
 from rexplan.errors import UsageError
 from rexplan.transport import persist as mux
@@ -90,7 +90,7 @@ def outcomes(final: Iterable[ev.Event]) -> list[Outcome]:
         code = 2
         if e.state == ev.UNREACHABLE:
             code = 3
-        elif e.reason in executor.AUTH_REASONS:
+        elif e.reason in AUTH_REASONS:
             code = 6
         out.append(Outcome(e.host or "?", None, e.output or "", problem, code))
     return out

@@ -1,6 +1,6 @@
 """``rex status`` and ``rex stop``: read and end what a manifest runs, in parallel over SSH.
 
-Both run the agent in one of its modes (executor.agent_run: the copy a launch left on the
+Both run the agent in one of its modes (agentctl.agent_run: the copy a launch left on the
 host, else the bundle piped over stdin), so reading or stopping never writes a file to a
 host. ``survey`` reads each host's records with one exec per host and login, whatever the
 number of steps there, and classifies every step (spec.classify). ``stop`` goes through the
@@ -22,15 +22,13 @@ from typing import Any
 from rexplan.core import spec as specs
 from rexplan.core.model import Manifest, Plan, Step, Timeouts
 from rexplan.engine import events as ev
-from rexplan.engine.executor import Load, Placed, agent_run, local_files, place, probe_candidate
+from rexplan.engine.agentctl import EXEC_SLACK, agent_report, agent_run, local_files
+from rexplan.engine.placement import Load, Placed, place, probe_candidate
 from rexplan.engine.report import Reporter
 from rexplan.errors import TransportError, UsageError
 from rexplan.transport import persist as mux
-from rexplan.transport.ssh import Result, TransportPool
+from rexplan.transport.ssh import TransportPool
 from rexplan.trust.keys import KeyStore, default_known_hosts
-
-#: seconds added to what the agent may take before the launcher gives up on the exec
-EXEC_SLACK = 5.0
 
 STOPPED, ABSENT, STOP_FAILED, UNREACHABLE = (
     specs.STOPPED,
@@ -38,18 +36,6 @@ STOPPED, ABSENT, STOP_FAILED, UNREACHABLE = (
     specs.FAILED,
     specs.UNREACHABLE,
 )
-
-
-def _report(res: Result) -> dict[str, Any]:
-    """The agent's JSON line; {} when there is none."""
-    for line in reversed(res.stdout.splitlines()):
-        try:
-            data = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(data, dict):
-            return data
-    return {}
 
 
 def _by_login(steps: Sequence[Step]) -> list[list[Step]]:
@@ -191,7 +177,7 @@ def stop_step(
         res = agent_run(transport, host.python, *args, timeout=_stop_timeout(step))
     except TransportError as exc:
         return specs.StopResult(step, UNREACHABLE, detail=str(exc))
-    report = _report(res)
+    report = agent_report(res.stdout)
     if report.get("ok") is not True:
         why = report.get("reason") or res.stderr.decode(errors="replace").strip()[-200:]
         return specs.StopResult(step, STOP_FAILED, detail=str(why or f"exit {res.exit_status}"))

@@ -14,6 +14,8 @@ import dataclasses
 import json
 import os
 import re
+import secrets
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO
@@ -25,11 +27,17 @@ from rexplan.trust import strictmodes
 #: runs kept; older ones are removed when a new one starts
 KEEP = 20
 
-#: run ids as executor.new_run_id() makes them; anything else is not a stored run's name
+#: run ids as new_run_id() makes them; anything else is not a stored run's name
 RUN_ID_RE = re.compile(r"^[0-9A-Za-z][0-9A-Za-z._-]{0,63}$")
 
 _SUFFIX = ".jsonl"
 _EVENT_FIELDS = {f.name for f in dataclasses.fields(ev.Event)}
+
+
+def new_run_id() -> str:
+    """A fresh run id: time-ordered, then 128 random bits, so a stranger cannot guess one
+    (the listener refuses a callback naming another run before any HMAC)."""
+    return time.strftime("%Y%m%dT%H%M%S") + "-" + secrets.token_hex(16)
 
 
 def state_dir() -> Path:
