@@ -11,7 +11,6 @@ import selectors
 import socket
 import threading
 import time
-from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -35,8 +34,8 @@ from rexplan.engine.slots import (
     MAX_PER_SOURCE,
     REPORT_EVERY,
     RESP,
+    Attempts,
     Conn,
-    Refusals,
     Slots,
     keepalive,
 )
@@ -68,7 +67,6 @@ class CallbackListener:
         self.run_id = run_id or secrets.token_hex(16)
         if not protocol.RUN_RE.match(self.run_id):
             raise ValueError(f"invalid run id {self.run_id!r}")
-        self.attempts: Counter[str] = Counter()
         self._bind = (bind, port)
         self._handshake_timeout = handshake_timeout
         self._hello_timeout = min(hello_timeout, handshake_timeout)
@@ -79,7 +77,8 @@ class CallbackListener:
         self._changed = threading.Condition(self._lock)
         self._steps: dict[str, StepState] = {}
         self._conns: dict[int, Conn] = {}
-        self._refusals = Refusals(self._log, report_every, clock())
+        self._attempts = Attempts(self._log, self._lock, report_every, clock())
+        self.attempts = self._attempts.counts  # every attempt's result code, counted
         self._timers: list[tuple[float, int, Conn]] = []
         self._beats: list[tuple[float, int, Conn]] = []
         self._seq = itertools.count()
@@ -133,7 +132,7 @@ class CallbackListener:
             self._thread.join()
         for conn in list(self._conns.values()):
             self._drop(conn)
-        self._refusals.summarize(self._clock(), final=True)
+        self._attempts.summarize(self._clock(), final=True)
         if self._sock is not None:
             self._sel.unregister(self._sock)
             self._sock.close()
@@ -225,7 +224,7 @@ class CallbackListener:
                 if heap:
                     due = max(0.0, heap[0][0] - self._clock())
                     timeout = due if timeout is None else min(timeout, due)
-            report = self._refusals.due()
+            report = self._attempts.due()
             if report is not None:
                 due = max(0.0, report - self._clock())
                 timeout = due if timeout is None else min(timeout, due)
@@ -259,7 +258,7 @@ class CallbackListener:
                     conn.seq_out += 1
                     self._send(conn, protocol.make_hb(conn.session, conn.seq_out))
                     self._beat(conn, now)
-            self._refusals.summarize(now)
+            self._attempts.summarize(now)
 
     def _accept(self) -> None:
         assert self._sock is not None
@@ -274,11 +273,11 @@ class CallbackListener:
             peer = (str(addr[0]), int(addr[1]))
             why, victim = self._slots.make_room(peer[0])
             if why is not None:
-                self._refuse(peer, why)
+                self._attempts.refuse(peer, why)
                 sock.close()
                 continue
             if victim is not None:
-                self._refuse(victim.peer, "evicted")
+                self._attempts.refuse(victim.peer, "evicted")
                 self._drop(victim)
             sock.setblocking(False)
             now = self._clock()
@@ -436,7 +435,7 @@ class CallbackListener:
         if code != protocol.OK:
             self._finish(conn, code, "")
             return
-        self._record(code, conn.ref, conn.peer, hello, "")
+        self._attempts.record(code, conn.ref, conn.peer, hello, "")
         self._slots.release(conn)
         if st.pending.job:
             conn.state = JOB
@@ -486,7 +485,7 @@ class CallbackListener:
     def _finish(self, conn: Conn, code: str, detail: str, *, send: bool = True) -> None:
         """End a handshake that failed: log it, tell the peer only ``no`` and its ref. If it
         named a pending step, the step keeps it as detail; it decides nothing."""
-        self._record(code, conn.ref, conn.peer, conn.hello or None, detail)
+        self._attempts.record(code, conn.ref, conn.peer, conn.hello or None, detail)
         st = conn.step or conn.named
         if st is not None and code != protocol.DUPLICATE:
             with self._lock:
@@ -498,40 +497,6 @@ class CallbackListener:
             self._send(conn, protocol.make_no(conn.ref))
         else:
             self._drop(conn)
-
-    def _record(
-        self,
-        code: str,
-        ref: str,
-        peer: tuple[str, int],
-        hello: dict[str, Any] | None,
-        detail: str,
-    ) -> None:
-        with self._lock:
-            self.attempts[code] += 1
-        if code != protocol.OK:
-            self._refusals.count(code, peer[0])
-        # Only validated hello fields (safe charsets) reach the log; never keys or nonces.
-        # INFO (rex -vv): anyone who can connect makes these lines; _summarize warns.
-        step = hello["step"] if hello else "-"
-        triple = hello["triple"] if hello else "-"
-        self._log.info(
-            "callback %s ref=%s peer=%s:%d step=%s triple=%s%s",
-            code,
-            ref,
-            peer[0],
-            peer[1],
-            step,
-            triple,
-            f" ({detail})" if detail else "",
-        )
-
-    def _refuse(self, peer: tuple[str, int], why: str) -> None:
-        """A connection closed for want of a slot (BUSY): counted, summed up, no line."""
-        with self._lock:
-            self.attempts[protocol.BUSY] += 1
-        self._refusals.count(f"{protocol.BUSY} ({why})", peer[0])
-        self._log.debug("callback %s peer=%s:%d (%s)", protocol.BUSY, peer[0], peer[1], why)
 
     def _send(self, conn: Conn, msg: dict[str, Any]) -> None:
         conn.out += protocol.encode_frame(msg)

@@ -1,11 +1,12 @@
-"""A listener's connections and its handshake slots: the limits per peer address and in all,
-eviction, and the periodic summary of refused and failed connections."""
+"""A listener's connections, its handshake slots (the limits per peer address and in all,
+eviction) and its account of attempts (counts, log lines, the summary of refusals)."""
 
 from __future__ import annotations
 
 import logging
 import secrets
 import socket
+import threading
 from collections import Counter
 from typing import Any
 
@@ -144,23 +145,64 @@ class Slots:
         self._used -= 1
 
 
-class Refusals:
-    """Refused and failed connections, counted and summed up in one WARNING line at most
-    every ``report_every`` seconds (listener thread only)."""
+class Attempts:
+    """Every attempt's result, counted by code (``counts``, under the listener's lock) and
+    logged: an INFO line with its ref, a DEBUG line for a refusal; what was refused or failed
+    is summed up in one WARNING line at most every ``report_every`` seconds."""
 
-    def __init__(self, log: logging.Logger, report_every: float, now: float) -> None:
+    def __init__(
+        self, log: logging.Logger, lock: threading.Lock, report_every: float, now: float
+    ) -> None:
+        self.counts: Counter[str] = Counter()
         self._log = log
+        self._lock = lock
         self._report_every = report_every
+        # refused and failed connections since the last summary line (listener thread only)
         self._tally: Counter[str] = Counter()
         self._sources: Counter[str] = Counter()
         self._reported = now
         self._next_report = now  # the first refusal is reported at once
 
+    def record(
+        self,
+        code: str,
+        ref: str,
+        peer: tuple[str, int],
+        hello: dict[str, Any] | None,
+        detail: str,
+    ) -> None:
+        """A handshake ended with ``code``."""
+        with self._lock:
+            self.counts[code] += 1
+        if code != protocol.OK:
+            self._count(code, peer[0])
+        # Only validated hello fields (safe charsets) reach the log; never keys or nonces.
+        # INFO (rex -vv): anyone who can connect makes these lines; summarize warns.
+        step = hello["step"] if hello else "-"
+        triple = hello["triple"] if hello else "-"
+        self._log.info(
+            "callback %s ref=%s peer=%s:%d step=%s triple=%s%s",
+            code,
+            ref,
+            peer[0],
+            peer[1],
+            step,
+            triple,
+            f" ({detail})" if detail else "",
+        )
+
+    def refuse(self, peer: tuple[str, int], why: str) -> None:
+        """A connection closed for want of a slot (BUSY): counted, summed up, no line."""
+        with self._lock:
+            self.counts[protocol.BUSY] += 1
+        self._count(f"{protocol.BUSY} ({why})", peer[0])
+        self._log.debug("callback %s peer=%s:%d (%s)", protocol.BUSY, peer[0], peer[1], why)
+
     def due(self) -> float | None:
         """When the next summary line is due; None while there is nothing to report."""
         return self._next_report if self._tally else None
 
-    def count(self, what: str, source: str) -> None:
+    def _count(self, what: str, source: str) -> None:
         self._tally[what] += 1
         if source in self._sources or len(self._sources) < KEPT_SOURCES:
             self._sources[source] += 1
