@@ -52,7 +52,7 @@ from rexplan.remote import (
 from rexplan.transport import persist as mux
 from rexplan.transport.ssh import Gate, Result, Transport, TransportPool
 from rexplan.trust.keys import KeyInfo, KeyStore
-from rexplan.wire import protocol
+from rexplan.wire import chars, codes, handshake, keyfile, launch
 
 #: reasons that mean "who you are was not accepted": exit code 6
 AUTH_REASONS = frozenset({"auth", "host_key", "no_key", "key_insecure", "bad_proof", "rejected"})
@@ -533,7 +533,7 @@ class Executor:
         """Register ``step`` with the listener under a fresh launch nonce and return its launch
         line (the nonce travels only in it); ``unchanged``: an instance of the same spec that
         runs is proven to the listener (protocol ``same``) rather than refused."""
-        nl = protocol.new_nonce()
+        nl = handshake.new_nonce()
         self.listener.expect(
             PendingStep(
                 step_id=step.id,
@@ -545,11 +545,11 @@ class Executor:
                 job=step.kind == "job",
             )
         )
-        return protocol.make_launch(
+        return launch.make_launch(
             **specs.launch_args(
                 step,
                 run=self.run_id,
-                key_path=protocol.key_relpath(info.host, info.user, info.program),
+                key_path=keyfile.key_relpath(info.host, info.user, info.program),
                 nl=nl,
                 callback=self.advertise(step.address),
                 replace=replacing,
@@ -596,11 +596,11 @@ class Executor:
         if verdict.ok:
             self._state(r, ev.READY, phase="ready", pid=verdict.pid, action=action)
             return None
-        if verdict.code == protocol.DECLINED:
+        if verdict.code == codes.DECLINED:
             detail = verdict.detail or "declined"
             self._state(r, ev.DECLINED, reason="declined", phase="start", detail=detail)
             return None
-        if verdict.code == protocol.UNCHANGED:
+        if verdict.code == codes.UNCHANGED:
             self._state(r, ev.UNCHANGED, pid=verdict.pid, action=specs.UNCHANGED)
             return None
         self.listener.cancel(step.id)
@@ -690,15 +690,15 @@ class Executor:
 
     def _ensure_local_copy(self, transport: Transport, info: KeyInfo, secret: bytes) -> None:
         """Local hosts read keys from REX_HOME/keys like any host; copy when it differs."""
-        rel = protocol.key_relpath(info.host, info.user, info.program)
+        rel = keyfile.key_relpath(info.host, info.user, info.program)
         path = f"{transport.rex_home()}/keys/{rel}"
         with self._lock_for(transport.host.name):
             # absent, unreadable, too long or malformed: written anew
-            with contextlib.suppress(OSError, protocol.KeyFormatError):
-                _, _, there = protocol.parse_key_file(transport.get(path, KEY_FILE_LIMIT))
-                if protocol.key_id(there) == info.key_id:
+            with contextlib.suppress(OSError, keyfile.KeyFormatError):
+                _, _, there = keyfile.parse_key_file(transport.get(path, KEY_FILE_LIMIT))
+                if keyfile.key_id(there) == info.key_id:
                     return
-            data = protocol.format_key_file(info.triple, info.created, secret)
+            data = keyfile.format_key_file(info.triple, info.created, secret)
             transport.put(data, path, 0o600)
 
     def _job_done(self, r: StepResult, pid: int | None) -> None:
@@ -830,7 +830,7 @@ class Executor:
         with contextlib.suppress(TransportError):
             transport.run(
                 launch_argv(python, "--kill"),
-                stdin=protocol.make_kill(self.run_id, step.id, step.stop_timeout),
+                stdin=launch.make_kill(self.run_id, step.id, step.stop_timeout),
                 timeout=step.stop_timeout + EXEC_SLACK,
             )
 
@@ -1151,7 +1151,7 @@ def _failure(
     if (
         diag.get("exit") == 15
         and isinstance(held, str)
-        and protocol.KEY_ID_RE.match(held)
+        and chars.KEY_ID_RE.match(held)
         and held != key_id
     ):
         detail = (
