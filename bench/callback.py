@@ -6,7 +6,7 @@ Usage: python3 bench/callback.py [--clients 1,16,64] [--reps 3] [--handshakes 30
 The listener (rexplan.engine.listener, one selector thread) runs in this process with --pending
 steps registered; the clients run in --procs worker processes (default: one per core, at
 most M), M / procs threads each, so their Python does not share the listener's GIL. A
-client builds its hello and resp with rexplan.wire.protocol exactly as the agent does, checks
+client builds its hello and resp with rexplan.wire exactly as the agent does, checks
 the listener's proof and the ok's MAC, and counts the handshake verified only then. Each
 repetition uses a fresh listener and fresh steps (a step verifies once); the steps' keys
 reach the workers over a pipe, never argv.
@@ -41,51 +41,61 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from rexplan.engine.listener import CallbackListener
 from rexplan.engine.pending import PendingStep
-from rexplan.wire import protocol
+from rexplan.wire import codes, frames, keyfile, messages
+from rexplan.wire.handshake import (
+    agent_proof,
+    direction_keys,
+    make_hello,
+    make_resp,
+    new_nonce,
+    transcript,
+    verify_launcher_proof,
+    verify_ok_mac,
+)
 
 # --- worker: M / procs client threads ------------------------------------------------------------
 
 
-def _recv(sock: socket.socket, reader: protocol.FrameReader, *expected: str) -> dict[str, Any]:
+def _recv(sock: socket.socket, reader: frames.FrameReader, *expected: str) -> dict[str, Any]:
     while True:
         data = sock.recv(reader.wanted())
         if not data:
             raise EOFError("listener closed")
         for msg in reader.feed(data):
-            return protocol.check_message(msg, *expected)
+            return messages.check_message(msg, *expected)
 
 
 def handshake(address: tuple[str, int], run: str, step: list[str]) -> bool:
     """One agent handshake, as rexplan/remote/agent.py's _handshake does it: True if verified."""
     step_id, triple, key_hex, nl_hex = step
     secret, nl = bytes.fromhex(key_hex), bytes.fromhex(nl_hex)
-    k_l, k_a = protocol.direction_keys(secret)
-    hello = protocol.make_hello(
+    k_l, k_a = direction_keys(secret)
+    hello = make_hello(
         run=run,
         step=step_id,
         triple=triple,
-        key_id=protocol.key_id(secret),
-        na=protocol.new_nonce(),
+        key_id=keyfile.key_id(secret),
+        na=new_nonce(),
         pid=os.getpid(),
         pgid=os.getpid(),
         start="1",
     )
-    t = protocol.transcript(hello)
-    reader = protocol.FrameReader()
+    t = transcript(hello)
+    reader = frames.FrameReader()
     with socket.create_connection(address, timeout=30) as sock:
-        sock.sendall(protocol.encode_frame(hello))
+        sock.sendall(frames.encode_frame(hello))
         chal = _recv(sock, reader, "chal", "no")
         if chal["t"] == "no":
             return False
         ns, lp = bytes.fromhex(chal["ns"]), bytes.fromhex(chal["lp"])
-        if not protocol.verify_launcher_proof(k_l, t, ns, nl, lp):
+        if not verify_launcher_proof(k_l, t, ns, nl, lp):
             return False
-        ap = protocol.agent_proof(k_a, t, ns, nl, lp)
-        sock.sendall(protocol.encode_frame(protocol.make_resp(ap)))
+        ap = agent_proof(k_a, t, ns, nl, lp)
+        sock.sendall(frames.encode_frame(make_resp(ap)))
         verdict = _recv(sock, reader, "ok", "no")
         if verdict["t"] == "no":
             return False
-        return protocol.verify_ok_mac(k_l, t, ns, nl, ap, bytes.fromhex(verdict["mac"]))
+        return verify_ok_mac(k_l, t, ns, nl, ap, bytes.fromhex(verdict["mac"]))
 
 
 def worker() -> int:
@@ -101,7 +111,7 @@ def worker() -> int:
         for step in mine:
             try:
                 key = "verified" if handshake(address, job["run"], step) else "refused"
-            except (OSError, EOFError, protocol.FrameError):
+            except (OSError, EOFError, codes.FrameError):
                 key = "errors"
             with lock:
                 counts[key] += 1
@@ -198,7 +208,7 @@ def one_run(
                     proc.kill()
                 proc.wait()
     verified = totals["verified"]
-    if verified != handshakes or lis.attempts[protocol.OK] != handshakes:
+    if verified != handshakes or lis.attempts[codes.OK] != handshakes:
         raise SystemExit(f"only {verified} of {handshakes} verified: {totals}")
     return {
         "rate": verified / wall,

@@ -34,7 +34,9 @@ from rexplan.engine import callback, slots
 from rexplan.engine.listener import CallbackListener
 from rexplan.engine.pending import PendingStep
 from rexplan.remote import agent as agent_module
-from rexplan.wire import protocol
+from rexplan.wire import codes, handshake, keyfile
+from rexplan.wire.frames import MAX_FRAME, FrameReader, decode_frame, encode_frame
+from rexplan.wire.launch import make_launch, parse_launch
 
 PACKAGE = Path(__file__).resolve().parent.parent / "rexplan"
 TRIPLE = "h1.alice.app"
@@ -93,7 +95,7 @@ def launch_line(run: str, step: PendingStep, callback: tuple[str, int], **over: 
         "log": "app",
     }
     args.update(over)
-    return protocol.make_launch(**args)
+    return make_launch(**args)
 
 
 @dataclass
@@ -114,7 +116,7 @@ class AgentHost:
         self.home.chmod(0o700)
         (self.home / "keys").chmod(0o700)
         (self.home / "keys" / "h1").chmod(0o700)
-        key.write_bytes(protocol.format_key_file(TRIPLE, "2026-01-01", self.secret))
+        key.write_bytes(keyfile.format_key_file(TRIPLE, "2026-01-01", self.secret))
         key.chmod(0o600)
         self.bundle = self.tmp / "agent.py"
         self.bundle.write_bytes(remote.bundle())
@@ -348,14 +350,14 @@ PID, START = 4242, "99"
 
 def agent_handshake(lis: CallbackListener, step: PendingStep, key: bytes, via: Any) -> str:
     """The real agent's handshake over ``via``; what became of it, as a word."""
-    launch = protocol.parse_launch(launch_line(lis.run_id, step, via))
+    launch = parse_launch(launch_line(lis.run_id, step, via))
     try:
         agent_module._handshake(launch, key, PID, START, time.monotonic() + AGENT_DEADLINE)
     except agent_module.Failure as exc:
         return f"failure-{exc.code}"
     except agent_module._Retry:
         return "retry"
-    except protocol.FrameError as exc:
+    except codes.FrameError as exc:
         return f"frame-{exc.code}"
     except TimeoutError:
         return "timeout"
@@ -383,8 +385,8 @@ def flipped(frame: bytes, byte: int, bit: int) -> bytes:
 def same_message(original: bytes, changed: bytes) -> bool:
     """A flip that leaves the decoded message equal is no attack (none is expected)."""
     try:
-        return protocol.decode_frame(original) == protocol.decode_frame(changed)
-    except protocol.FrameError:
+        return decode_frame(original) == decode_frame(changed)
+    except codes.FrameError:
         return False
 
 
@@ -423,7 +425,7 @@ def test_a_bit_flipped_in_any_frame_never_verifies(lis: CallbackListener) -> Non
         # the listener decides on resp; only the ok that follows can still be damaged
         assert verified == (name == "ok"), f"{name} byte {byte} bit {bit}: verified={verified}"
     assert {n: len(v) for n, v in by_frame.items()} == dict.fromkeys(FRAMES, PER_FRAME)
-    assert lis.attempts[protocol.OK] == 1 + PER_FRAME
+    assert lis.attempts[codes.OK] == 1 + PER_FRAME
 
 
 @pytest.mark.parametrize("name", sorted(FRAMES))
@@ -451,10 +453,10 @@ def test_recorded_handshake_replayed_never_verifies(host: AgentHost, lis: Callba
         hello, resp = proxy.frames(fp.UP)
         replies = fp.replay(lis.address, [hello, resp])
         report = host.finish(front)
-    assert [protocol.decode_frame(f)["t"] for f in replies] == ["chal", "no"]
-    assert lis.attempts[protocol.BAD_PROOF] == 1
+    assert [decode_frame(f)["t"] for f in replies] == ["chal", "no"]
+    assert lis.attempts[codes.BAD_PROOF] == 1
     verdict = lis.wait(pending.step_id, 0)  # the replay decided nothing: the deadline does
-    assert (verdict.ok, verdict.code) == (False, protocol.TIMEOUT)
+    assert (verdict.ok, verdict.code) == (False, codes.TIMEOUT)
     assert verdict.detail is not None and "a proof that did not verify" in verdict.detail
     assert report["code"] in (agent_module.EXIT_REJECTED, agent_module.EXIT_NO_CALLBACK)
     assert not alive(report["pid"])
@@ -467,7 +469,7 @@ def test_recorded_handshake_replayed_never_verifies(host: AgentHost, lis: Callba
         hello, resp = proxy.frames(fp.UP)
     assert report["code"] == 0, report
     replies = fp.replay(lis.address, [hello, resp])
-    assert [protocol.decode_frame(f)["t"] for f in replies] == ["no"]
+    assert [decode_frame(f)["t"] for f in replies] == ["no"]
     stop_program(report["pid"])
 
     # against a new run of the same manifest (same step, same key, fresh nl): another run id
@@ -477,37 +479,37 @@ def test_recorded_handshake_replayed_never_verifies(host: AgentHost, lis: Callba
             again = PendingStep.create(done.step_id, TRIPLE, host.secret, 30)
             new.expect(again)
             replies = fp.replay(new.address, [hello, resp])
-            assert protocol.decode_frame(replies[-1])["t"] == "no"
+            assert decode_frame(replies[-1])["t"] == "no"
             verdict = new.wait(again.step_id, 0)
             assert not verdict.ok
-            assert set(new.attempts) <= {protocol.UNKNOWN_STEP, protocol.BAD_PROOF}
-    assert lis.attempts[protocol.OK] == 1
-    assert lis.attempts[protocol.DUPLICATE] == 1
+            assert set(new.attempts) <= {codes.UNKNOWN_STEP, codes.BAD_PROOF}
+    assert lis.attempts[codes.OK] == 1
+    assert lis.attempts[codes.DUPLICATE] == 1
 
 
 def test_reflected_launcher_proof_is_not_an_agent_proof(lis: CallbackListener) -> None:
     key = os.urandom(32)
     step = PendingStep.create("mirror@h1", TRIPLE, key, 30)
     lis.expect(step)
-    hello = protocol.make_hello(
+    hello = handshake.make_hello(
         run=lis.run_id,
         step=step.step_id,
         triple=TRIPLE,
-        key_id=protocol.key_id(key),
-        na=protocol.new_nonce(),
+        key_id=keyfile.key_id(key),
+        na=handshake.new_nonce(),
         pid=PID,
         pgid=PID,
         start=START,
     )
     with socket.create_connection(lis.address, timeout=5) as conn:
-        conn.sendall(protocol.encode_frame(hello))
-        reader = protocol.FrameReader()
+        conn.sendall(encode_frame(hello))
+        reader = FrameReader()
         (chal,) = reader.feed(recv_frame(conn))
         # the attacker has no key: it reflects the listener's own lp as its ap
-        conn.sendall(protocol.encode_frame(protocol.make_resp(bytes.fromhex(chal["lp"]))))
+        conn.sendall(encode_frame(handshake.make_resp(bytes.fromhex(chal["lp"]))))
         (reply,) = reader.feed(recv_frame(conn))
     assert reply["t"] == "no"
-    assert lis.attempts[protocol.BAD_PROOF] == 1
+    assert lis.attempts[codes.BAD_PROOF] == 1
     assert not lis.wait(step.step_id, 0).ok
 
     # reflecting the whole chal frame back is out of order
@@ -515,11 +517,11 @@ def test_reflected_launcher_proof_is_not_an_agent_proof(lis: CallbackListener) -
     lis.expect(other)
     hello = {**hello, "step": other.step_id}
     with socket.create_connection(lis.address, timeout=5) as conn:
-        conn.sendall(protocol.encode_frame(hello))
+        conn.sendall(encode_frame(hello))
         chal_frame = recv_frame(conn)
         conn.sendall(chal_frame)
-        assert protocol.decode_frame(recv_frame(conn))["t"] == "no"
-    assert lis.attempts[protocol.OUT_OF_ORDER] == 1
+        assert decode_frame(recv_frame(conn))["t"] == "no"
+    assert lis.attempts[codes.OUT_OF_ORDER] == 1
     assert not lis.wait(other.step_id, 0).ok
 
 
@@ -538,9 +540,9 @@ def recv_frame(conn: socket.socket) -> bytes:
 @pytest.mark.parametrize(
     ("forged", "before"),
     [
-        pytest.param(protocol.make_ok(bytes(32)), 0, id="ok-before-chal"),
-        pytest.param(protocol.make_ok(bytes(32)), 1, id="forged-ok"),
-        pytest.param(protocol.make_chal(bytes(16), bytes(32)), 0, id="forged-chal"),
+        pytest.param(handshake.make_ok(bytes(32)), 0, id="ok-before-chal"),
+        pytest.param(handshake.make_ok(bytes(32)), 1, id="forged-ok"),
+        pytest.param(handshake.make_chal(bytes(16), bytes(32)), 0, id="forged-chal"),
     ],
 )
 def test_injected_frames_are_never_accepted(
@@ -549,7 +551,7 @@ def test_injected_frames_are_never_accepted(
     key = os.urandom(32)
     step = PendingStep.create(f"inject{before}@h1", TRIPLE, key, 30)
     lis.expect(step)
-    fault = fp.inject(protocol.encode_frame(forged), fp.DOWN, before=before)
+    fault = fp.inject(encode_frame(forged), fp.DOWN, before=before)
     with fp.proxied(lis.address, fault) as proxy:
         outcome = agent_handshake(lis, step, key, proxy.address)
     assert outcome != "accepted"
@@ -570,7 +572,7 @@ def test_stale_agent_from_an_earlier_run_is_refused(host: AgentHost, tmp_path: P
         report = host.finish(stale)
         assert report["code"] == agent_module.EXIT_REJECTED, report
         assert not alive(report["pid"])
-        assert second.attempts == {protocol.UNKNOWN_STEP: 1}
+        assert second.attempts == {codes.UNKNOWN_STEP: 1}
         fresh = host.run(launch_line(second.run_id, new, second.address, log="new"))
         assert fresh["code"] == 0, fresh
         assert second.wait(new.step_id, 0).ok
@@ -581,12 +583,12 @@ def test_stale_agent_from_an_earlier_run_is_refused(host: AgentHost, tmp_path: P
 
 
 def good_hello(lis: CallbackListener, step: PendingStep) -> dict[str, Any]:
-    return protocol.make_hello(
+    return handshake.make_hello(
         run=lis.run_id,
         step=step.step_id,
         triple=step.triple,
         key_id=step.key_id,
-        na=protocol.new_nonce(),
+        na=handshake.new_nonce(),
         pid=PID,
         pgid=PID,
         start=START,
@@ -602,15 +604,15 @@ HELLO_TEXT = (
 @pytest.mark.parametrize(
     ("name", "code"),
     [
-        ("truncated-then-close", protocol.CLOSED),
-        ("truncated-then-silence", protocol.TIMEOUT),
-        ("not-utf8", protocol.MALFORMED),
-        ("duplicate-key", protocol.MALFORMED),
-        ("wrong-version", protocol.VERSION_MISMATCH),
-        ("hello-twice", protocol.OUT_OF_ORDER),
-        ("ok-from-agent", protocol.OUT_OF_ORDER),
-        ("chal-from-agent", protocol.OUT_OF_ORDER),
-        ("no-from-agent", protocol.OUT_OF_ORDER),
+        ("truncated-then-close", codes.CLOSED),
+        ("truncated-then-silence", codes.TIMEOUT),
+        ("not-utf8", codes.MALFORMED),
+        ("duplicate-key", codes.MALFORMED),
+        ("wrong-version", codes.VERSION_MISMATCH),
+        ("hello-twice", codes.OUT_OF_ORDER),
+        ("ok-from-agent", codes.OUT_OF_ORDER),
+        ("chal-from-agent", codes.OUT_OF_ORDER),
+        ("no-from-agent", codes.OUT_OF_ORDER),
     ],
 )
 def test_listener_refuses_malformed_frames(lis: CallbackListener, name: str, code: str) -> None:
@@ -619,33 +621,33 @@ def test_listener_refuses_malformed_frames(lis: CallbackListener, name: str, cod
     hello = good_hello(lis, step)
     text = HELLO_TEXT.replace(b'"R"', f'"{lis.run_id}"'.encode()).replace(b'"S"', b'"m@h1"')
     text = text.replace(b'"K"', f'"{step.key_id}"'.encode())
-    assert protocol.decode_frame(fp.frame(text)) == hello | {"na": "0" * 32}
+    assert decode_frame(fp.frame(text)) == hello | {"na": "0" * 32}
     frames = {
         "truncated-then-close": fp.frame(text)[:-10],
         "truncated-then-silence": fp.frame(text)[:-10],
         "not-utf8": fp.frame(text.replace(b'"99"', b'"\xff9"')),
         "duplicate-key": fp.frame(text[:-1] + b',"pid":4243}'),
         "wrong-version": fp.frame(text.replace(b"rex-cb/1", b"rex-cb/2")),
-        "hello-twice": protocol.encode_frame(hello) * 2,
-        "ok-from-agent": protocol.encode_frame(protocol.make_ok(bytes(32))),
-        "chal-from-agent": protocol.encode_frame(protocol.make_chal(bytes(16), bytes(32))),
-        "no-from-agent": protocol.encode_frame(protocol.make_no("abc")),
+        "hello-twice": encode_frame(hello) * 2,
+        "ok-from-agent": encode_frame(handshake.make_ok(bytes(32))),
+        "chal-from-agent": encode_frame(handshake.make_chal(bytes(16), bytes(32))),
+        "no-from-agent": encode_frame(handshake.make_no("abc")),
     }
     with socket.create_connection(lis.address, timeout=5) as conn:
         conn.sendall(frames[name])
         if name == "truncated-then-close":
             conn.shutdown(socket.SHUT_WR)
         got = recv_all(conn, 3)
-    types = [m["t"] for m in protocol.FrameReader().feed(got)]
+    types = [m["t"] for m in FrameReader().feed(got)]
     # no verdict when it closed, or when its hello never completed (nothing was claimed)
-    assert types[-1:] == ([] if code in (protocol.CLOSED, protocol.TIMEOUT) else ["no"])
+    assert types[-1:] == ([] if code in (codes.CLOSED, codes.TIMEOUT) else ["no"])
     assert lis.attempts == {code: 1}
     assert not lis.wait(step.step_id, 0).ok
 
 
 ROGUE_REPLIES = {
     "zero-length": b"\0\0\0\0",
-    "oversize": (protocol.MAX_FRAME + 1).to_bytes(4, "big") + b"{" * 64,
+    "oversize": (MAX_FRAME + 1).to_bytes(4, "big") + b"{" * 64,
     "truncated": fp.frame(b'{"t":"chal","ns":"00"')[:-3],
     "not-utf8": fp.frame(b'{"t":"chal","ns":"\xff","lp":"00"}'),
     "duplicate-key": fp.frame(
@@ -661,8 +663,8 @@ ROGUE_REPLIES = {
         b'{"t":"chal","v":"rex-cb/2","ns":"' + b"0" * 32 + b'","lp":"' + b"0" * 64 + b'"}'
     ),
     "reflected-hello": b"",  # the agent's own hello sent back to it
-    "resp": protocol.encode_frame(protocol.make_resp(bytes(32))),
-    "ok-first": protocol.encode_frame(protocol.make_ok(bytes(32))),
+    "resp": encode_frame(handshake.make_resp(bytes(32))),
+    "ok-first": encode_frame(handshake.make_ok(bytes(32))),
     "nan": fp.frame(b'{"t":"chal","ns":NaN,"lp":"00"}'),
 }
 
@@ -712,7 +714,7 @@ def test_floods_do_not_stop_a_real_handshake_and_fds_come_back(
 
         def drip() -> None:
             # 1 byte per connection every 0.5 s: a hello that never completes in time
-            data = protocol.encode_frame(good_hello(lis, step))
+            data = encode_frame(good_hello(lis, step))
             while not stop.wait(0.5):
                 for sock in slow:
                     with contextlib.suppress(OSError):
@@ -749,7 +751,7 @@ def test_floods_do_not_stop_a_real_handshake_and_fds_come_back(
         stop_program(report["pid"])
         # 200 slow hellos time out, 500 closes are CLOSED (or BUSY when over the cap)
         assert wait_for(lambda: sum(lis.attempts.values()) >= 1 + 200 + 500, 10), lis.attempts
-        assert lis.attempts[protocol.OK] == 1
+        assert lis.attempts[codes.OK] == 1
         assert wait_for(lambda: open_fds() == listening, 10), (open_fds(), listening)
     assert wait_for(lambda: open_fds() == baseline, 5), (open_fds(), baseline)
 
@@ -845,7 +847,7 @@ def test_a_flood_of_idle_and_slowloris_connections_does_not_delay_a_real_launch(
     started = time.monotonic()
     with CallbackListener() as lis:
         step = host.step(lis, "real@h1")
-        data = protocol.encode_frame(good_hello(lis, step))
+        data = encode_frame(good_hello(lis, step))
         with Flood(lis.address, data, refill=250) as flood:
             assert wait_for(lambda: flood.opened >= 2000, 30), flood.opened
             time.sleep(slots.HELLO_TIMEOUT + 0.5)  # every slot taken, some turned over
@@ -859,8 +861,8 @@ def test_a_flood_of_idle_and_slowloris_connections_does_not_delay_a_real_launch(
         assert verdict.ok and verdict.pid == report["pid"]
         assert took < FLOODED["callback"], took  # verified before its callback deadline
         stop_program(report["pid"])
-        refused = lis.attempts[protocol.BUSY]
-        failed = sum(lis.attempts.values()) - lis.attempts[protocol.OK]
+        refused = lis.attempts[codes.BUSY]
+        failed = sum(lis.attempts.values()) - lis.attempts[codes.OK]
         assert refused > 2000 and flood.opened > 2000
     elapsed = time.monotonic() - started
     # no line per refusal: one summary per REPORT_EVERY seconds at most (the first at once,
@@ -885,12 +887,12 @@ def test_the_real_agent_verifies_while_forgers_claim_its_step(host: AgentHost) -
             while not stop.is_set():
                 key = os.urandom(32)
                 wrong = len(forged) % 2 == 0
-                hello = protocol.make_hello(
+                hello = handshake.make_hello(
                     run=lis.run_id,
                     step=step.step_id,
                     triple=TRIPLE,
-                    key_id=protocol.key_id(key) if wrong else step.key_id,
-                    na=protocol.new_nonce(),
+                    key_id=keyfile.key_id(key) if wrong else step.key_id,
+                    na=handshake.new_nonce(),
                     pid=PID,
                     pgid=PID,
                     start=START,
@@ -901,11 +903,11 @@ def test_the_real_agent_verifies_while_forgers_claim_its_step(host: AgentHost) -
                         lis.address, timeout=5, source_address=(source, 0)
                     ) as conn,
                 ):
-                    conn.sendall(protocol.encode_frame(hello))
-                    reply = protocol.decode_frame(recv_frame(conn))
+                    conn.sendall(encode_frame(hello))
+                    reply = decode_frame(recv_frame(conn))
                     if reply["t"] == "chal":
-                        conn.sendall(protocol.encode_frame(protocol.make_resp(os.urandom(32))))
-                        reply = protocol.decode_frame(recv_frame(conn))
+                        conn.sendall(encode_frame(handshake.make_resp(os.urandom(32))))
+                        reply = decode_frame(recv_frame(conn))
                     forged.append(str(reply["t"]))
 
         threads = [threading.Thread(target=forger, args=(f"127.0.0.{5 + i}",)) for i in range(3)]
@@ -922,8 +924,8 @@ def test_the_real_agent_verifies_while_forgers_claim_its_step(host: AgentHost) -
         verdict = lis.wait(step.step_id, 0)
         assert verdict.ok and verdict.pid == report["pid"]
         assert set(forged) == {"no"} and len(forged) >= 30
-        assert lis.attempts[protocol.OK] == 1
-        assert lis.attempts[protocol.WRONG_KEY] >= 15 and lis.attempts[protocol.BAD_PROOF] >= 1
+        assert lis.attempts[codes.OK] == 1
+        assert lis.attempts[codes.WRONG_KEY] >= 15 and lis.attempts[codes.BAD_PROOF] >= 1
         stop_program(report["pid"])
 
 
@@ -935,10 +937,10 @@ def test_an_agent_with_another_key_is_refused_names_its_key_and_kills_its_progra
         lis.expect(step)
         report = host.run(launch_line(lis.run_id, step, lis.address))
         assert report["code"] == agent_module.EXIT_REJECTED, report
-        assert report["key_id"] == protocol.key_id(host.secret) != step.key_id
+        assert report["key_id"] == keyfile.key_id(host.secret) != step.key_id
         assert not alive(report["pid"])
         verdict = lis.wait(step.step_id, 0)  # nothing decided it: a key_id is a public claim
-        assert verdict.code == protocol.TIMEOUT and verdict.detail is not None
+        assert verdict.code == codes.TIMEOUT and verdict.detail is not None
         assert f"wrong key_id {report['key_id']} (expected {step.key_id})" in verdict.detail
 
 
@@ -1028,7 +1030,7 @@ def test_every_mac_comparison_in_rexplan_uses_compare_digest() -> None:
     ]
     assert offenders == [], "compare secrets with compare_digest: " + ", ".join(offenders)
     # and the verifiers themselves compare with it
-    tree = ast.parse((PACKAGE / "wire" / "protocol.py").read_text())
+    tree = ast.parse((PACKAGE / "wire" / "handshake.py").read_text())
     verifiers = [
         f for f in tree.body if isinstance(f, ast.FunctionDef) and f.name.startswith("verify_")
     ]

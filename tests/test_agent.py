@@ -24,7 +24,8 @@ from rexplan import remote
 from rexplan.engine.listener import CallbackListener
 from rexplan.engine.pending import PendingStep
 from rexplan.remote import agent as agent_module
-from rexplan.wire import protocol
+from rexplan.wire import codes, frames, handshake, keyfile
+from rexplan.wire.launch import make_kill, make_launch, parse_launch, spec_digest
 
 PY = sys.executable
 TRIPLE = "h1.alice.app"
@@ -103,7 +104,7 @@ class Rig:
     ) -> Path:
         path = self.home / "keys" / rel
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        path.write_bytes(protocol.format_key_file(triple, "2026-01-01", secret or self.secret))
+        path.write_bytes(keyfile.format_key_file(triple, "2026-01-01", secret or self.secret))
         path.chmod(0o600)
         return path
 
@@ -125,7 +126,7 @@ class Rig:
             "log": "app",
         }
         args.update(over)
-        return protocol.make_launch(**args), step
+        return make_launch(**args), step
 
     def run(self, cmd: list[str], stdin: bytes, timeout: float = 20) -> Result:
         env = {"REX_HOME": str(self.home), "PATH": os.environ.get("PATH", "/usr/bin:/bin")}
@@ -202,7 +203,7 @@ def test_verified_service_runs_under_its_supervisor(rig: Rig) -> None:
     running = state(rig)
     assert running["state"] == "running" and running["pid"] == pid
     assert running["start"] == verdict.start == agent_module.start_time(pid)
-    assert running["spec"] == protocol.spec_digest(protocol.parse_launch(line))
+    assert running["spec"] == spec_digest(parse_launch(line))
     assert (rig.home / "logs").stat().st_mode & 0o777 == 0o700
     stop(pid)
     assert wait_for(lambda: state(rig)["state"] == "exited")
@@ -274,11 +275,11 @@ def test_rogue_listener_gets_no_response_and_the_program_dies(rig: Rig) -> None:
         conn, _ = server.accept()
         with conn:
             conn.settimeout(10)
-            reader = protocol.FrameReader()
+            reader = frames.FrameReader()
             while not reader.feed(conn.recv(reader.wanted())):
                 pass
-            fake = protocol.make_chal(protocol.new_nonce(), os.urandom(32))
-            conn.sendall(protocol.encode_frame(fake))
+            fake = handshake.make_chal(handshake.new_nonce(), os.urandom(32))
+            conn.sendall(frames.encode_frame(fake))
             while data := conn.recv(4096):
                 after_chal.append(data)
 
@@ -301,8 +302,8 @@ def test_agent_with_a_different_key_is_rejected_and_its_program_dies(rig: Rig) -
     # the report, over SSH for a launcher, names the key the agent holds: not the step's
     assert result.report["key_id"] != step.key_id
     assert not alive(result.report["pid"])
-    assert rig.lis.attempts == {protocol.WRONG_KEY: 1}  # a public claim: it decided nothing
-    assert rig.lis.wait(step.step_id, 0).code == protocol.TIMEOUT
+    assert rig.lis.attempts == {codes.WRONG_KEY: 1}  # a public claim: it decided nothing
+    assert rig.lis.wait(step.step_id, 0).code == codes.TIMEOUT
 
 
 def _insecure(rig: Rig, how: str) -> None:
@@ -452,7 +453,7 @@ def test_kill_mode_ends_the_step_by_its_tags(rig: Rig) -> None:
     assert result.code == 0, result
     assert len(tagged(rig.lis.run_id)) >= 2
     kill = [PY, "-I", "-S", str(rig.bundle), "--kill"]  # the run id goes on stdin only
-    other = rig.run(kill, protocol.make_kill(rig.lis.run_id, "other@h1", 1))
+    other = rig.run(kill, make_kill(rig.lis.run_id, "other@h1", 1))
     assert other.report == {"ok": True, "killed": []}
     # the old form, with the run id in argv (anyone's to read in ps), is refused
     old = rig.run([*kill, rig.lis.run_id, STEP], b"")
@@ -461,7 +462,7 @@ def test_kill_mode_ends_the_step_by_its_tags(rig: Rig) -> None:
     garbled = rig.run(kill, b'{"run": "x"}\n')
     assert garbled.code == agent_module.EXIT_BAD_LAUNCH
     assert "--kill needs" in garbled.report["reason"]
-    killed = rig.run(kill, protocol.make_kill(rig.lis.run_id, STEP, 1))
+    killed = rig.run(kill, make_kill(rig.lis.run_id, STEP, 1))
     assert killed.report == {"ok": True, "killed": [result.report["pid"]]}
     assert tagged(rig.lis.run_id) == []
     assert wait_for(lambda: state(rig)["state"] == "exited")
@@ -605,12 +606,14 @@ def test_agent_file_keeps_its_compiled_code_and_the_stub_runs_it(rig: Rig) -> No
     first = subprocess.run([PY, "-I", "-S", str(agent)], input=b"", capture_output=True, env=env)
     assert first.returncode == agent_module.EXIT_BAD_LAUNCH  # no launch line: nothing started
     assert cache.stat().st_mode & 0o777 == 0o600
-    sha, (protocol_code, agent_code) = marshal.loads(cache.read_bytes())
-    assert agent_code.co_filename.endswith("rexplan/remote/agent.py") and len(sha) == 64
+    sha, codes = marshal.loads(cache.read_bytes())
+    name, agent_code = codes[-1]  # the wire modules' code, then the agent's
+    assert name == "rexplan.remote.agent" and len(sha) == 64
+    assert agent_code.co_filename.endswith("rexplan/remote/agent.py")
 
     # the stub takes the agent's code from the cache: a stand-in there is what runs
     stand_in = compile("def main():\n    print('from the cache')\n    return 0\n", "x", "exec")
-    cache.write_bytes(marshal.dumps((sha, (protocol_code, stand_in))))
+    cache.write_bytes(marshal.dumps((sha, (*codes[:-1], (name, stand_in)))))
     ran = stub()
     assert ran.returncode == 0 and ran.stdout.endswith(b"from the cache\n"), ran
 

@@ -24,7 +24,7 @@ from rexplan.cli.rex import main
 from rexplan.cli.rex_key import main as rex_key
 from rexplan.remote import bundle_sha
 from rexplan.transport.ssh import SSHTransport
-from rexplan.wire import protocol
+from rexplan.wire import keyfile
 
 Hosts = Callable[[int], list[RigHost]]
 REPO = Path(__file__).resolve().parent.parent
@@ -315,7 +315,7 @@ def test_never_ready_fails_and_its_group_is_gone(world: World, sshd_hosts: Hosts
 def key_id_of(world: World, host: str, program: str) -> str:
     """The key_id of the launcher's key for ``host``.<world user>.``program``."""
     path = world.keys / host / world.user / f"{program}.key"
-    return protocol.key_id(protocol.parse_key_file(path.read_bytes())[2])
+    return keyfile.key_id(keyfile.parse_key_file(path.read_bytes())[2])
 
 
 def test_wrong_key_on_one_host_fails_that_step_only(world: World, sshd_hosts: Hosts) -> None:

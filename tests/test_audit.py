@@ -24,7 +24,7 @@ from rexplan.transport.ssh import connect
 from rexplan.trust import audit
 from rexplan.trust.distribute import distribute
 from rexplan.trust.keys import KeyInfo, KeyStore
-from rexplan.wire.protocol import format_key_file, parse_key_file
+from rexplan.wire.keyfile import format_key_file, parse_key_file
 
 Hosts = Callable[[int], list[RigHost]]
 

@@ -22,7 +22,7 @@ import pytest
 
 from rexplan.engine.listener import CallbackListener
 from rexplan.engine.pending import CANCELLED, KEPT_REJECTIONS, PendingStep, Verdict
-from rexplan.wire import protocol
+from rexplan.wire import codes, frames, handshake, keyfile
 
 TRIPLE = "h1.alice.app"
 
@@ -34,7 +34,7 @@ class Client:
     def __init__(self, address: tuple[str, int], source: str | None = None) -> None:
         where = None if source is None else (source, 0)
         self.sock = socket.create_connection(address, timeout=5, source_address=where)
-        self.reader = protocol.FrameReader()
+        self.reader = frames.FrameReader()
 
     def send(self, data: bytes) -> None:
         self.sock.sendall(data)
@@ -68,30 +68,30 @@ class Agent:
             "run": lis.run_id,
             "step": step.step_id,
             "triple": step.triple,
-            "key_id": protocol.key_id(self.key),
-            "na": protocol.new_nonce(),
+            "key_id": keyfile.key_id(self.key),
+            "na": handshake.new_nonce(),
             "pid": 4242,
             "pgid": 4242,
             "start": "99",
         }
         fields.update(over)
-        self.hello = protocol.make_hello(**fields)
-        self.t = protocol.transcript(self.hello)
-        self.k_l, self.k_a = protocol.direction_keys(self.key)
+        self.hello = handshake.make_hello(**fields)
+        self.t = handshake.transcript(self.hello)
+        self.k_l, self.k_a = handshake.direction_keys(self.key)
 
     def resp_for(self, chal: dict[str, Any]) -> bytes:
         ns, lp = bytes.fromhex(chal["ns"]), bytes.fromhex(chal["lp"])
-        return protocol.encode_frame(protocol.make_resp(self.ap(ns, lp)))
+        return frames.encode_frame(handshake.make_resp(self.ap(ns, lp)))
 
     def ap(self, ns: bytes, lp: bytes) -> bytes:
-        return protocol.agent_proof(self.k_a, self.t, ns, self.nl, lp)
+        return handshake.agent_proof(self.k_a, self.t, ns, self.nl, lp)
 
     def run(
         self, hello_frame: bytes | None = None, source: str | None = None
     ) -> tuple[dict[str, Any] | None, Client]:
         """hello, then resp if challenged; returns the last message and the open connection."""
         conn = Client(self.lis.address, source)
-        conn.send(hello_frame or protocol.encode_frame(self.hello))
+        conn.send(hello_frame or frames.encode_frame(self.hello))
         chal = conn.recv()
         if chal is None or chal["t"] != "chal":
             return chal, conn
@@ -117,23 +117,23 @@ def test_good_agent_is_verified_and_can_check_the_ok(lis: CallbackListener) -> N
     step = pending(lis)
     agent = Agent(lis, step)
     conn = Client(lis.address)
-    conn.send(protocol.encode_frame(agent.hello))
+    conn.send(frames.encode_frame(agent.hello))
     chal = conn.recv()
     assert chal is not None and chal["t"] == "chal"
     ns, lp = bytes.fromhex(chal["ns"]), bytes.fromhex(chal["lp"])
-    assert protocol.verify_launcher_proof(agent.k_l, agent.t, ns, step.nl, lp)
+    assert handshake.verify_launcher_proof(agent.k_l, agent.t, ns, step.nl, lp)
     conn.send(agent.resp_for(chal))
     ok = conn.recv()
     assert ok is not None and ok["t"] == "ok"
     ap = agent.ap(ns, lp)
-    assert protocol.verify_ok_mac(agent.k_l, agent.t, ns, step.nl, ap, bytes.fromhex(ok["mac"]))
+    assert handshake.verify_ok_mac(agent.k_l, agent.t, ns, step.nl, ap, bytes.fromhex(ok["mac"]))
     assert conn.recv() is None
     conn.close()
     verdict = lis.wait(step.step_id, 5)
-    assert verdict.ok and verdict.code == protocol.OK
+    assert verdict.ok and verdict.code == codes.OK
     assert (verdict.pid, verdict.pgid, verdict.start) == (4242, 4242, "99")
     assert verdict.peer is not None and verdict.peer[0] == "127.0.0.1"
-    assert lis.attempts == {protocol.OK: 1}
+    assert lis.attempts == {codes.OK: 1}
 
 
 def verifies(lis: CallbackListener, step: PendingStep) -> bool:
@@ -149,7 +149,7 @@ def test_a_forged_proof_is_refused_and_decides_nothing(lis: CallbackListener) ->
     reply, conn = forger.run()
     conn.close()
     assert reply is not None and reply["t"] == "no"
-    assert lis.attempts == {protocol.BAD_PROOF: 1}
+    assert lis.attempts == {codes.BAD_PROOF: 1}
     assert verifies(lis, step)
 
 
@@ -158,18 +158,18 @@ def test_agent_with_another_key_is_refused_before_any_challenge(
 ) -> None:
     step = pending(lis)
     calls: list[int] = []
-    real = protocol.launcher_proof
+    real = handshake.launcher_proof
 
     def counting(*args: bytes) -> bytes:
         calls.append(1)
         return real(*args)
 
-    monkeypatch.setattr(protocol, "launcher_proof", counting)
+    monkeypatch.setattr(handshake, "launcher_proof", counting)
     reply, conn = Agent(lis, step, key=os.urandom(32)).run()
     conn.close()
     assert reply is not None and reply["t"] == "no"  # no chal: refused on the key_id alone
     assert calls == []
-    assert lis.attempts == {protocol.WRONG_KEY: 1}
+    assert lis.attempts == {codes.WRONG_KEY: 1}
     assert verifies(lis, step)  # key_id is public: the claim decides nothing
 
 
@@ -177,15 +177,15 @@ def test_a_forged_decline_is_refused_and_decides_nothing(lis: CallbackListener) 
     step = pending(lis)
     forger = Agent(lis, step, key=os.urandom(32), key_id=step.key_id)
     conn = Client(lis.address)
-    conn.send(protocol.encode_frame(forger.hello))
+    conn.send(frames.encode_frame(forger.hello))
     chal = conn.recv()
     assert chal is not None and chal["t"] == "chal"
     ns, lp = bytes.fromhex(chal["ns"]), bytes.fromhex(chal["lp"])
-    decl = protocol.make_decl(forger.k_a, forger.t, ns, step.nl, lp, "load too high")
-    conn.send(protocol.encode_frame(decl))
+    decl = handshake.make_decl(forger.k_a, forger.t, ns, step.nl, lp, "load too high")
+    conn.send(frames.encode_frame(decl))
     assert conn.recv() is None  # no verdict after a decl; closed
     conn.close()
-    assert lis.attempts == {protocol.BAD_PROOF: 1}
+    assert lis.attempts == {codes.BAD_PROOF: 1}
     assert verifies(lis, step)
 
 
@@ -200,12 +200,12 @@ def forge(lis: CallbackListener, step: PendingStep, kind: str, source: str | Non
             reply, conn = forger.run(source=source)
         else:
             conn = Client(lis.address, source)
-            conn.send(protocol.encode_frame(forger.hello))
+            conn.send(frames.encode_frame(forger.hello))
             reply = conn.recv()
             if reply is not None and reply["t"] == "chal":
                 ns, lp = bytes.fromhex(reply["ns"]), bytes.fromhex(reply["lp"])
-                decl = protocol.make_decl(forger.k_a, forger.t, ns, step.nl, lp, "x")
-                conn.send(protocol.encode_frame(decl))
+                decl = handshake.make_decl(forger.k_a, forger.t, ns, step.nl, lp, "x")
+                conn.send(frames.encode_frame(decl))
                 reply = conn.recv()
     conn.close()
     return "" if reply is None else str(reply["t"])
@@ -222,7 +222,7 @@ def test_forgeries_before_and_during_a_real_handshake_decide_nothing(
         assert forge(lis, step, KINDS[i % 3]) == ("" if i % 3 == 2 else "no")
     real = Agent(lis, step)
     conn = Client(lis.address)
-    conn.send(protocol.encode_frame(real.hello))
+    conn.send(frames.encode_frame(real.hello))
     chal = conn.recv()
     assert chal is not None and chal["t"] == "chal"
     # forgers hammer the step from other addresses while the real agent is half-way
@@ -252,12 +252,12 @@ def test_forgeries_before_and_during_a_real_handshake_decide_nothing(
     assert ok is not None and ok["t"] == "ok"
     ns, lp = bytes.fromhex(chal["ns"]), bytes.fromhex(chal["lp"])
     mac = bytes.fromhex(ok["mac"])
-    assert protocol.verify_ok_mac(real.k_l, real.t, ns, step.nl, real.ap(ns, lp), mac)
+    assert handshake.verify_ok_mac(real.k_l, real.t, ns, step.nl, real.ap(ns, lp), mac)
     verdict = lis.wait(step.step_id, 0)
-    assert verdict.ok and verdict.code == protocol.OK
-    assert lis.attempts[protocol.OK] == 1
-    forgeries = lis.attempts[protocol.WRONG_KEY] + lis.attempts[protocol.BAD_PROOF]
-    assert forgeries + lis.attempts[protocol.DUPLICATE] == 60 + len(forged)
+    assert verdict.ok and verdict.code == codes.OK
+    assert lis.attempts[codes.OK] == 1
+    forgeries = lis.attempts[codes.WRONG_KEY] + lis.attempts[codes.BAD_PROOF]
+    assert forgeries + lis.attempts[codes.DUPLICATE] == 60 + len(forged)
 
 
 def test_rejected_attempts_are_the_detail_of_a_step_that_times_out(lis: CallbackListener) -> None:
@@ -268,7 +268,7 @@ def test_rejected_attempts_are_the_detail_of_a_step_that_times_out(lis: Callback
         conn.close()
         assert reply is not None and reply["t"] == "no"
     verdict = lis.wait(step.step_id, 10)  # the deadline decides
-    assert (verdict.ok, verdict.code) == (False, protocol.TIMEOUT)
+    assert (verdict.ok, verdict.code) == (False, codes.TIMEOUT)
     claimed = one.hello["key_id"]
     assert verdict.detail == (
         f"3 rejected attempts: wrong key_id {claimed} (expected {step.key_id}) from 127.0.0.5 (x3)"
@@ -280,7 +280,7 @@ def test_a_failed_step_names_its_rejected_attempts_and_a_wrong_key_is_actionable
 
     rejected = "3 rejected attempts: wrong key_id 00000000000000aa (expected 0123456789abcdef) "
     rejected += "from 127.0.0.5 (x3)"
-    timeout = Verdict(False, protocol.TIMEOUT, detail=rejected)
+    timeout = Verdict(False, codes.TIMEOUT, detail=rejected)
     expected = "0123456789abcdef"
     # at the deadline, nothing heard from the agent: the rejected attempts are the detail
     assert failure(timeout, {}, None, expected) == (
@@ -307,7 +307,7 @@ def test_the_detail_of_rejected_attempts_is_bounded(lis: CallbackListener) -> No
     for i in range(40):
         forge(lis, step, KINDS[i % 2], source=f"127.0.0.{10 + i}")
     verdict = lis.wait(step.step_id, 10)
-    assert verdict.code == protocol.TIMEOUT and verdict.detail is not None
+    assert verdict.code == codes.TIMEOUT and verdict.detail is not None
     assert verdict.detail.startswith("40 rejected attempts: ")
     assert verdict.detail.endswith(f", {40 - KEPT_REJECTIONS} more")
     assert len(verdict.detail) < 600
@@ -316,11 +316,11 @@ def test_the_detail_of_rejected_attempts_is_bounded(lis: CallbackListener) -> No
 def _prove_same(agent: Agent, key: bytes) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
     """hello, then ``same`` proven with ``key`` in place of resp: (chal, what came after)."""
     conn = Client(agent.lis.address)
-    conn.send(protocol.encode_frame(agent.hello))
+    conn.send(frames.encode_frame(agent.hello))
     chal = conn.recv()
     assert chal is not None and chal["t"] == "chal"
     ns, lp = bytes.fromhex(chal["ns"]), bytes.fromhex(chal["lp"])
-    conn.send(protocol.encode_frame(protocol.make_same(key, agent.t, ns, agent.nl, lp)))
+    conn.send(frames.encode_frame(handshake.make_same(key, agent.t, ns, agent.nl, lp)))
     after = conn.recv()
     conn.close()
     return chal, after
@@ -333,7 +333,7 @@ def test_only_the_agents_key_proves_a_step_unchanged(lis: CallbackListener) -> N
     _, after = _prove_same(agent, agent.k_a)
     assert after is None  # decided and closed, as a decline
     verdict = lis.wait(step.step_id, 5)
-    assert (verdict.ok, verdict.code) == (False, protocol.UNCHANGED)
+    assert (verdict.ok, verdict.code) == (False, codes.UNCHANGED)
     assert (verdict.pid, verdict.pgid, verdict.start) == (777, 777, "12345")
     # with anything but K_A (K_L, another key): a BAD_PROOF attempt that decides nothing,
     # never unchanged; the genuine agent still verifies after it
@@ -349,9 +349,9 @@ def test_only_the_agents_key_proves_a_step_unchanged(lis: CallbackListener) -> N
     agent = Agent(lis, job)
     _prove_same(agent, agent.k_a)
     verdict = lis.wait(job.step_id, 10)  # its deadline decides
-    assert verdict.code == protocol.TIMEOUT and verdict.detail is not None
+    assert verdict.code == codes.TIMEOUT and verdict.detail is not None
     assert verdict.detail.startswith("1 rejected attempt: a proof that did not verify")
-    assert lis.attempts == {protocol.UNCHANGED: 1, protocol.BAD_PROOF: 3, protocol.OK: 2}
+    assert lis.attempts == {codes.UNCHANGED: 1, codes.BAD_PROOF: 3, codes.OK: 2}
 
 
 def test_wrong_triple_is_refused_and_the_step_still_verifies(lis: CallbackListener) -> None:
@@ -359,7 +359,7 @@ def test_wrong_triple_is_refused_and_the_step_still_verifies(lis: CallbackListen
     reply, conn = Agent(lis, step, triple="h1.alice.other").run()
     conn.close()
     assert reply is not None and reply["t"] == "no"
-    assert lis.attempts[protocol.WRONG_TRIPLE] == 1
+    assert lis.attempts[codes.WRONG_TRIPLE] == 1
     reply, conn = Agent(lis, step).run()
     conn.close()
     assert reply is not None and reply["t"] == "ok"
@@ -371,18 +371,18 @@ def test_unknown_step_and_foreign_run_cost_no_hmac(
 ) -> None:
     step = pending(lis)
     calls: list[int] = []
-    real = protocol.launcher_proof
+    real = handshake.launcher_proof
 
     def counting(*args: bytes) -> bytes:
         calls.append(1)
         return real(*args)
 
-    monkeypatch.setattr(protocol, "launcher_proof", counting)
+    monkeypatch.setattr(handshake, "launcher_proof", counting)
     for over in ({"step": "nope@h1"}, {"run": "another-run"}, {"triple": "h2.alice.app"}):
         reply, conn = Agent(lis, step, **over).run()
         conn.close()
         assert reply is not None and reply["t"] == "no"
-    assert lis.attempts == {protocol.UNKNOWN_STEP: 2, protocol.WRONG_TRIPLE: 1}
+    assert lis.attempts == {codes.UNKNOWN_STEP: 2, codes.WRONG_TRIPLE: 1}
     assert calls == []
 
 
@@ -390,7 +390,7 @@ def test_replayed_hello_and_resp_on_a_new_connection_never_verify(lis: CallbackL
     step = pending(lis)
     agent = Agent(lis, step)
     first = Client(lis.address)
-    hello_frame = protocol.encode_frame(agent.hello)
+    hello_frame = frames.encode_frame(agent.hello)
     first.send(hello_frame)
     chal = first.recv()
     assert chal is not None
@@ -404,7 +404,7 @@ def test_replayed_hello_and_resp_on_a_new_connection_never_verify(lis: CallbackL
     reply = replay.recv()
     replay.close()
     assert reply is not None and reply["t"] == "no"
-    assert lis.attempts == {protocol.CLOSED: 1, protocol.BAD_PROOF: 1}
+    assert lis.attempts == {codes.CLOSED: 1, codes.BAD_PROOF: 1}
     assert verifies(lis, step)  # the replay decided nothing
 
 
@@ -417,7 +417,7 @@ def test_replay_after_verification_is_a_duplicate(lis: CallbackListener) -> None
     reply, conn = agent.run()
     conn.close()
     assert reply is not None and reply["t"] == "no"
-    assert lis.attempts == {protocol.OK: 1, protocol.DUPLICATE: 1}
+    assert lis.attempts == {codes.OK: 1, codes.DUPLICATE: 1}
     assert lis.wait(step.step_id, 1).ok
 
 
@@ -425,7 +425,7 @@ def test_silent_peer_times_out(lis: CallbackListener) -> None:
     step = pending(lis)
     silent = Client(lis.address)
     half = Client(lis.address)
-    half.send(protocol.encode_frame(Agent(lis, step).hello))
+    half.send(frames.encode_frame(Agent(lis, step).hello))
     chal = half.recv()  # never answered
     assert chal is not None and chal["t"] == "chal"
     reply = half.recv()
@@ -434,19 +434,19 @@ def test_silent_peer_times_out(lis: CallbackListener) -> None:
     for conn in (silent, half):
         assert conn.recv() is None
         conn.close()
-    assert lis.attempts == {protocol.TIMEOUT: 2}
-    assert lis.wait(step.step_id, 0.01).code == protocol.TIMEOUT
+    assert lis.attempts == {codes.TIMEOUT: 2}
+    assert lis.wait(step.step_id, 0.01).code == codes.TIMEOUT
 
 
 @pytest.mark.parametrize(
     ("data", "code"),
     [
-        (struct.pack(">I", protocol.MAX_FRAME + 1) + b"x" * 100, protocol.OVERSIZE),
-        (struct.pack(">I", 0xFFFFFFFF), protocol.OVERSIZE),
-        (struct.pack(">I", 0), protocol.MALFORMED),
-        (struct.pack(">I", 5) + b"hello", protocol.MALFORMED),
-        (protocol.encode_frame({"t": "hello", "v": "rex-cb/9"}), protocol.VERSION_MISMATCH),
-        (protocol.encode_frame(protocol.make_resp(bytes(32))), protocol.OUT_OF_ORDER),
+        (struct.pack(">I", frames.MAX_FRAME + 1) + b"x" * 100, codes.OVERSIZE),
+        (struct.pack(">I", 0xFFFFFFFF), codes.OVERSIZE),
+        (struct.pack(">I", 0), codes.MALFORMED),
+        (struct.pack(">I", 5) + b"hello", codes.MALFORMED),
+        (frames.encode_frame({"t": "hello", "v": "rex-cb/9"}), codes.VERSION_MISMATCH),
+        (frames.encode_frame(handshake.make_resp(bytes(32))), codes.OUT_OF_ORDER),
     ],
 )
 def test_broken_frames_get_no_and_a_code(lis: CallbackListener, data: bytes, code: str) -> None:
@@ -464,20 +464,20 @@ def flipped(frame: bytes, index: int) -> bytes:
 
 def test_bit_flipped_frames_never_verify(lis: CallbackListener) -> None:
     verdicts: list[Verdict] = []
-    hello_len = len(protocol.encode_frame(Agent(lis, pending(lis, "probe@h1")).hello))
+    hello_len = len(frames.encode_frame(Agent(lis, pending(lis, "probe@h1")).hello))
     for index in range(4, hello_len):
         step = pending(lis, f"hello{index}@h1")
         agent = Agent(lis, step)
-        reply, conn = agent.run(flipped(protocol.encode_frame(agent.hello), index))
+        reply, conn = agent.run(flipped(frames.encode_frame(agent.hello), index))
         conn.close()
         assert reply is None or reply["t"] == "no"
         verdicts.append(lis.wait(step.step_id, 0))
-    resp_len = len(protocol.encode_frame(protocol.make_resp(bytes(32))))
+    resp_len = len(frames.encode_frame(handshake.make_resp(bytes(32))))
     for index in range(4, resp_len):
         step = pending(lis, f"resp{index}@h1")
         agent = Agent(lis, step)
         conn = Client(lis.address)
-        conn.send(protocol.encode_frame(agent.hello))
+        conn.send(frames.encode_frame(agent.hello))
         chal = conn.recv()
         assert chal is not None
         conn.send(flipped(agent.resp_for(chal), index))
@@ -486,14 +486,14 @@ def test_bit_flipped_frames_never_verify(lis: CallbackListener) -> None:
         assert reply is not None and reply["t"] == "no"
         verdicts.append(lis.wait(step.step_id, 0))
     assert not any(v.ok for v in verdicts)
-    assert protocol.OK not in lis.attempts
+    assert codes.OK not in lis.attempts
 
 
 def test_flipped_length_header_never_verifies(lis: CallbackListener) -> None:
     for index in range(4):
         step = pending(lis, f"len{index}@h1")
         conn = Client(lis.address)
-        conn.send(flipped(protocol.encode_frame(Agent(lis, step).hello), index))
+        conn.send(flipped(frames.encode_frame(Agent(lis, step).hello), index))
         with contextlib.suppress(OSError):  # the listener may have hung up already
             conn.sock.shutdown(socket.SHUT_WR)
         reply = conn.recv()
@@ -507,18 +507,18 @@ def test_unauthenticated_connections_are_capped() -> None:
         held = [Client(lis.address), Client(lis.address)]
         extra = Client(lis.address)
         assert extra.recv() is None  # closed at once, long before the handshake deadline
-        assert lis.attempts[protocol.BUSY] == 1
+        assert lis.attempts[codes.BUSY] == 1
         for conn in [*held, extra]:
             conn.close()
 
 
 def test_late_agent_is_refused_after_wait_gave_up(lis: CallbackListener) -> None:
     step = pending(lis)
-    assert lis.wait(step.step_id, timeout=0.05).code == protocol.TIMEOUT
+    assert lis.wait(step.step_id, timeout=0.05).code == codes.TIMEOUT
     reply, conn = Agent(lis, step).run()
     conn.close()
     assert reply is not None and reply["t"] == "no"
-    assert lis.attempts == {protocol.DUPLICATE: 1}
+    assert lis.attempts == {codes.DUPLICATE: 1}
 
 
 def test_agent_after_the_step_deadline_is_refused(lis: CallbackListener) -> None:
@@ -526,7 +526,7 @@ def test_agent_after_the_step_deadline_is_refused(lis: CallbackListener) -> None
     reply, conn = Agent(lis, step).run()
     conn.close()
     assert reply is not None and reply["t"] == "no"
-    assert lis.wait(step.step_id).code == protocol.TIMEOUT
+    assert lis.wait(step.step_id).code == codes.TIMEOUT
 
 
 def test_cancel_and_close_release_waiters() -> None:
@@ -573,9 +573,9 @@ def test_every_attempt_is_logged_with_its_code_and_no_secret(
     conn.close()
     assert ok is not None and ok["t"] == "ok"
     text = caplog.text
-    assert f"callback {protocol.BAD_PROOF} ref={reply['ref']}" in text
-    assert f"callback {protocol.OK} ref=" in text
-    for secret in (step.key, good.key, step.nl, good.nl, *protocol.direction_keys(good.key)):
+    assert f"callback {codes.BAD_PROOF} ref={reply['ref']}" in text
+    assert f"callback {codes.OK} ref=" in text
+    for secret in (step.key, good.key, step.nl, good.nl, *handshake.direction_keys(good.key)):
         assert secret.hex() not in text
         assert base64.b64encode(secret).decode() not in text
     assert repr(step.key) not in repr(step) and step.nl.hex() not in repr(step)
@@ -597,7 +597,7 @@ def test_many_agents_in_parallel_are_each_verified_once(lis: CallbackListener) -
         t.join(10)
     assert replies == ["ok"] * 100
     assert all(lis.wait(s.step_id, 1).ok for s in steps)
-    assert lis.attempts == {protocol.OK: 100}
+    assert lis.attempts == {codes.OK: 100}
 
 
 # ---- slots: per address, a hello deadline, verified jobs do not count --------------------------
@@ -632,7 +632,7 @@ def test_one_address_cannot_take_every_slot() -> None:
             assert not closed_now(late, 0.3)
             step = pending(lis)
             assert verifies(lis, step)  # 127.0.0.1 holds none: it gets a slot too
-            assert lis.attempts[protocol.BUSY] == 3
+            assert lis.attempts[codes.BUSY] == 3
         finally:
             for sock in [*crowd, *others, late]:
                 sock.close()
@@ -643,7 +643,7 @@ def test_a_connection_without_a_hello_loses_its_slot_in_two_seconds() -> None:
         step = pending(lis)
         silent = idle(lis, "127.0.0.2")
         trickle = idle(lis, "127.0.0.3")
-        frame = protocol.encode_frame(Agent(lis, step).hello)
+        frame = frames.encode_frame(Agent(lis, step).hello)
         try:
             start = time.monotonic()
             for byte in frame[:20]:  # a slowloris: one byte every 0.2 s
@@ -653,7 +653,7 @@ def test_a_connection_without_a_hello_loses_its_slot_in_two_seconds() -> None:
             # far before the 60 s handshake deadline; no verdict: nothing was claimed
             assert closed_now(silent, 10) and closed_now(trickle, 10)
             assert time.monotonic() - start < 30
-            assert lis.attempts == {protocol.TIMEOUT: 2}
+            assert lis.attempts == {codes.TIMEOUT: 2}
             assert verifies(lis, step)
         finally:
             silent.close()
@@ -678,7 +678,7 @@ def test_running_jobs_do_not_hold_handshake_slots() -> None:
                 jobs.append(job_handshake(lis, step))
             assert all(lis.wait(f"job{i}@h1", 0).ok for i in range(4))
             assert verifies(lis, pending(lis, "svc@h1"))
-            assert protocol.BUSY not in lis.attempts
+            assert codes.BUSY not in lis.attempts
         finally:
             for conn in jobs:
                 conn.close()
@@ -718,7 +718,7 @@ def test_refusals_are_summed_up_in_one_warning_per_interval(
         counted += int(line.split()[1])
     # every refusal and the held connection's close are in the lines, none is left out
     assert counted == refused + 1 == sum(lis.attempts.values())
-    assert lis.attempts[protocol.BUSY] == refused
+    assert lis.attempts[codes.BUSY] == refused
 
 
 #: listens on a free loopback port, prints it, and holds it until its stdin ends

@@ -21,7 +21,17 @@ import pytest
 from rexplan.engine import callback, pending
 from rexplan.engine.listener import CallbackListener
 from rexplan.engine.pending import PendingStep
-from rexplan.wire import protocol
+from rexplan.wire import codes, frames, keyfile, messages
+from rexplan.wire.handshake import (
+    agent_proof,
+    direction_keys,
+    make_hello,
+    make_resp,
+    new_nonce,
+    transcript,
+    verify_launcher_proof,
+    verify_ok_mac,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 PENDING = 10_000
@@ -48,42 +58,42 @@ def settles(count: Callable[[], int], limit: int, within: float = 3.0) -> bool:
     return True
 
 
-def recv_msg(sock: socket.socket, reader: protocol.FrameReader, *expected: str) -> dict[str, Any]:
+def recv_msg(sock: socket.socket, reader: frames.FrameReader, *expected: str) -> dict[str, Any]:
     while True:
         data = sock.recv(reader.wanted())
         if not data:
             raise EOFError("the listener closed the connection")
         for msg in reader.feed(data):
-            return protocol.check_message(msg, *expected)
+            return messages.check_message(msg, *expected)
 
 
 def handshake(lis: CallbackListener, step: PendingStep) -> str:
-    """The agent's side, built with rexplan.wire.protocol as the agent builds it: ok or no."""
-    k_l, k_a = protocol.direction_keys(step.key)
-    hello = protocol.make_hello(
+    """The agent's side, built with rexplan.wire as the agent builds it: ok or no."""
+    k_l, k_a = direction_keys(step.key)
+    hello = make_hello(
         run=lis.run_id,
         step=step.step_id,
         triple=step.triple,
-        key_id=protocol.key_id(step.key),
-        na=protocol.new_nonce(),
+        key_id=keyfile.key_id(step.key),
+        na=new_nonce(),
         pid=4242,
         pgid=4242,
         start="1",
     )
-    t = protocol.transcript(hello)
-    reader = protocol.FrameReader()
+    t = transcript(hello)
+    reader = frames.FrameReader()
     with socket.create_connection(lis.address, timeout=5) as sock:
-        sock.sendall(protocol.encode_frame(hello))
+        sock.sendall(frames.encode_frame(hello))
         chal = recv_msg(sock, reader, "chal", "no")
         if chal["t"] == "no":
             return "no"
         ns, lp = bytes.fromhex(chal["ns"]), bytes.fromhex(chal["lp"])
-        assert protocol.verify_launcher_proof(k_l, t, ns, step.nl, lp)
-        ap = protocol.agent_proof(k_a, t, ns, step.nl, lp)
-        sock.sendall(protocol.encode_frame(protocol.make_resp(ap)))
+        assert verify_launcher_proof(k_l, t, ns, step.nl, lp)
+        ap = agent_proof(k_a, t, ns, step.nl, lp)
+        sock.sendall(frames.encode_frame(make_resp(ap)))
         verdict = recv_msg(sock, reader, "ok", "no")
         if verdict["t"] == "ok":
-            assert protocol.verify_ok_mac(k_l, t, ns, step.nl, ap, bytes.fromhex(verdict["mac"]))
+            assert verify_ok_mac(k_l, t, ns, step.nl, ap, bytes.fromhex(verdict["mac"]))
         return str(verdict["t"])
 
 
@@ -138,8 +148,8 @@ def test_ten_thousand_pending_steps_on_one_thread() -> None:
         assert {lis.wait(step.step_id, timeout=0).code for step in rest} == {pending.CANCELLED}
         # an agent of a cancelled step is refused, and only told "no"
         assert handshake(lis, rest[0]) == "no"
-        assert lis.attempts[protocol.OK] == SAMPLE
-        assert lis.attempts[protocol.DUPLICATE] == 1
+        assert lis.attempts[codes.OK] == SAMPLE
+        assert lis.attempts[codes.DUPLICATE] == 1
     finally:
         lis.close()
     assert settles(threads, base_threads), f"{threads()} threads, {base_threads} before"

@@ -22,7 +22,8 @@ from rexplan import remote
 from rexplan.engine.listener import CallbackListener
 from rexplan.engine.pending import PendingStep
 from rexplan.remote import agent
-from rexplan.wire import protocol
+from rexplan.wire import keyfile
+from rexplan.wire.launch import make_launch
 
 PY = sys.executable
 TRIPLE = "h1.alice.app"
@@ -91,7 +92,7 @@ class Local:
     def front(self, argv: list[str], ready: dict[str, Any]) -> subprocess.Popen[bytes]:
         step = PendingStep.create(STEP, TRIPLE, self.secret, 30)
         self.lis.expect(step)
-        line = protocol.make_launch(
+        line = make_launch(
             run=self.lis.run_id,
             step=step.step_id,
             triple=TRIPLE,
@@ -126,7 +127,7 @@ def local(tmp_path: Path) -> Iterator[Local]:
     secret = os.urandom(32)
     key = home / "keys" / "h1" / "alice" / "app.key"
     key.parent.mkdir(mode=0o700, parents=True)
-    key.write_bytes(protocol.format_key_file(TRIPLE, "2026-01-01", secret))
+    key.write_bytes(keyfile.format_key_file(TRIPLE, "2026-01-01", secret))
     key.chmod(0o600)
     bundle = tmp_path / "agent.py"
     bundle.write_bytes(remote.bundle())

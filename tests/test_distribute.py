@@ -21,7 +21,7 @@ from rexplan.core.model import Host, Timeouts, User
 from rexplan.transport.ssh import GET_LIMIT, Result, Transport, connect
 from rexplan.trust.distribute import distribute
 from rexplan.trust.keys import KeyStore
-from rexplan.wire.protocol import key_id, parse_key_file
+from rexplan.wire.keyfile import key_id, parse_key_file
 
 Hosts = Callable[[int], list[RigHost]]
 

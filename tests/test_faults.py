@@ -30,7 +30,8 @@ from rexplan.cli.rex import main
 from rexplan.cli.rex_key import main as rex_key
 from rexplan.engine.listener import CallbackListener
 from rexplan.engine.pending import PendingStep
-from rexplan.wire import protocol
+from rexplan.wire import keyfile
+from rexplan.wire.launch import make_launch
 
 REPO = Path(__file__).resolve().parent.parent
 #: failing steps end within seconds; passing ones never wait for these
@@ -308,19 +309,19 @@ def test_agent_sigkilled_with_no_launcher_its_program_still_dies(
     m = world.manifest([host], {name: SLEEPER})
     world.key(m)
     triple = f"{host.name}.{world.user}.{name}"
-    secret = protocol.parse_key_file(
-        (world.keys / protocol.key_relpath(host.name, world.user, name)).read_bytes()
+    secret = keyfile.parse_key_file(
+        (world.keys / keyfile.key_relpath(host.name, world.user, name)).read_bytes()
     )[2]
     # ready is roomy: the agent must be killed before it could end the program by itself
     deadlines = {"start": 0.5, "ready": 3.0, "callback": 0.5, "stop": 0.5}
     with CallbackListener(handshake_timeout=1) as lis:
         step = PendingStep.create(f"{name}@{host.name}", triple, secret, 30)
         lis.expect(step)
-        line = protocol.make_launch(
+        line = make_launch(
             run=lis.run_id,
             step=step.step_id,
             triple=triple,
-            key_path=protocol.key_relpath(host.name, world.user, name),
+            key_path=keyfile.key_relpath(host.name, world.user, name),
             nl=step.nl,
             callback=lis.address,
             deadlines=deadlines,

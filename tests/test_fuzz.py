@@ -28,7 +28,15 @@ from hypothesis import strategies as st
 from rexplan.core import manifest
 from rexplan.core import plan as planner
 from rexplan.errors import ManifestError
-from rexplan.wire import protocol
+from rexplan.wire import chars, codes, frames, handshake, keyfile, messages
+from rexplan.wire.launch import (
+    LaunchError,
+    make_kill,
+    make_launch,
+    parse_kill,
+    parse_launch,
+    spec_digest,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 REGRESSIONS = Path(__file__).resolve().parent / "data" / "fuzz"
@@ -204,15 +212,15 @@ def test_manifest_mutated_playbooks(data: bytes) -> None:
 
 def read_frames(data: bytes, cuts: list[int]) -> None:
     """Feed ``data`` to one FrameReader in chunks cut at ``cuts``; stop at the first error."""
-    reader = protocol.FrameReader()
+    reader = frames.FrameReader()
     edges = sorted({0, len(data), *(c % (len(data) + 1) for c in cuts)})
     try:
         for a, b in itertools.pairwise(edges):
             for msg in reader.feed(data[a:b]):
                 assert isinstance(msg, dict)
                 with_type(msg)
-    except protocol.FrameError as exc:
-        assert exc.code in protocol.CODES
+    except codes.FrameError as exc:
+        assert exc.code in codes.CODES
 
 
 def with_type(msg: dict[str, Any]) -> None:
@@ -221,34 +229,34 @@ def with_type(msg: dict[str, Any]) -> None:
     expectations += [("chal", "no"), ("ok", "no"), ("resp", "decl", "same")]
     for expected in expectations:
         try:
-            checked = protocol.check_message(msg, *expected)
-        except protocol.FrameError as exc:
-            assert exc.code in protocol.CODES
+            checked = messages.check_message(msg, *expected)
+        except codes.FrameError as exc:
+            assert exc.code in codes.CODES
             continue
         if checked["t"] == "hello":
-            assert protocol.transcript(checked)
+            assert handshake.transcript(checked)
 
 
-HELLO = protocol.make_hello(
+HELLO = handshake.make_hello(
     run="run1",
     step="app@h1",
     triple="h1.alice.app",
-    key_id=protocol.key_id(bytes(32)),
+    key_id=keyfile.key_id(bytes(32)),
     na=bytes(16),
     pid=4242,
     pgid=4242,
     start="99",
 )
 GOOD_FRAMES = [
-    protocol.encode_frame(HELLO),
-    protocol.encode_frame(protocol.make_chal(bytes(16), bytes(32))),
-    protocol.encode_frame(protocol.make_resp(bytes(32))),
-    protocol.encode_frame(protocol.make_ok(bytes(32))),
-    protocol.encode_frame(protocol.make_no("abc123")),
+    frames.encode_frame(HELLO),
+    frames.encode_frame(handshake.make_chal(bytes(16), bytes(32))),
+    frames.encode_frame(handshake.make_resp(bytes(32))),
+    frames.encode_frame(handshake.make_ok(bytes(32))),
+    frames.encode_frame(handshake.make_no("abc123")),
 ]
 #: every message type and field rex-cb/1 knows, read from its schema so new ones are fuzzed too
-MESSAGE_TYPES = sorted(protocol._MESSAGES)
-MESSAGE_KEYS = ["t", *sorted({name for fields in protocol._MESSAGES.values() for name in fields})]
+MESSAGE_TYPES = sorted(messages._MESSAGES)
+MESSAGE_KEYS = ["t", *sorted({name for fields in messages._MESSAGES.values() for name in fields})]
 WORDS = [*MESSAGE_TYPES, "rex-cb/1", "rex-cb/2", "0" * 32, "a" * 64, "1", "aGk=", "=="]
 WORDS += ["h1.alice.app", "app@h1", "run1", "", " ", "\n", "\u0000", "\ud800", "A" * 64]
 
@@ -316,9 +324,9 @@ def test_frame_reader_in_random_chunks(rng: random.Random) -> None:
 
 def read_one_frame(data: bytes) -> None:
     try:
-        with_type(protocol.decode_frame(data))
-    except protocol.FrameError as exc:
-        assert exc.code in protocol.CODES
+        with_type(frames.decode_frame(data))
+    except codes.FrameError as exc:
+        assert exc.code in codes.CODES
 
 
 @fuzz
@@ -335,7 +343,7 @@ def test_decode_frame_and_check_message(rng: random.Random) -> None:
     bounded(lambda: (read_one_frame(data), with_type(msg)))
 
 
-GOOD_LAUNCH = protocol.make_launch(
+GOOD_LAUNCH = make_launch(
     run="run1",
     step="app@h1",
     triple="h1.alice.app",
@@ -378,11 +386,11 @@ def launch_line(rng: random.Random) -> bytes:
 
 def read_launch(line: bytes) -> None:
     try:
-        launch = protocol.parse_launch(line)
-    except protocol.LaunchError as exc:
+        launch = parse_launch(line)
+    except LaunchError as exc:
         assert str(exc)
         return
-    assert protocol.spec_digest(launch)
+    assert spec_digest(launch)
 
 
 @fuzz
@@ -392,7 +400,7 @@ def test_parse_launch(rng: random.Random) -> None:
     bounded(lambda: read_launch(line))
 
 
-GOOD_KILL = protocol.make_kill("20260101T000000-" + "0" * 32, "app@h1", 2.0)
+GOOD_KILL = make_kill("20260101T000000-" + "0" * 32, "app@h1", 2.0)
 
 
 def kill_line(rng: random.Random) -> bytes:
@@ -417,11 +425,11 @@ def kill_line(rng: random.Random) -> bytes:
 
 def read_kill(line: bytes) -> None:
     try:
-        run, step, grace = protocol.parse_kill(line)
-    except protocol.LaunchError as exc:
+        run, step, grace = parse_kill(line)
+    except LaunchError as exc:
         assert str(exc)
         return
-    assert protocol.RUN_RE.match(run) and protocol.STEP_RE.match(step) and 0 <= grace <= 86400
+    assert chars.RUN_RE.match(run) and chars.STEP_RE.match(step) and 0 <= grace <= 86400
 
 
 @fuzz

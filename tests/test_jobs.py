@@ -21,7 +21,8 @@ from sshrig import SshdRig
 from rexplan.engine import adhoc
 from rexplan.engine.listener import CallbackListener
 from rexplan.engine.pending import EXITED, LOST, JobResult, PendingStep
-from rexplan.wire import protocol
+from rexplan.wire import frames, handshake, keyfile, messages
+from rexplan.wire.jobs import OUT_CHUNK, OUT_TAIL, Session, cut_line, make_exit, make_out
 
 
 @pytest.fixture
@@ -173,33 +174,33 @@ def test_fold_and_exit_code_are_pure() -> None:
 
 def _agent_side(lis: CallbackListener, step: PendingStep, secret: bytes) -> tuple[Any, Any]:
     """A job's handshake from the agent's side, by hand: (socket, reader, session)."""
-    k_l, k_a = protocol.direction_keys(secret)
+    k_l, k_a = handshake.direction_keys(secret)
     sock = socket.create_connection(lis.address, timeout=5)
-    hello = protocol.make_hello(
+    hello = handshake.make_hello(
         run=lis.run_id,
         step=step.step_id,
         triple=step.triple,
-        key_id=protocol.key_id(secret),
-        na=protocol.new_nonce(),
+        key_id=keyfile.key_id(secret),
+        na=handshake.new_nonce(),
         pid=os.getpid(),
         pgid=os.getpid(),
         start="1",
     )
-    t = protocol.transcript(hello)
-    reader = protocol.FrameReader()
+    t = handshake.transcript(hello)
+    reader = frames.FrameReader()
 
     def recv(*kinds: str) -> dict[str, Any]:
         while True:
             for msg in reader.feed(sock.recv(reader.wanted())):
-                return protocol.check_message(msg, *kinds)
+                return messages.check_message(msg, *kinds)
 
-    sock.sendall(protocol.encode_frame(hello))
+    sock.sendall(frames.encode_frame(hello))
     chal = recv("chal")
     ns, lp = bytes.fromhex(chal["ns"]), bytes.fromhex(chal["lp"])
-    ap = protocol.agent_proof(k_a, t, ns, step.nl, lp)
-    sock.sendall(protocol.encode_frame(protocol.make_resp(ap)))
+    ap = handshake.agent_proof(k_a, t, ns, step.nl, lp)
+    sock.sendall(frames.encode_frame(handshake.make_resp(ap)))
     assert recv("ok")["t"] == "ok"
-    return (sock, recv), protocol.Session.of((k_l, k_a), t, ns, step.nl, ap)
+    return (sock, recv), Session.of((k_l, k_a), t, ns, step.nl, ap)
 
 
 def test_listener_heartbeats_a_job_and_takes_only_its_frames() -> None:
@@ -217,18 +218,18 @@ def test_listener_heartbeats_a_job_and_takes_only_its_frames() -> None:
             assert all(session.verify(session.k_l, b, b"") for b in beats)
             assert lis.wait_job("a@h1", 0) is None  # still running
             for frame in (
-                protocol.make_out(session, 1, b"hello "),
-                protocol.make_out(session, 2, b"world\n"),
-                protocol.make_exit(session, 3, 7),
+                make_out(session, 1, b"hello "),
+                make_out(session, 2, b"world\n"),
+                make_exit(session, 3, 7),
             ):
-                sock.sendall(protocol.encode_frame(frame))
+                sock.sendall(frames.encode_frame(frame))
             job = lis.wait_job("a@h1", 5)
         assert job == JobResult(EXITED, 7, b"hello world\n")
         (sock, _), session = _agent_side(lis, forged, secret)
         with sock:
-            sock.sendall(protocol.encode_frame(protocol.make_out(session, 1, b"fine\n")))
+            sock.sendall(frames.encode_frame(make_out(session, 1, b"fine\n")))
             # a replayed sequence number: the job is lost, its exit never taken
-            sock.sendall(protocol.encode_frame(protocol.make_exit(session, 1, 0)))
+            sock.sendall(frames.encode_frame(make_exit(session, 1, 0)))
             job = lis.wait_job("b@h1", 5)
         assert job is not None and job.code == LOST and job.status is None
         assert job.output == b"fine\n" and "sequence" in job.detail
@@ -241,16 +242,16 @@ def test_listener_keeps_a_jobs_tail_and_says_how_much_it_cut() -> None:
         lis.expect(step)
         (sock, _), session = _agent_side(lis, step, secret)
         # an agent sending more than its tail (it never should) costs the listener no more
-        chunk = b"x" * (protocol.OUT_CHUNK - 1) + b"\n"
-        count = 4 * protocol.OUT_TAIL // protocol.OUT_CHUNK
+        chunk = b"x" * (OUT_CHUNK - 1) + b"\n"
+        count = 4 * OUT_TAIL // OUT_CHUNK
         with sock:
             for seq in range(1, count + 1):
-                sock.sendall(protocol.encode_frame(protocol.make_out(session, seq, chunk)))
-            sock.sendall(protocol.encode_frame(protocol.make_exit(session, count + 1, 0)))
+                sock.sendall(frames.encode_frame(make_out(session, seq, chunk)))
+            sock.sendall(frames.encode_frame(make_exit(session, count + 1, 0)))
             job = lis.wait_job("a@h1", 10)
     assert job is not None and job.code == EXITED
-    cut = count * protocol.OUT_CHUNK - protocol.OUT_TAIL
-    assert job.output == protocol.cut_line(cut) + chunk * (protocol.OUT_TAIL // len(chunk))
+    cut = count * OUT_CHUNK - OUT_TAIL
+    assert job.output == cut_line(cut) + chunk * (OUT_TAIL // len(chunk))
 
 
 def test_rex_run_shows_the_tail_of_a_long_output_and_what_was_cut(
@@ -264,6 +265,6 @@ def test_rex_run_shows_the_tail_of_a_long_output_and_what_was_cut(
     assert code == 0, out + err
     (result,) = json.loads(out)["hosts"]
     written = b"y" * 1_000_000 + b"\nend\n"
-    keep = protocol.OUT_TAIL - len(protocol.cut_line(len(written)))
-    assert result["output"].encode() == protocol.cut_line(len(written) - keep) + written[-keep:]
-    assert len(result["output"]) <= protocol.OUT_TAIL
+    keep = OUT_TAIL - len(cut_line(len(written)))
+    assert result["output"].encode() == cut_line(len(written) - keep) + written[-keep:]
+    assert len(result["output"]) <= OUT_TAIL

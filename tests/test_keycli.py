@@ -11,7 +11,7 @@ import pytest
 
 from rexplan.cli.rex_key import main, modernize
 from rexplan.trust.keys import KeyStore
-from rexplan.wire.protocol import parse_key_file
+from rexplan.wire.keyfile import parse_key_file
 
 
 def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:

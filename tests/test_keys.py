@@ -13,7 +13,7 @@ import pytest
 
 from rexplan.errors import KeyStoreError, UsageError
 from rexplan.trust.keys import KeyStore, default_known_hosts, parse_key_triple
-from rexplan.wire.protocol import format_key_file, key_id, parse_key_file
+from rexplan.wire.keyfile import format_key_file, key_id, parse_key_file
 
 
 def mode(path: Path) -> int:

@@ -29,7 +29,7 @@ from rexplan.engine.fanout import RelayError, TreeLauncher
 from rexplan.errors import HostTimeoutError
 from rexplan.remote import LAUNCH_MARKER
 from rexplan.transport.ssh import Gate, LocalTransport, TransportPool
-from rexplan.wire import protocol
+from rexplan.wire import jobs
 
 Hosts = Callable[[int], list[RigHost]]
 Spawn = Callable[[], RigHost]
@@ -43,7 +43,7 @@ SLOW_LOGIN = 2.0
 #: stop grace and the agents' KILL, with slack for a loaded 2-core machine
 SETTLE = 2 * SLOW_LOGIN + sum(FAST.values()) + 1 + 10
 #: the agent kills a job after JOB_SILENCE s without a heartbeat, then waits out the stop grace
-JOB_SETTLE = protocol.JOB_SILENCE + 1 + 10
+JOB_SETTLE = jobs.JOB_SILENCE + 1 + 10
 
 
 @pytest.fixture

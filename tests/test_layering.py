@@ -18,8 +18,8 @@ PURE = (
     "core/checks.py",
     "core/settings.py",
     "core/values.py",
-    "wire/protocol.py",
     "core/text.py",
+    *sorted(p.relative_to(PACKAGE).as_posix() for p in (PACKAGE / "wire").glob("*.py")),
 )
 IO_LIBRARIES = {
     "fabric",
@@ -91,7 +91,7 @@ def test_only_transport_imports_ssh_libraries() -> None:
 
 
 def package_imports(path: Path) -> set[str]:
-    """The rexplan modules a file imports (``from rexplan.wire import protocol`` included)."""
+    """The rexplan modules a file imports (``from rexplan.wire import codes`` included)."""
     names: set[str] = set()
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
         if isinstance(node, ast.Import):
@@ -123,21 +123,26 @@ def test_package_scanner(tmp_path: Path) -> None:
     }
 
 
-#: the builtin SHA-256 module is _sha2 from Python 3.12 on, _sha256 before; protocol.py tries
-#: both (so one of them is never in this interpreter's sys.stdlib_module_names)
+#: the builtin SHA-256 module is _sha2 from Python 3.12 on, _sha256 before; wire/crypto.py
+#: tries both (so one of them is never in this interpreter's sys.stdlib_module_names)
 BUILTIN_SHA256 = {"_sha2", "_sha256"}
+#: the modules shipped to hosts with the agent
+WIRE = sorted((PACKAGE / "wire").glob("*.py"))
+WIRE_MODULES = {f"rexplan.wire.{p.stem}" for p in WIRE if p.stem != "__init__"}
 
 
-def test_protocol_imports_only_the_standard_library() -> None:
+@pytest.mark.parametrize("path", WIRE, ids=rel)
+def test_wire_imports_only_the_standard_library_and_wire(path: Path) -> None:
     stdlib = set(sys.stdlib_module_names) | BUILTIN_SHA256
-    outside = top_level_imports(PACKAGE / "wire" / "protocol.py") - stdlib
+    outside = top_level_imports(path) - stdlib - {"rexplan"}
     assert outside == set()
+    assert package_imports(path) <= WIRE_MODULES
 
 
 def test_agent_imports_only_the_standard_library_and_protocol() -> None:
-    # the agent ships to hosts as one script bundled with protocol.py, and nothing else
+    # the agent ships to hosts as one script bundled with rexplan/wire, and nothing else
     if not AGENT.exists():
         pytest.skip("remote/agent.py does not exist yet")
     outside = top_level_imports(AGENT) - set(sys.stdlib_module_names) - {"rexplan"}
     assert outside == set(), f"the agent imports {sorted(outside)} outside the stdlib"
-    assert package_imports(AGENT) <= {"rexplan.wire.protocol"}
+    assert package_imports(AGENT) <= WIRE_MODULES

@@ -29,7 +29,8 @@ from rexplan.engine.policy import batches, counts_as_failure, exceeds
 from rexplan.errors import ManifestError
 from rexplan.remote import agent
 from rexplan.transport.ssh import connect
-from rexplan.wire import protocol
+from rexplan.wire import codes, keyfile
+from rexplan.wire.launch import make_launch, parse_launch, spec_digest
 
 #: forks a grandchild that leaves the process group (setsid), then waits forever
 DAEMON = (
@@ -356,7 +357,7 @@ class Local:
     def launch(self, argv: list[str], step: str, **over: Any) -> dict[str, Any]:
         pending = PendingStep.create(step, self.triple, self.secret, 10)
         self.lis.expect(pending)
-        line = protocol.make_launch(
+        line = make_launch(
             run=self.lis.run_id,
             step=step,
             triple=self.triple,
@@ -402,7 +403,7 @@ def local(tmp_path: Path, tag: str) -> Iterator[Local]:
         rig = Local(home, work, bundle, lis, tag)
         key = home / "keys" / rig.key_path
         key.parent.mkdir(mode=0o700, parents=True)
-        key.write_bytes(protocol.format_key_file(rig.triple, "2026-01-01", rig.secret))
+        key.write_bytes(keyfile.format_key_file(rig.triple, "2026-01-01", rig.secret))
         key.chmod(0o600)
         yield rig
         if procs.tagged(REXTEST=tag):
@@ -416,7 +417,7 @@ def test_an_agent_proves_its_program_unchanged_when_asked(local: Local) -> None:
     same = local.launch(["sleep", "300"], "u2", replace=True, unchanged=True)
     assert same == {"ok": True, "same": True, "pid": first["pid"], "code": 0}, same
     verdict = local.lis.wait("u2", 5)
-    assert (verdict.ok, verdict.code, verdict.pid) == (False, protocol.UNCHANGED, first["pid"])
+    assert (verdict.ok, verdict.code, verdict.pid) == (False, codes.UNCHANGED, first["pid"])
     assert verdict.start == local.record()["start"]
     assert procs.tagged(REXTEST=local.tag) == [first["pid"]]
     # another spec is replaced as before: ``unchanged`` proves only the same spec
@@ -459,9 +460,9 @@ def test_status_checks_pid_and_start_time(local: Local) -> None:
     (program,) = local.agent("--status")["programs"]
     assert program["alive"] and program["supervised"] and program["uptime"] >= 0
     assert program["restart"] == "on-failure" and program["restarts"] == 0
-    assert program["spec"] != protocol.spec_digest(
-        protocol.parse_launch(
-            protocol.make_launch(
+    assert program["spec"] != spec_digest(
+        parse_launch(
+            make_launch(
                 run="r",
                 step="s1",
                 triple=local.triple,

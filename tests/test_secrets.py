@@ -27,7 +27,7 @@ from sshrig import RigHost, SshdRig
 
 from rexplan.cli.rex import main
 from rexplan.cli.rex_key import main as rex_key
-from rexplan.wire import protocol
+from rexplan.wire import handshake, keyfile
 
 SAMPLE_EVERY = 0.05
 MAX_SAMPLES = 20_000  # distinct cmdline/environ contents kept; far above what a run makes
@@ -90,14 +90,14 @@ def files_under(root: Path, skip: Callable[[Path], bool]) -> Iterator[Path]:
 def nonces(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
     """Every nonce drawn in this process (the launch nonces nl, the listener's ns)."""
     drawn: list[bytes] = []
-    real = protocol.new_nonce
+    real = handshake.new_nonce
 
     def recording() -> bytes:
         nonce = real()
         drawn.append(nonce)
         return nonce
 
-    monkeypatch.setattr(protocol, "new_nonce", recording)
+    monkeypatch.setattr(handshake, "new_nonce", recording)
     return drawn
 
 
@@ -171,9 +171,9 @@ def test_no_key_or_nonce_leaks_anywhere(
     needles: dict[bytes, str] = {}
     triples = []
     for path in keys.rglob("*.key"):
-        triple, _, secret = protocol.parse_key_file(path.read_bytes())
+        triple, _, secret = keyfile.parse_key_file(path.read_bytes())
         triples.append(triple)
-        k_l, k_a = protocol.direction_keys(secret)
+        k_l, k_a = handshake.direction_keys(secret)
         for what, value in (("key", secret), ("K_L", k_l), ("K_A", k_a)):
             for form in forms(value):
                 needles[form] = f"{what} of {triple}"

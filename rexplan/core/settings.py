@@ -10,7 +10,7 @@ from typing import Any
 from rexplan.core.model import FailurePolicy, FileSpec, Placement, Program, Ready
 from rexplan.core.values import address_problem, as_int, as_map, as_num, as_str, count_or_percent
 from rexplan.core.yamlpos import KeyPath, Report
-from rexplan.wire.protocol import safe_relpath
+from rexplan.wire.chars import safe_relpath
 
 _MODE_RE = re.compile(r"0?[0-7]{3}\Z|0o[0-7]{3}\Z")
 _PROBES = ("tcp", "http", "command", "file", "notify", "alive")

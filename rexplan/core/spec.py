@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from rexplan.core.model import Step
-from rexplan.wire import protocol
+from rexplan.wire import handshake, keyfile, launch
 
 #: a step's status on its host, as ``rex status`` shows it
 RUNNING = "running"  # alive (pid + start time) with the manifest's spec
@@ -42,7 +42,7 @@ STARTED = "started"
 RESTARTED = "restarted"
 
 #: placeholders where the launch fields depend on the run, not on the program
-_NO_NONCE = bytes(protocol.NONCE_BYTES)
+_NO_NONCE = bytes(handshake.NONCE_BYTES)
 _NO_CALLBACK = ("127.0.0.1", 1)
 
 
@@ -73,7 +73,7 @@ def launch_args(
     when: Mapping[str, float] | None = None,
     unchanged: bool = False,
 ) -> dict[str, Any]:
-    """Keyword arguments of protocol.make_launch for ``step``; ``files`` are (dest, sha256,
+    """Keyword arguments of launch.make_launch for ``step``; ``files`` are (dest, sha256,
     mode) of its program's files, ``when`` its preconditions, ``unchanged``: an instance of
     the same spec running is proven to the listener rather than refused."""
     t = step.timeouts
@@ -109,12 +109,12 @@ def expected_spec(step: Step, files: Sequence[tuple[str, str, int]] = ()) -> str
     args = launch_args(
         step,
         run="expected",
-        key_path=protocol.key_relpath(step.host, step.user, step.program),
+        key_path=keyfile.key_relpath(step.host, step.user, step.program),
         nl=_NO_NONCE,
         callback=_NO_CALLBACK,
         files=files,
     )
-    return protocol.spec_digest(protocol.parse_launch(protocol.make_launch(**args)))
+    return launch.spec_digest(launch.parse_launch(launch.make_launch(**args)))
 
 
 def files_to_upload(

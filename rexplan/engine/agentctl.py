@@ -26,7 +26,7 @@ from rexplan.remote import (
 )
 from rexplan.transport.ssh import Result, Transport, TransportPool
 from rexplan.trust.keys import KeyInfo
-from rexplan.wire import protocol
+from rexplan.wire import keyfile, launch
 
 #: seconds added to the remote deadlines before the launcher gives up on the SSH exec
 EXEC_SLACK = 5.0
@@ -179,15 +179,15 @@ class HostAgents:
 
     def ensure_local_copy(self, transport: Transport, info: KeyInfo, secret: bytes) -> None:
         """Local hosts read keys from REX_HOME/keys like any host; copy when it differs."""
-        rel = protocol.key_relpath(info.host, info.user, info.program)
+        rel = keyfile.key_relpath(info.host, info.user, info.program)
         path = f"{transport.rex_home()}/keys/{rel}"
         with self._lock_for(transport.host.name):
             # absent, unreadable, too long or malformed: written anew
-            with contextlib.suppress(OSError, protocol.KeyFormatError):
-                _, _, there = protocol.parse_key_file(transport.get(path, KEY_FILE_LIMIT))
-                if protocol.key_id(there) == info.key_id:
+            with contextlib.suppress(OSError, keyfile.KeyFormatError):
+                _, _, there = keyfile.parse_key_file(transport.get(path, KEY_FILE_LIMIT))
+                if keyfile.key_id(there) == info.key_id:
                     return
-            data = protocol.format_key_file(info.triple, info.created, secret)
+            data = keyfile.format_key_file(info.triple, info.created, secret)
             transport.put(data, path, 0o600)
 
     def files_of(self, program: str) -> tuple[LocalFile, ...]:
@@ -296,6 +296,6 @@ class HostAgents:
         with contextlib.suppress(TransportError):
             transport.run(
                 launch_argv(python, "--kill"),
-                stdin=protocol.make_kill(self.run_id, step.id, step.stop_timeout),
+                stdin=launch.make_kill(self.run_id, step.id, step.stop_timeout),
                 timeout=step.stop_timeout + EXEC_SLACK,
             )

@@ -50,7 +50,7 @@ from rexplan.transport.ssh import (
     open_stream,
 )
 from rexplan.trust import hostkeys
-from rexplan.wire import protocol
+from rexplan.wire.launch import make_kill
 
 #: the reason of a step whose relay died (or could not be started) before it reported
 RELAY_LOST = "relay_lost"
@@ -460,7 +460,7 @@ class TreeLauncher:
             "host": step.host,
             "login": step.login,
             "argv": launch_argv(step.python, "--kill"),
-            "line": protocol.make_kill(run, step.id, grace).decode("ascii"),
+            "line": make_kill(run, step.id, grace).decode("ascii"),
             "timeout": timeout,
             "connect": step.timeouts.connect,
         }

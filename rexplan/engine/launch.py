@@ -28,7 +28,7 @@ from rexplan.errors import (
 from rexplan.remote import EXIT_NO_AGENT, LAUNCH_MARKER, launch_argv
 from rexplan.transport.ssh import Gate, Transport, TransportPool
 from rexplan.trust.keys import KeyInfo, KeyStore
-from rexplan.wire import protocol
+from rexplan.wire import codes, handshake, keyfile, launch
 
 #: relay errors after which no agent ran on the host: its step fails without awaiting a callback
 NOT_RUN = frozenset({"unreachable", "host_key", "auth", "agent_upload", "agent_start_timeout"})
@@ -213,7 +213,7 @@ class Launcher:
         """Register ``step`` with the listener under a fresh launch nonce and return its launch
         line (the nonce travels only in it); ``unchanged``: an instance of the same spec that
         runs is proven to the listener (protocol ``same``) rather than refused."""
-        nl = protocol.new_nonce()
+        nl = handshake.new_nonce()
         self.listener.expect(
             PendingStep(
                 step_id=step.id,
@@ -225,11 +225,11 @@ class Launcher:
                 job=step.kind == "job",
             )
         )
-        return protocol.make_launch(
+        return launch.make_launch(
             **specs.launch_args(
                 step,
                 run=self.run_id,
-                key_path=protocol.key_relpath(info.host, info.user, info.program),
+                key_path=keyfile.key_relpath(info.host, info.user, info.program),
                 nl=nl,
                 callback=self.advertise(step.address),
                 replace=replacing,
@@ -276,11 +276,11 @@ class Launcher:
         if verdict.ok:
             self._state(r, ev.READY, phase="ready", pid=verdict.pid, action=action)
             return None
-        if verdict.code == protocol.DECLINED:
+        if verdict.code == codes.DECLINED:
             detail = verdict.detail or "declined"
             self._state(r, ev.DECLINED, reason="declined", phase="start", detail=detail)
             return None
-        if verdict.code == protocol.UNCHANGED:
+        if verdict.code == codes.UNCHANGED:
             self._state(r, ev.UNCHANGED, pid=verdict.pid, action=specs.UNCHANGED)
             return None
         self.listener.cancel(step.id)

@@ -39,7 +39,7 @@ from rexplan.engine.slots import (
     Slots,
     keepalive,
 )
-from rexplan.wire import protocol
+from rexplan.wire import chars, codes, frames, handshake, jobs, keyfile, messages
 
 
 class CallbackListener:
@@ -65,7 +65,7 @@ class CallbackListener:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.run_id = run_id or secrets.token_hex(16)
-        if not protocol.RUN_RE.match(self.run_id):
+        if not chars.RUN_RE.match(self.run_id):
             raise ValueError(f"invalid run id {self.run_id!r}")
         self._bind = (bind, port)
         self._handshake_timeout = handshake_timeout
@@ -157,9 +157,9 @@ class CallbackListener:
 
     def expect(self, step: PendingStep) -> None:
         """Register a step before launching it; its id must be new to this listener."""
-        if not protocol.STEP_RE.match(step.step_id) or not protocol.TRIPLE_RE.match(step.triple):
+        if not chars.STEP_RE.match(step.step_id) or not chars.TRIPLE_RE.match(step.triple):
             raise ValueError(f"invalid step id or triple: {step.step_id!r} {step.triple!r}")
-        if protocol.key_id(step.key) != step.key_id or len(step.nl) != protocol.NONCE_BYTES:
+        if keyfile.key_id(step.key) != step.key_id or len(step.nl) != handshake.NONCE_BYTES:
             raise ValueError(f"step {step.step_id}: key_id or nl does not fit the key")
         with self._lock:
             if step.step_id in self._steps:
@@ -180,7 +180,7 @@ class CallbackListener:
                 remaining = end - self._clock()
                 if remaining <= 0:
                     rejected = st.rejected_text()
-                    self._decide(st, Verdict(False, protocol.TIMEOUT, detail=rejected))
+                    self._decide(st, Verdict(False, codes.TIMEOUT, detail=rejected))
                     # info, not warning: the caller reports the step as failed, with its cause
                     self._log.info(
                         "callback step=%s: no verified callback by the deadline (TIMEOUT)%s",
@@ -247,16 +247,16 @@ class CallbackListener:
                 if conn.state == HELLO:
                     # no complete hello: nothing was claimed, so no verdict is owed, and an
                     # agent that was merely slow dials again
-                    self._finish(conn, protocol.TIMEOUT, "no hello in time", send=False)
+                    self._finish(conn, codes.TIMEOUT, "no hello in time", send=False)
                 elif conn.state != DONE:
-                    self._finish(conn, protocol.TIMEOUT, "no handshake in time")
+                    self._finish(conn, codes.TIMEOUT, "no handshake in time")
                 if not conn.closed:
                     self._drop(conn)
             while self._beats and self._beats[0][0] <= now:
                 conn = heapq.heappop(self._beats)[2]
                 if conn.state == JOB and not conn.closed and conn.session is not None:
                     conn.seq_out += 1
-                    self._send(conn, protocol.make_hb(conn.session, conn.seq_out))
+                    self._send(conn, jobs.make_hb(conn.session, conn.seq_out))
                     self._beat(conn, now)
             self._attempts.summarize(now)
 
@@ -302,18 +302,18 @@ class CallbackListener:
             if conn.state == JOB:
                 self._job_end(conn, JobResult(LOST, detail="the agent closed the connection"))
             elif conn.state != DONE:
-                self._finish(conn, protocol.CLOSED, "peer closed", send=False)
+                self._finish(conn, codes.CLOSED, "peer closed", send=False)
             self._drop(conn)
             return
         try:
             msgs = conn.reader.feed(data)
             for msg in msgs:
                 if conn.state == JOB:
-                    self._on_job_frame(conn, protocol.check_message(msg, "out", "exit"))
+                    self._on_job_frame(conn, messages.check_message(msg, "out", "exit"))
                 elif conn.state == HELLO:
-                    self._on_hello(conn, protocol.check_message(msg, "hello"))
+                    self._on_hello(conn, messages.check_message(msg, "hello"))
                 elif conn.state == RESP:
-                    answer = protocol.check_message(msg, "resp", "decl", "same")
+                    answer = messages.check_message(msg, "resp", "decl", "same")
                     if answer["t"] == "decl":
                         self._on_decl(conn, answer)
                     elif answer["t"] == "same":
@@ -321,8 +321,8 @@ class CallbackListener:
                     else:
                         self._on_resp(conn, answer)
                 else:
-                    raise protocol.FrameError(protocol.OUT_OF_ORDER, "frame after the verdict")
-        except protocol.FrameError as exc:
+                    raise codes.FrameError(codes.OUT_OF_ORDER, "frame after the verdict")
+        except codes.FrameError as exc:
             if conn.state == JOB:
                 self._job_end(conn, JobResult(LOST, detail=f"the agent broke the protocol: {exc}"))
                 self._drop(conn)
@@ -338,32 +338,32 @@ class CallbackListener:
             code = self._admit(conn, st, hello)
         if st is None or code is not None:
             conn.named = st
-            self._finish(conn, code or protocol.UNKNOWN_STEP, "")
+            self._finish(conn, code or codes.UNKNOWN_STEP, "")
             return
         conn.step = st
-        conn.t = protocol.transcript(hello)
-        conn.ns = protocol.new_nonce()
-        conn.lp = protocol.launcher_proof(st.k_l, conn.t, conn.ns, st.pending.nl)
+        conn.t = handshake.transcript(hello)
+        conn.ns = handshake.new_nonce()
+        conn.lp = handshake.launcher_proof(st.k_l, conn.t, conn.ns, st.pending.nl)
         conn.state = RESP
         self._due(conn, conn.opened + self._handshake_timeout)
-        self._send(conn, protocol.make_chal(conn.ns, conn.lp))
+        self._send(conn, handshake.make_chal(conn.ns, conn.lp))
 
     def _admit(self, conn: Conn, st: StepState | None, hello: dict[str, Any]) -> str | None:
         """Under the lock: the cheap checks, before any HMAC; None if the hello may go on."""
         if st is None:
-            return protocol.UNKNOWN_STEP
+            return codes.UNKNOWN_STEP
         if st.verdict is not None:
-            return protocol.DUPLICATE
+            return codes.DUPLICATE
         if hello["triple"] != st.pending.triple:
-            return protocol.WRONG_TRIPLE
+            return codes.WRONG_TRIPLE
         if hello["key_id"] != st.pending.key_id:
-            return protocol.WRONG_KEY  # key_id is public: a claim anyone can make decides nothing
+            return codes.WRONG_KEY  # key_id is public: a claim anyone can make decides nothing
         if self._clock() > st.pending.deadline:
             verdict = Verdict(
-                False, protocol.TIMEOUT, peer=conn.peer, ref=conn.ref, detail=st.rejected_text()
+                False, codes.TIMEOUT, peer=conn.peer, ref=conn.ref, detail=st.rejected_text()
             )
             self._decide(st, verdict)
-            return protocol.TIMEOUT
+            return codes.TIMEOUT
         return None
 
     def _on_decl(self, conn: Conn, decl: dict[str, Any]) -> None:
@@ -372,19 +372,19 @@ class CallbackListener:
         assert st is not None
         reason = decl["reason"]
         mac = bytes.fromhex(decl["mac"])
-        proven = protocol.verify_decline(
+        proven = handshake.verify_decline(
             st.k_a, conn.t, conn.ns, st.pending.nl, conn.lp, reason, mac
         )
         with self._changed:
             if st.verdict is not None:
-                code = protocol.DUPLICATE
+                code = codes.DUPLICATE
             elif not proven:
-                code = protocol.BAD_PROOF
+                code = codes.BAD_PROOF
             else:
-                code = protocol.DECLINED
+                code = codes.DECLINED
                 verdict = Verdict(False, code, peer=conn.peer, ref=conn.ref, detail=reason)
                 self._decide(st, verdict)
-        self._finish(conn, code, reason if code == protocol.DECLINED else "", send=False)
+        self._finish(conn, code, reason if code == codes.DECLINED else "", send=False)
 
     def _on_same(self, conn: Conn, same: dict[str, Any]) -> None:
         """An "unchanged" proven with K_A: the step is decided UNCHANGED, its program the
@@ -394,16 +394,16 @@ class CallbackListener:
         assert st is not None
         hello = conn.hello
         mac = bytes.fromhex(same["mac"])
-        proven = not st.pending.job and protocol.verify_same(
+        proven = not st.pending.job and handshake.verify_same(
             st.k_a, conn.t, conn.ns, st.pending.nl, conn.lp, mac
         )
         with self._changed:
             if st.verdict is not None:
-                code = protocol.DUPLICATE
+                code = codes.DUPLICATE
             elif not proven:
-                code = protocol.BAD_PROOF  # kept as detail by _finish: it decides nothing
+                code = codes.BAD_PROOF  # kept as detail by _finish: it decides nothing
             else:
-                code = protocol.UNCHANGED
+                code = codes.UNCHANGED
                 pid, pgid, start = hello["pid"], hello["pgid"], hello["start"]
                 self._decide(st, Verdict(False, code, pid, pgid, start, conn.peer, conn.ref))
         self._finish(conn, code, "", send=False)
@@ -413,49 +413,49 @@ class CallbackListener:
         assert st is not None
         nl = st.pending.nl
         ap = bytes.fromhex(resp["ap"])
-        proven = protocol.verify_agent_proof(st.k_a, conn.t, conn.ns, nl, conn.lp, ap)
+        proven = handshake.verify_agent_proof(st.k_a, conn.t, conn.ns, nl, conn.lp, ap)
         hello = conn.hello
         with self._changed:
             if st.verdict is not None:
-                code = protocol.DUPLICATE
+                code = codes.DUPLICATE
             elif not proven:
-                code = protocol.BAD_PROOF
+                code = codes.BAD_PROOF
             elif self._clock() > st.pending.deadline:
-                code = protocol.TIMEOUT
+                code = codes.TIMEOUT
                 verdict = Verdict(
                     False, code, peer=conn.peer, ref=conn.ref, detail=st.rejected_text()
                 )
                 self._decide(st, verdict)
             else:
-                code = protocol.OK
+                code = codes.OK
                 verdict = Verdict(
                     True, code, hello["pid"], hello["pgid"], hello["start"], conn.peer, conn.ref
                 )
                 self._decide(st, verdict)
-        if code != protocol.OK:
+        if code != codes.OK:
             self._finish(conn, code, "")
             return
         self._attempts.record(code, conn.ref, conn.peer, hello, "")
         self._slots.release(conn)
         if st.pending.job:
             conn.state = JOB
-            conn.session = protocol.Session.of((st.k_l, st.k_a), conn.t, conn.ns, nl, ap)
+            conn.session = jobs.Session.of((st.k_l, st.k_a), conn.t, conn.ns, nl, ap)
             self._beat(conn, self._clock())
             keepalive(conn.sock)
         else:
             conn.state = DONE
-        self._send(conn, protocol.make_ok(protocol.ok_mac(st.k_l, conn.t, conn.ns, nl, ap)))
+        self._send(conn, handshake.make_ok(handshake.ok_mac(st.k_l, conn.t, conn.ns, nl, ap)))
 
     def _beat(self, conn: Conn, now: float) -> None:
-        heapq.heappush(self._beats, (now + protocol.JOB_HEARTBEAT, next(self._seq), conn))
+        heapq.heappush(self._beats, (now + jobs.JOB_HEARTBEAT, next(self._seq), conn))
 
     def _on_job_frame(self, conn: Conn, msg: dict[str, Any]) -> None:
         """A verified job's ``out`` or ``exit``: in sequence and MAC'd with K_A, or LOST."""
         st, session = conn.step, conn.session
         assert st is not None and session is not None
-        payload = protocol.job_payload(msg)
+        payload = jobs.job_payload(msg)
         if msg["seq"] != conn.seq_in + 1 or not session.verify(session.k_a, msg, payload):
-            raise protocol.FrameError(protocol.BAD_PROOF, f"{msg['t']} out of sequence or forged")
+            raise codes.FrameError(codes.BAD_PROOF, f"{msg['t']} out of sequence or forged")
         conn.seq_in = msg["seq"]
         if msg["t"] == "out":
             st.take(payload)
@@ -487,19 +487,19 @@ class CallbackListener:
         named a pending step, the step keeps it as detail; it decides nothing."""
         self._attempts.record(code, conn.ref, conn.peer, conn.hello or None, detail)
         st = conn.step or conn.named
-        if st is not None and code != protocol.DUPLICATE:
+        if st is not None and code != codes.DUPLICATE:
             with self._lock:
                 if st.verdict is None:
                     st.reject(rejection(code, conn.hello, st.pending.key_id, conn.peer[0]))
         conn.state = DONE
         self._slots.release(conn)
         if send:
-            self._send(conn, protocol.make_no(conn.ref))
+            self._send(conn, handshake.make_no(conn.ref))
         else:
             self._drop(conn)
 
     def _send(self, conn: Conn, msg: dict[str, Any]) -> None:
-        conn.out += protocol.encode_frame(msg)
+        conn.out += frames.encode_frame(msg)
         self._flush(conn)
 
     def _flush(self, conn: Conn) -> None:

@@ -13,7 +13,7 @@ from rexplan.engine import events as ev
 from rexplan.engine.agentctl import AGENT_REASONS
 from rexplan.engine.pending import Verdict
 from rexplan.errors import TransportError
-from rexplan.wire import protocol
+from rexplan.wire import chars
 
 #: reasons that mean "who you are was not accepted": exit code 6
 AUTH_REASONS = frozenset({"auth", "host_key", "no_key", "key_insecure", "bad_proof", "rejected"})
@@ -134,7 +134,7 @@ def failure(
     if (
         diag.get("exit") == 15
         and isinstance(held, str)
-        and protocol.KEY_ID_RE.match(held)
+        and chars.KEY_ID_RE.match(held)
         and held != key_id
     ):
         detail = (

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from rexplan.wire import protocol
+from rexplan.wire import codes, handshake, jobs, keyfile
 
 CANCELLED = "CANCELLED"  # verdict only: the launcher gave up on the step (or closed)
 EXITED = "EXITED"  # a job's result: it sent its exit status
@@ -42,7 +42,7 @@ class PendingStep:
     ) -> PendingStep:
         """A step with a fresh launch nonce, due ``timeout`` seconds from now."""
         return cls(
-            step_id, triple, key, protocol.key_id(key), protocol.new_nonce(), clock() + timeout
+            step_id, triple, key, keyfile.key_id(key), handshake.new_nonce(), clock() + timeout
         )
 
 
@@ -88,13 +88,13 @@ class StepState:
 
     def __init__(self, pending: PendingStep) -> None:
         self.pending = pending
-        self.k_l, self.k_a = protocol.direction_keys(pending.key)
+        self.k_l, self.k_a = handshake.direction_keys(pending.key)
         self.verdict: Verdict | None = None
         self.job: JobResult | None = None
         self.output = bytearray()
         self.rejected = 0  # attempts that named this step and proved nothing
         self.rejections: Counter[str] = Counter()  # the first KEPT_REJECTIONS kinds of them
-        self.cut = 0  # bytes of a job's output dropped past protocol.OUT_TAIL
+        self.cut = 0  # bytes of a job's output dropped past jobs.OUT_TAIL
 
     def reject(self, what: str) -> None:
         """Under the lock: keep a rejected attempt as detail; it decides nothing."""
@@ -114,23 +114,23 @@ class StepState:
         return f"{self.rejected} rejected attempt{plural}: {', '.join(kinds)}"
 
     def take(self, data: bytes) -> None:
-        """Keep the last protocol.OUT_TAIL bytes of a job's output (an agent sends no more)."""
+        """Keep the last jobs.OUT_TAIL bytes of a job's output (an agent sends no more)."""
         self.output += data
-        extra = len(self.output) - protocol.OUT_TAIL
+        extra = len(self.output) - jobs.OUT_TAIL
         if extra > 0:
             del self.output[:extra]
             self.cut += extra
 
     def tail(self) -> bytes:
         """The output kept, opened by the line that says how much of it was dropped."""
-        return (protocol.cut_line(self.cut) if self.cut else b"") + bytes(self.output)
+        return (jobs.cut_line(self.cut) if self.cut else b"") + bytes(self.output)
 
 
 def rejection(code: str, hello: dict[str, Any], key_id: str, source: str) -> str:
     """How a rejected attempt on a step reads in its failure: validated hello fields only."""
     what = {
-        protocol.WRONG_KEY: f"wrong key_id {hello.get('key_id')} (expected {key_id})",
-        protocol.WRONG_TRIPLE: f"wrong triple {str(hello.get('triple'))[:64]}",
-        protocol.BAD_PROOF: "a proof that did not verify",
+        codes.WRONG_KEY: f"wrong key_id {hello.get('key_id')} (expected {key_id})",
+        codes.WRONG_TRIPLE: f"wrong triple {str(hello.get('triple'))[:64]}",
+        codes.BAD_PROOF: "a proof that did not verify",
     }.get(code, code)
     return f"{what} from {source}"

@@ -11,7 +11,7 @@ from collections import Counter
 from typing import Any
 
 from rexplan.engine.pending import StepState
-from rexplan.wire import protocol
+from rexplan.wire import codes, frames, jobs
 
 #: a connection's states: awaiting its hello, its answer to the challenge, a verified job's
 #: frames, or nothing more
@@ -66,7 +66,7 @@ class Conn:
         self.due = now  # its current deadline; an earlier timer of it is stale
         self.slot = False  # holds a handshake slot of its peer address
         self.named: StepState | None = None  # the pending step a refused hello named
-        self.reader = protocol.FrameReader()
+        self.reader = frames.FrameReader()
         self.state = HELLO
         self.out = bytearray()
         self.closed = False
@@ -75,7 +75,7 @@ class Conn:
         self.step: StepState | None = None
         self.hello: dict[str, Any] = {}
         self.t = self.ns = self.lp = b""
-        self.session: protocol.Session | None = None
+        self.session: jobs.Session | None = None
         self.seq_in = self.seq_out = 0
 
 
@@ -174,7 +174,7 @@ class Attempts:
         """A handshake ended with ``code``."""
         with self._lock:
             self.counts[code] += 1
-        if code != protocol.OK:
+        if code != codes.OK:
             self._count(code, peer[0])
         # Only validated hello fields (safe charsets) reach the log; never keys or nonces.
         # INFO (rex -vv): anyone who can connect makes these lines; summarize warns.
@@ -194,9 +194,9 @@ class Attempts:
     def refuse(self, peer: tuple[str, int], why: str) -> None:
         """A connection closed for want of a slot (BUSY): counted, summed up, no line."""
         with self._lock:
-            self.counts[protocol.BUSY] += 1
-        self._count(f"{protocol.BUSY} ({why})", peer[0])
-        self._log.debug("callback %s peer=%s:%d (%s)", protocol.BUSY, peer[0], peer[1], why)
+            self.counts[codes.BUSY] += 1
+        self._count(f"{codes.BUSY} ({why})", peer[0])
+        self._log.debug("callback %s peer=%s:%d (%s)", codes.BUSY, peer[0], peer[1], why)
 
     def due(self) -> float | None:
         """When the next summary line is due; None while there is nothing to report."""

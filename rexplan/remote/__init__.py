@@ -1,11 +1,11 @@
 """Code shipped to remote hosts (stdlib only), and the launcher's helpers that package it.
 
-The agent runs on a host as ONE script, ``bundle()``: it registers rexplan/wire/protocol.py and
-rexplan/remote/agent.py as in-memory modules (``rexplan.wire.protocol``, ``rexplan.remote.agent``,
+The agent runs on a host as ONE script, ``bundle()``: it registers rexplan/wire/*.py and
+rexplan/remote/agent.py as in-memory modules (``rexplan.wire.<name>``, ``rexplan.remote.agent``,
 ahead of any rexplan installed there) and runs the agent. Two ways to run it:
 
 - a file: upload ``bundle()`` once as ``~/.rex/agent-<bundle_sha()>.py``, then run
-  ``python3 -I -S FILE`` with the launch line (protocol.make_launch) on stdin; its first run
+  ``python3 -I -S FILE`` with the launch line (launch.make_launch) on stdin; its first run
   keeps the compiled modules next to it (``FILE.<cache_tag>.code``) for the next ones;
 - no file: run ``bootstrap_argv()`` and write ``bootstrap_input(launch_line)`` to its stdin;
   the small ``-c`` bootstrap reads the bundle, checks its sha256 against argv, and execs it.
@@ -13,6 +13,7 @@ ahead of any rexplan installed there) and runs the agent. Two ways to run it:
 
 from __future__ import annotations
 
+import ast
 import functools
 import hashlib
 from importlib import resources
@@ -29,8 +30,9 @@ BOOTSTRAP = (
     "exec(compile(s,'<rex-agent>','exec'))\n"
 )
 
-#: the end of every agent run: register the compiled modules (``_rex_protocol``,
-#: ``_rex_agent``) as ``rexplan.wire.protocol`` and ``rexplan.remote.agent``, then run the agent
+#: the end of every agent run: register the compiled modules (``_rex_loaded``: (name, code)
+#: pairs, the wire modules in the order they import each other, then ``rexplan.remote.agent``)
+#: under their names, then run the agent
 _RUN = (
     "def _rex_module(name, code=None):\n"
     "    module = types.ModuleType(name)\n"
@@ -45,8 +47,10 @@ _RUN = (
     "\n"
     "_rex_module('rexplan').remote = _rex_module('rexplan.remote')\n"
     "sys.modules['rexplan'].wire = _rex_module('rexplan.wire')\n"
-    "sys.modules['rexplan.wire'].protocol = _rex_module('rexplan.wire.protocol', _rex_protocol)\n"
-    "sys.exit(_rex_module('rexplan.remote.agent', _rex_agent).main())\n"
+    "for _rex_name, _rex_code in _rex_loaded:\n"
+    "    _rex_parent, _, _rex_leaf = _rex_name.rpartition('.')\n"
+    "    setattr(sys.modules[_rex_parent], _rex_leaf, _rex_module(_rex_name, _rex_code))\n"
+    "sys.exit(sys.modules['rexplan.remote.agent'].main())\n"
 )
 
 #: LAUNCH_STUB's exit code (and report) when the agent file is not in REX_HOME: upload, retry
@@ -98,7 +102,7 @@ LAUNCH_STUB = (
     "try:\n"
     " import marshal,types\n"
     " with open(f+'.'+sys.implementation.cache_tag+'.code','rb') as b:"
-    "_rex_protocol,_rex_agent=marshal.loads(b.read())[1]\n"
+    "_rex_loaded=marshal.loads(b.read())[1]\n"
     "except Exception:\n"
     " try:\n"
     "  with open(f,'rb') as b:s=b.read()\n"
@@ -112,7 +116,7 @@ LAUNCH_STUB = (
 ) + _RUN
 
 _TEMPLATE = """\
-# rex agent bundle: rexplan/wire/protocol.py and rexplan/remote/agent.py; stdlib only, Python >= 3.8
+# rex agent bundle: rexplan/wire/*.py and rexplan/remote/agent.py; stdlib only, Python >= 3.8
 import sys
 import types
 
@@ -135,7 +139,7 @@ def _rex_codes(sources):
         except (OSError, EOFError, ValueError, TypeError):
             pass
     codes = tuple(
-        compile(source, "<rex-bundle>/" + name.replace(".", "/") + ".py", "exec")
+        (name, compile(source, "<rex-bundle>/" + name.replace(".", "/") + ".py", "exec"))
         for name, source in sources
     )
     if cache is not None:
@@ -153,20 +157,48 @@ def _rex_codes(sources):
     return codes
 
 
-_rex_protocol, _rex_agent = _rex_codes(
-    (("rexplan.wire.protocol", {protocol!r}), ("rexplan.remote.agent", {agent!r}))
-)
+_rex_loaded = _rex_codes({sources!r})
 {run}"""
+
+
+def _wire_sources() -> list[tuple[str, str]]:
+    """(module name, source) of every rexplan/wire module, each after the ones it imports."""
+    wire = resources.files("rexplan").joinpath("wire")
+    sources = {
+        path.name[: -len(".py")]: path.read_text(encoding="utf-8")
+        for path in wire.iterdir()
+        if path.name.endswith(".py") and path.name != "__init__.py"
+    }
+    ordered: list[str] = []
+
+    def visit(name: str) -> None:
+        if name in ordered:
+            return
+        for node in ast.walk(ast.parse(sources[name])):
+            if isinstance(node, ast.ImportFrom) and node.module == "rexplan.wire":
+                for alias in node.names:
+                    visit(alias.name)
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith(
+                "rexplan.wire."
+            ):
+                visit((node.module or "").split(".")[2])
+        ordered.append(name)
+
+    for name in sorted(sources):
+        visit(name)
+    return [(f"rexplan.wire.{name}", sources[name]) for name in ordered]
 
 
 @functools.lru_cache(maxsize=1)
 def bundle() -> bytes:
     """The agent as one self-contained Python >= 3.8 script."""
     package = resources.files("rexplan")
-    protocol = package.joinpath("wire").joinpath("protocol.py").read_text(encoding="utf-8")
     agent = package.joinpath("remote").joinpath("agent.py").read_text(encoding="utf-8")
-    sha = hashlib.sha256(f"{protocol}\0{agent}".encode()).hexdigest()
-    return _TEMPLATE.format(protocol=protocol, agent=agent, sha=sha, run=_RUN).encode("utf-8")
+    sources = (*_wire_sources(), ("rexplan.remote.agent", agent))
+    sha = hashlib.sha256(
+        "\0".join(f"{name}\0{text}" for name, text in sources).encode()
+    ).hexdigest()
+    return _TEMPLATE.format(sources=sources, sha=sha, run=_RUN).encode("utf-8")
 
 
 def bundle_sha() -> str:

@@ -1,9 +1,9 @@
 """The agent rex ships to hosts: start a program, probe it, call the launcher back, supervise it.
 
 Stdlib only, Python >= 3.8. It runs as one script, ``rexplan.remote.bundle()`` (this module
-plus rexplan/wire/protocol.py): ``python3 -I -S agent-<sha>.py``, or without a file on the host as
+plus rexplan/wire/*.py): ``python3 -I -S agent-<sha>.py``, or without a file on the host as
 ``python3 -I -S -c BOOTSTRAP <sha>`` with the bundle piped ahead of the launch message (see
-rexplan.remote). Either way it reads ONE JSON launch line from stdin (protocol.parse_launch);
+rexplan.remote). Either way it reads ONE JSON launch line from stdin (parse_launch);
 secrets (the key, the launch nonce nl) never appear in argv or the environment. Run as
 ``--wait SECONDS`` (rexplan.remote.LAUNCH_STUB's launches) it waits at most SECONDS for that
 line, so a launcher stopped or gone before it sent the line never holds the agent.
@@ -34,7 +34,7 @@ Other modes: ``--status`` prints every record with liveness checked by pid + sta
 ``--stop PROGRAM [GRACE [force]]`` stops a program through its supervisor (or directly if the
 supervisor is gone), ``force`` SIGKILLs supervisor, group and tagged processes at once;
 ``--kill`` ends what one run started for one step, named by the request line on its stdin
-(protocol.make_kill: run, step, grace; the run id stays out of argv, which every user of the
+(make_kill: run, step, grace; the run id stays out of argv, which every user of the
 host can read); ``--load loadavg|cgroup SECONDS`` measures what the host has to spare for
 least-loaded placement (load_report).
 
@@ -75,7 +75,18 @@ import stat
 import sys
 import time
 
-from rexplan.wire import protocol
+from rexplan.wire import chars, codes, crypto, handshake, jobs, jsonstrict, keyfile, messages
+from rexplan.wire.frames import FrameReader, encode_frame
+from rexplan.wire.launch import (
+    KILL_WAIT,
+    MAX_LAUNCH,
+    Launch,
+    LaunchError,
+    Probe,
+    parse_kill,
+    parse_launch,
+    spec_digest,
+)
 
 # Every agent run pays for its imports: tempfile and traceback come where used, typing never,
 # and no subprocess (it imports threading and selectors): _Proc and _start do what the agent
@@ -204,7 +215,7 @@ def _check_dir(path: str, follow: bool) -> None:
         raise Failure(EXIT_KEY, f"{path} is writable by others or owned by another user")
 
 
-def load_key(home: str, launch: protocol.Launch) -> bytes:
+def load_key(home: str, launch: Launch) -> bytes:
     """The triple's secret: the program key, else the host.user key; refuses insecure files."""
     host, user, _ = launch.triple.rsplit(".", 2)
     parts = launch.key_path.split("/")
@@ -241,8 +252,8 @@ def load_key(home: str, launch: protocol.Launch) -> bytes:
         finally:
             os.close(fd)
         try:
-            named, _, secret = protocol.parse_key_file(data)
-        except protocol.KeyFormatError as exc:
+            named, _, secret = keyfile.parse_key_file(data)
+        except keyfile.KeyFormatError as exc:
             raise Failure(EXIT_KEY, f"key {rel} is malformed: {exc}") from None
         if named != owner:
             raise Failure(EXIT_KEY, f"key {rel} names {named}, not {owner}")
@@ -534,7 +545,7 @@ def sweep(triple: str, grace: float, force: bool = False, cgroup: str | None = N
     seconds, KILL (``force``: KILL at once). Before the KILL the set is frozen with SIGSTOP and
     listed again until no new process appears, so nothing forks its way out between the
     listing and the kill."""
-    tagged = protocol.TRIPLE_RE.match(triple) is not None
+    tagged = chars.TRIPLE_RE.match(triple) is not None
     if not tagged and cgroup is None:
         return []
 
@@ -671,7 +682,7 @@ def delegated_cgroup() -> str | None:
     return directory
 
 
-def _make_cgroup(launch: protocol.Launch) -> str | None:
+def _make_cgroup(launch: Launch) -> str | None:
     """Create the program's cgroup under the delegated one (see delegated_cgroup) and keep it
     in _Cgroup; None, and nothing made, where the host offers none."""
     parent = delegated_cgroup()
@@ -770,7 +781,7 @@ class _Watch:
     fd = -1
 
 
-def _start_watchdog(launch: protocol.Launch) -> None:
+def _start_watchdog(launch: Launch) -> None:
     """Fork the launch watchdog (see _watchdog) before anything is started."""
     read_end, write_end = os.pipe()  # O_CLOEXEC: no program or probe inherits them
     try:
@@ -817,7 +828,7 @@ def _reap_watchdog() -> None:
             time.sleep(0.002)
 
 
-def _watchdog(launch: protocol.Launch, fd: int) -> None:
+def _watchdog(launch: Launch, fd: int) -> None:
     """The launch watchdog: a forked child of the supervisor, in a session of its own (so a
     signal to the agent's group or session does not reach it), holding nothing but the read
     end of a pipe only the supervisor writes. The supervisor tells it the program's cgroup,
@@ -865,7 +876,7 @@ def _watchdog(launch: protocol.Launch, fd: int) -> None:
     _end_launch(launch, pgid, start, cgroup)
 
 
-def _end_launch(launch: protocol.Launch, pgid: int, start: str, cgroup: str | None) -> None:
+def _end_launch(launch: Launch, pgid: int, start: str, cgroup: str | None) -> None:
     """The watchdog's cleanup of an unverified launch: the program's group (TERM, the stop
     grace, KILL), its cgroup, and any group still tagged with the run and step (a program the
     supervisor died too early to report)."""
@@ -887,7 +898,7 @@ def _end_launch(launch: protocol.Launch, pgid: int, start: str, cgroup: str | No
 # ---- readiness ----
 
 
-def _probe_once(probe: protocol.Probe, cwd: str | None, env: dict[str, str], budget: float) -> bool:
+def _probe_once(probe: Probe, cwd: str | None, env: dict[str, str], budget: float) -> bool:
     budget = max(0.05, budget)
     if probe.kind == "tcp":
         try:
@@ -947,7 +958,7 @@ def _exited(proc: _Proc) -> Failure:
 
 def wait_ready(
     proc: _Proc,
-    probe: protocol.Probe,
+    probe: Probe,
     deadline: float,
     cwd: str | None,
     env: dict[str, str],
@@ -1024,7 +1035,7 @@ class _Retry(Exception):
 
 
 def _recv(
-    sock: socket.socket, reader: protocol.FrameReader, deadline: float, *expected: str
+    sock: socket.socket, reader: FrameReader, deadline: float, *expected: str
 ) -> dict[str, Any]:
     while True:
         remaining = deadline - time.monotonic()
@@ -1035,7 +1046,7 @@ def _recv(
         if not data:
             raise EOFError()
         for msg in reader.feed(data):
-            return protocol.check_message(msg, *expected)
+            return messages.check_message(msg, *expected)
 
 
 def _send(sock: socket.socket, frame: bytes, deadline: float) -> None:
@@ -1047,16 +1058,14 @@ class _Link:
     """A job's connection to the launcher after ``ok``, and the session its frames are MAC'd
     with."""
 
-    def __init__(
-        self, sock: socket.socket, reader: protocol.FrameReader, session: protocol.Session
-    ) -> None:
+    def __init__(self, sock: socket.socket, reader: FrameReader, session: jobs.Session) -> None:
         self.sock = sock
         self.reader = reader
         self.session = session
 
 
 def _handshake(
-    launch: protocol.Launch,
+    launch: Launch,
     secret: bytes,
     pid: int,
     start: str,
@@ -1067,7 +1076,7 @@ def _handshake(
     """One handshake; a job keeps its verified connection (the _Link), a service closes it.
     With ``decline`` the agent proves that reason instead of its ``resp``; with ``same``, that
     the program ``pid`` started at ``start`` runs the launch's spec already."""
-    k_l, k_a = protocol.direction_keys(secret)
+    k_l, k_a = handshake.direction_keys(secret)
     remaining = deadline - time.monotonic()
     try:
         sock = _connect(launch.callback[0], launch.callback[1], max(0.001, remaining))
@@ -1076,20 +1085,20 @@ def _handshake(
     except OSError:
         raise _Retry() from None
     try:
-        hello = protocol.make_hello(
+        hello = handshake.make_hello(
             run=launch.run,
             step=launch.step,
             triple=launch.triple,
-            key_id=protocol.key_id(secret),
-            na=protocol.new_nonce(),
+            key_id=keyfile.key_id(secret),
+            na=handshake.new_nonce(),
             pid=pid,
             pgid=pid,
             start=start,
         )
-        t = protocol.transcript(hello)
-        reader = protocol.FrameReader()
+        t = handshake.transcript(hello)
+        reader = FrameReader()
         try:
-            _send(sock, protocol.encode_frame(hello), deadline)
+            _send(sock, encode_frame(hello), deadline)
             chal = _recv(sock, reader, deadline, "chal", "no")
         except _Timeout:
             raise
@@ -1099,24 +1108,24 @@ def _handshake(
             refused = f"launcher refused the callback (ref {chal['ref']})"
             raise Failure(EXIT_REJECTED, refused, key_id=hello["key_id"])
         ns, lp = bytes.fromhex(chal["ns"]), bytes.fromhex(chal["lp"])
-        if not protocol.verify_launcher_proof(k_l, t, ns, launch.nl, lp):
+        if not handshake.verify_launcher_proof(k_l, t, ns, launch.nl, lp):
             raise Failure(EXIT_REJECTED, "the listener could not prove it holds the key")
         if decline is not None or same:
             if decline is not None:
-                decl = protocol.make_decl(k_a, t, ns, launch.nl, lp, decline)
+                decl = handshake.make_decl(k_a, t, ns, launch.nl, lp, decline)
             else:
-                decl = protocol.make_same(k_a, t, ns, launch.nl, lp)
+                decl = handshake.make_same(k_a, t, ns, launch.nl, lp)
             with _suppress(OSError, EOFError, _Timeout):
-                _send(sock, protocol.encode_frame(decl), deadline)
+                _send(sock, encode_frame(decl), deadline)
                 # the listener decides and closes: wait for it, so no reset loses the frame
                 sock.settimeout(max(0.001, deadline - time.monotonic()))
                 while sock.recv(64):
                     pass
             sock.close()
             return None
-        ap = protocol.agent_proof(k_a, t, ns, launch.nl, lp)
+        ap = handshake.agent_proof(k_a, t, ns, launch.nl, lp)
         try:
-            _send(sock, protocol.encode_frame(protocol.make_resp(ap)), deadline)
+            _send(sock, encode_frame(handshake.make_resp(ap)), deadline)
             verdict = _recv(sock, reader, deadline, "ok", "no")
         except _Timeout:
             raise
@@ -1127,7 +1136,7 @@ def _handshake(
         if verdict["t"] == "no":
             refused = f"launcher refused the callback (ref {verdict['ref']})"
             raise Failure(EXIT_REJECTED, refused, key_id=hello["key_id"])
-        if not protocol.verify_ok_mac(k_l, t, ns, launch.nl, ap, bytes.fromhex(verdict["mac"])):
+        if not handshake.verify_ok_mac(k_l, t, ns, launch.nl, ap, bytes.fromhex(verdict["mac"])):
             raise Failure(EXIT_REJECTED, "the verdict is not authenticated")
     except BaseException:
         sock.close()
@@ -1135,11 +1144,11 @@ def _handshake(
     if launch.kind != "job":
         sock.close()
         return None
-    return _Link(sock, reader, protocol.Session.of((k_l, k_a), t, ns, launch.nl, ap))
+    return _Link(sock, reader, jobs.Session.of((k_l, k_a), t, ns, launch.nl, ap))
 
 
 def _dial(
-    launch: protocol.Launch,
+    launch: Launch,
     deadline: float,
     attempt: Callable[[], _Link | None],
     proc: _Proc | None = None,
@@ -1155,8 +1164,8 @@ def _dial(
             return attempt()
         except _Timeout:
             raise Failure(EXIT_NO_CALLBACK, f"no verdict from {where} by the deadline") from None
-        except protocol.FrameError as exc:
-            raise Failure(EXIT_REJECTED, f"the listener broke {protocol.VERSION}: {exc}") from None
+        except codes.FrameError as exc:
+            raise Failure(EXIT_REJECTED, f"the listener broke {messages.VERSION}: {exc}") from None
         except _Retry:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -1166,7 +1175,7 @@ def _dial(
 
 
 def call_back(
-    launch: protocol.Launch,
+    launch: Launch,
     secret: bytes,
     proc: _Proc,
     start: str,
@@ -1179,15 +1188,13 @@ def call_back(
     )
 
 
-def same_back(
-    launch: protocol.Launch, secret: bytes, pid: int, start: str, deadline: float
-) -> None:
+def same_back(launch: Launch, secret: bytes, pid: int, start: str, deadline: float) -> None:
     """Prove to the listener that the program ``pid`` (started at ``start``) runs the launch's
     spec already (nothing was started)."""
     _dial(launch, deadline, lambda: _handshake(launch, secret, pid, start, deadline, same=True))
 
 
-def decline_back(launch: protocol.Launch, secret: bytes, reason: str, deadline: float) -> None:
+def decline_back(launch: Launch, secret: bytes, reason: str, deadline: float) -> None:
     """Prove to the listener that this host declines the launch (nothing was started)."""
     pid = os.getpid()
     start = start_time(pid)
@@ -1209,7 +1216,7 @@ def _free_mb(root: str = "") -> int | None:
     return None
 
 
-def _declines(launch: protocol.Launch) -> str | None:
+def _declines(launch: Launch) -> str | None:
     """Why this host will not run the launch now (its ``when``), or None."""
     when = dict(launch.when)
     if "max_load" in when:
@@ -1227,7 +1234,7 @@ def files_dir(home: str, name: str) -> str:
     return os.path.join(home, "files", name)
 
 
-def _workdir(launch: protocol.Launch) -> str | None:
+def _workdir(launch: Launch) -> str | None:
     """The program's working directory: its cwd, else the directory of its files, if any."""
     if launch.cwd is not None or not launch.files:
         return launch.cwd
@@ -1243,7 +1250,7 @@ def _sha256(path: str) -> str | None:
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             return None
-        digest = protocol.sha256()
+        digest = crypto.sha256()
         for block in iter(lambda: os.read(fd, 1 << 16), b""):
             digest.update(block)
         return digest.hexdigest()
@@ -1251,7 +1258,7 @@ def _sha256(path: str) -> str | None:
         os.close(fd)
 
 
-def _check_files(home: str, launch: protocol.Launch) -> None:
+def _check_files(home: str, launch: Launch) -> None:
     base = files_dir(home, launch.log)
     for dest, sha, _mode in launch.files:
         if _sha256(os.path.join(base, dest)) != sha:
@@ -1379,7 +1386,7 @@ def _store(home: str, name: str, record: dict[str, Any]) -> None:
     TRIPLE`` the launcher's shell check reads (remote.CHECK_SH), removed when the record has
     no program pid."""
     run = _run_dir(home)
-    _replace(run, name, ".json", protocol.dumps(record, sort_keys=True).encode("ascii"))
+    _replace(run, name, ".json", jsonstrict.dumps(record, sort_keys=True).encode("ascii"))
     pid = record.get("pid")
     words = [str(pid)] + [record.get(k) for k in ("start", "spec", "triple")]
     line = " ".join(w for w in words if type(w) is str and w.isprintable() and w.isascii())
@@ -1407,13 +1414,13 @@ def read_state(home: str, name: str) -> dict[str, Any] | None:
     """The record REX_HOME/run/<name>.json; None when there is none or it is unreadable."""
     try:
         with open(os.path.join(home, "run", f"{name}.json"), "rb") as f:
-            data = protocol.loads(f.read(1 << 20).decode("utf-8"))
+            data = jsonstrict.loads(f.read(1 << 20).decode("utf-8"))
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None
 
 
-def _write_state(home: str, launch: protocol.Launch, **fields: Any) -> None:
+def _write_state(home: str, launch: Launch, **fields: Any) -> None:
     """Record the program's state; a failure only goes to the log, since the state is a
     record and must not cost a verified program its life."""
     record = {
@@ -1421,7 +1428,7 @@ def _write_state(home: str, launch: protocol.Launch, **fields: Any) -> None:
         "step": launch.step,
         "triple": launch.triple,
         "kind": launch.kind,
-        "spec": protocol.spec_digest(launch),
+        "spec": spec_digest(launch),
         "restart": launch.restart,
         "stop_timeout": launch.deadline("stop"),
         "agent": os.getpid(),
@@ -1472,7 +1479,7 @@ class _Same(Exception):
         self.start = start
 
 
-def _prove_same(launch: protocol.Launch, secret: bytes, same: _Same) -> int:
+def _prove_same(launch: Launch, secret: bytes, same: _Same) -> int:
     """Prove to the listener that the program runs unchanged and report it: only that proof
     makes the step unchanged (a relay passing this report on cannot)."""
     deadline = time.monotonic() + launch.deadline("callback")
@@ -1483,7 +1490,7 @@ def _prove_same(launch: protocol.Launch, secret: bytes, same: _Same) -> int:
     return _print({"ok": True, "same": True, "pid": same.pid})
 
 
-def _claim(home: str, launch: protocol.Launch) -> tuple[int, bool]:
+def _claim(home: str, launch: Launch) -> tuple[int, bool]:
     """(the lock fd this launch's supervisor will hold, whether a running instance was
     stopped for it). Only an established instance is replaced, and only when the launch asks;
     a launch still in progress, or an instance of the same spec, refuses it (EXIT_RUNNING):
@@ -1510,7 +1517,7 @@ def _claim(home: str, launch: protocol.Launch) -> tuple[int, bool]:
             and not launch.files
             and isinstance(recorded, str)
             and recorded.isascii()
-            and protocol.compare_digest(recorded, protocol.spec_digest(launch))
+            and crypto.compare_digest(recorded, spec_digest(launch))
         )
         if same and launch.unchanged:
             assert record is not None
@@ -1605,7 +1612,7 @@ def status_report(home: str) -> dict[str, Any]:
     return {"ok": True, "now": now, "programs": programs}
 
 
-def _program_env(launch: protocol.Launch, notify: str | None) -> dict[str, str]:
+def _program_env(launch: Launch, notify: str | None) -> dict[str, str]:
     env = dict(launch.env)
     if "PATH" not in env and "PATH" in os.environ:
         env["PATH"] = os.environ["PATH"]
@@ -1619,10 +1626,10 @@ def _program_env(launch: protocol.Launch, notify: str | None) -> dict[str, str]:
 def _report(fd: int, obj: dict[str, Any]) -> None:
     # OSError: the front is gone; the outcome stands without it
     with _suppress(OSError):
-        os.write(fd, protocol.dumps(obj).encode("ascii") + b"\n")
+        os.write(fd, jsonstrict.dumps(obj).encode("ascii") + b"\n")
 
 
-def _spawn(launch: protocol.Launch, log_fd: int, env: dict[str, str], restart: int = 0) -> _Proc:
+def _spawn(launch: Launch, log_fd: int, env: dict[str, str], restart: int = 0) -> _Proc:
     what = f"restart {restart}" if restart else "starting"
     os.write(log_fd, f"--- rex: run {launch.run} step {launch.step} {what}\n".encode())
     _Output.start = os.lseek(log_fd, 0, os.SEEK_END)
@@ -1641,7 +1648,7 @@ def _spawn(launch: protocol.Launch, log_fd: int, env: dict[str, str], restart: i
         raise Failure(EXIT_START, f"cannot start {launch.argv[0]!r}: {exc.strerror}") from None
 
 
-def _supervise(launch: protocol.Launch, home: str, secret: bytes, log_fd: int, out: int) -> int:
+def _supervise(launch: Launch, home: str, secret: bytes, log_fd: int, out: int) -> int:
     """The supervisor's life; returns its exit code. ``out`` is the report pipe to the front."""
     began = time.monotonic()
     proc: _Proc | None = None
@@ -1736,9 +1743,9 @@ class _Output:
     start = 0
 
 
-def _tail(home: str, launch: protocol.Launch) -> bytes:
-    """The tail of what the job wrote (stdout and stderr, interleaved): protocol.OUT_TAIL
-    bytes at most, opened by protocol.cut_line when more came before it."""
+def _tail(home: str, launch: Launch) -> bytes:
+    """The tail of what the job wrote (stdout and stderr, interleaved): jobs.OUT_TAIL
+    bytes at most, opened by jobs.cut_line when more came before it."""
     path = os.path.join(home, "logs", f"{launch.log}.log")
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
@@ -1747,11 +1754,11 @@ def _tail(home: str, launch: protocol.Launch) -> bytes:
     try:
         end = os.fstat(fd).st_size
         size = max(0, end - _Output.start)
-        if size <= protocol.OUT_TAIL:
+        if size <= jobs.OUT_TAIL:
             return os.pread(fd, size, end - size)
         # the line for ``size`` is as long as the one for what is cut, or longer
-        keep = protocol.OUT_TAIL - len(protocol.cut_line(size))
-        return protocol.cut_line(size - keep) + os.pread(fd, keep, end - keep)
+        keep = jobs.OUT_TAIL - len(jobs.cut_line(size))
+        return jobs.cut_line(size - keep) + os.pread(fd, keep, end - keep)
     finally:
         os.close(fd)
 
@@ -1763,17 +1770,17 @@ def _heard(link: _Link, seq: int) -> int:
     if not data:
         raise EOFError()
     for msg in link.reader.feed(data):
-        beat = protocol.check_message(msg, "hb")
+        beat = messages.check_message(msg, "hb")
         if beat["seq"] != seq + 1 or not link.session.verify(link.session.k_l, beat, b""):
-            raise protocol.FrameError(protocol.BAD_PROOF, "heartbeat forged or out of sequence")
+            raise codes.FrameError(codes.BAD_PROOF, "heartbeat forged or out of sequence")
         seq = beat["seq"]
     return seq
 
 
-def _job(launch: protocol.Launch, home: str, run: _Run, link: _Link) -> int:
+def _job(launch: Launch, home: str, run: _Run, link: _Link) -> int:
     """Keep the launcher's connection while the job runs; then send the tail of its output
     and its exit status. The job is killed when the launcher goes: the connection ends or
-    fails, a heartbeat does not verify, or none came for protocol.JOB_SILENCE seconds.
+    fails, a heartbeat does not verify, or none came for jobs.JOB_SILENCE seconds.
     SIGTERM/SIGINT to the supervisor stop it too."""
     signal.signal(signal.SIGTERM, _on_stop)
     signal.signal(signal.SIGINT, _on_stop)
@@ -1784,7 +1791,7 @@ def _job(launch: protocol.Launch, home: str, run: _Run, link: _Link) -> int:
     why = ""
     try:
         while run.proc.poll() is None:
-            if time.monotonic() - heard > protocol.JOB_SILENCE:
+            if time.monotonic() - heard > jobs.JOB_SILENCE:
                 why = "no heartbeat from the launcher"
                 break
             with _stoppable():
@@ -1795,7 +1802,7 @@ def _job(launch: protocol.Launch, home: str, run: _Run, link: _Link) -> int:
                 except EOFError:
                     why = "the launcher closed the connection"
                     break
-                except (OSError, protocol.FrameError) as exc:
+                except (OSError, codes.FrameError) as exc:
                     why = f"the launcher's connection failed: {exc}"
                     break
                 heard = time.monotonic()
@@ -1821,16 +1828,16 @@ def _finish_job(link: _Link, output: bytes, status: int) -> None:
     close first: closing with its heartbeats unread would reset the connection and could
     lose the last frames."""
     frames = [
-        protocol.make_out(link.session, i + 1, output[k : k + protocol.OUT_CHUNK])
-        for i, k in enumerate(range(0, len(output), protocol.OUT_CHUNK))
+        jobs.make_out(link.session, i + 1, output[k : k + jobs.OUT_CHUNK])
+        for i, k in enumerate(range(0, len(output), jobs.OUT_CHUNK))
     ]
-    frames.append(protocol.make_exit(link.session, len(frames) + 1, status))
+    frames.append(jobs.make_exit(link.session, len(frames) + 1, status))
     try:
         # OSError: the launcher went away; the record still holds the status
         with _suppress(OSError):
-            link.sock.settimeout(protocol.JOB_SILENCE)
+            link.sock.settimeout(jobs.JOB_SILENCE)
             for frame in frames:
-                link.sock.sendall(protocol.encode_frame(frame))
+                link.sock.sendall(encode_frame(frame))
             link.sock.shutdown(socket.SHUT_WR)
             while link.sock.recv(4096):
                 continue
@@ -1885,9 +1892,7 @@ def _restart_due(policy: str, status: int) -> bool:
     return policy == "always" or (policy == "on-failure" and status != 0)
 
 
-def _after_ok(
-    launch: protocol.Launch, home: str, run: _Run, env: dict[str, str], log_fd: int
-) -> int:
+def _after_ok(launch: Launch, home: str, run: _Run, env: dict[str, str], log_fd: int) -> int:
     """Stay the program's parent: record how each run ends and restart it by policy.
     SIGTERM/SIGINT stop it for good; SIGHUP is ignored."""
     signal.signal(signal.SIGTERM, _on_stop)
@@ -1936,7 +1941,7 @@ def _after_ok(
     return 0
 
 
-def _child(launch: protocol.Launch, home: str, secret: bytes, log_fd: int, out: int) -> int:
+def _child(launch: Launch, home: str, secret: bytes, log_fd: int, out: int) -> int:
     os.setsid()
     null = os.open(os.devnull, os.O_RDWR)
     os.dup2(null, 0)
@@ -1968,7 +1973,7 @@ def _open_log(home: str, name: str) -> int:
         raise Failure(EXIT_START, f"cannot open the program log: {exc.strerror}") from None
 
 
-def _await(child: int, fd: int, launch: protocol.Launch) -> dict[str, Any]:
+def _await(child: int, fd: int, launch: Launch) -> dict[str, Any]:
     """Read the supervisor's reports until its outcome; clean up if it dies or we are told to."""
     bound = time.monotonic() + sum(v for _, v in launch.deadlines) + launch.deadline("stop") + 5
     pgid = 0
@@ -1987,7 +1992,7 @@ def _await(child: int, fd: int, launch: protocol.Launch) -> dict[str, Any]:
             buf += data
             while b"\n" in buf:
                 line, buf = buf.split(b"\n", 1)
-                report = protocol.loads(line.decode("ascii"))
+                report = jsonstrict.loads(line.decode("ascii"))
                 if "started" in report:
                     pgid = report["started"][1]
                 else:
@@ -2025,7 +2030,7 @@ def _read_line(fd: int, within: float) -> bytes:
     sys.stdin: its buffer would hide a partial line from select."""
     end = time.monotonic() + within
     buf = b""
-    while b"\n" not in buf and len(buf) <= protocol.MAX_LAUNCH:
+    while b"\n" not in buf and len(buf) <= MAX_LAUNCH:
         remaining = end - time.monotonic()
         if remaining <= 0 or not select.select([fd], [], [], remaining)[0]:
             raise Failure(EXIT_NO_LAUNCH, f"no launch message within {within:g}s")
@@ -2033,26 +2038,26 @@ def _read_line(fd: int, within: float) -> bytes:
         if not data:
             return buf
         buf += data
-    return buf[: buf.find(b"\n") + 1 or protocol.MAX_LAUNCH + 1]
+    return buf[: buf.find(b"\n") + 1 or MAX_LAUNCH + 1]
 
 
-def _read_launch(wait: float | None = None) -> protocol.Launch:
+def _read_launch(wait: float | None = None) -> Launch:
     if wait is None:
-        line = sys.stdin.buffer.readline(protocol.MAX_LAUNCH + 1)
+        line = sys.stdin.buffer.readline(MAX_LAUNCH + 1)
     else:
         line = _read_line(sys.stdin.fileno(), wait)
     if not line.strip():
         raise Failure(EXIT_BAD_LAUNCH, "no launch message on stdin")
     try:
-        return protocol.parse_launch(line)
-    except protocol.LaunchError as exc:
+        return parse_launch(line)
+    except LaunchError as exc:
         raise Failure(EXIT_BAD_LAUNCH, f"bad launch message: {exc}") from None
 
 
 def _print(result: dict[str, Any]) -> int:
     # OSError: the launcher is gone; the exit code still tells
     with _suppress(OSError):
-        sys.stdout.write(protocol.dumps(result) + "\n")
+        sys.stdout.write(jsonstrict.dumps(result) + "\n")
         sys.stdout.flush()
         if not result["ok"]:
             sys.stderr.write(f"rex-agent: {result['reason']}\n")
@@ -2082,9 +2087,9 @@ def _tagged_groups(run: str, step: str) -> set[int]:
 def _kill_request() -> int:
     """``--kill``: read the request line (run, step, grace) from stdin, then kill_tagged."""
     try:
-        line = _read_line(sys.stdin.fileno(), protocol.KILL_WAIT)
-        run, step, grace = protocol.parse_kill(line)
-    except (Failure, protocol.LaunchError) as exc:
+        line = _read_line(sys.stdin.fileno(), KILL_WAIT)
+        run, step, grace = parse_kill(line)
+    except (Failure, LaunchError) as exc:
         reason = f"--kill needs its request (run, step, grace) on stdin: {exc}"
         return _print(Failure(EXIT_BAD_LAUNCH, reason).result())
     return kill_tagged(run, step, grace)
@@ -2092,12 +2097,12 @@ def _kill_request() -> int:
 
 def kill_tagged(run: str, step: str, grace: float) -> int:
     """End every group run ``run`` started for ``step`` (SIGTERM, ``grace`` s, SIGKILL)."""
-    if not protocol.RUN_RE.match(run) or not protocol.STEP_RE.match(step):
+    if not chars.RUN_RE.match(run) or not chars.STEP_RE.match(step):
         return _print(Failure(EXIT_BAD_LAUNCH, "--kill needs a run id and a step id").result())
     groups = sorted(g for g in _tagged_groups(run, step) if g > 1 and g != os.getpgrp())
     for pgid in groups:
         kill_group(pgid, grace)
-    sys.stdout.write(protocol.dumps({"ok": True, "killed": groups}) + "\n")
+    sys.stdout.write(jsonstrict.dumps({"ok": True, "killed": groups}) + "\n")
     return EXIT_OK
 
 
@@ -2116,7 +2121,7 @@ def _modes(args: list[str]) -> int:
         except ValueError:
             sample = -1.0
         if 0 <= sample <= 60:
-            sys.stdout.write(protocol.dumps(load_report(args[1], sample)) + "\n")
+            sys.stdout.write(jsonstrict.dumps(load_report(args[1], sample)) + "\n")
             return EXIT_OK
     if args == ["--kill"]:
         return _kill_request()
@@ -2125,7 +2130,7 @@ def _modes(args: list[str]) -> int:
     if (
         args[:1] == ["--stop"]
         and 2 <= len(args) <= 4
-        and protocol.NAME_RE.match(args[1])
+        and chars.NAME_RE.match(args[1])
         and args[3:] in ([], ["force"])
     ):
         try:

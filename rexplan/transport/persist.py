@@ -61,6 +61,7 @@ from rexplan.transport.ssh import (
     TransportPool,
     wait_readable,
 )
+from rexplan.wire.frames import FrameReader, encode_frame
 
 MUX_ENV = "REX_MUX_DIR"
 SOCKET = "mux.sock"
@@ -128,8 +129,7 @@ def _safe_dir(path: str) -> str:
 
 
 def _send(sock: socket.socket, obj: Mapping[str, Any]) -> None:
-    body = json.dumps(obj, separators=(",", ":")).encode()
-    sock.sendall(struct.pack(">I", len(body)) + body)
+    sock.sendall(encode_frame(obj, MAX_FRAME))
 
 
 def _recv_exact(sock: socket.socket, n: int) -> bytes:
@@ -144,13 +144,10 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes:
 
 
 def _recv(sock: socket.socket) -> dict[str, Any]:
-    (size,) = struct.unpack(">I", _recv_exact(sock, 4))
-    if size > MAX_FRAME:
-        raise ValueError(f"frame of {size} bytes")
-    obj = json.loads(_recv_exact(sock, size))
-    if not isinstance(obj, dict):
-        raise ValueError("frame is not an object")
-    return obj
+    reader = FrameReader(MAX_FRAME)
+    while True:
+        for obj in reader.feed(_recv_exact(sock, reader.wanted())):
+            return obj
 
 
 def _b64(data: bytes | None) -> str | None:

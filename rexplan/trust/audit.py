@@ -23,7 +23,7 @@ from rexplan.transport.ssh import Transport
 from rexplan.trust.distribute import MAX_KEY_FILE, Connector, default_connector, key_dirs
 from rexplan.trust.keys import KeyInfo, KeyStore, default_known_hosts, key_triple, relpath
 from rexplan.trust.output import STDOUT, Output
-from rexplan.wire.protocol import KeyFormatError, key_id, parse_key_file
+from rexplan.wire.keyfile import KeyFormatError, key_id, parse_key_file
 
 FORMAT = 1
 STATES = ("OK", "MISSING", "MISMATCH", "UNAUTHORIZED", "INSECURE", "UNREACHABLE")

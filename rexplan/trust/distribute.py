@@ -15,7 +15,7 @@ from rexplan.core.model import Host, Manifest, Timeouts, User
 from rexplan.errors import RexError, TransportError, UsageError
 from rexplan.transport.ssh import Transport, connect
 from rexplan.trust.keys import KeyInfo, KeyStore, key_triple, relpath
-from rexplan.wire.protocol import KeyFormatError, format_key_file, key_id, parse_key_file
+from rexplan.wire.keyfile import KeyFormatError, format_key_file, key_id, parse_key_file
 
 #: a remote key file larger than this is not fetched, just replaced
 MAX_KEY_FILE = 4096

@@ -16,7 +16,7 @@ from pathlib import Path
 from rexplan.core.model import parse_triple
 from rexplan.errors import KeyStoreError, UsageError
 from rexplan.trust import strictmodes
-from rexplan.wire.protocol import (
+from rexplan.wire.keyfile import (
     KEY_BYTES,
     KeyFormatError,
     format_key_file,
