@@ -29,10 +29,10 @@ from typing import Any
 import faultproxy as fp
 import pytest
 
-from rexplan import remote
 from rexplan.engine import callback
 from rexplan.engine.callback import CallbackListener, PendingStep
 from rexplan.remote import agent as agent_module
+from rexplan.transport import shipping
 from rexplan.wire import protocol
 
 PACKAGE = Path(__file__).resolve().parent.parent / "rexplan"
@@ -116,7 +116,7 @@ class AgentHost:
         key.write_bytes(protocol.format_key_file(TRIPLE, "2026-01-01", self.secret))
         key.chmod(0o600)
         self.bundle = self.tmp / "agent.py"
-        self.bundle.write_bytes(remote.bundle())
+        self.bundle.write_bytes(shipping.bundle())
 
     def step(self, lis: CallbackListener, name: str, timeout: float = 30) -> PendingStep:
         step = PendingStep.create(name, TRIPLE, self.secret, timeout)

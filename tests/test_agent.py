@@ -20,9 +20,9 @@ from typing import Any
 
 import pytest
 
-from rexplan import remote
 from rexplan.engine.callback import CallbackListener, PendingStep
 from rexplan.remote import agent as agent_module
+from rexplan.transport import shipping
 from rexplan.wire import protocol
 
 PY = sys.executable
@@ -149,7 +149,7 @@ def rig(tmp_path: Path) -> Iterator[Rig]:
     home.mkdir(mode=0o700)
     work.mkdir()
     bundle = tmp_path / "agent.py"
-    bundle.write_bytes(remote.bundle())
+    bundle.write_bytes(shipping.bundle())
     with CallbackListener(handshake_timeout=2) as lis:
         r = Rig(tmp_path, lis, home, work, bundle)
         r.write_key()
@@ -210,7 +210,7 @@ def test_verified_service_runs_under_its_supervisor(rig: Rig) -> None:
 
 def test_bootstrap_runs_the_bundle_without_a_file(rig: Rig) -> None:
     line, step = rig.line(["sleep", "30"])
-    result = rig.run(remote.bootstrap_argv(PY), remote.bootstrap_input(line))
+    result = rig.run(shipping.bootstrap_argv(PY), shipping.bootstrap_input(line))
     assert result.code == 0, result
     assert rig.lis.wait(step.step_id, 5).ok
     stop(result.report["pid"])
@@ -218,8 +218,8 @@ def test_bootstrap_runs_the_bundle_without_a_file(rig: Rig) -> None:
 
 def test_bootstrap_refuses_a_damaged_bundle(rig: Rig) -> None:
     line, _ = rig.line(["touch", "started"], expect=False)
-    damaged = remote.bootstrap_input(line).replace(b"rexplan", b"rexplaN", 1)
-    result = rig.run(remote.bootstrap_argv(PY), damaged)
+    damaged = shipping.bootstrap_input(line).replace(b"rexplan", b"rexplaN", 1)
+    result = rig.run(shipping.bootstrap_argv(PY), damaged)
     assert result.code == agent_module.EXIT_BAD_LAUNCH
     assert not (rig.work / "started").exists()
 
@@ -503,9 +503,9 @@ def _end(proc: subprocess.Popen[bytes]) -> None:
 def _stub(rig: Rig, wait: float, stdout: int = subprocess.PIPE) -> subprocess.Popen[bytes]:
     """LAUNCH_STUB started as a launch runs it (``--wait``), the agent in REX_HOME where it
     looks for it; stdin and stderr are pipes."""
-    (rig.home / remote.agent_name()).write_bytes(remote.bundle())
+    (rig.home / shipping.agent_name()).write_bytes(shipping.bundle())
     return subprocess.Popen(
-        remote.launch_argv(PY, wait=wait),
+        shipping.launch_argv(PY, wait=wait),
         stdin=subprocess.PIPE,
         stdout=stdout,
         stderr=subprocess.PIPE,
@@ -520,7 +520,7 @@ def _announced(rig: Rig, wait: float) -> subprocess.Popen[bytes]:
     proc = _stub(rig, wait)
     try:
         assert proc.stdout is not None
-        assert proc.stdout.readline() == remote.LAUNCH_MARKER.encode() + b"\n"
+        assert proc.stdout.readline() == shipping.LAUNCH_MARKER.encode() + b"\n"
     except BaseException:
         _end(proc)
         raise
@@ -558,8 +558,8 @@ def test_agent_given_no_launch_line_in_time_starts_nothing(rig: Rig, part: float
         report = json.loads(proc.stdout.readline())
     finally:
         _end(proc)
-    assert code == remote.EXIT_NO_LAUNCH == agent_module.EXIT_NO_LAUNCH
-    assert report["exit"] == remote.EXIT_NO_LAUNCH and "within 0.5s" in report["reason"]
+    assert code == shipping.EXIT_NO_LAUNCH == agent_module.EXIT_NO_LAUNCH
+    assert report["exit"] == shipping.EXIT_NO_LAUNCH and "within 0.5s" in report["reason"]
     assert not (rig.work / "started").exists()
     assert not (rig.home / "run" / "app.json").exists()
 
@@ -574,7 +574,7 @@ def test_launch_stub_exits_when_the_launcher_is_gone(rig: Rig) -> None:
     finally:
         os.close(write_end)
     try:
-        assert proc.wait(10) == remote.EXIT_NO_LAUNCH
+        assert proc.wait(10) == shipping.EXIT_NO_LAUNCH
     finally:
         _end(proc)
     assert not (rig.home / "run").exists()
@@ -592,24 +592,26 @@ def test_agent_file_keeps_its_compiled_code_and_the_stub_runs_it(rig: Rig) -> No
     """The first run of an uploaded agent leaves its compiled modules beside it (0600,
     checked by the sources' sha256); LAUNCH_STUB runs that code, and a damaged cache falls
     back to the source."""
-    agent = rig.home / remote.agent_name()
-    agent.write_bytes(remote.bundle())
+    agent = rig.home / shipping.agent_name()
+    agent.write_bytes(shipping.bundle())
     cache = Path(f"{agent}.{sys.implementation.cache_tag}.code")
     env = {"REX_HOME": str(rig.home), "PATH": os.environ.get("PATH", "/usr/bin:/bin")}
 
     def stub() -> subprocess.CompletedProcess[bytes]:
-        argv = remote.launch_argv(PY, wait=5)
+        argv = shipping.launch_argv(PY, wait=5)
         return subprocess.run(argv, input=b"", capture_output=True, env=env, timeout=20)
 
     first = subprocess.run([PY, "-I", "-S", str(agent)], input=b"", capture_output=True, env=env)
     assert first.returncode == agent_module.EXIT_BAD_LAUNCH  # no launch line: nothing started
     assert cache.stat().st_mode & 0o777 == 0o600
-    sha, (protocol_code, agent_code) = marshal.loads(cache.read_bytes())
-    assert agent_code.co_filename.endswith("rexplan/remote/agent.py") and len(sha) == 64
+    sha, codes = marshal.loads(cache.read_bytes())
+    entry = dict(codes)[shipping.ENTRY]
+    assert entry.co_filename.endswith("rexplan/remote/agent.py") and len(sha) == 64
 
     # the stub takes the agent's code from the cache: a stand-in there is what runs
     stand_in = compile("def main():\n    print('from the cache')\n    return 0\n", "x", "exec")
-    cache.write_bytes(marshal.dumps((sha, (protocol_code, stand_in))))
+    codes = tuple((name, stand_in if name == shipping.ENTRY else code) for name, code in codes)
+    cache.write_bytes(marshal.dumps((sha, codes)))
     ran = stub()
     assert ran.returncode == 0 and ran.stdout.endswith(b"from the cache\n"), ran
 
@@ -620,7 +622,7 @@ def test_agent_file_keeps_its_compiled_code_and_the_stub_runs_it(rig: Rig) -> No
     assert b"no launch message" in ran.stderr
 
 
-# ---- the shell check of an unchanged program (remote.CHECK_SH) ---------------------------------
+# ---- the shell check of an unchanged program (shipping.CHECK_SH) ---------------------------------
 
 
 def _start_time(pid: int) -> str:
@@ -643,8 +645,8 @@ def test_shell_check_says_what_the_stub_check_says(tmp_path: Path, name: str) ->
         triple, spec, start = "h1.alice.app", "ab" * 32, _start_time(proc.pid)
         record = {"pid": proc.pid, "start": start, "spec": spec, "triple": triple}
         (home / "run" / "app.json").write_text(json.dumps(record))
-        (home / remote.agent_name()).write_bytes(remote.bundle())
-        argv = remote.launch_argv(PY, check=(triple, "app", spec))
+        (home / shipping.agent_name()).write_bytes(shipping.bundle())
+        argv = shipping.launch_argv(PY, check=(triple, "app", spec))
         env = {"REX_HOME": str(home), "PATH": os.environ.get("PATH", "/usr/bin:/bin")}
 
         def shell(line: str | None) -> bytes:

@@ -18,9 +18,9 @@ import pytest
 from helpers_world import World
 from sshrig import RigHost, SshdRig, cgroup_unavailable_reason
 
-from rexplan import remote
 from rexplan.engine.callback import CallbackListener, PendingStep
 from rexplan.remote import agent
+from rexplan.transport import shipping
 from rexplan.wire import protocol
 
 PY = sys.executable
@@ -128,7 +128,7 @@ def local(tmp_path: Path) -> Iterator[Local]:
     key.write_bytes(protocol.format_key_file(TRIPLE, "2026-01-01", secret))
     key.chmod(0o600)
     bundle = tmp_path / "agent.py"
-    bundle.write_bytes(remote.bundle())
+    bundle.write_bytes(shipping.bundle())
     with CallbackListener(handshake_timeout=2) as lis:
         loc = Local(home, bundle, lis, secret)
         yield loc

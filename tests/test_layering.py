@@ -141,3 +141,15 @@ def test_agent_imports_only_the_standard_library_and_protocol() -> None:
     outside = top_level_imports(AGENT) - set(sys.stdlib_module_names) - {"rexplan"}
     assert outside == set(), f"the agent imports {sorted(outside)} outside the stdlib"
     assert package_imports(AGENT) <= {"rexplan.wire.protocol"}
+
+
+def test_nothing_outside_remote_imports_it() -> None:
+    # remote/ is shipped to hosts; the launcher reads its files as package resources
+    # (rexplan.transport.shipping) and never imports it
+    importers = {
+        rel(p)
+        for p in modules()
+        if not rel(p).startswith("remote/")
+        and any(name.startswith("rexplan.remote") for name in package_imports(p))
+    }
+    assert importers == set()

@@ -18,7 +18,6 @@ import pytest
 from helpers_world import SLEEPER, Hosts, Run, World, nothing_left
 from sshrig import RigHost, SshdRig, cgroup_unavailable_reason
 
-from rexplan import remote
 from rexplan.core import manifest as manifests
 from rexplan.core.model import FailurePolicy, Ready, Step
 from rexplan.engine import executor
@@ -26,6 +25,7 @@ from rexplan.engine.callback import CallbackListener, PendingStep
 from rexplan.engine.executor import Load, parse_load
 from rexplan.errors import ManifestError
 from rexplan.remote import agent
+from rexplan.transport import shipping
 from rexplan.transport.ssh import connect
 from rexplan.wire import protocol
 
@@ -78,7 +78,7 @@ def test_apply_twice_changes_nothing_the_second_time(world: World, sshd_hosts: H
 def test_unchanged_reapply_starts_no_interpreter_on_the_host(
     world: World, sshd_hosts: Hosts
 ) -> None:
-    """The shell check (remote.CHECK_SH) answers for an unchanged program: with the host's
+    """The shell check (shipping.CHECK_SH) answers for an unchanged program: with the host's
     python made unusable, the re-apply still reports unchanged; a changed one needs it."""
     (host,) = sshd_hosts(1)
     m = world.manifest([host], {"db": {"on": [host.name], **SLEEPER}})
@@ -113,7 +113,7 @@ def test_records_over_sftp_say_what_the_agent_says(world: World, sshd_hosts: Hos
     def both() -> tuple[dict[str, Any], dict[str, Any]]:
         t = connect(host.model_host(), host.model_user(), known_hosts=host.known_hosts)
         try:
-            agent = f"{t.rex_home()}/agent-{remote.bundle_sha()[:16]}.py"
+            agent = f"{t.rex_home()}/agent-{shipping.bundle_sha()[:16]}.py"
             slow = executor.read_records(t, host.model_host().python, agent, 5.0)
             fast = executor.sftp_records(t)
         finally:
@@ -395,7 +395,7 @@ def local(tmp_path: Path, tag: str) -> Iterator[Local]:
     home.mkdir(mode=0o700)
     work.mkdir()
     bundle = tmp_path / "agent.py"
-    bundle.write_bytes(remote.bundle())
+    bundle.write_bytes(shipping.bundle())
     with CallbackListener(handshake_timeout=2) as lis:
         rig = Local(home, work, bundle, lis, tag)
         key = home / "keys" / rig.key_path

@@ -31,8 +31,9 @@ from rexplan.engine import executor
 from rexplan.engine import fanout as tree_module
 from rexplan.engine.fanout import RelayError, TreeLauncher, relay_source, split
 from rexplan.errors import UsageError
-from rexplan.remote import agent_name, bundle_sha, relay
+from rexplan.remote import relay
 from rexplan.transport import ssh as transport
+from rexplan.transport.shipping import RELAY_BOOTSTRAP, agent_name, bundle_sha
 from rexplan.transport.ssh import TransportPool
 
 HOOKED = hasattr(executor, "TreeLauncher")
@@ -158,7 +159,7 @@ def _relay_run(
     data = b"%d\n" % len(source) + source + (json.dumps(head) + "\n").encode()
     data += b"%d\n" % len(agent) + agent + b"".join((json.dumps(s) + "\n").encode() for s in steps)
     env = {"PATH": os.environ["PATH"], "REX_HOME": str(home)}
-    argv = [python, "-I", "-S", "-c", relay.BOOTSTRAP, sha, header["name"]]
+    argv = [python, "-I", "-S", "-c", RELAY_BOOTSTRAP, sha, header["name"]]
     return subprocess.run(argv, input=data, capture_output=True, env=env, timeout=30, check=False)
 
 
@@ -227,7 +228,7 @@ def test_relay_refuses_a_damaged_agent(tmp_path: Path) -> None:
     sha = hashlib.sha256(source).hexdigest()
     head = {"name": "r0", "agent": {"sha": "0" * 64}, "children": []}
     data = b"%d\n" % len(source) + source + (json.dumps(head) + "\n").encode() + b"3\nabc"
-    argv = [sys.executable, "-I", "-S", "-c", relay.BOOTSTRAP, sha, "r0"]
+    argv = [sys.executable, "-I", "-S", "-c", RELAY_BOOTSTRAP, sha, "r0"]
     done = subprocess.run(argv, input=data, capture_output=True, timeout=30, check=False)
     assert done.returncode == relay.EXIT_BAD_INPUT
     assert b"agent damaged in transit" in done.stderr
@@ -470,7 +471,7 @@ def _relay_pid(host: str) -> int | None:
     """The relay process serving ``host``, by its argv tag (BOOTSTRAP, sha, host name)."""
     for pid in procs.pids():
         argv = procs.cmdline(pid)
-        if relay.BOOTSTRAP in argv and argv[-1] == host and procs.alive(pid):
+        if RELAY_BOOTSTRAP in argv and argv[-1] == host and procs.alive(pid):
             return pid
     return None
 

@@ -39,7 +39,8 @@ from rexplan.errors import (
     TransportError,
     UnreachableError,
 )
-from rexplan.remote import (
+from rexplan.transport import persist as mux
+from rexplan.transport.shipping import (
     EXIT_NO_AGENT,
     EXIT_NO_LAUNCH,
     LAUNCH_MARKER,
@@ -49,7 +50,6 @@ from rexplan.remote import (
     bundle_sha,
     launch_argv,
 )
-from rexplan.transport import persist as mux
 from rexplan.transport.ssh import Gate, Result, Transport, TransportPool
 from rexplan.trust.keys import KeyInfo, KeyStore
 from rexplan.wire import protocol

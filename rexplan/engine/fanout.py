@@ -33,14 +33,14 @@ from rexplan.core.model import Manifest, Step
 from rexplan.core.settings import tree_problems
 from rexplan.core.simulate import Subtree, split_tree
 from rexplan.errors import TransportError, UsageError
-from rexplan.remote import (
+from rexplan.transport.shipping import (
     EXIT_NO_AGENT,
     LAUNCH_MARKER,
+    RELAY_BOOTSTRAP,
     agent_name,
     bundle,
     bundle_sha,
     launch_argv,
-    relay,
 )
 from rexplan.transport.ssh import (
     DEFAULT_KNOWN_HOSTS,
@@ -180,7 +180,7 @@ class _Relay:
     def _start(self) -> None:
         tree, first = self.tree, self.tree.first[self.host]
         host = tree.manifest.host(self.host)
-        argv = [host.python, "-I", "-S", "-c", relay.BOOTSTRAP, tree.relay_sha, self.host]
+        argv = [host.python, "-I", "-S", "-c", RELAY_BOOTSTRAP, tree.relay_sha, self.host]
         try:
             transport = tree.pool.get(host, tree.manifest.user(first.user))
             stream = open_stream(transport, argv, timeout=first.timeouts.start)

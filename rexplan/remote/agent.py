@@ -1,11 +1,11 @@
 """The agent rex ships to hosts: start a program, probe it, call the launcher back, supervise it.
 
-Stdlib only, Python >= 3.8. It runs as one script, ``rexplan.remote.bundle()`` (this module
+Stdlib only, Python >= 3.8. It runs as one script, rexplan.transport.shipping.bundle() (this module
 plus rexplan/wire/protocol.py): ``python3 -I -S agent-<sha>.py``, or without a file on the host as
 ``python3 -I -S -c BOOTSTRAP <sha>`` with the bundle piped ahead of the launch message (see
-rexplan.remote). Either way it reads ONE JSON launch line from stdin (protocol.parse_launch);
+rexplan.transport.shipping). Either way it reads ONE JSON launch line from stdin (protocol.parse_launch);
 secrets (the key, the launch nonce nl) never appear in argv or the environment. Run as
-``--wait SECONDS`` (rexplan.remote.LAUNCH_STUB's launches) it waits at most SECONDS for that
+``--wait SECONDS`` (shipping.LAUNCH_STUB's launches) it waits at most SECONDS for that
 line, so a launcher stopped or gone before it sent the line never holds the agent.
 
 Processes. The *front* (the process SSH started) reads the launch line, checks and loads the
@@ -103,7 +103,7 @@ EXIT_BAD_LAUNCH = 16
 EXIT_AGENT = 17
 EXIT_RUNNING = 18
 EXIT_DECLINED = 19
-#: the launch line did not come within ``--wait`` seconds; rexplan.remote.EXIT_NO_LAUNCH
+#: the launch line did not come within ``--wait`` seconds; shipping.EXIT_NO_LAUNCH
 EXIT_NO_LAUNCH = 21
 
 RESTART_FIRST = 0.5  # seconds before the first restart; doubles for each restart in a row
