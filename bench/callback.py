@@ -55,7 +55,7 @@ def _recv(sock: socket.socket, reader: protocol.FrameReader, *expected: str) -> 
 
 
 def handshake(address: tuple[str, int], run: str, step: list[str]) -> bool:
-    """One agent handshake, as rexplan/remote/agent.py's _handshake does it: True if verified."""
+    """One agent handshake, as rexplan/remote/agent/dialback.py's _handshake: True if verified."""
     step_id, triple, key_hex, nl_hex = step
     secret, nl = bytes.fromhex(key_hex), bytes.fromhex(nl_hex)
     k_l, k_a = protocol.direction_keys(secret)

@@ -21,7 +21,18 @@ from typing import Any
 import pytest
 
 from rexplan.engine.callback import CallbackListener, PendingStep
-from rexplan.remote import agent as agent_module
+from rexplan.remote.agent.failure import (
+    EXIT_AGENT,
+    EXIT_BAD_LAUNCH,
+    EXIT_EXITED,
+    EXIT_KEY,
+    EXIT_NO_CALLBACK,
+    EXIT_NO_LAUNCH,
+    EXIT_NOT_READY,
+    EXIT_REJECTED,
+)
+from rexplan.remote.agent.groups import start_time
+from rexplan.remote.agent.records import _store
 from rexplan.transport import shipping
 from rexplan.wire import protocol
 
@@ -200,7 +211,7 @@ def test_verified_service_runs_under_its_supervisor(rig: Rig) -> None:
         assert nonce not in Path(exposed).read_bytes()
     running = state(rig)
     assert running["state"] == "running" and running["pid"] == pid
-    assert running["start"] == verdict.start == agent_module.start_time(pid)
+    assert running["start"] == verdict.start == start_time(pid)
     assert running["spec"] == protocol.spec_digest(protocol.parse_launch(line))
     assert (rig.home / "logs").stat().st_mode & 0o777 == 0o700
     stop(pid)
@@ -220,7 +231,7 @@ def test_bootstrap_refuses_a_damaged_bundle(rig: Rig) -> None:
     line, _ = rig.line(["touch", "started"], expect=False)
     damaged = shipping.bootstrap_input(line).replace(b"rexplan", b"rexplaN", 1)
     result = rig.run(shipping.bootstrap_argv(PY), damaged)
-    assert result.code == agent_module.EXIT_BAD_LAUNCH
+    assert result.code == EXIT_BAD_LAUNCH
     assert not (rig.work / "started").exists()
 
 
@@ -230,7 +241,7 @@ def test_program_exiting_at_once_fails_fast_with_its_status(rig: Rig) -> None:
     probe = {"kind": "tcp", "port": free_port()}
     line, step = rig.line(["sh", "-c", "exit 3"], ready=probe, deadlines={**DEADLINES, "ready": 30})
     result = rig.run([PY, "-I", "-S", str(rig.bundle)], line, timeout=10)
-    assert result.code == agent_module.EXIT_EXITED
+    assert result.code == EXIT_EXITED
     assert result.report["status"] == 3
     assert "status 3" in result.stderr
     assert not rig.lis.wait(step.step_id, 0).ok
@@ -241,7 +252,7 @@ def test_never_ready_fails_at_the_deadline_and_kills_the_group(rig: Rig) -> None
     result = rig.launch(
         ["sh", "-c", "sleep 30 & sleep 30"], ready=probe, deadlines={**DEADLINES, "ready": 1.0}
     )
-    assert result.code == agent_module.EXIT_NOT_READY
+    assert result.code == EXIT_NOT_READY
     assert not alive(result.report["pid"])
     assert tagged(rig.lis.run_id) == []
 
@@ -260,7 +271,7 @@ def test_unreachable_callback_kills_the_program_by_its_own_deadline(rig: Rig, ho
             callback=("127.0.0.1", port),
             deadlines={**DEADLINES, "callback": 1.0},
         )
-    assert result.code == agent_module.EXIT_NO_CALLBACK, result
+    assert result.code == EXIT_NO_CALLBACK, result
     assert not alive(result.report["pid"])
     assert tagged(rig.lis.run_id) == []
 
@@ -286,7 +297,7 @@ def test_rogue_listener_gets_no_response_and_the_program_dies(rig: Rig) -> None:
     with server:
         result = rig.launch(["sleep", "30"], callback=server.getsockname()[:2])
         thread.join(10)
-    assert result.code == agent_module.EXIT_REJECTED
+    assert result.code == EXIT_REJECTED
     assert "could not prove" in result.report["reason"]
     assert after_chal == []  # no resp: a rogue learns nothing it could replay
     assert not alive(result.report["pid"])
@@ -296,7 +307,7 @@ def test_agent_with_a_different_key_is_rejected_and_its_program_dies(rig: Rig) -
     rig.write_key(secret=os.urandom(32))
     line, step = rig.line(["sleep", "30"])
     result = rig.run([PY, "-I", "-S", str(rig.bundle)], line)
-    assert result.code == agent_module.EXIT_REJECTED
+    assert result.code == EXIT_REJECTED
     # the report, over SSH for a launcher, names the key the agent holds: not the step's
     assert result.report["key_id"] != step.key_id
     assert not alive(result.report["pid"])
@@ -330,7 +341,7 @@ def _insecure(rig: Rig, how: str) -> None:
 def test_insecure_or_missing_key_is_refused_before_anything_starts(rig: Rig, how: str) -> None:
     _insecure(rig, how)
     result = rig.launch(["touch", "started"])
-    assert result.code == agent_module.EXIT_KEY, result
+    assert result.code == EXIT_KEY, result
     assert not (rig.work / "started").exists()
     assert rig.secret.hex() not in result.stderr + json.dumps(result.report)
     assert result.stderr.startswith("rex-agent: ") and result.stderr.count("\n") == 1
@@ -401,7 +412,7 @@ def test_readiness_probes(rig: Rig, kind: str) -> None:
 @pytest.mark.parametrize("stdin", [b"", b"not json\n", b'{"v": "rex-cb/1"}\n'])
 def test_bad_launch_message(rig: Rig, stdin: bytes) -> None:
     result = rig.run([PY, "-I", "-S", str(rig.bundle)], stdin)
-    assert result.code == agent_module.EXIT_BAD_LAUNCH
+    assert result.code == EXIT_BAD_LAUNCH
     assert result.report["ok"] is False
 
 
@@ -441,7 +452,7 @@ def test_supervisor_killed_before_ok_the_front_kills_the_group(rig: Rig) -> None
     assert len(children) == 1
     os.kill(children[0], signal.SIGKILL)
     out, _ = front.communicate(timeout=10)
-    assert front.returncode == agent_module.EXIT_AGENT
+    assert front.returncode == EXIT_AGENT
     assert json.loads(out)["reason"] == "agent supervisor died"
     assert tagged(rig.lis.run_id) == []
 
@@ -455,10 +466,10 @@ def test_kill_mode_ends_the_step_by_its_tags(rig: Rig) -> None:
     assert other.report == {"ok": True, "killed": []}
     # the old form, with the run id in argv (anyone's to read in ps), is refused
     old = rig.run([*kill, rig.lis.run_id, STEP], b"")
-    assert old.code == agent_module.EXIT_BAD_LAUNCH
+    assert old.code == EXIT_BAD_LAUNCH
     assert len(tagged(rig.lis.run_id)) >= 2
     garbled = rig.run(kill, b'{"run": "x"}\n')
-    assert garbled.code == agent_module.EXIT_BAD_LAUNCH
+    assert garbled.code == EXIT_BAD_LAUNCH
     assert "--kill needs" in garbled.report["reason"]
     killed = rig.run(kill, protocol.make_kill(rig.lis.run_id, STEP, 1))
     assert killed.report == {"ok": True, "killed": [result.report["pid"]]}
@@ -558,7 +569,7 @@ def test_agent_given_no_launch_line_in_time_starts_nothing(rig: Rig, part: float
         report = json.loads(proc.stdout.readline())
     finally:
         _end(proc)
-    assert code == shipping.EXIT_NO_LAUNCH == agent_module.EXIT_NO_LAUNCH
+    assert code == shipping.EXIT_NO_LAUNCH == EXIT_NO_LAUNCH
     assert report["exit"] == shipping.EXIT_NO_LAUNCH and "within 0.5s" in report["reason"]
     assert not (rig.work / "started").exists()
     assert not (rig.home / "run" / "app.json").exists()
@@ -584,7 +595,7 @@ def test_launch_stub_exits_when_the_launcher_is_gone(rig: Rig) -> None:
 def test_agent_refuses_a_bad_wait(rig: Rig, wait: str) -> None:
     line, _ = rig.line(["touch", "started"], expect=False)
     result = rig.run([PY, "-I", "-S", str(rig.bundle), "--wait", wait], line)
-    assert result.code == agent_module.EXIT_BAD_LAUNCH
+    assert result.code == EXIT_BAD_LAUNCH
     assert not (rig.work / "started").exists()
 
 
@@ -602,11 +613,11 @@ def test_agent_file_keeps_its_compiled_code_and_the_stub_runs_it(rig: Rig) -> No
         return subprocess.run(argv, input=b"", capture_output=True, env=env, timeout=20)
 
     first = subprocess.run([PY, "-I", "-S", str(agent)], input=b"", capture_output=True, env=env)
-    assert first.returncode == agent_module.EXIT_BAD_LAUNCH  # no launch line: nothing started
+    assert first.returncode == EXIT_BAD_LAUNCH  # no launch line: nothing started
     assert cache.stat().st_mode & 0o777 == 0o600
     sha, codes = marshal.loads(cache.read_bytes())
     entry = dict(codes)[shipping.ENTRY]
-    assert entry.co_filename.endswith("rexplan/remote/agent.py") and len(sha) == 64
+    assert entry.co_filename.endswith("rexplan/remote/agent/front.py") and len(sha) == 64
 
     # the stub takes the agent's code from the cache: a stand-in there is what runs
     stand_in = compile("def main():\n    print('from the cache')\n    return 0\n", "x", "exec")
@@ -618,7 +629,7 @@ def test_agent_file_keeps_its_compiled_code_and_the_stub_runs_it(rig: Rig) -> No
     # a damaged cache: the stub compiles the source, then the agent says its launch line is missing
     cache.write_bytes(b"\xff not marshal")
     ran = stub()
-    assert ran.returncode == agent_module.EXIT_BAD_LAUNCH, ran
+    assert ran.returncode == EXIT_BAD_LAUNCH, ran
     assert b"no launch message" in ran.stderr
 
 
@@ -685,10 +696,10 @@ def test_records_keep_their_shell_check_line(tmp_path: Path) -> None:
     removes it with one that names none."""
     home = str(tmp_path)
     record = {"pid": os.getpid(), "start": _start_time(os.getpid()), "spec": "ab" * 32}
-    agent_module._store(home, "app", {**record, "triple": "h1.alice.app", "state": "ready"})
+    _store(home, "app", {**record, "triple": "h1.alice.app", "state": "ready"})
     line = (tmp_path / "run" / "app.id").read_text()
     assert line == f"{os.getpid()} {record['start']} {'ab' * 32} h1.alice.app\n"
-    agent_module._store(home, "app", {"triple": "h1.alice.app", "state": "stopped"})
+    _store(home, "app", {"triple": "h1.alice.app", "state": "stopped"})
     assert not (tmp_path / "run" / "app.id").exists()
-    agent_module._store(home, "app", {**record, "triple": "a b", "state": "ready"})
+    _store(home, "app", {**record, "triple": "a b", "state": "ready"})
     assert not (tmp_path / "run" / "app.id").exists()  # a word with a space: no line

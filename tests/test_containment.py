@@ -19,7 +19,7 @@ from helpers_world import World
 from sshrig import RigHost, SshdRig, cgroup_unavailable_reason
 
 from rexplan.engine.callback import CallbackListener, PendingStep
-from rexplan.remote import agent
+from rexplan.remote.agent.cgroup import _recorded_cgroup, cgroup_dir
 from rexplan.transport import shipping
 from rexplan.wire import protocol
 
@@ -56,7 +56,7 @@ CONTAINER = "88 70 0:26 /lxc/c1 /sys/fs/cgroup rw - cgroup2 cgroup2 rw\n"
     ],
 )
 def test_cgroup_dir(cgroups: str, mountinfo: str, expected: str | None) -> None:
-    assert agent.cgroup_dir(cgroups, mountinfo) == expected
+    assert cgroup_dir(cgroups, mountinfo) == expected
 
 
 # ---- the launch watchdog (agent run here, as this user) -----------------------------------------
@@ -275,7 +275,7 @@ def shared(sshd_rig: SshdRig) -> RigHost:
 
 
 def cgroup_of(pid: int) -> str | None:
-    return agent.cgroup_dir(
+    return cgroup_dir(
         Path(f"/proc/{pid}/cgroup").read_text(), Path("/proc/self/mountinfo").read_text()
     )
 
@@ -303,10 +303,10 @@ def test_stop_ends_what_left_group_and_tags_through_the_cgroup(
     assert not [k for k in procs.environ(pid) if k.startswith("REX")]
     assert os.getsid(pid) == pid != record["pgid"]
     # a damaged record cannot aim a stop at another cgroup, such as the one sshd runs in
-    assert agent._recorded_cgroup(record, "esc") == cgroup
+    assert _recorded_cgroup(record, "esc") == cgroup
     for other in (str(delegated.cgroup), f"{cgroup}/..", "/tmp/rex-esc-x"):
-        assert agent._recorded_cgroup({**record, "cgroup": other}, "esc") is None
-    assert agent._recorded_cgroup(record, "other") is None
+        assert _recorded_cgroup({**record, "cgroup": other}, "esc") is None
+    assert _recorded_cgroup(record, "other") is None
     code, out, err = world.rex("stop", str(manifest), *(["--force"] if force else []))
     assert code == 0, out + err
     assert procs.wait_until(lambda: not procs.alive(pid), 5)

@@ -33,7 +33,7 @@ IO_LIBRARIES = {
     "threading",
 }
 SSH_LIBRARIES = {"fabric", "paramiko", "invoke"}
-AGENT = PACKAGE / "remote" / "agent.py"
+AGENT = PACKAGE / "remote" / "agent"
 
 
 def top_level_imports(path: Path) -> set[str]:
@@ -134,13 +134,20 @@ def test_protocol_imports_only_the_standard_library() -> None:
     assert outside == set()
 
 
-def test_agent_imports_only_the_standard_library_and_protocol() -> None:
-    # the agent ships to hosts as one script bundled with protocol.py, and nothing else
-    if not AGENT.exists():
-        pytest.skip("remote/agent.py does not exist yet")
-    outside = top_level_imports(AGENT) - set(sys.stdlib_module_names) - {"rexplan"}
-    assert outside == set(), f"the agent imports {sorted(outside)} outside the stdlib"
-    assert package_imports(AGENT) <= {"rexplan.wire.protocol"}
+AGENT_MODULES = sorted(AGENT.rglob("*.py"))
+
+
+def test_the_agent_is_a_package_of_modules() -> None:
+    assert len(AGENT_MODULES) > 1
+
+
+@pytest.mark.parametrize("path", AGENT_MODULES, ids=rel)
+def test_agent_imports_only_the_standard_library_and_wire(path: Path) -> None:
+    # the agent ships to hosts as one script bundled with rexplan/wire, and nothing else
+    outside = top_level_imports(path) - set(sys.stdlib_module_names) - {"rexplan"}
+    assert outside == set(), f"{rel(path)} imports {sorted(outside)} outside the stdlib"
+    allowed = ("rexplan.wire.", "rexplan.remote.agent.")
+    assert all(name.startswith(allowed) for name in package_imports(path)), rel(path)
 
 
 def test_nothing_outside_remote_imports_it() -> None:

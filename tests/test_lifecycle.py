@@ -24,7 +24,10 @@ from rexplan.engine import executor
 from rexplan.engine.callback import CallbackListener, PendingStep
 from rexplan.engine.executor import Load, parse_load
 from rexplan.errors import ManifestError
-from rexplan.remote import agent
+from rexplan.remote.agent.cgroup import cgroup_dir
+from rexplan.remote.agent.failure import EXIT_BAD_LAUNCH
+from rexplan.remote.agent.front import main as agent_main
+from rexplan.remote.agent.load import _measured_cgroup, load_report
 from rexplan.transport import shipping
 from rexplan.transport.ssh import connect
 from rexplan.wire import protocol
@@ -1038,7 +1041,7 @@ def test_load_probe_finds_the_cgroup_to_measure(
     tmp_path: Path, cgroup: str, mountinfo: str, measured: str
 ) -> None:
     _fake_host(tmp_path, cgroup, mountinfo)
-    directory, top = agent._measured_cgroup(str(tmp_path))
+    directory, top = _measured_cgroup(str(tmp_path))
     assert directory == str(tmp_path / measured)
     assert directory.startswith(top)
 
@@ -1056,7 +1059,7 @@ def test_load_probe_falls_back_to_the_load_average_and_says_why(
     tmp_path: Path, cgroup: str, mountinfo: str, why: str
 ) -> None:
     _fake_host(tmp_path, cgroup, mountinfo)
-    out = agent.load_report("cgroup", 0.0, str(tmp_path))
+    out = load_report("cgroup", 0.0, str(tmp_path))
     assert out["source"] == "loadavg" and why in out["fallback"]
     assert out["load"] >= 0
     assert (out["cpus"], out["free_mb"]) == (os.cpu_count(), 2000)
@@ -1071,15 +1074,15 @@ def test_load_probe_measures_cpu_time_against_the_cgroup_limits(tmp_path: Path) 
     (ct / "memory.max").write_text(f"{1 << 30}\n")
     (ct / "memory.current").write_text(f"{768 << 20}\n")
     (ct / "app" / "cpu.stat").write_text("usage_usec 123456\nuser_usec 100000\n")
-    out = agent.load_report("cgroup", 0.0, str(tmp_path))
+    out = load_report("cgroup", 0.0, str(tmp_path))
     # the fake usage_usec stands still: an idle cgroup, with 256 of its 1 GiB free
     assert out == {"load": 0.0, "cpus": 0.5, "free_mb": 256, "source": "cgroup"}
     (ct / "app" / "cpu.stat").write_text("user_usec 1\n")
-    out = agent.load_report("cgroup", 0.0, str(tmp_path))
+    out = load_report("cgroup", 0.0, str(tmp_path))
     assert out["source"] == "loadavg" and "no usage_usec in " in out["fallback"]
     # loadavg reads no cgroup file at all
     (tmp_path / "proc" / "self" / "cgroup").unlink()
-    assert agent.load_report("loadavg", 0.0, str(tmp_path))["source"] == "loadavg"
+    assert load_report("loadavg", 0.0, str(tmp_path))["source"] == "loadavg"
 
 
 def test_load_probe_output_becomes_a_load() -> None:
@@ -1123,7 +1126,7 @@ def test_unusable_load_probe_output_is_refused(output: str) -> None:
 def test_the_agent_load_mode_prints_what_parse_load_reads(
     args: list[str], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert agent.main(["--load", *args]) == 0
+    assert agent_main(["--load", *args]) == 0
     got = parse_load(capsys.readouterr().out, False)
     assert got.per_cpu is not None and got.per_cpu >= 0
 
@@ -1132,7 +1135,7 @@ def test_the_agent_load_mode_prints_what_parse_load_reads(
     "args", [["psi", "0"], ["cgroup"], ["cgroup", "soon"], ["cgroup", "nan"], ["loadavg", "61"]]
 )
 def test_a_bad_load_mode_is_refused(args: list[str], capsys: pytest.CaptureFixture[str]) -> None:
-    assert agent.main(["--load", *args]) == agent.EXIT_BAD_LAUNCH
+    assert agent_main(["--load", *args]) == EXIT_BAD_LAUNCH
     with pytest.raises(ValueError):
         parse_load(capsys.readouterr().out, False)
 
@@ -1181,7 +1184,7 @@ def test_least_loaded_picks_the_idle_container(
             loads = _cgroup_loads(choice)
             assert loads[busy.name] > loads[idle.name], choice
             (pid,) = world.tagged(idle.name, "pick")
-            where = agent.cgroup_dir(
+            where = cgroup_dir(
                 Path(f"/proc/{pid}/cgroup").read_text(), Path("/proc/self/mountinfo").read_text()
             )
             assert where is not None and where.startswith(idle.cgroup + "/")

@@ -2,7 +2,7 @@
 
 The agent runs on a host as ONE script, bundle(): the code of every module of rexplan/wire/ and
 rexplan/remote/ (read here as package resources, never imported), served under their real names
-by an in-memory finder ahead of any rexplan installed there, then rexplan.remote.agent's main().
+by an in-memory finder ahead of any rexplan installed there, then rexplan.remote.agent.front.main().
 Two ways to run it:
 
 - a file: upload bundle() once as ``~/.rex/agent-<bundle_sha()>.py``, then run it through
@@ -40,7 +40,7 @@ EXIT_NO_LAUNCH = 21
 LAUNCH_MARKER = "rex-launch-ready"
 
 #: the module whose main() a bundle runs
-ENTRY = "rexplan.remote.agent"
+ENTRY = "rexplan.remote.agent.front"
 
 _PACKAGE = resources.files("rexplan")
 _STAGES = _PACKAGE / "remote" / "stages"
