@@ -141,6 +141,17 @@ def test_the_agent_is_a_package_of_modules() -> None:
     assert len(AGENT_MODULES) > 1
 
 
+RELAY_MODULES = sorted((PACKAGE / "remote" / "relay").rglob("*.py"))
+
+
+@pytest.mark.parametrize("path", RELAY_MODULES, ids=rel)
+def test_relay_imports_only_the_standard_library(path: Path) -> None:
+    # the relay ships to relay hosts as one script of its own modules
+    outside = top_level_imports(path) - set(sys.stdlib_module_names) - {"rexplan"}
+    assert outside == set(), f"{rel(path)} imports {sorted(outside)} outside the stdlib"
+    assert all(name.startswith("rexplan.remote.relay.") for name in package_imports(path))
+
+
 @pytest.mark.parametrize("path", AGENT_MODULES, ids=rel)
 def test_agent_imports_only_the_standard_library_and_wire(path: Path) -> None:
     # the agent ships to hosts as one script bundled with rexplan/wire, and nothing else

@@ -21,13 +21,11 @@ launcher kills one over its own connection.
 from __future__ import annotations
 
 import collections
-import functools
 import hashlib
 import json
 import os
 import threading
 from collections.abc import Callable, Sequence
-from importlib import resources
 
 from rexplan.core.model import Manifest, Step
 from rexplan.core.settings import tree_problems
@@ -41,6 +39,7 @@ from rexplan.transport.shipping import (
     bundle,
     bundle_sha,
     launch_argv,
+    relay_source,
 )
 from rexplan.transport.ssh import (
     DEFAULT_KNOWN_HOSTS,
@@ -70,12 +69,6 @@ def split(hosts: Sequence[str], k: int) -> list[Subtree]:
     """The launcher's children: the first min(k, N) hosts, each the root of a contiguous,
     as-even-as-possible share of the rest (recursively). Every host appears exactly once."""
     return list(split_tree(hosts, k))
-
-
-@functools.lru_cache(maxsize=1)
-def relay_source() -> bytes:
-    """rexplan/remote/relay.py, as shipped to relay hosts."""
-    return resources.files("rexplan").joinpath("remote").joinpath("relay.py").read_bytes()
 
 
 def _printable(value: object, limit: int = 300) -> str:

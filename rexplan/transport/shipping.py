@@ -2,7 +2,8 @@
 
 The agent runs on a host as ONE script, bundle(): the code of every module of rexplan/wire/ and
 rexplan/remote/ (read here as package resources, never imported), served under their real names
-by an in-memory finder ahead of any rexplan installed there, then rexplan.remote.agent.front.main().
+by an in-memory finder ahead of any rexplan installed there, then rexplan.remote.agent.front's
+main(). The relay ships the same way (relay_source()), started by RELAY_BOOTSTRAP.
 Two ways to run it:
 
 - a file: upload bundle() once as ``~/.rex/agent-<bundle_sha()>.py``, then run it through
@@ -39,11 +40,15 @@ EXIT_NO_LAUNCH = 21
 #: late (a slow login script) never receives it and starts nothing
 LAUNCH_MARKER = "rex-launch-ready"
 
-#: the module whose main() a bundle runs
+#: the module whose main() a bundle runs, and the relay's (main(SOURCE): its own bundle)
 ENTRY = "rexplan.remote.agent.front"
+RELAY_ENTRY = "rexplan.remote.relay.node"
 
 _PACKAGE = resources.files("rexplan")
 _STAGES = _PACKAGE / "remote" / "stages"
+
+#: a module's name, the file it came from (rexplan/...), its source
+Sources = tuple[tuple[str, str, str], ...]
 
 
 def _script(name: str) -> str:
@@ -57,12 +62,17 @@ def _script(name: str) -> str:
     )
 
 
+def _run(entry: str, *args: str) -> str:
+    """The line that runs ``entry``'s main(*args) once the modules stage served the modules."""
+    return f"sys.exit(__import__({entry!r}, fromlist=['main']).main({', '.join(args)}))\n"
+
+
 #: ``python3 -I -S -c BOOTSTRAP <sha> [ARGS]`` (stages/bootstrap.py)
 BOOTSTRAP = _script("bootstrap.py")
 
 #: ``python3 -I -S -c LAUNCH_STUB <sha16> (check TRIPLE PROGRAM SPEC | -) [ARGS]``
-#: (stages/launch.py, then stages/modules.py to run the cached code)
-LAUNCH_STUB = _script("launch.py") + _script("modules.py") + f"_rex_run(c, {ENTRY!r})\n"
+#: (stages/launch.py, then stages/modules.py to run the cached code ``c``)
+LAUNCH_STUB = _script("launch.py") + _script("modules.py") + "_rex_modules(c)\n" + _run(ENTRY)
 
 #: ``sh -c CHECK_SH sh PROGRAM TRIPLE SPEC ARGV...``: LAUNCH_STUB's ``check`` in the shell, from
 #: the line ``PID START SPEC TRIPLE`` the agent keeps beside PROGRAM's record (run/PROGRAM.id):
@@ -73,43 +83,60 @@ LAUNCH_STUB = _script("launch.py") + _script("modules.py") + f"_rex_run(c, {ENTR
 #: interpreter on the host.
 CHECK_SH = (_STAGES / "check.sh").read_text(encoding="utf-8")
 
-#: the relay's own bootstrap (a constant of rexplan/remote/relay.py, which needs it on the host
-#: to start the relays below it): ``python3 -I -S -c RELAY_BOOTSTRAP <sha256> <name>``
+#: the relay's own bootstrap (a constant of the relay, which needs it on its host to start the
+#: relays below it): ``python3 -I -S -c RELAY_BOOTSTRAP <sha256> <name>``
 RELAY_BOOTSTRAP = next(
     ast.literal_eval(node.value)
-    for node in ast.parse((_PACKAGE / "remote" / "relay.py").read_text(encoding="utf-8")).body
+    for node in ast.parse((_PACKAGE / "remote/relay/client.py").read_text(encoding="utf-8")).body
     if isinstance(node, ast.Assign)
     and [getattr(target, "id", None) for target in node.targets] == ["BOOTSTRAP"]
 )
 
 
-def _modules(directory: Traversable, name: str, path: str) -> list[tuple[str, str, str]]:
-    """(module name, file path, source) of every module under ``directory``, stages and the
-    relay (shipped on its own) left out."""
-    found = []
-    for item in sorted(directory.iterdir(), key=lambda item: item.name):
-        if item.is_dir() and item.name not in ("stages", "__pycache__"):
-            found += _modules(item, f"{name}.{item.name}", f"{path}/{item.name}")
-        elif item.name.endswith(".py") and item.name != "relay.py":
-            module = name if item.name == "__init__.py" else f"{name}.{item.name[:-3]}"
-            found.append((module, f"{path}/{item.name}", item.read_text(encoding="utf-8")))
-    return found
+def sources(directory: str, skip: tuple[str, ...] = ()) -> Sources:
+    """Every module under rexplan/``directory``, but the subdirectories named in ``skip``."""
+    found: list[tuple[str, str, str]] = []
+
+    def walk(folder: Traversable, path: str) -> None:
+        for item in sorted(folder.iterdir(), key=lambda item: item.name):
+            if item.is_dir() and item.name not in (*skip, "__pycache__"):
+                walk(item, f"{path}/{item.name}")
+            elif item.name.endswith(".py"):
+                name = path.replace("/", ".") + (
+                    "" if item.name == "__init__.py" else f".{item.name[:-3]}"
+                )
+                found.append((name, f"{path}/{item.name}", item.read_text(encoding="utf-8")))
+
+    walk(_PACKAGE.joinpath(*directory.split("/")), f"rexplan/{directory}")
+    return tuple(found)
+
+
+def _assemble(title: str, modules: Sources, run: str) -> bytes:
+    """One self-contained Python >= 3.8 script: the code of ``modules`` (compiled once per
+    uploaded file, see stages/cache.py), served by stages/modules.py, then ``run``."""
+    sha = hashlib.sha256("\0".join("\0".join(source) for source in modules).encode()).hexdigest()
+    codes = f"_rex_modules(_rex_codes({sha!r}, {modules!r}))\n"
+    head = f"# {title}; stdlib only, Python >= 3.8\n"
+    return (head + _script("cache.py") + _script("modules.py") + codes + run).encode("utf-8")
 
 
 @functools.lru_cache(maxsize=1)
 def bundle() -> bytes:
-    """The agent as one self-contained Python >= 3.8 script."""
-    sources = tuple(
-        _modules(_PACKAGE / "wire", "rexplan.wire", "rexplan/wire")
-        + _modules(_PACKAGE / "remote", "rexplan.remote", "rexplan/remote")
-    )
-    sha = hashlib.sha256("\0".join("\0".join(source) for source in sources).encode()).hexdigest()
-    return (
-        "# rex agent bundle: rexplan/wire and rexplan/remote; stdlib only, Python >= 3.8\n"
-        + _script("cache.py")
-        + _script("modules.py")
-        + f"_rex_run(_rex_codes({sha!r}, {sources!r}), {ENTRY!r})\n"
-    ).encode("utf-8")
+    """The agent as one script: every module of rexplan/wire and rexplan/remote (but the
+    relay and the stages)."""
+    modules = sources("wire") + sources("remote", skip=("relay", "stages"))
+    return _assemble("rex agent bundle", modules, _run(ENTRY))
+
+
+def relay_bundle(modules: Sources) -> bytes:
+    """The relay as one script run by RELAY_BOOTSTRAP: ``modules``, then its main(SOURCE)."""
+    return _assemble("rex relay", modules, _run(RELAY_ENTRY, "SOURCE"))
+
+
+@functools.lru_cache(maxsize=1)
+def relay_source() -> bytes:
+    """The relay as shipped to relay hosts: rexplan/remote/relay and rexplan/remote's package."""
+    return relay_bundle(sources("remote", skip=("agent", "stages")))
 
 
 def bundle_sha() -> str:

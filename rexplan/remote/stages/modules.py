@@ -1,5 +1,5 @@
-"""The end of every agent run: serve the compiled modules (name, code) under their real names,
-ahead of any rexplan installed on the host, and run the entry module's main()."""
+"""The end of every agent or relay run: serve the compiled modules (name, code) under their real
+names, ahead of any rexplan installed on the host; the line shipping adds runs the entry."""
 
 import sys
 
@@ -39,6 +39,5 @@ class _RexModules:
             exec(code, module.__dict__)  # noqa: S102
 
 
-def _rex_run(codes: "tuple[tuple[str, CodeType], ...]", entry: str) -> None:
+def _rex_modules(codes: "tuple[tuple[str, CodeType], ...]") -> None:
     sys.meta_path.insert(0, _RexModules(codes))
-    sys.exit(__import__(entry, fromlist=["main"]).main())
