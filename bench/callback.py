@@ -66,7 +66,7 @@ def _recv(sock: socket.socket, reader: frames.FrameReader, *expected: str) -> di
 
 
 def handshake(address: tuple[str, int], run: str, step: list[str]) -> bool:
-    """One agent handshake, as rexplan/remote/agent.py's _handshake does it: True if verified."""
+    """One agent handshake, as rexplan/remote/agent/dialback.py's _handshake: True if verified."""
     step_id, triple, key_hex, nl_hex = step
     secret, nl = bytes.fromhex(key_hex), bytes.fromhex(nl_hex)
     k_l, k_a = direction_keys(secret)

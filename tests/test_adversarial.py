@@ -29,11 +29,12 @@ from typing import Any
 import faultproxy as fp
 import pytest
 
-from rexplan import remote
 from rexplan.engine import callback, slots
 from rexplan.engine.listener import CallbackListener
 from rexplan.engine.pending import PendingStep
-from rexplan.remote import agent as agent_module
+from rexplan.remote.agent.dialback import _handshake, _Retry
+from rexplan.remote.agent.failure import EXIT_NO_CALLBACK, EXIT_REJECTED, Failure
+from rexplan.transport import shipping
 from rexplan.wire import codes, handshake, keyfile
 from rexplan.wire.frames import MAX_FRAME, FrameReader, decode_frame, encode_frame
 from rexplan.wire.launch import make_launch, parse_launch
@@ -119,7 +120,7 @@ class AgentHost:
         key.write_bytes(keyfile.format_key_file(TRIPLE, "2026-01-01", self.secret))
         key.chmod(0o600)
         self.bundle = self.tmp / "agent.py"
-        self.bundle.write_bytes(remote.bundle())
+        self.bundle.write_bytes(shipping.bundle())
 
     def step(self, lis: CallbackListener, name: str, timeout: float = 30) -> PendingStep:
         step = PendingStep.create(name, TRIPLE, self.secret, timeout)
@@ -352,10 +353,10 @@ def agent_handshake(lis: CallbackListener, step: PendingStep, key: bytes, via: A
     """The real agent's handshake over ``via``; what became of it, as a word."""
     launch = parse_launch(launch_line(lis.run_id, step, via))
     try:
-        agent_module._handshake(launch, key, PID, START, time.monotonic() + AGENT_DEADLINE)
-    except agent_module.Failure as exc:
+        _handshake(launch, key, PID, START, time.monotonic() + AGENT_DEADLINE)
+    except Failure as exc:
         return f"failure-{exc.code}"
-    except agent_module._Retry:
+    except _Retry:
         return "retry"
     except codes.FrameError as exc:
         return f"frame-{exc.code}"
@@ -436,7 +437,7 @@ def test_the_agent_process_refuses_a_flipped_frame_and_kills_its_program(
     step = host.step(lis, f"{name}@h1")
     with fp.proxied(lis.address, fp.bitflip(index, 20, 2, direction)) as proxy:
         report = host.run(launch_line(lis.run_id, step, proxy.address))
-    assert report["code"] == agent_module.EXIT_REJECTED, report
+    assert report["code"] == EXIT_REJECTED, report
     assert not alive(report["pid"])
     assert lis.wait(step.step_id, 0).ok == (name == "ok")
 
@@ -458,7 +459,7 @@ def test_recorded_handshake_replayed_never_verifies(host: AgentHost, lis: Callba
     verdict = lis.wait(pending.step_id, 0)  # the replay decided nothing: the deadline does
     assert (verdict.ok, verdict.code) == (False, codes.TIMEOUT)
     assert verdict.detail is not None and "a proof that did not verify" in verdict.detail
-    assert report["code"] in (agent_module.EXIT_REJECTED, agent_module.EXIT_NO_CALLBACK)
+    assert report["code"] in (EXIT_REJECTED, EXIT_NO_CALLBACK)
     assert not alive(report["pid"])
 
     # after the step verified: refused as a duplicate
@@ -570,7 +571,7 @@ def test_stale_agent_from_an_earlier_run_is_refused(host: AgentHost, tmp_path: P
         new = host.step(second, "app@h1")
         flag.write_text("")
         report = host.finish(stale)
-        assert report["code"] == agent_module.EXIT_REJECTED, report
+        assert report["code"] == EXIT_REJECTED, report
         assert not alive(report["pid"])
         assert second.attempts == {codes.UNKNOWN_STEP: 1}
         fresh = host.run(launch_line(second.run_id, new, second.address, log="new"))
@@ -936,7 +937,7 @@ def test_an_agent_with_another_key_is_refused_names_its_key_and_kills_its_progra
         step = PendingStep.create("w@h1", TRIPLE, os.urandom(32), 30)  # not the host's key
         lis.expect(step)
         report = host.run(launch_line(lis.run_id, step, lis.address))
-        assert report["code"] == agent_module.EXIT_REJECTED, report
+        assert report["code"] == EXIT_REJECTED, report
         assert report["key_id"] == keyfile.key_id(host.secret) != step.key_id
         assert not alive(report["pid"])
         verdict = lis.wait(step.step_id, 0)  # nothing decided it: a key_id is a public claim

@@ -20,10 +20,21 @@ from typing import Any
 
 import pytest
 
-from rexplan import remote
 from rexplan.engine.listener import CallbackListener
 from rexplan.engine.pending import PendingStep
-from rexplan.remote import agent as agent_module
+from rexplan.remote.agent.failure import (
+    EXIT_AGENT,
+    EXIT_BAD_LAUNCH,
+    EXIT_EXITED,
+    EXIT_KEY,
+    EXIT_NO_CALLBACK,
+    EXIT_NO_LAUNCH,
+    EXIT_NOT_READY,
+    EXIT_REJECTED,
+)
+from rexplan.remote.agent.groups import start_time
+from rexplan.remote.agent.records import _store
+from rexplan.transport import shipping
 from rexplan.wire import codes, frames, handshake, keyfile
 from rexplan.wire.launch import make_kill, make_launch, parse_launch, spec_digest
 
@@ -151,7 +162,7 @@ def rig(tmp_path: Path) -> Iterator[Rig]:
     home.mkdir(mode=0o700)
     work.mkdir()
     bundle = tmp_path / "agent.py"
-    bundle.write_bytes(remote.bundle())
+    bundle.write_bytes(shipping.bundle())
     with CallbackListener(handshake_timeout=2) as lis:
         r = Rig(tmp_path, lis, home, work, bundle)
         r.write_key()
@@ -202,7 +213,7 @@ def test_verified_service_runs_under_its_supervisor(rig: Rig) -> None:
         assert nonce not in Path(exposed).read_bytes()
     running = state(rig)
     assert running["state"] == "running" and running["pid"] == pid
-    assert running["start"] == verdict.start == agent_module.start_time(pid)
+    assert running["start"] == verdict.start == start_time(pid)
     assert running["spec"] == spec_digest(parse_launch(line))
     assert (rig.home / "logs").stat().st_mode & 0o777 == 0o700
     stop(pid)
@@ -212,7 +223,7 @@ def test_verified_service_runs_under_its_supervisor(rig: Rig) -> None:
 
 def test_bootstrap_runs_the_bundle_without_a_file(rig: Rig) -> None:
     line, step = rig.line(["sleep", "30"])
-    result = rig.run(remote.bootstrap_argv(PY), remote.bootstrap_input(line))
+    result = rig.run(shipping.bootstrap_argv(PY), shipping.bootstrap_input(line))
     assert result.code == 0, result
     assert rig.lis.wait(step.step_id, 5).ok
     stop(result.report["pid"])
@@ -220,9 +231,9 @@ def test_bootstrap_runs_the_bundle_without_a_file(rig: Rig) -> None:
 
 def test_bootstrap_refuses_a_damaged_bundle(rig: Rig) -> None:
     line, _ = rig.line(["touch", "started"], expect=False)
-    damaged = remote.bootstrap_input(line).replace(b"rexplan", b"rexplaN", 1)
-    result = rig.run(remote.bootstrap_argv(PY), damaged)
-    assert result.code == agent_module.EXIT_BAD_LAUNCH
+    damaged = shipping.bootstrap_input(line).replace(b"rexplan", b"rexplaN", 1)
+    result = rig.run(shipping.bootstrap_argv(PY), damaged)
+    assert result.code == EXIT_BAD_LAUNCH
     assert not (rig.work / "started").exists()
 
 
@@ -232,7 +243,7 @@ def test_program_exiting_at_once_fails_fast_with_its_status(rig: Rig) -> None:
     probe = {"kind": "tcp", "port": free_port()}
     line, step = rig.line(["sh", "-c", "exit 3"], ready=probe, deadlines={**DEADLINES, "ready": 30})
     result = rig.run([PY, "-I", "-S", str(rig.bundle)], line, timeout=10)
-    assert result.code == agent_module.EXIT_EXITED
+    assert result.code == EXIT_EXITED
     assert result.report["status"] == 3
     assert "status 3" in result.stderr
     assert not rig.lis.wait(step.step_id, 0).ok
@@ -243,7 +254,7 @@ def test_never_ready_fails_at_the_deadline_and_kills_the_group(rig: Rig) -> None
     result = rig.launch(
         ["sh", "-c", "sleep 30 & sleep 30"], ready=probe, deadlines={**DEADLINES, "ready": 1.0}
     )
-    assert result.code == agent_module.EXIT_NOT_READY
+    assert result.code == EXIT_NOT_READY
     assert not alive(result.report["pid"])
     assert tagged(rig.lis.run_id) == []
 
@@ -262,7 +273,7 @@ def test_unreachable_callback_kills_the_program_by_its_own_deadline(rig: Rig, ho
             callback=("127.0.0.1", port),
             deadlines={**DEADLINES, "callback": 1.0},
         )
-    assert result.code == agent_module.EXIT_NO_CALLBACK, result
+    assert result.code == EXIT_NO_CALLBACK, result
     assert not alive(result.report["pid"])
     assert tagged(rig.lis.run_id) == []
 
@@ -288,7 +299,7 @@ def test_rogue_listener_gets_no_response_and_the_program_dies(rig: Rig) -> None:
     with server:
         result = rig.launch(["sleep", "30"], callback=server.getsockname()[:2])
         thread.join(10)
-    assert result.code == agent_module.EXIT_REJECTED
+    assert result.code == EXIT_REJECTED
     assert "could not prove" in result.report["reason"]
     assert after_chal == []  # no resp: a rogue learns nothing it could replay
     assert not alive(result.report["pid"])
@@ -298,7 +309,7 @@ def test_agent_with_a_different_key_is_rejected_and_its_program_dies(rig: Rig) -
     rig.write_key(secret=os.urandom(32))
     line, step = rig.line(["sleep", "30"])
     result = rig.run([PY, "-I", "-S", str(rig.bundle)], line)
-    assert result.code == agent_module.EXIT_REJECTED
+    assert result.code == EXIT_REJECTED
     # the report, over SSH for a launcher, names the key the agent holds: not the step's
     assert result.report["key_id"] != step.key_id
     assert not alive(result.report["pid"])
@@ -332,7 +343,7 @@ def _insecure(rig: Rig, how: str) -> None:
 def test_insecure_or_missing_key_is_refused_before_anything_starts(rig: Rig, how: str) -> None:
     _insecure(rig, how)
     result = rig.launch(["touch", "started"])
-    assert result.code == agent_module.EXIT_KEY, result
+    assert result.code == EXIT_KEY, result
     assert not (rig.work / "started").exists()
     assert rig.secret.hex() not in result.stderr + json.dumps(result.report)
     assert result.stderr.startswith("rex-agent: ") and result.stderr.count("\n") == 1
@@ -403,7 +414,7 @@ def test_readiness_probes(rig: Rig, kind: str) -> None:
 @pytest.mark.parametrize("stdin", [b"", b"not json\n", b'{"v": "rex-cb/1"}\n'])
 def test_bad_launch_message(rig: Rig, stdin: bytes) -> None:
     result = rig.run([PY, "-I", "-S", str(rig.bundle)], stdin)
-    assert result.code == agent_module.EXIT_BAD_LAUNCH
+    assert result.code == EXIT_BAD_LAUNCH
     assert result.report["ok"] is False
 
 
@@ -443,7 +454,7 @@ def test_supervisor_killed_before_ok_the_front_kills_the_group(rig: Rig) -> None
     assert len(children) == 1
     os.kill(children[0], signal.SIGKILL)
     out, _ = front.communicate(timeout=10)
-    assert front.returncode == agent_module.EXIT_AGENT
+    assert front.returncode == EXIT_AGENT
     assert json.loads(out)["reason"] == "agent supervisor died"
     assert tagged(rig.lis.run_id) == []
 
@@ -457,10 +468,10 @@ def test_kill_mode_ends_the_step_by_its_tags(rig: Rig) -> None:
     assert other.report == {"ok": True, "killed": []}
     # the old form, with the run id in argv (anyone's to read in ps), is refused
     old = rig.run([*kill, rig.lis.run_id, STEP], b"")
-    assert old.code == agent_module.EXIT_BAD_LAUNCH
+    assert old.code == EXIT_BAD_LAUNCH
     assert len(tagged(rig.lis.run_id)) >= 2
     garbled = rig.run(kill, b'{"run": "x"}\n')
-    assert garbled.code == agent_module.EXIT_BAD_LAUNCH
+    assert garbled.code == EXIT_BAD_LAUNCH
     assert "--kill needs" in garbled.report["reason"]
     killed = rig.run(kill, make_kill(rig.lis.run_id, STEP, 1))
     assert killed.report == {"ok": True, "killed": [result.report["pid"]]}
@@ -505,9 +516,9 @@ def _end(proc: subprocess.Popen[bytes]) -> None:
 def _stub(rig: Rig, wait: float, stdout: int = subprocess.PIPE) -> subprocess.Popen[bytes]:
     """LAUNCH_STUB started as a launch runs it (``--wait``), the agent in REX_HOME where it
     looks for it; stdin and stderr are pipes."""
-    (rig.home / remote.agent_name()).write_bytes(remote.bundle())
+    (rig.home / shipping.agent_name()).write_bytes(shipping.bundle())
     return subprocess.Popen(
-        remote.launch_argv(PY, wait=wait),
+        shipping.launch_argv(PY, wait=wait),
         stdin=subprocess.PIPE,
         stdout=stdout,
         stderr=subprocess.PIPE,
@@ -522,7 +533,7 @@ def _announced(rig: Rig, wait: float) -> subprocess.Popen[bytes]:
     proc = _stub(rig, wait)
     try:
         assert proc.stdout is not None
-        assert proc.stdout.readline() == remote.LAUNCH_MARKER.encode() + b"\n"
+        assert proc.stdout.readline() == shipping.LAUNCH_MARKER.encode() + b"\n"
     except BaseException:
         _end(proc)
         raise
@@ -560,8 +571,8 @@ def test_agent_given_no_launch_line_in_time_starts_nothing(rig: Rig, part: float
         report = json.loads(proc.stdout.readline())
     finally:
         _end(proc)
-    assert code == remote.EXIT_NO_LAUNCH == agent_module.EXIT_NO_LAUNCH
-    assert report["exit"] == remote.EXIT_NO_LAUNCH and "within 0.5s" in report["reason"]
+    assert code == shipping.EXIT_NO_LAUNCH == EXIT_NO_LAUNCH
+    assert report["exit"] == shipping.EXIT_NO_LAUNCH and "within 0.5s" in report["reason"]
     assert not (rig.work / "started").exists()
     assert not (rig.home / "run" / "app.json").exists()
 
@@ -576,7 +587,7 @@ def test_launch_stub_exits_when_the_launcher_is_gone(rig: Rig) -> None:
     finally:
         os.close(write_end)
     try:
-        assert proc.wait(10) == remote.EXIT_NO_LAUNCH
+        assert proc.wait(10) == shipping.EXIT_NO_LAUNCH
     finally:
         _end(proc)
     assert not (rig.home / "run").exists()
@@ -586,7 +597,7 @@ def test_launch_stub_exits_when_the_launcher_is_gone(rig: Rig) -> None:
 def test_agent_refuses_a_bad_wait(rig: Rig, wait: str) -> None:
     line, _ = rig.line(["touch", "started"], expect=False)
     result = rig.run([PY, "-I", "-S", str(rig.bundle), "--wait", wait], line)
-    assert result.code == agent_module.EXIT_BAD_LAUNCH
+    assert result.code == EXIT_BAD_LAUNCH
     assert not (rig.work / "started").exists()
 
 
@@ -594,37 +605,37 @@ def test_agent_file_keeps_its_compiled_code_and_the_stub_runs_it(rig: Rig) -> No
     """The first run of an uploaded agent leaves its compiled modules beside it (0600,
     checked by the sources' sha256); LAUNCH_STUB runs that code, and a damaged cache falls
     back to the source."""
-    agent = rig.home / remote.agent_name()
-    agent.write_bytes(remote.bundle())
+    agent = rig.home / shipping.agent_name()
+    agent.write_bytes(shipping.bundle())
     cache = Path(f"{agent}.{sys.implementation.cache_tag}.code")
     env = {"REX_HOME": str(rig.home), "PATH": os.environ.get("PATH", "/usr/bin:/bin")}
 
     def stub() -> subprocess.CompletedProcess[bytes]:
-        argv = remote.launch_argv(PY, wait=5)
+        argv = shipping.launch_argv(PY, wait=5)
         return subprocess.run(argv, input=b"", capture_output=True, env=env, timeout=20)
 
     first = subprocess.run([PY, "-I", "-S", str(agent)], input=b"", capture_output=True, env=env)
-    assert first.returncode == agent_module.EXIT_BAD_LAUNCH  # no launch line: nothing started
+    assert first.returncode == EXIT_BAD_LAUNCH  # no launch line: nothing started
     assert cache.stat().st_mode & 0o777 == 0o600
     sha, codes = marshal.loads(cache.read_bytes())
-    name, agent_code = codes[-1]  # the wire modules' code, then the agent's
-    assert name == "rexplan.remote.agent" and len(sha) == 64
-    assert agent_code.co_filename.endswith("rexplan/remote/agent.py")
+    entry = dict(codes)[shipping.ENTRY]
+    assert entry.co_filename.endswith("rexplan/remote/agent/front.py") and len(sha) == 64
 
     # the stub takes the agent's code from the cache: a stand-in there is what runs
     stand_in = compile("def main():\n    print('from the cache')\n    return 0\n", "x", "exec")
-    cache.write_bytes(marshal.dumps((sha, (*codes[:-1], (name, stand_in)))))
+    codes = tuple((name, stand_in if name == shipping.ENTRY else code) for name, code in codes)
+    cache.write_bytes(marshal.dumps((sha, codes)))
     ran = stub()
     assert ran.returncode == 0 and ran.stdout.endswith(b"from the cache\n"), ran
 
     # a damaged cache: the stub compiles the source, then the agent says its launch line is missing
     cache.write_bytes(b"\xff not marshal")
     ran = stub()
-    assert ran.returncode == agent_module.EXIT_BAD_LAUNCH, ran
+    assert ran.returncode == EXIT_BAD_LAUNCH, ran
     assert b"no launch message" in ran.stderr
 
 
-# ---- the shell check of an unchanged program (remote.CHECK_SH) ---------------------------------
+# ---- the shell check of an unchanged program (shipping.CHECK_SH) ---------------------------------
 
 
 def _start_time(pid: int) -> str:
@@ -647,8 +658,8 @@ def test_shell_check_says_what_the_stub_check_says(tmp_path: Path, name: str) ->
         triple, spec, start = "h1.alice.app", "ab" * 32, _start_time(proc.pid)
         record = {"pid": proc.pid, "start": start, "spec": spec, "triple": triple}
         (home / "run" / "app.json").write_text(json.dumps(record))
-        (home / remote.agent_name()).write_bytes(remote.bundle())
-        argv = remote.launch_argv(PY, check=(triple, "app", spec))
+        (home / shipping.agent_name()).write_bytes(shipping.bundle())
+        argv = shipping.launch_argv(PY, check=(triple, "app", spec))
         env = {"REX_HOME": str(home), "PATH": os.environ.get("PATH", "/usr/bin:/bin")}
 
         def shell(line: str | None) -> bytes:
@@ -687,10 +698,10 @@ def test_records_keep_their_shell_check_line(tmp_path: Path) -> None:
     removes it with one that names none."""
     home = str(tmp_path)
     record = {"pid": os.getpid(), "start": _start_time(os.getpid()), "spec": "ab" * 32}
-    agent_module._store(home, "app", {**record, "triple": "h1.alice.app", "state": "ready"})
+    _store(home, "app", {**record, "triple": "h1.alice.app", "state": "ready"})
     line = (tmp_path / "run" / "app.id").read_text()
     assert line == f"{os.getpid()} {record['start']} {'ab' * 32} h1.alice.app\n"
-    agent_module._store(home, "app", {"triple": "h1.alice.app", "state": "stopped"})
+    _store(home, "app", {"triple": "h1.alice.app", "state": "stopped"})
     assert not (tmp_path / "run" / "app.id").exists()
-    agent_module._store(home, "app", {**record, "triple": "a b", "state": "ready"})
+    _store(home, "app", {**record, "triple": "a b", "state": "ready"})
     assert not (tmp_path / "run" / "app.id").exists()  # a word with a space: no line

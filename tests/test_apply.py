@@ -22,7 +22,7 @@ from sshrig import RigHost, SshdRig
 
 from rexplan.cli.rex import main
 from rexplan.cli.rex_key import main as rex_key
-from rexplan.remote import bundle_sha
+from rexplan.transport.shipping import bundle_sha
 from rexplan.transport.ssh import SSHTransport
 from rexplan.wire import keyfile
 

@@ -18,10 +18,10 @@ import pytest
 from helpers_world import World
 from sshrig import RigHost, SshdRig, cgroup_unavailable_reason
 
-from rexplan import remote
 from rexplan.engine.listener import CallbackListener
 from rexplan.engine.pending import PendingStep
-from rexplan.remote import agent
+from rexplan.remote.agent.cgroup import _recorded_cgroup, cgroup_dir
+from rexplan.transport import shipping
 from rexplan.wire import keyfile
 from rexplan.wire.launch import make_launch
 
@@ -58,7 +58,7 @@ CONTAINER = "88 70 0:26 /lxc/c1 /sys/fs/cgroup rw - cgroup2 cgroup2 rw\n"
     ],
 )
 def test_cgroup_dir(cgroups: str, mountinfo: str, expected: str | None) -> None:
-    assert agent.cgroup_dir(cgroups, mountinfo) == expected
+    assert cgroup_dir(cgroups, mountinfo) == expected
 
 
 # ---- the launch watchdog (agent run here, as this user) -----------------------------------------
@@ -130,7 +130,7 @@ def local(tmp_path: Path) -> Iterator[Local]:
     key.write_bytes(keyfile.format_key_file(TRIPLE, "2026-01-01", secret))
     key.chmod(0o600)
     bundle = tmp_path / "agent.py"
-    bundle.write_bytes(remote.bundle())
+    bundle.write_bytes(shipping.bundle())
     with CallbackListener(handshake_timeout=2) as lis:
         loc = Local(home, bundle, lis, secret)
         yield loc
@@ -277,7 +277,7 @@ def shared(sshd_rig: SshdRig) -> RigHost:
 
 
 def cgroup_of(pid: int) -> str | None:
-    return agent.cgroup_dir(
+    return cgroup_dir(
         Path(f"/proc/{pid}/cgroup").read_text(), Path("/proc/self/mountinfo").read_text()
     )
 
@@ -305,10 +305,10 @@ def test_stop_ends_what_left_group_and_tags_through_the_cgroup(
     assert not [k for k in procs.environ(pid) if k.startswith("REX")]
     assert os.getsid(pid) == pid != record["pgid"]
     # a damaged record cannot aim a stop at another cgroup, such as the one sshd runs in
-    assert agent._recorded_cgroup(record, "esc") == cgroup
+    assert _recorded_cgroup(record, "esc") == cgroup
     for other in (str(delegated.cgroup), f"{cgroup}/..", "/tmp/rex-esc-x"):
-        assert agent._recorded_cgroup({**record, "cgroup": other}, "esc") is None
-    assert agent._recorded_cgroup(record, "other") is None
+        assert _recorded_cgroup({**record, "cgroup": other}, "esc") is None
+    assert _recorded_cgroup(record, "other") is None
     code, out, err = world.rex("stop", str(manifest), *(["--force"] if force else []))
     assert code == 0, out + err
     assert procs.wait_until(lambda: not procs.alive(pid), 5)

@@ -25,11 +25,11 @@ from helpers_world import Run, free_port, read_events
 from oracle import Oracle
 from sshrig import RigHost, SshdRig
 
-from rexplan import remote
 from rexplan.cli.rex import main
 from rexplan.cli.rex_key import main as rex_key
 from rexplan.engine.listener import CallbackListener
 from rexplan.engine.pending import PendingStep
+from rexplan.transport import shipping
 from rexplan.wire import keyfile
 from rexplan.wire.launch import make_launch
 
@@ -331,14 +331,14 @@ def test_agent_sigkilled_with_no_launcher_its_program_still_dies(
             log=name,
         )
         agent = subprocess.Popen(
-            host.ssh_argv(remote.bootstrap_argv("python3")),
+            host.ssh_argv(shipping.bootstrap_argv("python3")),
             stdin=subprocess.PIPE,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
         world.launchers.append(agent)
         assert agent.stdin is not None
-        agent.stdin.write(remote.bootstrap_input(line))
+        agent.stdin.write(shipping.bootstrap_input(line))
         agent.stdin.close()
         assert wait_for(world.tagged, 20)
         program = world.tagged()[0]

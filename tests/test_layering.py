@@ -33,7 +33,7 @@ IO_LIBRARIES = {
     "threading",
 }
 SSH_LIBRARIES = {"fabric", "paramiko", "invoke"}
-AGENT = PACKAGE / "remote" / "agent.py"
+AGENT = PACKAGE / "remote" / "agent"
 
 
 def top_level_imports(path: Path) -> set[str]:
@@ -139,10 +139,40 @@ def test_wire_imports_only_the_standard_library_and_wire(path: Path) -> None:
     assert package_imports(path) <= WIRE_MODULES
 
 
-def test_agent_imports_only_the_standard_library_and_protocol() -> None:
+AGENT_MODULES = sorted(AGENT.rglob("*.py"))
+
+
+def test_the_agent_is_a_package_of_modules() -> None:
+    assert len(AGENT_MODULES) > 1
+
+
+RELAY_MODULES = sorted((PACKAGE / "remote" / "relay").rglob("*.py"))
+
+
+@pytest.mark.parametrize("path", RELAY_MODULES, ids=rel)
+def test_relay_imports_only_the_standard_library(path: Path) -> None:
+    # the relay ships to relay hosts as one script of its own modules
+    outside = top_level_imports(path) - set(sys.stdlib_module_names) - {"rexplan"}
+    assert outside == set(), f"{rel(path)} imports {sorted(outside)} outside the stdlib"
+    assert all(name.startswith("rexplan.remote.relay.") for name in package_imports(path))
+
+
+@pytest.mark.parametrize("path", AGENT_MODULES, ids=rel)
+def test_agent_imports_only_the_standard_library_and_wire(path: Path) -> None:
     # the agent ships to hosts as one script bundled with rexplan/wire, and nothing else
-    if not AGENT.exists():
-        pytest.skip("remote/agent.py does not exist yet")
-    outside = top_level_imports(AGENT) - set(sys.stdlib_module_names) - {"rexplan"}
-    assert outside == set(), f"the agent imports {sorted(outside)} outside the stdlib"
-    assert package_imports(AGENT) <= WIRE_MODULES
+    outside = top_level_imports(path) - set(sys.stdlib_module_names) - {"rexplan"}
+    assert outside == set(), f"{rel(path)} imports {sorted(outside)} outside the stdlib"
+    allowed = ("rexplan.wire.", "rexplan.remote.agent.")
+    assert all(name.startswith(allowed) for name in package_imports(path)), rel(path)
+
+
+def test_nothing_outside_remote_imports_it() -> None:
+    # remote/ is shipped to hosts; the launcher reads its files as package resources
+    # (rexplan.transport.shipping) and never imports it
+    importers = {
+        rel(p)
+        for p in modules()
+        if not rel(p).startswith("remote/")
+        and any(name.startswith("rexplan.remote") for name in package_imports(p))
+    }
+    assert importers == set()

@@ -18,7 +18,6 @@ import pytest
 from helpers_world import SLEEPER, Hosts, Run, World, nothing_left
 from sshrig import RigHost, SshdRig, cgroup_unavailable_reason
 
-from rexplan import remote
 from rexplan.core import manifest as manifests
 from rexplan.core.model import FailurePolicy, Ready, Step
 from rexplan.engine import agentctl
@@ -27,7 +26,11 @@ from rexplan.engine.pending import PendingStep
 from rexplan.engine.placement import Load, choose, parse_load, place
 from rexplan.engine.policy import batches, counts_as_failure, exceeds
 from rexplan.errors import ManifestError
-from rexplan.remote import agent
+from rexplan.remote.agent.cgroup import cgroup_dir
+from rexplan.remote.agent.failure import EXIT_BAD_LAUNCH
+from rexplan.remote.agent.front import main as agent_main
+from rexplan.remote.agent.load import _measured_cgroup, load_report
+from rexplan.transport import shipping
 from rexplan.transport.ssh import connect
 from rexplan.wire import codes, keyfile
 from rexplan.wire.launch import make_launch, parse_launch, spec_digest
@@ -81,7 +84,7 @@ def test_apply_twice_changes_nothing_the_second_time(world: World, sshd_hosts: H
 def test_unchanged_reapply_starts_no_interpreter_on_the_host(
     world: World, sshd_hosts: Hosts
 ) -> None:
-    """The shell check (remote.CHECK_SH) answers for an unchanged program: with the host's
+    """The shell check (shipping.CHECK_SH) answers for an unchanged program: with the host's
     python made unusable, the re-apply still reports unchanged; a changed one needs it."""
     (host,) = sshd_hosts(1)
     m = world.manifest([host], {"db": {"on": [host.name], **SLEEPER}})
@@ -116,7 +119,7 @@ def test_records_over_sftp_say_what_the_agent_says(world: World, sshd_hosts: Hos
     def both() -> tuple[dict[str, Any], dict[str, Any]]:
         t = connect(host.model_host(), host.model_user(), known_hosts=host.known_hosts)
         try:
-            agent = f"{t.rex_home()}/agent-{remote.bundle_sha()[:16]}.py"
+            agent = f"{t.rex_home()}/agent-{shipping.bundle_sha()[:16]}.py"
             slow = agentctl.read_records(t, host.model_host().python, agent, 5.0)
             fast = agentctl.sftp_records(t)
         finally:
@@ -398,7 +401,7 @@ def local(tmp_path: Path, tag: str) -> Iterator[Local]:
     home.mkdir(mode=0o700)
     work.mkdir()
     bundle = tmp_path / "agent.py"
-    bundle.write_bytes(remote.bundle())
+    bundle.write_bytes(shipping.bundle())
     with CallbackListener(handshake_timeout=2) as lis:
         rig = Local(home, work, bundle, lis, tag)
         key = home / "keys" / rig.key_path
@@ -1041,7 +1044,7 @@ def test_load_probe_finds_the_cgroup_to_measure(
     tmp_path: Path, cgroup: str, mountinfo: str, measured: str
 ) -> None:
     _fake_host(tmp_path, cgroup, mountinfo)
-    directory, top = agent._measured_cgroup(str(tmp_path))
+    directory, top = _measured_cgroup(str(tmp_path))
     assert directory == str(tmp_path / measured)
     assert directory.startswith(top)
 
@@ -1059,7 +1062,7 @@ def test_load_probe_falls_back_to_the_load_average_and_says_why(
     tmp_path: Path, cgroup: str, mountinfo: str, why: str
 ) -> None:
     _fake_host(tmp_path, cgroup, mountinfo)
-    out = agent.load_report("cgroup", 0.0, str(tmp_path))
+    out = load_report("cgroup", 0.0, str(tmp_path))
     assert out["source"] == "loadavg" and why in out["fallback"]
     assert out["load"] >= 0
     assert (out["cpus"], out["free_mb"]) == (os.cpu_count(), 2000)
@@ -1074,15 +1077,15 @@ def test_load_probe_measures_cpu_time_against_the_cgroup_limits(tmp_path: Path) 
     (ct / "memory.max").write_text(f"{1 << 30}\n")
     (ct / "memory.current").write_text(f"{768 << 20}\n")
     (ct / "app" / "cpu.stat").write_text("usage_usec 123456\nuser_usec 100000\n")
-    out = agent.load_report("cgroup", 0.0, str(tmp_path))
+    out = load_report("cgroup", 0.0, str(tmp_path))
     # the fake usage_usec stands still: an idle cgroup, with 256 of its 1 GiB free
     assert out == {"load": 0.0, "cpus": 0.5, "free_mb": 256, "source": "cgroup"}
     (ct / "app" / "cpu.stat").write_text("user_usec 1\n")
-    out = agent.load_report("cgroup", 0.0, str(tmp_path))
+    out = load_report("cgroup", 0.0, str(tmp_path))
     assert out["source"] == "loadavg" and "no usage_usec in " in out["fallback"]
     # loadavg reads no cgroup file at all
     (tmp_path / "proc" / "self" / "cgroup").unlink()
-    assert agent.load_report("loadavg", 0.0, str(tmp_path))["source"] == "loadavg"
+    assert load_report("loadavg", 0.0, str(tmp_path))["source"] == "loadavg"
 
 
 def test_load_probe_output_becomes_a_load() -> None:
@@ -1126,7 +1129,7 @@ def test_unusable_load_probe_output_is_refused(output: str) -> None:
 def test_the_agent_load_mode_prints_what_parse_load_reads(
     args: list[str], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert agent.main(["--load", *args]) == 0
+    assert agent_main(["--load", *args]) == 0
     got = parse_load(capsys.readouterr().out, False)
     assert got.per_cpu is not None and got.per_cpu >= 0
 
@@ -1135,7 +1138,7 @@ def test_the_agent_load_mode_prints_what_parse_load_reads(
     "args", [["psi", "0"], ["cgroup"], ["cgroup", "soon"], ["cgroup", "nan"], ["loadavg", "61"]]
 )
 def test_a_bad_load_mode_is_refused(args: list[str], capsys: pytest.CaptureFixture[str]) -> None:
-    assert agent.main(["--load", *args]) == agent.EXIT_BAD_LAUNCH
+    assert agent_main(["--load", *args]) == EXIT_BAD_LAUNCH
     with pytest.raises(ValueError):
         parse_load(capsys.readouterr().out, False)
 
@@ -1184,7 +1187,7 @@ def test_least_loaded_picks_the_idle_container(
             loads = _cgroup_loads(choice)
             assert loads[busy.name] > loads[idle.name], choice
             (pid,) = world.tagged(idle.name, "pick")
-            where = agent.cgroup_dir(
+            where = cgroup_dir(
                 Path(f"/proc/{pid}/cgroup").read_text(), Path("/proc/self/mountinfo").read_text()
             )
             assert where is not None and where.startswith(idle.cgroup + "/")

@@ -35,6 +35,8 @@ from rexplan.wire.launch import (
 PACKAGE = Path(__file__).resolve().parent.parent / "rexplan"
 #: the modules of rexplan/wire, shipped to hosts with the agent
 WIRE = sorted(p.relative_to(PACKAGE).as_posix() for p in (PACKAGE / "wire").glob("*.py"))
+#: what ships to hosts from rexplan/remote: the agent's modules, its first stages, the relay
+REMOTE = sorted(p.relative_to(PACKAGE).as_posix() for p in (PACKAGE / "remote").rglob("*.py"))
 KEY = bytes(range(32))
 NL = bytes(range(100, 116))
 
@@ -258,9 +260,7 @@ def _compared_names(node: ast.expr) -> set[str]:
 SECRET_WORDS = {"mac", "lp", "ap", "proof", "digest", "secret", "nl", "ns", "na"}
 
 
-@pytest.mark.parametrize(
-    "name", [*WIRE, "engine/listener.py", "engine/pending.py", "remote/agent.py"]
-)
+@pytest.mark.parametrize("name", [*WIRE, "engine/listener.py", "engine/pending.py", *REMOTE])
 def test_no_mac_is_compared_with_equality(name: str) -> None:
     tree = ast.parse((PACKAGE / name).read_text())
     for node in ast.walk(tree):
@@ -324,7 +324,7 @@ def test_hmac_sha256_rfc4231_vectors() -> None:
         assert crypto.hmac_sha256(key, msg).hex() == want
 
 
-@pytest.mark.parametrize("name", [*WIRE, "remote/agent.py"])
+@pytest.mark.parametrize("name", [*WIRE, *REMOTE])
 def test_shipped_code_parses_as_python_3_8(name: str) -> None:
     ast.parse((PACKAGE / name).read_text(), feature_version=(3, 8))
 

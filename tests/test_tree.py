@@ -29,10 +29,19 @@ from rexplan.core.model import Authorization, Host, Manifest, Program, Step, Use
 from rexplan.core.simulate import Subtree
 from rexplan.engine import executor
 from rexplan.engine import fanout as tree_module
-from rexplan.engine.fanout import RelayError, TreeLauncher, relay_source, split
+from rexplan.engine.fanout import RelayError, TreeLauncher, split
 from rexplan.errors import UsageError
-from rexplan.remote import agent_name, bundle_sha, relay
+from rexplan.remote.relay.client import EXIT_BAD_INPUT, Gate, classify, dropped
 from rexplan.transport import ssh as transport
+from rexplan.transport.shipping import (
+    RELAY_BOOTSTRAP,
+    RELAY_ENTRY,
+    agent_name,
+    bundle_sha,
+    relay_bundle,
+    relay_source,
+    sources,
+)
 from rexplan.transport.ssh import TransportPool
 
 HOOKED = hasattr(executor, "TreeLauncher")
@@ -110,7 +119,7 @@ def test_split_is_a_balanced_k_ary_tree_over_every_host_once(n: int, k: int) -> 
 def test_relay_classifies_ssh_failures(
     status: int, stderr: bytes, expected: tuple[str, str]
 ) -> None:
-    assert relay.classify(status, stderr) == expected
+    assert classify(status, stderr) == expected
 
 
 @pytest.mark.parametrize(
@@ -128,12 +137,12 @@ def test_relay_classifies_ssh_failures(
     ],
 )  # fmt: skip
 def test_relay_knows_a_max_startups_drop(stderr: bytes, expected: bool) -> None:
-    assert relay.dropped(255, stderr) is expected
-    assert relay.dropped(1, stderr) is False  # the remote command's own exit
+    assert dropped(255, stderr) is expected
+    assert dropped(1, stderr) is False  # the remote command's own exit
 
 
 def test_relay_gate_admits_its_limit_and_learns_from_drops() -> None:
-    gate = relay.Gate(3)
+    gate = Gate(3)
     soon = time.monotonic() + 0.05
     assert [gate.acquire(soon) for _ in range(4)] == [True, True, True, False]
     gate.dropped()  # 3 in flight, one of them dropped: the sshd takes 2 at most
@@ -158,7 +167,7 @@ def _relay_run(
     data = b"%d\n" % len(source) + source + (json.dumps(head) + "\n").encode()
     data += b"%d\n" % len(agent) + agent + b"".join((json.dumps(s) + "\n").encode() for s in steps)
     env = {"PATH": os.environ["PATH"], "REX_HOME": str(home)}
-    argv = [python, "-I", "-S", "-c", relay.BOOTSTRAP, sha, header["name"]]
+    argv = [python, "-I", "-S", "-c", RELAY_BOOTSTRAP, sha, header["name"]]
     return subprocess.run(argv, input=data, capture_output=True, env=env, timeout=30, check=False)
 
 
@@ -227,27 +236,38 @@ def test_relay_refuses_a_damaged_agent(tmp_path: Path) -> None:
     sha = hashlib.sha256(source).hexdigest()
     head = {"name": "r0", "agent": {"sha": "0" * 64}, "children": []}
     data = b"%d\n" % len(source) + source + (json.dumps(head) + "\n").encode() + b"3\nabc"
-    argv = [sys.executable, "-I", "-S", "-c", relay.BOOTSTRAP, sha, "r0"]
+    argv = [sys.executable, "-I", "-S", "-c", RELAY_BOOTSTRAP, sha, "r0"]
     done = subprocess.run(argv, input=data, capture_output=True, timeout=30, check=False)
-    assert done.returncode == relay.EXIT_BAD_INPUT
+    assert done.returncode == EXIT_BAD_INPUT
     assert b"agent damaged in transit" in done.stderr
     bad = subprocess.run(argv, input=b"3\nabc", capture_output=True, timeout=30, check=False)
     assert bad.returncode == 16 and b"relay damaged in transit" in bad.stderr
 
 
+#: the relay's modules, as its bundle carries them
+RELAY_MODULES = sources("remote", skip=("agent", "stages"))
+
+
 def test_relay_imports_only_the_standard_library() -> None:
-    tree = ast.parse(relay_source())
-    imported = {
-        alias.name.split(".")[0]
-        for node in ast.walk(tree)
-        if isinstance(node, ast.Import)
-        for alias in node.names
-    } | {
-        node.module.split(".")[0]
-        for node in ast.walk(tree)
-        if isinstance(node, ast.ImportFrom) and node.module
-    }
-    assert imported <= set(sys.stdlib_module_names), imported
+    # the bundle's own code (its stages) and every module it carries
+    imported = set()
+    for text in [relay_source(), *(source for _, _, source in RELAY_MODULES)]:
+        tree = ast.parse(text)
+        imported |= {
+            alias.name
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Import)
+            for alias in node.names
+        } | {
+            node.module
+            for node in ast.walk(tree)
+            if isinstance(node, ast.ImportFrom) and node.module
+        }
+    relay = {name for name in imported if name.startswith("rexplan.remote.relay.")}
+    assert {name.split(".")[0] for name in imported - relay} <= set(sys.stdlib_module_names), (
+        imported
+    )
+    assert relay <= {name for name, _, _ in RELAY_MODULES}, relay
 
 
 # --- the launcher side, without connecting ------------------------------------------------------
@@ -470,7 +490,7 @@ def _relay_pid(host: str) -> int | None:
     """The relay process serving ``host``, by its argv tag (BOOTSTRAP, sha, host name)."""
     for pid in procs.pids():
         argv = procs.cmdline(pid)
-        if relay.BOOTSTRAP in argv and argv[-1] == host and procs.alive(pid):
+        if RELAY_BOOTSTRAP in argv and argv[-1] == host and procs.alive(pid):
             return pid
     return None
 
@@ -643,10 +663,10 @@ def test_an_interrupted_tree_run_kills_its_relayed_steps_through_the_relays(
 
 
 def _lying_relay(lies: dict[str, dict[str, Any]]) -> bytes:
-    """relay.py, patched: the relay named in ``lies`` answers its first step request with
-    "unchanged" reports for the steps ``others`` (none of its subtree), then, with ``own``,
-    claims every step it is sent unchanged without launching it (else launches it)."""
-    source = relay_source().decode()
+    """The relay, its node module patched: the relay named in ``lies`` answers its first step
+    request with "unchanged" reports for the steps ``others`` (none of its subtree), then, with
+    ``own``, claims every step it is sent unchanged without launching it (else launches it)."""
+    source = next(source for name, _, source in RELAY_MODULES if name == RELAY_ENTRY)
     anchor = '''        leads to it."""\n'''
     lie = (
         "        lies = _LIES.get(self.name)\n"
@@ -662,7 +682,12 @@ def _lying_relay(lies: dict[str, dict[str, Any]]) -> bytes:
     source = source.replace(anchor, anchor + lie).replace(
         "\nclass Relay:", f"\n_LIES = {lies!r}\n\n\nclass Relay:"
     )
-    return source.encode()
+    return relay_bundle(
+        tuple(
+            (name, path, source if name == RELAY_ENTRY else text)
+            for name, path, text in RELAY_MODULES
+        )
+    )
 
 
 @needs_hook

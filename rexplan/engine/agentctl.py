@@ -15,7 +15,7 @@ from rexplan.core import spec as specs
 from rexplan.core.model import FileSpec, Manifest, Step
 from rexplan.engine import events as ev
 from rexplan.errors import TransportError
-from rexplan.remote import (
+from rexplan.transport.shipping import (
     EXIT_NO_AGENT,
     EXIT_NO_LAUNCH,
     bootstrap_argv,

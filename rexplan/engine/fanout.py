@@ -21,26 +21,25 @@ launcher kills one over its own connection.
 from __future__ import annotations
 
 import collections
-import functools
 import hashlib
 import json
 import os
 import threading
 from collections.abc import Callable, Sequence
-from importlib import resources
 
 from rexplan.core.model import Manifest, Step
 from rexplan.core.settings import tree_problems
 from rexplan.core.simulate import Subtree, split_tree
 from rexplan.errors import TransportError, UsageError
-from rexplan.remote import (
+from rexplan.transport.shipping import (
     EXIT_NO_AGENT,
     LAUNCH_MARKER,
+    RELAY_BOOTSTRAP,
     agent_name,
     bundle,
     bundle_sha,
     launch_argv,
-    relay,
+    relay_source,
 )
 from rexplan.transport.ssh import (
     DEFAULT_KNOWN_HOSTS,
@@ -70,12 +69,6 @@ def split(hosts: Sequence[str], k: int) -> list[Subtree]:
     """The launcher's children: the first min(k, N) hosts, each the root of a contiguous,
     as-even-as-possible share of the rest (recursively). Every host appears exactly once."""
     return list(split_tree(hosts, k))
-
-
-@functools.lru_cache(maxsize=1)
-def relay_source() -> bytes:
-    """rexplan/remote/relay.py, as shipped to relay hosts."""
-    return resources.files("rexplan").joinpath("remote").joinpath("relay.py").read_bytes()
 
 
 def _printable(value: object, limit: int = 300) -> str:
@@ -180,7 +173,7 @@ class _Relay:
     def _start(self) -> None:
         tree, first = self.tree, self.tree.first[self.host]
         host = tree.manifest.host(self.host)
-        argv = [host.python, "-I", "-S", "-c", relay.BOOTSTRAP, tree.relay_sha, self.host]
+        argv = [host.python, "-I", "-S", "-c", RELAY_BOOTSTRAP, tree.relay_sha, self.host]
         try:
             transport = tree.pool.get(host, tree.manifest.user(first.user))
             stream = open_stream(transport, argv, timeout=first.timeouts.start)

@@ -25,7 +25,7 @@ from rexplan.errors import (
     TransportError,
     UnreachableError,
 )
-from rexplan.remote import EXIT_NO_AGENT, LAUNCH_MARKER, launch_argv
+from rexplan.transport.shipping import EXIT_NO_AGENT, LAUNCH_MARKER, launch_argv
 from rexplan.transport.ssh import Gate, Transport, TransportPool
 from rexplan.trust.keys import KeyInfo, KeyStore
 from rexplan.wire import codes, handshake, keyfile, launch
