@@ -308,7 +308,7 @@ def bench(
 
     from rexplan.cli.rex_key import main as rex_key
     from rexplan.remote import bundle_sha
-    from rexplan.transport.ssh import host_key_name
+    from rexplan.transport.pinning import host_key_name
 
     marker = f"agent-{bundle_sha()[:16]}.py"
     rig = SshdRig()

@@ -28,7 +28,9 @@ from rexplan.core.model import Host, Timeouts
 from rexplan.engine.fanout import RelayError, TreeLauncher
 from rexplan.errors import HostTimeoutError
 from rexplan.remote import LAUNCH_MARKER
-from rexplan.transport.ssh import Gate, LocalTransport, TransportPool
+from rexplan.transport.base import Gate
+from rexplan.transport.local import LocalTransport
+from rexplan.transport.pool import TransportPool
 from rexplan.wire import protocol
 
 Hosts = Callable[[int], list[RigHost]]

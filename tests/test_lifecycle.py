@@ -26,7 +26,7 @@ from rexplan.engine.callback import CallbackListener, PendingStep
 from rexplan.engine.executor import Load, parse_load
 from rexplan.errors import ManifestError
 from rexplan.remote import agent
-from rexplan.transport.ssh import connect
+from rexplan.transport.pool import connect
 from rexplan.wire import protocol
 
 #: forks a grandchild that leaves the process group (setsid), then waits forever

@@ -27,8 +27,9 @@ from rexplan.cli.rex import main
 from rexplan.core.model import Timeouts
 from rexplan.errors import TransportError
 from rexplan.transport import persist as mux
-from rexplan.transport import ssh as transport
-from rexplan.transport.ssh import Gate, SSHTransport
+from rexplan.transport import pinning, pool
+from rexplan.transport.base import Gate
+from rexplan.transport.ssh import SSHTransport
 
 pytestmark = pytest.mark.sshd
 
@@ -100,7 +101,7 @@ def test_persist_keeps_the_connections_between_runs(
     def no_direct(*args: object, **kwargs: object) -> SSHTransport:
         raise AssertionError("the launcher connected by itself")
 
-    monkeypatch.setattr(transport.SSHTransport, "open", no_direct)
+    monkeypatch.setattr(SSHTransport, "open", no_direct)
     first = world.apply(m)
     assert first.code == 0, first.out + first.err
     assert set(first.actions().values()) == {"started"}
@@ -170,7 +171,7 @@ def test_a_kept_connection_is_dropped_when_its_pin_changes(
     # the pinned key for this host becomes another one
     other = tmp_path / "other_key"
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(other)], check=True)
-    name = transport.host_key_name(host.address, host.port)
+    name = pinning.host_key_name(host.address, host.port)
     public = " ".join(Path(f"{other}.pub").read_text().split()[:2])
     known.write_text(f"{name} {public}\n")
     second = world.apply(m, "--known-hosts", str(known))
@@ -280,7 +281,7 @@ def test_abort_never_sends_a_held_launch(sshd_hosts: Hosts, tmp_path: Path) -> N
     """A caller gone (the daemon's client hung up) cancels a run whose stdin waits for its
     gate: the channel closes and the line is never sent."""
     (host,) = sshd_hosts(1)
-    t = transport.connect(
+    t = pool.connect(
         host.model_host(), host.model_user(), known_hosts=host.known_hosts, timeouts=Timeouts()
     )
     assert isinstance(t, SSHTransport)

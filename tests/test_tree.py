@@ -32,8 +32,8 @@ from rexplan.engine import fanout as tree_module
 from rexplan.engine.fanout import RelayError, TreeLauncher, relay_source, split
 from rexplan.errors import UsageError
 from rexplan.remote import agent_name, bundle_sha, relay
-from rexplan.transport import ssh as transport
-from rexplan.transport.ssh import TransportPool
+from rexplan.transport import base, pool
+from rexplan.transport.pool import TransportPool
 
 HOOKED = hasattr(executor, "TreeLauncher")
 needs_hook = pytest.mark.skipif(not HOOKED, reason="the executor has no tree hook yet")
@@ -341,13 +341,13 @@ def relay_identity(sshd_rig: SshdRig) -> Iterator[str]:
 def connections(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Names of the hosts the launcher opened SSH connections to."""
     opened: list[str] = []
-    real = transport.connect
+    real = pool.connect
 
-    def spy(host: Host, user: User, **kwargs: Any) -> transport.Transport:
+    def spy(host: Host, user: User, **kwargs: Any) -> base.Transport:
         opened.append(host.name)
         return real(host, user, **kwargs)
 
-    monkeypatch.setattr(transport, "connect", spy)
+    monkeypatch.setattr(pool, "connect", spy)
     return opened
 
 

@@ -50,7 +50,8 @@ from rexplan.remote import (
     launch_argv,
 )
 from rexplan.transport import persist as mux
-from rexplan.transport.ssh import Gate, Result, Transport, TransportPool
+from rexplan.transport.base import Gate, Result, Transport, kind
+from rexplan.transport.pool import TransportPool
 from rexplan.trust.keys import KeyInfo, KeyStore
 from rexplan.wire import protocol
 
@@ -673,7 +674,10 @@ class Executor:
 
     def _key_for(self, step: Step, transport: Transport) -> tuple[KeyInfo, bytes]:
         """The key the launcher proves with; ``transport: local`` keys are made on first use."""
-        if step.transport == "local" and self.keys.find(step.host, step.user, step.program) is None:
+        if (
+            kind(step.transport).is_local
+            and self.keys.find(step.host, step.user, step.program) is None
+        ):
             if self.keys.find(step.host, step.user, None) is None:
                 info, created = self.keys.create(step.host, step.user, step.program)
                 if created:
@@ -684,7 +688,7 @@ class Executor:
                         detail=f"created key {info.key_id} for local triple {step.triple}",
                     )
         info, secret = self.keys.load(step.host, step.user, step.program)
-        if step.transport == "local":
+        if kind(step.transport).is_local:
             self._ensure_local_copy(transport, info, secret)
         return info, secret
 
@@ -1219,7 +1223,11 @@ def callback_endpoints(manifest: Manifest, plan: Plan) -> tuple[str, Callable[[s
             return cb.bind, route_source
         return cb.bind, lambda _address: fixed
     remote = sorted(
-        {s.address for s in plan.steps if s.transport != "local" and not _is_loopback(s.address)}
+        {
+            s.address
+            for s in plan.steps
+            if not kind(s.transport).is_local and not _is_loopback(s.address)
+        }
     )
     if not remote:
         local = cb.advertise or "127.0.0.1"

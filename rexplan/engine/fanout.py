@@ -42,13 +42,11 @@ from rexplan.remote import (
     launch_argv,
     relay,
 )
-from rexplan.transport.ssh import (
-    DEFAULT_KNOWN_HOSTS,
-    Stream,
-    TransportPool,
-    host_key_name,
-    open_stream,
-)
+from rexplan.transport.base import DEFAULT_KNOWN_HOSTS, kind
+from rexplan.transport.pinning import host_key_name
+from rexplan.transport.pool import TransportPool
+from rexplan.transport.ssh import open_stream
+from rexplan.transport.streams import Stream
 from rexplan.trust import hostkeys
 from rexplan.wire import protocol
 
@@ -328,7 +326,7 @@ class TreeLauncher:
         self.pool = pool
         self.first: dict[str, Step] = {}
         for step in plan_steps:
-            if step.transport == "ssh":
+            if kind(step.transport).can_relay:
                 self.first.setdefault(step.host, step)
         self.tree = split(list(self.first), fanout)
         self.relay_sha = hashlib.sha256(relay_source()).hexdigest()

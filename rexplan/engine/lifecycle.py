@@ -26,7 +26,8 @@ from rexplan.engine.executor import Load, Placed, agent_run, local_files, place,
 from rexplan.engine.report import Reporter
 from rexplan.errors import TransportError, UsageError
 from rexplan.transport import persist as mux
-from rexplan.transport.ssh import Result, TransportPool
+from rexplan.transport.base import Result
+from rexplan.transport.pool import TransportPool
 from rexplan.trust.keys import KeyStore, default_known_hosts
 
 #: seconds added to what the agent may take before the launcher gives up on the exec

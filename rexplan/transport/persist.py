@@ -50,17 +50,11 @@ from rexplan.core.model import Host, Manifest, Timeouts, User
 from rexplan.core.text import printable
 from rexplan.engine.callback import ensure_fd_budget
 from rexplan.errors import RexError, TransportError
-from rexplan.transport.ssh import (
-    GET_LIMIT,
-    Connector,
-    Gate,
-    LocalTransport,
-    Result,
-    SSHTransport,
-    Transport,
-    TransportPool,
-    wait_readable,
-)
+from rexplan.transport.base import GET_LIMIT, Gate, Result, Transport, kind
+from rexplan.transport.local import LocalTransport
+from rexplan.transport.pool import Connector, TransportPool
+from rexplan.transport.ssh import SSHTransport
+from rexplan.transport.streams import wait_readable
 
 MUX_ENV = "REX_MUX_DIR"
 SOCKET = "mux.sock"
@@ -771,7 +765,7 @@ def connector(
     known = None if known_hosts is None else os.fspath(known_hosts)
 
     def connect(host: Host, user: User) -> Transport:
-        if host.transport == "local":
+        if kind(host.transport).is_local:
             return LocalTransport(host)
         t = MuxTransport(host, user, client, known_hosts=known, timeouts=timeouts)
         t.open()
