@@ -809,3 +809,9 @@ def test_transport_kinds_are_the_ones_the_manifest_schema_accepts() -> None:
     assert base.kind("local").is_local and not base.kind("ssh").is_local
     with pytest.raises(ValueError, match="unknown transport 'telnet'"):
         base.kind("telnet")
+
+
+def test_last_report_is_the_last_json_object_line() -> None:
+    out = b'{"early": 1}\nmotd noise\n{"ok": true, "pid": 7}\n[1, 2]\n\xff not json\n'
+    assert base.last_report(out) == {"ok": True, "pid": 7}
+    assert base.last_report(b"no report\n") == {}

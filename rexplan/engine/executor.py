@@ -50,7 +50,7 @@ from rexplan.remote import (
     launch_argv,
 )
 from rexplan.transport import persist as mux
-from rexplan.transport.base import Gate, Result, Transport, kind
+from rexplan.transport.base import Gate, Result, Transport, kind, last_report
 from rexplan.transport.pool import TransportPool
 from rexplan.trust.keys import KeyInfo, KeyStore
 from rexplan.wire import protocol
@@ -486,7 +486,7 @@ class Executor:
         exec_error: TransportError | None = None
         try:
             res = transport.run(agent_argv, stdin=line, timeout=exec_timeout, gate=gate)
-            diag = _front_report(res.stdout)
+            diag = last_report(res.stdout)
             if res.exit_status == EXIT_NO_AGENT and diag.get("exit") == EXIT_NO_AGENT:
                 # the first launch as this login on this host: upload the agent, launch again
                 try:
@@ -498,7 +498,7 @@ class Executor:
                     return
                 if self._clock() < deadline:
                     res = transport.run(agent_argv, stdin=line, timeout=exec_timeout, gate=gate)
-                    diag = _front_report(res.stdout)
+                    diag = last_report(res.stdout)
         except TransportError as exc:
             if isinstance(exc, HostTimeoutError) and exc.phase == "start":
                 # the remote shell started too late: it never got its launch line, so nothing
@@ -1132,16 +1132,6 @@ def _same_process(transport: Transport, pid: Any, start: Any) -> bool:
     except (OSError, IndexError):
         return False
     return len(fields) > 19 and fields[0] != b"Z" and fields[19] == start.encode()
-
-
-def _front_report(stdout: bytes) -> dict[str, object]:
-    """The agent front's one JSON line: a diagnostic, never the verdict."""
-    for line in reversed(stdout.splitlines()):
-        with contextlib.suppress(ValueError):
-            data = json.loads(line)
-            if isinstance(data, dict):
-                return data
-    return {}
 
 
 def _failure(

@@ -26,7 +26,7 @@ from rexplan.engine.executor import Load, Placed, agent_run, local_files, place,
 from rexplan.engine.report import Reporter
 from rexplan.errors import TransportError, UsageError
 from rexplan.transport import persist as mux
-from rexplan.transport.base import Result
+from rexplan.transport.base import last_report
 from rexplan.transport.pool import TransportPool
 from rexplan.trust.keys import KeyStore, default_known_hosts
 
@@ -39,18 +39,6 @@ STOPPED, ABSENT, STOP_FAILED, UNREACHABLE = (
     specs.FAILED,
     specs.UNREACHABLE,
 )
-
-
-def _report(res: Result) -> dict[str, Any]:
-    """The agent's JSON line; {} when there is none."""
-    for line in reversed(res.stdout.splitlines()):
-        try:
-            data = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(data, dict):
-            return data
-    return {}
 
 
 def _by_login(steps: Sequence[Step]) -> list[list[Step]]:
@@ -192,7 +180,7 @@ def stop_step(
         res = agent_run(transport, host.python, *args, timeout=_stop_timeout(step))
     except TransportError as exc:
         return specs.StopResult(step, UNREACHABLE, detail=str(exc))
-    report = _report(res)
+    report = last_report(res.stdout)
     if report.get("ok") is not True:
         why = report.get("reason") or res.stderr.decode(errors="replace").strip()[-200:]
         return specs.StopResult(step, STOP_FAILED, detail=str(why or f"exit {res.exit_status}"))

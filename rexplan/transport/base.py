@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import errno
+import json
 import posixpath
 import re
 import secrets
 import shlex
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from rexplan.core.model import Host
 from rexplan.errors import HostTimeoutError
@@ -152,3 +153,15 @@ def at_most(data: bytes, limit: int, path: str) -> bytes:
     if len(data) > limit:
         raise OSError(errno.EFBIG, f"longer than {limit} bytes", path)
     return data
+
+
+def last_report(stdout: bytes) -> dict[str, Any]:
+    """The last line of ``stdout`` that is a JSON object (an agent's report); {} if none is."""
+    for line in reversed(stdout.splitlines()):
+        try:
+            data = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(data, dict):
+            return data
+    return {}
