@@ -33,6 +33,7 @@ from rexplan import remote
 from rexplan.engine import callback
 from rexplan.engine.callback import CallbackListener, PendingStep
 from rexplan.remote import agent as agent_module
+from rexplan.transport import fds
 from rexplan.wire import protocol
 
 PACKAGE = Path(__file__).resolve().parent.parent / "rexplan"
@@ -838,7 +839,7 @@ def test_a_flood_of_idle_and_slowloris_connections_does_not_delay_a_real_launch(
 ) -> None:
     # the listener as a run has it (its default limits and deadlines), 2,000 connections
     # from 8 other addresses at once, opened again as fast as they are closed
-    assert callback.ensure_fd_budget(3000) is None
+    assert fds.ensure_fd_budget(3000) is None
     caplog.set_level(logging.WARNING, logger="rexplan.engine.callback")
     baseline = open_fds()
     started = time.monotonic()

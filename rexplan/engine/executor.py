@@ -27,7 +27,7 @@ from rexplan.core.model import FailurePolicy, FileSpec, Host, Manifest, Plan, St
 from rexplan.core.plan import least_loaded
 from rexplan.core.text import printable
 from rexplan.engine import events as ev
-from rexplan.engine.callback import EXITED, CallbackListener, PendingStep, Verdict, ensure_fd_budget
+from rexplan.engine.callback import EXITED, CallbackListener, PendingStep, Verdict
 from rexplan.engine.fanout import RELAY_LOST, RelayError, TreeLauncher
 from rexplan.errors import (
     AuthenticationError,
@@ -51,6 +51,7 @@ from rexplan.remote import (
 )
 from rexplan.transport import persist as mux
 from rexplan.transport.base import Gate, Result, Transport, kind, last_report
+from rexplan.transport.fds import ensure_fd_budget
 from rexplan.transport.pool import TransportPool
 from rexplan.trust.keys import KeyInfo, KeyStore
 from rexplan.wire import protocol
