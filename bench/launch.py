@@ -167,17 +167,18 @@ def fresh_daemon() -> Iterator[dict[str, float]]:
     """A REX_MUX_DIR of its own for a persist run; afterwards the daemon's CPU time (in
     ``extra["cpu"]``: it is nobody's child) and the daemon stopped, by pid if need be."""
     from rexplan.transport import persist as mux
+    from rexplan.transport import persist_wire
 
     base = tempfile.mkdtemp(prefix="rexmux-", dir="/tmp")
     directory = os.path.join(base, "mux")
-    os.environ[mux.MUX_ENV] = directory
+    os.environ[persist_wire.MUX_ENV] = directory
     extra = {"cpu": 0.0}
     try:
         yield extra
     finally:
         pid = None
         with contextlib.suppress(OSError, ValueError):
-            pid = int(Path(directory, mux.PID_FILE).read_text())
+            pid = int(Path(directory, persist_wire.PID_FILE).read_text())
         if pid is not None:
             extra["cpu"] = procs.cpu_seconds(pid)
             with contextlib.suppress(Exception):
@@ -307,8 +308,8 @@ def bench(
     from sshrig import SshdRig
 
     from rexplan.cli.rex_key import main as rex_key
+    from rexplan.transport.pinning import host_key_name
     from rexplan.transport.shipping import bundle_sha
-    from rexplan.transport.ssh import host_key_name
 
     marker = f"agent-{bundle_sha()[:16]}.py"
     rig = SshdRig()

@@ -29,12 +29,12 @@ from typing import Any
 import faultproxy as fp
 import pytest
 
-from rexplan.engine import callback, slots
+from rexplan.engine import slots
 from rexplan.engine.listener import CallbackListener
 from rexplan.engine.pending import PendingStep
 from rexplan.remote.agent.dialback import _handshake, _Retry
 from rexplan.remote.agent.failure import EXIT_NO_CALLBACK, EXIT_REJECTED, Failure
-from rexplan.transport import shipping
+from rexplan.transport import fds, shipping
 from rexplan.wire import codes, handshake, keyfile
 from rexplan.wire.frames import MAX_FRAME, FrameReader, decode_frame, encode_frame
 from rexplan.wire.launch import make_launch, parse_launch
@@ -842,7 +842,7 @@ def test_a_flood_of_idle_and_slowloris_connections_does_not_delay_a_real_launch(
 ) -> None:
     # the listener as a run has it (its default limits and deadlines), 2,000 connections
     # from 8 other addresses at once, opened again as fast as they are closed
-    assert callback.ensure_fd_budget(3000) is None
+    assert fds.ensure_fd_budget(3000) is None
     caplog.set_level(logging.WARNING, logger="rexplan.engine.callback")
     baseline = open_fds()
     started = time.monotonic()

@@ -20,7 +20,7 @@ from sshrig import RigHost, SshdRig
 
 from rexplan.core.manifest import load
 from rexplan.core.model import Authorization, Manifest, Plan, Program, Step
-from rexplan.transport.ssh import connect
+from rexplan.transport.pool import connect
 from rexplan.trust import audit
 from rexplan.trust.distribute import distribute
 from rexplan.trust.keys import KeyInfo, KeyStore

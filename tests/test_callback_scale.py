@@ -18,9 +18,10 @@ from typing import Any
 
 import pytest
 
-from rexplan.engine import callback, pending
+from rexplan.engine import pending
 from rexplan.engine.listener import CallbackListener
 from rexplan.engine.pending import PendingStep
+from rexplan.transport import fds
 from rexplan.wire import codes, frames, keyfile, messages
 from rexplan.wire.handshake import (
     agent_proof,
@@ -160,10 +161,10 @@ def test_ten_thousand_pending_steps_on_one_thread() -> None:
 
 _PROBE = """
 import json, os, resource, sys
-from rexplan.engine import callback
+from rexplan.transport import fds
 soft, hard = (int(v) for v in sys.argv[1:3])
 resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
-notice = callback.ensure_fd_budget(int(sys.argv[3]))
+notice = fds.ensure_fd_budget(int(sys.argv[3]))
 after = resource.getrlimit(resource.RLIMIT_NOFILE)
 opened = []
 try:  # the raised limit is real: that many descriptors open
@@ -211,11 +212,11 @@ def test_a_hard_limit_too_low_is_reported_and_the_soft_limit_still_raised() -> N
     [
         (1024, 4096, 100, 1024),  # room enough
         (1024, 4096, 2000, 4096),  # up to the hard limit
-        (1024, 1 << 20, 2000, callback.FD_CAP),  # a huge hard limit: capped
+        (1024, 1 << 20, 2000, fds.FD_CAP),  # a huge hard limit: capped
         (1024, 1 << 20, 100_000, 100_000),  # unless the run needs more
-        (1024, INF, 2000, callback.FD_CAP),  # no hard limit
+        (1024, INF, 2000, fds.FD_CAP),  # no hard limit
         (INF, INF, 10**9, INF),  # unlimited already
     ],
 )
 def test_fd_target(soft: int, hard: int, want: int, target: int) -> None:
-    assert callback.fd_target(soft, hard, want) == target
+    assert fds.fd_target(soft, hard, want) == target

@@ -18,7 +18,8 @@ from sshrig import RigHost, SshdRig, descendants
 from rexplan.cli.rex_key import main
 from rexplan.core.manifest import load
 from rexplan.core.model import Host, Timeouts, User
-from rexplan.transport.ssh import GET_LIMIT, Result, Transport, connect
+from rexplan.transport.base import GET_LIMIT, Result, Transport
+from rexplan.transport.pool import connect
 from rexplan.trust.distribute import distribute
 from rexplan.trust.keys import KeyStore
 from rexplan.wire.keyfile import key_id, parse_key_file

@@ -17,7 +17,8 @@ import pytest
 from sshrig import RigHost, SshdRig
 
 from rexplan.errors import KeyStoreError, UsageError
-from rexplan.transport.ssh import HostKeyInfo, connect
+from rexplan.transport.pinning import HostKeyInfo
+from rexplan.transport.pool import connect
 from rexplan.trust import hostkeys
 
 Hosts = Callable[[int], list[RigHost]]

@@ -27,8 +27,10 @@ from test_tree import _rig_manifest, _steps, relay_identity  # noqa: F401 - regi
 from rexplan.core.model import Host, Timeouts
 from rexplan.engine.fanout import RelayError, TreeLauncher
 from rexplan.errors import HostTimeoutError
+from rexplan.transport.base import Gate
+from rexplan.transport.local import LocalTransport
+from rexplan.transport.pool import TransportPool
 from rexplan.transport.shipping import LAUNCH_MARKER
-from rexplan.transport.ssh import Gate, LocalTransport, TransportPool
 from rexplan.wire import jobs
 
 Hosts = Callable[[int], list[RigHost]]

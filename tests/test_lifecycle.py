@@ -31,7 +31,7 @@ from rexplan.remote.agent.failure import EXIT_BAD_LAUNCH
 from rexplan.remote.agent.front import main as agent_main
 from rexplan.remote.agent.load import _measured_cgroup, load_report
 from rexplan.transport import shipping
-from rexplan.transport.ssh import connect
+from rexplan.transport.pool import connect
 from rexplan.wire import codes, keyfile
 from rexplan.wire.launch import make_launch, parse_launch, spec_digest
 

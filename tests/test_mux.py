@@ -27,8 +27,9 @@ from rexplan.cli.rex import main
 from rexplan.core.model import Timeouts
 from rexplan.errors import TransportError
 from rexplan.transport import persist as mux
-from rexplan.transport import ssh as transport
-from rexplan.transport.ssh import Gate, SSHTransport
+from rexplan.transport import persist_wire, pinning, pool
+from rexplan.transport.base import Gate
+from rexplan.transport.ssh import SSHTransport
 
 pytestmark = pytest.mark.sshd
 
@@ -54,7 +55,7 @@ def _gone_within(pid: int, seconds: float) -> bool:
 
 def _daemon_pid(directory: Path) -> int | None:
     try:
-        return int((directory / mux.PID_FILE).read_text())
+        return int((directory / persist_wire.PID_FILE).read_text())
     except (OSError, ValueError):
         return None
 
@@ -65,7 +66,7 @@ def mux_dir(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     a test started is stopped, by its pid, afterwards."""
     base = Path(tempfile.mkdtemp(prefix="rexmux-", dir="/tmp"))
     directory = base / "mux"
-    monkeypatch.setenv(mux.MUX_ENV, str(directory))
+    monkeypatch.setenv(persist_wire.MUX_ENV, str(directory))
     yield directory
     pid = _daemon_pid(directory)
     if pid is not None:
@@ -100,12 +101,12 @@ def test_persist_keeps_the_connections_between_runs(
     def no_direct(*args: object, **kwargs: object) -> SSHTransport:
         raise AssertionError("the launcher connected by itself")
 
-    monkeypatch.setattr(transport.SSHTransport, "open", no_direct)
+    monkeypatch.setattr(SSHTransport, "open", no_direct)
     first = world.apply(m)
     assert first.code == 0, first.out + first.err
     assert set(first.actions().values()) == {"started"}
     assert stat.S_IMODE(mux_dir.stat().st_mode) == 0o700
-    assert stat.S_IMODE((mux_dir / mux.SOCKET).stat().st_mode) == 0o600
+    assert stat.S_IMODE((mux_dir / persist_wire.SOCKET).stat().st_mode) == 0o600
     info = _ping(mux_dir)
     assert (info["kept"], info["opened"]) == (2, 2)
     second = world.apply(m)
@@ -123,7 +124,7 @@ def test_persist_keeps_the_connections_between_runs(
     code, out = _disconnect(world)
     assert code == 0 and f"daemon pid {pid}" in out
     assert _gone_within(pid, 10)
-    assert not (mux_dir / mux.SOCKET).exists()
+    assert not (mux_dir / persist_wire.SOCKET).exists()
     code, out = _disconnect(world)
     assert code == 0 and "no connections kept" in out
 
@@ -154,7 +155,7 @@ def test_unsafe_directory_is_refused_and_nothing_runs(
     assert "must be a directory of mode 0700" in run.out + run.err
     assert "Traceback" not in run.out + run.err
     assert world.tagged() == []
-    assert not (mux_dir / mux.SOCKET).exists()
+    assert not (mux_dir / persist_wire.SOCKET).exists()
 
 
 def test_a_kept_connection_is_dropped_when_its_pin_changes(
@@ -170,7 +171,7 @@ def test_a_kept_connection_is_dropped_when_its_pin_changes(
     # the pinned key for this host becomes another one
     other = tmp_path / "other_key"
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(other)], check=True)
-    name = transport.host_key_name(host.address, host.port)
+    name = pinning.host_key_name(host.address, host.port)
     public = " ".join(Path(f"{other}.pub").read_text().split()[:2])
     known.write_text(f"{name} {public}\n")
     second = world.apply(m, "--known-hosts", str(known))
@@ -190,7 +191,7 @@ def test_a_killed_daemon_is_replaced(world: World, sshd_hosts: Hosts, mux_dir: P
     assert pid is not None
     os.kill(pid, signal.SIGKILL)
     assert _gone_within(pid, 10)
-    assert (mux_dir / mux.SOCKET).exists()  # left behind: the next client replaces it
+    assert (mux_dir / persist_wire.SOCKET).exists()  # left behind: the next client replaces it
     again = world.apply(m)
     assert again.code == 0, again.out + again.err
     assert set(again.actions().values()) == {"unchanged"}
@@ -210,8 +211,8 @@ def test_an_idle_daemon_closes_everything_and_exits(
     pid = _daemon_pid(mux_dir)
     assert pid is not None
     assert _gone_within(pid, 20)
-    assert not (mux_dir / mux.SOCKET).exists()
-    assert not (mux_dir / mux.PID_FILE).exists()
+    assert not (mux_dir / persist_wire.SOCKET).exists()
+    assert not (mux_dir / persist_wire.PID_FILE).exists()
     code, out, err = world.rex("stop", str(m), "--persist", "0")
     assert code == 0, out + err
 
@@ -232,7 +233,7 @@ def test_another_user_gets_no_answer(
     # open the door on purpose: only the SO_PEERCRED check is left
     mux_dir.parent.chmod(0o711)
     mux_dir.chmod(0o711)
-    (mux_dir / mux.SOCKET).chmod(0o666)
+    (mux_dir / persist_wire.SOCKET).chmod(0o666)
     probe = (
         "import socket, struct, sys\n"
         "s = socket.socket(socket.AF_UNIX)\n"
@@ -248,7 +249,7 @@ def test_another_user_gets_no_answer(
     )
     account = sshd_rig.account(0)
     out = subprocess.run(
-        [SYSTEM_PYTHON, "-c", probe, str(mux_dir / mux.SOCKET)],
+        [SYSTEM_PYTHON, "-c", probe, str(mux_dir / persist_wire.SOCKET)],
         user=account.uid,
         group=account.gid,
         capture_output=True,
@@ -256,7 +257,7 @@ def test_another_user_gets_no_answer(
     )
     assert out.stdout == b"closed", out.stderr  # without a word
     mux_dir.chmod(0o700)
-    (mux_dir / mux.SOCKET).chmod(0o600)
+    (mux_dir / persist_wire.SOCKET).chmod(0o600)
     assert _ping(mux_dir)["kept"] == 1  # and the daemon serves its own user still
     code, out2, err = world.rex("stop", str(m))
     assert code == 0, out2 + err
@@ -280,7 +281,7 @@ def test_abort_never_sends_a_held_launch(sshd_hosts: Hosts, tmp_path: Path) -> N
     """A caller gone (the daemon's client hung up) cancels a run whose stdin waits for its
     gate: the channel closes and the line is never sent."""
     (host,) = sshd_hosts(1)
-    t = transport.connect(
+    t = pool.connect(
         host.model_host(), host.model_user(), known_hosts=host.known_hosts, timeouts=Timeouts()
     )
     assert isinstance(t, SSHTransport)
@@ -347,7 +348,7 @@ def test_a_daemon_that_dies_at_once_is_reported_with_its_status_and_log(
     )
     broken.chmod(0o755)
     monkeypatch.setattr(sys, "executable", str(broken))
-    with pytest.raises(mux.MuxError) as info:
+    with pytest.raises(persist_wire.MuxError) as info:
         mux.MuxClient(30, str(mux_dir)).connect()
     message = str(info.value)
     assert "did not start: it exited (status 3)" in message, message

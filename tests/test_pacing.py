@@ -22,16 +22,16 @@ from rexplan.errors import (
     TransportError,
     UnreachableError,
 )
-from rexplan.transport.ssh import (
+from rexplan.transport.base import Transport
+from rexplan.transport.pacing import (
     HandshakeGate,
     HandshakeGates,
     HandshakeRetry,
-    SSHTransport,
-    Transport,
-    TransportPool,
     dropped_by_server,
     retry_dropped,
 )
+from rexplan.transport.pool import TransportPool
+from rexplan.transport.ssh import SSHTransport
 
 Spawn = Callable[..., RigHost]
 #: what sshd 9.x logs when it turns a connection away past MaxStartups (the rig's sshd logs

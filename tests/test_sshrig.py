@@ -12,7 +12,8 @@ import pytest
 from sshrig import RigHost, SshdRig, unavailable_reason
 
 from rexplan.core.model import Timeouts
-from rexplan.transport.ssh import SSHTransport, connect
+from rexplan.transport.pool import connect
+from rexplan.transport.ssh import SSHTransport
 
 FAST = Timeouts(connect=3.0, start=5.0)
 

@@ -22,6 +22,7 @@ import pytest
 from helpers_world import World
 from sshrig import RigHost, SshdRig
 
+from rexplan.core import schema
 from rexplan.core.model import Host, Timeouts, User
 from rexplan.errors import (
     AuthenticationError,
@@ -30,20 +31,13 @@ from rexplan.errors import (
     TransportError,
     UnreachableError,
 )
-from rexplan.transport import ssh as transport
-from rexplan.transport.ssh import (
-    Gate,
-    HostKeyInfo,
-    LocalTransport,
-    Result,
-    SSHTransport,
-    Transport,
-    TransportPool,
-    command_line,
-    connect,
-    host_key_status,
-    scan_host_key,
-)
+from rexplan.transport import base, handshake
+from rexplan.transport.base import Gate, Result, Transport, command_line
+from rexplan.transport.handshake import scan_host_key
+from rexplan.transport.local import LocalTransport
+from rexplan.transport.pinning import HostKeyInfo, host_key_status
+from rexplan.transport.pool import TransportPool, connect
+from rexplan.transport.ssh import SSHTransport
 
 FAST = Timeouts(connect=3.0, start=5.0)
 ECHO_ARGV = "import json, sys; sys.stdout.write(json.dumps(sys.argv[1:]))"
@@ -152,7 +146,7 @@ def test_large_stdin_stdout_stderr_do_not_deadlock(ssh: SSHTransport) -> None:
     result = ssh.run(["python3", "-c", script], stdin=data, timeout=30)
     assert result.exit_status == 0
     # what a Result keeps is the tail of each stream, the rest counted
-    tail, cut = data[-transport.OUTPUT_TAIL :], len(data) - transport.OUTPUT_TAIL
+    tail, cut = data[-base.OUTPUT_TAIL :], len(data) - base.OUTPUT_TAIL
     assert (result.stdout, result.stdout_cut) == (tail, cut)
     assert (result.stderr, result.stderr_cut) == (tail, cut)
 
@@ -163,7 +157,7 @@ FLOOD = (
     "echo; echo last; echo >&2; echo err >&2"
 )
 #: what comes before the kept tail: (stdout, stderr)
-FLOODED = (300_000_006 - transport.OUTPUT_TAIL, 300_000_005 - transport.OUTPUT_TAIL)
+FLOODED = (300_000_006 - base.OUTPUT_TAIL, 300_000_005 - base.OUTPUT_TAIL)
 
 
 @pytest.mark.sshd
@@ -173,7 +167,7 @@ def test_a_flood_of_output_keeps_its_tail_over_ssh_and_locally(
     for t in (ssh, local):
         result = t.run(["sh", "-c", FLOOD], timeout=60)
         assert result.exit_status == 0
-        assert len(result.stdout) == len(result.stderr) == transport.OUTPUT_TAIL
+        assert len(result.stdout) == len(result.stderr) == base.OUTPUT_TAIL
         assert result.stdout.endswith(b"\0\nlast\n") and result.stderr.endswith(b"\0\nerr\n")
         assert (result.stdout_cut, result.stderr_cut) == FLOODED
 
@@ -205,9 +199,9 @@ def test_get_reads_no_more_than_its_limit(
                 t.get(str(path))
             assert info.value.errno == errno.EFBIG, t
             assert time.monotonic() - started < 5, t  # a megabyte read, not 200
-        path.write_bytes(b"x" * transport.GET_LIMIT)
+        path.write_bytes(b"x" * base.GET_LIMIT)
         for t in (ssh, local):
-            assert t.get(str(path)) == b"x" * transport.GET_LIMIT
+            assert t.get(str(path)) == b"x" * base.GET_LIMIT
             with pytest.raises(OSError) as info:
                 t.get(str(path), limit=4)
             assert info.value.errno == errno.EFBIG
@@ -485,7 +479,7 @@ def test_connections_never_write_the_shared_fabric_config(
     write re-merges it, emptying it for a moment: 'No attribute or config key ...')."""
     import fabric
 
-    shared = transport._FABRIC_CONFIG.get()
+    shared = handshake._FABRIC_CONFIG.get()
     merges: list[object] = []
     real = fabric.Config.merge
 
@@ -561,7 +555,7 @@ def test_ssh_config_identity_does_not_leak_between_hosts(
     for h in (a, b):
         with contextlib.suppress(TransportError):  # neither has a usable key here
             connect(h.model_host(), anon, known_hosts=h.known_hosts, timeouts=FAST).close()
-    assert "key_filename" not in transport._FABRIC_CONFIG.get().connect_kwargs
+    assert "key_filename" not in handshake._FABRIC_CONFIG.get().connect_kwargs
 
 
 @pytest.mark.sshd
@@ -806,3 +800,18 @@ def test_local_rex_home(
     assert local.rex_home() == str(tmp_path / ".rex")
     monkeypatch.setenv("REX_HOME", "/srv/rex")
     assert local.rex_home() == "/srv/rex"
+
+
+def test_transport_kinds_are_the_ones_the_manifest_schema_accepts() -> None:
+    # core validates a host's transport against its schema and cannot import transport: the
+    # registry of kinds and the schema's list must name the same kinds
+    assert sorted(base.KINDS) == sorted(schema.document()["$defs"]["transport"]["enum"])
+    assert base.kind("local").is_local and not base.kind("ssh").is_local
+    with pytest.raises(ValueError, match="unknown transport 'telnet'"):
+        base.kind("telnet")
+
+
+def test_last_report_is_the_last_json_object_line() -> None:
+    out = b'{"early": 1}\nmotd noise\n{"ok": true, "pid": 7}\n[1, 2]\n\xff not json\n'
+    assert base.last_report(out) == {"ok": True, "pid": 7}
+    assert base.last_report(b"no report\n") == {}

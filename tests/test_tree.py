@@ -32,7 +32,8 @@ from rexplan.engine import fanout as tree_module
 from rexplan.engine.fanout import RelayError, TreeLauncher, split
 from rexplan.errors import UsageError
 from rexplan.remote.relay.client import EXIT_BAD_INPUT, Gate, classify, dropped
-from rexplan.transport import ssh as transport
+from rexplan.transport import base, pool
+from rexplan.transport.pool import TransportPool
 from rexplan.transport.shipping import (
     RELAY_BOOTSTRAP,
     RELAY_ENTRY,
@@ -42,7 +43,6 @@ from rexplan.transport.shipping import (
     relay_source,
     sources,
 )
-from rexplan.transport.ssh import TransportPool
 
 HOOKED = hasattr(executor, "TreeLauncher")
 needs_hook = pytest.mark.skipif(not HOOKED, reason="the executor has no tree hook yet")
@@ -361,13 +361,13 @@ def relay_identity(sshd_rig: SshdRig) -> Iterator[str]:
 def connections(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Names of the hosts the launcher opened SSH connections to."""
     opened: list[str] = []
-    real = transport.connect
+    real = pool.connect
 
-    def spy(host: Host, user: User, **kwargs: Any) -> transport.Transport:
+    def spy(host: Host, user: User, **kwargs: Any) -> base.Transport:
         opened.append(host.name)
         return real(host, user, **kwargs)
 
-    monkeypatch.setattr(transport, "connect", spy)
+    monkeypatch.setattr(pool, "connect", spy)
     return opened
 
 

@@ -15,6 +15,8 @@ from rexplan.core import spec as specs
 from rexplan.core.model import FileSpec, Manifest, Step
 from rexplan.engine import events as ev
 from rexplan.errors import TransportError
+from rexplan.transport.base import Result, Transport
+from rexplan.transport.pool import TransportPool
 from rexplan.transport.shipping import (
     EXIT_NO_AGENT,
     EXIT_NO_LAUNCH,
@@ -24,7 +26,6 @@ from rexplan.transport.shipping import (
     bundle_sha,
     launch_argv,
 )
-from rexplan.transport.ssh import Result, Transport, TransportPool
 from rexplan.trust.keys import KeyInfo
 from rexplan.wire import keyfile, launch
 
@@ -61,17 +62,6 @@ def agent_run(transport: Transport, python: str, *args: str, timeout: float) -> 
     if res.exit_status != EXIT_NO_AGENT:
         return res
     return transport.run(bootstrap_argv(python, *args), stdin=bootstrap_input(b""), timeout=timeout)
-
-
-def agent_report(stdout: bytes) -> dict[str, Any]:
-    """The agent's report: its last line that is a JSON object; {} when there is none. A
-    launch's report is a diagnostic, never the verdict."""
-    for line in reversed(stdout.splitlines()):
-        with contextlib.suppress(ValueError):
-            data = json.loads(line)
-            if isinstance(data, dict):
-                return data
-    return {}
 
 
 def read_records(

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from rexplan.core.model import Manifest, Plan
 from rexplan.engine.listener import CallbackListener
 from rexplan.errors import Diagnostic, ManifestError
+from rexplan.transport.base import kind
 
 #: bind here when hosts reach the launcher over different routes
 ALL_ADDRESSES = "0.0.0.0"  # noqa: S104 - only when the routes to the hosts differ
@@ -45,7 +46,11 @@ def callback_endpoints(manifest: Manifest, plan: Plan) -> tuple[str, Callable[[s
             return cb.bind, route_source
         return cb.bind, lambda _address: fixed
     remote = sorted(
-        {s.address for s in plan.steps if s.transport != "local" and not _is_loopback(s.address)}
+        {
+            s.address
+            for s in plan.steps
+            if not kind(s.transport).is_local and not _is_loopback(s.address)
+        }
     )
     if not remote:
         local = cb.advertise or "127.0.0.1"

@@ -15,7 +15,6 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from rexplan.core.model import Manifest, Plan, Step, Timeouts
 from rexplan.engine import events as ev
 from rexplan.engine.agentctl import HostAgents
-from rexplan.engine.callback import ensure_fd_budget
 from rexplan.engine.endpoints import callback_endpoints, listen
 from rexplan.engine.fanout import TreeLauncher
 from rexplan.engine.launch import Cancelled, Launcher
@@ -25,7 +24,9 @@ from rexplan.engine.placement import Load, place, probe_candidate
 from rexplan.engine.policy import abort_reason, batches, blocked_by
 from rexplan.engine.runs import new_run_id
 from rexplan.transport import persist as mux
-from rexplan.transport.ssh import Transport, TransportPool
+from rexplan.transport.base import Transport
+from rexplan.transport.fds import ensure_fd_budget
+from rexplan.transport.pool import TransportPool
 from rexplan.trust.keys import KeyStore
 
 #: seconds an interrupted run waits for its in-flight steps to wind down

@@ -3,7 +3,7 @@
 LAM's scalable boot. The plan's SSH hosts, in plan order, are split k-ary (``split``): the
 launcher's own children are the first k hosts, launched as in a flat run; each is also the
 relay of an even share of the others, and a relay whose share exceeds k hands the surplus to
-relays of its own, recursively. A relay is rexplan/remote/relay.py run over the launcher's
+relays of its own, recursively. A relay is rexplan/remote/relay/ run over the launcher's
 pooled SSH connection to the relay host, with stdin kept open: each step below it is sent as it
 is launched (the executor's agent argv and launch line; no key, ever), and its outcome comes
 back as one JSON line. Every agent still calls back to this launcher and is verified here: a
@@ -31,6 +31,9 @@ from rexplan.core.model import Manifest, Step
 from rexplan.core.settings import tree_problems
 from rexplan.core.simulate import Subtree, split_tree
 from rexplan.errors import TransportError, UsageError
+from rexplan.transport.base import DEFAULT_KNOWN_HOSTS, kind
+from rexplan.transport.pinning import host_key_name
+from rexplan.transport.pool import TransportPool
 from rexplan.transport.shipping import (
     EXIT_NO_AGENT,
     LAUNCH_MARKER,
@@ -41,13 +44,8 @@ from rexplan.transport.shipping import (
     launch_argv,
     relay_source,
 )
-from rexplan.transport.ssh import (
-    DEFAULT_KNOWN_HOSTS,
-    Stream,
-    TransportPool,
-    host_key_name,
-    open_stream,
-)
+from rexplan.transport.ssh import open_stream
+from rexplan.transport.streams import Stream
 from rexplan.trust import hostkeys
 from rexplan.wire.launch import make_kill
 
@@ -321,7 +319,7 @@ class TreeLauncher:
         self.pool = pool
         self.first: dict[str, Step] = {}
         for step in plan_steps:
-            if step.transport == "ssh":
+            if kind(step.transport).can_relay:
                 self.first.setdefault(step.host, step)
         self.tree = split(list(self.first), fanout)
         self.relay_sha = hashlib.sha256(relay_source()).hexdigest()

@@ -12,7 +12,7 @@ from dataclasses import replace
 from rexplan.core import spec as specs
 from rexplan.core.model import Manifest, Step, When
 from rexplan.engine import events as ev
-from rexplan.engine.agentctl import EXEC_SLACK, HostAgents, agent_report
+from rexplan.engine.agentctl import EXEC_SLACK, HostAgents
 from rexplan.engine.fanout import RELAY_LOST, RelayError, TreeLauncher
 from rexplan.engine.listener import CallbackListener
 from rexplan.engine.outcomes import OK_LOST, StepResult, Tracker, failure
@@ -25,8 +25,9 @@ from rexplan.errors import (
     TransportError,
     UnreachableError,
 )
+from rexplan.transport.base import Gate, Transport, kind, last_report
+from rexplan.transport.pool import TransportPool
 from rexplan.transport.shipping import EXIT_NO_AGENT, LAUNCH_MARKER, launch_argv
-from rexplan.transport.ssh import Gate, Transport, TransportPool
 from rexplan.trust.keys import KeyInfo, KeyStore
 from rexplan.wire import codes, handshake, keyfile, launch
 
@@ -151,7 +152,7 @@ class Launcher:
         exec_error: TransportError | None = None
         try:
             res = transport.run(agent_argv, stdin=line, timeout=exec_timeout, gate=gate)
-            diag = agent_report(res.stdout)
+            diag = last_report(res.stdout)
             if res.exit_status == EXIT_NO_AGENT and diag.get("exit") == EXIT_NO_AGENT:
                 # the first launch as this login on this host: upload the agent, launch again
                 try:
@@ -163,7 +164,7 @@ class Launcher:
                     return
                 if self._clock() < deadline:
                     res = transport.run(agent_argv, stdin=line, timeout=exec_timeout, gate=gate)
-                    diag = agent_report(res.stdout)
+                    diag = last_report(res.stdout)
         except TransportError as exc:
             if isinstance(exc, HostTimeoutError) and exc.phase == "start":
                 # the remote shell started too late: it never got its launch line, so nothing
@@ -348,7 +349,10 @@ class Launcher:
 
     def _key_for(self, step: Step, transport: Transport) -> tuple[KeyInfo, bytes]:
         """The key the launcher proves with; ``transport: local`` keys are made on first use."""
-        if step.transport == "local" and self.keys.find(step.host, step.user, step.program) is None:
+        if (
+            kind(step.transport).is_local
+            and self.keys.find(step.host, step.user, step.program) is None
+        ):
             if self.keys.find(step.host, step.user, None) is None:
                 info, created = self.keys.create(step.host, step.user, step.program)
                 if created:
@@ -359,7 +363,7 @@ class Launcher:
                         detail=f"created key {info.key_id} for local triple {step.triple}",
                     )
         info, secret = self.keys.load(step.host, step.user, step.program)
-        if step.transport == "local":
+        if kind(step.transport).is_local:
             self.agents.ensure_local_copy(transport, info, secret)
         return info, secret
 

@@ -22,12 +22,13 @@ from typing import Any
 from rexplan.core import spec as specs
 from rexplan.core.model import Manifest, Plan, Step, Timeouts
 from rexplan.engine import events as ev
-from rexplan.engine.agentctl import EXEC_SLACK, agent_report, agent_run, local_files
+from rexplan.engine.agentctl import EXEC_SLACK, agent_run, local_files
 from rexplan.engine.placement import Load, Placed, place, probe_candidate
 from rexplan.engine.report import Reporter
 from rexplan.errors import TransportError, UsageError
 from rexplan.transport import persist as mux
-from rexplan.transport.ssh import TransportPool
+from rexplan.transport.base import last_report
+from rexplan.transport.pool import TransportPool
 from rexplan.trust.keys import KeyStore, default_known_hosts
 
 STOPPED, ABSENT, STOP_FAILED, UNREACHABLE = (
@@ -177,7 +178,7 @@ def stop_step(
         res = agent_run(transport, host.python, *args, timeout=_stop_timeout(step))
     except TransportError as exc:
         return specs.StopResult(step, UNREACHABLE, detail=str(exc))
-    report = agent_report(res.stdout)
+    report = last_report(res.stdout)
     if report.get("ok") is not True:
         why = report.get("reason") or res.stderr.decode(errors="replace").strip()[-200:]
         return specs.StopResult(step, STOP_FAILED, detail=str(why or f"exit {res.exit_status}"))

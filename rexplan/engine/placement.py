@@ -14,7 +14,7 @@ from rexplan.core.plan import least_loaded
 from rexplan.core.text import printable
 from rexplan.engine.agentctl import agent_run
 from rexplan.errors import TransportError
-from rexplan.transport.ssh import Transport
+from rexplan.transport.base import Transport
 
 #: seconds over which a ``load: cgroup`` host's probe samples its cgroup's CPU time
 CGROUP_SAMPLE = 0.2

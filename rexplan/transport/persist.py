@@ -1,78 +1,49 @@
-"""Connection persistence (``persist``): SSH connections kept open between runs.
+"""Connection persistence (``persist``), the launcher's side: SSH calls through the daemon.
 
-What OpenSSH's ControlMaster/ControlPersist does for Ansible: with ``persist: SECONDS``
-(manifest ``defaults.persist`` or ``--persist``) rex's SSH work goes through one daemon per
-local user, ``python -m rexplan.transport.persist serve``, which holds the connections
-(opened, pinned and authenticated exactly as without it: rexplan.transport.ssh) and closes
-them, and itself, after SECONDS without a request. A later run to the same hosts then skips
-the TCP connect, key exchange and authentication (for an unchanged re-apply, most of its cost).
-
-The daemon runs isolated (``python -I``, cwd ``/``): ``-m`` would put the current directory
-first on ``sys.path``, and a ``./rexplan/__init__.py`` planted where someone runs ``rex apply
---persist`` would run as that user, in the process holding the SSH connections. It imports
-from the launcher's ``sys.path`` instead (passed in its argv: its absolute entries other
-than the current directory), with the directory rexplan itself was imported from.
-
-The daemon listens on ``$REX_MUX_DIR/mux.sock`` (default ``~/.rex/mux``): a directory of
-mode 0700 that the user owns (else rex refuses to use it), a socket of mode 0600, and every
-peer checked by SO_PEERCRED to be this user. Each request is one connection: a frame (u32
-length, JSON) with the host, the login, the known_hosts file and one Transport call; one
-frame back with its value or error. Bytes travel as base64. A client that goes away (a
-launcher killed) cancels its call: a held launch line is never sent.
-
-A cached connection is reused only while the host's current known_hosts still pins the key
-it was opened with; a dead one is dropped and reopened once, before anything is run on it.
+What OpenSSH's ControlMaster/ControlPersist does for Ansible: with ``persist: SECONDS`` rex's
+SSH work goes through one daemon per local user (rexplan.transport.persistd), which holds the
+connections and closes them, and itself, after SECONDS without a request.
 """
 
 from __future__ import annotations
 
 import argparse
-import base64
 import contextlib
 import dataclasses
-import errno
 import fcntl
 import json
 import os
 import socket
-import stat
-import struct
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import rexplan
-from rexplan import errors
 from rexplan.core.model import Host, Manifest, Timeouts, User
 from rexplan.core.text import printable
-from rexplan.engine.callback import ensure_fd_budget
-from rexplan.errors import RexError, TransportError
-from rexplan.transport.ssh import (
-    GET_LIMIT,
-    Connector,
-    Gate,
-    LocalTransport,
-    Result,
-    SSHTransport,
-    Transport,
-    TransportPool,
-    wait_readable,
+from rexplan.errors import TransportError
+from rexplan.transport.base import GET_LIMIT, Gate, Result, Transport, kind
+from rexplan.transport.local import LocalTransport
+from rexplan.transport.persist_wire import (
+    MUX_ENV,
+    SOCKET,
+    MuxError,
+    b64,
+    error_from_wire,
+    recv,
+    safe_dir,
+    send,
+    unb64,
 )
-from rexplan.wire.frames import FrameReader, encode_frame
+from rexplan.transport.pool import Connector, TransportPool
+from rexplan.transport.ssh import SSHTransport
+from rexplan.transport.streams import wait_readable
 
-MUX_ENV = "REX_MUX_DIR"
-SOCKET = "mux.sock"
-PID_FILE = "mux.pid"
+#: the daemon's stdout and stderr, in its directory
 LOG_FILE = "mux.log"
-#: a frame's largest body: file contents travel base64-encoded
-MAX_FRAME = 64 << 20
-#: descriptors the daemon makes room for at start (RLIMIT_NOFILE, toward the hard limit)
-DAEMON_FDS = 16384
-#: seconds a client has to send its whole request
-REQUEST_TIMEOUT = 10.0
 #: seconds a new daemon may take to listen
 SPAWN_TIMEOUT = 10.0
 #: longest persistence accepted (a day), as for ControlPersist a time, not forever
@@ -80,404 +51,21 @@ MAX_PERSIST = 86400.0
 #: bytes of the daemon's log quoted when it would not start
 LOG_TAIL = 2000
 #: ``python -I -c BOOT SYS_PATH_JSON serve ...``: the daemon's sys.path is exactly the one
-#: given (-I has put neither the current directory nor PYTHONPATH on it), then its main
+#: given (-I has put neither the current directory nor PYTHONPATH on it), then its main.
+#: Isolated, with cwd ``/``: ``-m`` would put the current directory first on sys.path, and a
+#: ``./rexplan/__init__.py`` planted where someone runs ``rex apply --persist`` would run as
+#: that user, in the process holding the SSH connections
 BOOT = (
     "import json,sys\n"
     "sys.path[:]=json.loads(sys.argv.pop(1))\n"
-    "from rexplan.transport.persist import main\n"
+    "from rexplan.transport.persistd import main\n"
     "sys.exit(main())\n"
 )
-#: the Transport calls a client may make, and nothing else
-METHODS = ("open", "run", "put", "get", "stat", "remove", "listdir", "rex_home")
-_ERRORS: dict[str, type[TransportError]] = {
-    cls.__name__: cls
-    for cls in (
-        TransportError,
-        errors.UnreachableError,
-        errors.HostTimeoutError,
-        errors.AuthenticationError,
-        errors.HostKeyError,
-    )
-}
-
-
-class MuxError(RexError):
-    """The persistence daemon cannot be used (unsafe directory, would not start)."""
-
-    exit_code = 3
 
 
 def mux_dir() -> str:
     """$REX_MUX_DIR, else ~/.rex/mux."""
     return os.environ.get(MUX_ENV) or os.path.join(os.path.expanduser("~"), ".rex", "mux")
-
-
-def _safe_dir(path: str) -> str:
-    """Create ``path`` (0700) if missing; refuse one another user owns or others can enter."""
-    with contextlib.suppress(FileExistsError):
-        os.makedirs(path, mode=0o700)
-    st = os.lstat(path)
-    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
-        raise MuxError(
-            f"{path} must be a directory of mode 0700 that you own",
-            hint=f"chmod 700 {path} (or set {MUX_ENV} elsewhere)",
-        )
-    return path
-
-
-# --- frames -------------------------------------------------------------------------------------
-
-
-def _send(sock: socket.socket, obj: Mapping[str, Any]) -> None:
-    sock.sendall(encode_frame(obj, MAX_FRAME))
-
-
-def _recv_exact(sock: socket.socket, n: int) -> bytes:
-    chunks: list[bytes] = []
-    while n:
-        chunk = sock.recv(min(n, 1 << 20))
-        if not chunk:
-            raise EOFError("connection closed")
-        chunks.append(chunk)
-        n -= len(chunk)
-    return b"".join(chunks)
-
-
-def _recv(sock: socket.socket) -> dict[str, Any]:
-    reader = FrameReader(MAX_FRAME)
-    while True:
-        for obj in reader.feed(_recv_exact(sock, reader.wanted())):
-            return obj
-
-
-def _b64(data: bytes | None) -> str | None:
-    return None if data is None else base64.b64encode(data).decode("ascii")
-
-
-def _unb64(text: object) -> bytes:
-    if not isinstance(text, str):
-        raise ValueError("expected base64 text")
-    return base64.b64decode(text, validate=True)
-
-
-def _error_to_wire(exc: BaseException) -> dict[str, Any]:
-    if isinstance(exc, TransportError):
-        message = str(exc).removeprefix(f"{exc.host}: {exc.phase}: ").removeprefix(f"{exc.host}: ")
-        name = type(exc).__name__ if type(exc).__name__ in _ERRORS else "TransportError"
-        return {
-            "type": name,
-            "message": message,
-            "host": exc.host,
-            "phase": exc.phase,
-            "hint": exc.hint,
-        }
-    if isinstance(exc, FileNotFoundError):
-        return {"type": "FileNotFoundError", "message": str(exc.filename or exc)}
-    if isinstance(exc, OSError) and exc.errno == errno.EFBIG:  # get() past its limit
-        return {"type": "EFBIG", "message": str(exc.strerror), "path": str(exc.filename)}
-    return {"type": "TransportError", "message": f"{type(exc).__name__}: {exc}"}
-
-
-def _error_from_wire(err: Mapping[str, Any], host: str) -> Exception:
-    if err.get("type") == "FileNotFoundError":
-        return FileNotFoundError(errno.ENOENT, "No such file", str(err.get("message", "")))
-    if err.get("type") == "EFBIG":
-        return OSError(errno.EFBIG, str(err.get("message", "")), str(err.get("path", "")))
-    cls = _ERRORS.get(str(err.get("type")), TransportError)
-    hint = err.get("hint")
-    return cls(
-        str(err.get("message", "")),
-        host=str(err.get("host") or host),
-        phase=str(err.get("phase") or "exec"),
-        hint=hint if isinstance(hint, str) else None,
-    )
-
-
-# --- the daemon ---------------------------------------------------------------------------------
-
-
-def _from_dict(cls: type[Any], data: Mapping[str, Any]) -> Any:
-    """A frozen model record from its asdict(), tuples restored."""
-    kwargs: dict[str, Any] = {}
-    for f in dataclasses.fields(cls):
-        if f.name in data:
-            value = data[f.name]
-            if isinstance(value, list):
-                value = tuple(tuple(v) if isinstance(v, list) else v for v in value)
-            kwargs[f.name] = value
-    return cls(**kwargs)
-
-
-class _Cache:
-    """The daemon's open connections, one per (address, port, login, identity, known_hosts)."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._slots: dict[tuple[object, ...], tuple[threading.Lock, list[SSHTransport]]] = {}
-        #: connections opened since the daemon started
-        self.opened = 0
-
-    def get(
-        self, host: Host, user: User, known_hosts: str | None, timeouts: Timeouts
-    ) -> SSHTransport:
-        key = (host.address, host.port, user.login, user.identity, user.ssh_options, known_hosts)
-        with self._lock:
-            lock, held = self._slots.setdefault(key, (threading.Lock(), []))
-        with lock:
-            if held:
-                t = held[0]
-                if t.usable(known_hosts):
-                    return t
-                held.clear()
-                with contextlib.suppress(Exception):
-                    t.close()
-            t = SSHTransport.open(host, user, known_hosts=known_hosts, timeouts=timeouts)
-            held.append(t)
-            with self._lock:
-                self.opened += 1
-            return t
-
-    def kept(self) -> int:
-        with self._lock:
-            return sum(len(held) for _, held in self._slots.values())
-
-    def drop(self, t: SSHTransport) -> None:
-        with self._lock:
-            slots = list(self._slots.values())
-        for lock, held in slots:
-            with lock:
-                if t in held:
-                    held.remove(t)
-        with contextlib.suppress(Exception):
-            t.close()
-
-    def close_all(self) -> int:
-        with self._lock:
-            slots = list(self._slots.values())
-            self._slots.clear()
-        closed = 0
-        for lock, held in slots:
-            with lock:
-                for t in held:
-                    closed += 1
-                    with contextlib.suppress(Exception):
-                        t.close()
-        return closed
-
-
-class Daemon:
-    """Serve Transport calls on ``path`` until ``persist`` seconds pass without one."""
-
-    def __init__(self, directory: str, persist: float) -> None:
-        self.directory = directory
-        self.path = os.path.join(directory, SOCKET)
-        self.persist = persist
-        self.cache = _Cache()
-        self._lock = threading.Lock()
-        self._active = 0
-        self._last = time.monotonic()
-        self._closing = threading.Event()
-        self._server: socket.socket | None = None
-
-    def bind(self) -> None:
-        server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        old = os.umask(0o177)
-        try:
-            server.bind(self.path)
-        finally:
-            os.umask(old)
-        server.listen(256)
-        self._server = server
-
-    def serve(self) -> None:
-        assert self._server is not None
-        threading.Thread(target=self._idle_watch, daemon=True).start()
-        while not self._closing.is_set():
-            try:
-                conn, _ = self._server.accept()
-            except OSError:
-                break  # closed by _idle_watch or stop
-            with self._lock:
-                if self._closing.is_set():
-                    with contextlib.suppress(OSError):
-                        _send(conn, {"ok": False, "retry": True})
-                    conn.close()
-                    break
-                self._active += 1
-            threading.Thread(target=self._client, args=(conn,), daemon=True).start()
-        self._wait_idle()
-        self.cache.close_all()
-
-    def _idle_watch(self) -> None:
-        while not self._closing.wait(min(1.0, self.persist / 4 or 1.0)):
-            with self._lock:
-                if self._active == 0 and time.monotonic() - self._last >= self.persist:
-                    self._shut()
-
-    def _shut(self) -> None:
-        """Stop accepting (under self._lock): the socket goes first, so a client connecting
-        now spawns a new daemon rather than talking to this one."""
-        self._closing.set()
-        with contextlib.suppress(OSError):
-            os.unlink(self.path)
-        if self._server is not None:
-            with contextlib.suppress(OSError):
-                self._server.shutdown(socket.SHUT_RDWR)
-            self._server.close()
-
-    def _wait_idle(self) -> None:
-        while True:
-            with self._lock:
-                if self._active == 0:
-                    return
-            time.sleep(0.05)
-
-    def _client(self, conn: socket.socket) -> None:
-        try:
-            with conn:
-                creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
-                _, uid, _ = struct.unpack("3i", creds)
-                if uid != os.getuid():
-                    return  # another user: not a word
-                conn.settimeout(REQUEST_TIMEOUT)
-                request = _recv(conn)
-                conn.settimeout(None)
-                _send(conn, self._handle(request, conn))
-        except (OSError, EOFError, ValueError, struct.error):
-            pass  # a client gone or talking nonsense: nothing to answer
-        finally:
-            with self._lock:
-                self._active -= 1
-                self._last = time.monotonic()
-
-    def _handle(self, request: Mapping[str, Any], conn: socket.socket) -> dict[str, Any]:
-        op = request.get("op")
-        if op == "ping":
-            kept, opened = self.cache.kept(), self.cache.opened
-            return {"ok": True, "pid": os.getpid(), "kept": kept, "opened": opened}
-        if op == "stop":
-            with self._lock:
-                self._shut()
-            return {"ok": True, "pid": os.getpid()}
-        if op != "call" or request.get("method") not in METHODS:
-            return {"ok": False, "error": {"type": "TransportError", "message": "bad request"}}
-        host = _from_dict(Host, request["host"])
-        user = _from_dict(User, request["user"])
-        known = request.get("known_hosts")
-        timeouts = _from_dict(Timeouts, request.get("timeouts") or {})
-        method = str(request["method"])
-        args = request.get("args") or {}
-        t: SSHTransport | None = None
-        try:
-            t = self.cache.get(host, user, known if isinstance(known, str) else None, timeouts)
-            return {"ok": True, "value": self._call(t, method, args, conn)}
-        except Exception as exc:  # every failure goes back to the client, mapped
-            lost = isinstance(exc, TransportError) and "connection lost" in str(exc)
-            if t is not None and lost:
-                self.cache.drop(t)
-            reply: dict[str, Any] = {"ok": False, "error": _error_to_wire(exc)}
-            if t is not None and t.leftovers:
-                reply["leftovers"], t.leftovers[:] = list(t.leftovers), []
-            return reply
-
-    @staticmethod
-    def _call(t: SSHTransport, method: str, args: Mapping[str, Any], conn: socket.socket) -> Any:
-        if method == "open":
-            return None  # connected (or a kept connection still good): errors come as here
-        if method == "run":
-            gate = args.get("gate")
-            with _client_watch(conn) as gone:
-                result = t.run(
-                    [str(a) for a in args["argv"]],
-                    stdin=None if args.get("stdin") is None else _unb64(args["stdin"]),
-                    timeout=args.get("timeout"),
-                    env=args.get("env"),
-                    gate=None if gate is None else Gate(_unb64(gate[0]), float(gate[1])),
-                    abort=gone,
-                )
-            return {
-                "exit_status": result.exit_status,
-                "stdout": _b64(result.stdout),
-                "stderr": _b64(result.stderr),
-                "cut": [result.stdout_cut, result.stderr_cut],
-            }
-        if method == "put":
-            t.put(_unb64(args["data"]), str(args["path"]), int(args.get("mode", 0o600)))
-            return None
-        if method == "get":
-            return _b64(t.get(str(args["path"]), int(args.get("limit", GET_LIMIT))))
-        if method == "stat":
-            return t.stat(str(args["path"]))
-        if method == "remove":
-            return t.remove(str(args["path"]))
-        if method == "listdir":
-            return t.listdir(str(args["path"]))
-        return t.rex_home()
-
-
-@contextlib.contextmanager
-def _client_watch(conn: socket.socket) -> Iterator[threading.Event]:
-    """An event set once the client hangs up (it sends nothing after its request)."""
-    gone = threading.Event()
-    wake_r, wake_w = os.pipe()
-
-    def watch() -> None:
-        with contextlib.suppress(OSError, ValueError):
-            if conn.fileno() in wait_readable([conn.fileno(), wake_r], None):
-                gone.set()
-
-    watcher = threading.Thread(target=watch, daemon=True)
-    watcher.start()
-    try:
-        yield gone
-    finally:
-        os.write(wake_w, b"x")
-        watcher.join()
-        os.close(wake_r)
-        os.close(wake_w)
-
-
-def serve(directory: str, persist: float, ready_fd: int | None = None) -> int:
-    """The daemon's main: listen, tell ``ready_fd``, serve until idle for ``persist`` s."""
-    daemon = Daemon(_safe_dir(directory), persist)
-    # it may hold many runs' connections: about four descriptors each (socket, channel
-    # pipes, the client's); a limit it cannot raise is noted in its log
-    notice = ensure_fd_budget(DAEMON_FDS)
-    if notice is not None:
-        print(f"rex mux: {notice}", file=sys.stderr, flush=True)
-    try:
-        daemon.bind()
-    except OSError as exc:
-        if ready_fd is not None:
-            os.write(ready_fd, f"error {exc}\n".encode())
-        return 1
-    # detach: the process that spawned us reaps our parent at once, init adopts us
-    if os.fork() != 0:
-        os._exit(0)
-    pid_path = os.path.join(directory, PID_FILE)
-    with open(os.open(pid_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
-        f.write(f"{os.getpid()}\n")
-    if ready_fd is not None:
-        os.write(ready_fd, b"ready\n")
-        os.close(ready_fd)
-    try:
-        daemon.serve()
-    finally:
-        with contextlib.suppress(OSError):
-            if _read_pid(directory) == os.getpid():
-                os.unlink(pid_path)
-    return 0
-
-
-def _read_pid(directory: str) -> int | None:
-    try:
-        with open(os.path.join(directory, PID_FILE)) as f:
-            return int(f.read().strip())
-    except (OSError, ValueError):
-        return None
-
-
-# --- the client ---------------------------------------------------------------------------------
 
 
 class MuxClient:
@@ -503,7 +91,7 @@ class MuxClient:
         """A connection to the daemon; starts it (once, under a lock) when there is none."""
         with contextlib.suppress(FileNotFoundError, ConnectionRefusedError):
             return self._dial()
-        _safe_dir(self.directory)
+        safe_dir(self.directory)
         lock = os.open(os.path.join(self.directory, "lock"), os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(lock, fcntl.LOCK_EX)
@@ -570,8 +158,8 @@ class MuxClient:
             with sock:
                 sock.settimeout(timeout)
                 try:
-                    _send(sock, obj)
-                    reply = _recv(sock)
+                    send(sock, obj)
+                    reply = recv(sock)
                 except (OSError, EOFError, ValueError) as exc:
                     raise TransportError(
                         f"connection persistence daemon: {exc}",
@@ -583,29 +171,26 @@ class MuxClient:
                 return reply
         raise MuxError("the connection persistence daemon keeps shutting down")
 
+    def _ask(self, op: str) -> dict[str, Any] | None:
+        """The running daemon's reply to ``op``; None when none runs. Starts nothing."""
+        try:
+            sock = self._dial()
+        except (FileNotFoundError, ConnectionRefusedError):
+            return None
+        with sock:
+            sock.settimeout(10)
+            send(sock, {"op": op})
+            return recv(sock)
+
     def ping(self) -> dict[str, Any] | None:
         """The running daemon's pid and connection counts (kept now, opened in all); None
         when none runs. Starts nothing."""
-        try:
-            sock = self._dial()
-        except (FileNotFoundError, ConnectionRefusedError):
-            return None
-        with sock:
-            sock.settimeout(10)
-            _send(sock, {"op": "ping"})
-            return _recv(sock)
+        return self._ask("ping")
 
     def stop(self) -> int | None:
         """Stop the daemon; its pid, or None when none was running."""
-        try:
-            sock = self._dial()
-        except (FileNotFoundError, ConnectionRefusedError):
-            return None
-        with sock:
-            sock.settimeout(10)
-            _send(sock, {"op": "stop"})
-            reply = _recv(sock)
-        pid = reply.get("pid")
+        reply = self._ask("stop")
+        pid = None if reply is None else reply.get("pid")
         return pid if isinstance(pid, int) else None
 
 
@@ -687,7 +272,7 @@ class MuxTransport:
         reply = self.client.request(request, wait)
         self.leftovers.extend(str(p) for p in reply.get("leftovers") or [])
         if not reply.get("ok"):
-            raise _error_from_wire(reply.get("error") or {}, self.host.name)
+            raise error_from_wire(reply.get("error") or {}, self.host.name)
         return reply.get("value")
 
     def open(self) -> None:
@@ -708,25 +293,25 @@ class MuxTransport:
             "run",
             timeout,
             argv=list(argv),
-            stdin=_b64(stdin),
+            stdin=b64(stdin),
             timeout=timeout,
             env=dict(env) if env is not None else None,
-            gate=None if gate is None else [_b64(gate.marker), gate.within],
+            gate=None if gate is None else [b64(gate.marker), gate.within],
         )
         cut = value.get("cut") or [0, 0]
         return Result(
             int(value["exit_status"]),
-            _unb64(value["stdout"]),
-            _unb64(value["stderr"]),
+            unb64(value["stdout"]),
+            unb64(value["stderr"]),
             int(cut[0]),
             int(cut[1]),
         )
 
     def put(self, data: bytes, path: str, mode: int = 0o600) -> None:
-        self._call("put", None, data=_b64(data), path=path, mode=mode)
+        self._call("put", None, data=b64(data), path=path, mode=mode)
 
     def get(self, path: str, limit: int = GET_LIMIT) -> bytes:
-        return _unb64(self._call("get", None, path=path, limit=limit))
+        return unb64(self._call("get", None, path=path, limit=limit))
 
     def stat(self, path: str) -> tuple[int, int] | None:
         value = self._call("stat", None, path=path)
@@ -764,11 +349,11 @@ def connector(
     """A TransportPool connector sending SSH hosts' calls through the daemon (local hosts
     are run here, as always)."""
     client = MuxClient(persist)
-    _safe_dir(client.directory)  # refused before anything runs, not at each step
+    safe_dir(client.directory)  # refused before anything runs, not at each step
     known = None if known_hosts is None else os.fspath(known_hosts)
 
     def connect(host: Host, user: User) -> Transport:
-        if host.transport == "local":
+        if kind(host.transport).is_local:
             return LocalTransport(host)
         t = MuxTransport(host, user, client, known_hosts=known, timeouts=timeouts)
         t.open()
@@ -816,18 +401,3 @@ def with_option(manifest: Manifest, args: argparse.Namespace) -> Manifest:
     """``manifest`` with ``--persist`` applied, when given."""
     value = getattr(args, "persist", None)
     return manifest if value is None else dataclasses.replace(manifest, persist=value)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m rexplan.transport.persist")
-    commands = parser.add_subparsers(dest="command", required=True)
-    run = commands.add_parser("serve", help="run the daemon (rex starts it)")
-    run.add_argument("directory")
-    run.add_argument("--persist", type=float, required=True)
-    run.add_argument("--ready-fd", type=int)
-    args = parser.parse_args(argv)
-    return serve(args.directory, args.persist, args.ready_fd)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

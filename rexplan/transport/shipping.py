@@ -7,7 +7,7 @@ main(). The relay ships the same way (relay_source()), started by RELAY_BOOTSTRA
 Two ways to run it:
 
 - a file: upload bundle() once as ``~/.rex/agent-<bundle_sha()>.py``, then run it through
-  launch_argv() (LAUNCH_STUB) with the launch line (rexplan.wire.launch.make_launch) on stdin; its first
+  launch_argv() (LAUNCH_STUB) with the launch line (wire.launch.make_launch) on stdin; its first
   run keeps the compiled modules next to it (``FILE.<cache_tag>.code``) for the next ones;
 - no file: run bootstrap_argv() and write bootstrap_input(launch_line) to its stdin; the small
   ``-c`` BOOTSTRAP reads the bundle, checks its sha256 against argv, and execs it.

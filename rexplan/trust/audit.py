@@ -19,7 +19,7 @@ from rexplan.core import plan as plans
 from rexplan.core.model import Host, Manifest, Plan, Timeouts, User
 from rexplan.core.text import format_columns, printable
 from rexplan.errors import RexError, UsageError
-from rexplan.transport.ssh import Transport
+from rexplan.transport.base import Transport
 from rexplan.trust.distribute import MAX_KEY_FILE, Connector, default_connector, key_dirs
 from rexplan.trust.keys import KeyInfo, KeyStore, default_known_hosts, key_triple, relpath
 from rexplan.trust.output import STDOUT, Output

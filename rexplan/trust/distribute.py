@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from rexplan.core import plan as plans
 from rexplan.core.model import Host, Manifest, Timeouts, User
 from rexplan.errors import RexError, TransportError, UsageError
-from rexplan.transport.ssh import Transport, connect
+from rexplan.transport.base import Transport
+from rexplan.transport.pool import connect
 from rexplan.trust.keys import KeyInfo, KeyStore, key_triple, relpath
 from rexplan.wire.keyfile import KeyFormatError, format_key_file, key_id, parse_key_file
 

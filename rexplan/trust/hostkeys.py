@@ -21,7 +21,9 @@ from typing import Any
 from rexplan.core.model import Host, Manifest, Timeouts
 from rexplan.core.text import format_columns, printable
 from rexplan.errors import KeyStoreError, TransportError, UsageError
-from rexplan.transport.ssh import HostKeyInfo, host_key_name, host_key_status, scan_host_key
+from rexplan.transport.base import kind
+from rexplan.transport.handshake import scan_host_key
+from rexplan.transport.pinning import HostKeyInfo, host_key_name, host_key_status
 from rexplan.trust.keys import KeyStore
 from rexplan.trust.output import STDOUT, Output
 
@@ -89,7 +91,7 @@ def scan_hosts(manifest: Manifest, known_hosts: Path) -> list[HostKeyReport]:
     fetched: dict[str, HostKeyInfo | TransportError] = {}
     reports = []
     for host in manifest.hosts:
-        if host.transport == "local":
+        if not kind(host.transport).pins_host_keys:
             reports.append(HostKeyReport(host, "", "local"))
             continue
         name = host_key_name(host.address, host.port)
@@ -304,7 +306,7 @@ def _check_replace(m: Manifest, names: Sequence[str]) -> None:
                 f"--replace {name!r}: no such host in {m.path}",
                 hint=f"hosts: {', '.join(hosts) or '(none)'}",
             )
-        if hosts[name].transport == "local":
+        if not kind(hosts[name].transport).pins_host_keys:
             raise UsageError(f"--replace {name!r}: a local host has no SSH host key")
 
 

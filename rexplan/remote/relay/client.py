@@ -151,7 +151,7 @@ class _Refused(Exception):
 
 class Gate:
     """At most ``limit`` of this relay's ssh clients in the handshake with one sshd at once
-    (rexplan.transport.ssh.HandshakeGate for OpenSSH clients); safe across threads."""
+    (rexplan.transport.pacing.HandshakeGate for OpenSSH clients); safe across threads."""
 
     def __init__(self, limit: int) -> None:
         self.cond = threading.Condition()

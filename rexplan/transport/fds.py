@@ -1,5 +1,4 @@
-"""The descriptor budget of a run: its SSH and callback connections each cost a descriptor,
-and ensure_fd_budget() raises RLIMIT_NOFILE for them."""
+"""The descriptor budget: RLIMIT_NOFILE raised for a run's (or the daemon's) connections."""
 
 from __future__ import annotations
 

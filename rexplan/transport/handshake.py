@@ -1,0 +1,382 @@
+"""Opening an SSH connection: TCP, key exchange and login inside a paced slot, errors by phase."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any, cast
+
+import fabric
+import paramiko
+
+from rexplan.core.model import Host, Timeouts, User
+from rexplan.errors import (
+    AuthenticationError,
+    HostKeyError,
+    HostTimeoutError,
+    TransportError,
+    UnreachableError,
+)
+from rexplan.transport.pacing import HANDSHAKE_GATES, dropped_by_server
+from rexplan.transport.pinning import (
+    HostKeyInfo,
+    StrictPolicy,
+    UnknownHostKey,
+    host_key_name,
+    load_known_hosts,
+)
+
+# paramiko logs every failed handshake (a dropped banner exchange included) at ERROR with a
+# traceback; with no handler anywhere, logging's last resort would print it on stderr. rex
+# reports those failures itself, per host; an application that configures logging still
+# receives the records.
+logging.getLogger("paramiko").addHandler(logging.NullHandler())
+
+
+def timed_out(exc: BaseException) -> bool:
+    seen: BaseException | None = exc
+    while seen is not None:
+        text = str(seen).lower()
+        if isinstance(seen, TimeoutError) or "timeout" in text or "timed out" in text:
+            return True
+        seen = seen.__context__
+    return False
+
+
+def _stamp(paths: Sequence[str]) -> tuple[tuple[int, int] | None, ...]:
+    """(mtime, size) of each path, None where there is no file: a cache key that changes
+    when any of them is edited, created or removed."""
+    stamps: list[tuple[int, int] | None] = []
+    for path in paths:
+        try:
+            st = os.stat(os.path.expanduser(path))
+        except OSError:
+            stamps.append(None)
+        else:
+            stamps.append((st.st_mtime_ns, st.st_size))
+    return tuple(stamps)
+
+
+#: the files a fabric.Config reads when it is built: ssh_config and fabric's own
+_FABRIC_FILES = (
+    "/etc/ssh/ssh_config",
+    "~/.ssh/config",
+    *(f"{d}fabric.{ext}" for d in ("/etc/", "~/.") for ext in ("yaml", "yml", "json", "py")),
+)
+
+
+class _FabricConfigCache:
+    """One fabric.Config per content of the files it reads, shared by every Connection, as
+    fabric's own Group shares one: a Connection built without one constructs two Configs,
+    each loading those files and merging its defaults (a fifth of a launch's launcher CPU)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._config: tuple[tuple[object, ...], fabric.Config] | None = None
+
+    def get(self) -> fabric.Config:
+        stamp = (os.path.expanduser("~"), _stamp(_FABRIC_FILES))
+        with self._lock:
+            if self._config is None or self._config[0] != stamp:
+                self._config = (stamp, fabric.Config())
+            return self._config[1]
+
+
+_FABRIC_CONFIG = _FabricConfigCache()
+
+
+class _Connection(fabric.Connection):  # type: ignore[misc]  # fabric ships no types
+    """fabric's Connection with every attribute its constructor sets declared: invoke's
+    DataProxy turns a set of an undeclared attribute into a write to the Config, and fabric
+    3.2 sets ``inline_ssh_env`` undeclared. That write re-merges the shared Config, clearing
+    it for a moment under the other threads reading it."""
+
+    inline_ssh_env = None
+
+
+class _IdentityCache:
+    """Private keys loaded once per file content rather than per connection: paramiko's
+    key_filename path parses the file once per key class it tries (three times for an
+    ed25519 key) on every connection. A key that does not load here (encrypted, unknown
+    type) is left to paramiko's key_filename path and its error messages."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._keys: dict[str, tuple[tuple[object, ...], paramiko.PKey | None]] = {}
+
+    def get(self, path: str) -> paramiko.PKey | None:
+        cert = path + "-cert.pub"
+        stamp = _stamp((path, cert))
+        with self._lock:
+            hit = self._keys.get(path)
+            if hit is None or hit[0] != stamp:
+                hit = (stamp, self._load(path, cert))
+                self._keys[path] = hit
+            return hit[1]
+
+    @staticmethod
+    def _load(path: str, cert: str) -> paramiko.PKey | None:
+        try:
+            pkey = paramiko.PKey.from_path(path)
+            if os.path.isfile(cert):  # as paramiko's key_filename path does
+                pkey.load_certificate(cert)
+        except Exception:  # paramiko raises many types; its key_filename path reports them
+            return None
+        return pkey
+
+
+_IDENTITIES = _IdentityCache()
+
+
+#: AEAD ciphers first: their integrity check runs in the cipher library, where with the
+#: other ciphers paramiko compares every packet's MAC in a Python loop
+_AEAD = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com")
+
+
+def _aead_first(sock: Any, **kwargs: Any) -> paramiko.Transport:
+    """SSHClient.connect's transport_factory: paramiko's Transport offering the AES-GCM
+    ciphers first (OpenSSH >= 6.2 has them); every cipher it offers stays on the list."""
+    transport = paramiko.Transport(sock, **kwargs)
+    options = transport.get_security_options()
+    offered = tuple(options.ciphers)
+    options.ciphers = tuple(c for c in _AEAD if c in offered) + tuple(
+        c for c in offered if c not in _AEAD
+    )
+    return transport
+
+
+def tcp_connect(host: Host, address: str, port: int, timeout: float) -> socket.socket:
+    hint = f"check hosts.{host.name}.address/port and that sshd runs there"
+    where = f"{address}:{port}"
+    try:
+        sock = socket.create_connection((address, port), timeout=timeout)
+    except OSError as e:
+        if isinstance(e, socket.gaierror):
+            why = f"cannot resolve {address}: {e.strerror}"
+        elif isinstance(e, ConnectionRefusedError):
+            why = f"connection refused by {where}"
+        elif isinstance(e, TimeoutError):
+            why = f"no TCP connection to {where} within {timeout:g}s"
+        else:
+            why = f"cannot connect to {where}: {e.strerror or e}"
+        raise UnreachableError(why, host=host.name, phase="connect", hint=hint) from e
+    # SSH packets are small request/reply pairs: Nagle plus delayed ACK would add ~40 ms to each
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
+
+
+def handshake(
+    host: Host,
+    user: User,
+    known: str,
+    timeouts: Timeouts,
+    banner: float,
+    auth: float,
+    deadline: float,
+) -> tuple[fabric.Connection, StrictPolicy]:
+    """One connect, key exchange and authentication, inside a handshake slot of the sshd."""
+    # never empty: fabric would use (and extend) the shared config's own dict instead
+    kwargs: dict[str, Any] = {"transport_factory": _aead_first}
+    if user.identity:
+        # an explicit identity is the only key offered: deterministic, and no agent surprises
+        path = os.path.expanduser(user.identity)
+        pkey = _IDENTITIES.get(path)
+        kwargs.update(look_for_keys=False, allow_agent=False)
+        kwargs.update({"pkey": pkey} if pkey is not None else {"key_filename": [path]})
+    conn = _Connection(
+        host.address,
+        user=user.login,
+        port=host.port,
+        config=_FABRIC_CONFIG.get(),
+        connect_kwargs=kwargs,
+    )
+    policy = StrictPolicy()
+    # fabric installs AutoAddPolicy in its constructor; replace it before anything connects
+    conn.client.set_missing_host_key_policy(policy)
+    load_known_hosts(conn.client, known)
+    # fabric rounds ssh_config's ConnectTimeout to whole seconds; rex's deadlines apply instead
+    conn.connect_timeout = None
+    # ssh_config may rename the host or port: the gate belongs to the sshd actually dialled
+    address, port = str(conn.host), int(conn.port)
+    gate = HANDSHAKE_GATES.gate(address, port, host.max_startups)
+    if not gate.acquire(host.max_startups, timeout=max(0.0, deadline - time.monotonic())):
+        raise HostTimeoutError(
+            f"no handshake slot for {address}:{port} within {timeouts.connect:g}s: "
+            f"{gate.in_flight} earlier handshakes to it are still in flight "
+            f"(max_startups {gate.limit})",
+            host=host.name,
+            phase="connect",
+            hint="that sshd is hung or very slow; check it, or raise timeouts.connect",
+        )
+    try:
+        _open(conn, host, user, known, timeouts, banner, auth)
+    except TransportError as e:
+        if dropped_by_server(e):
+            gate.dropped()
+        raise
+    else:
+        if gate.in_flight > 1 or gate.waiting:
+            _settle(conn, timeouts.connect)
+    finally:
+        # authenticated sessions no longer count toward sshd's MaxStartups
+        gate.release()
+    return conn, policy
+
+
+def _open(
+    conn: fabric.Connection,
+    host: Host,
+    user: User,
+    known: str,
+    timeouts: Timeouts,
+    banner: float,
+    auth: float,
+) -> None:
+    """TCP connect, key exchange and authentication of ``conn``; errors mapped by phase."""
+    address, port = str(conn.host), int(conn.port)
+    extra: dict[str, Any] = {
+        # start_client's own deadline covers banner and key exchange
+        "timeout": banner + timeouts.connect,
+        "banner_timeout": banner,
+        "auth_timeout": auth,
+    }
+    sock = None
+    if not conn.gateway:
+        sock = tcp_connect(host, address, port, timeouts.connect)
+        extra["sock"] = sock
+    conn.connect_kwargs = {**conn.connect_kwargs, **extra}
+    started = time.monotonic()
+    try:
+        conn.open()
+    except BaseException as e:
+        elapsed = time.monotonic() - started
+        transport = conn.client.get_transport()
+        conn.client.close()
+        if sock is not None:
+            sock.close()
+        if isinstance(e, Exception):
+            raise connect_error(
+                e, host, user, address, port, known, transport, banner, elapsed
+            ) from e
+        raise
+
+
+def _settle(conn: fabric.Connection, timeout: float) -> None:
+    """One round trip to sshd's post-authentication process before the slot is handed on.
+
+    OpenSSH's listener stops counting a connection only once its monitor has taken over from
+    the pre-auth child, a few ms after the client saw USERAUTH_SUCCESS; a waiter dialling in
+    that gap is dropped. The post-auth process answers global requests, so its answer means
+    the listener's count is down. Paid (one round trip) only while the sshd's gate is shared:
+    a handshake alone on it leaves no waiter that could dial into the gap.
+    """
+    transport = conn.client.get_transport()
+    if transport is None or not transport.is_active():
+        return
+    # Transport.global_request(wait=True) has no deadline: this is its body with one. OpenSSH's
+    # ssh sends keepalive@openssh.com for ServerAliveInterval; servers answer it (failure)
+    answered = threading.Event()
+    transport.completion_event = answered
+    request = paramiko.Message()
+    request.add_byte(paramiko.common.cMSG_GLOBAL_REQUEST)
+    request.add_string("keepalive@openssh.com")
+    request.add_boolean(True)
+    with contextlib.suppress(paramiko.SSHException, OSError, EOFError):
+        cast(Any, transport)._send_user_message(request)
+        answered.wait(timeout)
+
+
+def connect_error(
+    exc: Exception,
+    host: Host,
+    user: User,
+    address: str,
+    port: int,
+    known_hosts: str,
+    transport: paramiko.Transport | None,
+    banner: float,
+    elapsed: float,
+) -> TransportError:
+    """Map a failed fabric/paramiko connect to the phase it failed in."""
+    name = host_key_name(address, port)
+    if isinstance(exc, UnknownHostKey):
+        return HostKeyError(
+            f"unknown host key for {name} ({exc.key.get_name()} {exc.key.fingerprint}): "
+            f"not in {known_hosts}; nothing was run",
+            host=host.name,
+            phase="hostkey",
+            hint="check the fingerprint, then pin it: rex hostkeys scan -m MANIFEST --accept",
+        )
+    if isinstance(exc, paramiko.BadHostKeyException):
+        return HostKeyError(
+            f"host key CHANGED for {name}: it offered {exc.key.get_name()} "
+            f"{exc.key.fingerprint}, {known_hosts} pins {exc.expected_key.fingerprint} "
+            f"(possible man-in-the-middle); known_hosts left unchanged, nothing was run",
+            host=host.name,
+            phase="hostkey",
+            hint=f"if {host.name} was really rebuilt: rex hostkeys scan -m MANIFEST "
+            f"--replace {host.name}",
+        )
+    if transport is None or not transport.remote_version:
+        if elapsed >= banner or timed_out(exc):
+            return HostTimeoutError(
+                f"no SSH banner from {address}:{port} within {banner:g}s (sshd hung or overloaded)",
+                host=host.name,
+                phase="banner",
+            )
+        return TransportError(
+            f"{address}:{port} closed the connection before the SSH banner: {exc}",
+            host=host.name,
+            phase="banner",
+        )
+    if transport.host_key is None:
+        if timed_out(exc):
+            return HostTimeoutError(
+                f"SSH key exchange with {address}:{port} timed out", host=host.name, phase="kex"
+            )
+        return TransportError(f"SSH key exchange failed: {exc}", host=host.name, phase="kex")
+    if isinstance(exc, paramiko.AuthenticationException) and "timeout" in str(exc).lower():
+        return HostTimeoutError(
+            f"authentication as {user.login} did not complete in time", host=host.name, phase="auth"
+        )
+    if isinstance(exc, paramiko.SSHException):
+        offered = user.identity or "agent and default keys"
+        return AuthenticationError(
+            f"{address}:{port} refused login as {user.login} with {offered}",
+            host=host.name,
+            phase="auth",
+            hint=f"check users.{user.name}.identity and ~{user.login}/.ssh/authorized_keys "
+            "on the host",
+        )
+    return TransportError(f"connection failed: {exc}", host=host.name, phase="auth")
+
+
+def scan_host_key(host: Host, *, timeout: float = 10.0) -> HostKeyInfo:
+    """Fetch the key ``host`` offers (key exchange only: no authentication, nothing run)."""
+    sock = tcp_connect(host, host.address, host.port, timeout)
+    transport = paramiko.Transport(sock)
+    transport.banner_timeout = timeout
+    started = time.monotonic()
+    try:
+        transport.start_client(timeout=timeout)
+        key = transport.get_remote_server_key()
+    except Exception as e:
+        elapsed = time.monotonic() - started
+        nobody = User(name="scan", login="scan")
+        raise connect_error(
+            e, host, nobody, host.address, host.port, "", transport, timeout, elapsed
+        ) from e
+    finally:
+        transport.close()
+        sock.close()
+    return HostKeyInfo(
+        name=host_key_name(host.address, host.port),
+        key_type=key.get_name(),
+        key_base64=key.get_base64(),
+        fingerprint=key.fingerprint,
+    )
