@@ -216,7 +216,7 @@ import json, sys
 def peak():
     with open('/proc/self/status') as f:
         return next(int(x.split()[1]) for x in f if x.startswith('VmHWM:'))
-from rexplan.engine import callback
+from rexplan.engine import listener
 from rexplan.cli import rex as cli
 from rexplan.engine import executor
 from rexplan.transport import persist as mux
