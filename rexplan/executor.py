@@ -897,10 +897,11 @@ def parse_load(output: str, current: bool) -> Load:
     counts); ValueError when that is not the probe's JSON or its figures make no sense."""
     lines = output.strip().splitlines()
     try:
+        # json raises RecursionError on a deeply nested value: a host's words, like any
         data: Any = json.loads(lines[-1]) if lines else None
         load, cpus, free = float(data["load"]), float(data["cpus"]), int(data["free_mb"])
         source, fallback = data.get("source", "loadavg"), data.get("fallback", "")
-    except (KeyError, TypeError, AttributeError) as exc:
+    except (KeyError, TypeError, AttributeError, RecursionError) as exc:
         raise ValueError(f"not the load probe's output: {output[-200:]!r}") from exc
     if not (math.isfinite(load) and math.isfinite(cpus)) or load < 0 or cpus <= 0:
         raise ValueError(f"implausible load {load} on {cpus} CPUs")
@@ -1101,7 +1102,7 @@ def sftp_records(transport: Transport) -> dict[str, dict[str, Any]] | None:
                 return None
             try:
                 record = json.loads(transport.get(f"{run}/{entry}", RECORD_LIMIT))
-            except (OSError, ValueError):
+            except (OSError, ValueError, RecursionError):
                 continue  # vanished, unreadable or too long: the agent skips it too
             if not isinstance(record, dict):
                 continue
@@ -1132,7 +1133,7 @@ def _same_process(transport: Transport, pid: Any, start: Any) -> bool:
 def _front_report(stdout: bytes) -> dict[str, object]:
     """The agent front's one JSON line: a diagnostic, never the verdict."""
     for line in reversed(stdout.splitlines()):
-        with contextlib.suppress(ValueError):
+        with contextlib.suppress(ValueError, RecursionError):  # RecursionError: nested deep
             data = json.loads(line)
             if isinstance(data, dict):
                 return data

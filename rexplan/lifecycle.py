@@ -44,7 +44,7 @@ def _report(res: Result) -> dict[str, Any]:
     for line in reversed(res.stdout.splitlines()):
         try:
             data = json.loads(line)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: a value nested deep
             continue
         if isinstance(data, dict):
             return data
