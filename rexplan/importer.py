@@ -17,6 +17,7 @@ import collections
 import contextlib
 import os
 import re
+import reprlib
 import secrets
 import shlex
 import string
@@ -281,6 +282,10 @@ def parse_yaml(text: str, source: str = "<inventory>") -> Inventory:
         mark = getattr(exc, "problem_mark", None)
         line = mark.line + 1 if mark is not None else 1
         raise _error(source, line, f"invalid YAML: {getattr(exc, 'problem', exc)}") from None
+    except RecursionError:
+        raise _error(source, 1, "invalid YAML: nested too deeply") from None
+    except ValueError as exc:  # PyYAML's int() of a number of more than 4300 digits
+        raise _error(source, 1, f"invalid YAML: {exc}") from None
     inv = Inventory(source)
     if doc is None:
         return inv
@@ -350,7 +355,7 @@ def parse_inventory(text: str, source: str = "<inventory>") -> Inventory:
     if suffix in (".yaml", ".yml", ".json"):
         return parse_yaml(text, source)
     if suffix not in (".ini", ".cfg", ".hosts"):
-        with contextlib.suppress(yaml.YAMLError):
+        with contextlib.suppress(yaml.YAMLError, ValueError, RecursionError):
             doc = _safe_load(text)
             if isinstance(doc, dict) and all(
                 v is None or isinstance(v, dict) for v in doc.values()
@@ -421,10 +426,34 @@ def _named(name: str) -> str:
     return name if _PLAIN.match(name) else repr(name)
 
 
+class _Repr(reprlib.Repr):
+    """repr() with bounded cost: a few items of a few levels, and a long number by its size.
+
+    An inventory's value may be a YAML alias bomb (a list of nine lists of nine lists ...:
+    600 bytes stand for 9**9 strings) or a number too long for repr() (a hex literal in an INI
+    file): repr() of either takes gigabytes or raises, printable's cap comes too late."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.maxlevel = 3
+        self.maxdict = self.maxlist = self.maxtuple = self.maxset = self.maxfrozenset = 6
+        self.maxstring = self.maxother = 200
+        self.maxlong = 40
+
+    def repr_int(self, x: int, level: int) -> str:
+        if x.bit_length() > 128:
+            return f"<a number of {x.bit_length()} bits>"
+        return super().repr_int(x, level)
+
+
+_REPR = _Repr()
+
+
 def _shown(value: Any) -> str:
+    """A value for a note: bounded work whatever it is, one printable line."""
     if isinstance(value, _Opaque):
         return "(vaulted)"
-    return ui.printable(repr(value))
+    return ui.printable(_REPR.repr(value))
 
 
 def _is_address(value: Any) -> bool:
@@ -438,7 +467,7 @@ def _is_address(value: Any) -> bool:
 
 
 def _port(value: Any) -> int | None:
-    if isinstance(value, str) and value.strip().isdigit():
+    if isinstance(value, str) and value.strip().isdigit() and len(value.strip()) <= 5:
         value = int(value)
     if isinstance(value, int) and not isinstance(value, bool) and 0 < value < 65536:
         return value
