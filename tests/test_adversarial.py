@@ -1038,3 +1038,84 @@ def test_every_mac_comparison_in_rexplan_uses_compare_digest() -> None:
     assert len(verifiers) >= 3
     for func in verifiers:
         assert " compare_digest(" in ast.unparse(func), func.name
+
+
+# ---- a compromised host answering with deeply nested JSON ------------------------------------
+
+#: a host whose interpreter answers every rex command with one JSON line nested 200,000 deep:
+#: json.loads raises RecursionError on it (not ValueError)
+DEEP_PYTHON = """\
+#!/bin/sh
+head -c 200000 /dev/zero | tr '\\0' '['
+echo
+exit 0
+"""
+DEEP = b"[" * 200_000
+
+
+def test_a_hosts_deeply_nested_json_fails_only_that_host(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """One host's nested answer cost every host's result: `rex status` and `rex stop` ended
+    in an internal error (exit 1) naming RecursionError, and a least-loaded placement with
+    it as a candidate ended the whole `rex apply` before any step (2afc094 and b45bb26)."""
+    from rexplan.cli import rex as cli
+
+    fake = tmp_path / "python3"
+    fake.write_text(DEEP_PYTHON)
+    fake.chmod(0o755)
+    manifest = tmp_path / "m.yaml"
+    manifest.write_text(
+        "rex: 1\n"
+        "defaults: {user: me, transport: local, timeouts: {start: 5, callback: 5}}\n"
+        f"hosts:\n  evil: {{transport: local, python: {fake}}}\n  good: {{transport: local}}\n"
+        "users:\n  me: {}\n"
+        "programs:\n"
+        "  app: {on: [evil, good], run: [sleep, '60'],"
+        " placement: {strategy: least-loaded, count: 1}}\n"
+        "authorize: ['*.*.*']\n"
+    )
+    monkeypatch.setenv("REX_STATE_DIR", str(tmp_path / "state"))
+    monkeypatch.setenv("REX_HOME", str(tmp_path / "home"))
+    keys = ["--keys", str(tmp_path / "keys")]
+    try:
+        assert cli.main(["apply", "-y", str(manifest), *keys]) == 0
+        out, err = capsys.readouterr()
+        assert "RecursionError" not in out + err and "READY" in out and "app@good" in out
+        assert cli.main(["status", str(manifest), *keys]) == 0
+        out, err = capsys.readouterr()
+        assert "RecursionError" not in out + err
+        assert "unknown" in out and "the agent gave no status report" in out
+        assert "running" in out
+    finally:
+        code = cli.main(["stop", str(manifest), *keys])
+        out, err = capsys.readouterr()
+    assert code == 2 and "RecursionError" not in out + err
+    assert "app@evil" in out and "STOPPED     app@good" in out
+
+
+def test_a_deeply_nested_line_is_no_report_anywhere_rex_reads_a_host() -> None:
+    """Each reader of a host's (or relay's) JSON: no answer, never a RecursionError."""
+    import types
+
+    from rexplan.core import spec
+    from rexplan.engine import fanout as tree
+    from rexplan.engine.placement import parse_load
+    from rexplan.remote.relay import client as relay
+    from rexplan.transport.base import last_report
+
+    with pytest.raises(ValueError):
+        parse_load(DEEP.decode(), False)
+    with pytest.raises(ValueError):
+        spec.parse_status(DEEP)
+    assert last_report(DEEP) == {}  # the agent front's report, and --status/--stop's
+    assert relay._report(DEEP) is None
+    # the launcher's reader of a relay: the nested line is no JSON, the relay's end is seen
+    lines = iter([DEEP[: tree._LINE] + b"\n", b'{"up": true}\n', b""])
+    stream = types.SimpleNamespace(readline=lambda _limit: next(lines))
+    them = tree._Relay(types.SimpleNamespace(), types.SimpleNamespace(host="r1"))  # type: ignore[arg-type]
+    waiter = tree._Waiter()
+    them.waiters["app@h1"] = waiter
+    them._read(stream)  # type: ignore[arg-type]
+    assert waiter.done.is_set() and waiter.error is not None
+    assert waiter.error[1] == tree.RELAY_LOST and "lost" in waiter.error[0]

@@ -7,6 +7,7 @@ import re
 import resource
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -416,6 +417,55 @@ def test_ranges_listed_in_many_groups_are_capped(tmp_path: Path) -> None:
         f"{inventory}:22:1: the inventory adds up to more than 1,000,000 host entries"
         in done.stderr
     )
+
+
+def test_an_alias_bomb_in_a_variable_costs_little(tmp_path: Path) -> None:
+    # 583 bytes: ansible_host is 9 lists of 9 lists ... 9 levels down, 9**9 strings; its note
+    # used repr() of it all (a MemoryError at 1 GiB after 13 s, exit 1)
+    levels = ["a0: &a0 [" + ", ".join(["xxxxxxxxxx"] * 9) + "]"]
+    levels += [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, 9)]
+    body = "".join(f"    {line}\n" for line in levels)
+    inventory = tmp_path / "laughs.yml"
+    inventory.write_text(f"all:\n  vars:\n{body}    ansible_host: *a8\n  hosts:\n    h1:\n")
+    assert len(inventory.read_bytes()) < 700
+    started = time.monotonic()
+    done = _limited_import(inventory)
+    assert done.returncode == 0, done.stderr
+    assert time.monotonic() - started < 20
+    assert list(_safe_hosts(done.stdout)) == ["h1"]
+    notes = [line for line in done.stdout.splitlines() if line.lstrip().startswith("#")]
+    assert "more characters] is not an address rex" in " ".join(notes)
+    assert len(done.stdout) < 5_000
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "found"),
+    [
+        # PyYAML's int() refuses more than 4300 digits with a ValueError, no YAMLError
+        ("long.yml", "all:\n  hosts:\n    h1: {ansible_port: " + "1" * 5000 + "}\n", 4),
+        # its composer recurses: RecursionError
+        ("deep.yml", "all:\n  vars:\n    x: " + "[" * 5000 + "]" * 5000 + "\n", 4),
+        # a string of digits as a port: int() of it
+        ("text.yml", "all:\n  hosts:\n    h1: {ansible_port: '" + "1" * 5000 + "'}\n", 0),
+        # an INI hex literal: 16,000 bits, which repr() refuses to write in decimal
+        ("hex.ini", "[g]\nh1 ansible_port=0x" + "f" * 4000 + "\n", 0),
+    ],
+    ids=["long-int", "deep", "long-port-text", "hex-literal"],
+)
+def test_numbers_too_long_and_nesting_too_deep_are_documented_outcomes(
+    tmp_path: Path, name: str, text: str, found: int
+) -> None:
+    # each was an internal error (exit 1) at 2afc094 and b45bb26
+    inventory = tmp_path / name
+    inventory.write_text(text)
+    done = _limited_import(inventory)
+    assert done.returncode == found, done.stderr
+    assert "internal error" not in done.stderr
+    if found == 0:
+        assert list(_safe_hosts(done.stdout)) == ["h1"]
+        assert "is not a TCP port" in done.stdout and len(done.stdout) < 2_000
+    else:
+        assert f"{inventory}:1:1: invalid YAML" in done.stderr
 
 
 def _safe_hosts(text: str) -> dict[str, Any]:

@@ -14,6 +14,7 @@ import collections
 import contextlib
 import os
 import re
+import reprlib
 import secrets
 import textwrap
 from collections.abc import Iterable
@@ -121,10 +122,34 @@ def _user_problem(value: Any) -> str | None:
     return None
 
 
+class _Repr(reprlib.Repr):
+    """repr() with bounded cost: a few items of a few levels, and a long number by its size.
+
+    An inventory's value may be a YAML alias bomb (a list of nine lists of nine lists ...:
+    600 bytes stand for 9**9 strings) or a number too long for repr() (a hex literal in an INI
+    file): repr() of either takes gigabytes or raises, printable's cap comes too late."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.maxlevel = 3
+        self.maxdict = self.maxlist = self.maxtuple = self.maxset = self.maxfrozenset = 6
+        self.maxstring = self.maxother = 200
+        self.maxlong = 40
+
+    def repr_int(self, x: int, level: int) -> str:
+        if x.bit_length() > 128:
+            return f"<a number of {x.bit_length()} bits>"
+        return super().repr_int(x, level)
+
+
+_REPR = _Repr()
+
+
 def _shown(value: Any) -> str:
+    """A value for a note: bounded work whatever it is, one printable line."""
     if isinstance(value, Opaque):
         return "(vaulted)"
-    return printable(repr(value))
+    return printable(_REPR.repr(value))
 
 
 def _is_address(value: Any) -> bool:
@@ -138,7 +163,7 @@ def _is_address(value: Any) -> bool:
 
 
 def _port(value: Any) -> int | None:
-    if isinstance(value, str) and value.strip().isdigit():
+    if isinstance(value, str) and value.strip().isdigit() and len(value.strip()) <= 5:
         value = int(value)
     if isinstance(value, int) and not isinstance(value, bool) and 0 < value < 65536:
         return value

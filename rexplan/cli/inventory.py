@@ -243,6 +243,10 @@ def parse_yaml(text: str, source: str = "<inventory>") -> Inventory:
         raise inventory_error(
             source, line, f"invalid YAML: {getattr(exc, 'problem', exc)}"
         ) from None
+    except RecursionError:
+        raise inventory_error(source, 1, "invalid YAML: nested too deeply") from None
+    except ValueError as exc:  # PyYAML's int() of a number of more than 4300 digits
+        raise inventory_error(source, 1, f"invalid YAML: {exc}") from None
     inv = Inventory(source)
     if doc is None:
         return inv
@@ -316,7 +320,7 @@ def parse_inventory(text: str, source: str = "<inventory>") -> Inventory:
     if suffix in (".yaml", ".yml", ".json"):
         return parse_yaml(text, source)
     if suffix not in (".ini", ".cfg", ".hosts"):
-        with contextlib.suppress(yaml.YAMLError):
+        with contextlib.suppress(yaml.YAMLError, ValueError, RecursionError):
             doc = _safe_load(text)
             if isinstance(doc, dict) and all(
                 v is None or isinstance(v, dict) for v in doc.values()

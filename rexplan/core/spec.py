@@ -131,7 +131,10 @@ def parse_status(stdout: bytes) -> dict[str, dict[str, Any]]:
     for line in reversed(stdout.splitlines()):
         if not line.strip():
             continue
-        data = json.loads(line)
+        try:
+            data = json.loads(line)
+        except RecursionError:  # a value nested deeper than json reads: no report either
+            break
         if not isinstance(data, dict) or data.get("ok") is not True:
             break
         programs = data.get("programs")

@@ -91,7 +91,7 @@ def sftp_records(transport: Transport) -> dict[str, dict[str, Any]] | None:
                 return None
             try:
                 record = json.loads(transport.get(f"{run}/{entry}", RECORD_LIMIT))
-            except (OSError, ValueError):
+            except (OSError, ValueError, RecursionError):
                 continue  # vanished, unreadable or too long: the agent skips it too
             if not isinstance(record, dict):
                 continue

@@ -197,7 +197,7 @@ class _Relay:
                 break
             try:
                 msg = json.loads(line)
-            except ValueError:
+            except (ValueError, RecursionError):  # RecursionError: a value nested deep
                 said.append(line[:_SAID].decode("utf-8", "replace").strip())
                 continue
             if isinstance(msg, dict):

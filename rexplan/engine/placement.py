@@ -49,10 +49,11 @@ def parse_load(output: str, current: bool) -> Load:
     counts); ValueError when that is not the probe's JSON or its figures make no sense."""
     lines = output.strip().splitlines()
     try:
+        # json raises RecursionError on a deeply nested value: a host's words, like any
         data: Any = json.loads(lines[-1]) if lines else None
         load, cpus, free = float(data["load"]), float(data["cpus"]), int(data["free_mb"])
         source, fallback = data.get("source", "loadavg"), data.get("fallback", "")
-    except (KeyError, TypeError, AttributeError) as exc:
+    except (KeyError, TypeError, AttributeError, RecursionError) as exc:
         raise ValueError(f"not the load probe's output: {output[-200:]!r}") from exc
     if not (math.isfinite(load) and math.isfinite(cpus)) or load < 0 or cpus <= 0:
         raise ValueError(f"implausible load {load} on {cpus} CPUs")

@@ -160,7 +160,7 @@ def last_report(stdout: bytes) -> dict[str, Any]:
     for line in reversed(stdout.splitlines()):
         try:
             data = json.loads(line)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: a value nested deep
             continue
         if isinstance(data, dict):
             return data

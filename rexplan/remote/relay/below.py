@@ -135,7 +135,7 @@ class Below:
         for line in lines:
             try:
                 msg = json.loads(line)
-            except ValueError:
+            except (ValueError, RecursionError):  # RecursionError: a value nested deep
                 continue
             if not isinstance(msg, dict):
                 continue

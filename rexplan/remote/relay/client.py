@@ -101,7 +101,7 @@ def _report(stdout: bytes) -> dict[str, Any] | None:
     for line in reversed(stdout.splitlines()):
         try:
             data = json.loads(line)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: a value nested deep
             continue
         if isinstance(data, dict):
             return data
