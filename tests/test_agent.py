@@ -22,6 +22,7 @@ import pytest
 
 from rexplan.engine.listener import CallbackListener
 from rexplan.engine.pending import PendingStep
+from rexplan.remote.agent import probes as agent_probes
 from rexplan.remote.agent.failure import (
     EXIT_AGENT,
     EXIT_BAD_LAUNCH,
@@ -35,7 +36,7 @@ from rexplan.remote.agent.failure import (
 from rexplan.remote.agent.groups import start_time
 from rexplan.remote.agent.records import _store
 from rexplan.transport import shipping
-from rexplan.wire import codes, frames, handshake, keyfile
+from rexplan.wire import codes, frames, handshake, keyfile, probes
 from rexplan.wire.launch import make_kill, make_launch, parse_launch, spec_digest
 
 PY = sys.executable
@@ -409,6 +410,14 @@ def test_readiness_probes(rig: Rig, kind: str) -> None:
     stop(result.report["pid"])
     if kind == "notify":
         assert not list((rig.home / "run").glob("n*"))  # the socket directory is removed
+
+
+def test_the_agent_checks_every_polled_probe_kind_of_the_table() -> None:
+    # wire.probes.KINDS is the one list of probe kinds; the agent has a check for each polled
+    # kind and no other
+    polled = {name for name, kind in probes.KINDS.items() if kind.polled}
+    assert set(agent_probes.CHECKS) == polled
+    assert set(probes.KINDS) - polled == {"alive", "notify"}  # wait_ready's own two
 
 
 @pytest.mark.parametrize("stdin", [b"", b"not json\n", b'{"v": "rex-cb/1"}\n'])

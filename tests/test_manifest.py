@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 
 from rexplan.core import manifest, yamlpos
 from rexplan.core import schema as manifest_schema
+from rexplan.core import settings as settings_module
 from rexplan.core.model import (
     Authorization,
     Callback,
@@ -31,6 +32,7 @@ from rexplan.core.model import (
     When,
 )
 from rexplan.errors import Diagnostic, ManifestError
+from rexplan.wire import probes
 
 BAD = Path(__file__).parent / "data" / "bad"
 EXPECT = re.compile(r"# expect: (\d+):(\d+) (.+?): (.*)$")
@@ -619,3 +621,12 @@ def test_a_manifest_at_the_step_cap_is_accepted() -> None:
     assert sum(len(p.hosts) for p in loaded.programs) == 1_000_000
     with pytest.raises(ManifestError, match="more than 1,000,000 steps"):
         manifest.loads(text.replace("n[1-5000]", "n[1-5001]"), "over.yaml")
+
+
+def test_the_schema_and_the_manifest_reader_know_every_probe_kind_of_the_table() -> None:
+    # wire.probes.KINDS is the one list of probe kinds: a kind the schema or the manifest's
+    # reader lacks (or one they have that the table does not) is a kind added halfway
+    ready = manifest_schema.document()["$defs"]["ready"]["properties"]
+    assert set(ready) - {"timeout", "interval"} == set(probes.KINDS)
+    assert set(settings_module._READERS) == set(probes.KINDS)
+    assert probes.MANIFEST_ORDER[-1] == probes.DEFAULT == "alive"

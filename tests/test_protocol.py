@@ -19,7 +19,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rexplan.wire import chars, codes, crypto, handshake, jsonstrict, keyfile, messages
+from rexplan.wire import chars, codes, crypto, handshake, jsonstrict, keyfile, messages, probes
 from rexplan.wire.frames import MAX_FRAME, FrameReader, decode_frame, encode_frame
 from rexplan.wire.launch import (
     MAX_LAUNCH,
@@ -554,3 +554,18 @@ def test_loads_reports_bad_json_in_a_fresh_interpreter() -> None:
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "{'a': [1, 2.5, None]}"
+
+
+def test_the_probe_table_is_the_launch_message_s_and_the_records() -> None:
+    # wire.probes.KINDS is the one list of probe kinds: the launch message's ready keys are its
+    # keys, and each kind's fields are attributes of the agent's Probe and the manifest's Ready
+    from rexplan.core.model import Ready
+    from rexplan.wire import launch
+
+    assert launch.PROBE_KINDS == tuple(probes.KINDS)
+    assert launch.PROBE_KEYS == Probe._fields
+    for kind in probes.KINDS.values():
+        assert set(kind.required) <= set(kind.fields) <= set(Probe._fields) - {"kind"}
+        assert set(kind.fields) <= set(vars(Ready()))
+    with pytest.raises(LaunchError, match=r"a tcp probe needs ready\.port"):
+        launch._probe({"kind": "tcp"})

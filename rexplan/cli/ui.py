@@ -23,8 +23,9 @@ from rich.text import Text
 from rexplan.core.model import Manifest, Plan, Ready, Step
 from rexplan.core.plan import least_loaded
 from rexplan.core.spec import StepStatus, StopResult
-from rexplan.core.text import format_columns, plural, printable
+from rexplan.core.text import LIMIT, format_columns, plural, printable
 from rexplan.engine.events import Event
+from rexplan.wire.probes import KINDS
 
 __all__ = [
     "ApplyDisplay",
@@ -55,18 +56,10 @@ COMMAND_LIMIT = 2000
 
 def format_ready(ready: Ready) -> str:
     """A probe in a few characters: ``tcp:5432``, the URL, ``alive:0.5s``."""
-    if ready.kind == "tcp":
-        where = "" if ready.host == "127.0.0.1" else f"{ready.host}:"
-        return f"tcp:{where}{ready.port}"
-    if ready.kind == "http":
-        return printable(ready.url or "")
-    if ready.kind == "command":
-        return printable(f"command:{shlex.join(ready.argv)}", COMMAND_LIMIT)
-    if ready.kind == "file":
-        return printable(f"file:{ready.path}")
-    if ready.kind == "alive":
-        return f"alive:{ready.settle:g}s"
-    return ready.kind
+    kind = KINDS.get(ready.kind)
+    if kind is None:
+        return ready.kind
+    return printable(kind.show(ready), COMMAND_LIMIT if kind.long else LIMIT)
 
 
 def format_command(step: Step) -> str:

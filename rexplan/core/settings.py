@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from rexplan.core.model import FailurePolicy, FileSpec, Placement, Program, Ready
 from rexplan.core.values import address_problem, as_int, as_map, as_num, as_str, count_or_percent
 from rexplan.core.yamlpos import KeyPath, Report
+from rexplan.wire import probes
 from rexplan.wire.chars import safe_relpath
 
 _MODE_RE = re.compile(r"0?[0-7]{3}\Z|0o[0-7]{3}\Z")
-_PROBES = ("tcp", "http", "command", "file", "notify", "alive")
 
 
 def policy(spec: dict[str, Any], defaults: dict[str, Any]) -> FailurePolicy:
@@ -34,46 +34,69 @@ def policy(spec: dict[str, Any], defaults: dict[str, Any]) -> FailurePolicy:
     )
 
 
+def _tcp(report: Report, path: KeyPath, probe: Any, base: Ready) -> Ready:
+    target = as_map(probe)
+    port = as_int(probe, 0) if not target else as_int(target.get("port"), 0)
+    host = as_str(target.get("host"), base.host) or base.host
+    problem = address_problem(host)
+    if problem:
+        report.value((*path, "tcp", "host"), f"address {host!r} {problem}")
+    return Ready("tcp", base.timeout, base.interval, port=port, host=host)
+
+
+def _http(report: Report, path: KeyPath, probe: Any, base: Ready) -> Ready:
+    url = as_str(probe, "") or ""
+    if not url.startswith(("http://", "https://")):
+        report.value((*path, "http"), f"{url!r} is not an http:// or https:// URL")
+    return Ready("http", base.timeout, base.interval, url=url)
+
+
+def _command(report: Report, path: KeyPath, probe: Any, base: Ready) -> Ready:
+    argv = tuple(a for a in probe if isinstance(a, str)) if isinstance(probe, list) else ()
+    return Ready("command", base.timeout, base.interval, argv=argv)
+
+
+def _file(report: Report, path: KeyPath, probe: Any, base: Ready) -> Ready:
+    return Ready("file", base.timeout, base.interval, path=as_str(probe, None))
+
+
+def _notify(report: Report, path: KeyPath, probe: Any, base: Ready) -> Ready:
+    if probe is False:
+        report.value((*path, "notify"), "notify: false is not a probe")
+    return Ready("notify", base.timeout, base.interval)
+
+
+def _alive(report: Report, path: KeyPath, probe: Any, base: Ready) -> Ready:
+    return Ready("alive", base.timeout, base.interval, settle=as_num(probe, base.settle))
+
+
+#: how each kind of probe (wire.probes.KINDS) reads from the manifest's ``ready``: its value
+#: under the kind's name, and the Ready without the target (its timeout and interval)
+_READERS: dict[str, Callable[[Report, KeyPath, Any, Ready], Ready]] = {
+    "tcp": _tcp,
+    "http": _http,
+    "command": _command,
+    "file": _file,
+    "notify": _notify,
+    "alive": _alive,
+}
+
+
 def ready(report: Report, path: KeyPath, value: Any, timeout: float) -> Ready:
     """The readiness probe at ``path``; the ready timeout defaults to ``timeout``."""
     spec = as_map(value)
-    probes = [p for p in _PROBES if p in spec]
-    if len(probes) > 1:
+    named = [p for p in probes.MANIFEST_ORDER if p in spec]
+    if len(named) > 1:
         report.key(
-            (*path, probes[1]),
-            f"ready has more than one probe: {', '.join(probes)}",
-            "choose one of tcp, http, command, file, notify, alive",
+            (*path, named[1]),
+            f"ready has more than one probe: {', '.join(named)}",
+            f"choose one of {', '.join(probes.MANIFEST_ORDER)}",
         )
     base = Ready(
         timeout=as_num(spec.get("timeout"), timeout), interval=as_num(spec.get("interval"), 0.2)
     )
-    kind = probes[0] if probes else "alive"
-    probe = spec.get(kind)
-    if kind == "tcp":
-        target = as_map(probe)
-        port = as_int(probe, 0) if not target else as_int(target.get("port"), 0)
-        host = as_str(target.get("host"), base.host) or base.host
-        problem = address_problem(host)
-        if problem:
-            report.value((*path, "tcp", "host"), f"address {host!r} {problem}")
-        return Ready("tcp", base.timeout, base.interval, port=port, host=host)
-    if kind == "http":
-        url = as_str(probe, "") or ""
-        if not url.startswith(("http://", "https://")):
-            report.value((*path, "http"), f"{url!r} is not an http:// or https:// URL")
-        return Ready("http", base.timeout, base.interval, url=url)
-    if kind == "command":
-        argv = tuple(a for a in probe if isinstance(a, str)) if isinstance(probe, list) else ()
-        return Ready("command", base.timeout, base.interval, argv=argv)
-    if kind == "file":
-        return Ready("file", base.timeout, base.interval, path=as_str(probe, None))
-    if kind == "notify":
-        if probe is False:
-            report.value((*path, "notify"), "notify: false is not a probe")
-        return Ready("notify", base.timeout, base.interval)
-    return Ready(
-        "alive", base.timeout, base.interval, settle=as_num(spec.get("alive"), base.settle)
-    )
+    kind = named[0] if named else probes.DEFAULT
+    return _READERS[kind](report, path, spec.get(kind), base)
 
 
 def placement(report: Report, path: KeyPath, value: Any, hosts: int) -> Placement:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from rexplan.core.model import Step
-from rexplan.wire import handshake, keyfile, launch
+from rexplan.wire import handshake, keyfile, launch, probes
 
 #: a step's status on its host, as ``rex status`` shows it
 RUNNING = "running"  # alive (pid + start time) with the manifest's spec
@@ -50,14 +50,10 @@ def probe_fields(step: Step) -> dict[str, object]:
     """The launch message's ``ready`` dict for a step's probe."""
     rd = step.ready
     out: dict[str, object] = {"kind": rd.kind, "interval": rd.interval, "settle": rd.settle}
-    if rd.kind == "tcp":
-        out.update(host=rd.host, port=rd.port)
-    elif rd.kind == "http":
-        out["url"] = rd.url
-    elif rd.kind == "command":
-        out["argv"] = list(rd.argv)
-    elif rd.kind == "file":
-        out["path"] = rd.path
+    kind = probes.KINDS.get(rd.kind)
+    for field in kind.fields if kind else ():  # an unknown kind: make_launch refuses it
+        value = getattr(rd, field)
+        out[field] = list(value) if isinstance(value, tuple) else value
     return out
 
 

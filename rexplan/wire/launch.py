@@ -24,6 +24,7 @@ from rexplan.wire.crypto import sha256
 from rexplan.wire.frames import MAX_FRAME
 from rexplan.wire.jsonstrict import dumps, encode_object, parse_object
 from rexplan.wire.messages import VERSION
+from rexplan.wire.probes import KEYS, KINDS
 from rexplan.wire.record import Frozen
 
 TYPE_CHECKING = False  # typing only for the type checker: the agent imports this on every run
@@ -40,8 +41,8 @@ class LaunchError(ValueError):
 
 
 #: keys of the ``ready`` probe dict (model.Ready's fields, less the timeout in deadline_s)
-PROBE_KEYS = ("kind", "interval", "settle", "host", "port", "url", "argv", "path")
-PROBE_KINDS = ("alive", "tcp", "http", "command", "file", "notify")
+PROBE_KEYS = KEYS
+PROBE_KINDS = tuple(KINDS)
 DEADLINE_KEYS = ("start", "ready", "callback", "stop")
 _LAUNCH_KEYS = (
     "v",
@@ -307,9 +308,10 @@ def _probe(value: Any) -> Probe:
     kind = value.get("kind")
     if kind not in PROBE_KINDS:
         raise LaunchError(f"ready.kind must be one of {', '.join(PROBE_KINDS)}")
-    required = {"tcp": "port", "http": "url", "command": "argv", "file": "path"}.get(kind)
-    if required is not None and required not in value:
-        raise LaunchError(f"a {kind} probe needs ready.{required}")
+    required = KINDS[kind].required
+    for field in required:
+        if field not in value:
+            raise LaunchError(f"a {kind} probe needs ready.{field}")
     port = value.get("port")
     if port is not None and (type(port) is not int or not 0 < port < 65536):
         raise LaunchError("ready.port must be a TCP port")
@@ -317,7 +319,7 @@ def _probe(value: Any) -> Probe:
     if url is not None and not _text(url, "ready.url").startswith(("http://", "https://")):
         raise LaunchError("ready.url must be an http:// or https:// URL")
     argv = value.get("argv", [])
-    if not isinstance(argv, list) or (kind == "command" and not argv):
+    if not isinstance(argv, list) or ("argv" in required and not argv):
         raise LaunchError("ready.argv must be a non-empty list of strings")
     return Probe(
         kind=kind,

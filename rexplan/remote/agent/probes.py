@@ -20,47 +20,62 @@ else:
     import _socket as socket
 
 
-def _probe_once(probe: Probe, cwd: str | None, env: dict[str, str], budget: float) -> bool:
-    budget = max(0.05, budget)
-    if probe.kind == "tcp":
-        try:
-            _connect(probe.host or "", probe.port or 0, budget).close()
-        except OSError:
-            return False
-        return True
-    if probe.kind == "http":
-        # Imported here: urllib costs ~50 ms at every agent start, and few probes use it.
-        import urllib.error
-        import urllib.request
-        from http.client import HTTPException
+def _tcp(probe: Probe, cwd: str | None, env: dict[str, str], budget: float) -> bool:
+    try:
+        _connect(probe.host or "", probe.port or 0, budget).close()
+    except OSError:
+        return False
+    return True
 
-        # A proxy from the environment must not answer for a local service.
-        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-        try:
-            with opener.open(probe.url or "", timeout=budget) as response:
-                return 200 <= int(response.status) < 400
-        except urllib.error.HTTPError as exc:
-            return 300 <= exc.code < 400
-        except (OSError, HTTPException, ValueError):
-            return False
-    if probe.kind == "command":
-        try:
-            proc = _start(probe.argv, env, cwd, -1)
-        except OSError:
-            return False
-        try:
-            return proc.wait(budget) == 0
-        except _TimeoutExpired:
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait()
-            return False
-        except BaseException:  # a signal: the probe goes with the launch
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait()
-            raise
-    if probe.kind == "file":
-        return os.path.exists(os.path.join(cwd or os.getcwd(), probe.path or ""))
-    raise ValueError(probe.kind)
+
+def _http(probe: Probe, cwd: str | None, env: dict[str, str], budget: float) -> bool:
+    # Imported here: urllib costs ~50 ms at every agent start, and few probes use it.
+    import urllib.error
+    import urllib.request
+    from http.client import HTTPException
+
+    # A proxy from the environment must not answer for a local service.
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(probe.url or "", timeout=budget) as response:
+            return 200 <= int(response.status) < 400
+    except urllib.error.HTTPError as exc:
+        return 300 <= exc.code < 400
+    except (OSError, HTTPException, ValueError):
+        return False
+
+
+def _command(probe: Probe, cwd: str | None, env: dict[str, str], budget: float) -> bool:
+    try:
+        proc = _start(probe.argv, env, cwd, -1)
+    except OSError:
+        return False
+    try:
+        return proc.wait(budget) == 0
+    except _TimeoutExpired:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        return False
+    except BaseException:  # a signal: the probe goes with the launch
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        raise
+
+
+def _file(probe: Probe, cwd: str | None, env: dict[str, str], budget: float) -> bool:
+    return os.path.exists(os.path.join(cwd or os.getcwd(), probe.path or ""))
+
+
+#: the check of each polled kind of probe (wire.probes.KINDS): passed or not, within budget
+#: seconds; alive waits out its settle time and notify listens on its socket instead
+CHECKS = {"tcp": _tcp, "http": _http, "command": _command, "file": _file}
+
+
+def _probe_once(probe: Probe, cwd: str | None, env: dict[str, str], budget: float) -> bool:
+    check = CHECKS.get(probe.kind)
+    if check is None:
+        raise ValueError(probe.kind)
+    return check(probe, cwd, env, max(0.05, budget))
 
 
 def _notified(sock: socket.socket) -> bool:
