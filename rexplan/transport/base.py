@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import posixpath
 import re
 import secrets
 import shlex
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypedDict
 
-from rexplan.core.model import Host
+from rexplan.core.model import Host, Timeouts
 from rexplan.errors import HostTimeoutError
+
+if TYPE_CHECKING:
+    from typing_extensions import Required, Unpack
 
 DEFAULT_KNOWN_HOSTS = "~/.ssh/known_hosts"
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -38,6 +42,34 @@ class Result:
     stderr_cut: int = 0
 
 
+class RunOptions(TypedDict, total=False):
+    """How Transport.run runs a command: ``stdin`` fed to it (held back by ``gate``), the
+    ``timeout`` of the whole command, and ``env`` names set for it (checked: command_line)."""
+
+    stdin: bytes | None
+    timeout: float | None
+    env: Mapping[str, str] | None
+    gate: Gate | None
+
+
+class ConnectOptions(TypedDict, total=False):
+    """How a transport connects: ``known_hosts`` (None: ~/.ssh/known_hosts; unknown or changed
+    keys are refused, never added), the connect deadline in ``timeouts``, and banner and auth
+    deadlines (default: ``timeouts.connect``)."""
+
+    known_hosts: Required[str | os.PathLike[str] | None]
+    timeouts: Timeouts | None
+    banner_timeout: float | None
+    auth_timeout: float | None
+
+
+def unpack(
+    opts: RunOptions,
+) -> tuple[bytes | None, float | None, Mapping[str, str] | None, Gate | None]:
+    """``opts`` as (stdin, timeout, env, gate), each None when not given."""
+    return opts.get("stdin"), opts.get("timeout"), opts.get("env"), opts.get("gate")
+
+
 @dataclass(frozen=True)
 class Gate:
     """Hold a command's stdin until it printed ``marker`` as a line of its own, within
@@ -54,15 +86,7 @@ class Transport(Protocol):
 
     host: Host
 
-    def run(
-        self,
-        argv: Sequence[str],
-        *,
-        stdin: bytes | None = None,
-        timeout: float | None = None,
-        env: Mapping[str, str] | None = None,
-        gate: Gate | None = None,
-    ) -> Result: ...
+    def run(self, argv: Sequence[str], **opts: Unpack[RunOptions]) -> Result: ...
 
     #: temp files of uploads cut mid-way that could not be removed over that connection
     leftovers: list[str]

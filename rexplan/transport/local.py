@@ -8,8 +8,8 @@ import select
 import signal
 import subprocess
 import time
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 from rexplan.core.model import Host
 from rexplan.errors import HostTimeoutError
@@ -17,13 +17,18 @@ from rexplan.transport.base import (
     GET_LIMIT,
     Gate,
     Result,
+    RunOptions,
     at_most,
     combine_home,
     command_line,
     not_started,
     temp_name,
+    unpack,
 )
 from rexplan.transport.streams import CHUNK, Announcement, Tail
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 
 class LocalTransport:
@@ -39,15 +44,8 @@ class LocalTransport:
         self.host = host
         self.leftovers: list[str] = []  # put() removes its own temp files locally
 
-    def run(
-        self,
-        argv: Sequence[str],
-        *,
-        stdin: bytes | None = None,
-        timeout: float | None = None,
-        env: Mapping[str, str] | None = None,
-        gate: Gate | None = None,
-    ) -> Result:
+    def run(self, argv: Sequence[str], **opts: Unpack[RunOptions]) -> Result:
+        stdin, timeout, env, gate = unpack(opts)
         """Run ``argv`` directly; a missing program gives status 127 as a shell would; ``gate``
         as over SSH."""
         command_line(argv, env)  # the same argv and env rules as over SSH

@@ -19,13 +19,13 @@ import sys
 import threading
 import time
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import rexplan
 from rexplan.core.model import Host, Manifest, Timeouts, User
 from rexplan.core.text import printable
 from rexplan.errors import TransportError
-from rexplan.transport.base import GET_LIMIT, Gate, Result, Transport, kind
+from rexplan.transport.base import GET_LIMIT, Result, RunOptions, Transport, kind, unpack
 from rexplan.transport.local import LocalTransport
 from rexplan.transport.persist_wire import (
     MUX_ENV,
@@ -41,6 +41,9 @@ from rexplan.transport.persist_wire import (
 from rexplan.transport.pool import Connector, TransportPool
 from rexplan.transport.ssh import SSHTransport
 from rexplan.transport.streams import wait_readable
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 #: the daemon's stdout and stderr, in its directory
 LOG_FILE = "mux.log"
@@ -280,15 +283,8 @@ class MuxTransport:
         surface here, at TransportPool.get, as without persistence."""
         self._call("open", 0.0)
 
-    def run(
-        self,
-        argv: Sequence[str],
-        *,
-        stdin: bytes | None = None,
-        timeout: float | None = None,
-        env: Mapping[str, str] | None = None,
-        gate: Gate | None = None,
-    ) -> Result:
+    def run(self, argv: Sequence[str], **opts: Unpack[RunOptions]) -> Result:
+        stdin, timeout, env, gate = unpack(opts)
         value = self._call(
             "run",
             timeout,

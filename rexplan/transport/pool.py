@@ -3,26 +3,21 @@
 from __future__ import annotations
 
 import contextlib
-import os
 import threading
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-from rexplan.core.model import Host, Timeouts, User
+from rexplan.core.model import Host, User
 from rexplan.errors import TransportError
-from rexplan.transport.base import Transport, kind
+from rexplan.transport.base import ConnectOptions, Transport, kind
 from rexplan.transport.local import LocalTransport
 from rexplan.transport.ssh import SSHTransport
 
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
-def connect(
-    host: Host,
-    user: User,
-    *,
-    known_hosts: str | os.PathLike[str] | None,
-    timeouts: Timeouts | None = None,
-    banner_timeout: float | None = None,
-    auth_timeout: float | None = None,
-) -> Transport:
+
+def connect(host: Host, user: User, **opts: Unpack[ConnectOptions]) -> Transport:
     """Open a transport to ``host`` as ``user``; connection errors surface here, by phase.
 
     ``known_hosts`` None means ~/.ssh/known_hosts; unknown or changed keys are refused, never
@@ -30,14 +25,7 @@ def connect(
     """
     if kind(host.transport).is_local:
         return LocalTransport(host)
-    return SSHTransport.open(
-        host,
-        user,
-        known_hosts=known_hosts,
-        timeouts=timeouts,
-        banner_timeout=banner_timeout,
-        auth_timeout=auth_timeout,
-    )
+    return SSHTransport.open(host, user, **opts)
 
 
 Connector = Callable[[Host, User], Transport]
@@ -51,23 +39,10 @@ class TransportPool:
     """
 
     def __init__(
-        self,
-        *,
-        known_hosts: str | os.PathLike[str] | None,
-        timeouts: Timeouts | None = None,
-        banner_timeout: float | None = None,
-        auth_timeout: float | None = None,
-        connector: Connector | None = None,
+        self, *, connector: Connector | None = None, **opts: Unpack[ConnectOptions]
     ) -> None:
         def default(host: Host, user: User) -> Transport:
-            return connect(
-                host,
-                user,
-                known_hosts=known_hosts,
-                timeouts=timeouts,
-                banner_timeout=banner_timeout,
-                auth_timeout=auth_timeout,
-            )
+            return connect(host, user, **opts)
 
         self._connect = connector or default
         self._lock = threading.Lock()

@@ -9,8 +9,8 @@ import posixpath
 import stat
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
-from typing import Any, cast
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any, cast
 
 import fabric
 import paramiko
@@ -20,19 +20,25 @@ from rexplan.errors import HostTimeoutError, TransportError
 from rexplan.transport.base import (
     DEFAULT_KNOWN_HOSTS,
     GET_LIMIT,
+    ConnectOptions,
     Gate,
     Result,
+    RunOptions,
     Transport,
     at_most,
     combine_home,
     command_line,
     not_started,
     temp_name,
+    unpack,
 )
 from rexplan.transport.handshake import handshake, timed_out
 from rexplan.transport.pacing import dropped_by_server, gave_up, retry_dropped
 from rexplan.transport.pinning import KNOWN_HOSTS, StrictPolicy, host_key_name
 from rexplan.transport.streams import CHUNK, Announcement, Stream, Tail, wait_readable
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 #: how often run() retries a send when the remote window is full (select only signals reads)
 _SEND_POLL = 0.005
@@ -75,11 +81,7 @@ class SSHTransport:
         cls,
         host: Host,
         user: User,
-        *,
-        known_hosts: str | os.PathLike[str] | None,
-        timeouts: Timeouts | None = None,
-        banner_timeout: float | None = None,
-        auth_timeout: float | None = None,
+        **opts: Unpack[ConnectOptions],
     ) -> SSHTransport:
         """Connect, check the host key against ``known_hosts`` and authenticate, or raise.
 
@@ -87,10 +89,11 @@ class SSHTransport:
         (HANDSHAKE_GATES), and a connection the sshd drops before the key exchange completes is
         retried with jittered backoff while ``timeouts.connect`` allows (retry_dropped).
         """
-        timeouts = timeouts or Timeouts()
-        banner = timeouts.connect if banner_timeout is None else banner_timeout
-        auth = timeouts.connect if auth_timeout is None else auth_timeout
-        known = os.path.expanduser(os.fspath(known_hosts or DEFAULT_KNOWN_HOSTS))
+        timeouts = opts.get("timeouts") or Timeouts()
+        banner, auth = opts.get("banner_timeout"), opts.get("auth_timeout")
+        banner = timeouts.connect if banner is None else banner
+        auth = timeouts.connect if auth is None else auth
+        known = os.path.expanduser(os.fspath(opts.get("known_hosts") or DEFAULT_KNOWN_HOSTS))
         deadline = time.monotonic() + timeouts.connect
         attempts = 0
 
@@ -117,15 +120,13 @@ class SSHTransport:
         self,
         argv: Sequence[str],
         *,
-        stdin: bytes | None = None,
-        timeout: float | None = None,
-        env: Mapping[str, str] | None = None,
-        gate: Gate | None = None,
         abort: threading.Event | None = None,
+        **opts: Unpack[RunOptions],
     ) -> Result:
         """Run ``argv``, shlex-quoted, via the login shell; HostTimeoutError past ``timeout``,
         or (phase ``start``) past ``gate.within`` without the gate's marker. ``abort`` set
         (the caller went away) closes the channel, held stdin unsent: TransportError."""
+        stdin, timeout, env, gate = unpack(opts)
         command = command_line(argv, env)
         now = time.monotonic()
         deadline = None if timeout is None else now + timeout
