@@ -10,15 +10,12 @@ from collections.abc import Iterator, Sequence
 from typing import NoReturn
 
 from rexplan import __version__
-from rexplan.cli import blame, completion, importer, rex_key, ui
+from rexplan.cli import blame, completion, importer, options, rex_key, subcommands, ui
 from rexplan.cli.boundary import MESSAGE_LIMIT, run_main, write_stderr
 from rexplan.cli.commands import cmd_apply, cmd_disconnect, cmd_plan, cmd_validate
 from rexplan.core import simulate
 from rexplan.core.text import printable
-from rexplan.engine import adhoc, lifecycle
 from rexplan.errors import UsageError
-from rexplan.transport import persist as mux
-from rexplan.trust import audit, hostkeys
 
 EXIT_CODES = """\
 exit codes:
@@ -206,16 +203,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="launch only the steps the last apply of MANIFEST left failed, unreachable or "
         "skipped (kept in $REX_STATE_DIR/retry/<manifest name>.json, default ./.rex)",
     )
-    _key_options(apply)
-    mux.add_option(apply)
+    options.keys(apply, insecure="load keys with loose permissions anyway (warns every time)")
+    options.persist(apply)
     apply.set_defaults(func=cmd_apply)
 
-    hostkeys.add_parser(commands)
+    subcommands.add_hostkeys(commands)
     completion.add_parser(commands, parsers)
     importer.add_parser(commands)
-    audit.add_parser(commands)
+    subcommands.add_audit(commands)
     blame.add_parser(commands)
-    lifecycle.add_parser(commands)
+    subcommands.add_lifecycle(commands)
     disconnect = commands.add_parser(
         "disconnect",
         help="close the SSH connections kept open by persist",
@@ -226,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     disconnect.set_defaults(func=cmd_disconnect)
-    adhoc.add_parser(commands)
+    subcommands.add_run(commands)
     return parser
 
 
@@ -255,23 +252,6 @@ def _fanout(text: str) -> int:
     if not 2 <= value <= 64:
         raise argparse.ArgumentTypeError("must be from 2 to 64")
     return value
-
-
-def _key_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--keys", metavar="DIR", help="the key store (default: $REX_KEYS, else ./keys)"
-    )
-    parser.add_argument(
-        "--known-hosts",
-        metavar="FILE",
-        help="pinned SSH host keys (default: known_hosts in the key store if present, else "
-        "~/.ssh/known_hosts); unknown or changed host keys are refused",
-    )
-    parser.add_argument(
-        "--insecure-keys",
-        action="store_true",
-        help="load keys with loose permissions anyway (warns every time)",
-    )
 
 
 class _StderrHandler(logging.Handler):

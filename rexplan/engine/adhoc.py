@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import textwrap
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -31,17 +30,6 @@ from rexplan.trust.keys import KeyStore, default_known_hosts
 PROGRAM = "run"
 #: rex stops an interrupted ad-hoc job this fast
 STOP_GRACE = 2.0
-
-_EPILOG = """\
-exit codes:
-  N    the worst exit status of the command on the hosts (a signal N: 128+N)
-  2    a launch failed (or the job was lost) and no host reported a worse status
-  3    a host was unreachable
-  4    the manifest or the plan is invalid (e.g. host.user.run is not authorized)
-  5    usage error
-  6    authentication or host key failure
-  130  interrupted (the jobs are killed)
-"""
 
 
 def adhoc_manifest(manifest: Manifest, user: str | None, argv: Sequence[str]) -> Manifest:
@@ -200,83 +188,3 @@ def cmd_run(args: argparse.Namespace, out: Reporter) -> int:
     else:
         out.text(format_folded(results))
     return 130 if result.interrupted else exit_code(results)
-
-
-class _Intermixed(argparse.ArgumentParser):
-    """Options may come after PATTERN and before ``-- CMD``: plain argparse would bind the
-    empty CMD list as soon as it met PATTERN (intermixed parsing sees every option first)."""
-
-    _inside = False
-
-    def parse_known_args(  # type: ignore[override]
-        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
-    ) -> tuple[argparse.Namespace, list[str]]:
-        if self._inside:  # parse_known_intermixed_args calls back here, twice
-            return super().parse_known_args(args, namespace)
-        self._inside = True
-        try:
-            return self.parse_known_intermixed_args(args, namespace)
-        finally:
-            self._inside = False
-
-
-def add_parser(subparsers: argparse._SubParsersAction[Any]) -> None:
-    """Register ``rex run`` on ``rex``'s subcommands."""
-    parser = subparsers.add_parser(
-        "run",
-        help="run a command once on the hosts a pattern matches, verified like any launch",
-        description=textwrap.fill(
-            "Run CMD as a job (the program 'run', as --user) on every host of the "
-            "manifest that PATTERN matches, with the same keys, authorization (host.user.run) "
-            "and callback proof as rex apply. Each host's exit status and the tail of its "
-            "output come back over the verified connection; hosts with identical output are "
-            "shown once (dshbak -c). If rex is interrupted or killed, the jobs are killed.",
-            79,
-        ),
-        epilog=_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument(
-        "pattern",
-        metavar="PATTERN",
-        help="hosts to run on: comma-separated host globs and group:NAME ('*' for all)",
-    )
-    parser.add_argument(
-        "-m", "--manifest", required=True, metavar="MANIFEST", help="the manifest (required)"
-    )
-    parser.add_argument(
-        "--user", metavar="USER", help="the manifest user to run as (default: defaults.user)"
-    )
-    parser.add_argument(
-        "--forks", type=int, metavar="N", help="hosts at once (default: defaults.forks, 64)"
-    )
-    parser.add_argument(
-        "--events", metavar="FILE", help="write every event as one JSON object per line"
-    )
-    parser.add_argument(
-        "--json",
-        action="store_true",
-        help="print each host's status and output, and the folded groups, as JSON (format 1)",
-    )
-    parser.add_argument(
-        "--keys", metavar="DIR", help="the key store (default: $REX_KEYS, else ./keys)"
-    )
-    parser.add_argument(
-        "--known-hosts",
-        metavar="FILE",
-        help="pinned SSH host keys (default: known_hosts in the key store if present, else "
-        "~/.ssh/known_hosts)",
-    )
-    mux.add_option(parser)
-    parser.add_argument(
-        "--insecure-keys", action="store_true", help="load keys with loose permissions anyway"
-    )
-    parser.add_argument(
-        "command",
-        nargs="*",
-        metavar="CMD",
-        help="the command and its arguments; put -- before them",
-    )
-    parser.set_defaults(func=cmd_run)
-    # the subcommand parser keeps its class (the error boundary's); only its parsing changes
-    parser.__class__ = type("RunParser", (_Intermixed, type(parser)), {})

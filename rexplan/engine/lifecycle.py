@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import textwrap
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -270,36 +269,6 @@ def status_to_dict(
 
 # --- the command line ---------------------------------------------------------------------------
 
-_STATUS_EPILOG = """\
-statuses:
-  running      alive (checked by pid and process start time) with the manifest's spec
-  drifted      alive, but started from another spec (argv, env, cwd, probe, kind,
-               restart): rex apply restarts it
-  restarting   its supervisor waits out a backoff before restarting it
-  exited(N)    it ended by itself with exit status N (negative: killed by signal -N)
-  stopped      rex stop (or SIGTERM to its supervisor) ended it
-  failed       its launch was not verified, or a restart could not start it
-  declined     the host refused to start it: a `when` precondition did not hold
-  absent       never launched as this login on this host
-  unknown      recorded as running, but neither program nor supervisor lives
-  unreachable  the host could not be asked
-
-exit codes:
-  0    every step runs with the manifest's spec
-  2    any other status
-  4    the manifest or the plan is invalid
-  5    usage error
-"""
-
-_STOP_EPILOG = """\
-exit codes:
-  0    every step is stopped (or had never run)
-  2    a step could not be stopped
-  3    a host was unreachable
-  4    the manifest or the plan is invalid
-  5    usage error
-"""
-
 
 def pool_for(manifest: Manifest, plan: Plan, known_hosts: str | None) -> TransportPool:
     """One transport per host and login, with the plan's longest connect deadline; through
@@ -308,33 +277,6 @@ def pool_for(manifest: Manifest, plan: Plan, known_hosts: str | None) -> Transpo
     return mux.transport_pool(
         known_hosts=known_hosts, timeouts=Timeouts(connect=connect), persist=manifest.persist
     )
-
-
-def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("manifest", metavar="MANIFEST")
-    parser.add_argument(
-        "--limit",
-        metavar="PATTERN",
-        help="only steps on matching hosts: comma-separated host globs and group:NAME",
-    )
-    parser.add_argument(
-        "--forks",
-        type=int,
-        metavar="N",
-        help="hosts asked at once (default: the manifest's defaults.forks, 64)",
-    )
-    parser.add_argument(
-        "--keys",
-        metavar="DIR",
-        help="the key store, for its known_hosts (default: $REX_KEYS, else ./keys)",
-    )
-    parser.add_argument(
-        "--known-hosts",
-        metavar="FILE",
-        help="pinned SSH host keys (default: known_hosts in the key store if present, else "
-        "~/.ssh/known_hosts); unknown or changed host keys are refused",
-    )
-    mux.add_option(parser)
 
 
 def _load(args: argparse.Namespace) -> tuple[Manifest, Plan, str | None, int]:
@@ -406,48 +348,3 @@ def cmd_stop(args: argparse.Namespace, out: Reporter) -> int:
         )
     out.stop_summary(results)
     return stop_exit_code(results)
-
-
-def add_parser(subparsers: argparse._SubParsersAction[Any]) -> None:
-    """Register ``rex status`` and ``rex stop`` on ``rex``'s subcommands."""
-    status = subparsers.add_parser(
-        "status",
-        help="show whether each step of a manifest runs, and with which spec",
-        description=textwrap.fill(
-            "Ask every host (one SSH exec per host and login, in parallel) for the "
-            "records its rex agents keep, and show per step: status, pid, uptime and restarts. "
-            "A program counts as running only if its pid still belongs to the process that "
-            "started then (pid + start time). Nothing on the hosts is changed.",
-            79,
-        ),
-        epilog=_STATUS_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    _common(status)
-    status.add_argument(
-        "--json", action="store_true", help="print the statuses as JSON (format 1, stable)"
-    )
-    status.set_defaults(func=cmd_status)
-
-    halt = subparsers.add_parser(
-        "stop",
-        help="stop the programs of a manifest, dependents first",
-        description=textwrap.fill(
-            "Stop each step's program on its host: the last wave first, each wave in "
-            "parallel. The program's supervisor is told to stop it (TERM to its process group, "
-            "the program's stop_timeout, then KILL), so it is not restarted; afterwards no "
-            "process carrying the program's rex tag remains, also none that left its group.",
-            79,
-        ),
-        epilog=_STOP_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    _common(halt)
-    halt.add_argument("--program", metavar="NAME", help="stop only this program's steps")
-    halt.add_argument(
-        "--force",
-        action="store_true",
-        help="no grace: SIGKILL the supervisor, the process group and every process tagged "
-        "with the program's triple at once",
-    )
-    halt.set_defaults(func=cmd_stop)

@@ -371,28 +371,6 @@ def transport_pool(
     )
 
 
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if not 0 <= value <= MAX_PERSIST:
-        raise argparse.ArgumentTypeError(f"must be from 0 to {MAX_PERSIST:g}")
-    return value
-
-
-def add_option(parser: argparse.ArgumentParser) -> None:
-    """``--persist SECONDS`` of the commands that connect to the manifest's hosts."""
-    parser.add_argument(
-        "--persist",
-        type=_seconds,
-        metavar="SECONDS",
-        help="keep the SSH connections open for SECONDS after their last use, in a daemon "
-        "of yours, so the next run skips connecting (default: the manifest's "
-        "defaults.persist, 0 = off); 'rex disconnect' closes them",
-    )
-
-
 def with_option(manifest: Manifest, args: argparse.Namespace) -> Manifest:
     """``manifest`` with ``--persist`` applied, when given."""
     value = getattr(args, "persist", None)

@@ -10,10 +10,8 @@ import json
 import os
 import posixpath
 import stat
-import textwrap
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
 
 from rexplan.core import plan as plans
 from rexplan.core.model import Host, Manifest, Plan, Timeouts, User
@@ -31,35 +29,6 @@ STATES = ("OK", "MISSING", "MISMATCH", "UNAUTHORIZED", "INSECURE", "UNREACHABLE"
 _TRUST_STATES = ("MISMATCH", "UNAUTHORIZED", "INSECURE")
 
 Triple = tuple[str, str, str | None]
-
-_EPILOG = """\
-states (one row per triple a step needs, or a key exists for):
-  OK            nothing to do
-  MISSING       a step needs the key, but the local store (or, with --remote,
-                the host) lacks it
-  MISMATCH      the host's key differs from the local one, is malformed, or is
-                not in the local store
-  UNAUTHORIZED  a key exists for a triple no authorize pattern matches, or in
-                the rex home of a login other than the triple user's
-  INSECURE      a key file open to group/other, a group/other-writable
-                directory, a symlink, or a local key file rex_key would refuse
-  UNREACHABLE   --remote: the host could not be reached or its keys read
-
-A program key (host.user.program) wins over its user key (host.user): a step
-whose program key is absent uses the user key (KEY column: user). Local keys
-are audited for the manifest's hosts only. --remote reads each host as each
-login its steps run as, under <rex home>/keys/<host>/ only (shared homes hold
-other hosts' keys too). Nothing is ever written.
-
-exit codes:
-  0  every row is OK
-  2  a key is MISSING (and nothing worse)
-  3  only UNREACHABLE rows are not OK
-  4  the manifest is invalid
-  5  usage error
-  6  a MISMATCH, UNAUTHORIZED or INSECURE row, or a host refused rex's
-     host key check or login
-"""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -521,44 +490,3 @@ def cmd_audit(args: argparse.Namespace, out: Output = STDOUT) -> int:
             out.text(format_table(rows, remote=args.remote))
         out.text(format_summary(rows))
     return exit_code(rows, held)
-
-
-def add_parser(subparsers: argparse._SubParsersAction[Any]) -> None:
-    """Register ``rex audit`` on ``rex``'s subcommands."""
-    parser = subparsers.add_parser(
-        "audit",
-        help="compare the triples a manifest needs with the keys held locally and on hosts",
-        description=textwrap.fill(
-            "One row per host.user.program triple a step of MANIFEST needs, or a key "
-            "exists for: is it declared, authorized, is there a local key (key_id) and, with "
-            "--remote, a key on the host; and its state. Read-only, sorted, secrets never shown.",
-            79,
-        ),
-        epilog=_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("manifest", metavar="MANIFEST", help="the manifest to audit")
-    parser.add_argument(
-        "--remote",
-        action="store_true",
-        help="also read the keys on each host, as each login its steps run as (in parallel, "
-        "at most 'forks' hosts at a time)",
-    )
-    parser.add_argument(
-        "--json", action="store_true", help="print a JSON document (format 1, stable keys)"
-    )
-    parser.add_argument(
-        "--keys", metavar="DIR", help="the local key store (default: $REX_KEYS, else ./keys)"
-    )
-    parser.add_argument(
-        "--known-hosts",
-        metavar="FILE",
-        help="with --remote: pinned SSH host keys (default: known_hosts in the key store if "
-        "present, else ~/.ssh/known_hosts); unknown or changed host keys are refused",
-    )
-    parser.add_argument(
-        "--limit",
-        metavar="PATTERN",
-        help="only hosts matching PATTERN: comma-separated host globs and group:NAME terms",
-    )
-    parser.set_defaults(func=cmd_audit)

@@ -12,11 +12,9 @@ import hmac
 import json
 import os
 import secrets
-import textwrap
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from rexplan.core.model import Host, Manifest, Timeouts
 from rexplan.core.text import format_columns, printable
@@ -30,22 +28,6 @@ from rexplan.trust.output import STDOUT, Output
 FORMAT = 1
 #: what ``scan`` shows for a key known_hosts does not hold yet (``verify`` says ``unknown``)
 _SCAN_WORDS = {"unknown": "new"}
-
-_EPILOG = """\
-statuses:
-  ok           the offered key is the pinned one
-  new/unknown  known_hosts pins no key for the host (scan: new, verify: unknown)
-  changed      known_hosts pins another key: a man-in-the-middle, or a rebuilt
-               host
-  local        transport: local, no SSH host key
-  unreachable  no key exchange (refused, timed out, no banner)
-
-exit codes:
-  0  scan: no changed key was refused; verify: every key is pinned and matches
-  3  only unreachable hosts are wrong
-  5  usage error (e.g. --replace names no SSH host of the manifest)
-  6  scan: a changed key was left as pinned; verify: a key is unknown or changed
-"""
 
 
 @dataclass(frozen=True)
@@ -392,84 +374,3 @@ def cmd_hostkeys(args: argparse.Namespace, out: Output = STDOUT) -> int:
     if args.hostkeys_command == "scan":
         return _scan(args, out.text)
     return _verify(args, out.text)
-
-
-def _common_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "-m",
-        "--manifest",
-        metavar="MANIFEST",
-        required=True,
-        help="the manifest whose hosts to contact (transport: local hosts are skipped)",
-    )
-    parser.add_argument(
-        "--known-hosts",
-        metavar="FILE",
-        help="the known_hosts file holding the pins (default: known_hosts in the key store)",
-    )
-    parser.add_argument(
-        "--keys",
-        metavar="DIR",
-        help="the key store whose known_hosts is the default (default: $REX_KEYS, else ./keys)",
-    )
-
-
-def add_parser(subparsers: argparse._SubParsersAction[Any]) -> None:
-    """Register ``rex hostkeys scan`` and ``rex hostkeys verify`` on ``rex``'s subcommands."""
-    formatter = argparse.RawDescriptionHelpFormatter
-    parser = subparsers.add_parser(
-        "hostkeys",
-        help="fetch, pin and verify the SSH host keys of a manifest's hosts",
-        description=textwrap.fill(
-            "Fetch the SSH host key of each host of a manifest (key exchange only: no "
-            "login, nothing run), pin it in a known_hosts file, or verify the pins. rex never adds "
-            "a host key on its own when it connects.",
-            79,
-        ),
-        epilog=_EPILOG,
-        formatter_class=formatter,
-    )
-    actions = parser.add_subparsers(dest="hostkeys_command", metavar="ACTION", required=True)
-    scan = actions.add_parser(
-        "scan",
-        help="show each host's key fingerprint; pin new keys with --accept",
-        description=textwrap.fill(
-            "Fetch each SSH host's key once, one host after the other, and show its "
-            "type, SHA256 fingerprint and status (new, ok, changed). known_hosts is only written "
-            "with --accept (new keys) or --replace HOST (that host's changed key), atomically and "
-            "with mode 0600. A changed key is never overwritten otherwise.",
-            79,
-        ),
-        epilog=_EPILOG,
-        formatter_class=formatter,
-    )
-    _common_options(scan)
-    scan.add_argument(
-        "--accept",
-        action="store_true",
-        help="record the new keys in known_hosts (compare their fingerprints first)",
-    )
-    scan.add_argument(
-        "--replace",
-        action="append",
-        default=[],
-        metavar="HOST",
-        help="pin the key manifest host HOST offers now, replacing the key pinned for it (for "
-        "a rebuilt host; repeatable)",
-    )
-    verify = actions.add_parser(
-        "verify",
-        help="check that every host's key is pinned and unchanged",
-        description=textwrap.fill(
-            "Fetch each SSH host's key and report keys known_hosts does not pin "
-            "(unknown) or pins differently (changed). Nothing is written.",
-            79,
-        ),
-        epilog=_EPILOG,
-        formatter_class=formatter,
-    )
-    _common_options(verify)
-    verify.add_argument(
-        "--json", action="store_true", help="print a JSON document (format 1, stable keys)"
-    )
-    parser.set_defaults(func=cmd_hostkeys)

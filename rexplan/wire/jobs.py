@@ -30,15 +30,10 @@ def cut_line(count: int) -> bytes:
 class Session(Frozen):
     """What both sides of a verified handshake share: the MAC keys and the session binding."""
 
-    _fields = ("k_l", "k_a", "binding")
-    __slots__ = _fields
-    _hidden = _fields
+    _hidden = ("k_l", "k_a", "binding")
     k_l: bytes
     k_a: bytes
     binding: bytes  # T || ns || nl || ap
-
-    def __init__(self, k_l: bytes, k_a: bytes, binding: bytes) -> None:
-        self._init(k_l=k_l, k_a=k_a, binding=binding)
 
     @classmethod
     def of(cls, keys: tuple[bytes, bytes], t: bytes, ns: bytes, nl: bytes, ap: bytes) -> Session:

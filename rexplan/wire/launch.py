@@ -69,65 +69,19 @@ RESTART_POLICIES = ("no", "on-failure", "always")
 class Probe(Frozen):
     """A readiness probe as the agent runs it."""
 
-    _fields = ("kind", "interval", "settle", "host", "port", "url", "argv", "path")
-    __slots__ = _fields
-    kind: str
-    interval: float
-    settle: float
-    host: str
-    port: int | None
-    url: str | None
-    argv: tuple[str, ...]
-    path: str | None
-
-    def __init__(
-        self,
-        kind: str = "alive",
-        interval: float = 0.2,
-        settle: float = 0.5,
-        host: str = "127.0.0.1",
-        port: int | None = None,
-        url: str | None = None,
-        argv: tuple[str, ...] = (),
-        path: str | None = None,
-    ) -> None:
-        self._init(
-            kind=kind,
-            interval=interval,
-            settle=settle,
-            host=host,
-            port=port,
-            url=url,
-            argv=argv,
-            path=path,
-        )
+    kind: str = "alive"
+    interval: float = 0.2
+    settle: float = 0.5
+    host: str = "127.0.0.1"
+    port: int | None = None
+    url: str | None = None
+    argv: tuple[str, ...] = ()
+    path: str | None = None
 
 
 class Launch(Frozen):
     """A parsed launch message. ``deadlines`` are seconds: start, ready, callback, stop."""
 
-    _fields = (
-        "run",
-        "step",
-        "triple",
-        "key_path",
-        "nl",
-        "callback",
-        "deadlines",
-        "argv",
-        "env",
-        "cwd",
-        "ready",
-        "kind",
-        "log",
-        "tags",
-        "replace",
-        "restart",
-        "files",
-        "when",
-        "unchanged",
-    )
-    __slots__ = _fields
     _hidden = ("nl",)
     run: str
     step: str
@@ -143,58 +97,14 @@ class Launch(Frozen):
     kind: str
     log: str
     tags: tuple[tuple[str, str], ...]
-    replace: bool  # stop a running instance of the triple first, else refuse
-    restart: str  # the supervisor's policy when the program ends: RESTART_POLICIES
+    replace: bool = False  # stop a running instance of the triple first, else refuse
+    restart: str = "no"  # the supervisor's policy when the program ends: RESTART_POLICIES
     #: (dest, sha256 hex, mode): files the launcher put under REX_HOME/files/<log>/
-    files: tuple[tuple[str, str, int], ...]
+    files: tuple[tuple[str, str, int], ...] = ()
     #: preconditions: ("max_load", 1-minute load average) and ("min_free_mb", MemAvailable)
-    when: tuple[tuple[str, float], ...]
+    when: tuple[tuple[str, float], ...] = ()
     #: an instance of the same spec alive is proven to the listener (``same``), not refused
-    unchanged: bool
-
-    def __init__(
-        self,
-        run: str,
-        step: str,
-        triple: str,
-        key_path: str,
-        nl: bytes,
-        callback: tuple[str, int],
-        deadlines: tuple[tuple[str, float], ...],
-        argv: tuple[str, ...],
-        env: tuple[tuple[str, str], ...],
-        cwd: str | None,
-        ready: Probe,
-        kind: str,
-        log: str,
-        tags: tuple[tuple[str, str], ...],
-        replace: bool = False,
-        restart: str = "no",
-        files: tuple[tuple[str, str, int], ...] = (),
-        when: tuple[tuple[str, float], ...] = (),
-        unchanged: bool = False,
-    ) -> None:
-        self._init(
-            run=run,
-            step=step,
-            triple=triple,
-            key_path=key_path,
-            nl=nl,
-            callback=callback,
-            deadlines=deadlines,
-            argv=argv,
-            env=env,
-            cwd=cwd,
-            ready=ready,
-            kind=kind,
-            log=log,
-            tags=tags,
-            replace=replace,
-            restart=restart,
-            files=files,
-            when=when,
-            unchanged=unchanged,
-        )
+    unchanged: bool = False
 
     def deadline(self, name: str) -> float:
         return dict(self.deadlines)[name]

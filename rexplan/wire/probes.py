@@ -51,26 +51,12 @@ class ProbeKind(Frozen):
     whole command line, shown up to the command limit rather than the usual one.
     """
 
-    _fields = ("name", "fields", "required", "polled", "show", "long")
-    __slots__ = _fields
     name: str
-    fields: tuple[str, ...]
-    required: tuple[str, ...]
-    polled: bool
     show: Callable[[Target], str]
-    long: bool
-
-    def __init__(
-        self,
-        name: str,
-        show: Callable[[Target], str],
-        *,
-        fields: tuple[str, ...] = (),
-        required: tuple[str, ...] = (),
-        polled: bool = False,
-        long: bool = False,
-    ) -> None:
-        self._init(name=name, fields=fields, required=required, polled=polled, show=show, long=long)
+    fields: tuple[str, ...] = ()
+    required: tuple[str, ...] = ()
+    polled: bool = False
+    long: bool = False
 
 
 def _show_tcp(probe: Target) -> str:

@@ -2,17 +2,55 @@
 
 from __future__ import annotations
 
+TYPE_CHECKING = False  # typing only for the type checker: the agent imports this on every run
+if TYPE_CHECKING:
+    from typing import Any, ClassVar, dataclass_transform
+else:
 
-class Frozen:
-    """An immutable record like a frozen dataclass: equality, hash and repr by ``_fields``, in
-    order (less ``_hidden`` in the repr); assigning a field raises AttributeError."""
+    def dataclass_transform(**_: object) -> object:
+        return lambda cls: cls
 
-    __slots__: tuple[str, ...] = ()
-    _fields: tuple[str, ...] = ()
-    _hidden: tuple[str, ...] = ()
 
-    def _init(self, **values: object) -> None:
-        for name, value in values.items():
+_MISSING = object()
+
+
+@dataclass_transform(frozen_default=True)
+class _Fields(type):
+    """Makes each annotated name of a Frozen class body a field, in order, as a frozen
+    dataclass would: ``_fields`` and ``__slots__`` list them; a value in the body is the
+    field's default (kept in ``_defaults``)."""
+
+    def __new__(
+        mcs, name: str, bases: tuple[type, ...], body: dict[str, Any], **kw: Any
+    ) -> _Fields:
+        fields = tuple(n for n in body.get("__annotations__", {}) if not n.startswith("_"))
+        body["_defaults"] = {n: body.pop(n) for n in fields if n in body}
+        body["_fields"] = fields
+        body["__slots__"] = fields
+        return super().__new__(mcs, name, bases, body, **kw)
+
+
+class Frozen(metaclass=_Fields):
+    """An immutable record like a frozen dataclass: built from its fields by position or name,
+    equality, hash and repr by ``_fields``, in order (less ``_hidden`` in the repr); assigning
+    a field raises AttributeError."""
+
+    _fields: ClassVar[tuple[str, ...]]
+    _defaults: ClassVar[dict[str, object]]
+    _hidden: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        if len(args) > len(self._fields):
+            raise TypeError(f"{type(self).__name__} takes {len(self._fields)} fields")
+        values = {self._fields[i]: arg for i, arg in enumerate(args)}
+        for name, value in kwargs.items():
+            if name not in self._fields or name in values:
+                raise TypeError(f"{type(self).__name__}: unexpected or repeated field {name!r}")
+            values[name] = value
+        for name in self._fields:
+            value = values.get(name, self._defaults.get(name, _MISSING))
+            if value is _MISSING:
+                raise TypeError(f"{type(self).__name__}: field {name!r} missing")
             object.__setattr__(self, name, value)
 
     def _values(self) -> tuple[object, ...]:
