@@ -5,13 +5,14 @@ from __future__ import annotations
 import argparse
 import textwrap
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from rexplan.transport.persist import MAX_PERSIST
 
 if TYPE_CHECKING:
     Subparsers = argparse._SubParsersAction[Any]
 Parser = argparse.ArgumentParser
+N = TypeVar("N", int, float)
 
 LIMIT = "only steps on matching hosts: comma-separated host globs and group:NAME"
 LIMIT_HOSTS = "only hosts matching PATTERN: comma-separated host globs and group:NAME terms"
@@ -77,21 +78,39 @@ def keys(
         flag(parser, "--insecure-keys", insecure)
 
 
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if not 0 <= value <= MAX_PERSIST:
-        raise argparse.ArgumentTypeError(f"must be from 0 to {MAX_PERSIST:g}")
-    return value
+def number(
+    convert: Callable[[str], N], what: str, low: float, high: float, rule: str
+) -> Callable[[str], N]:
+    """An argparse type: ``convert`` of the text (else "'TEXT' is not WHAT"), from ``low`` to
+    ``high`` (else ``rule``)."""
+
+    def parse(text: str) -> N:
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+        if not low <= value <= high:  # also false for nan
+            raise argparse.ArgumentTypeError(rule)
+        return value
+
+    return parse
+
+
+POSITIVE = number(int, "a whole number", 1, float("inf"), "must be at least 1")
+MILLISECONDS = number(
+    float, "a number of milliseconds", 0, 1e9 - 1e-6, "must be a number of milliseconds, 0 or more"
+)
+FANOUT = number(int, "a whole number", 2, 64, "must be from 2 to 64")
+_SECONDS = number(
+    float, "a number of seconds", 0, MAX_PERSIST, f"must be from 0 to {MAX_PERSIST:g}"
+)
 
 
 def persist(parser: Parser) -> None:
     """``--persist SECONDS`` of the commands that connect to the manifest's hosts."""
     parser.add_argument(
         "--persist",
-        type=_seconds,
+        type=_SECONDS,
         metavar="SECONDS",
         help="keep the SSH connections open for SECONDS after their last use, in a daemon "
         "of yours, so the next run skips connecting (default: the manifest's "

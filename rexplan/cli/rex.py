@@ -103,32 +103,32 @@ def build_parser() -> argparse.ArgumentParser:
     )
     plan.add_argument(
         "--conn-cost",
-        type=_milliseconds,
+        type=options.MILLISECONDS,
         metavar="MS",
         help=f"with --simulate: one SSH connection's cost (default {simulate.CONN_COST_MS:g})",
     )
     plan.add_argument(
         "--latency",
-        type=_milliseconds,
+        type=options.MILLISECONDS,
         metavar="MS",
         help=f"with --simulate: a network round trip (default {simulate.LATENCY_MS:g}, loopback)",
     )
     plan.add_argument(
         "--agent-cost",
-        type=_milliseconds,
+        type=options.MILLISECONDS,
         metavar="MS",
         help="with --simulate: the agent's start, probe and callback "
         f"(default {simulate.AGENT_COST_MS:g})",
     )
     plan.add_argument(
         "--fanout-max",
-        type=_fanout,
+        type=options.FANOUT,
         metavar="K",
         help=f"with --simulate: trees for k = 2..K (default {simulate.FANOUT_MAX})",
     )
     plan.add_argument(
         "--forks",
-        type=_positive_int,
+        type=options.POSITIVE,
         metavar="N",
         help="with --simulate: launches in flight per node (default: the manifest's forks)",
     )
@@ -155,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     apply.add_argument(
         "--forks",
-        type=_positive_int,
+        type=options.POSITIVE,
         metavar="N",
         help="steps in flight at once (default: the manifest's defaults.forks, 64)",
     )
@@ -225,33 +225,6 @@ def build_parser() -> argparse.ArgumentParser:
     disconnect.set_defaults(func=cmd_disconnect)
     subcommands.add_run(commands)
     return parser
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be at least 1")
-    return value
-
-
-def _milliseconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of milliseconds") from None
-    if not 0 <= value < 1e9:
-        raise argparse.ArgumentTypeError("must be a number of milliseconds, 0 or more")
-    return value
-
-
-def _fanout(text: str) -> int:
-    value = _positive_int(text)
-    if not 2 <= value <= 64:
-        raise argparse.ArgumentTypeError("must be from 2 to 64")
-    return value
 
 
 class _StderrHandler(logging.Handler):

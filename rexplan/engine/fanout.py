@@ -132,12 +132,7 @@ class _Relay:
                     launched=False,
                 )
             self.waiters[step.id] = waiter
-            self.asked.add(step.id)
-            stream = self.stream
-        try:
-            stream.send(message)
-        except TransportError as exc:
-            self._lose(f"relay {self.host} lost: {exc}")
+        self._send(step.id, message)
         return waiter
 
     def forget(self, step_id: str) -> None:
@@ -152,13 +147,21 @@ class _Relay:
             if self.lost is not None or self.stream is None:
                 return None
             self.kills.setdefault(step_id, []).append(waiter)
+        self._send(step_id, message)
+        return waiter
+
+    def _send(self, step_id: str, message: bytes) -> None:
+        """Send a message about ``step_id`` (whose waiter is registered); a failed send loses
+        the relay, which answers every waiter."""
+        with self.lock:
             self.asked.add(step_id)
             stream = self.stream
+        if stream is None:
+            return  # lost meanwhile: _lose answered the waiter
         try:
             stream.send(message)
         except TransportError as exc:
             self._lose(f"relay {self.host} lost: {exc}")
-        return waiter
 
     def forget_kill(self, step_id: str, waiter: _Waiter) -> None:
         with self.lock:
