@@ -263,14 +263,19 @@ def _files(value: Any) -> tuple[tuple[str, str, int], ...]:
     return tuple(out)
 
 
+def _message(line: bytes, limit: int, what: str) -> dict[str, Any]:
+    """``line`` as a strict JSON object of at most ``limit`` bytes; LaunchError naming ``what``."""
+    if len(line) > limit:
+        raise LaunchError(f"{what} too long")
+    try:
+        return parse_object(line)
+    except FrameError as exc:
+        raise LaunchError(f"{what} is not a strict JSON object: {exc}") from None
+
+
 def parse_launch(line: bytes) -> Launch:
     """Parse and validate one launch line; raises LaunchError naming the first problem."""
-    if len(line) > MAX_LAUNCH:
-        raise LaunchError("launch message too long")
-    try:
-        msg = parse_object(line)
-    except FrameError as exc:
-        raise LaunchError(f"launch message is not a strict JSON object: {exc}") from None
+    msg = _message(line, MAX_LAUNCH, "launch message")
     if msg.get("v") != VERSION:
         raise LaunchError(f"launch message is not {VERSION}")
     if any(name not in msg for name in _LAUNCH_KEYS) or not set(msg) <= {
@@ -390,12 +395,7 @@ def make_kill(run: str, step: str, grace: float) -> bytes:
 
 def parse_kill(line: bytes) -> tuple[str, str, float]:
     """(run, step, grace) of a kill request line; raises LaunchError."""
-    if len(line) > MAX_FRAME:
-        raise LaunchError("kill request too long")
-    try:
-        msg = parse_object(line)
-    except FrameError as exc:
-        raise LaunchError(f"kill request is not a strict JSON object: {exc}") from None
+    msg = _message(line, MAX_FRAME, "kill request")
     if set(msg) != set(_KILL_KEYS) or msg["v"] != VERSION:
         raise LaunchError(f"kill request needs exactly the keys {', '.join(_KILL_KEYS)}")
     run, step, grace = msg["run"], msg["step"], msg["grace"]
