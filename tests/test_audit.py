@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 from sshrig import RigHost, SshdRig
 
+from rexplan.cli import subcommands
 from rexplan.core.manifest import load
 from rexplan.core.model import Authorization, Manifest, Plan, Program, Step
 from rexplan.transport.pool import connect
@@ -35,9 +36,9 @@ ROW_KEYS = {
 
 
 def rex(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    """Run ``rex audit ...`` through a parser built with audit.add_parser, as rex does."""
+    """Run ``rex audit ...`` through a parser built with subcommands.add_audit, as rex does."""
     parser = argparse.ArgumentParser(prog="rex")
-    audit.add_parser(parser.add_subparsers(dest="command", required=True))
+    subcommands.add_audit(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(list(argv))
     code: int = args.func(args)
     out, err = capsys.readouterr()
@@ -301,7 +302,7 @@ def test_changed_host_key_is_unreachable_with_exit_6(
 def test_help_for_every_option() -> None:
     parser = argparse.ArgumentParser(prog="rex")
     sub = parser.add_subparsers(dest="command")
-    audit.add_parser(sub)
+    subcommands.add_audit(sub)
     (command,) = sub.choices.values()
     for action in command._actions:
         assert action.help, action.dest

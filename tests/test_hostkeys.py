@@ -16,6 +16,7 @@ import paramiko
 import pytest
 from sshrig import RigHost, SshdRig
 
+from rexplan.cli import subcommands
 from rexplan.errors import KeyStoreError, UsageError
 from rexplan.transport.pinning import HostKeyInfo
 from rexplan.transport.pool import connect
@@ -25,9 +26,9 @@ Hosts = Callable[[int], list[RigHost]]
 
 
 def rex(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    """Run ``rex hostkeys ...`` through a parser built with hostkeys.add_parser."""
+    """Run ``rex hostkeys ...`` through a parser built with subcommands.add_hostkeys."""
     parser = argparse.ArgumentParser(prog="rex")
-    hostkeys.add_parser(parser.add_subparsers(dest="command", required=True))
+    subcommands.add_hostkeys(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(list(argv))
     code: int = args.func(args)
     out, err = capsys.readouterr()
@@ -236,7 +237,7 @@ def test_pinned_text_handles_hashed_and_shared_lines() -> None:
 def test_help_for_every_option() -> None:
     parser = argparse.ArgumentParser(prog="rex")
     sub = parser.add_subparsers(dest="command")
-    hostkeys.add_parser(sub)
+    subcommands.add_hostkeys(sub)
     command = sub.choices["hostkeys"]
     actions = next(a for a in command._actions if isinstance(a, argparse._SubParsersAction))
     assert set(actions.choices) == {"scan", "verify"}
