@@ -6,35 +6,20 @@ import argparse
 import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from rexplan.cli import ui
 from rexplan.core.text import printable
 from rexplan.engine import events as ev
 from rexplan.engine import runs
+
+if TYPE_CHECKING:
+    from rexplan.cli import ui
 
 FORMAT = 1
 
 #: the phase a step spends its time in while it is in a state, in the order it passes them
 PHASE_OF = {ev.CONNECTING: "connect", ev.STARTING: "start", ev.AWAITING: "callback"}
 PHASES = ("connect", "start", "callback")
-
-_EPILOG = """\
-phases (from the step's state changes in the run's stored events):
-  connect   connecting -> starting: SSH connection (reused per host), key
-  start     starting -> awaiting-callback: agent upload and start, readiness
-            probe, and the agent's callback handshake
-  callback  awaiting-callback -> ready or failed: the launcher's verdict
-
-The critical chain lists, for each wave, the step that finished last: the
-step the next wave waited for. Runs are stored by 'rex apply' in .rex/runs
-under the directory it ran in ($REX_STATE_DIR/runs when set); the last 20
-are kept.
-
-exit codes:
-  0  the report was printed
-  5  usage error: no stored run, or RUN is unknown or an ambiguous prefix
-"""
 
 
 @dataclass
@@ -336,36 +321,6 @@ def format_run_list(rows: list[dict[str, Any]]) -> str:
 
 
 # --- command line -------------------------------------------------------------------------
-
-
-def add_parser(subparsers: argparse._SubParsersAction[Any]) -> None:
-    """Register ``rex blame`` on ``rex``'s subcommands."""
-    parser = subparsers.add_parser(
-        "blame",
-        help="show where a stored run spent its time: slowest steps, hosts, critical chain",
-        description="Read the stored events of a run (the newest by default) and list the "
-        "slowest steps with their phases, the slowest hosts, and the critical chain through "
-        "the waves. No host is contacted.",
-        epilog=_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument(
-        "run", nargs="?", metavar="RUN", help="a run id or a unique prefix (default: the newest)"
-    )
-    parser.add_argument(
-        "--json", action="store_true", help="print the report as JSON (format 1, stable keys)"
-    )
-    parser.add_argument(
-        "--top",
-        type=int,
-        default=10,
-        metavar="N",
-        help="rows per list (default 10; 0: all); the critical chain is always whole",
-    )
-    parser.add_argument(
-        "--list", action="store_true", help="list the stored runs instead, oldest first"
-    )
-    parser.set_defaults(func=cmd_blame)
 
 
 def cmd_blame(args: argparse.Namespace, screen: ui.Screen) -> int:

@@ -11,12 +11,9 @@ from rexplan.cli import ui
 from rexplan.cli.boundary import MESSAGE_LIMIT, format_error, write_stderr
 from rexplan.core import manifest, simulate
 from rexplan.core import plan as planner
-from rexplan.core.text import plural, printable
-from rexplan.engine import events as ev
-from rexplan.engine import lifecycle, retry, runs
+from rexplan.core.model import MAX_PERSIST
+from rexplan.core.text import json_document, plural, printable
 from rexplan.errors import ManifestError, UsageError
-from rexplan.transport import persist as mux
-from rexplan.trust.keys import KeyStore, default_known_hosts
 
 
 def cmd_validate(args: argparse.Namespace, screen: ui.Screen) -> int:
@@ -47,7 +44,7 @@ def cmd_plan(args: argparse.Namespace, screen: ui.Screen) -> int:
         option = "--" + given[0].replace("_", "-")
         raise UsageError(f"{option} needs --simulate", hint=f"rex plan --simulate {option} ...")
     if args.json:
-        screen.text(json.dumps(planner.plan_to_dict(compiled, loaded), indent=2))
+        screen.text(json_document(planner.plan_to_dict(compiled, loaded)))
     elif args.dot:
         screen.text(planner.plan_to_dot(compiled, loaded))
     else:
@@ -78,7 +75,11 @@ def _simulate(args: argparse.Namespace, hosts: int, forks: int, screen: ui.Scree
 
 def cmd_apply(args: argparse.Namespace, screen: ui.Screen) -> int:
     """``rex apply MANIFEST``: launch, verify, summarize; the exit code says the worst outcome."""
-    from rexplan.engine import executor, outcomes  # imports the transport stack only when launching
+    # the engine, transports and keys: only for the commands that connect
+    from rexplan.engine import events as ev
+    from rexplan.engine import executor, lifecycle, outcomes, retry, runs
+    from rexplan.transport import persist as mux
+    from rexplan.trust.keys import KeyStore, default_known_hosts
 
     loaded = mux.with_option(manifest.load(args.manifest), args)
     compiled = planner.compile(loaded, limit=args.limit)
@@ -141,7 +142,9 @@ def cmd_apply(args: argparse.Namespace, screen: ui.Screen) -> int:
 
 def cmd_disconnect(args: argparse.Namespace, screen: ui.Screen) -> int:
     """``rex disconnect``: stop the persistence daemon, if one runs."""
-    pid = mux.MuxClient(mux.MAX_PERSIST).stop()
+    from rexplan.transport import persist as mux
+
+    pid = mux.MuxClient(MAX_PERSIST).stop()
     if not args.quiet:
         if pid is None:
             screen.text("rex: no connections kept (no daemon in " + mux.mux_dir() + ")")

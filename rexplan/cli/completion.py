@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import argparse
 import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 from rexplan import __version__
-from rexplan.cli import ui
 from rexplan.errors import RexError, UsageError
+
+if TYPE_CHECKING:
+    from rexplan.cli import ui
 
 SHELLS = ("bash", "zsh")
 NAME_KINDS = ("hosts", "groups", "programs", "limit")
@@ -459,29 +461,3 @@ def cmd_completion(args: argparse.Namespace, screen: ui.Screen) -> int:
         raise UsageError("name a shell: rex completion bash, or rex completion zsh")
     screen.text(script(args.shell, args.completion_parsers()))
     return 0
-
-
-def add_parser(
-    subparsers: argparse._SubParsersAction[Any],
-    parsers: Callable[[], Sequence[tuple[str, argparse.ArgumentParser]]],
-) -> None:
-    """Register ``rex completion`` on ``rex``'s subcommands; ``parsers`` gives the parsers
-    the scripts complete (rex's own among them: passed in, so this module never imports it)."""
-    parser = subparsers.add_parser(
-        "completion",
-        help="print a bash or zsh completion script",
-        description="Print a completion script for bash or zsh: subcommands, options, "
-        "manifest files, and host, group and program names from the manifest on the command "
-        'line. bash: eval "$(rex completion bash)" in ~/.bashrc. zsh: rex completion zsh > '
-        "~/.zfunc/_rex, with ~/.zfunc in fpath before compinit.",
-    )
-    parser.add_argument("shell", nargs="?", choices=SHELLS, metavar="SHELL", help="bash or zsh")
-    parser.add_argument(
-        "--names",
-        nargs=2,
-        metavar=("KIND", "MANIFEST"),
-        help="print the hosts, groups, programs or limit terms (hosts and group:NAME) of "
-        "MANIFEST, one a line (what the scripts call; prints nothing if the manifest is "
-        "invalid)",
-    )
-    parser.set_defaults(func=cmd_completion, completion_parsers=parsers)

@@ -20,10 +20,9 @@ import textwrap
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rexplan import __version__
-from rexplan.cli import ui
 from rexplan.cli.inventory import (
     IMPLICIT_GROUPS,
     PLAIN,
@@ -36,6 +35,9 @@ from rexplan.cli.inventory import (
 from rexplan.core.model import HOST_RE, NAME_RE
 from rexplan.core.text import printable
 from rexplan.errors import UsageError
+
+if TYPE_CHECKING:
+    from rexplan.cli import ui
 
 #: the variables rex converts (address, port, user, transport), with the older spellings
 CONVERTED = frozenset(
@@ -389,35 +391,3 @@ def cmd_import(args: argparse.Namespace, screen: ui.Screen) -> int:
     else:
         write_new(args.output, result, force=args.force)
     return 0
-
-
-def add_parser(subparsers: argparse._SubParsersAction[Any]) -> None:
-    """Register ``rex import ansible`` on ``rex``'s subcommands."""
-    parser = subparsers.add_parser(
-        "import",
-        help="convert another tool's host list into a rex hosts: section",
-        description="Convert another tool's host list into a rex hosts: section.",
-    )
-    kinds = parser.add_subparsers(dest="import_kind", metavar="FORMAT", required=True)
-    ansible = kinds.add_parser(
-        "ansible",
-        help="an Ansible inventory, INI or YAML",
-        description=textwrap.fill(
-            "Read an Ansible inventory (INI or YAML) and print a rex hosts: section: ranges "
-            "expanded, groups and their parents as groups:, ansible_host, ansible_port, "
-            "ansible_user and ansible_connection=local converted, everything else named in "
-            "comments. No host is contacted.",
-            79,
-        ),
-    )
-    ansible.add_argument("inventory", metavar="INVENTORY", help="the inventory file")
-    ansible.add_argument(
-        "-o",
-        "--output",
-        metavar="FILE",
-        help="write to FILE atomically instead of stdout ('-': stdout)",
-    )
-    ansible.add_argument(
-        "--force", action="store_true", help="replace FILE if it exists (default: refuse)"
-    )
-    parser.set_defaults(func=cmd_import)

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import textwrap
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from rexplan.transport.persist import MAX_PERSIST
+from rexplan.core.model import MAX_PERSIST
 
 if TYPE_CHECKING:
     Subparsers = argparse._SubParsersAction[Any]
@@ -22,6 +23,18 @@ KNOWN_HOSTS = (
     "~/.ssh/known_hosts); unknown or changed host keys are refused"
 )
 JSON_DOC = "print a JSON document (format 1, stable keys)"
+
+
+class Lazy:
+    """A command's function, imported when the command runs: building the parser (and
+    --help, --version, the commands that never connect) imports no transport or engine."""
+
+    def __init__(self, module: str, name: str) -> None:
+        self.module, self.name = module, name
+
+    def __call__(self, *args: Any) -> int:
+        code: int = getattr(importlib.import_module(self.module), self.name)(*args)
+        return code
 
 
 def command(

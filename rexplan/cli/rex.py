@@ -10,9 +10,8 @@ from collections.abc import Iterator, Sequence
 from typing import NoReturn
 
 from rexplan import __version__
-from rexplan.cli import blame, completion, importer, options, rex_key, subcommands, ui
+from rexplan.cli import options, subcommands
 from rexplan.cli.boundary import MESSAGE_LIMIT, run_main, write_stderr
-from rexplan.cli.commands import cmd_apply, cmd_disconnect, cmd_plan, cmd_validate
 from rexplan.core import simulate
 from rexplan.core.text import printable
 from rexplan.errors import UsageError
@@ -74,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     validate.add_argument("manifests", nargs="+", metavar="MANIFEST")
-    validate.set_defaults(func=cmd_validate)
+    validate.set_defaults(func=options.Lazy("rexplan.cli.commands", "cmd_validate"))
 
     plan = commands.add_parser(
         "plan",
@@ -132,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="with --simulate: launches in flight per node (default: the manifest's forks)",
     )
-    plan.set_defaults(func=cmd_plan)
+    plan.set_defaults(func=options.Lazy("rexplan.cli.commands", "cmd_plan"))
 
     apply = commands.add_parser(
         "apply",
@@ -205,13 +204,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     options.keys(apply, insecure="load keys with loose permissions anyway (warns every time)")
     options.persist(apply)
-    apply.set_defaults(func=cmd_apply)
+    apply.set_defaults(func=options.Lazy("rexplan.cli.commands", "cmd_apply"))
 
     subcommands.add_hostkeys(commands)
-    completion.add_parser(commands, parsers)
-    importer.add_parser(commands)
+    subcommands.add_completion(commands, parsers)
+    subcommands.add_import(commands)
     subcommands.add_audit(commands)
-    blame.add_parser(commands)
+    subcommands.add_blame(commands)
     subcommands.add_lifecycle(commands)
     disconnect = commands.add_parser(
         "disconnect",
@@ -222,7 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EXIT_CODES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    disconnect.set_defaults(func=cmd_disconnect)
+    disconnect.set_defaults(func=options.Lazy("rexplan.cli.commands", "cmd_disconnect"))
     subcommands.add_run(commands)
     return parser
 
@@ -264,6 +263,8 @@ def _logging_to_stderr(verbose: int, quiet: bool) -> Iterator[None]:
 
 def parsers() -> list[tuple[str, argparse.ArgumentParser]]:
     """``rex``'s and ``rex_key``'s parsers, by command name: what shell completion walks."""
+    from rexplan.cli import rex_key
+
     return [("rex", build_parser()), ("rex_key", rex_key.build_parser())]
 
 
@@ -273,6 +274,8 @@ def _run(argv: Sequence[str]) -> int:
     except SystemExit as e:
         # --help and --version print, then exit through argparse; usage errors never do
         return e.code if isinstance(e.code, int) else 0
+    from rexplan.cli import ui  # rich: only once a command runs
+
     with _logging_to_stderr(args.verbose, args.quiet):
         code: int = args.func(args, ui.Screen(ui.make_console()))
     return code

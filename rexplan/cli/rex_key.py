@@ -7,14 +7,16 @@ import json
 import os
 import sys
 from collections.abc import Iterator, Sequence
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 from rexplan.cli.boundary import run_main, temp_log_dirs
 from rexplan.core.model import Manifest
 from rexplan.core.text import printable
 from rexplan.errors import UsageError
-from rexplan.trust.distribute import HostReport, distribute, exit_code, revoke_remote
 from rexplan.trust.keys import KeyInfo, KeyStore, default_known_hosts, key_triple, parse_key_triple
+
+if TYPE_CHECKING:
+    from rexplan.trust.distribute import HostReport
 
 PROG = "rex_key"
 COMMANDS = ("create", "list", "distribute", "revoke")
@@ -316,6 +318,8 @@ def _print_reports(reports: Iterator[HostReport], *, dry_run: bool, total: int =
             done.append(report)
             progress.host_done(format_host_report(report, dry_run=dry_run))
     print(format_totals(done, dry_run=dry_run))
+    from rexplan.trust.distribute import exit_code
+
     return exit_code(done)
 
 
@@ -329,6 +333,7 @@ def _load_manifest(path: str) -> Manifest:
 def _cmd_distribute(args: argparse.Namespace, store: KeyStore) -> int:
     m = _load_manifest(args.manifest)
     from rexplan.core import plan
+    from rexplan.trust.distribute import distribute  # the transports: only when connecting
 
     reports = distribute(
         m, store, known_hosts=_known_hosts(args, store), dry_run=args.dry_run, limit=args.limit
@@ -371,6 +376,8 @@ def _cmd_revoke(args: argparse.Namespace, store: KeyStore) -> int:
             remote.append(candidates[0])
     if m is None:
         return 0
+    from rexplan.trust.distribute import revoke_remote
+
     reports = revoke_remote(m, remote, known_hosts=_known_hosts(args, store))
     return _print_reports(reports, dry_run=False)
 

@@ -4,12 +4,11 @@
 from __future__ import annotations
 
 import argparse
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from rexplan.cli import options
-from rexplan.engine import adhoc, lifecycle
-from rexplan.trust import audit, hostkeys
+from rexplan.cli.completion import SHELLS
 
 if TYPE_CHECKING:
     from rexplan.cli.options import Subparsers
@@ -100,6 +99,23 @@ exit codes:
   5    usage error
 """
 
+_BLAME_EPILOG = """\
+phases (from the step's state changes in the run's stored events):
+  connect   connecting -> starting: SSH connection (reused per host), key
+  start     starting -> awaiting-callback: agent upload and start, readiness
+            probe, and the agent's callback handshake
+  callback  awaiting-callback -> ready or failed: the launcher's verdict
+
+The critical chain lists, for each wave, the step that finished last: the
+step the next wave waited for. Runs are stored by 'rex apply' in .rex/runs
+under the directory it ran in ($REX_STATE_DIR/runs when set); the last 20
+are kept.
+
+exit codes:
+  0  the report was printed
+  5  usage error: no stored run, or RUN is unknown or an ambiguous prefix
+"""
+
 
 class _Intermixed(argparse.ArgumentParser):
     """Options may come after PATTERN and before ``-- CMD``: plain argparse would bind the
@@ -131,7 +147,7 @@ def add_run(sub: Subparsers) -> None:
         "output come back over the verified connection; hosts with identical output are "
         "shown once (dshbak -c). If rex is interrupted or killed, the jobs are killed.",
         _RUN_EPILOG,
-        adhoc.cmd_run,
+        options.Lazy("rexplan.engine.adhoc", "cmd_run"),
     )
     parser.add_argument(
         "pattern",
@@ -173,7 +189,7 @@ def add_audit(sub: Subparsers) -> None:
         "exists for: is it declared, authorized, is there a local key (key_id) and, with "
         "--remote, a key on the host; and its state. Read-only, sorted, secrets never shown.",
         _AUDIT_EPILOG,
-        audit.cmd_audit,
+        options.Lazy("rexplan.trust.audit", "cmd_audit"),
     )
     parser.add_argument("manifest", metavar="MANIFEST", help="the manifest to audit")
     options.flag(
@@ -212,7 +228,7 @@ def add_hostkeys(sub: Subparsers) -> None:
         "login, nothing run), pin it in a known_hosts file, or verify the pins. rex never adds "
         "a host key on its own when it connects.",
         _HOSTKEYS_EPILOG,
-        hostkeys.cmd_hostkeys,
+        options.Lazy("rexplan.trust.hostkeys", "cmd_hostkeys"),
     )
     actions = parser.add_subparsers(dest="hostkeys_command", metavar="ACTION", required=True)
     scan = options.command(
@@ -268,7 +284,7 @@ def add_lifecycle(sub: Subparsers) -> None:
         "A program counts as running only if its pid still belongs to the process that "
         "started then (pid + start time). Nothing on the hosts is changed.",
         _STATUS_EPILOG,
-        lifecycle.cmd_status,
+        options.Lazy("rexplan.engine.lifecycle", "cmd_status"),
     )
     _on_hosts(status)
     options.flag(status, "--json", "print the statuses as JSON (format 1, stable)")
@@ -281,7 +297,7 @@ def add_lifecycle(sub: Subparsers) -> None:
         "the program's stop_timeout, then KILL), so it is not restarted; afterwards no "
         "process carrying the program's rex tag remains, also none that left its group.",
         _STOP_EPILOG,
-        lifecycle.cmd_stop,
+        options.Lazy("rexplan.engine.lifecycle", "cmd_stop"),
     )
     _on_hosts(halt)
     halt.add_argument("--program", metavar="NAME", help="stop only this program's steps")
@@ -290,4 +306,84 @@ def add_lifecycle(sub: Subparsers) -> None:
         "--force",
         "no grace: SIGKILL the supervisor, the process group and every process tagged "
         "with the program's triple at once",
+    )
+
+
+def add_blame(sub: Subparsers) -> None:
+    """``rex blame [RUN]``."""
+    parser = options.command(
+        sub,
+        "blame",
+        "show where a stored run spent its time: slowest steps, hosts, critical chain",
+        "Read the stored events of a run (the newest by default) and list the "
+        "slowest steps with their phases, the slowest hosts, and the critical chain through "
+        "the waves. No host is contacted.",
+        _BLAME_EPILOG,
+        options.Lazy("rexplan.cli.blame", "cmd_blame"),
+    )
+    parser.add_argument(
+        "run", nargs="?", metavar="RUN", help="a run id or a unique prefix (default: the newest)"
+    )
+    options.flag(parser, "--json", "print the report as JSON (format 1, stable keys)")
+    parser.add_argument(
+        "--top",
+        type=int,
+        default=10,
+        metavar="N",
+        help="rows per list (default 10; 0: all); the critical chain is always whole",
+    )
+    options.flag(parser, "--list", "list the stored runs instead, oldest first")
+
+
+def add_import(sub: Subparsers) -> None:
+    """``rex import ansible INVENTORY``."""
+    parser = sub.add_parser(
+        "import",
+        help="convert another tool's host list into a rex hosts: section",
+        description="Convert another tool's host list into a rex hosts: section.",
+    )
+    kinds = parser.add_subparsers(dest="import_kind", metavar="FORMAT", required=True)
+    ansible = options.command(
+        kinds,
+        "ansible",
+        "an Ansible inventory, INI or YAML",
+        "Read an Ansible inventory (INI or YAML) and print a rex hosts: section: ranges "
+        "expanded, groups and their parents as groups:, ansible_host, ansible_port, "
+        "ansible_user and ansible_connection=local converted, everything else named in "
+        "comments. No host is contacted.",
+    )
+    ansible.add_argument("inventory", metavar="INVENTORY", help="the inventory file")
+    ansible.add_argument(
+        "-o",
+        "--output",
+        metavar="FILE",
+        help="write to FILE atomically instead of stdout ('-': stdout)",
+    )
+    options.flag(ansible, "--force", "replace FILE if it exists (default: refuse)")
+    parser.set_defaults(func=options.Lazy("rexplan.cli.importer", "cmd_import"))
+
+
+def add_completion(
+    sub: Subparsers, parsers: Callable[[], Sequence[tuple[str, argparse.ArgumentParser]]]
+) -> None:
+    """``rex completion SHELL``; ``parsers`` gives the parsers the scripts complete."""
+    parser = sub.add_parser(
+        "completion",
+        help="print a bash or zsh completion script",
+        description="Print a completion script for bash or zsh: subcommands, options, "
+        "manifest files, and host, group and program names from the manifest on the command "
+        'line. bash: eval "$(rex completion bash)" in ~/.bashrc. zsh: rex completion zsh > '
+        "~/.zfunc/_rex, with ~/.zfunc in fpath before compinit.",
+    )
+    parser.add_argument("shell", nargs="?", choices=SHELLS, metavar="SHELL", help="bash or zsh")
+    parser.add_argument(
+        "--names",
+        nargs=2,
+        metavar=("KIND", "MANIFEST"),
+        help="print the hosts, groups, programs or limit terms (hosts and group:NAME) of "
+        "MANIFEST, one a line (what the scripts call; prints nothing if the manifest is "
+        "invalid)",
+    )
+    parser.set_defaults(
+        func=options.Lazy("rexplan.cli.completion", "cmd_completion"), completion_parsers=parsers
     )

@@ -6,6 +6,9 @@ import fnmatch
 import re
 from dataclasses import dataclass, field
 
+#: the longest ``persist`` (seconds): a day
+MAX_PERSIST = 86400.0
+
 #: users and programs; no dots, so a triple string parses right to left
 NAME_RE = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
 #: hostname-like: labels of letters, digits, '-' and '_', joined by dots, no leading '-'

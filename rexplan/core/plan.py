@@ -324,8 +324,20 @@ def ready_to_dict(ready: Ready) -> dict[str, object]:
     return fields
 
 
-def step_to_dict(step: Step) -> dict[str, object]:
-    """One step as JSON, keys in the documented order."""
+def step_to_dict(
+    step: Step, shared: dict[int, dict[str, object]] | None = None
+) -> dict[str, object]:
+    """One step as JSON, keys in the documented order. ``shared`` maps id() of a step's probe
+    and timeouts to their JSON, for a whole plan: the steps of a program share those objects,
+    so the plan converts (and holds) each once."""
+    if shared is None:
+        shared = {}
+    ready = shared.get(id(step.ready))
+    if ready is None:
+        ready = shared[id(step.ready)] = ready_to_dict(step.ready)
+    timeouts = shared.get(id(step.timeouts))
+    if timeouts is None:
+        timeouts = shared[id(step.timeouts)] = dict(vars(step.timeouts))
     return {
         "id": step.id,
         "wave": step.wave,
@@ -339,14 +351,14 @@ def step_to_dict(step: Step) -> dict[str, object]:
         "triple": step.triple,
         "argv": list(step.argv),
         "shell": step.shell,
-        "ready": ready_to_dict(step.ready),
+        "ready": ready,
         "kind": step.kind,
         "env": dict(step.env),
         "cwd": step.cwd,
         "python": step.python,
         "restart": step.restart,
         "stop_timeout": step.stop_timeout,
-        "timeouts": dict(vars(step.timeouts)),
+        "timeouts": timeouts,
         "requires": list(step.requires),
     }
 
@@ -385,6 +397,7 @@ def wave_programs(wave: tuple[Step, ...]) -> list[str]:
 
 def plan_to_dict(plan: Plan, manifest: Manifest) -> dict[str, object]:
     """The stable JSON form documented in this module's docstring."""
+    shared: dict[int, dict[str, object]] = {}  # the objects stay alive in the plan meanwhile
     return {
         "rex": __version__,
         "format": FORMAT,
@@ -395,7 +408,7 @@ def plan_to_dict(plan: Plan, manifest: Manifest) -> dict[str, object]:
             {"wave": w[0].wave, "programs": wave_programs(w), "steps": [s.id for s in w]}
             for w in plan.waves
         ],
-        "steps": [step_to_dict(s) for s in plan.steps],
+        "steps": [step_to_dict(s, shared) for s in plan.steps],
         "placements": [
             placement_to_dict(manifest, program, steps)
             for program, steps in least_loaded(manifest, plan.steps).items()

@@ -3,7 +3,9 @@ terminal, a log or a comment: controls, bidi overrides and line separators becom
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import json
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 #: characters one host-given field may show; longer text is cut with a note of how much
 LIMIT = 500
@@ -120,3 +122,23 @@ def format_columns(
         ).rstrip()
         for r in table
     ]
+
+
+#: json.dumps's encoder, less its check for circular values (documents are trees): one line
+_LINE = json.JSONEncoder(check_circular=False)
+
+
+def json_document(doc: Mapping[str, Any]) -> str:
+    """``doc`` as JSON with a line per top-level key and per item of a top-level list (a
+    plan's steps): as easy to read and diff as ``indent=2`` for such documents, and several
+    times faster, as json's C encoder writes every line (indent falls back to pure Python)."""
+    encode = _LINE.encode
+    parts = []
+    for key, value in doc.items():
+        name = encode(key)
+        if isinstance(value, list) and value:
+            items = ",\n    ".join(map(encode, value))
+            parts.append(f"  {name}: [\n    {items}\n  ]")
+        else:
+            parts.append(f"  {name}: {encode(value)}")
+    return "{\n" + ",\n".join(parts) + "\n}"

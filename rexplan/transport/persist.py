@@ -22,7 +22,7 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import rexplan
-from rexplan.core.model import Host, Manifest, Timeouts, User
+from rexplan.core.model import MAX_PERSIST, Host, Manifest, Timeouts, User
 from rexplan.core.text import printable
 from rexplan.errors import TransportError
 from rexplan.transport.base import GET_LIMIT, Result, RunOptions, Transport, kind, unpack
@@ -50,7 +50,6 @@ LOG_FILE = "mux.log"
 #: seconds a new daemon may take to listen
 SPAWN_TIMEOUT = 10.0
 #: longest persistence accepted (a day), as for ControlPersist a time, not forever
-MAX_PERSIST = 86400.0
 #: bytes of the daemon's log quoted when it would not start
 LOG_TAIL = 2000
 #: ``python -I -c BOOT SYS_PATH_JSON serve ...``: the daemon's sys.path is exactly the one
