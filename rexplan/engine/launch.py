@@ -27,7 +27,13 @@ from rexplan.errors import (
 )
 from rexplan.transport.base import Gate, Transport, kind, last_report
 from rexplan.transport.pool import TransportPool
-from rexplan.transport.shipping import EXIT_NO_AGENT, LAUNCH_MARKER, launch_argv
+from rexplan.transport.shipping import (
+    AGENT_WANTED,
+    EXIT_NO_AGENT,
+    LAUNCH_MARKER,
+    agent_supply,
+    launch_argv,
+)
 from rexplan.trust.keys import KeyInfo, KeyStore
 from rexplan.wire import codes, handshake, keyfile, launch
 
@@ -140,8 +146,9 @@ class Launcher:
         t = step.timeouts
         # the launch line goes out only once the stub announced itself within the start
         # deadline, and the agent waits for it no longer than that
-        agent_argv = launch_argv(host.python, check=check, wait=t.start)
-        gate = Gate(LAUNCH_MARKER.encode(), t.start)
+        # a missing agent is asked for and comes in the same exec (AGENT_WANTED)
+        agent_argv = launch_argv(host.python, check=check, wait=t.start, offer=True)
+        gate = Gate(LAUNCH_MARKER.encode(), t.start, AGENT_WANTED.encode(), agent_supply())
         # replacing a running instance first waits out its stop grace
         stopping = step.stop_timeout if replacing else 0.0
         deadline = self._clock() + t.start + t.ready + t.callback + stopping

@@ -75,10 +75,13 @@ class Gate:
     """Hold a command's stdin until it printed ``marker`` as a line of its own, within
     ``within`` seconds of the request; past that the command is closed unfed and run() raises
     HostTimeoutError with phase ``start``. A command that ends without the marker (it had no
-    use for its stdin) is never fed."""
+    use for its stdin) is never fed. A command that prints ``wanted`` instead (the agent's
+    first stage, missing the agent) is fed ``supply`` (the agent), then stdin."""
 
     marker: bytes
     within: float
+    wanted: bytes = b""
+    supply: bytes = b""
 
 
 class Transport(Protocol):

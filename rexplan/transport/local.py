@@ -179,7 +179,8 @@ def _pump(
     out, err = Tail(), Tail()
     stdout = proc.stdout.fileno()
     tails = {stdout: out, proc.stderr.fileno(): err}
-    announced = Announcement(gate.marker) if gate is not None else None
+    announced = Announcement(gate.marker, gate.wanted) if gate is not None else None
+    supplied = False  # a ``wanted`` announcement's supply is in front of stdin
     pending = memoryview(stdin) if stdin and proc.stdin is not None else None
     writer = proc.stdin.fileno() if proc.stdin is not None else -1
     if pending is not None:
@@ -198,6 +199,9 @@ def _pump(
             raise _Overdue("start")
         if deadline is not None and now >= deadline:
             raise _Overdue("exec")
+        if pending is not None and not held and not supplied and announced and announced.wanted:
+            assert gate is not None
+            pending, supplied = memoryview(gate.supply + pending.tobytes()), True
         if pending is not None and not held and not feeding:
             poller.register(writer, select.POLLOUT)
             feeding = True

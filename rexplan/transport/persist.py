@@ -291,7 +291,9 @@ class MuxTransport:
             stdin=b64(stdin),
             timeout=timeout,
             env=dict(env) if env is not None else None,
-            gate=None if gate is None else [b64(gate.marker), gate.within],
+            gate=None
+            if gate is None
+            else [b64(gate.marker), gate.within, b64(gate.wanted), b64(gate.supply)],
         )
         cut = value.get("cut") or [0, 0]
         return Result(

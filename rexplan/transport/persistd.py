@@ -240,7 +240,7 @@ class Daemon:
                     stdin=None if args.get("stdin") is None else unb64(args["stdin"]),
                     timeout=args.get("timeout"),
                     env=args.get("env"),
-                    gate=None if gate is None else Gate(unb64(gate[0]), float(gate[1])),
+                    gate=None if gate is None else _gate(gate),
                     abort=gone,
                 )
             return {
@@ -338,3 +338,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def _gate(value: Sequence[Any]) -> Gate:
+    """A Gate from its request form: [marker, within] or [marker, within, wanted, supply]."""
+    wanted, supply = (unb64(value[2]), unb64(value[3])) if len(value) == 4 else (b"", b"")
+    return Gate(unb64(value[0]), float(value[1]), wanted, supply)

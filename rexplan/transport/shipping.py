@@ -40,6 +40,10 @@ EXIT_NO_LAUNCH = 21
 #: late (a slow login script) never receives it and starts nothing
 LAUNCH_MARKER = "rex-launch-ready"
 
+#: the line LAUNCH_STUB prints, when offered the agent (``offer``), if its file is missing: the
+#: launcher then sends agent_supply() and the launch line, and the first launch is one exec
+AGENT_WANTED = "rex-agent-wanted"
+
 #: the module whose main() a bundle runs, and the relay's (main(SOURCE): its own bundle)
 ENTRY = "rexplan.remote.agent.front"
 RELAY_ENTRY = "rexplan.remote.relay.node"
@@ -155,6 +159,12 @@ def bootstrap_input(launch_line: bytes) -> bytes:
     return b"%d\n" % len(code) + code + launch_line
 
 
+def agent_supply() -> bytes:
+    """What a launch offered the agent (AGENT_WANTED) sends before its launch line: the
+    bundle, length-prefixed."""
+    return bootstrap_input(b"")
+
+
 def agent_name() -> str:
     """The agent's file name in REX_HOME: ``agent-<first 16 hex of bundle_sha()>.py``."""
     return f"agent-{bundle_sha()[:16]}.py"
@@ -165,13 +175,17 @@ def launch_argv(
     *args: str,
     check: tuple[str, str, str] | None = None,
     wait: float | None = None,
+    offer: bool = False,
 ) -> list[str]:
     """argv that runs the uploaded agent (with ``args``) through LAUNCH_STUB; ``check`` =
     (triple, program, spec digest) first asks whether that program already runs unchanged;
-    ``wait``: a launch, announced by LAUNCH_MARKER, whose line must come within ``wait`` s."""
+    ``wait``: a launch, announced by LAUNCH_MARKER, whose line must come within ``wait`` s;
+    ``offer``: a missing agent file is asked for (AGENT_WANTED) instead of exiting 20."""
     mode = ["check", *check] if check is not None else ["-"]
     if wait is not None:
         args = ("--wait", f"{wait:g}", *args)
+    if offer:
+        args = ("--offer", bundle_sha(), *args)
     argv = [python, "-I", "-S", "-c", LAUNCH_STUB, bundle_sha()[:16], *mode, *args]
     if check is None:
         return argv

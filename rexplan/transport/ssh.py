@@ -193,7 +193,7 @@ class SSHTransport:
             chan.shutdown_write()
         # stdin waits for the gate's marker until ``gate_end``, if there is something to send
         held = gate if pending is not None else None
-        announced = Announcement(held.marker) if held is not None else None
+        announced = Announcement(held.marker, held.wanted) if held is not None else None
         while True:
             while pending is not None and held is None and chan.send_ready():
                 try:
@@ -215,6 +215,8 @@ class SSHTransport:
             while chan.recv_stderr_ready():
                 err.add(chan.recv_stderr(CHUNK))
             if held is not None and announced is not None and announced.seen:
+                if announced.wanted and pending is not None:
+                    pending = memoryview(held.supply + pending.tobytes())
                 held = None
                 continue
             if done:

@@ -57,21 +57,25 @@ class Tail:
 
 
 class Announcement:
-    """Whether ``marker`` came as a line of its own in a stream read chunk by chunk, looking
-    at each new chunk and the few bytes before it only (never the whole output again)."""
+    """Whether ``marker`` (or ``wanted``, when given) came as a line of its own in a stream read
+    chunk by chunk, looking at each new chunk and the few bytes before it only (never the whole
+    output again); ``wanted`` tells which came first."""
 
-    __slots__ = ("_carry", "_needle", "seen")
+    __slots__ = ("_carry", "_needles", "seen", "wanted")
 
-    def __init__(self, marker: bytes) -> None:
-        self._needle = b"\n" + marker + b"\n"
+    def __init__(self, marker: bytes, wanted: bytes = b"") -> None:
+        self._needles = [b"\n" + m + b"\n" for m in (marker, wanted) if m]
         self._carry = b"\n"  # the stream's start counts as a line start
         self.seen = False
+        self.wanted = False
 
     def feed(self, data: bytes) -> bool:
         if not self.seen:
             window = self._carry + data
-            self.seen = self._needle in window
-            self._carry = window[-(len(self._needle) - 1) :]
+            found = [(window.find(n), i) for i, n in enumerate(self._needles) if n in window]
+            if found:
+                self.seen, self.wanted = True, min(found)[1] == 1
+            self._carry = window[-(max(map(len, self._needles)) - 1) :]
         return self.seen
 
 
