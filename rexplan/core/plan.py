@@ -217,6 +217,7 @@ def _steps(
         restart=program.restart,
         stop_timeout=program.stop_timeout,
         requires=program.requires,
+        become=program.become,
     )
     base = vars(template)
     steps: list[Step] = []
@@ -325,8 +326,8 @@ def ready_to_dict(ready: Ready) -> dict[str, object]:
 
 
 def step_to_dict(step: Step) -> dict[str, object]:
-    """One step as JSON, keys in the documented order."""
-    return {
+    """One step as JSON, keys in the documented order (``become`` only when set)."""
+    out: dict[str, object] = {
         "id": step.id,
         "wave": step.wave,
         "host": step.host,
@@ -349,6 +350,9 @@ def step_to_dict(step: Step) -> dict[str, object]:
         "timeouts": dict(vars(step.timeouts)),
         "requires": list(step.requires),
     }
+    if step.become is not None:
+        out["become"] = step.become
+    return out
 
 
 def least_loaded(manifest: Manifest, steps: Iterable[Step]) -> dict[str, list[Step]]:
