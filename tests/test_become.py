@@ -99,7 +99,38 @@ def test_a_program_runs_as_the_account_and_stop_ends_both_accounts(
     assert code == 0, out + err
     assert _gone(lambda: _account_procs(target.uid)) == []
     assert _gone(lambda: world.tagged()) == []
+    assert not procs.alive(record["agent"])  # the keeper ended with its supervisor
     assert world.record(host, name)["state"] == "stopped"
+
+
+def test_restarts_run_as_the_account(world: World, target: Account) -> None:
+    spec = {"shell": "sleep 0.3; exit 3", "ready": {"alive": 0.1}, "restart": "on-failure"}
+    m, host, pid = _started(world, target, spec)
+    name = next(iter(world.programs))
+    assert procs.wait_until(lambda: world.record(host, name).get("restarts", 0) >= 2, 15)
+    assert procs.wait_until(lambda: world.record(host, name).get("state") == "running", 5)
+    record = world.record(host, name)
+    assert record["pid"] != pid and record["become"] == target.login
+    if procs.alive(record["pid"]):
+        assert procs.uid(record["pid"]) == target.uid
+    code, out, err = world.rex("stop", str(m))
+    assert code == 0, out + err
+    assert _gone(lambda: _account_procs(target.uid)) == []
+
+
+def test_stop_ends_a_program_whose_supervisor_was_killed(world: World, target: Account) -> None:
+    m, host, pid = _started(world, target, SLEEPER)
+    name = next(iter(world.programs))
+    keeper = world.record(host, name)["agent"]
+    supervisor = _ppid(pid)
+    assert procs.uid(supervisor) == target.uid
+    os.kill(supervisor, signal.SIGKILL)  # as the account could: the program is orphaned
+    assert _gone(lambda: [keeper] if procs.alive(keeper) else []) == []
+    assert procs.alive(pid)
+    code, out, err = world.rex("stop", str(m))
+    assert code == 0, out + err  # ended as the account, through sudo -n
+    assert _gone(lambda: _account_procs(target.uid)) == []
+    assert _gone(lambda: world.tagged()) == []
 
 
 def test_stop_force_leaves_nothing_of_either_account(world: World, target: Account) -> None:
@@ -166,13 +197,12 @@ def test_sudo_asking_for_a_password_fails_as_become_at_once(
     assert _account_procs(stranger.uid) == []
 
 
-def test_launcher_sigkill_before_the_verdict_leaves_nothing(
-    world: World, target: Account, tmp_path: Path
-) -> None:
+def _launching(world: World, target: Account, ready_s: float) -> subprocess.Popen[bytes]:
+    """``rex apply`` in a process of its own, of a program that is never ready (within
+    ``ready_s`` s), once the program runs as the account."""
     (host,) = world.rig.hosts(1)
-    # never ready: the launch waits for its ready deadline, then the callback says no
     spec = {"on": [host.name], "become": target.login, "run": ["sleep", "300"]}
-    spec["ready"] = {"file": "/nonexistent/rex-never", "timeout": 20}
+    spec["ready"] = {"file": "/nonexistent/rex-never", "timeout": ready_s}
     m = world.manifest([host], {"slow": spec})
     world.distribute(m)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
@@ -182,10 +212,34 @@ def test_launcher_sigkill_before_the_verdict_leaves_nothing(
     proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         assert _gone(lambda: [] if _of({target.uid}, world.tag) else [1], 30) == []
-    finally:
-        proc.send_signal(signal.SIGKILL)
+    except BaseException:
+        proc.kill()
         proc.wait(10)
-    assert _gone(lambda: _account_procs(target.uid), 40) == []
+        raise
+    return proc
+
+
+def test_launcher_sigkill_before_the_verdict_leaves_nothing(world: World, target: Account) -> None:
+    proc = _launching(world, target, 3)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(10)
+    # not ready by its deadline, nobody to call back: the supervisor ends it, as the account
+    assert _gone(lambda: _account_procs(target.uid), 20) == []
+    assert _gone(lambda: world.tagged(), 10) == []
+
+
+def test_the_watchdog_ends_the_program_when_its_supervisor_is_killed(
+    world: World, target: Account
+) -> None:
+    proc = _launching(world, target, 30)
+    try:
+        (pid,) = _of({target.uid}, world.tag)
+        os.kill(_ppid(pid), signal.SIGKILL)  # the supervisor, before its verdict
+        assert _gone(lambda: _account_procs(target.uid), 15) == []
+        assert proc.wait(30) == 2  # the step failed, well before its ready deadline
+    finally:
+        proc.kill()
+        proc.wait(10)
     assert _gone(lambda: world.tagged(), 10) == []
 
 

@@ -40,13 +40,13 @@ from rexplan.remote.agent.failure import (
     _trap_signals,
 )
 from rexplan.remote.agent.files import files_dir
-from rexplan.remote.agent.groups import start_time
+from rexplan.remote.agent.groups import kill_group, same_process, start_time, sweep
 from rexplan.remote.agent.procs import _cloexec_inherited
 from rexplan.remote.agent.records import _Sink, _store, _write_state
 from rexplan.remote.agent.supervisor import _child
 from rexplan.wire import jsonstrict
 from rexplan.wire.chars import safe_relpath
-from rexplan.wire.launch import MAX_LAUNCH, Launch, LaunchError, parse_launch
+from rexplan.wire.launch import MAX_LAUNCH, Launch, LaunchError, parse_launch, spec_digest
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -251,6 +251,8 @@ def _relay(launch: Launch, home: str, fd: int, out: int) -> dict[str, Any] | Non
         if not data:
             return final
         buf += data
+        if len(buf) > MAX_LAUNCH and b"\n" not in buf:
+            buf = b""  # the account sends no line this long: dropped, never held
         while b"\n" in buf:
             line, buf = buf.split(b"\n", 1)
             try:
@@ -261,8 +263,11 @@ def _relay(launch: Launch, home: str, fd: int, out: int) -> dict[str, Any] | Non
                 continue
             record = report.get("record")
             if isinstance(record, dict):
-                # this keeper is the program's agent here: the one a stop can signal
+                # this keeper is the program's agent here: the one a stop can signal; who
+                # and what it is come from the launch, not from the account
                 record.update(agent=me, agent_start=me_start, become=launch.become)
+                record.update(run=launch.run, step=launch.step, triple=launch.triple)
+                record.update(spec=spec_digest(launch), cgroup=None)
                 with _suppress(OSError):
                     _store(home, launch.log, record)
                 continue
@@ -347,12 +352,85 @@ def _write_files(home: str, launch: Launch, src: Any) -> None:
         os.replace(tmp, path)
 
 
+def end_as(account: str, pid: int, start: str, triple: str, grace: float, force: bool) -> list[int]:
+    """End, as ``account`` (``sudo -n``), what a become program left running without its
+    supervisor: its group (TERM, ``grace``, KILL; ``force``: KILL) and the account's processes
+    tagged with its triple. The pids found; Failure(EXIT_BECOME) when sudo would not."""
+    codes = _codes()
+    request = jsonstrict.dumps({"end": [pid, start, triple, grace, force]}).encode("ascii")
+    data = b"%d\n" % len(codes) + codes + request + b"\n"
+    in_r, in_w = os.pipe()
+    out_r, out_w = os.pipe()
+    child = os.fork()
+    if child == 0:
+        try:
+            os.dup2(in_r, 0)
+            os.dup2(out_w, 1)
+            argv = sudo_argv(account)
+            os.execvp(argv[0], argv)
+        finally:
+            os._exit(127)
+    os.close(in_r)
+    os.close(out_w)
+    with _suppress(OSError):
+        os.write(in_w, data)
+    os.close(in_w)
+    out = b""
+    while len(out) < 1 << 16:
+        chunk = os.read(out_r, 4096)
+        if not chunk:
+            break
+        out += chunk
+    os.close(out_r)
+    os.waitpid(child, 0)
+    try:
+        report = jsonstrict.loads(out.decode("ascii").strip())
+    except (ValueError, UnicodeDecodeError):
+        report = None
+    if not isinstance(report, dict) or report.get("ok") is not True:
+        raise Failure(EXIT_BECOME, f"become {account}: sudo -n would not end it; {hint(account)}")
+    return [p for p in report.get("killed", []) if type(p) is int]
+
+
+def _end(line: bytes) -> int:
+    """end_as's request, as the account: one JSON report on stdout."""
+    try:
+        pid, start, triple, grace, force = jsonstrict.loads(line.decode("ascii"))["end"]
+        if type(pid) is not int or not isinstance(grace, (int, float)) or grace < 0:
+            raise ValueError("bad request")
+    except (ValueError, TypeError, KeyError, UnicodeDecodeError) as exc:
+        return _print(Failure(EXIT_AGENT, f"bad end request: {exc}").result())
+    killed = []
+    if pid > 1 and pid != os.getpgrp() and same_process(pid, start):
+        killed.append(pid)
+        if force:
+            with _suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGKILL)
+        else:
+            kill_group(pid, float(grace))
+    killed += sweep(str(triple), float(grace), bool(force))
+    return _print({"ok": True, "killed": sorted(set(killed))})
+
+
+def _undumpable() -> None:
+    """The secret is in this process's memory: no core dump, and no ptrace or /proc/PID/mem
+    for the account's other processes (PR_SET_DUMPABLE 0; exec makes the program dumpable)."""
+    with _suppress(Exception):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(4, 0, 0, 0, 0)
+
+
 def inner() -> int:
     """The supervisor's start as the account (STUB runs it under sudo): read what the keeper
-    sent, leave sudo behind (a second fork) and supervise. Its report goes to stdout."""
+    sent, leave sudo behind (a second fork) and supervise. Its report goes to stdout. Or
+    end_as's request (a line ``{"end": ...}``)."""
     src = sys.stdin.buffer
+    line = src.readline(MAX_LAUNCH + 1)
+    if line.startswith(b'{"end":'):
+        return _end(line)
+    _undumpable()
     try:
-        line = src.readline(MAX_LAUNCH + 1)
         launch = parse_launch(line)
         secret = bytes.fromhex(src.readline(256).strip().decode("ascii"))
         home = _own_home()

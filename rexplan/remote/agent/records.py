@@ -228,7 +228,8 @@ def stop_program(home: str, name: str, grace: float, force: bool = False) -> dic
     cgroup = _recorded_cgroup(record, name)
     killed: list[int] = []
     become = isinstance(record.get("become"), str)
-    if same_process(agent, agent_start):
+    supervised = same_process(agent, agent_start)
+    if supervised:
         # the supervisor first, so that it cannot restart what is being stopped
         _signal_all([agent], signal.SIGKILL if force else signal.SIGTERM)
         end = time.monotonic() + within
@@ -242,15 +243,16 @@ def stop_program(home: str, name: str, grace: float, force: bool = False) -> dic
         end = time.monotonic() + within
         if same_process(pid, start):
             killed.append(pid)
-        while same_process(pid, start) and time.monotonic() < end:
+        while supervised and same_process(pid, start) and time.monotonic() < end:
             time.sleep(_POLL)
-        if same_process(pid, start):
-            return {
-                "ok": False,
-                "exit": EXIT_RUNNING,
-                "reason": f"{name} still runs as {record['become']} (pid {pid}) and its"
-                " supervisor is gone; end it as that account",
-            }
+        if same_process(pid, start):  # its supervisor is gone too: end it as the account
+            from rexplan.remote.agent.become import end_as
+
+            try:
+                triple = str(record.get("triple", ""))
+                killed += end_as(record["become"], pid, str(start), triple, grace, force)
+            except Failure as failure:
+                return failure.result()
     elif force and cgroup is not None:
         killed += cgroup_kill(cgroup)
     if not become and same_process(pid, start) and pid != os.getpgrp():
