@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from sudorig import remove_rules, write_rules
+from sudorig import remove_rules, remove_stale, write_rules
 
 from rexplan.core.model import Host, User
 
@@ -747,7 +747,9 @@ def _userdel(login: str) -> None:
 
 
 def _remove_stale_accounts() -> None:
-    """Delete rig accounts whose creating test session is gone (crashed or killed)."""
+    """Delete rig accounts whose creating test session is gone (crashed or killed), and
+    their sudoers.d drop-ins."""
+    remove_stale(_alive)
     for entry in pwd.getpwall():
         match = _GECOS.match(entry.pw_gecos)
         if not match or not entry.pw_name.startswith("rextest"):

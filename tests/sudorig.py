@@ -4,9 +4,11 @@ password (``become:`` tests), checked with ``visudo -cf`` and installed 0440."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 SUDOERS_D = Path("/etc/sudoers.d")
@@ -44,3 +46,12 @@ def write_rules(name: str, rules: list[tuple[str, str]]) -> Path:
 
 def remove_rules(name: str) -> None:
     (SUDOERS_D / name).unlink(missing_ok=True)
+
+
+def remove_stale(alive: Callable[[int], bool]) -> None:
+    """Remove the drop-ins of rig sessions that are gone (crashed or killed): named
+    rextest<pid>..., as the rig's accounts."""
+    for path in SUDOERS_D.glob("rextest*"):
+        match = re.match(r"rextest(\d+)", path.name)
+        if match and not alive(int(match.group(1))):
+            path.unlink(missing_ok=True)

@@ -93,6 +93,7 @@ def test_a_program_runs_as_the_account_and_stop_ends_both_accounts(
     code, steps = world.status(m)
     (step,) = steps.values()
     assert code == 0 and step["status"] == "running" and step["pid"] == pid, step
+    assert step["become"] == target.login
     again = world.apply(m)
     assert again.code == 0 and set(again.actions().values()) == {"unchanged"}, again.out
     code, out, err = world.rex("stop", str(m))

@@ -151,16 +151,32 @@ def _payload(home: str, launch: Launch, line: bytes, secret: bytes) -> bytes:
 
 
 class _Keeper:
-    """The keeper's state, for its signal handler: the write end of the control pipe."""
+    """The keeper's state, for its signal handler: the write end of the control pipe, whether
+    the supervisor listens on it yet (it says so once it read all it was sent: a stop line
+    before that would land amid what it reads), and a stop asked before."""
 
     control = -1
+    listening = False
+    stop = False
 
 
 def _on_keeper_signal(signum: int, frame: object) -> None:
     # SIGTERM/SIGINT (a stop, or the front giving up): ask the supervisor to stop
-    if _Keeper.control >= 0:
+    _Keeper.stop = True
+    _tell_stop()
+
+
+def _tell_stop() -> None:
+    if _Keeper.stop and _Keeper.listening and _Keeper.control >= 0:
         with _suppress(OSError):
             os.write(_Keeper.control, b"stop\n")
+        _Keeper.stop = False
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
 
 
 def keep(launch: Launch, line: bytes, home: str, secret: bytes, log_fd: int, out: int) -> int:
@@ -203,7 +219,7 @@ def keep(launch: Launch, line: bytes, home: str, secret: bytes, log_fd: int, out
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     _disarm()
     with _suppress(OSError):  # the supervisor went before it read it all: reported below
-        os.write(control_w, payload)
+        _write_all(control_w, payload)
     final = _relay(launch, home, reports_r, out)
     os.close(reports_r)
     with _suppress(ChildProcessError):
@@ -260,6 +276,10 @@ def _relay(launch: Launch, home: str, fd: int, out: int) -> dict[str, Any] | Non
             except (ValueError, UnicodeDecodeError):
                 continue
             if not isinstance(report, dict):
+                continue
+            if report.get("listening") is True:
+                _Keeper.listening = True
+                _tell_stop()
                 continue
             record = report.get("record")
             if isinstance(record, dict):
@@ -448,7 +468,8 @@ def inner() -> int:
     _Sink.fd = fcntl.fcntl(1, fcntl.F_DUPFD_CLOEXEC, 3)
     log_fd = fcntl.fcntl(2, fcntl.F_DUPFD_CLOEXEC, 3)
     _listen(control)
-    _on_control(signal.SIGIO, None)  # what came before SIGIO was set up (a stop: pending)
+    _on_control(signal.SIGIO, None)  # the keeper gone already: no SIGIO would tell
+    os.write(reports, b'{"listening": true}\n')  # the keeper may send a stop from now on
     code = EXIT_AGENT
     try:
         code = _child(launch, home, secret, log_fd, reports)
