@@ -330,3 +330,19 @@ def test_audit_shows_the_account(tmp_path: Path, capsys: pytest.CaptureFixture[s
     rex_main(["audit", str(path), "--json", *keys])
     rows = {r["triple"]: r for r in json.loads(capsys.readouterr().out)["rows"]}
     assert rows["h.u.db"]["become"] == "postgres" and rows["h.u.web"]["become"] is None
+
+
+def test_a_changed_program_is_replaced_as_the_account(world: World, target: Account) -> None:
+    m, host, pid = _started(world, target, SLEEPER)
+    name = next(iter(world.programs))
+    doc = json.loads(m.read_text())
+    doc["programs"][name]["env"]["CHANGED"] = "1"
+    m.write_text(json.dumps(doc))
+    run = world.apply(m)
+    assert run.code == 0 and set(run.actions().values()) == {"restarted"}, run.out
+    new = run.pids()[f"{name}@{host}"]
+    assert new != pid and procs.uid(new) == target.uid
+    assert _gone(lambda: [pid] if procs.alive(pid) else []) == []
+    code, out, err = world.rex("stop", str(m))
+    assert code == 0, out + err
+    assert _gone(lambda: _account_procs(target.uid)) == []
