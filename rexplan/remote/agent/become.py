@@ -392,8 +392,8 @@ def end_as(account: str, pid: int, start: str, triple: str, grace: float, force:
             os._exit(127)
     os.close(in_r)
     os.close(out_w)
-    with _suppress(OSError):
-        os.write(in_w, data)
+    with _suppress(OSError):  # sudo refused, reading nothing: reported below
+        _write_all(in_w, data)
     os.close(in_w)
     out = b""
     while len(out) < 1 << 16:
@@ -456,7 +456,7 @@ def inner() -> int:
         home = _own_home()
         os.environ["REX_HOME"] = home  # the program's files and working directory
         _write_files(home, launch, src)
-    except (Failure, LaunchError, OSError, ValueError) as exc:
+    except (Failure, LaunchError, OSError, ValueError, TypeError) as exc:
         failure = exc if isinstance(exc, Failure) else Failure(EXIT_START, f"become: {exc}")
         return _print(failure.result())
     _trap_signals()
