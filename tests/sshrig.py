@@ -17,6 +17,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from sudorig import remove_rules, remove_stale, write_rules
+
 from rexplan.core.model import Host, User
 
 SSHD = "/usr/sbin/sshd"
@@ -314,6 +316,7 @@ class SshdRig:
         self._penalties: bool | None = None
         self._cgroup_parent: Path | None = None  # created on the first spawn(cgroup=True)
         self._cgroups: list[str] = []  # delegated cgroups still to remove, deepest last
+        self._sudo_rules: list[tuple[str, str]] = []  # (login, target) in the drop-in
         self.known_hosts = str(self.base / "known_hosts")
         Path(self.known_hosts).write_text("")
         client = self.base / "client"
@@ -386,6 +389,15 @@ class SshdRig:
             os.chown(path, account.uid, account.gid)
         for sshd in self._sshds:
             self._make_state_dir(sshd.host.state_root, account)
+
+    def allow_become(self, target: int, login: int = 0) -> Account:
+        """Let rig account ``login`` run anything as rig account ``target`` through ``sudo -n``
+        (a sudoers.d drop-in of this rig, 0440, removed at close()); the target account."""
+        pair = (self.account(login).login, self.account(target).login)
+        if pair not in self._sudo_rules:
+            self._sudo_rules.append(pair)
+            write_rules(self._tag, self._sudo_rules)
+        return self.account(target)
 
     def model_user(self, name: str | None = None, login: str | None = None) -> User:
         """A model.User for a rig account (default: the primary one) with the rig key."""
@@ -699,6 +711,9 @@ class SshdRig:
         """
         while self._sshds:
             self._stop(self._sshds.pop())
+        if self._sudo_rules:
+            remove_rules(self._tag)
+            self._sudo_rules.clear()
         uids = {a.uid for a in self.accounts}
         # agents may daemonize away from sshd's tree; the accounts are ours alone, so any
         # process they own is a test leftover
@@ -732,7 +747,9 @@ def _userdel(login: str) -> None:
 
 
 def _remove_stale_accounts() -> None:
-    """Delete rig accounts whose creating test session is gone (crashed or killed)."""
+    """Delete rig accounts whose creating test session is gone (crashed or killed), and
+    their sudoers.d drop-ins."""
+    remove_stale(_alive)
     for entry in pwd.getpwall():
         match = _GECOS.match(entry.pw_gecos)
         if not match or not entry.pw_name.startswith("rextest"):

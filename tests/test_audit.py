@@ -31,7 +31,7 @@ Hosts = Callable[[int], list[RigHost]]
 
 ROW_KEYS = {
     "triple", "host", "user", "program", "declared", "authorized", "key", "local_key_id",
-    "remote_key_id", "remote_checked", "state", "detail",
+    "remote_key_id", "remote_checked", "state", "detail", "become",
 }  # fmt: skip
 
 
@@ -213,6 +213,7 @@ def test_six_states_in_one_run(world: World, capsys: pytest.CaptureFixture[str])
         "triple": f"h10.{u}.web", "host": "h10", "user": u, "program": "web", "declared": True,
         "authorized": True, "key": "program", "local_key_id": web10.key_id,
         "remote_key_id": web10.key_id, "remote_checked": True, "state": "OK", "detail": "",
+        "become": None,
     }  # fmt: skip
     cron = rows[f"h12.{u}.cron"]
     user_key = rows[f"h12.{u}"]

@@ -8,6 +8,7 @@ import re
 from typing import Any
 
 from rexplan.core import hostrange, settings
+from rexplan.core.become import Become
 from rexplan.core.model import (
     MAX_STEPS,
     NAME_RE,
@@ -70,6 +71,7 @@ class Checker:
         self.strategy = "flat"
         self.fanout = 4
         self.relay_identity: str | None = None
+        self.become = Become(doc, report)
 
     def run(self) -> tuple[Callback, int]:
         rex = self.doc.get("rex")
@@ -84,6 +86,7 @@ class Checker:
         self._hosts()
         self._authorize()
         self._programs()
+        self.become.check_all()
         self._strategy()
         return self._callback(), as_int(self.defaults.get("forks"), 64)
 
@@ -446,6 +449,7 @@ class Checker:
             if not _ENV_RE.match(key):
                 report.key((*path, "env", key), f"invalid environment variable name {key!r}")
         when = as_map(spec.get("when"))
+        become = self.become.of(path, spec, user)
         if user is None:
             return None
         if hosts and NAME_RE.match(name) and NAME_RE.match(user):
@@ -483,4 +487,5 @@ class Checker:
             stop_timeout=as_num(spec.get("stop_timeout"), as_num(d.get("stop_timeout"), 10.0)),
             timeouts=timeouts,
             policy=settings.policy(spec, d),
+            become=become,
         )

@@ -150,6 +150,7 @@ class Program:
     stop_timeout: float = 10.0
     timeouts: Timeouts = field(default_factory=Timeouts)
     policy: FailurePolicy = field(default_factory=FailurePolicy)
+    become: str | None = None  # the account it runs as through sudo -n; None: the login
 
     @property
     def argv(self) -> tuple[str, ...]:
@@ -281,6 +282,7 @@ class Step:
     restart: str = "no"
     stop_timeout: float = 10.0
     requires: tuple[str, ...] = ()  # program names this step waits for
+    become: str | None = None  # the account the program runs as (sudo -n); None: ``login``
 
 
 @dataclass(frozen=True)

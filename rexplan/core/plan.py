@@ -217,6 +217,7 @@ def _steps(
         restart=program.restart,
         stop_timeout=program.stop_timeout,
         requires=program.requires,
+        become=program.become,
     )
     base = vars(template)
     steps: list[Step] = []
@@ -327,9 +328,9 @@ def ready_to_dict(ready: Ready) -> dict[str, object]:
 def step_to_dict(
     step: Step, shared: dict[int, dict[str, object]] | None = None
 ) -> dict[str, object]:
-    """One step as JSON, keys in the documented order. ``shared`` maps id() of a step's probe
-    and timeouts to their JSON, for a whole plan: the steps of a program share those objects,
-    so the plan converts (and holds) each once."""
+    """One step as JSON, keys in the documented order (``become`` only when set). ``shared``
+    maps id() of a step's probe and timeouts to their JSON, for a whole plan: the steps of a
+    program share those objects, so the plan converts (and holds) each once."""
     if shared is None:
         shared = {}
     ready = shared.get(id(step.ready))
@@ -338,7 +339,7 @@ def step_to_dict(
     timeouts = shared.get(id(step.timeouts))
     if timeouts is None:
         timeouts = shared[id(step.timeouts)] = dict(vars(step.timeouts))
-    return {
+    out: dict[str, object] = {
         "id": step.id,
         "wave": step.wave,
         "host": step.host,
@@ -361,6 +362,9 @@ def step_to_dict(
         "timeouts": timeouts,
         "requires": list(step.requires),
     }
+    if step.become is not None:
+        out["become"] = step.become
+    return out
 
 
 def least_loaded(manifest: Manifest, steps: Iterable[Step]) -> dict[str, list[Step]]:

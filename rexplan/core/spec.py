@@ -97,6 +97,7 @@ def launch_args(
         "files": tuple(files),
         "when": dict(when or {}),
         "unchanged": unchanged,
+        "become": step.become,
     }
 
 

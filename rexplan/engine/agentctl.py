@@ -49,6 +49,7 @@ AGENT_REASONS = {
     17: "agent_failed",
     18: "already_running",
     19: "declined",
+    22: "become",
     EXIT_NO_AGENT: "agent_upload",
     EXIT_NO_LAUNCH: "agent_start_timeout",
 }

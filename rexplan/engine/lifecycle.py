@@ -251,6 +251,8 @@ def status_to_dict(
             "run": st.run,
             "detail": st.detail,
         }
+        if st.step.become is not None:
+            row["become"] = st.step.become  # the account it runs as (sudo -n)
         if actions:
             row["action"] = planned[i]
         steps.append(row)

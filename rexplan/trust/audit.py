@@ -75,6 +75,8 @@ class Row:
     remote_checked: bool  # the host was read as the triple's user's login (--remote)
     state: str
     detail: str
+    #: the account the triple's program runs as through sudo -n (``become``); None: the login
+    become: str | None = None
 
     def to_dict(self) -> dict[str, object]:
         """The row of the JSON document: every field, in declaration order."""
@@ -170,6 +172,7 @@ def audit_rows(
                 remote_checked=scan is not None and scan.error is None,
                 state=state,
                 detail=detail,
+                become=declared[t].become if t in declared else None,
             )
         )
     return rows
@@ -258,10 +261,14 @@ def to_json(manifest: Manifest, plan: Plan, rows: Sequence[Row], *, remote: bool
 
 
 def format_table(rows: Sequence[Row], *, remote: bool) -> str:
-    """Aligned plain columns; ``-`` for no key, ``?`` for a host key that was not checked."""
+    """Aligned plain columns; ``-`` for no key, ``?`` for a host key that was not checked.
+    A BECOME column (the account a program runs as, ``-``: the login) when any step has one."""
+    becomes = any(r.become for r in rows)
     header = ["TRIPLE", "DECLARED", "AUTHORIZED", "KEY", "LOCAL_KEY_ID"]
     if remote:
         header.append("REMOTE_KEY_ID")
+    if becomes:
+        header.append("BECOME")
     header += ["STATE", "DETAIL"]
     table = []
     for r in rows:
@@ -274,6 +281,8 @@ def format_table(rows: Sequence[Row], *, remote: bool) -> str:
         ]
         if remote:
             cells.append(r.remote_key_id or ("-" if r.remote_checked else "?"))
+        if becomes:
+            cells.append(r.become or "-")
         cells += [r.state, printable(r.detail)]
         table.append(cells)
     return "\n".join(format_columns(header, table))

@@ -62,8 +62,14 @@ _LAUNCH_KEYS = (
     "tags",
 )
 #: launch keys an older launcher may leave out; their defaults are Launch's
-_OPTIONAL_LAUNCH_KEYS = ("replace", "restart", "files", "when", "unchanged")
+_OPTIONAL_LAUNCH_KEYS = ("replace", "restart", "files", "when", "unchanged", "become")
 RESTART_POLICIES = ("no", "on-failure", "always")
+#: an account ``become`` names: a POSIX login name (never an option to sudo)
+BECOME_RE = Chars(
+    r"[A-Za-z_][A-Za-z0-9_.-]{0,31}\Z",
+    ("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ_", 1, 1),
+    ("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ_0123456789.-", 0, 31),
+)
 
 
 class Probe(Frozen):
@@ -105,6 +111,8 @@ class Launch(Frozen):
     when: tuple[tuple[str, float], ...] = ()
     #: an instance of the same spec alive is proven to the listener (``same``), not refused
     unchanged: bool = False
+    #: the account the program runs as, through ``sudo -n`` (None: the SSH login)
+    become: str | None = None
 
     def deadline(self, name: str) -> float:
         return dict(self.deadlines)[name]
@@ -131,6 +139,7 @@ def make_launch(
     files: Sequence[tuple[str, str, int]] = (),
     when: Mapping[str, float] | None = None,
     unchanged: bool = False,
+    become: str | None = None,
 ) -> bytes:
     """The launch message as one JSON line (newline-terminated); raises LaunchError.
 
@@ -164,6 +173,8 @@ def make_launch(
     }
     if unchanged:
         msg["unchanged"] = True
+    if become is not None:
+        msg["become"] = become
     try:
         line = encode_object(msg) + b"\n"
     except (TypeError, ValueError) as exc:
@@ -332,6 +343,9 @@ def parse_launch(line: bytes) -> Launch:
         or not all(type(v) in (int, float) and 0 <= v < 1e300 for v in when.values())
     ):
         raise LaunchError("when takes max_load and min_free_mb, non-negative numbers")
+    become = msg.get("become")
+    if become is not None and (not isinstance(become, str) or not BECOME_RE.match(become)):
+        raise LaunchError("become must be an account name")
     return Launch(
         run=msg["run"],
         step=msg["step"],
@@ -352,13 +366,14 @@ def parse_launch(line: bytes) -> Launch:
         files=_files(msg.get("files", [])),
         when=tuple(sorted((k, float(v)) for k, v in when.items())),
         unchanged=unchanged,
+        become=become,
     )
 
 
 def spec_digest(launch: Launch) -> str:
     """sha256 of what the program is (argv, env, cwd, probe, kind, restart, files' content and
-    modes), for change detection; ``replace``, ``unchanged``, ``when`` and the run's identity
-    are not."""
+    modes, the account it runs as), for change detection; ``replace``, ``unchanged``, ``when``
+    and the run's identity are not."""
     spec: dict[str, Any] = {
         "argv": list(launch.argv),
         "env": dict(launch.env),
@@ -371,6 +386,8 @@ def spec_digest(launch: Launch) -> str:
         spec["restart"] = launch.restart
     if launch.files:
         spec["files"] = [list(f) for f in launch.files]
+    if launch.become is not None:
+        spec["become"] = launch.become
     return sha256(dumps(spec, sort_keys=True).encode("ascii")).hexdigest()
 
 

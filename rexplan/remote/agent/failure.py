@@ -6,7 +6,8 @@ started, 12 program exited before it was verified, 13 not ready by the ready dea
 verdict by the callback deadline, 15 rejected (``no``, or a listener that could not prove it
 holds the key), 16 bad launch message, 17 the supervisor died or failed, 18 the triple is
 already running here, 19 the host declined (a ``when`` precondition failed, proved with
-protocol ``decl``), 21 no launch line within ``--wait`` SECONDS; 128+N: the front got signal N.
+protocol ``decl``), 21 no launch line within ``--wait`` SECONDS, 22 ``sudo -n`` would not run
+the supervisor as the ``become`` account; 128+N: the front got signal N.
 """
 
 from __future__ import annotations
@@ -44,6 +45,8 @@ EXIT_RUNNING = 18
 EXIT_DECLINED = 19
 #: the launch line did not come within ``--wait`` seconds; shipping.EXIT_NO_LAUNCH
 EXIT_NO_LAUNCH = 21
+#: ``sudo -n -u ACCOUNT`` refused (a password asked, no rule, no sudo): see agent/become.py
+EXIT_BECOME = 22
 
 RESTART_FIRST = 0.5  # seconds before the first restart; doubles for each restart in a row
 RESTART_CAP = 30.0
@@ -93,6 +96,18 @@ class Failure(Exception):
 
 class _Stop(Exception):
     """SIGTERM or SIGINT to the supervisor after ``ok``: stop the program."""
+
+
+class _Forced:
+    """A stop that kills at once (no grace): set in a ``become`` supervisor when its keeper
+    (the login's half, see agent/become.py) is gone, as after ``rex stop --force``."""
+
+    on = False
+
+
+def _grace(seconds: float) -> float:
+    """The grace a stop gives the program: none when forced."""
+    return 0.0 if _Forced.on else seconds
 
 
 class _Signals:

@@ -11,6 +11,7 @@ import select
 import sys
 import time
 
+from rexplan.remote.agent import become
 from rexplan.remote.agent.failure import (
     _POLL,
     EXIT_AGENT,
@@ -46,7 +47,8 @@ def _open_log(home: str, name: str) -> int:
     logs = os.path.join(home, "logs")
     try:
         os.makedirs(logs, mode=0o700, exist_ok=True)
-        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+        # readable too: a job's supervisor sends its output's tail from this descriptor
+        flags = os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
         return os.open(os.path.join(logs, f"{name}.log"), flags, 0o600)
     except OSError as exc:
         raise Failure(EXIT_START, f"cannot open the program log: {exc.strerror}") from None
@@ -120,7 +122,8 @@ def _read_line(fd: int, within: float) -> bytes:
     return buf[: buf.find(b"\n") + 1 or MAX_LAUNCH + 1]
 
 
-def _read_launch(wait: float | None = None) -> Launch:
+def _read_launch(wait: float | None = None) -> tuple[Launch, bytes]:
+    """The launch and its line as it came (a ``become`` keeper passes it on)."""
     if wait is None:
         line = sys.stdin.buffer.readline(MAX_LAUNCH + 1)
     else:
@@ -128,7 +131,7 @@ def _read_launch(wait: float | None = None) -> Launch:
     if not line.strip():
         raise Failure(EXIT_BAD_LAUNCH, "no launch message on stdin")
     try:
-        return parse_launch(line)
+        return parse_launch(line), line
     except LaunchError as exc:
         raise Failure(EXIT_BAD_LAUNCH, f"bad launch message: {exc}") from None
 
@@ -205,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
         return _modes(args)
     _trap_signals()
     try:
-        launch = _read_launch(wait)
+        launch, line = _read_launch(wait)
         home = rex_home()
         secret = load_key(home, launch)
         lock_fd, replaced = _claim(home, launch)
@@ -222,7 +225,10 @@ def main(argv: list[str] | None = None) -> int:
         os.close(read_end)
         code = EXIT_AGENT
         try:
-            code = _child(launch, home, secret, log_fd, write_end)
+            if become.needs_sudo(launch):
+                code = become.keep(launch, line, home, secret, log_fd, write_end)
+            else:
+                code = _child(launch, home, secret, log_fd, write_end)
         finally:
             os._exit(code)
     os.close(write_end)

@@ -84,6 +84,14 @@ def read_state(home: str, name: str) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
+class _Sink:
+    """Where a ``become`` supervisor sends its records (one ``{"record": ...}`` line each):
+    the pipe to its keeper, which writes them into the login's REX_HOME (agent/become.py).
+    -1: written here."""
+
+    fd = -1
+
+
 def _write_state(home: str, launch: Launch, **fields: Any) -> None:
     """Record the program's state; a failure only goes to the log, since the state is a
     record and must not cost a verified program its life."""
@@ -103,7 +111,10 @@ def _write_state(home: str, launch: Launch, **fields: Any) -> None:
         record["cgroup"] = _Cgroup.path  # for a stop: what left group and tags is still in it
     record.update(fields)
     try:
-        _store(home, launch.log, record)
+        if _Sink.fd >= 0:
+            os.write(_Sink.fd, jsonstrict.dumps({"record": record}).encode("ascii") + b"\n")
+        else:
+            _store(home, launch.log, record)
     except OSError:
         _print_exc()
 
@@ -216,7 +227,9 @@ def stop_program(home: str, name: str, grace: float, force: bool = False) -> dic
     within = max(grace, recorded if isinstance(recorded, (int, float)) else 0.0) + 3.0
     cgroup = _recorded_cgroup(record, name)
     killed: list[int] = []
-    if same_process(agent, agent_start):
+    become = isinstance(record.get("become"), str)
+    supervised = same_process(agent, agent_start)
+    if supervised:
         # the supervisor first, so that it cannot restart what is being stopped
         _signal_all([agent], signal.SIGKILL if force else signal.SIGTERM)
         end = time.monotonic() + within
@@ -224,17 +237,34 @@ def stop_program(home: str, name: str, grace: float, force: bool = False) -> dic
             time.sleep(_POLL)
         if same_process(agent, agent_start):
             _signal_all([agent], signal.SIGKILL)
-    if force and cgroup is not None:
+    if become:
+        # the program runs as another account: its supervisor (told by the keeper, the agent
+        # here, or left without it: a forced stop) ends it; this login cannot signal it
+        end = time.monotonic() + within
+        if same_process(pid, start):
+            killed.append(pid)
+        while supervised and same_process(pid, start) and time.monotonic() < end:
+            time.sleep(_POLL)
+        if same_process(pid, start):  # its supervisor is gone too: end it as the account
+            from rexplan.remote.agent.become import end_as
+
+            try:
+                triple = str(record.get("triple", ""))
+                killed += end_as(record["become"], pid, str(start), triple, grace, force)
+            except Failure as failure:
+                return failure.result()
+    elif force and cgroup is not None:
         killed += cgroup_kill(cgroup)
-    if same_process(pid, start) and pid != os.getpgrp():
+    if not become and same_process(pid, start) and pid != os.getpgrp():
         killed.append(pid)
         if force:
             with _suppress(ProcessLookupError):
                 os.killpg(pid, signal.SIGKILL)
         else:
             kill_group(pid, grace)
-    killed += sweep(str(record.get("triple", "")), grace, force, cgroup)
-    if cgroup is not None:
+    if not become:
+        killed += sweep(str(record.get("triple", "")), grace, force, cgroup)
+    if cgroup is not None and not become:
         killed += cgroup_kill(cgroup)  # whatever the sweep's 20 rounds could not end
         remove_cgroup(cgroup)
     fd = _lock(home, name)

@@ -33,6 +33,8 @@ from rexplan.remote.agent.failure import (
     Failure,
     _arm,
     _disarm,
+    _Forced,
+    _grace,
     _print_exc,
     _Stop,
     _suppress,
@@ -140,7 +142,7 @@ def _supervise(launch: Launch, home: str, secret: bytes, log_fd: int, out: int) 
         result = failure.result()
         fields: dict[str, Any] = {"state": "failed", "reason": failure.reason, "restarts": 0}
         if proc is not None:
-            kill_group(proc.pid, launch.deadline("stop"), proc)
+            kill_group(proc.pid, _grace(launch.deadline("stop")), proc)
             result["pid"] = proc.pid
             fields.update(pid=proc.pid, pgid=proc.pid, status=proc.returncode)
             if failure.code == EXIT_EXITED:
@@ -175,7 +177,7 @@ def _supervise(launch: Launch, home: str, secret: bytes, log_fd: int, out: int) 
     os.close(out)
     _reap_watchdog()
     if link is not None:
-        return _job(launch, home, _Run(proc, start, began_wall), link)
+        return _job(launch, home, _Run(proc, start, began_wall), link, log_fd)
     env.pop("NOTIFY_SOCKET", None)  # that socket served the first readiness only
     return _after_ok(launch, home, _Run(proc, start, began_wall), env, log_fd)
 
@@ -186,24 +188,21 @@ class _Output:
     start = 0
 
 
-def _tail(home: str, launch: Launch) -> bytes:
+def _tail(log_fd: int) -> bytes:
     """The tail of what the job wrote (stdout and stderr, interleaved): jobs.OUT_TAIL
-    bytes at most, opened by jobs.cut_line when more came before it."""
-    path = os.path.join(home, "logs", f"{launch.log}.log")
+    bytes at most, opened by jobs.cut_line when more came before it. Read through the log's
+    descriptor (the front opens it for reading too): a ``become`` supervisor could not open
+    the login's log by its path."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError:
-        return b""
-    try:
-        end = os.fstat(fd).st_size
+        end = os.fstat(log_fd).st_size
         size = max(0, end - _Output.start)
         if size <= jobs.OUT_TAIL:
-            return os.pread(fd, size, end - size)
+            return os.pread(log_fd, size, end - size)
         # the line for ``size`` is as long as the one for what is cut, or longer
         keep = jobs.OUT_TAIL - len(jobs.cut_line(size))
-        return jobs.cut_line(size - keep) + os.pread(fd, keep, end - keep)
-    finally:
-        os.close(fd)
+        return jobs.cut_line(size - keep) + os.pread(log_fd, keep, end - keep)
+    except OSError:
+        return b""
 
 
 def _heard(link: _Link, seq: int) -> int:
@@ -220,7 +219,7 @@ def _heard(link: _Link, seq: int) -> int:
     return seq
 
 
-def _job(launch: Launch, home: str, run: _Run, link: _Link) -> int:
+def _job(launch: Launch, home: str, run: _Run, link: _Link, log_fd: int) -> int:
     """Keep the launcher's connection while the job runs; then send the tail of its output
     and its exit status. The job is killed when the launcher goes: the connection ends or
     fails, a heartbeat does not verify, or none came for jobs.JOB_SILENCE seconds.
@@ -253,16 +252,16 @@ def _job(launch: Launch, home: str, run: _Run, link: _Link) -> int:
         why = "stopped"
     if why:
         link.sock.close()
-        kill_group(run.proc.pid, grace, run.proc)
+        kill_group(run.proc.pid, _grace(grace), run.proc)
         run.proc.wait()
-        sweep(launch.triple, grace)
+        sweep(launch.triple, _grace(grace), _Forced.on)
         state = "stopped" if why == "stopped" else "failed"
         fields = run.fields(state=state, status=run.proc.returncode, reason=why, restarts=0)
         _write_state(home, launch, **fields)
         return 0
     status = run.proc.wait()
     _write_state(home, launch, **run.fields(state="exited", status=status, restarts=0))
-    _finish_job(link, _tail(home, launch), status)
+    _finish_job(link, _tail(log_fd), status)
     return 0
 
 
@@ -375,9 +374,9 @@ def _after_ok(launch: Launch, home: str, run: _Run, env: dict[str, str], log_fd:
                 home, launch, **run.fields(state="running", status=status, restarts=restarts)
             )
     except _Stop:
-        kill_group(run.proc.pid, grace, run.proc)
+        kill_group(run.proc.pid, _grace(grace), run.proc)
         status = run.proc.wait()
-        sweep(launch.triple, grace)
+        sweep(launch.triple, _grace(grace), _Forced.on)
         _write_state(home, launch, **run.fields(state="stopped", status=status, restarts=restarts))
     except Failure as failure:  # a restart that could not start
         _write_state(home, launch, state="failed", reason=failure.reason, restarts=restarts)
