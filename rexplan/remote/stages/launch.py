@@ -13,6 +13,7 @@ runs the cached modules (``c``). ``--offer SHA`` (before ARGS): when the agent f
 print AGENT_WANTED instead of failing with 20, read "<length>\\n<bundle>" from stdin (the
 launcher sends it, then the launch line, only when asked), check its sha256 against SHA, keep it
 as the agent file (0600, written whole, then renamed) and run it: a first launch is one exec.
+A home where it cannot be kept exits 20 as if not offered (the launcher's upload says why).
 """
 
 import os
@@ -107,11 +108,13 @@ except Exception:
             finally:
                 os.close(w)
             os.replace(u, f)
-        except OSError:  # no file kept (a read-only home): this launch runs it from memory
+        except OSError:  # not kept (a read-only home): as without it, the launcher says why
             try:
                 os.unlink(u)
             except OSError:
                 pass
+            sys.stdout.write('{"ok": false, "exit": 20, "reason": "no agent"}\n')
+            sys.exit(20)
 if a[2:3] == ["--wait"] and not got:
     try:
         os.write(1, b"rex-launch-ready\n")
