@@ -19,6 +19,10 @@ from pathlib import Path
 
 from rexplan.core.model import Host, User
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from netrig import NetNs
+
 SSHD = "/usr/sbin/sshd"
 #: primary account plus this many extra ones; the names are fixed up front because every sshd's
 #: AllowUsers and per-user SetEnv blocks are written when it starts (sshd reads config only then)
@@ -210,6 +214,7 @@ class _Sshd:
     log: Path
     max_startups: str | None = None
     cgroup: str | None = None
+    netns: NetNs | None = None
 
 
 def _run(argv: Sequence[str]) -> None:
@@ -407,7 +412,12 @@ class SshdRig:
         return [s.host for s in shared[:n]]
 
     def spawn(
-        self, count: int = 1, *, max_startups: str | None = None, cgroup: bool = False
+        self,
+        count: int = 1,
+        *,
+        max_startups: str | None = None,
+        cgroup: bool = False,
+        netns: NetNs | None = None,
     ) -> list[RigHost]:
         """``count`` dedicated hosts for fault tests; stop them with ``stop()`` when done.
 
@@ -416,9 +426,12 @@ class SshdRig:
         ``cgroup``: each sshd runs in a cgroup v2 of its own, delegated to the primary account
         (``RigHost.cgroup``), under a parent the rig owns; RuntimeError where
         cgroup_unavailable_reason() says why not. The rig removes them at ``stop()``, or at
-        ``close()`` when processes still held them.
+        ``close()`` when processes still held them. ``netns`` (tests/netrig.py): the sshds run
+        in that network namespace, at its inside address (hosts named n10, n11, ...).
         """
-        started = self._start(count, shared=False, max_startups=max_startups, cgroup=cgroup)
+        started = self._start(
+            count, shared=False, max_startups=max_startups, cgroup=cgroup, netns=netns
+        )
         return [s.host for s in started]
 
     def log_text(self, host: RigHost) -> str:
@@ -470,7 +483,13 @@ class SshdRig:
         return index
 
     def _start(
-        self, count: int, *, shared: bool, max_startups: str | None = None, cgroup: bool = False
+        self,
+        count: int,
+        *,
+        shared: bool,
+        max_startups: str | None = None,
+        cgroup: bool = False,
+        netns: NetNs | None = None,
     ) -> list[_Sshd]:
         pending: list[_Sshd] = []
         try:
@@ -478,7 +497,7 @@ class SshdRig:
             for _ in range(count):
                 index = self._take_index()
                 group = self._delegated_cgroup(index) if cgroup else None
-                pending.append(self._launch(index, shared, max_startups, group))
+                pending.append(self._launch(index, shared, max_startups, group, netns))
             for i, sshd in enumerate(pending):
                 pending[i] = self._await(sshd)
                 self._sshds.append(pending[i])
@@ -497,7 +516,7 @@ class SshdRig:
                 return sshd
             # lost the free-port race to another process: same host, new port
             self._dead.append(sshd.proc.pid)
-            sshd = self._launch(sshd.index, sshd.shared, sshd.max_startups, sshd.cgroup)
+            sshd = self._launch(sshd.index, sshd.shared, sshd.max_startups, sshd.cgroup, sshd.netns)
         self._stop(sshd)
         raise RuntimeError(f"{sshd.host.name}: no free port after 5 tries")
 
@@ -507,8 +526,11 @@ class SshdRig:
         shared: bool,
         max_startups: str | None = None,
         cgroup: str | None = None,
+        netns: NetNs | None = None,
     ) -> _Sshd:
         name, address = host_slot(index)
+        if netns is not None:
+            name, address = f"n{name[1:]}", netns.inside
         hdir = self.base / "hosts" / name
         hdir.mkdir(mode=0o700, exist_ok=True)
         key = hdir / "ssh_host_ed25519_key"
@@ -521,7 +543,8 @@ class SshdRig:
             os.chmod(state_root, 0o711)
             for account in self.accounts:
                 self._make_state_dir(str(state_root), account)
-        port = _free_port(address)
+        # a fresh namespace has no other listener; a clash is relaunched by _await
+        port = _free_port(address) if netns is None else 20000 + secrets.randbelow(40000)
         config = hdir / "sshd_config"
         penalties = self._use_penalties(key)
         config.write_text(self._config(address, port, key, state_root, penalties, max_startups))
@@ -529,7 +552,7 @@ class SshdRig:
         with open(log, "wb") as err:
             # umask 022 as a typical remote: put() must still yield 0600 files and 0700 dirs
             proc = subprocess.Popen(
-                [SSHD, "-D", "-e", "-f", str(config)],
+                [*(netns.prefix() if netns else []), SSHD, "-D", "-e", "-f", str(config)],
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=err,
@@ -564,6 +587,7 @@ class SshdRig:
             log=log,
             max_startups=max_startups,
             cgroup=cgroup,
+            netns=netns,
         )
 
     def _delegated_cgroup(self, index: int) -> str:
