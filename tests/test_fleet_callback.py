@@ -148,6 +148,36 @@ def test_via_ssh_through_the_persistence_daemon(
         subprocess.run(["rm", "-rf", str(base)], check=False)
 
 
+def launcher(world: World, *argv: str) -> subprocess.Popen[bytes]:
+    """``rex ARGV`` in a process of its own, to be killed."""
+    boot = "import sys; from rexplan.cli.rex import main; sys.exit(main())"
+    command, *rest = argv
+    options = ["--keys", str(world.keys), "--known-hosts", world.rig.known_hosts]
+    return subprocess.Popen(
+        [sys.executable, "-c", boot, command, *options, *rest],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+def test_launcher_sigkill_before_the_callback_leaves_nothing_running(
+    world: World, fleet: tuple[netrig.NetNs, list[RigHost]]
+) -> None:
+    """Killed while its agents probe their programs: the forward went with the SSH
+    connection, so they cannot call back, and stop their programs."""
+    _, hosts = fleet
+    slow = {"run": ["sleep", "300"], "ready": {"alive": 2}, "on": [h.name for h in hosts]}
+    m = manifest(world, hosts, "ssh", svc=slow)
+    world.distribute(m)
+    proc = launcher(world, "apply", str(m), "-y")
+    try:
+        assert procs.wait_until(lambda: len(world.tagged()) >= 2, 20)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert procs.wait_until(lambda: world.tagged() == [], 20)
+
+
 def test_launcher_sigkill_under_via_ssh_leaves_nothing_running(
     world: World, fleet: tuple[netrig.NetNs, list[RigHost]]
 ) -> None:
@@ -156,22 +186,15 @@ def test_launcher_sigkill_under_via_ssh_leaves_nothing_running(
     m = manifest(world, hosts, "ssh")
     world.distribute(m)
     triple = f"{host.name}.{world.user}.run"
-    argv = ["run", host.name, "-m", str(m), "--keys", str(world.keys)]
-    argv += ["--known-hosts", world.rig.known_hosts, "--", "sleep", "300"]
-    boot = "import sys; from rexplan.cli.rex import main; sys.exit(main())"
-    launcher = subprocess.Popen(
-        [sys.executable, "-c", boot, *argv],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    proc = launcher(world, "run", host.name, "-m", str(m), "--", "sleep", "300")
     try:
         assert procs.wait_until(lambda: procs.tagged(REX_TRIPLE=triple) != [], 20)
         (job,) = procs.tagged(REX_TRIPLE=triple)
         agent = world.record(host.name, "run")["agent"]
         assert procs.alive(job) and procs.alive(agent)
     finally:
-        launcher.send_signal(signal.SIGKILL)
-        launcher.wait()
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
     # the forward went with the launcher's SSH connection, and the job's callback connection
     # through it: the agent kills its job
     assert procs.wait_until(lambda: not procs.alive(job), 10)
