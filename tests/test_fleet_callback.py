@@ -7,9 +7,11 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,7 @@ from sshrig import RigHost, SshdRig
 
 from rexplan.core.manifest import loads
 from rexplan.transport import persist_wire
+from rexplan.transport.ssh import SSHTransport
 
 pytestmark = pytest.mark.skipif(
     netrig.unavailable_reason() is not None, reason=str(netrig.unavailable_reason())
@@ -220,3 +223,34 @@ def test_via_is_set_per_host_and_refused_where_it_cannot_work() -> None:
     text = str(err.value)
     assert "<string>:4:42: hosts.a.callback.via: callback via ssh cannot be used with" in text
     assert "<string>:5:41: hosts.b.callback.via: a transport: local host has no SSH" in text
+
+
+def test_forwards_of_one_connection_outlive_each_other(sshd_hosts: Any) -> None:
+    """The daemon holds many runs' forwards on one connection: cancelling one leaves the
+    others working (paramiko's cancel_port_forward would drop their shared handler)."""
+    (host,) = sshd_hosts(1)
+    t = SSHTransport.open(host.model_host(), host.model_user(), known_hosts=host.known_hosts)
+    got: list[tuple[str, int]] = []
+
+    def echo(sock: socket.socket, peer: tuple[str, int]) -> None:
+        got.append(peer)
+        with sock:
+            sock.sendall(sock.recv(16).upper())
+
+    try:
+        first = t.open_forward(lambda sock, _peer: sock.close())
+        second = t.open_forward(
+            lambda sock, peer: threading.Thread(target=echo, args=(sock, peer)).start()
+        )
+        t.close_forward(first)
+        dial = (
+            "import socket,sys; s=socket.create_connection(('127.0.0.1',int(sys.argv[1])),5); "
+            "s.sendall(b'hi'); print(s.recv(16).decode())"
+        )
+        res = t.run(["python3", "-c", dial, str(second)], timeout=20)
+        assert res.stdout == b"HI\n", res.stderr
+        assert got and got[0][0] == f"ssh:{host.name}"
+        gone = t.run(["python3", "-c", dial, str(first)], timeout=20)
+        assert gone.exit_status != 0 and b"Connection refused" in gone.stderr
+    finally:
+        t.close()

@@ -94,12 +94,16 @@ class Forwards:
         with self._lock:
             known = self._sinks.pop(port, None) is not None
         if known and transport is not None and transport.is_active():
+            # not cancel_port_forward: it also drops the connection's one handler, which the
+            # other forwards of this connection (other runs' through the daemon) still use
             with contextlib.suppress(paramiko.SSHException, OSError, EOFError):
-                transport.cancel_port_forward(LOOPBACK, port)
+                transport.global_request("cancel-tcpip-forward", (LOOPBACK, port), wait=True)
 
-    def ports(self) -> list[int]:
+    def forget(self) -> None:
+        """Drop every forward without asking sshd: the connection is closing, and they go
+        with it."""
         with self._lock:
-            return list(self._sinks)
+            self._sinks.clear()
 
     def _channel(
         self, chan: paramiko.Channel, origin: tuple[str, int], server: tuple[str, int]

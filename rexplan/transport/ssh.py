@@ -364,8 +364,7 @@ class SSHTransport:
 
     def close(self) -> None:
         """Close the SFTP session and the connection; idempotent."""
-        for port in self.forwards.ports():
-            self.close_forward(port)
+        self.forwards.forget()
         with self._lock:
             if self._sftp is not None:
                 with contextlib.suppress(Exception):
