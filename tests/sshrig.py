@@ -316,6 +316,7 @@ class SshdRig:
         self._dead: list[int] = []
         self._free_indexes: list[int] = []
         self._next_index = 0
+        self._netns_hosts = 0  # sshds started in network namespaces (n10, n11, ...)
         self._penalties: bool | None = None
         self._cgroup_parent: Path | None = None  # created on the first spawn(cgroup=True)
         self._cgroups: list[str] = []  # delegated cgroups still to remove, deepest last
@@ -447,7 +448,8 @@ class SshdRig:
         # a later host on this address starts clean: new host key, empty state dirs
         shutil.rmtree(self.base / "hosts" / host.name, ignore_errors=True)
         shutil.rmtree(host.state_root, ignore_errors=True)
-        self._free_indexes.append(sshd.index)
+        if sshd.netns is None:  # namespace hosts number apart: 127.0.0.x stays as it was
+            self._free_indexes.append(sshd.index)
         self._write_known_hosts()
 
     def pause(self, host: RigHost) -> None:
@@ -482,6 +484,10 @@ class SshdRig:
         self._next_index += 1
         return index
 
+    def _take_netns_index(self) -> int:
+        self._netns_hosts += 1
+        return FIRST_OCTET + self._netns_hosts - 1
+
     def _start(
         self,
         count: int,
@@ -495,7 +501,7 @@ class SshdRig:
         try:
             # launch all first so the sshds start up in parallel, then wait for each
             for _ in range(count):
-                index = self._take_index()
+                index = self._take_index() if netns is None else self._take_netns_index()
                 group = self._delegated_cgroup(index) if cgroup else None
                 pending.append(self._launch(index, shared, max_startups, group, netns))
             for i, sshd in enumerate(pending):
@@ -530,7 +536,7 @@ class SshdRig:
     ) -> _Sshd:
         name, address = host_slot(index)
         if netns is not None:
-            name, address = f"n{name[1:]}", netns.inside
+            name, address = f"n{index}", netns.inside
         hdir = self.base / "hosts" / name
         hdir.mkdir(mode=0o700, exist_ok=True)
         key = hdir / "ssh_host_ed25519_key"

@@ -14,7 +14,7 @@ import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import helpers_procs as procs
 import netrig
@@ -23,7 +23,10 @@ from helpers_world import SLEEPER, World
 from sshrig import RigHost, SshdRig
 
 from rexplan.core.manifest import loads
+from rexplan.engine.fanout import TreeLauncher
+from rexplan.errors import UsageError
 from rexplan.transport import persist_wire
+from rexplan.transport.pool import TransportPool
 from rexplan.transport.ssh import SSHTransport
 
 pytestmark = pytest.mark.skipif(
@@ -221,6 +224,14 @@ def test_via_is_set_per_host_and_refused_where_it_cannot_work() -> None:
             "authorize: ['*.*.*']\n"
         )
     text = str(err.value)
+    # rex apply --strategy tree of a flat manifest: refused before any host is contacted
+    flat = loads(
+        "rex: 1\ndefaults: {relay_identity: ~/.ssh/k}\ncallback: {via: ssh}\n"
+        "hosts: {a: {address: 10.0.0.1}}\n"
+        "users: {u: {}}\nprograms: {p: {run: [x], on: [a], user: u}}\nauthorize: ['*.*.*']\n"
+    )
+    with pytest.raises(UsageError, match="strategy tree: host a: callback via ssh cannot"):
+        TreeLauncher(flat, (), cast(TransportPool, None), None, 4)
     assert "<string>:4:42: hosts.a.callback.via: callback via ssh cannot be used with" in text
     assert "<string>:5:41: hosts.b.callback.via: a transport: local host has no SSH" in text
 
