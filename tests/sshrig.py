@@ -215,6 +215,7 @@ class _Sshd:
     max_startups: str | None = None
     cgroup: str | None = None
     netns: NetNs | None = None
+    options: tuple[str, ...] = ()
 
 
 def _run(argv: Sequence[str]) -> None:
@@ -419,6 +420,7 @@ class SshdRig:
         max_startups: str | None = None,
         cgroup: bool = False,
         netns: NetNs | None = None,
+        options: Sequence[str] = (),
     ) -> list[RigHost]:
         """``count`` dedicated hosts for fault tests; stop them with ``stop()`` when done.
 
@@ -429,9 +431,15 @@ class SshdRig:
         cgroup_unavailable_reason() says why not. The rig removes them at ``stop()``, or at
         ``close()`` when processes still held them. ``netns`` (tests/netrig.py): the sshds run
         in that network namespace, at its inside address (hosts named n10, n11, ...).
+        ``options``: sshd_config lines added to the rig's (e.g. "AllowTcpForwarding no").
         """
         started = self._start(
-            count, shared=False, max_startups=max_startups, cgroup=cgroup, netns=netns
+            count,
+            shared=False,
+            max_startups=max_startups,
+            cgroup=cgroup,
+            netns=netns,
+            options=tuple(options),
         )
         return [s.host for s in started]
 
@@ -496,6 +504,7 @@ class SshdRig:
         max_startups: str | None = None,
         cgroup: bool = False,
         netns: NetNs | None = None,
+        options: tuple[str, ...] = (),
     ) -> list[_Sshd]:
         pending: list[_Sshd] = []
         try:
@@ -503,7 +512,7 @@ class SshdRig:
             for _ in range(count):
                 index = self._take_index() if netns is None else self._take_netns_index()
                 group = self._delegated_cgroup(index) if cgroup else None
-                pending.append(self._launch(index, shared, max_startups, group, netns))
+                pending.append(self._launch(index, shared, max_startups, group, netns, options))
             for i, sshd in enumerate(pending):
                 pending[i] = self._await(sshd)
                 self._sshds.append(pending[i])
@@ -522,7 +531,9 @@ class SshdRig:
                 return sshd
             # lost the free-port race to another process: same host, new port
             self._dead.append(sshd.proc.pid)
-            sshd = self._launch(sshd.index, sshd.shared, sshd.max_startups, sshd.cgroup, sshd.netns)
+            sshd = self._launch(
+                sshd.index, sshd.shared, sshd.max_startups, sshd.cgroup, sshd.netns, sshd.options
+            )
         self._stop(sshd)
         raise RuntimeError(f"{sshd.host.name}: no free port after 5 tries")
 
@@ -533,6 +544,7 @@ class SshdRig:
         max_startups: str | None = None,
         cgroup: str | None = None,
         netns: NetNs | None = None,
+        options: tuple[str, ...] = (),
     ) -> _Sshd:
         name, address = host_slot(index)
         if netns is not None:
@@ -553,7 +565,8 @@ class SshdRig:
         port = _free_port(address) if netns is None else 20000 + secrets.randbelow(40000)
         config = hdir / "sshd_config"
         penalties = self._use_penalties(key)
-        config.write_text(self._config(address, port, key, state_root, penalties, max_startups))
+        text = self._config(address, port, key, state_root, penalties, max_startups, options)
+        config.write_text(text)
         log = hdir / "sshd.log"
         with open(log, "wb") as err:
             # umask 022 as a typical remote: put() must still yield 0600 files and 0700 dirs
@@ -594,6 +607,7 @@ class SshdRig:
             max_startups=max_startups,
             cgroup=cgroup,
             netns=netns,
+            options=options,
         )
 
     def _delegated_cgroup(self, index: int) -> str:
@@ -643,6 +657,7 @@ class SshdRig:
         state_root: Path,
         penalties: bool,
         max_startups: str | None = None,
+        options: tuple[str, ...] = (),
     ) -> str:
         lines = [
             f"ListenAddress {address}:{port}",
@@ -667,6 +682,7 @@ class SshdRig:
             # VERBOSE logs each "drop connection ... past MaxStartups" (ERROR only the first)
             f"LogLevel {'VERBOSE' if max_startups else 'ERROR'}",
             "Subsystem sftp internal-sftp",
+            *options,  # before the Match blocks: global settings
         ]
         if penalties:
             # OpenSSH >= 9.8 would lock 127.0.0.1 out after the auth-failure tests

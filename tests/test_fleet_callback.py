@@ -265,3 +265,21 @@ def test_forwards_of_one_connection_outlive_each_other(sshd_hosts: Any) -> None:
         assert gone.exit_status != 0 and b"Connection refused" in gone.stderr
     finally:
         t.close()
+
+
+def test_an_sshd_that_refuses_forwarding_fails_the_step_saying_why(
+    world: World, sshd_rig: SshdRig
+) -> None:
+    (host,) = sshd_rig.spawn(options=["AllowTcpForwarding local"])
+    try:
+        m = manifest(world, [host], "ssh")
+        world.distribute(m)
+        run = world.apply(m)
+        step = run.final()[f"svc@{host.name}"]
+        assert run.code != 0 and step["state"] == "failed"
+        assert step["reason"] == "no_callback" and step["phase"] == "start"
+        assert "sshd refused a remote port forward" in step["detail"]
+        assert "AllowTcpForwarding yes" in step["detail"]
+        assert world.tagged() == []
+    finally:
+        sshd_rig.stop(host)

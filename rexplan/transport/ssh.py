@@ -342,11 +342,10 @@ class SSHTransport:
             return self.forwards.open(transport, sink)
         except (paramiko.SSHException, OSError, EOFError) as exc:
             raise TransportError(
-                f"sshd refused a remote port forward for the callback ({exc})",
+                f"sshd refused a remote port forward for the callback ({exc}): callback via "
+                "ssh needs 'AllowTcpForwarding yes' (or 'remote') in its sshd_config",
                 host=self.host.name,
                 phase="start",
-                hint="callback: {via: ssh} needs 'AllowTcpForwarding yes' (or 'remote') in "
-                "the host's sshd_config; else use via: direct",
             ) from None
 
     def close_forward(self, port: int) -> None:
