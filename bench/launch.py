@@ -13,6 +13,8 @@ then per N, each variant in a fresh worker process:
   its callback after an ``alive`` probe of --settle seconds; keys are created and distributed
   before the timed run. The first rex run on each size's hosts also uploads the agent: it is
   timed and printed apart ("cold"), not counted in the medians;
+- rex-ssh: ``rex apply`` as rex, with ``callback: {via: ssh}``: each agent calls back through
+  a remote port forward on its host's SSH connection instead of dialling the listener;
 - reapply: ``rex apply`` twice, the second on the unchanged manifest (every step ``unchanged``,
   no process started); its inner time is the second apply's alone;
 - stop:    ``rex apply``, then ``rex stop`` of every step; its inner time is the stop's alone;
@@ -28,7 +30,8 @@ bytecode caching on, as after ``pip install`` (see worker_env).
 
 Reported per run: wall (the worker process, imports included), inner (the launch alone, after
 imports), launcher CPU (user+sys of the worker and its children, from RUSAGE_CHILDREN), and
-rex's ratios to fabric and OpenSSH. Every launched process is killed by pid after each run.
+rex's ratios to fabric and OpenSSH, and rex-ssh's to rex (the cost of ssh callbacks).
+Every launched process is killed by pid after each run.
 """
 
 from __future__ import annotations
@@ -55,7 +58,7 @@ sys.path.insert(0, str(ROOT))
 import helpers_procs as procs  # noqa: E402 - tests/helpers_procs.py, found via sys.path
 
 COMMAND = "nohup sleep 30 >/dev/null 2>&1 &"
-VARIANTS = ("openssh", "fabric", "rex", "reapply", "stop", "persist", "reapply-p")
+VARIANTS = ("openssh", "fabric", "rex", "rex-ssh", "reapply", "stop", "persist", "reapply-p")
 
 
 # --- workers: one process per timed run ---------------------------------------------------------
@@ -156,6 +159,15 @@ def work_rex(cfg: dict[str, Any]) -> None:
     print(json.dumps({"inner": timed_rex(_apply_argv(cfg))}))
 
 
+def work_rex_ssh(cfg: dict[str, Any]) -> None:
+    """rex with every callback through the host's SSH connection (``callback: {via: ssh}``)."""
+    from rexplan.engine import executor  # noqa: F401 - imported before the clock starts
+
+    argv = _apply_argv(cfg)
+    argv[1] = cfg["manifest_ssh"]
+    print(json.dumps({"inner": timed_rex(argv)}))
+
+
 def work_reapply(cfg: dict[str, Any]) -> None:
     """Apply (untimed), then apply the unchanged manifest again: "inner" is the second."""
     timed_rex(_apply_argv(cfg))
@@ -212,6 +224,7 @@ def worker(variant: str, cfg_path: str) -> None:
     cfg = json.loads(Path(cfg_path).read_text())
     t0 = time.perf_counter()
     works = {"openssh": work_openssh, "fabric": work_fabric, "rex": work_rex}
+    works["rex-ssh"] = work_rex_ssh
     works["reapply"] = work_reapply
     works["stop"] = work_stop
     works["persist"] = work_persist
@@ -283,7 +296,12 @@ def clean(uid: int, agent_marker: str, expect: int) -> int:
 
 
 def write_manifest(
-    path: Path, hosts: Sequence[Any], login: str, identity: str, settle: float
+    path: Path,
+    hosts: Sequence[Any],
+    login: str,
+    identity: str,
+    settle: float,
+    via: str = "direct",
 ) -> None:
     doc = {
         "rex": 1,
@@ -298,6 +316,7 @@ def write_manifest(
             }
         },
         "authorize": ["*.bench.sleeper"],
+        "callback": {"via": via},
     }
     path.write_text(json.dumps(doc, indent=2) + "\n")
 
@@ -330,6 +349,8 @@ def bench(
             hosts = all_hosts[:n]
             manifest = tmp / f"m{n}.yaml"
             write_manifest(manifest, hosts, rig.login, rig.identity, settle)
+            manifest_ssh = tmp / f"m{n}-ssh.yaml"
+            write_manifest(manifest_ssh, hosts, rig.login, rig.identity, settle, via="ssh")
             common = ["-m", str(manifest), "--keys", str(keys)]
             with open(os.devnull, "w") as sink:
                 stdout, sys.stdout = sys.stdout, sink
@@ -354,6 +375,7 @@ def bench(
                 "identity": rig.identity,
                 "known_hosts": str(known),
                 "manifest": str(manifest),
+                "manifest_ssh": str(manifest_ssh),
                 "keys": str(keys),
                 "forks": forks or n,
             }
@@ -407,6 +429,12 @@ def report(
                     for key in ("wall", "inner", "cpu")
                 )
                 print(f"{n:>4}  rex/{other:<8} {ratios}")
+        if "rex" in variants and "rex-ssh" in variants:
+            ratios = "  ".join(
+                f"{key} {med(n, 'rex-ssh', key) / med(n, 'rex', key):.2f}x"
+                for key in ("wall", "inner", "cpu")
+            )
+            print(f"{n:>4}  rex-ssh/rex   {ratios}")
         for again, label in (("reapply", ""), ("reapply-p", " with persist")):
             if "rex" in variants and again in variants:
                 ratio = med(n, again, "inner") / med(n, "rex", "inner")

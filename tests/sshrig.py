@@ -21,6 +21,10 @@ from sudorig import remove_rules, remove_stale, write_rules
 
 from rexplan.core.model import Host, User
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from netrig import NetNs
+
 SSHD = "/usr/sbin/sshd"
 #: primary account plus this many extra ones; the names are fixed up front because every sshd's
 #: AllowUsers and per-user SetEnv blocks are written when it starts (sshd reads config only then)
@@ -212,6 +216,8 @@ class _Sshd:
     log: Path
     max_startups: str | None = None
     cgroup: str | None = None
+    netns: NetNs | None = None
+    options: tuple[str, ...] = ()
 
 
 def _run(argv: Sequence[str]) -> None:
@@ -313,6 +319,7 @@ class SshdRig:
         self._dead: list[int] = []
         self._free_indexes: list[int] = []
         self._next_index = 0
+        self._netns_hosts = 0  # sshds started in network namespaces (n10, n11, ...)
         self._penalties: bool | None = None
         self._cgroup_parent: Path | None = None  # created on the first spawn(cgroup=True)
         self._cgroups: list[str] = []  # delegated cgroups still to remove, deepest last
@@ -419,7 +426,13 @@ class SshdRig:
         return [s.host for s in shared[:n]]
 
     def spawn(
-        self, count: int = 1, *, max_startups: str | None = None, cgroup: bool = False
+        self,
+        count: int = 1,
+        *,
+        max_startups: str | None = None,
+        cgroup: bool = False,
+        netns: NetNs | None = None,
+        options: Sequence[str] = (),
     ) -> list[RigHost]:
         """``count`` dedicated hosts for fault tests; stop them with ``stop()`` when done.
 
@@ -428,9 +441,18 @@ class SshdRig:
         ``cgroup``: each sshd runs in a cgroup v2 of its own, delegated to the primary account
         (``RigHost.cgroup``), under a parent the rig owns; RuntimeError where
         cgroup_unavailable_reason() says why not. The rig removes them at ``stop()``, or at
-        ``close()`` when processes still held them.
+        ``close()`` when processes still held them. ``netns`` (tests/netrig.py): the sshds run
+        in that network namespace, at its inside address (hosts named n10, n11, ...).
+        ``options``: sshd_config lines added to the rig's (e.g. "AllowTcpForwarding no").
         """
-        started = self._start(count, shared=False, max_startups=max_startups, cgroup=cgroup)
+        started = self._start(
+            count,
+            shared=False,
+            max_startups=max_startups,
+            cgroup=cgroup,
+            netns=netns,
+            options=tuple(options),
+        )
         return [s.host for s in started]
 
     def log_text(self, host: RigHost) -> str:
@@ -446,7 +468,8 @@ class SshdRig:
         # a later host on this address starts clean: new host key, empty state dirs
         shutil.rmtree(self.base / "hosts" / host.name, ignore_errors=True)
         shutil.rmtree(host.state_root, ignore_errors=True)
-        self._free_indexes.append(sshd.index)
+        if sshd.netns is None:  # namespace hosts number apart: 127.0.0.x stays as it was
+            self._free_indexes.append(sshd.index)
         self._write_known_hosts()
 
     def pause(self, host: RigHost) -> None:
@@ -481,16 +504,27 @@ class SshdRig:
         self._next_index += 1
         return index
 
+    def _take_netns_index(self) -> int:
+        self._netns_hosts += 1
+        return FIRST_OCTET + self._netns_hosts - 1
+
     def _start(
-        self, count: int, *, shared: bool, max_startups: str | None = None, cgroup: bool = False
+        self,
+        count: int,
+        *,
+        shared: bool,
+        max_startups: str | None = None,
+        cgroup: bool = False,
+        netns: NetNs | None = None,
+        options: tuple[str, ...] = (),
     ) -> list[_Sshd]:
         pending: list[_Sshd] = []
         try:
             # launch all first so the sshds start up in parallel, then wait for each
             for _ in range(count):
-                index = self._take_index()
+                index = self._take_index() if netns is None else self._take_netns_index()
                 group = self._delegated_cgroup(index) if cgroup else None
-                pending.append(self._launch(index, shared, max_startups, group))
+                pending.append(self._launch(index, shared, max_startups, group, netns, options))
             for i, sshd in enumerate(pending):
                 pending[i] = self._await(sshd)
                 self._sshds.append(pending[i])
@@ -509,7 +543,9 @@ class SshdRig:
                 return sshd
             # lost the free-port race to another process: same host, new port
             self._dead.append(sshd.proc.pid)
-            sshd = self._launch(sshd.index, sshd.shared, sshd.max_startups, sshd.cgroup)
+            sshd = self._launch(
+                sshd.index, sshd.shared, sshd.max_startups, sshd.cgroup, sshd.netns, sshd.options
+            )
         self._stop(sshd)
         raise RuntimeError(f"{sshd.host.name}: no free port after 5 tries")
 
@@ -519,8 +555,12 @@ class SshdRig:
         shared: bool,
         max_startups: str | None = None,
         cgroup: str | None = None,
+        netns: NetNs | None = None,
+        options: tuple[str, ...] = (),
     ) -> _Sshd:
         name, address = host_slot(index)
+        if netns is not None:
+            name, address = f"n{index}", netns.inside
         hdir = self.base / "hosts" / name
         hdir.mkdir(mode=0o700, exist_ok=True)
         key = hdir / "ssh_host_ed25519_key"
@@ -533,15 +573,17 @@ class SshdRig:
             os.chmod(state_root, 0o711)
             for account in self.accounts:
                 self._make_state_dir(str(state_root), account)
-        port = _free_port(address)
+        # a fresh namespace has no other listener; a clash is relaunched by _await
+        port = _free_port(address) if netns is None else 20000 + secrets.randbelow(40000)
         config = hdir / "sshd_config"
         penalties = self._use_penalties(key)
-        config.write_text(self._config(address, port, key, state_root, penalties, max_startups))
+        text = self._config(address, port, key, state_root, penalties, max_startups, options)
+        config.write_text(text)
         log = hdir / "sshd.log"
         with open(log, "wb") as err:
             # umask 022 as a typical remote: put() must still yield 0600 files and 0700 dirs
             proc = subprocess.Popen(
-                [SSHD, "-D", "-e", "-f", str(config)],
+                [*(netns.prefix() if netns else []), SSHD, "-D", "-e", "-f", str(config)],
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=err,
@@ -576,6 +618,8 @@ class SshdRig:
             log=log,
             max_startups=max_startups,
             cgroup=cgroup,
+            netns=netns,
+            options=options,
         )
 
     def _delegated_cgroup(self, index: int) -> str:
@@ -625,6 +669,7 @@ class SshdRig:
         state_root: Path,
         penalties: bool,
         max_startups: str | None = None,
+        options: tuple[str, ...] = (),
     ) -> str:
         lines = [
             f"ListenAddress {address}:{port}",
@@ -649,6 +694,7 @@ class SshdRig:
             # VERBOSE logs each "drop connection ... past MaxStartups" (ERROR only the first)
             f"LogLevel {'VERBOSE' if max_startups else 'ERROR'}",
             "Subsystem sftp internal-sftp",
+            *options,  # before the Match blocks: global settings
         ]
         if penalties:
             # OpenSSH >= 9.8 would lock 127.0.0.1 out after the auth-failure tests

@@ -89,6 +89,7 @@ def test_only_transport_imports_ssh_libraries() -> None:
     importers = {rel(p) for p in modules() if top_level_imports(p) & SSH_LIBRARIES}
     assert importers <= {
         "transport/ssh.py",
+        "transport/forward.py",
         "transport/handshake.py",
         "transport/pinning.py",
         "transport/streams.py",

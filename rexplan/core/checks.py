@@ -72,6 +72,8 @@ class Checker:
         self.fanout = 4
         self.relay_identity: str | None = None
         self.become = Become(doc, report)
+        #: where ``via: ssh`` is set (the top level's, or a host entry's): tree rejects them
+        self.via_ssh: list[KeyPath] = []
 
     def run(self) -> tuple[Callback, int]:
         rex = self.doc.get("rex")
@@ -119,6 +121,7 @@ class Checker:
             bind=as_str(spec.get("bind"), None),
             port=as_int(spec.get("port"), 0),
             advertise=as_str(spec.get("advertise"), None),
+            via=as_str(spec.get("via"), "direct") or "direct",
         )
 
     def _strategy(self) -> None:
@@ -140,6 +143,8 @@ class Checker:
         if self.strategy == "tree":
             for path, message, hint in settings.tree_problems(self.programs, identity):
                 self.report.value(path, message, hint)
+            for path in self.via_ssh:
+                self.report.value(path, *settings.TREE_VIA_SSH)
 
     def _users(self) -> None:
         for name, value in as_map(self.doc.get("users")).items():
@@ -175,7 +180,10 @@ class Checker:
             python=as_str(d.get("python"), "python3") or "python3",
             max_startups=as_int(d.get("max_startups"), Host.max_startups),
             load=as_str(d.get("load"), Host.load) or Host.load,
+            callback=as_str(as_map(self.doc.get("callback")).get("via"), "direct") or "direct",
         )
+        if base.callback == "ssh":
+            self.via_ssh.append(("callback", "via"))
         where: dict[str, str] = {}  # host name -> the hosts key that defined it
         for key, value in as_map(self.doc.get("hosts")).items():
             if not self._host_entry(key, as_map(value), base, where):
@@ -231,6 +239,16 @@ class Checker:
         max_startups = as_int(spec.get("max_startups"), base.max_startups)
         load = as_str(spec.get("load"), base.load) or base.load
         transport = as_str(spec.get("transport"), base.transport) or base.transport
+        via = as_str(as_map(spec.get("callback")).get("via"), None)
+        if via == "ssh" and transport == "local":
+            self.report.value(
+                (*path, "callback", "via"),
+                "a transport: local host has no SSH connection to forward its callback over",
+                "remove callback.via here: local agents call back on the loopback",
+            )
+        elif via == "ssh":
+            self.via_ssh.append((*path, "callback", "via"))
+        callback = via or base.callback
         groups_, vars_ = tuple(groups), as_pairs(spec.get("vars"))
         names: list[str] = []
         bad_address = False
@@ -263,6 +281,7 @@ class Checker:
                     vars_,
                     max_startups=max_startups,
                     load=load,
+                    callback=callback,
                 )
             )
             names.append(h.name)

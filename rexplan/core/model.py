@@ -51,6 +51,9 @@ class Host:
     #: how least-loaded placement measures this host: "loadavg" (the kernel's load average)
     #: or "cgroup" (a container sharing its kernel: the CPU time of its own cgroup v2)
     load: str = "loadavg"
+    #: how the agent calls back: "direct" (it dials the launcher's listener) or "ssh" (it
+    #: dials a port the launcher forwards to its listener over this host's SSH connection)
+    callback: str = "direct"
 
 
 @dataclass(frozen=True)
@@ -184,6 +187,8 @@ class Callback:
     bind: str | None = None  # None: chosen per run so hosts can reach it
     port: int = 0  # 0: any free port
     advertise: str | None = None
+    #: the hosts' default ``callback.via``: "direct" or "ssh" (a remote port forward)
+    via: str = "direct"
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from rexplan.core.model import FailurePolicy, FileSpec, Placement, Program, Ready
+from rexplan.core.model import FailurePolicy, FileSpec, Host, Placement, Program, Ready
 from rexplan.core.values import address_problem, as_int, as_map, as_num, as_str, count_or_percent
 from rexplan.core.yamlpos import KeyPath, Report
 from rexplan.wire import probes
@@ -186,3 +186,17 @@ def tree_problems(
                 )
             )
     return out
+
+
+#: why ``callback: {via: ssh}`` and ``strategy: tree`` do not go together: (message, hint)
+TREE_VIA_SSH = (
+    "callback via ssh cannot be used with strategy: tree",
+    "a relay launches the hosts below it over its own OpenSSH connections, which hold no "
+    "forward to the launcher's listener: use strategy: flat with via: ssh, or via: direct "
+    "(every host must then reach the launcher)",
+)
+
+
+def via_ssh_hosts(hosts: Sequence[Host]) -> list[str]:
+    """The hosts reached over SSH whose agents call back through a forward (``via: ssh``)."""
+    return [h.name for h in hosts if h.callback == "ssh" and h.transport != "local"]

@@ -36,7 +36,8 @@ def callback_endpoints(manifest: Manifest, plan: Plan) -> tuple[str, Callable[[s
     """(bind address, host address -> address that host dials) for this run's listener.
 
     ``callback.bind``/``advertise`` win. Otherwise loopback when every host of the plan is
-    local or loopback (no traffic leaves the machine), else the launcher's address on the
+    local or loopback or calls back through its SSH connection (``via: ssh``: the listener
+    then takes no connection from the network), else the launcher's address on the
     route to each host, bound to all addresses only when the routes differ.
     """
     cb = manifest.callback
@@ -49,7 +50,9 @@ def callback_endpoints(manifest: Manifest, plan: Plan) -> tuple[str, Callable[[s
         {
             s.address
             for s in plan.steps
-            if not kind(s.transport).is_local and not _is_loopback(s.address)
+            if not kind(s.transport).is_local
+            and not _is_loopback(s.address)
+            and manifest.host(s.host).callback != "ssh"  # its agent dials a forward
         }
     )
     if not remote:

@@ -28,7 +28,7 @@ import threading
 from collections.abc import Callable, Sequence
 
 from rexplan.core.model import Manifest, Step
-from rexplan.core.settings import tree_problems
+from rexplan.core.settings import TREE_VIA_SSH, tree_problems, via_ssh_hosts
 from rexplan.core.simulate import Subtree, split_tree
 from rexplan.errors import TransportError, UsageError
 from rexplan.transport.base import DEFAULT_KNOWN_HOSTS, kind
@@ -318,6 +318,10 @@ class TreeLauncher:
             keys, message, hint = problems[0]
             where = ".".join(str(k) for k in keys)
             raise UsageError(f"strategy tree: {where}: {message}", hint=hint)
+        forwarded = via_ssh_hosts(manifest.hosts)
+        if forwarded:
+            message, hint = TREE_VIA_SSH
+            raise UsageError(f"strategy tree: host {forwarded[0]}: {message}", hint=hint)
         self.manifest = manifest
         self.pool = pool
         self.first: dict[str, Step] = {}

@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
 from rexplan.core import spec as specs
-from rexplan.core.model import Manifest, Step, When
+from rexplan.core.model import Host, Manifest, Step, When
 from rexplan.engine import events as ev
 from rexplan.engine.agentctl import EXEC_SLACK, HostAgents
 from rexplan.engine.fanout import RELAY_LOST, RelayError, TreeLauncher
@@ -25,7 +25,7 @@ from rexplan.errors import (
     TransportError,
     UnreachableError,
 )
-from rexplan.transport.base import Gate, Transport, kind, last_report
+from rexplan.transport.base import LOOPBACK, Gate, Transport, kind, last_report
 from rexplan.transport.pool import TransportPool
 from rexplan.transport.shipping import (
     AGENT_WANTED,
@@ -104,6 +104,11 @@ class Launcher:
 
         r.phase = "start"
         try:
+            callback = self._callback_for(step, host, transport)
+        except TransportError as exc:
+            self._state(r, ev.FAILED, reason="no_callback", phase="start", detail=str(exc))
+            return
+        try:
             info, secret = self._key_for(step, transport)
         except KeyStoreError as exc:
             self._state(r, ev.FAILED, reason="no_key", phase="start", detail=str(exc))
@@ -152,7 +157,7 @@ class Launcher:
         # replacing a running instance first waits out its stop grace
         stopping = step.stop_timeout if replacing else 0.0
         deadline = self._clock() + t.start + t.ready + t.callback + stopping
-        line = self._expect(step, info, secret, deadline, replacing, entries)
+        line = self._expect(step, info, secret, deadline, replacing, entries, callback)
         del secret
         exec_timeout = self._starting(r, stopping)
         diag: dict[str, object] = {}
@@ -192,7 +197,16 @@ class Launcher:
         # no verified callback: failed, whatever SSH said; make sure nothing stays running
         self.agents.kill_remote(transport, host.python, step)
         reason, phase, detail = failure(verdict, diag, exec_error, info.key_id)
+        if reason == "no_callback" and host.callback == "direct" and exec_error is None:
+            detail += unreachable_hint(step.host, callback)
         self._state(r, ev.FAILED, reason=reason, phase=phase, detail=detail)
+
+    def _callback_for(self, step: Step, host: Host, transport: Transport) -> tuple[str, int]:
+        """Where the step's agent dials: the listener (``via: direct``), or the port its
+        host's sshd forwards to the listener over ``transport``'s connection (``via: ssh``)."""
+        if host.callback == "ssh" and not kind(host.transport).is_local:
+            return LOOPBACK, transport.callback_port(self.listener.adopt)
+        return self.advertise(step.address)
 
     def _starting(self, r: StepResult, stopping: float) -> float:
         """The step's launch goes out now: in flight until it ends; the seconds its exec (or
@@ -216,6 +230,7 @@ class Launcher:
         deadline: float,
         replacing: bool,
         files: Sequence[tuple[str, str, int]],
+        callback: tuple[str, int],
         unchanged: bool = False,
     ) -> bytes:
         """Register ``step`` with the listener under a fresh launch nonce and return its launch
@@ -239,7 +254,7 @@ class Launcher:
                 run=self.run_id,
                 key_path=keyfile.key_relpath(info.host, info.user, info.program),
                 nl=nl,
-                callback=self.advertise(step.address),
+                callback=callback,
                 replace=replacing,
                 files=files,
                 when=preconditions(self.manifest.program(step.program).when),
@@ -318,7 +333,8 @@ class Launcher:
         service = step.kind != "job"
         stopping = step.stop_timeout if service else 0.0
         deadline = self._clock() + t.connect + t.start + t.ready + t.callback + stopping
-        line = self._expect(step, info, secret, deadline, service, (), unchanged=service)
+        callback = self.advertise(step.address)
+        line = self._expect(step, info, secret, deadline, service, (), callback, service)
         del secret
         exec_timeout = self._starting(r, stopping)
         diag: dict[str, object] = {}
@@ -427,3 +443,14 @@ def preconditions(when: When) -> dict[str, float]:
     if when.min_free_mb is not None:
         out["min_free_mb"] = float(when.min_free_mb)
     return out
+
+
+def unreachable_hint(host: str, callback: tuple[str, int]) -> str:
+    """What a step that got no callback over ``via: direct`` adds: where its agent dialled,
+    and the way out when the host cannot open connections to the launcher."""
+    address, port = callback
+    where = f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
+    return (
+        f" (the agent dialled {where}; if {host} cannot open connections to the launcher, "
+        "call back through its SSH connection: callback: {via: ssh})"
+    )

@@ -3,6 +3,8 @@ rex-cb/1 HANDSHAKE"), every connection served by one selector thread, none of it
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import heapq
 import itertools
 import logging
@@ -87,6 +89,10 @@ class CallbackListener:
         self._sock: socket.socket | None = None
         self._thread: threading.Thread | None = None
         self._stopping = False
+        #: connections forwarded over SSH (adopt), for the loop to take in
+        self._adopted: collections.deque[tuple[socket.socket, tuple[str, int]]] = (
+            collections.deque()
+        )
 
     # ---- public API ----
 
@@ -130,6 +136,8 @@ class CallbackListener:
         self._wake_w.send(b"x")
         if self._thread is not None:
             self._thread.join()
+        while self._adopted:
+            self._adopted.popleft()[0].close()
         for conn in list(self._conns.values()):
             self._drop(conn)
         self._attempts.summarize(self._clock(), final=True)
@@ -213,6 +221,17 @@ class CallbackListener:
             if st is not None and st.verdict is None:
                 self._decide(st, Verdict(False, CANCELLED))
 
+    def adopt(self, sock: socket.socket, peer: tuple[str, int]) -> None:
+        """Serve ``sock``, a connection that came another way than this listener's socket
+        (``callback: {via: ssh}``: forwarded by a host's sshd), as if accepted from ``peer``:
+        the same handshake and the same slots. Any thread; closed if the listener stopped."""
+        if self._stopping:
+            sock.close()
+            return
+        self._adopted.append((sock, peer))
+        with contextlib.suppress(OSError):
+            self._wake_w.send(b"a")
+
     # ---- the loop (listener thread only) ----
 
     def _loop(self) -> None:
@@ -233,6 +252,8 @@ class CallbackListener:
                     self._accept()
                 elif key.fileobj is self._wake_r:
                     self._wake_r.recv(64)
+                    while self._adopted:
+                        self._take(*self._adopted.popleft())
                 else:
                     conn = key.data
                     if mask & selectors.EVENT_READ and not conn.closed:
@@ -270,22 +291,25 @@ class CallbackListener:
             except OSError as exc:
                 self._log.warning("callback accept failed: %s", exc.strerror)
                 return
-            peer = (str(addr[0]), int(addr[1]))
-            why, victim = self._slots.make_room(peer[0])
-            if why is not None:
-                self._attempts.refuse(peer, why)
-                sock.close()
-                continue
-            if victim is not None:
-                self._attempts.refuse(victim.peer, "evicted")
-                self._drop(victim)
-            sock.setblocking(False)
-            now = self._clock()
-            conn = Conn(sock, peer, next(self._seq), now)
-            self._conns[sock.fileno()] = conn
-            self._sel.register(sock, selectors.EVENT_READ, conn)
-            self._slots.take(conn)
-            self._due(conn, now + self._hello_timeout)
+            self._take(sock, (str(addr[0]), int(addr[1])))
+
+    def _take(self, sock: socket.socket, peer: tuple[str, int]) -> None:
+        """Start the handshake of a new connection, if its peer has a slot free."""
+        why, victim = self._slots.make_room(peer[0])
+        if why is not None:
+            self._attempts.refuse(peer, why)
+            sock.close()
+            return
+        if victim is not None:
+            self._attempts.refuse(victim.peer, "evicted")
+            self._drop(victim)
+        sock.setblocking(False)
+        now = self._clock()
+        conn = Conn(sock, peer, next(self._seq), now)
+        self._conns[sock.fileno()] = conn
+        self._sel.register(sock, selectors.EVENT_READ, conn)
+        self._slots.take(conn)
+        self._due(conn, now + self._hello_timeout)
 
     def _due(self, conn: Conn, deadline: float) -> None:
         conn.due = deadline

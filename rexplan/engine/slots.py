@@ -80,7 +80,11 @@ class Conn:
 
 
 def keepalive(sock: socket.socket) -> None:
-    """A silent job agent's host may vanish without a FIN: TCP keepalive notices in ~30 s."""
+    """A silent job agent's host may vanish without a FIN: TCP keepalive notices in ~30 s.
+    A connection forwarded over SSH (a socketpair, ``via: ssh``) has none: the SSH
+    connection's end closes it, and the job's heartbeats go on as ever."""
+    if sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
     for name, value in (("TCP_KEEPIDLE", 10), ("TCP_KEEPINTVL", 5), ("TCP_KEEPCNT", 4)):
         option = getattr(socket, name, None)

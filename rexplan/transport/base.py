@@ -9,7 +9,8 @@ import posixpath
 import re
 import secrets
 import shlex
-from collections.abc import Mapping, Sequence
+import socket
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, TypedDict
 
@@ -27,6 +28,11 @@ _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 OUTPUT_TAIL = 1 << 20
 #: the largest file get() returns unless told otherwise: keys, records and /proc files are small
 GET_LIMIT = 1 << 20
+#: the address agents dial when they call back through a forward (``callback: {via: ssh}``)
+LOOPBACK = "127.0.0.1"
+#: takes the launcher's end of one connection forwarded from a host (``callback: {via: ssh}``)
+#: and the peer to count and log it as
+Sink = Callable[[socket.socket, tuple[str, int]], None]
 
 
 @dataclass(frozen=True)
@@ -105,6 +111,11 @@ class Transport(Protocol):
     def listdir(self, path: str) -> list[str]: ...
 
     def rex_home(self) -> str: ...
+
+    def callback_port(self, sink: Sink) -> int:
+        """The port on the host's 127.0.0.1 that its agents dial to reach ``sink`` through
+        this connection (``callback: {via: ssh}``); TransportError when it cannot be had."""
+        ...
 
     def close(self) -> None: ...
 

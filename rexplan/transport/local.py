@@ -12,12 +12,13 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from rexplan.core.model import Host
-from rexplan.errors import HostTimeoutError
+from rexplan.errors import HostTimeoutError, TransportError
 from rexplan.transport.base import (
     GET_LIMIT,
     Gate,
     Result,
     RunOptions,
+    Sink,
     at_most,
     combine_home,
     command_line,
@@ -140,6 +141,14 @@ class LocalTransport:
     def rex_home(self) -> str:
         """$REX_HOME of the launcher's environment (relative: under ~), else ~/.rex."""
         return combine_home(os.path.expanduser("~"), os.environ.get("REX_HOME", ""))
+
+    def callback_port(self, sink: Sink) -> int:
+        """Never: a local agent calls back on the loopback (checks refuses ``via: ssh``)."""
+        raise TransportError(
+            "a transport: local host has no SSH connection to forward a callback over",
+            host=self.host.name,
+            phase="start",
+        )
 
     def close(self) -> None:
         """Nothing to release."""

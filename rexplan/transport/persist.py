@@ -25,7 +25,16 @@ import rexplan
 from rexplan.core.model import MAX_PERSIST, Host, Manifest, Timeouts, User
 from rexplan.core.text import printable
 from rexplan.errors import TransportError
-from rexplan.transport.base import GET_LIMIT, Result, RunOptions, Transport, kind, unpack
+from rexplan.transport.base import (
+    GET_LIMIT,
+    Result,
+    RunOptions,
+    Sink,
+    Transport,
+    kind,
+    unpack,
+)
+from rexplan.transport.forward import peer_label
 from rexplan.transport.local import LocalTransport
 from rexplan.transport.persist_wire import (
     MUX_ENV,
@@ -257,18 +266,21 @@ class MuxTransport:
         self.timeouts = timeouts
         self.leftovers: list[str] = []
         self._direct: SSHTransport | None = None
+        #: the connection to the daemon holding our callback forward open, and its port
+        self._forward: tuple[socket.socket, int] | None = None
         self._lock = threading.Lock()
 
-    def _call(self, method: str, within: float | None, **args: Any) -> Any:
-        request = {
-            "op": "call",
+    def _request(self, op: str) -> dict[str, Any]:
+        return {
+            "op": op,
             "host": dataclasses.asdict(self.host),
             "user": dataclasses.asdict(self.user),
             "known_hosts": self.known_hosts,
             "timeouts": dataclasses.asdict(self.timeouts),
-            "method": method,
-            "args": args,
         }
+
+    def _call(self, method: str, within: float | None, **args: Any) -> Any:
+        request = {**self._request("call"), "method": method, "args": args}
         # the daemon may have to connect first: its connect deadline comes on top
         wait = None if within is None else within + self.timeouts.connect + 5.0
         reply = self.client.request(request, wait)
@@ -323,6 +335,51 @@ class MuxTransport:
     def rex_home(self) -> str:
         return str(self._call("rex_home", self.timeouts.start))
 
+    def callback_port(self, sink: Sink) -> int:
+        """``callback: {via: ssh}`` through the daemon, which holds the SSH connection: it
+        opens the forward and hands each forwarded connection over as a descriptor on a
+        connection of ours held for this transport's life; our end closing (close(), or this
+        process killed) cancels the forward."""
+        with self._lock:
+            if self._forward is None:
+                for _ in range(2):
+                    sock = self.client.connect()
+                    try:
+                        sock.settimeout(self.timeouts.connect + 5.0)
+                        send(sock, self._request("forward"))
+                        reply = recv(sock)
+                    except (OSError, EOFError, ValueError) as exc:
+                        sock.close()
+                        raise TransportError(
+                            f"connection persistence daemon: {exc}",
+                            host=self.host.name,
+                            phase="start",
+                        ) from exc
+                    if not reply.get("retry"):
+                        break
+                    sock.close()
+                if not reply.get("ok"):
+                    sock.close()
+                    raise error_from_wire(reply.get("error") or {}, self.host.name)
+                sock.settimeout(None)
+                self._forward = (sock, int(reply["value"]))
+                threading.Thread(
+                    target=self._forwarded, args=(sock, sink), name="rex-forward", daemon=True
+                ).start()
+            return self._forward[1]
+
+    def _forwarded(self, sock: socket.socket, sink: Sink) -> None:
+        """Hand each connection the daemon forwards to ``sink``, until it hangs up."""
+        count = 0
+        with contextlib.suppress(OSError):
+            while True:
+                data, fds, _, _ = socket.recv_fds(sock, 1, 1)
+                if not data:
+                    break
+                for fd in fds:
+                    count += 1
+                    sink(socket.socket(fileno=fd), peer_label(self.host.name, count))
+
     def direct(self) -> SSHTransport:
         """A connection of this process's own, for what needs one (tree relays' streams)."""
         with self._lock:
@@ -333,9 +390,15 @@ class MuxTransport:
             return self._direct
 
     def close(self) -> None:
-        """The daemon keeps the connection; only a direct one of this process closes."""
+        """The daemon keeps the connection; only a direct one of this process closes, and
+        the daemon cancels this transport's forward."""
         with self._lock:
             direct, self._direct = self._direct, None
+            forward, self._forward = self._forward, None
+        if forward is not None:
+            with contextlib.suppress(OSError):
+                forward[0].shutdown(socket.SHUT_RDWR)
+            forward[0].close()
         if direct is not None:
             direct.close()
 

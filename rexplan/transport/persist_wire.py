@@ -59,6 +59,10 @@ def safe_dir(path: str) -> str:
     return path
 
 
+#: the byte each forwarded connection's descriptor travels with, daemon to client
+FORWARDED = b"F"
+
+
 def send(sock: socket.socket, obj: Mapping[str, Any]) -> None:
     sock.sendall(encode_frame(obj, MAX_FRAME))
 

@@ -25,6 +25,7 @@ from rexplan.errors import TransportError
 from rexplan.transport.base import GET_LIMIT, Gate
 from rexplan.transport.fds import ensure_fd_budget
 from rexplan.transport.persist_wire import (
+    FORWARDED,
     METHODS,
     PID_FILE,
     SOCKET,
@@ -190,6 +191,9 @@ class Daemon:
                 conn.settimeout(REQUEST_TIMEOUT)
                 request = recv(conn)
                 conn.settimeout(None)
+                if request.get("op") == "forward":
+                    self._forward(request, conn)
+                    return
                 send(conn, self._handle(request, conn))
         except (OSError, EOFError, ValueError, struct.error):
             pass  # a client gone or talking nonsense: nothing to answer
@@ -209,15 +213,11 @@ class Daemon:
             return {"ok": True, "pid": os.getpid()}
         if op != "call" or request.get("method") not in METHODS:
             return {"ok": False, "error": {"type": "TransportError", "message": "bad request"}}
-        host = _from_dict(Host, request["host"])
-        user = _from_dict(User, request["user"])
-        known = request.get("known_hosts")
-        timeouts = _from_dict(Timeouts, request.get("timeouts") or {})
         method = str(request["method"])
         args = request.get("args") or {}
         t: SSHTransport | None = None
         try:
-            t = self.cache.get(host, user, known if isinstance(known, str) else None, timeouts)
+            t = self._transport(request)
             return {"ok": True, "value": self._call(t, method, args, conn)}
         except Exception as exc:  # every failure goes back to the client, mapped
             lost = isinstance(exc, TransportError) and "connection lost" in str(exc)
@@ -227,6 +227,41 @@ class Daemon:
             if t is not None and t.leftovers:
                 reply["leftovers"], t.leftovers[:] = list(t.leftovers), []
             return reply
+
+    def _transport(self, request: Mapping[str, Any]) -> SSHTransport:
+        """The kept connection a request names (opened now when there is none)."""
+        host = _from_dict(Host, request["host"])
+        user = _from_dict(User, request["user"])
+        known = request.get("known_hosts")
+        timeouts = _from_dict(Timeouts, request.get("timeouts") or {})
+        return self.cache.get(host, user, known if isinstance(known, str) else None, timeouts)
+
+    def _forward(self, request: Mapping[str, Any], conn: socket.socket) -> None:
+        """``callback: {via: ssh}`` through the daemon: a remote forward on the kept
+        connection, its port the reply; then each forwarded connection goes to the client
+        as a descriptor (SCM_RIGHTS, one byte each), until the client hangs up (its run
+        ended, or it was killed): then the forward is cancelled, and agents cannot call."""
+        lock = threading.Lock()
+
+        def sink(sock: socket.socket, _peer: tuple[str, int]) -> None:
+            with lock, sock:
+                socket.send_fds(conn, [FORWARDED], [sock.fileno()])
+
+        try:
+            t = self._transport(request)
+            with lock:
+                port = t.open_forward(sink)
+                send(conn, {"ok": True, "value": port})
+        except Exception as exc:  # every failure goes back to the client, mapped
+            send(conn, {"ok": False, "error": error_to_wire(exc)})
+            return
+        try:
+            while conn.recv(64):
+                pass  # the client sends nothing more: it holds the forward open
+        except OSError:
+            pass
+        finally:
+            t.close_forward(port)
 
     @staticmethod
     def _call(t: SSHTransport, method: str, args: Mapping[str, Any], conn: socket.socket) -> Any:

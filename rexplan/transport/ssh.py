@@ -24,6 +24,7 @@ from rexplan.transport.base import (
     Gate,
     Result,
     RunOptions,
+    Sink,
     Transport,
     at_most,
     combine_home,
@@ -32,6 +33,7 @@ from rexplan.transport.base import (
     temp_name,
     unpack,
 )
+from rexplan.transport.forward import Forwards
 from rexplan.transport.handshake import handshake, timed_out
 from rexplan.transport.pacing import dropped_by_server, gave_up, retry_dropped
 from rexplan.transport.pinning import KNOWN_HOSTS, StrictPolicy, host_key_name
@@ -75,6 +77,9 @@ class SSHTransport:
         self._rex_home: str | None = None
         #: temp files of uploads this connection could not finish nor remove
         self.leftovers: list[str] = []
+        self.forwards = Forwards(host.name)
+        self._callback_port: int | None = None
+        self._forward_lock = threading.Lock()
 
     @classmethod
     def open(
@@ -332,8 +337,36 @@ class SSHTransport:
             self._rex_home = combine_home(home, value)
             return self._rex_home
 
+    def open_forward(self, sink: Sink) -> int:
+        """A new remote forward from the host's 127.0.0.1 to ``sink``: the port sshd chose
+        (rexplan.transport.forward); TransportError when sshd refuses it."""
+        transport = self._transport()
+        try:
+            return self.forwards.open(transport, sink)
+        except (paramiko.SSHException, OSError, EOFError) as exc:
+            raise TransportError(
+                f"sshd refused a remote port forward for the callback ({exc}): callback via "
+                "ssh needs 'AllowTcpForwarding yes' (or 'remote') in its sshd_config",
+                host=self.host.name,
+                phase="start",
+            ) from None
+
+    def close_forward(self, port: int) -> None:
+        """Cancel the forward at ``port`` (open_forward's)."""
+        self.forwards.close(self._client.get_transport(), port)
+
+    def callback_port(self, sink: Sink) -> int:
+        """The port on the host's loopback its agents dial to call back through this
+        connection (``callback: {via: ssh}``), forwarded to ``sink``; one forward per
+        connection, opened on first use."""
+        with self._forward_lock:
+            if self._callback_port is None:
+                self._callback_port = self.open_forward(sink)
+            return self._callback_port
+
     def close(self) -> None:
         """Close the SFTP session and the connection; idempotent."""
+        self.forwards.forget()
         with self._lock:
             if self._sftp is not None:
                 with contextlib.suppress(Exception):
