@@ -13,6 +13,8 @@ then per N, each variant in a fresh worker process:
   its callback after an ``alive`` probe of --settle seconds; keys are created and distributed
   before the timed run. The first rex run on each size's hosts also uploads the agent: it is
   timed and printed apart ("cold"), not counted in the medians;
+- rex-cold: ``rex apply`` as rex, on hosts whose agent files (and compiled caches) were removed
+  just before the run: a first apply, where the agent travels with the launch;
 - rex-ssh: ``rex apply`` as rex, with ``callback: {via: ssh}``: each agent calls back through
   a remote port forward on its host's SSH connection instead of dialling the listener;
 - reapply: ``rex apply`` twice, the second on the unchanged manifest (every step ``unchanged``,
@@ -58,7 +60,17 @@ sys.path.insert(0, str(ROOT))
 import helpers_procs as procs  # noqa: E402 - tests/helpers_procs.py, found via sys.path
 
 COMMAND = "nohup sleep 30 >/dev/null 2>&1 &"
-VARIANTS = ("openssh", "fabric", "rex", "rex-ssh", "reapply", "stop", "persist", "reapply-p")
+VARIANTS = (
+    "openssh",
+    "fabric",
+    "rex",
+    "rex-cold",
+    "rex-ssh",
+    "reapply",
+    "stop",
+    "persist",
+    "reapply-p",
+)
 
 
 # --- workers: one process per timed run ---------------------------------------------------------
@@ -224,6 +236,7 @@ def worker(variant: str, cfg_path: str) -> None:
     cfg = json.loads(Path(cfg_path).read_text())
     t0 = time.perf_counter()
     works = {"openssh": work_openssh, "fabric": work_fabric, "rex": work_rex}
+    works["rex-cold"] = work_rex  # on hosts whose agent files were removed before the run
     works["rex-ssh"] = work_rex_ssh
     works["reapply"] = work_reapply
     works["stop"] = work_stop
@@ -388,8 +401,11 @@ def bench(
                 clean(uid, marker, n)
                 print(f"N={n:<4} rex cold  (agent upload): wall {m['wall']:6.2f}s  "
                       f"inner {m['inner']:6.2f}s  cpu {m['cpu']:6.2f}s", flush=True)  # fmt: skip
+            homes = [Path(h.state_dir_for(rig.login)) for h in hosts]
             for rep in range(reps):
                 for variant in variants:
+                    if variant == "rex-cold":
+                        forget_agents(homes)
                     m = timed(variant, cfg_path)
                     clean(uid, marker, 0 if variant == "stop" else n)
                     rows.append((n, variant, rep, m))
@@ -404,6 +420,14 @@ def bench(
             procs.kill(launched(rig.accounts[0].uid, marker))
         rig.close()
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def forget_agents(homes: Sequence[Path]) -> None:
+    """Remove every agent file and compiled cache from these rex homes: the next launch there
+    is a first one."""
+    for home in homes:
+        for path in home.glob("agent-*"):
+            path.unlink(missing_ok=True)
 
 
 def report(
@@ -429,6 +453,14 @@ def report(
                     for key in ("wall", "inner", "cpu")
                 )
                 print(f"{n:>4}  rex/{other:<8} {ratios}")
+        if "rex-cold" in variants:
+            for other in ("fabric", "openssh", "rex"):
+                if other in variants:
+                    ratios = "  ".join(
+                        f"{key} {med(n, 'rex-cold', key) / med(n, other, key):.2f}x"
+                        for key in ("wall", "inner", "cpu")
+                    )
+                    print(f"{n:>4}  rex-cold/{other:<7} {ratios}")
         if "rex" in variants and "rex-ssh" in variants:
             ratios = "  ".join(
                 f"{key} {med(n, 'rex-ssh', key) / med(n, 'rex', key):.2f}x"
