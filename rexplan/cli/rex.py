@@ -93,6 +93,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--json", action="store_true", help="print the plan as JSON (format 1, stable)"
     )
     output.add_argument("--dot", action="store_true", help="print a Graphviz graph of programs")
+    output.add_argument(
+        "--svg",
+        metavar="FILE",
+        help="draw the waves and the requires arrows as an SVG picture in FILE ('-': stdout)",
+    )
     plan.add_argument(
         "--limit",
         metavar="PATTERN",
