@@ -10,7 +10,7 @@ from collections.abc import Iterator, Sequence
 from typing import NoReturn
 
 from rexplan import __version__
-from rexplan.cli import blame, completion, importer, rex_key, ui
+from rexplan.cli import blame, completion, importer, logs, rex_key, ui
 from rexplan.cli.boundary import MESSAGE_LIMIT, run_main, write_stderr
 from rexplan.cli.commands import cmd_apply, cmd_disconnect, cmd_plan, cmd_validate
 from rexplan.core import simulate
@@ -221,6 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_parser(commands)
     blame.add_parser(commands)
     lifecycle.add_parser(commands)
+    logs.add_parser(commands)
     disconnect = commands.add_parser(
         "disconnect",
         help="close the SSH connections kept open by persist",
@@ -320,8 +321,16 @@ def parsers() -> list[tuple[str, argparse.ArgumentParser]]:
 
 
 def _run(argv: Sequence[str]) -> int:
+    parser = build_parser()
     try:
-        args = build_parser().parse_args(argv)
+        args, extra = parser.parse_known_args(argv)
+        # argparse takes a command's positionals in one run: those of a command that
+        # collects them (``rex logs M -n 5 PATTERN``) may also come after its options
+        collect = getattr(args, "collect", None)
+        if extra and collect and not any(e.startswith("-") for e in extra):
+            setattr(args, collect, [*getattr(args, collect), *extra])
+        elif extra:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     except SystemExit as e:
         # --help and --version print, then exit through argparse; usage errors never do
         return e.code if isinstance(e.code, int) else 0

@@ -1,0 +1,173 @@
+"""`rex logs` over real sshds: two hosts' output prefixed by step, -n, patterns, the rotated
+file, --since on the start markers, and -f following two hosts until SIGINT, after which
+nothing of it is left on the hosts (their sshd sessions, found by the pid/ppid tree)."""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import test_completion
+from helpers_world import Hosts, World, nothing_left
+from oracle import Oracle
+
+from rexplan.engine import logs as hostlogs
+
+ROOT = Path(__file__).resolve().parent.parent
+TALK = {
+    "shell": "for i in 1 2 3 4 5; do echo line $i; done; printf 'bad \\033[31m\\n'; exec sleep 300",
+    "ready": {"alive": 0.2},
+}
+TICK = {
+    # 15 ticks, then quiet: the followers then have nothing to write, and must still end
+    "shell": "i=0; while [ $i -lt 15 ]; do echo tick $i; i=$((i+1)); sleep 0.2; done; "
+    "exec sleep 300",
+    "ready": {"alive": 0.2},
+}
+JOB = {"kind": "job", "run": ["sh", "-c", "echo job says hi"]}
+
+
+@pytest.fixture(autouse=True)
+def _nothing_left_running(tag: str) -> Iterator[None]:
+    yield
+    nothing_left(lambda env: env.get("REXTEST") == tag)
+
+
+def test_logs_of_two_hosts_n_patterns_rotation_since(world: World, sshd_hosts: Hosts) -> None:
+    hosts = sshd_hosts(2)
+    a, b = (h.name for h in hosts)
+    m = world.manifest(hosts, {"talk": {"on": [a, b], **TALK}, "once": {"on": [a], **JOB}})
+    world.distribute(m)
+    run = world.apply(m)
+    assert run.code == 0, run.out + run.err
+    try:
+        code, out, err = world.rex("logs", str(m))
+        assert code == 0, out + err
+        lines = out.splitlines()
+        for host in (a, b):
+            mine = [line for line in lines if line.startswith(f"talk@{host} ")]
+            assert mine[1:6] == [f"talk@{host} | line {i}" for i in range(1, 6)], out
+            assert mine[0].startswith(f"talk@{host} | --- rex: run {run.id} step talk@{host}")
+            assert mine[-1] == f"talk@{host} | bad \\x1b[31m"  # host bytes filtered
+        assert f"once@{a} | job says hi" in lines
+
+        code, out, _ = world.rex("logs", str(m), "-n", "2", f"talk@{a}")
+        assert code == 0
+        assert out.splitlines() == [f"talk@{a} | line 5", f"talk@{a} | bad \\x1b[31m"]
+        code, _, err = world.rex("logs", str(m), "nothing*")
+        assert code == 5 and "matches no step" in err
+
+        # -n more than NAME.log holds: the newest rotated file's last lines come first
+        rotated = Path(world.home(b)) / "logs" / "talk.log.1"
+        rotated.write_text("old 1\nold 2\n")
+        world.leftovers.append(rotated)
+        code, out, _ = world.rex("logs", str(m), "-n", "9", "talk@" + b)
+        assert out.splitlines()[:2] == [f"talk@{b} | old 1", f"talk@{b} | old 2"]
+        assert len(out.splitlines()) == 9
+
+        # --since: the runs begun since then (the marker's run id), or none
+        code, out, _ = world.rex("logs", str(m), "talk", "-n", "100", "--since", "1h")
+        assert code == 0 and "old 1" not in out and f"talk@{b} | line 5" in out
+        code, out, _ = world.rex("logs", str(m), "--since", "2099-01-01")
+        assert code == 0 and out == ""
+        code, _, err = world.rex("logs", str(m), "--since", "yesterday")
+        assert code == 5 and "--since" in err
+    finally:
+        world.rex("stop", str(m))
+
+
+def test_follow_two_hosts_until_sigint(world: World, sshd_hosts: Hosts, no_orphans: Oracle) -> None:
+    hosts = sshd_hosts(2)
+    names = [h.name for h in hosts]
+    m = world.manifest(hosts, {"tick": {"on": names, **TICK}})
+    world.distribute(m)
+    run = world.apply(m)
+    assert run.code == 0, run.out + run.err
+    before = set(no_orphans.sessions()[0])
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    argv = [sys.executable, "-c", "import sys; from rexplan.cli.rex import main; sys.exit(main())"]
+    options = ["--keys", str(world.keys), "--known-hosts", world.rig.known_hosts]
+    proc = subprocess.Popen(
+        [*argv, "logs", "-f", "-n", "100", *options, str(m)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+        text=True,
+    )
+    got: queue.Queue[str] = queue.Queue()
+    reader = threading.Thread(target=lambda: [got.put(line) for line in proc.stdout or ()])
+    reader.start()
+    try:
+        seen: dict[str, list[int]] = {n: [] for n in names}
+        end = time.monotonic() + 30
+        while min(len(s) for s in seen.values()) < 15 and time.monotonic() < end:
+            try:
+                line = got.get(timeout=1)
+            except queue.Empty:
+                continue
+            step, _, text = line.rstrip("\n").partition(" | ")
+            if text.startswith("--- rex: run"):
+                continue
+            assert text.startswith("tick "), line
+            seen[step.strip().split("@")[1]].append(int(text.split()[1]))
+        # the tail, then the followed lines: each once, in order
+        assert all(s == list(range(15)) for s in seen.values()), seen
+        # the followers: the sshd sessions opened since the apply, one per host
+        followers = set(no_orphans.sessions()[0]) - before
+        assert followers
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 130
+        end = time.monotonic() + 10
+        while time.monotonic() < end and any(_alive(p) for p in followers):
+            time.sleep(0.1)
+        assert not [p for p in followers if _alive(p)]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        reader.join(10)
+        world.rex("stop", str(m))
+    assert proc.stderr is not None and "Traceback" not in proc.stderr.read()
+    proc.stderr.close()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except (OSError, IndexError):
+        return False
+
+
+def test_since_is_defined_on_the_start_markers() -> None:
+    lines = [
+        "before any marker",
+        "--- rex: run 20261206T100000-aa step p@h starting",
+        "old",
+        "--- rex: run 20261206T120000-bb step p@h starting",
+        "new",
+        "--- rex: run 20261206T120000-bb step p@h restart 1",
+        "after restart",
+    ]
+    assert hostlogs.since_filter(lines, "20261206T110000") == lines[3:]
+    assert hostlogs.since_filter(lines, "20261206T090000") == lines[1:]
+    assert hostlogs.parse_since("2026-12-06T11:00") == "20261206T110000"
+    assert hostlogs.parse_since("90", now=time.mktime((2026, 12, 6, 11, 0, 0, 0, 0, -1))) == (
+        "20261206T105830"
+    )
+
+
+def test_bash_completes_logs_patterns_with_program_names(tmp_path: Path) -> None:
+    workdir = test_completion.workdir.__wrapped__(tmp_path)  # type: ignore[attr-defined]
+    got = test_completion.bash_complete(
+        workdir, ["rex", "lo"], ["rex", "logs", "site.yaml", ""], ["rex", "logs", "--fo"]
+    )
+    assert got == [["logs"], ["db", "site"], ["--follow", "--forks"]]
