@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import os
 import queue
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -19,7 +21,9 @@ import test_completion
 from helpers_world import Hosts, World, nothing_left
 from oracle import Oracle
 
+from rexplan.cli.rex import main
 from rexplan.engine import logs as hostlogs
+from rexplan.transport import persist_wire
 
 ROOT = Path(__file__).resolve().parent.parent
 TALK = {
@@ -84,19 +88,18 @@ def test_logs_of_two_hosts_n_patterns_rotation_since(world: World, sshd_hosts: H
         world.rex("stop", str(m))
 
 
-def test_follow_two_hosts_until_sigint(world: World, sshd_hosts: Hosts, no_orphans: Oracle) -> None:
-    hosts = sshd_hosts(2)
-    names = [h.name for h in hosts]
-    m = world.manifest(hosts, {"tick": {"on": names, **TICK}})
-    world.distribute(m)
-    run = world.apply(m)
-    assert run.code == 0, run.out + run.err
-    before = set(no_orphans.sessions()[0])
+def _follow_until_sigint(
+    world: World, m: Path, names: list[str], oracle: Oracle, *options: str
+) -> tuple[set[int], dict[int, set[int]]]:
+    """Run `rex logs -f` (in a process of its own, to SIGINT it) until it printed every tick
+    of every host once, in order; SIGINT it: exit 130. (The sshd session processes that were
+    there before, those started while it followed)."""
+    before = set(oracle.sessions()[0])
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     argv = [sys.executable, "-c", "import sys; from rexplan.cli.rex import main; sys.exit(main())"]
-    options = ["--keys", str(world.keys), "--known-hosts", world.rig.known_hosts]
+    keys = ["--keys", str(world.keys), "--known-hosts", world.rig.known_hosts]
     proc = subprocess.Popen(
-        [*argv, "logs", "-f", "-n", "100", *options, str(m)],
+        [*argv, "logs", "-f", "-n", "100", *keys, *options, str(m)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         env=env,
@@ -120,23 +123,84 @@ def test_follow_two_hosts_until_sigint(world: World, sshd_hosts: Hosts, no_orpha
             seen[step.strip().split("@")[1]].append(int(text.split()[1]))
         # the tail, then the followed lines: each once, in order
         assert all(s == list(range(15)) for s in seen.values()), seen
-        # the followers: the sshd sessions opened since the apply, one per host
-        followers = set(no_orphans.sessions()[0]) - before
+        # the followers: the sshd session processes started since, found by the process tree
+        followers = set(oracle.sessions()[0]) - before
         assert followers
+        lineage = {p: _ancestors(p) for p in followers}
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=30) == 130
         end = time.monotonic() + 10
         while time.monotonic() < end and any(_alive(p) for p in followers):
             time.sleep(0.1)
-        assert not [p for p in followers if _alive(p)]
+        left = [p for p in followers if _alive(p)]
+        assert not left, [Path(f"/proc/{p}/cmdline").read_bytes()[:200] for p in left]
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
         reader.join(10)
-        world.rex("stop", str(m))
     assert proc.stderr is not None and "Traceback" not in proc.stderr.read()
     proc.stderr.close()
+    return before, lineage
+
+
+def _ancestors(pid: int) -> set[int]:
+    found = set()
+    while pid > 1:
+        pid = _parent(pid)
+        found.add(pid)
+    return found
+
+
+def test_follow_two_hosts_until_sigint(world: World, sshd_hosts: Hosts, no_orphans: Oracle) -> None:
+    hosts = sshd_hosts(2)
+    names = [h.name for h in hosts]
+    m = world.manifest(hosts, {"tick": {"on": names, **TICK}})
+    world.distribute(m)
+    run = world.apply(m)
+    assert run.code == 0, run.out + run.err
+    try:
+        _follow_until_sigint(world, m, names, no_orphans)
+    finally:
+        world.rex("stop", str(m))
+
+
+def test_follow_through_the_persistence_daemon(
+    world: World, sshd_hosts: Hosts, no_orphans: Oracle, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    base = Path(tempfile.mkdtemp(prefix="rexmux-", dir="/tmp"))  # a socket path is short
+    monkeypatch.setenv(persist_wire.MUX_ENV, str(base / "mux"))
+    hosts = sshd_hosts(1)
+    names = [h.name for h in hosts]
+    m = world.manifest(hosts, {"tick": {"on": names, **TICK}})
+    world.distribute(m)
+    run = world.apply(m, "--persist", "60")  # the daemon's connection, with its SFTP session
+    assert run.code == 0, run.out + run.err
+    try:
+        code, _, err = world.rex("logs", str(m), "--persist", "60", "-n", "1")
+        assert code == 0, err
+        kept, lineage = _follow_until_sigint(world, m, names, no_orphans, "--persist", "60")
+        # the follower ran on the daemon's kept connection, which outlives it
+        assert kept and all(_alive(p) for p in kept)
+        assert all(ancestors & kept for ancestors in lineage.values()), (lineage, kept)
+    finally:
+        world.rex("stop", str(m))
+        assert main(["disconnect"]) == 0
+        pid_file = base / "mux" / persist_wire.PID_FILE
+        pid = int(pid_file.read_text()) if pid_file.exists() else None
+        end = time.monotonic() + 10
+        while pid is not None and _alive(pid) and time.monotonic() < end:
+            time.sleep(0.1)
+        shutil.rmtree(base)
+    assert pid is None or not _alive(pid)
+
+
+def _parent(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return int(f.read().rsplit(b")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return 0
 
 
 def _alive(pid: int) -> bool:

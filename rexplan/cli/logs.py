@@ -61,7 +61,8 @@ def add_parser(subparsers: argparse._SubParsersAction[Any]) -> None:
         description="Print the last lines of what each step's program wrote (stdout and "
         "stderr), read from its host by the rex agent: one SSH exec per host and login, in "
         "parallel (through the persistence daemon when it runs). With -f, follow every host "
-        "at once, one SSH channel per host and login, until Ctrl-C; closing the channel ends "
+        "at once, one SSH channel per host and login (on the daemon's kept connection with "
+        "persist), until Ctrl-C; closing the channel ends "
         "the follower on the host. Jobs, services and transport: local programs alike.",
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -22,22 +22,18 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Protocol
 
 from rexplan.core.model import Manifest, Plan, Step
 from rexplan.core.text import printable
 from rexplan.engine.agentctl import EXEC_SLACK, agent_run
 from rexplan.errors import TransportError, UsageError
-from rexplan.transport.base import kind
-from rexplan.transport.local import LocalStream
+from rexplan.transport.persist import Follower, follow_stream
 from rexplan.transport.pool import TransportPool
 from rexplan.transport.shipping import (
-    agent_name,
     bootstrap_argv,
     bootstrap_input,
     launch_argv,
 )
-from rexplan.transport.ssh import open_stream
 
 #: characters of a log line shown (the agent sends at most 4096 bytes of one)
 LINE_LIMIT = 4096
@@ -185,28 +181,26 @@ def read(
         return list(zip(groups, workers.map(one, groups), strict=True))
 
 
-class _Stream(Protocol):
-    def readline(self, limit: int) -> bytes: ...
-
-    def close(self) -> None: ...
-
-
-def _open(manifest: Manifest, group: Sequence[Step], pool: TransportPool, lines: int) -> _Stream:
-    """The follower of ``group``'s logs: the agent copy a launch left on the host, else the
-    bundle sent on stdin (which then stays open: its end is the follower's)."""
+def _open(
+    manifest: Manifest, group: Sequence[Step], pool: TransportPool, lines: int
+) -> tuple[Follower, bytes]:
+    """The follower of ``group``'s logs (transport.persist.follow_stream) and its first line:
+    the agent copy a launch left on the host, else (the launch stub's report that there is
+    none comes first) the bundle sent on stdin, which then stays open: its end is the
+    follower's."""
     first = group[0]
     host = manifest.host(first.host)
     args = _args(lines, "follow", group)
     transport = pool.get(host, manifest.user(first.user))
-    there = transport.stat(f"{transport.rex_home()}/{agent_name()}") is not None
-    argv = launch_argv(host.python, *args) if there else bootstrap_argv(host.python, *args)
-    stdin = b"" if there else bootstrap_input(b"")
-    if kind(host.transport).is_local:
-        return LocalStream(host, argv, stdin)
-    stream = open_stream(transport, argv, timeout=first.timeouts.start)
-    if stdin:
-        stream.send(stdin)
-    return stream
+    timeout = first.timeouts.start
+    stream = follow_stream(transport, launch_argv(host.python, *args), stdin=b"", timeout=timeout)
+    line = stream.readline(_READ_LIMIT)
+    if line.startswith(b"{"):  # {"ok": false, "exit": 20, ...}: no agent copy there
+        stream.close()
+        argv = bootstrap_argv(host.python, *args)
+        stream = follow_stream(transport, argv, stdin=bootstrap_input(b""), timeout=timeout)
+        line = stream.readline(_READ_LIMIT)
+    return stream, line
 
 
 class Follow:
@@ -231,7 +225,7 @@ class Follow:
         self._on_line, self._on_problem = on_line, on_problem
         self._groups = _groups(steps)
         self._lock = threading.Lock()
-        self._streams: list[_Stream] = []
+        self._streams: list[Follower] = []
         self._stopped = threading.Event()
         self._threads = [
             threading.Thread(target=self._run, args=(g,), daemon=True) for g in self._groups
@@ -257,7 +251,7 @@ class Follow:
     def _run(self, group: list[Step]) -> None:
         where = f"{group[0].login}@{group[0].host}"
         try:
-            stream = _open(self._manifest, group, self._pool, self._ask)
+            stream, pending = _open(self._manifest, group, self._pool, self._ask)
         except (TransportError, OSError) as exc:
             self._on_problem(where, str(exc))
             return
@@ -270,7 +264,7 @@ class Follow:
         head = HostLogs()
         ended = False
         while True:
-            raw = stream.readline(_READ_LIMIT)
+            raw, pending = pending or stream.readline(_READ_LIMIT), b""
             if not raw:
                 break
             raw = raw.rstrip(b"\n")
