@@ -4,6 +4,7 @@ nothing of it is left on the hosts (their sshd sessions, found by the pid/ppid t
 
 from __future__ import annotations
 
+import io
 import os
 import queue
 import shutil
@@ -20,7 +21,9 @@ import pytest
 import test_completion
 from helpers_world import Hosts, World, nothing_left
 from oracle import Oracle
+from rich.console import Console
 
+from rexplan.cli import ui
 from rexplan.cli.rex import main
 from rexplan.engine import logs as hostlogs
 from rexplan.transport import persist_wire
@@ -235,3 +238,80 @@ def test_bash_completes_logs_patterns_with_program_names(tmp_path: Path) -> None
         workdir, ["rex", "lo"], ["rex", "logs", "site.yaml", ""], ["rex", "logs", "--fo"]
     )
     assert got == [["logs"], ["db", "site"], ["--follow", "--forks"]]
+
+
+# --- the agent's --logs mode, run here ---------------------------------------------------
+
+
+def _agent(home: Path, *args: str, stdin: int | None = None) -> subprocess.Popen[bytes]:
+    code = "import sys; from rexplan.remote.agent.front import main; sys.exit(main())"
+    return subprocess.Popen(
+        [sys.executable, "-c", code, "--logs", *args],
+        stdin=subprocess.PIPE if stdin is None else stdin,
+        stdout=subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "REX_HOME": str(home)},
+    )
+
+
+def test_agent_cuts_long_lines_in_pieces_and_bounds_the_tail(tmp_path: Path) -> None:
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs" / "p.log").write_bytes(b"x" * 10000 + b"\nshort\n" + b"y\n" * 400_000)
+    proc = _agent(tmp_path, "100000", "once", "p", "q")
+    out, _ = proc.communicate(timeout=60)
+    lines = out.split(b"\n")
+    assert lines[-3:] == [b".none q", b".end", b""]
+    assert len(out) <= 1 << 20  # within what a launcher keeps of a command's output
+    assert all(line == b"p y" for line in lines[:-3])
+    proc = _agent(tmp_path, "0", "once", "p")
+    assert proc.communicate(timeout=60)[0] == b".end\n"
+    (tmp_path / "logs" / "p.log").write_bytes(b"x" * 10000 + b"\nshort\n")
+    out, _ = _agent(tmp_path, "5", "once", "p").communicate(timeout=60)
+    assert out.split(b"\n")[:2] == [b"p " + b"x" * 4096, b"p " + b"x" * 4096]
+    assert out.split(b"\n")[2:] == [b"p " + b"x" * 1808, b"p short", b".end", b""]
+
+
+def test_agent_follows_across_a_rotation_each_line_once(tmp_path: Path) -> None:
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    log = logs / "p.log"
+    log.write_text("one\n")
+    proc = _agent(tmp_path, "10", "follow", "p")
+    assert proc.stdout is not None and proc.stdin is not None
+    got: queue.Queue[bytes] = queue.Queue()
+    reader = threading.Thread(target=lambda: [got.put(line) for line in proc.stdout or ()])
+    reader.start()
+
+    def next_lines(n: int) -> list[bytes]:
+        return [got.get(timeout=10) for _ in range(n)]
+
+    assert next_lines(2) == [b"p one\n", b".end\n"]
+    with log.open("a") as f:
+        f.write("two\nthree")  # no newline yet: the line waits
+    time.sleep(0.5)
+    with log.open("a") as f:
+        f.write(" and a half\n")
+    log.rename(logs / "p.log.1")  # rotated as the supervisor would: the old file ends
+    log.write_text("four\n")
+    assert next_lines(3) == [b"p two\n", b"p three and a half\n", b"p four\n"]
+    proc.stdin.close()  # the channel closes: the follower ends
+    assert proc.wait(timeout=10) == 0
+    reader.join(10)
+    assert got.empty()
+    proc.stdout.close()
+
+
+def test_prefixes_coloured_per_step_on_a_terminal_only() -> None:
+    for terminal in (True, False):
+        buffer = io.StringIO()
+        console = Console(file=buffer, force_terminal=terminal, color_system="standard", width=200)
+        printer = ui.LogPrinter(console, ["db@h1", "app@web1"])
+        printer.line("db@h1", "ready \x1b[2J")
+        printer.line("app@web1", "up")
+        text = buffer.getvalue()
+        plain = "db@h1    | ready \\x1b[2J\napp@web1 | up\n"
+        if terminal:
+            assert "\x1b[36m" in text and "\x1b[35m" in text  # cyan, then magenta
+            assert "\x1b[2J" not in text
+            assert "ready \\x1b[2J" in text  # the host's escape shown, not sent
+        else:
+            assert text == plain

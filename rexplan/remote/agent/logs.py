@@ -156,7 +156,13 @@ def _first(home: str, name: str, lines: int, budget: int, out: _Out) -> _Followe
                     got = older + got
             finally:
                 os.close(old)
-    for text in got:
+    # the budget holds for what goes out, prefixes included: the oldest lines give way
+    size = sum(len(name) + 2 + len(text) for text in got)
+    drop = 0
+    while size > budget and drop < len(got):
+        size -= len(name) + 2 + len(got[drop])
+        drop += 1
+    for text in got[drop:]:
         out.line(name, text)
     return _Follower(home, name, fd, end)
 
