@@ -142,6 +142,8 @@ def _follow_until_sigint(
             proc.kill()
             proc.wait()
         reader.join(10)
+        if proc.stdout is not None:
+            proc.stdout.close()
     assert proc.stderr is not None and "Traceback" not in proc.stderr.read()
     proc.stderr.close()
     return before, lineage
@@ -315,3 +317,52 @@ def test_prefixes_coloured_per_step_on_a_terminal_only() -> None:
             assert "ready \\x1b[2J" in text  # the host's escape shown, not sent
         else:
             assert text == plain
+
+
+def test_local_programs_logs_and_follow(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """transport: local: read once in this process, then -f (a local pipe) until SIGINT, after
+    which the follower, a child of rex, is gone."""
+    manifest = tmp_path / "m.yaml"
+    manifest.write_text(
+        "rex: 1\n"
+        "defaults: {user: me, transport: local, timeouts: {start: 5, callback: 5}}\n"
+        "hosts: {localhost: {transport: local}}\n"
+        "users: {me: {}}\n"
+        "programs:\n"
+        "  hello: {on: [localhost], kind: job, run: [sh, -c, 'echo hello from a job']}\n"
+        "authorize: ['*.*.*']\n"
+    )
+    home = tmp_path / "home"
+    monkeypatch.setenv("REX_HOME", str(home))
+    keys = ["--keys", str(tmp_path / "keys")]
+    assert main(["apply", "-y", "-q", str(manifest), *keys]) == 0
+    assert main(["logs", str(manifest), "-n", "1", *keys]) == 0
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    code = "import sys; from rexplan.cli.rex import main; sys.exit(main())"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, "logs", "-f", "-n", "1", *keys, str(manifest)],
+        stdout=subprocess.PIPE,
+        env=env,
+    )
+    got: queue.Queue[bytes] = queue.Queue()
+    reader = threading.Thread(target=lambda: [got.put(line) for line in proc.stdout or ()])
+    reader.start()
+    assert got.get(timeout=30) == b"hello@localhost | hello from a job\n"
+    with (home / "logs" / "hello.log").open("a") as log:
+        log.write("appended\n")
+    assert got.get(timeout=10) == b"hello@localhost | appended\n"
+    children = [p for p in _all_pids() if _parent(p) == proc.pid]
+    assert children  # the follower
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=30) == 130
+    reader.join(10)
+    assert proc.stdout is not None
+    proc.stdout.close()
+    end = time.monotonic() + 10
+    while time.monotonic() < end and any(_alive(p) for p in children):
+        time.sleep(0.1)
+    assert not [p for p in children if _alive(p)]
+
+
+def _all_pids() -> list[int]:
+    return [int(name) for name in os.listdir("/proc") if name.isdigit()]
