@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import textwrap
 import time
 from typing import Any
 
@@ -34,7 +35,7 @@ last marker before it names a run begun at or after WHEN: the output of the
 applies since WHEN, restarts included.
 
 exit codes:
-  0    the logs were printed (-f: stopped by SIGTERM is not clean; use Ctrl-C)
+  0    the logs were printed
   3    a host was unreachable, or its agent gave no logs (the others are printed)
   4    the manifest or the plan is invalid
   5    usage error: a pattern that matches no step, a bad -n or --since
@@ -58,12 +59,15 @@ def add_parser(subparsers: argparse._SubParsersAction[Any]) -> None:
     parser = subparsers.add_parser(
         "logs",
         help="show the programs' output from their hosts, -f to follow it",
-        description="Print the last lines of what each step's program wrote (stdout and "
-        "stderr), read from its host by the rex agent: one SSH exec per host and login, in "
-        "parallel (through the persistence daemon when it runs). With -f, follow every host "
-        "at once, one SSH channel per host and login (on the daemon's kept connection with "
-        "persist), until Ctrl-C; closing the channel ends "
-        "the follower on the host. Jobs, services and transport: local programs alike.",
+        description=textwrap.fill(
+            "Print the last lines of what each step's program wrote (stdout and stderr), "
+            "read from its host by the rex agent: one SSH exec per host and login, in "
+            "parallel (through the persistence daemon when it runs). With -f, follow every "
+            "host at once, one SSH channel per host and login (on the daemon's kept "
+            "connection with persist), until Ctrl-C; closing the channel ends the follower "
+            "on the host. Jobs, services and transport: local programs alike.",
+            79,
+        ),
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
