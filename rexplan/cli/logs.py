@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import textwrap
+import threading
 import time
 from typing import Any
 
@@ -12,6 +13,7 @@ from rexplan.cli import ui
 from rexplan.cli.boundary import MESSAGE_LIMIT, write_stderr
 from rexplan.core import manifest
 from rexplan.core import plan as planner
+from rexplan.core.model import Step
 from rexplan.core.text import printable
 from rexplan.engine import lifecycle
 from rexplan.engine import logs as hostlogs
@@ -41,6 +43,7 @@ exit codes:
   5    usage error: a pattern that matches no step, a bad -n or --since
   6    authentication or host key failure
   130  interrupted (the normal end of -f)
+  141  the output pipe was closed early (rex logs -f ... | head)
 """
 
 
@@ -138,21 +141,32 @@ def cmd_logs(args: argparse.Namespace, screen: ui.Screen) -> int:
     ask = hostlogs.MAX_LINES if since is not None else args.lines
     with lifecycle.pool_for(loaded, compiled, known_hosts) as pool:
         if args.follow:
+            broken = threading.Event()  # stdout closed (rex logs -f | head): as plan's 141
+
+            def show(step: Step, text: str) -> None:
+                if not broken.is_set():
+                    try:
+                        printer.line(step.id, text)
+                    except BrokenPipeError:
+                        broken.set()
+
             follower = hostlogs.Follow(
                 loaded,
                 steps,
                 pool,
                 lines=args.lines,
                 since=since,
-                on_line=lambda step, text: printer.line(step.id, text),
+                on_line=show,
                 on_problem=_problem,
             )
             follower.start()
             try:
-                while follower.running():
+                while follower.running() and not broken.is_set():
                     time.sleep(0.2)
             finally:
                 follower.stop()
+            if broken.is_set():
+                raise BrokenPipeError
             return 3  # every follower ended by itself: connections lost
         results = hostlogs.read(loaded, steps, pool, lines=ask, forks=args.forks or loaded.forks)
     failed = False
