@@ -8,9 +8,11 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from rexplan.cli import svg
 from rexplan.core.text import printable
 from rexplan.engine import events as ev
 from rexplan.engine import runs
+from rexplan.errors import UsageError
 
 if TYPE_CHECKING:
     from rexplan.cli import ui
@@ -18,8 +20,13 @@ if TYPE_CHECKING:
 FORMAT = 1
 
 #: the phase a step spends its time in while it is in a state, in the order it passes them
-PHASE_OF = {ev.CONNECTING: "connect", ev.STARTING: "start", ev.AWAITING: "callback"}
-PHASES = ("connect", "start", "callback")
+PHASE_OF = {
+    ev.CONNECTING: "connect",
+    ev.STARTING: "start",
+    ev.AWAITING: "callback",
+    ev.RUNNING: "run",
+}
+PHASES = ("connect", "start", "callback", "run")
 
 
 @dataclass
@@ -36,6 +43,8 @@ class StepTiming:
     reason: str | None = None
     phase: str | None = None  # where a failure happened
     phases: dict[str, float] = field(default_factory=dict)
+    #: (phase, start, end) for each time the step was in a phase, in order
+    segments: list[tuple[str, float, float]] = field(default_factory=list)
     launched: bool = False  # False for steps skipped before they began
 
     @property
@@ -64,6 +73,7 @@ def step_timings(events: Iterable[ev.Event]) -> list[StepTiming]:
             phase = PHASE_OF.get(st.state)
             if phase is not None:
                 st.phases[phase] = st.phases.get(phase, 0.0) + max(0.0, e.t - st.end)
+                st.segments.append((phase, st.end, max(st.end, e.t)))
             st.state = e.state
             st.end = e.t
         if e.state in PHASE_OF:
@@ -320,12 +330,58 @@ def format_run_list(rows: list[dict[str, Any]]) -> str:
     )
 
 
+# --- picture ------------------------------------------------------------------------------
+
+#: the end states drawn as failures (a cross, the label in red)
+FAILED_STATES = frozenset({ev.FAILED, ev.UNREACHABLE})
+
+
+def run_svg(run_id: str, events: Sequence[ev.Event]) -> str:
+    """``rex blame --svg``: every step of the run as a row, grouped by wave, with a bar per
+    phase, failures marked and the critical chain outlined (see rexplan.cli.svg)."""
+    timings = step_timings(events)
+    chain = {link.step.step for link in critical_chain(events, timings) if link.step}
+    done = [e.t for e in events if e.kind == ev.RUN_DONE]
+    total = done[-1] if done else max((e.t for e in events), default=0.0)
+    rows = [
+        svg.Row(
+            label=t.step,
+            group=t.wave,
+            start=t.start,
+            end=t.end,
+            bars=tuple(svg.Bar(p, a, b) for p, a, b in t.segments),
+            state=t.state,
+            note=" ".join(w for w in (t.reason, f"in {t.phase}" if t.phase else None) if w)
+            if t.state in FAILED_STATES
+            else (t.reason or ""),
+            failed=t.state in FAILED_STATES,
+            critical=t.step in chain,
+        )
+        for t in timings
+    ]
+    return svg.timeline(f"rex run {run_id}", rows, total, PHASES)
+
+
+def write_picture(path: str, text: str, screen: ui.Screen) -> None:
+    """Write an SVG to ``path`` ('-': stdout); UsageError naming the path if it cannot."""
+    if path == "-":
+        screen.text(text.rstrip("\n"))
+        return
+    try:
+        with open(path, "w", encoding="utf-8") as out:
+            out.write(text)
+    except OSError as exc:
+        raise UsageError(f"cannot write {path}: {exc.strerror or exc}") from None
+
+
 # --- command line -------------------------------------------------------------------------
 
 
 def cmd_blame(args: argparse.Namespace, screen: ui.Screen) -> int:
     """``rex blame [RUN]``: the report of one stored run, or ``--list`` of them all."""
     if args.list:
+        if args.svg:
+            raise UsageError("--svg draws one run; it does not go with --list")
         rows = []
         for run_id in runs.list_runs():
             _, events = runs.load_run(run_id)
@@ -335,6 +391,11 @@ def cmd_blame(args: argparse.Namespace, screen: ui.Screen) -> int:
         screen.text(text or format_run_list(rows))
         return 0
     run_id, events = runs.load_run(args.run)
+    if args.svg:
+        if args.json:
+            raise UsageError("--svg draws a picture; it does not go with --json")
+        write_picture(args.svg, run_svg(run_id, events), screen)
+        return 0
     report = analyze(run_id, events, top=args.top)
     screen.text(json.dumps(report, indent=2) if args.json else format_blame(report))
     return 0

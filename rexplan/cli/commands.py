@@ -7,7 +7,7 @@ import argparse
 import json
 import sys
 
-from rexplan.cli import ui
+from rexplan.cli import blame, svg, ui
 from rexplan.cli.boundary import MESSAGE_LIMIT, format_error, write_stderr
 from rexplan.core import manifest, simulate
 from rexplan.core import plan as planner
@@ -47,6 +47,8 @@ def cmd_plan(args: argparse.Namespace, screen: ui.Screen) -> int:
         screen.text(json_document(planner.plan_to_dict(compiled, loaded)))
     elif args.dot:
         screen.text(planner.plan_to_dot(compiled, loaded))
+    elif args.svg:
+        blame.write_picture(args.svg, svg.plan_svg(compiled, loaded), screen)
     else:
         ui.print_plan(compiled, loaded, screen.console)
     return 0
@@ -54,8 +56,8 @@ def cmd_plan(args: argparse.Namespace, screen: ui.Screen) -> int:
 
 def _simulate(args: argparse.Namespace, hosts: int, forks: int, screen: ui.Screen) -> int:
     """``rex plan --simulate``: the launch-time model for the plan's host count."""
-    if args.dot:
-        raise UsageError("--simulate prints a table or --json, not --dot")
+    if args.dot or args.svg:
+        raise UsageError("--simulate prints a table or --json, not --dot or --svg")
     model = simulate.CostModel(
         conn_cost=simulate.CONN_COST_MS if args.conn_cost is None else args.conn_cost,
         latency=simulate.LATENCY_MS if args.latency is None else args.latency,

@@ -33,7 +33,7 @@ _METAVAR_KINDS = {
     "HOST": "hosts",
 }
 #: by dest, for options whose metavar says little (``--limit PATTERN``, ``--program P``)
-_DEST_KINDS = {"limit": "limit", "program": "programs"}
+_DEST_KINDS = {"limit": "limit", "program": "programs", "steps": "programs"}
 _SAFE_WORD = re.compile(r"[A-Za-z0-9_.:+/@%=-]+\Z")
 
 

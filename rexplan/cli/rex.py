@@ -89,6 +89,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--json", action="store_true", help="print the plan as JSON (format 1, stable)"
     )
     output.add_argument("--dot", action="store_true", help="print a Graphviz graph of programs")
+    output.add_argument(
+        "--svg",
+        metavar="FILE",
+        help="draw the waves and the requires arrows as an SVG picture in FILE ('-': stdout)",
+    )
     plan.add_argument(
         "--limit",
         metavar="PATTERN",
@@ -212,6 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     subcommands.add_audit(commands)
     subcommands.add_blame(commands)
     subcommands.add_lifecycle(commands)
+    subcommands.add_logs(commands)
     disconnect = commands.add_parser(
         "disconnect",
         help="close the SSH connections kept open by persist",
@@ -269,8 +275,16 @@ def parsers() -> list[tuple[str, argparse.ArgumentParser]]:
 
 
 def _run(argv: Sequence[str]) -> int:
+    parser = build_parser()
     try:
-        args = build_parser().parse_args(argv)
+        args, extra = parser.parse_known_args(argv)
+        # argparse takes a command's positionals in one run: those of a command that
+        # collects them (``rex logs M -n 5 PATTERN``) may also come after its options
+        collect = getattr(args, "collect", None)
+        if extra and collect and not any(e.startswith("-") for e in extra):
+            setattr(args, collect, [*getattr(args, collect), *extra])
+        elif extra:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     except SystemExit as e:
         # --help and --version print, then exit through argparse; usage errors never do
         return e.code if isinstance(e.code, int) else 0

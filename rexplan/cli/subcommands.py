@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 from rexplan.cli import options
 from rexplan.cli.completion import SHELLS
+from rexplan.core.model import MAX_LOG_LINES
 
 if TYPE_CHECKING:
     from rexplan.cli.options import Subparsers
@@ -105,6 +106,7 @@ phases (from the step's state changes in the run's stored events):
   start     starting -> awaiting-callback: agent upload and start, readiness
             probe, and the agent's callback handshake
   callback  awaiting-callback -> ready or failed: the launcher's verdict
+  run       running -> ready or failed: a job's run after its callback
 
 The critical chain lists, for each wave, the step that finished last: the
 step the next wave waited for. Runs are stored by 'rex apply' in .rex/runs
@@ -115,6 +117,36 @@ exit codes:
   0  the report was printed
   5  usage error: no stored run, or RUN is unknown or an ambiguous prefix
 """
+
+_LOGS_EPILOG = """\
+Each line is printed as 'STEP | text' (the step's prefix coloured on a terminal).
+A program's output is kept on its host in logs/PROGRAM.log of the login's rex
+home (~/.rex, or $REX_HOME); when that file holds fewer than N lines the newest
+rotated file, PROGRAM.log.1, is read too. Host text is shown with control
+characters escaped, at most 4096 characters a line.
+
+--since WHEN: WHEN is a duration back from now (90, 30s, 10m, 2h, 1d) or a local
+time (2026-12-06T14:30, 2026-12-06 14:30:00, 2026-12-06). Log lines carry no
+time stamps; rex knows a line's time only from the marker the agent writes
+before each start and restart ('--- rex: run RUN step STEP starting'), whose run
+id begins with the launcher's local time of that apply. A line is shown when the
+last marker before it names a run begun at or after WHEN: the output of the
+applies since WHEN, restarts included.
+
+exit codes:
+  0    the logs were printed
+  3    a host was unreachable, or its agent gave no logs (the others are printed)
+  4    the manifest or the plan is invalid
+  5    usage error: a pattern that matches no step, a bad -n or --since
+  6    authentication or host key failure
+  130  interrupted (the normal end of -f)
+  141  the output pipe was closed early (rex logs -f ... | head)
+"""
+
+
+LINES = options.number(
+    int, "a whole number", 0, MAX_LOG_LINES, f"must be from 0 to {MAX_LOG_LINES}"
+)
 
 
 class _Intermixed(argparse.ArgumentParser):
@@ -265,10 +297,17 @@ def add_hostkeys(sub: Subparsers) -> None:
     options.flag(verify, "--json", options.JSON_DOC)
 
 
-def _on_hosts(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("manifest", metavar="MANIFEST")
+def _on_hosts(
+    parser: argparse.ArgumentParser,
+    manifest: bool = True,
+    forks_type: Callable[[str], int] = int,
+) -> None:
+    if manifest:
+        parser.add_argument("manifest", metavar="MANIFEST")
     options.limit(parser)
-    options.forks(parser, "hosts asked at once (default: the manifest's defaults.forks, 64)")
+    options.forks(
+        parser, "hosts asked at once (default: the manifest's defaults.forks, 64)", forks_type
+    )
     options.keys(parser, "the key store, for its known_hosts (default: $REX_KEYS, else ./keys)")
     options.persist(parser)
 
@@ -333,6 +372,12 @@ def add_blame(sub: Subparsers) -> None:
         help="rows per list (default 10; 0: all); the critical chain is always whole",
     )
     options.flag(parser, "--list", "list the stored runs instead, oldest first")
+    parser.add_argument(
+        "--svg",
+        metavar="FILE",
+        help="draw the run as an SVG time line in FILE ('-': stdout): a row per step grouped "
+        "by wave, a bar per phase, failures crossed, the critical chain outlined",
+    )
 
 
 def add_import(sub: Subparsers) -> None:
@@ -387,3 +432,44 @@ def add_completion(
     parser.set_defaults(
         func=options.Lazy("rexplan.cli.completion", "cmd_completion"), completion_parsers=parsers
     )
+
+
+def add_logs(sub: Subparsers) -> None:
+    """``rex logs MANIFEST [STEP_OR_PATTERN...]``."""
+    parser = options.command(
+        sub,
+        "logs",
+        "show the programs' output from their hosts, -f to follow it",
+        "Print the last lines of what each step's program wrote (stdout and stderr), "
+        "read from its host by the rex agent: one SSH exec per host and login, in "
+        "parallel (through the persistence daemon when it runs). With -f, follow every "
+        "host at once, one SSH channel per host and login (on the daemon's kept "
+        "connection with persist), until Ctrl-C; closing the channel ends the follower "
+        "on the host. Jobs, services and transport: local programs alike.",
+        _LOGS_EPILOG,
+        options.Lazy("rexplan.cli.logs", "cmd_logs"),
+    )
+    parser.add_argument("manifest", metavar="MANIFEST")
+    parser.add_argument(
+        "steps",
+        nargs="*",
+        metavar="STEP_OR_PATTERN",
+        help="only these steps: a program name or a glob on PROGRAM@HOST (default: all)",
+    )
+    parser.add_argument(
+        "-n",
+        "--lines",
+        type=LINES,
+        default=10,
+        metavar="N",
+        help="the last N lines of each step (default 10; 0: none, e.g. with -f)",
+    )
+    options.flag(parser, "-f", "then print new lines as they come", dest="follow")
+    parser.add_argument(
+        "--since",
+        metavar="WHEN",
+        help="only the output of the runs begun since WHEN (a duration back from now: 10m, "
+        "2h, 1d; or a local time: 2026-12-06T14:30); see below",
+    )
+    _on_hosts(parser, manifest=False, forks_type=LINES)
+    parser.set_defaults(collect="steps")

@@ -553,3 +553,27 @@ class Screen:
 
     def stop_summary(self, results: Sequence[StopResult]) -> None:
         print_text(self.console, format_stop_summary(results))
+
+
+#: the colours of the steps' prefixes in ``rex logs`` on a terminal, in turn
+LOG_COLOURS = ("cyan", "magenta", "green", "yellow", "blue", "bright_cyan", "bright_magenta")
+
+
+class LogPrinter:
+    """``rex logs``' lines, ``STEP | text``: the prefixes padded to one width and coloured per
+    step on a terminal, plain otherwise. The text is already filtered (engine.logs)."""
+
+    def __init__(self, console: Console, steps: Sequence[str]) -> None:
+        self.console = console
+        self.width = max((len(s) for s in steps), default=0)
+        self.colours = {s: LOG_COLOURS[i % len(LOG_COLOURS)] for i, s in enumerate(steps)}
+
+    def line(self, step: str, text: str) -> None:
+        head = printable(step).ljust(self.width)
+        if self.console.is_terminal:
+            out = Text(head + " | ", style=self.colours.get(step, ""))
+            out.append(printable(text, None, keep="\t"))
+            self.console.print(out, soft_wrap=True, highlight=False, markup=False)
+        else:
+            self.console.file.write(f"{head} | {printable(text, None, keep=chr(9))}\n")
+            self.console.file.flush()

@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 
 #: the longest ``persist`` (seconds): a day
 MAX_PERSIST = 86400.0
+#: the most lines ``rex logs -n`` asks each step for
+MAX_LOG_LINES = 100_000
 
 #: users and programs; no dots, so a triple string parses right to left
 NAME_RE = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")

@@ -257,3 +257,54 @@ def _local_makedirs(path: str) -> None:
     with contextlib.suppress(FileExistsError):
         os.mkdir(path, 0o700)
         os.chmod(path, 0o700)
+
+
+class LocalStream:
+    """A command on this machine whose stdin stays open, read line by line: what
+    transport.ssh.open_stream gives for an SSH host (stderr merged into stdout). close() ends
+    its stdin (as a closed SSH channel does), then its group if it lingers."""
+
+    def __init__(self, host: Host, argv: Sequence[str], stdin: bytes = b"") -> None:
+        command_line(argv)
+        self.host = host.name
+        self._buffer = b""
+        try:
+            self._proc = subprocess.Popen(
+                list(argv),
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        except OSError as e:
+            raise TransportError(f"cannot start {argv[0]}: {e.strerror}", host=self.host) from e
+        assert self._proc.stdin is not None and self._proc.stdout is not None
+        self._out = self._proc.stdout.fileno()
+        if stdin:
+            with contextlib.suppress(OSError):
+                self._proc.stdin.write(stdin)
+                self._proc.stdin.flush()
+
+    def readline(self, limit: int) -> bytes:
+        """The next output line (at most ``limit`` bytes); b"" once the command has ended."""
+        while b"\n" not in self._buffer and len(self._buffer) < limit:
+            try:
+                data = os.read(self._out, CHUNK)
+            except OSError:
+                data = b""
+            if not data:
+                line, self._buffer = self._buffer, b""
+                return line
+            self._buffer += data
+        end = min(self._buffer.find(b"\n") + 1 or limit, limit)
+        line, self._buffer = self._buffer[:end], self._buffer[end:]
+        return line
+
+    def close(self, grace: float = 2.0) -> None:
+        """EOF on the command's stdin; its group killed if it has not ended within ``grace``."""
+        _close(self._proc.stdin)
+        try:
+            self._proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            _kill_group(self._proc)
+        _close(self._proc.stdout)

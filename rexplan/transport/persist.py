@@ -19,7 +19,7 @@ import sys
 import threading
 import time
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import rexplan
 from rexplan.core.model import MAX_PERSIST, Host, Manifest, Timeouts, User
@@ -35,7 +35,7 @@ from rexplan.transport.base import (
     unpack,
 )
 from rexplan.transport.forward import peer_label
-from rexplan.transport.local import LocalTransport
+from rexplan.transport.local import LocalStream, LocalTransport
 from rexplan.transport.persist_wire import (
     MUX_ENV,
     SOCKET,
@@ -48,7 +48,7 @@ from rexplan.transport.persist_wire import (
     unb64,
 )
 from rexplan.transport.pool import Connector, TransportPool
-from rexplan.transport.ssh import SSHTransport
+from rexplan.transport.ssh import SSHTransport, open_stream
 from rexplan.transport.streams import wait_readable
 
 if TYPE_CHECKING:
@@ -380,6 +380,37 @@ class MuxTransport:
                     count += 1
                     sink(socket.socket(fileno=fd), peer_label(self.host.name, count))
 
+    def stream(self, argv: Sequence[str], *, stdin: bytes, timeout: float) -> MuxStream:
+        """Start ``argv`` on the daemon's kept connection as a stream (its channel closes
+        when this stream does); ``stdin`` is sent first and the command's stdin stays open."""
+        request = {
+            "op": "stream",
+            "host": dataclasses.asdict(self.host),
+            "user": dataclasses.asdict(self.user),
+            "known_hosts": self.known_hosts,
+            "timeouts": dataclasses.asdict(self.timeouts),
+            "args": {
+                "argv": list(argv),
+                "stdin": b64(stdin) if stdin else None,
+                "timeout": timeout,
+            },
+        }
+        sock = self.client.connect()
+        try:
+            sock.settimeout(timeout + self.timeouts.connect + 5.0)
+            send(sock, request)
+            reply = recv(sock)
+            sock.settimeout(None)
+        except (OSError, EOFError, ValueError) as exc:
+            sock.close()
+            raise TransportError(
+                f"connection persistence daemon: {exc}", host=self.host.name, phase="exec"
+            ) from exc
+        if not reply.get("ok"):
+            sock.close()
+            raise error_from_wire(reply.get("error") or {}, self.host.name)
+        return MuxStream(sock)
+
     def direct(self) -> SSHTransport:
         """A connection of this process's own, for what needs one (tree relays' streams)."""
         with self._lock:
@@ -401,6 +432,60 @@ class MuxTransport:
             forward[0].close()
         if direct is not None:
             direct.close()
+
+
+class MuxStream:
+    """A command's output relayed by the daemon, line by line; close() hangs up, and the
+    daemon then closes the command's channel."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+        self._buffer = b""
+
+    def readline(self, limit: int) -> bytes:
+        """The next output line (at most ``limit`` bytes); b"" once it ended or was closed."""
+        while b"\n" not in self._buffer and len(self._buffer) < limit:
+            try:
+                data = self._sock.recv(1 << 16)
+            except OSError:
+                data = b""
+            if not data:
+                line, self._buffer = self._buffer, b""
+                return line
+            self._buffer += data
+        end = min(self._buffer.find(b"\n") + 1 or limit, limit)
+        line, self._buffer = self._buffer[:end], self._buffer[end:]
+        return line
+
+    def close(self) -> None:
+        """Hang up (a reader blocked in readline gets b""); idempotent."""
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_RDWR)
+        self._sock.close()
+
+
+class Follower(Protocol):
+    """What follow_stream gives: output lines as they come, and close()."""
+
+    def readline(self, limit: int) -> bytes: ...
+
+    def close(self) -> None: ...
+
+
+def follow_stream(
+    transport: Transport, argv: Sequence[str], *, stdin: bytes, timeout: float
+) -> Follower:
+    """``argv`` on ``transport``'s host with its stdin kept open (after ``stdin``) and its
+    output read as it comes: through the daemon's kept connection, over an SSH channel of
+    this process, or as a local process; closing it closes that stdin (the command's end)."""
+    if isinstance(transport, MuxTransport):
+        return transport.stream(argv, stdin=stdin, timeout=timeout)
+    if isinstance(transport, LocalTransport):
+        return LocalStream(transport.host, argv, stdin)
+    stream = open_stream(transport, argv, timeout=timeout)
+    if stdin:
+        stream.send(stdin)
+    return stream
 
 
 def connector(

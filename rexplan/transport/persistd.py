@@ -3,7 +3,9 @@
 A cached connection is reused only while the host's current known_hosts still pins the key it
 was opened with; a dead one is dropped and reopened once, before anything is run on it. Every
 peer is checked by SO_PEERCRED to be this user; a client that goes away (a launcher killed)
-cancels its call: a held launch line is never sent.
+cancels its call: a held launch line is never sent. A ``stream`` request (``rex logs -f``)
+starts a command on a kept connection and relays its output as it comes; the client hanging up
+closes the command's channel.
 """
 
 from __future__ import annotations
@@ -36,13 +38,15 @@ from rexplan.transport.persist_wire import (
     send,
     unb64,
 )
-from rexplan.transport.ssh import SSHTransport
+from rexplan.transport.ssh import SSHTransport, open_stream
 from rexplan.transport.streams import wait_readable
 
 #: descriptors the daemon makes room for at start (RLIMIT_NOFILE, toward the hard limit)
 DAEMON_FDS = 16384
 #: seconds a client has to send its whole request
 REQUEST_TIMEOUT = 10.0
+#: the most bytes of a streamed command's output relayed as one piece
+STREAM_LINE = 1 << 16
 
 
 def _from_dict(cls: type[Any], data: Mapping[str, Any]) -> Any:
@@ -193,8 +197,10 @@ class Daemon:
                 conn.settimeout(None)
                 if request.get("op") == "forward":
                     self._forward(request, conn)
-                    return
-                send(conn, self._handle(request, conn))
+                elif request.get("op") == "stream":
+                    self._stream(request, conn)
+                else:
+                    send(conn, self._handle(request, conn))
         except (OSError, EOFError, ValueError, struct.error):
             pass  # a client gone or talking nonsense: nothing to answer
         finally:
@@ -262,6 +268,42 @@ class Daemon:
             pass
         finally:
             t.close_forward(port)
+
+    def _stream(self, request: Mapping[str, Any], conn: socket.socket) -> None:
+        """``op: stream``: start a command on a kept connection, answer, then copy its output
+        (stderr merged) to the client as it comes, until it ends or the client hangs up,
+        which closes its channel (rex logs -f: the follower there ends with it)."""
+        args = request.get("args") or {}
+        try:
+            t = self._transport(request)
+            stream = open_stream(
+                t, [str(a) for a in args["argv"]], timeout=float(args.get("timeout") or 10.0)
+            )
+        except Exception as exc:  # every failure goes back to the client, mapped
+            send(conn, {"ok": False, "error": error_to_wire(exc)})
+            return
+        with _client_watch(conn) as gone:
+
+            def close_on_hangup() -> None:
+                gone.wait()
+                stream.close()
+
+            closer = threading.Thread(target=close_on_hangup, daemon=True)
+            closer.start()
+            try:
+                if args.get("stdin") is not None:
+                    stream.send(unb64(args["stdin"]))
+                send(conn, {"ok": True, "value": None})
+                while not gone.is_set():
+                    line = stream.readline(STREAM_LINE)
+                    if not line:
+                        break
+                    conn.sendall(line)
+            except (OSError, TransportError):
+                pass  # the client or the channel is gone
+            finally:
+                gone.set()
+                closer.join()
 
     @staticmethod
     def _call(t: SSHTransport, method: str, args: Mapping[str, Any], conn: socket.socket) -> Any:

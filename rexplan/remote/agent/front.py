@@ -30,6 +30,7 @@ from rexplan.remote.agent.failure import (
 from rexplan.remote.agent.groups import _tagged_groups, kill_group
 from rexplan.remote.agent.keys import load_key
 from rexplan.remote.agent.load import load_report
+from rexplan.remote.agent.logs import logs_mode
 from rexplan.remote.agent.records import _claim, _prove_same, _Same, status_report, stop_program
 from rexplan.remote.agent.supervisor import _child
 from rexplan.wire import chars, jsonstrict
@@ -160,13 +161,15 @@ def kill_tagged(run: str, step: str, grace: float) -> int:
 
 _USAGE = (
     "usage: agent [--wait SECONDS | --status | --stop PROGRAM [GRACE [force]]"
-    " | --kill (request on stdin) | --load loadavg|cgroup SECONDS]"
+    " | --kill (request on stdin) | --load loadavg|cgroup SECONDS"
+    " | --logs LINES once|follow NAME...]"
 )
 
 
 def _modes(args: list[str]) -> int:
     """The modes that launch nothing: read or end what runs (--status, --stop, --kill), or
-    measure what the host has to spare (--load); one JSON line on stdout each."""
+    measure what the host has to spare (--load); one JSON line on stdout each; or the
+    programs' output (--logs, see its module)."""
     if args[:1] == ["--load"] and len(args) == 3 and args[1] in ("loadavg", "cgroup"):
         try:
             sample = float(args[2])
@@ -177,6 +180,10 @@ def _modes(args: list[str]) -> int:
             return EXIT_OK
     if args == ["--kill"]:
         return _kill_request()
+    if args[:1] == ["--logs"]:
+        code = logs_mode(rex_home(), args[1:])
+        if code is not None:
+            return code
     if args == ["--status"]:
         return _print(status_report(rex_home()))
     if (
