@@ -464,7 +464,9 @@ def add_logs(sub: Subparsers) -> None:
         metavar="N",
         help="the last N lines of each step (default 10; 0: none, e.g. with -f)",
     )
-    options.flag(parser, "-f", "then print new lines as they come", dest="follow")
+    parser.add_argument(
+        "-f", "--follow", action="store_true", help="then print new lines as they come"
+    )
     parser.add_argument(
         "--since",
         metavar="WHEN",
