@@ -33,6 +33,7 @@ from rexplan.core.values import (
     name_problem,
 )
 from rexplan.core.yamlpos import KeyPath, Report
+from rexplan.wire.jobs import LOG_KEEP, LOG_MAX_SIZE
 
 #: hosts after range expansion, across the manifest
 MAX_HOSTS = hostrange.MAX_HOSTS
@@ -57,6 +58,9 @@ class Checker:
         defaults = as_map(doc.get("defaults"))
         self.defaults = defaults
         self.timeouts = self._timeouts(defaults.get("timeouts"), Timeouts())
+        self.logs = settings.logs(
+            report, ("defaults", "logs"), defaults.get("logs"), (LOG_MAX_SIZE, LOG_KEEP)
+        )
         self.users: dict[str, User] = {}
         self.hosts: list[Host] = []
         self.index: dict[str, int] = {}  # host name -> position in manifest order
@@ -483,4 +487,5 @@ class Checker:
             stop_timeout=as_num(spec.get("stop_timeout"), as_num(d.get("stop_timeout"), 10.0)),
             timeouts=timeouts,
             policy=settings.policy(spec, d),
+            logs=settings.logs(report, (*path, "logs"), spec.get("logs"), self.logs),
         )

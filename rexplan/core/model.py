@@ -6,6 +6,8 @@ import fnmatch
 import re
 from dataclasses import dataclass, field
 
+from rexplan.wire.jobs import LOG_KEEP, LOG_MAX_SIZE
+
 #: users and programs; no dots, so a triple string parses right to left
 NAME_RE = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
 #: hostname-like: labels of letters, digits, '-' and '_', joined by dots, no leading '-'
@@ -147,6 +149,8 @@ class Program:
     stop_timeout: float = 10.0
     timeouts: Timeouts = field(default_factory=Timeouts)
     policy: FailurePolicy = field(default_factory=FailurePolicy)
+    #: the agent rotates the program's log at max_size bytes, keeping ``keep`` old files
+    logs: tuple[int, int] = (LOG_MAX_SIZE, LOG_KEEP)
 
     @property
     def argv(self) -> tuple[str, ...]:

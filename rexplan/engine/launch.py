@@ -237,7 +237,8 @@ class Launcher:
                 files=files,
                 when=preconditions(self.manifest.program(step.program).when),
                 unchanged=unchanged,
-            )
+            ),
+            logs=self.manifest.program(step.program).logs,
         )
 
     def _settle(

@@ -22,6 +22,7 @@ from rexplan.wire.chars import (
 from rexplan.wire.codes import FrameError
 from rexplan.wire.crypto import sha256
 from rexplan.wire.frames import MAX_FRAME
+from rexplan.wire.jobs import LOG_KEEP, LOG_KEEP_MAX, LOG_MAX_SIZE, LOG_MAX_SIZE_RANGE
 from rexplan.wire.jsonstrict import dumps, encode_object, parse_object
 from rexplan.wire.messages import VERSION
 from rexplan.wire.probes import KEYS, KINDS
@@ -62,7 +63,7 @@ _LAUNCH_KEYS = (
     "tags",
 )
 #: launch keys an older launcher may leave out; their defaults are Launch's
-_OPTIONAL_LAUNCH_KEYS = ("replace", "restart", "files", "when", "unchanged")
+_OPTIONAL_LAUNCH_KEYS = ("replace", "restart", "files", "when", "unchanged", "logs")
 RESTART_POLICIES = ("no", "on-failure", "always")
 
 
@@ -126,6 +127,7 @@ class Launch(Frozen):
         "files",
         "when",
         "unchanged",
+        "logs",
     )
     __slots__ = _fields
     _hidden = ("nl",)
@@ -151,6 +153,8 @@ class Launch(Frozen):
     when: tuple[tuple[str, float], ...]
     #: an instance of the same spec alive is proven to the listener (``same``), not refused
     unchanged: bool
+    #: (max_size bytes, keep): the program log rotates at max_size, keeping that many old files
+    logs: tuple[int, int]
 
     def __init__(
         self,
@@ -173,6 +177,7 @@ class Launch(Frozen):
         files: tuple[tuple[str, str, int], ...] = (),
         when: tuple[tuple[str, float], ...] = (),
         unchanged: bool = False,
+        logs: tuple[int, int] = (LOG_MAX_SIZE, LOG_KEEP),
     ) -> None:
         self._init(
             run=run,
@@ -194,6 +199,7 @@ class Launch(Frozen):
             files=files,
             when=when,
             unchanged=unchanged,
+            logs=logs,
         )
 
     def deadline(self, name: str) -> float:
@@ -221,6 +227,7 @@ def make_launch(
     files: Sequence[tuple[str, str, int]] = (),
     when: Mapping[str, float] | None = None,
     unchanged: bool = False,
+    logs: tuple[int, int] = (LOG_MAX_SIZE, LOG_KEEP),
 ) -> bytes:
     """The launch message as one JSON line (newline-terminated); raises LaunchError.
 
@@ -254,6 +261,9 @@ def make_launch(
     }
     if unchanged:
         msg["unchanged"] = True
+    if tuple(logs) != (LOG_MAX_SIZE, LOG_KEEP):
+        rotation: list[object] = [logs[0], logs[1]]
+        msg["logs"] = rotation
     try:
         line = encode_object(msg) + b"\n"
     except (TypeError, ValueError) as exc:
@@ -417,6 +427,19 @@ def parse_launch(line: bytes) -> Launch:
         or not all(type(v) in (int, float) and 0 <= v < 1e300 for v in when.values())
     ):
         raise LaunchError("when takes max_load and min_free_mb, non-negative numbers")
+    logs = msg.get("logs", [LOG_MAX_SIZE, LOG_KEEP])
+    low, high = LOG_MAX_SIZE_RANGE
+    if (
+        not isinstance(logs, list)
+        or len(logs) != 2
+        or type(logs[0]) is not int
+        or not low <= logs[0] <= high
+        or type(logs[1]) is not int
+        or not 0 <= logs[1] <= LOG_KEEP_MAX
+    ):
+        raise LaunchError(
+            f"logs must be [max_size in [{low}, {high}] bytes, keep in [0, {LOG_KEEP_MAX}]]"
+        )
     return Launch(
         run=msg["run"],
         step=msg["step"],
@@ -437,6 +460,7 @@ def parse_launch(line: bytes) -> Launch:
         files=_files(msg.get("files", [])),
         when=tuple(sorted((k, float(v)) for k, v in when.items())),
         unchanged=unchanged,
+        logs=(logs[0], logs[1]),
     )
 
 

@@ -39,6 +39,7 @@ from rexplan.remote.agent.failure import (
 )
 from rexplan.remote.agent.files import _check_files, _declines, _workdir
 from rexplan.remote.agent.groups import kill_group, start_time, sweep
+from rexplan.remote.agent.logpump import LogPump, log_path
 from rexplan.remote.agent.probes import _notify_socket, wait_ready
 from rexplan.remote.agent.procs import _cloexec_inherited, _Proc, _SpawnError, _start
 from rexplan.remote.agent.records import _write_state
@@ -72,10 +73,10 @@ def _report(fd: int, obj: dict[str, Any]) -> None:
         os.write(fd, jsonstrict.dumps(obj).encode("ascii") + b"\n")
 
 
-def _spawn(launch: Launch, log_fd: int, env: dict[str, str], restart: int = 0) -> _Proc:
+def _spawn(launch: Launch, pump: LogPump, env: dict[str, str], restart: int = 0) -> _Proc:
     what = f"restart {restart}" if restart else "starting"
-    os.write(log_fd, f"--- rex: run {launch.run} step {launch.step} {what}\n".encode())
-    _Output.start = os.lseek(log_fd, 0, os.SEEK_END)
+    pump.begin(f"run {launch.run} step {launch.step} {what}")
+    log_fd = pump.write_fd
     # Joining the cgroup from the child, before exec, is the only way nothing the program
     # forks starts outside (from the supervisor, after the spawn, the cgroup write takes
     # effect milliseconds later, when a daemonizing program has long forked).
@@ -91,7 +92,7 @@ def _spawn(launch: Launch, log_fd: int, env: dict[str, str], restart: int = 0) -
         raise Failure(EXIT_START, f"cannot start {launch.argv[0]!r}: {exc.strerror}") from None
 
 
-def _supervise(launch: Launch, home: str, secret: bytes, log_fd: int, out: int) -> int:
+def _supervise(launch: Launch, home: str, secret: bytes, pump: LogPump, out: int) -> int:
     """The supervisor's life; returns its exit code. ``out`` is the report pipe to the front."""
     began = time.monotonic()
     proc: _Proc | None = None
@@ -112,7 +113,7 @@ def _supervise(launch: Launch, home: str, secret: bytes, log_fd: int, out: int) 
         cgroup = _make_cgroup(launch)
         if cgroup is not None:
             _tell_watchdog("cgroup", cgroup)
-        proc = _spawn(launch, log_fd, env)
+        proc = _spawn(launch, pump, env)
         start = start_time(proc.pid)
         _tell_watchdog("pid", str(proc.pid), start)
         _report(out, {"started": [proc.pid, proc.pid]})
@@ -121,7 +122,8 @@ def _supervise(launch: Launch, home: str, secret: bytes, log_fd: int, out: int) 
             raise Failure(EXIT_START, "program did not start by the start deadline")
         if launch.kind != "job":  # a job is ready once started: it may well end at once
             ready_by = time.monotonic() + launch.deadline("ready")
-            wait_ready(proc, launch.ready, ready_by, _workdir(launch), env, notify)
+            ready_in = launch.deadline("ready")
+            wait_ready(proc, launch.ready, ready_by, _workdir(launch), env, notify, ready_in)
         link = call_back(
             launch, secret, proc, start, time.monotonic() + launch.deadline("callback")
         )
@@ -145,6 +147,10 @@ def _supervise(launch: Launch, home: str, secret: bytes, log_fd: int, out: int) 
             fields.update(pid=proc.pid, pgid=proc.pid, status=proc.returncode)
             if failure.code == EXIT_EXITED:
                 fields["state"] = "exited"
+            # what the program said last, for the launcher to show under FAILED
+            result["tail"] = pump.tail(jobs.FAIL_TAIL).decode("utf-8", "replace")
+            result["log"] = pump.path
+            pump.note(f"failed: {failure.reason}")
         if _Cgroup.path is not None:  # what left the group before ok goes too
             cgroup_kill(_Cgroup.path)
             _drop_cgroup()
@@ -171,39 +177,13 @@ def _supervise(launch: Launch, home: str, secret: bytes, log_fd: int, out: int) 
         status=None,
         restarts=0,
     )
-    _report(out, {"ok": True, "pid": pid, "pgid": pid, "agent": os.getpid()})
+    _report(out, {"ok": True, "pid": pid, "pgid": pid, "agent": os.getpid(), "log": pump.path})
     os.close(out)
     _reap_watchdog()
     if link is not None:
-        return _job(launch, home, _Run(proc, start, began_wall), link)
+        return _job(launch, home, _Run(proc, start, began_wall), link, pump)
     env.pop("NOTIFY_SOCKET", None)  # that socket served the first readiness only
-    return _after_ok(launch, home, _Run(proc, start, began_wall), env, log_fd)
-
-
-class _Output:
-    """Where the latest run's output begins in the program log (after rex's header line)."""
-
-    start = 0
-
-
-def _tail(home: str, launch: Launch) -> bytes:
-    """The tail of what the job wrote (stdout and stderr, interleaved): jobs.OUT_TAIL
-    bytes at most, opened by jobs.cut_line when more came before it."""
-    path = os.path.join(home, "logs", f"{launch.log}.log")
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError:
-        return b""
-    try:
-        end = os.fstat(fd).st_size
-        size = max(0, end - _Output.start)
-        if size <= jobs.OUT_TAIL:
-            return os.pread(fd, size, end - size)
-        # the line for ``size`` is as long as the one for what is cut, or longer
-        keep = jobs.OUT_TAIL - len(jobs.cut_line(size))
-        return jobs.cut_line(size - keep) + os.pread(fd, keep, end - keep)
-    finally:
-        os.close(fd)
+    return _after_ok(launch, home, _Run(proc, start, began_wall), env, pump)
 
 
 def _heard(link: _Link, seq: int) -> int:
@@ -220,7 +200,7 @@ def _heard(link: _Link, seq: int) -> int:
     return seq
 
 
-def _job(launch: Launch, home: str, run: _Run, link: _Link) -> int:
+def _job(launch: Launch, home: str, run: _Run, link: _Link, pump: LogPump) -> int:
     """Keep the launcher's connection while the job runs; then send the tail of its output
     and its exit status. The job is killed when the launcher goes: the connection ends or
     fails, a heartbeat does not verify, or none came for jobs.JOB_SILENCE seconds.
@@ -257,12 +237,15 @@ def _job(launch: Launch, home: str, run: _Run, link: _Link) -> int:
         run.proc.wait()
         sweep(launch.triple, grace)
         state = "stopped" if why == "stopped" else "failed"
+        pump.note(f"{state}: {why}")
         fields = run.fields(state=state, status=run.proc.returncode, reason=why, restarts=0)
         _write_state(home, launch, **fields)
         return 0
     status = run.proc.wait()
     _write_state(home, launch, **run.fields(state="exited", status=status, restarts=0))
-    _finish_job(link, _tail(home, launch), status)
+    output = pump.tail(jobs.OUT_TAIL)
+    pump.note(f"exited with status {status}")
+    _finish_job(link, output, status)
     return 0
 
 
@@ -335,7 +318,7 @@ def _restart_due(policy: str, status: int) -> bool:
     return policy == "always" or (policy == "on-failure" and status != 0)
 
 
-def _after_ok(launch: Launch, home: str, run: _Run, env: dict[str, str], log_fd: int) -> int:
+def _after_ok(launch: Launch, home: str, run: _Run, env: dict[str, str], pump: LogPump) -> int:
     """Stay the program's parent: record how each run ends and restart it by policy.
     SIGTERM/SIGINT stop it for good; SIGHUP is ignored."""
     signal.signal(signal.SIGTERM, _on_stop)
@@ -348,6 +331,7 @@ def _after_ok(launch: Launch, home: str, run: _Run, env: dict[str, str], log_fd:
         while True:
             with _stoppable():
                 status = run.proc.wait()
+            pump.note(f"exited with status {status}")
             if not _restart_due(launch.restart, status):
                 _write_state(
                     home, launch, **run.fields(state="exited", status=status, restarts=restarts)
@@ -369,7 +353,7 @@ def _after_ok(launch: Launch, home: str, run: _Run, env: dict[str, str], log_fd:
             with _stoppable():
                 time.sleep(delay)
             delay = min(delay * 2, RESTART_CAP)
-            proc = _spawn(launch, log_fd, env, restarts)
+            proc = _spawn(launch, pump, env, restarts)
             run = _Run(proc, start_time(proc.pid), time.time())
             _write_state(
                 home, launch, **run.fields(state="running", status=status, restarts=restarts)
@@ -378,6 +362,7 @@ def _after_ok(launch: Launch, home: str, run: _Run, env: dict[str, str], log_fd:
         kill_group(run.proc.pid, grace, run.proc)
         status = run.proc.wait()
         sweep(launch.triple, grace)
+        pump.note(f"stopped (status {status})")
         _write_state(home, launch, **run.fields(state="stopped", status=status, restarts=restarts))
     except Failure as failure:  # a restart that could not start
         _write_state(home, launch, state="failed", reason=failure.reason, restarts=restarts)
@@ -386,18 +371,21 @@ def _after_ok(launch: Launch, home: str, run: _Run, env: dict[str, str], log_fd:
 
 def _child(launch: Launch, home: str, secret: bytes, log_fd: int, out: int) -> int:
     os.setsid()
+    pump = LogPump(log_path(home, launch.log), log_fd, *launch.logs)
     null = os.open(os.devnull, os.O_RDWR)
     os.dup2(null, 0)
     os.dup2(null, 1)
-    os.dup2(log_fd, 2)  # the supervisor's own errors land in the program log
+    os.dup2(pump.write_fd, 2)  # the supervisor's own errors land in the program log
     os.close(null)
     _cloexec_inherited()  # what sshd or a login shell left open stays out of the program
+    pump.run()
     # Signals stay deferred (see main) until the program exists, so one arriving mid-Popen
     # cannot lose the child being created; _supervise arms them right after the spawn.
     try:
-        return _supervise(launch, home, secret, log_fd, out)
+        return _supervise(launch, home, secret, pump, out)
     except BaseException:
         _print_exc()
         return EXIT_AGENT
     finally:
         _drop_cgroup()  # when the program ended with nothing left in it: a stop removes it else
+        pump.finish()
