@@ -16,6 +16,7 @@ from rexplan.cli.commands import cmd_apply, cmd_disconnect, cmd_plan, cmd_valida
 from rexplan.core import simulate
 from rexplan.core.text import printable
 from rexplan.engine import adhoc, lifecycle
+from rexplan.engine.failout import DEFAULT_TAIL
 from rexplan.errors import UsageError
 from rexplan.transport import persist as mux
 from rexplan.trust import audit, hostkeys
@@ -180,6 +181,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="print the run result as JSON on stdout (the progress display moves to stderr)",
     )
     apply.add_argument(
+        "--tail",
+        type=_count,
+        default=DEFAULT_TAIL,
+        metavar="N",
+        help="a failed step shows the last N lines of its program's output (at most 4 KiB; "
+        f"default {DEFAULT_TAIL}, 0: none) and where its whole log is (host:path)",
+    )
+    apply.add_argument(
         "-y",
         "--yes",
         action="store_true",
@@ -237,6 +246,16 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
     if value < 1:
         raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if not 0 <= value <= 10000:
+        raise argparse.ArgumentTypeError("must be from 0 to 10000")
     return value
 
 
