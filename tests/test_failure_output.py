@@ -9,10 +9,12 @@ import os
 import re
 from pathlib import Path
 
+import helpers_procs as procs
 from helpers_world import Hosts, World, free_port
 
 from rexplan.core import manifest
 from rexplan.errors import ManifestError
+from rexplan.remote.agent.logpump import LogPump
 
 # a job that fails after 30 lines and a last word on stderr
 INITDB = (
@@ -170,3 +172,57 @@ def test_logs_setting_is_checked_with_its_position(tmp_path: Path) -> None:
     loaded = manifest.load(str(path))
     assert loaded.program("app").logs == (4096, 1)
     assert loaded.program("ok").logs == (512 << 10, 0)
+
+
+def test_restarts_and_stops_are_marked_in_the_log(world: World, sshd_hosts: Hosts) -> None:
+    (host,) = sshd_hosts(1)
+    h = host.name
+    m = world.manifest(
+        [host],
+        {
+            "flaky": {
+                "on": [h],
+                "shell": "echo up; sleep 0.4; exit 1",
+                "ready": {"alive": 0.1},
+                "restart": "on-failure",
+            }
+        },
+    )
+    world.distribute(m)
+    run = world.apply(m)
+    assert run.code == 0, run.out
+    log = Path(world.home(h), "logs", "flaky.log")
+    when = r"at \d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$"
+    assert procs.wait_until(lambda: "restart 1 at" in log.read_text(), 15)
+    code, out, _ = world.rex("stop", str(m))
+    assert code == 0, out
+    lines = log.read_text().splitlines()
+    marks = [line for line in lines if line.startswith("--- rex: ")]
+    assert re.search(r"^--- rex: run \S+ step flaky@\S+ starting " + when, marks[0])
+    assert re.search(r"^--- rex: exited with status 1 " + when, marks[1])
+    assert re.search(r"^--- rex: run \S+ step flaky@\S+ restart 1 " + when, marks[2])
+    assert re.search(r"^--- rex: stopped \(status -?\d+\) " + when, marks[-1])
+    assert lines.count("up") >= 2
+
+
+def test_the_pump_keeps_lines_whole_across_rotations(tmp_path: Path) -> None:
+    """Partial lines wait for their end; a line longer than max_size gets a file of its own."""
+    path = str(tmp_path / "p.log")
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    pump = LogPump(path, fd, 4096, 2)
+    pump.run()
+    try:
+        os.write(pump.write_fd, b"a" * 3000)  # no newline yet
+        pump.drain()  # a drain writes what came, even a partial line (for a tail)
+        os.write(pump.write_fd, b"\n" + b"b" * 2000 + b"\n")
+        os.write(pump.write_fd, b"c" * 9000 + b"\nd\n")
+        pump.note("a mark")
+        tail = pump.tail(100)
+    finally:
+        pump.finish()
+        os.close(pump.write_fd)
+    assert Path(path + ".2").read_bytes() == b"b" * 2000 + b"\n"
+    assert Path(path + ".1").read_bytes() == b"c" * 9000 + b"\n"
+    assert Path(path).read_bytes().startswith(b"d\n--- rex: a mark at ")
+    assert not Path(path + ".3").exists()  # keep 2: the a line went
+    assert tail.startswith(b"[... ") and tail.endswith(b"Z\n") and len(tail) <= 100
