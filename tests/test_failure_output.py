@@ -220,9 +220,24 @@ def test_the_pump_keeps_lines_whole_across_rotations(tmp_path: Path) -> None:
         tail = pump.tail(100)
     finally:
         pump.finish()
-        os.close(pump.write_fd)
     assert Path(path + ".2").read_bytes() == b"b" * 2000 + b"\n"
     assert Path(path + ".1").read_bytes() == b"c" * 9000 + b"\n"
     assert Path(path).read_bytes().startswith(b"d\n--- rex: a mark at ")
     assert not Path(path + ".3").exists()  # keep 2: the a line went
     assert tail.startswith(b"[... ") and tail.endswith(b"Z\n") and len(tail) <= 100
+
+
+def test_what_outlives_its_program_still_writes_to_the_log(world: World, sshd_hosts: Hosts) -> None:
+    """The supervisor ends with the job; a process the job left behind still holds the pipe:
+    its later lines reach the log (no SIGPIPE), written by a drainer of their own."""
+    (host,) = sshd_hosts(1)
+    h = host.name
+    shell = "(sleep 0.5; echo late line; sleep 0.2; echo later line) & echo main done"
+    m = world.manifest([host], {"leaves": {"on": [h], "kind": "job", "shell": shell}})
+    world.distribute(m)
+    run = world.apply(m)
+    assert run.code == 0, run.out
+    log = Path(world.home(h), "logs", "leaves.log")
+    assert procs.wait_until(lambda: "later line\n" in log.read_text(), 15), log.read_text()
+    text = log.read_text()
+    assert text.index("main done") < text.index("late line") < text.index("later line")

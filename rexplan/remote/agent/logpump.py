@@ -56,6 +56,7 @@ class LogPump:
         self.partial = b""
         self.lock = _thread.allocate_lock()
         self.done = False
+        self.stopped = False  # the thread left its loop
         self.start = self.size
         self.rotated = 0
 
@@ -64,16 +65,19 @@ class LogPump:
         _thread.start_new_thread(self._loop, ())
 
     def _loop(self) -> None:
-        while not self.done:
-            try:
-                select.select([self.read_fd], [], [], _IDLE)
-                with self.lock:
-                    if not self.done:
-                        self._pump()
-            except OSError:  # the log cannot be written: the program must not block on it
-                with _suppress(OSError):
-                    os.read(self.read_fd, _CHUNK)
-                time.sleep(_IDLE)
+        try:
+            while not self.done:
+                try:
+                    select.select([self.read_fd], [], [], _IDLE)
+                    with self.lock:
+                        if not self.done:
+                            self._pump()
+                except OSError:  # the log cannot be written: the program must not block on it
+                    with _suppress(OSError):
+                        os.read(self.read_fd, _CHUNK)
+                    time.sleep(_IDLE)
+        finally:
+            self.stopped = True
 
     def _pump(self) -> bool:
         """Write what the pipe holds now; False once it held nothing."""
@@ -162,10 +166,61 @@ class LogPump:
             self.rotated = 0
 
     def finish(self) -> None:
-        """Stop the thread (after the last drain)."""
+        """Stop the thread after a last drain, as the supervisor ends (having pointed its
+        stderr elsewhere), and close ``write_fd``. What the program left
+        running may still hold the pipe: then a process of its own (holding nothing but the
+        pipe and the log) goes on writing the log until they all closed it, so their next
+        write does not end them with SIGPIPE."""
         with _suppress(OSError):
             self.drain()
         self.done = True
+        end = time.monotonic() + 2 * _IDLE + 1
+        while not self.stopped and time.monotonic() < end:
+            time.sleep(0.01)
+        if not self.stopped:
+            return  # the thread is stuck in a write: no fork beside it
+        with _suppress(OSError):
+            os.close(self.write_fd)  # the caller's other copies (its stderr) went before
+        try:
+            data = os.read(self.read_fd, _CHUNK)
+        except BlockingIOError:
+            data = b"?"  # open, and empty for now
+        except OSError:
+            return
+        if not data:
+            return  # end of file: nothing else holds the pipe
+        if data != b"?":
+            self.partial += data
+        if os.fork() == 0:
+            try:
+                self._drain_until_closed()
+            finally:
+                os._exit(0)
+
+    def _drain_until_closed(self) -> None:
+        """The drainer: keep only the pipe and the log (no lock, no report pipe), then write
+        until every writer closed the pipe."""
+        os.setsid()
+        keep = {self.read_fd, self.fd}
+        with _suppress(OSError):
+            for name in os.listdir("/proc/self/fd"):
+                if int(name) not in keep:
+                    with _suppress(OSError):
+                        os.close(int(name))
+        os.set_blocking(self.read_fd, True)
+        with _suppress(OSError):
+            while True:
+                data = os.read(self.read_fd, _CHUNK)
+                if not data:
+                    break
+                self.partial += data
+                cut = self.partial.rfind(b"\n") + 1
+                if cut or len(self.partial) >= LINE_CAP:
+                    cut = cut or len(self.partial)
+                    lines, self.partial = self.partial[:cut], self.partial[cut:]
+                    self._write(lines)
+            if self.partial:
+                self._write(self.partial)
 
     def tail(self, limit: int = jobs.FAIL_TAIL) -> bytes:
         """The last ``limit`` bytes (at most) of what the current run wrote, from NAME.log

@@ -388,4 +388,8 @@ def _child(launch: Launch, home: str, secret: bytes, log_fd: int, out: int) -> i
         return EXIT_AGENT
     finally:
         _drop_cgroup()  # when the program ended with nothing left in it: a stop removes it else
+        with _suppress(OSError):  # the supervisor's stderr lets go of the pipe
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, 2)
+            os.close(null)
         pump.finish()
