@@ -97,3 +97,18 @@ def test_callback_hint_names_the_address_dialled(world: World, sshd_hosts: Hosts
     hint = _hint(world, run.out, event)
     assert f"dialled 127.0.0.3:{port}" in hint
     assert "callback.advertise / callback.via" in hint and shlex.quote(str(m)) in hint
+
+
+def test_unreachable_host_hint(world: World, sshd_hosts: Hosts) -> None:
+    (host,) = sshd_hosts(1)
+    h = host.name
+    m = world.manifest([host], {"app": {"on": [h], "run": ["sleep", "300"]}})
+    world.distribute(m)
+    doc = json.loads(m.read_text())
+    doc["hosts"][h]["port"] = free_port()  # nothing listens there
+    m.write_text(json.dumps(doc))
+    run = world.apply(m)
+    assert run.code == 3, run.out
+    event = run.only()
+    assert event["state"] == "unreachable"
+    assert _hint(world, run.out, event) == f"check hosts.{h}.address/port and that sshd runs there"

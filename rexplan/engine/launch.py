@@ -95,10 +95,16 @@ class Launcher:
             self._state(r, ev.FAILED, reason=reason, phase=phase, detail=str(exc), hint=hint)
             return
         except UnreachableError as exc:
-            self._state(r, ev.UNREACHABLE, reason="unreachable", phase="connect", detail=str(exc))
+            detail, hint = str(exc), exc.hint
+            self._state(
+                r, ev.UNREACHABLE, reason="unreachable", phase="connect", detail=detail, hint=hint
+            )
             return
         except TransportError as exc:
-            self._state(r, ev.UNREACHABLE, reason="timeout", phase=exc.phase, detail=str(exc))
+            detail, hint = str(exc), exc.hint
+            self._state(
+                r, ev.UNREACHABLE, reason="timeout", phase=exc.phase, detail=detail, hint=hint
+            )
             return
 
         r.phase = "start"
