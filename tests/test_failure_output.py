@@ -241,3 +241,18 @@ def test_what_outlives_its_program_still_writes_to_the_log(world: World, sshd_ho
     assert procs.wait_until(lambda: "later line\n" in log.read_text(), 15), log.read_text()
     text = log.read_text()
     assert text.index("main done") < text.index("late line") < text.index("later line")
+
+
+def test_a_log_larger_than_max_size_is_rotated_before_the_next_line(tmp_path: Path) -> None:
+    path = tmp_path / "old.log"
+    path.write_bytes(b"x\n" * 5000)  # 10,000 bytes from before logs.max_size was lowered
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+    pump = LogPump(str(path), fd, 4096, 1)
+    pump.run()
+    try:
+        os.write(pump.write_fd, b"new\n")
+        pump.drain()
+    finally:
+        pump.finish()
+    assert path.read_bytes() == b"new\n"
+    assert Path(f"{path}.1").read_bytes() == b"x\n" * 5000

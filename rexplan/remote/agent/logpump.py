@@ -101,7 +101,7 @@ class LogPump:
     def _write(self, lines: bytes) -> None:
         """Append whole lines, rotating first wherever the next line would pass max_size."""
         while lines:
-            room = self.max_size - self.size
+            room = max(0, self.max_size - self.size)  # a log from before may be larger
             if len(lines) <= room:
                 take = len(lines)
             else:
@@ -127,7 +127,8 @@ class LogPump:
             for n in range(self.keep - 1, 0, -1):
                 with _suppress(FileNotFoundError):
                     os.rename(f"{self.path}.{n}", f"{self.path}.{n + 1}")
-            os.rename(self.path, f"{self.path}.1")
+            with _suppress(FileNotFoundError):  # removed by hand: nothing to keep
+                os.rename(self.path, f"{self.path}.1")
         else:
             with _suppress(FileNotFoundError):
                 os.unlink(self.path)
