@@ -124,6 +124,7 @@ def cmd_apply(args: argparse.Namespace, screen: ui.Screen) -> int:
                 forks=args.forks,
                 run_id=run_id,
                 strategy=args.strategy,
+                tail=args.tail,
             )
         display.print_summary(result.actions())
     finally:

@@ -14,6 +14,7 @@ from rexplan.cli import options, subcommands
 from rexplan.cli.boundary import MESSAGE_LIMIT, run_main, write_stderr
 from rexplan.core import simulate
 from rexplan.core.text import printable
+from rexplan.engine.failout import DEFAULT_TAIL
 from rexplan.errors import UsageError
 
 EXIT_CODES = """\
@@ -179,6 +180,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--json",
         action="store_true",
         help="print the run result as JSON on stdout (the progress display moves to stderr)",
+    )
+    apply.add_argument(
+        "--tail",
+        type=options.number(int, "a whole number", 0, 10000, "must be from 0 to 10000"),
+        default=DEFAULT_TAIL,
+        metavar="N",
+        help="a failed step shows the last N lines of its program's output (at most 4 KiB; "
+        f"default {DEFAULT_TAIL}, 0: none) and where its whole log is (host:path)",
     )
     apply.add_argument(
         "-y",

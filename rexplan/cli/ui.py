@@ -20,6 +20,7 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
+from rexplan.cli.failshow import failure_lines, failures_block
 from rexplan.core.model import Manifest, Plan, Ready, Step
 from rexplan.core.plan import least_loaded
 from rexplan.core.spec import StepStatus, StopResult
@@ -332,6 +333,9 @@ class ApplyDisplay:
                     self._print(format_step_line(e), style=_STATE_STYLE[e.state])
             elif not self.quiet or failed:
                 self._print(format_step_line(e))
+            if failed:
+                for line in failure_lines(e):
+                    self._print(line, style="dim" if line.startswith("    |") else "yellow")
         elif e.kind == "step" and self.verbose:
             self._print(format_step_line(e), style="dim")
         elif e.kind == "run_done":
@@ -365,6 +369,9 @@ class ApplyDisplay:
         else:
             for line in lines:
                 self.console.print(line, soft_wrap=True, highlight=False)
+        for line in failures_block(self._final.values()):
+            # folded to a terminal's width, as the lines above; one line each in a pipe
+            self.console.print(Text(line), soft_wrap=not self.console.is_terminal)
 
 
 # --- rex status, rex apply --dry-run, rex stop -------------------------------------------------

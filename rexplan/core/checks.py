@@ -34,6 +34,7 @@ from rexplan.core.values import (
     name_problem,
 )
 from rexplan.core.yamlpos import KeyPath, Report
+from rexplan.wire.jobs import LOG_KEEP, LOG_MAX_SIZE
 
 #: hosts after range expansion, across the manifest
 MAX_HOSTS = hostrange.MAX_HOSTS
@@ -58,6 +59,9 @@ class Checker:
         defaults = as_map(doc.get("defaults"))
         self.defaults = defaults
         self.timeouts = self._timeouts(defaults.get("timeouts"), Timeouts())
+        self.logs = settings.logs(
+            report, ("defaults", "logs"), defaults.get("logs"), (LOG_MAX_SIZE, LOG_KEEP)
+        )
         self.users: dict[str, User] = {}
         self.hosts: list[Host] = []
         self.index: dict[str, int] = {}  # host name -> position in manifest order
@@ -507,4 +511,5 @@ class Checker:
             timeouts=timeouts,
             policy=settings.policy(spec, d),
             become=become,
+            logs=settings.logs(report, (*path, "logs"), spec.get("logs"), self.logs),
         )

@@ -6,6 +6,8 @@ import fnmatch
 import re
 from dataclasses import dataclass, field
 
+from rexplan.wire.jobs import LOG_KEEP, LOG_MAX_SIZE
+
 #: the longest ``persist`` (seconds): a day
 MAX_PERSIST = 86400.0
 #: the most lines ``rex logs -n`` asks each step for
@@ -156,6 +158,8 @@ class Program:
     timeouts: Timeouts = field(default_factory=Timeouts)
     policy: FailurePolicy = field(default_factory=FailurePolicy)
     become: str | None = None  # the account it runs as through sudo -n; None: the login
+    #: the agent rotates the program's log at max_size bytes, keeping ``keep`` old files
+    logs: tuple[int, int] = (LOG_MAX_SIZE, LOG_KEEP)
 
     @property
     def argv(self) -> tuple[str, ...]:

@@ -10,10 +10,52 @@ from typing import Any
 from rexplan.core.model import FailurePolicy, FileSpec, Host, Placement, Program, Ready
 from rexplan.core.values import address_problem, as_int, as_map, as_num, as_str, count_or_percent
 from rexplan.core.yamlpos import KeyPath, Report
-from rexplan.wire import probes
+from rexplan.wire import jobs, probes
 from rexplan.wire.chars import safe_relpath
 
 _MODE_RE = re.compile(r"0?[0-7]{3}\Z|0o[0-7]{3}\Z")
+_SIZE_RE = re.compile(r"\s*([0-9]+)\s*([KMG]i?B?|B)?\s*\Z", re.IGNORECASE)
+_UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+
+
+def size_of(value: Any) -> int | None:
+    """Bytes of a size: an integer, or a string like ``10MiB``, ``512 KiB``, ``1G``, ``4096``
+    (K, M and G are powers of 1024, with or without ``iB``/``B``); None if it is neither."""
+    if type(value) is int:
+        return value
+    match = _SIZE_RE.match(value) if isinstance(value, str) else None
+    if match is None:
+        return None
+    return int(match.group(1)) * _UNITS[(match.group(2) or "")[:1].lower()]
+
+
+def logs(report: Report, path: KeyPath, value: Any, base: tuple[int, int]) -> tuple[int, int]:
+    """The log rotation at ``path`` (``{max_size: 10MiB, keep: 3}``): (max_size bytes, keep);
+    each key falls back to ``base`` (defaults.logs, else 10 MiB and 3)."""
+    spec = as_map(value)
+    max_size, keep = base
+    if "max_size" in spec:
+        size = size_of(spec["max_size"])
+        low, high = jobs.LOG_MAX_SIZE_RANGE
+        if size is None or not low <= size <= high:
+            report.value(
+                (*path, "max_size"),
+                f"{spec['max_size']!r} is not a log size from 4KiB to 1TiB",
+                "give bytes or a size with a unit, e.g. max_size: 10MiB",
+            )
+        else:
+            max_size = size
+    if "keep" in spec:
+        count = spec["keep"]
+        if type(count) is not int or not 0 <= count <= jobs.LOG_KEEP_MAX:
+            report.value(
+                (*path, "keep"),
+                f"{count!r} is not a count of old log files from 0 to {jobs.LOG_KEEP_MAX}",
+                "keep: 3 keeps NAME.log.1 ... NAME.log.3",
+            )
+        else:
+            keep = count
+    return max_size, keep
 
 
 def policy(spec: dict[str, Any], defaults: dict[str, Any]) -> FailurePolicy:

@@ -14,7 +14,15 @@ from rexplan.core.text import LIMIT, printable
 DETAIL_LIMIT = 4 * LIMIT
 #: characters of ``reason`` and ``phase``: short words by design
 WORD_LIMIT = 64
-_BOUNDED = (("detail", DETAIL_LIMIT), ("reason", WORD_LIMIT), ("phase", WORD_LIMIT))
+#: characters of a failed step's output tail (several lines) and of its log's host:path
+TAIL_LIMIT = 4096
+_BOUNDED = (
+    ("detail", DETAIL_LIMIT),
+    ("reason", WORD_LIMIT),
+    ("phase", WORD_LIMIT),
+    ("hint", DETAIL_LIMIT),
+    ("log", LIMIT),
+)
 
 #: step states, in the order a healthy step passes through them
 PENDING = "pending"
@@ -61,6 +69,9 @@ class Event:
     action: str | None = None  # a step's final event: started | restarted | unchanged
     status: int | None = None  # a job's exit status
     output: str | None = None  # the tail of a job's output
+    tail: str | None = None  # a failed step: the last lines its program wrote (--tail)
+    log: str | None = None  # host:path of the program's log, for a failed step
+    hint: str | None = None  # a failed step: what to run or change next
     total: int | None = None  # steps in the wave / run, for progress totals
     counts: dict[str, int] = field(default_factory=dict)
 
@@ -70,6 +81,8 @@ class Event:
             value = getattr(self, name)
             if isinstance(value, str):
                 object.__setattr__(self, name, printable(value, limit))
+        if isinstance(self.tail, str):
+            object.__setattr__(self, "tail", printable(self.tail, TAIL_LIMIT, keep="\n"))
 
     def to_json(self) -> str:
         # a shallow read: asdict() deep-copies every value, once per event per sink

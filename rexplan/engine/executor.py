@@ -16,6 +16,7 @@ from rexplan.core.model import Manifest, Plan, Step, Timeouts
 from rexplan.engine import events as ev
 from rexplan.engine.agentctl import HostAgents
 from rexplan.engine.endpoints import callback_endpoints, listen
+from rexplan.engine.failout import DEFAULT_TAIL
 from rexplan.engine.fanout import TreeLauncher
 from rexplan.engine.launch import Cancelled, Launcher
 from rexplan.engine.listener import CallbackListener
@@ -50,6 +51,7 @@ class Executor:
         run_id: str | None = None,
         clock: Callable[[], float] = time.monotonic,
         tree: TreeLauncher | None = None,
+        tail: int = DEFAULT_TAIL,
     ) -> None:
         self.manifest = manifest
         self.tree = tree
@@ -81,6 +83,7 @@ class Executor:
             cancel=self._cancel,
             clock=clock,
             tree=tree,
+            tail=tail,
         )
 
     def _relay_warning(self, relay: str, text: str) -> None:
@@ -232,9 +235,11 @@ def apply(
     forks: int | None = None,
     run_id: str | None = None,
     strategy: str | None = None,
+    tail: int = DEFAULT_TAIL,
 ) -> RunResult:
     """Run ``plan``: one callback listener and one transport per host for the whole run;
-    ``strategy`` (default: the manifest's) ``tree`` launches most hosts through relays."""
+    ``strategy`` (default: the manifest's) ``tree`` launches most hosts through relays;
+    a failed step shows the last ``tail`` lines of its program's output."""
     bind, dial = callback_endpoints(manifest, plan)
     connect_timeout = max((s.timeouts.connect for s in plan.steps), default=10.0)
     listener = CallbackListener(bind, manifest.callback.port, run_id=run_id or new_run_id())
@@ -259,6 +264,7 @@ def apply(
                 emit=emit,
                 forks=forks or manifest.forks,
                 tree=tree,
+                tail=tail,
             )
             try:
                 return executor.run()

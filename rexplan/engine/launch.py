@@ -12,6 +12,7 @@ from dataclasses import replace
 from rexplan.core import spec as specs
 from rexplan.core.model import Host, Manifest, Step, When
 from rexplan.engine import events as ev
+from rexplan.engine import failout
 from rexplan.engine.agentctl import EXEC_SLACK, HostAgents
 from rexplan.engine.fanout import RELAY_LOST, RelayError, TreeLauncher
 from rexplan.engine.listener import CallbackListener
@@ -62,8 +63,10 @@ class Launcher:
         cancel: threading.Event,
         clock: Callable[[], float],
         tree: TreeLauncher | None,
+        tail: int = failout.DEFAULT_TAIL,
     ) -> None:
         self.manifest = manifest
+        self.tail = tail
         self.keys = keys
         self.pool = pool
         self.listener = listener
@@ -93,13 +96,21 @@ class Launcher:
             transport = self.pool.get(host, user)
         except (AuthenticationError, HostKeyError) as exc:
             reason = "host_key" if isinstance(exc, HostKeyError) else "auth"
-            self._state(r, ev.FAILED, reason=reason, phase=exc.phase or "connect", detail=str(exc))
+            hint = failout.connect_hint(exc, step, self.manifest.path)
+            phase = exc.phase or "connect"
+            self._state(r, ev.FAILED, reason=reason, phase=phase, detail=str(exc), hint=hint)
             return
         except UnreachableError as exc:
-            self._state(r, ev.UNREACHABLE, reason="unreachable", phase="connect", detail=str(exc))
+            detail, hint = str(exc), exc.hint
+            self._state(
+                r, ev.UNREACHABLE, reason="unreachable", phase="connect", detail=detail, hint=hint
+            )
             return
         except TransportError as exc:
-            self._state(r, ev.UNREACHABLE, reason="timeout", phase=exc.phase, detail=str(exc))
+            detail, hint = str(exc), exc.hint
+            self._state(
+                r, ev.UNREACHABLE, reason="timeout", phase=exc.phase, detail=detail, hint=hint
+            )
             return
 
         r.phase = "start"
@@ -111,7 +122,8 @@ class Launcher:
         try:
             info, secret = self._key_for(step, transport)
         except KeyStoreError as exc:
-            self._state(r, ev.FAILED, reason="no_key", phase="start", detail=str(exc))
+            hint = failout.key_hint(exc, step)
+            self._state(r, ev.FAILED, reason="no_key", phase="start", detail=str(exc), hint=hint)
             return
         if self._cancel.is_set():
             raise Cancelled
@@ -199,7 +211,28 @@ class Launcher:
         reason, phase, detail = failure(verdict, diag, exec_error, info.key_id)
         if reason == "no_callback" and host.callback == "direct" and exec_error is None:
             detail += unreachable_hint(step.host, callback)
-        self._state(r, ev.FAILED, reason=reason, phase=phase, detail=detail)
+        self._failed(r, reason, phase, detail, diag)
+
+    def _failed(
+        self, r: StepResult, reason: str, phase: str, detail: str, diag: dict[str, object]
+    ) -> None:
+        """A launch that was not verified: failed, with what its program wrote last, where
+        its log is and what to do next, when the agent's report tells."""
+        step = r.step
+        hint = failout.launch_hint(
+            reason, step, diag, self.manifest.path, self.advertise(step.address)
+        )
+        raw = diag.get("tail")
+        self._state(
+            r,
+            ev.FAILED,
+            reason=reason,
+            phase=phase,
+            detail=detail,
+            tail=failout.last_lines(raw if isinstance(raw, str) else None, self.tail),
+            log=failout.log_place(step.host, diag),
+            hint=hint,
+        )
 
     def _callback_for(self, step: Step, host: Host, transport: Transport) -> tuple[str, int]:
         """Where the step's agent dials: the listener (``via: direct``), or the port its
@@ -259,7 +292,8 @@ class Launcher:
                 files=files,
                 when=preconditions(self.manifest.program(step.program).when),
                 unchanged=unchanged,
-            )
+            ),
+            logs=self.manifest.program(step.program).logs,
         )
 
     def _settle(
@@ -294,7 +328,7 @@ class Launcher:
             verdict = replace(verdict, ok=False, code=OK_LOST)
         if verdict.ok and step.kind == "job":
             self._state(r, ev.RUNNING, phase="job", pid=verdict.pid)
-            self._job_done(r, verdict.pid)
+            self._job_done(r, verdict.pid, failout.log_place(step.host, diag))
             return None
         if verdict.ok:
             self._state(r, ev.READY, phase="ready", pid=verdict.pid, action=action)
@@ -324,7 +358,8 @@ class Launcher:
         try:
             info, secret = self.keys.load(step.host, step.user, step.program)
         except KeyStoreError as exc:
-            self._state(r, ev.FAILED, reason="no_key", phase="start", detail=str(exc))
+            hint = failout.key_hint(exc, step)
+            self._state(r, ev.FAILED, reason="no_key", phase="start", detail=str(exc), hint=hint)
             return
         if self._cancel.is_set():
             raise Cancelled
@@ -368,7 +403,7 @@ class Launcher:
             self._state(r, ev.FAILED, reason=error.reason, phase=error.phase, detail=str(error))
         else:
             reason, phase, detail = failure(verdict, diag, error, info.key_id)
-            self._state(r, ev.FAILED, reason=reason, phase=phase, detail=detail)
+            self._failed(r, reason, phase, detail, diag)
 
     def _key_for(self, step: Step, transport: Transport) -> tuple[KeyInfo, bytes]:
         """The key the launcher proves with; ``transport: local`` keys are made on first use."""
@@ -390,8 +425,9 @@ class Launcher:
             self.agents.ensure_local_copy(transport, info, secret)
         return info, secret
 
-    def _job_done(self, r: StepResult, pid: int | None) -> None:
-        """Wait for a verified job's end: ready if it exited 0, else failed with its status."""
+    def _job_done(self, r: StepResult, pid: int | None, log: str | None) -> None:
+        """Wait for a verified job's end: ready if it exited 0, else failed with its status,
+        the last lines of its output and where its log is."""
         job = self.listener.wait_job(r.step.id)
         assert job is not None  # no timeout: it exits, or its connection ends
         output = job.output.decode("utf-8", "replace")
@@ -409,10 +445,21 @@ class Launcher:
                 detail=detail,
                 status=job.status,
                 output=output,
+                tail=failout.last_lines(output, self.tail),
+                log=log,
             )
         else:
             detail = f"lost the job: {job.detail}"
-            self._state(r, ev.FAILED, reason="job_lost", phase="job", detail=detail, output=output)
+            self._state(
+                r,
+                ev.FAILED,
+                reason="job_lost",
+                phase="job",
+                detail=detail,
+                output=output,
+                tail=failout.last_lines(output, self.tail),
+                log=log,
+            )
 
     def kill_inflight(self, forks: int) -> None:
         """Kill every step that is starting, on all its hosts at once."""

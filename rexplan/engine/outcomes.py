@@ -48,6 +48,9 @@ class StepResult:
     action: str | None = None  # spec.STARTED / RESTARTED / UNCHANGED once it is up
     status: int | None = None  # a job's exit status
     output: str | None = None  # the tail of a job's output
+    tail: str | None = None  # a failed step: the last lines of its program's output
+    log: str | None = None  # host:path of the program's log
+    hint: str | None = None  # a failed step: what to run or change next
 
 
 @dataclass
@@ -105,7 +108,18 @@ class Tracker:
 
     def state(self, result: StepResult, state: str, **fields: object) -> None:
         result.state = state
-        for name in ("reason", "phase", "detail", "pid", "action", "status", "output"):
+        for name in (
+            "reason",
+            "phase",
+            "detail",
+            "pid",
+            "action",
+            "status",
+            "output",
+            "tail",
+            "log",
+            "hint",
+        ):
             if name in fields:
                 setattr(result, name, fields[name])
         s = result.step
@@ -192,6 +206,9 @@ def result_to_dict(result: RunResult, manifest: Manifest) -> dict[str, object]:
                 "action": r.action,
                 "status": r.status,
                 "output": r.output,
+                "tail": r.tail,
+                "log": r.log,
+                "hint": r.hint,
                 "seconds": None
                 if r.started is None or r.finished is None
                 else round(r.finished - r.started, 3),

@@ -20,6 +20,16 @@ JOB_SILENCE = 5.0
 #: raw output bytes per ``out`` frame, and in all (the tail of the job's output)
 OUT_CHUNK = 2048
 OUT_TAIL = 16384
+#: raw bytes of a program's output a failure report carries (the front's JSON line): the end
+#: of what the program wrote before it failed, opened by cut_line when more came before
+FAIL_TAIL = 4096
+#: a program's log: the size at which the agent rotates it and the rotated files it keeps
+#: (NAME.log.1 ... NAME.log.KEEP), unless the launch message says otherwise
+LOG_MAX_SIZE = 10 << 20
+LOG_KEEP = 3
+#: the bounds a launch message's ``logs`` is held to
+LOG_MAX_SIZE_RANGE = (4096, 1 << 40)
+LOG_KEEP_MAX = 100
 
 
 def cut_line(count: int) -> bytes:

@@ -22,6 +22,7 @@ from rexplan.wire.chars import (
 from rexplan.wire.codes import FrameError
 from rexplan.wire.crypto import sha256
 from rexplan.wire.frames import MAX_FRAME
+from rexplan.wire.jobs import LOG_KEEP, LOG_KEEP_MAX, LOG_MAX_SIZE, LOG_MAX_SIZE_RANGE
 from rexplan.wire.jsonstrict import dumps, encode_object, parse_object
 from rexplan.wire.messages import VERSION
 from rexplan.wire.probes import KEYS, KINDS
@@ -62,7 +63,7 @@ _LAUNCH_KEYS = (
     "tags",
 )
 #: launch keys an older launcher may leave out; their defaults are Launch's
-_OPTIONAL_LAUNCH_KEYS = ("replace", "restart", "files", "when", "unchanged", "become")
+_OPTIONAL_LAUNCH_KEYS = ("replace", "restart", "files", "when", "unchanged", "become", "logs")
 RESTART_POLICIES = ("no", "on-failure", "always")
 #: an account ``become`` names: a POSIX login name (never an option to sudo)
 BECOME_RE = Chars(
@@ -88,6 +89,29 @@ class Probe(Frozen):
 class Launch(Frozen):
     """A parsed launch message. ``deadlines`` are seconds: start, ready, callback, stop."""
 
+    _fields = (
+        "run",
+        "step",
+        "triple",
+        "key_path",
+        "nl",
+        "callback",
+        "deadlines",
+        "argv",
+        "env",
+        "cwd",
+        "ready",
+        "kind",
+        "log",
+        "tags",
+        "replace",
+        "restart",
+        "files",
+        "when",
+        "unchanged",
+        "logs",
+    )
+    __slots__ = _fields
     _hidden = ("nl",)
     run: str
     step: str
@@ -113,6 +137,8 @@ class Launch(Frozen):
     unchanged: bool = False
     #: the account the program runs as, through ``sudo -n`` (None: the SSH login)
     become: str | None = None
+    #: (max_size bytes, keep): the program log rotates at max_size, keeping that many old files
+    logs: tuple[int, int] = (LOG_MAX_SIZE, LOG_KEEP)
 
     def deadline(self, name: str) -> float:
         return dict(self.deadlines)[name]
@@ -140,6 +166,7 @@ def make_launch(
     when: Mapping[str, float] | None = None,
     unchanged: bool = False,
     become: str | None = None,
+    logs: tuple[int, int] = (LOG_MAX_SIZE, LOG_KEEP),
 ) -> bytes:
     """The launch message as one JSON line (newline-terminated); raises LaunchError.
 
@@ -175,6 +202,9 @@ def make_launch(
         msg["unchanged"] = True
     if become is not None:
         msg["become"] = become
+    if tuple(logs) != (LOG_MAX_SIZE, LOG_KEEP):
+        rotation: list[object] = [logs[0], logs[1]]
+        msg["logs"] = rotation
     try:
         line = encode_object(msg) + b"\n"
     except (TypeError, ValueError) as exc:
@@ -346,6 +376,19 @@ def parse_launch(line: bytes) -> Launch:
     become = msg.get("become")
     if become is not None and (not isinstance(become, str) or not BECOME_RE.match(become)):
         raise LaunchError("become must be an account name")
+    logs = msg.get("logs", [LOG_MAX_SIZE, LOG_KEEP])
+    low, high = LOG_MAX_SIZE_RANGE
+    if (
+        not isinstance(logs, list)
+        or len(logs) != 2
+        or type(logs[0]) is not int
+        or not low <= logs[0] <= high
+        or type(logs[1]) is not int
+        or not 0 <= logs[1] <= LOG_KEEP_MAX
+    ):
+        raise LaunchError(
+            f"logs must be [max_size in [{low}, {high}] bytes, keep in [0, {LOG_KEEP_MAX}]]"
+        )
     return Launch(
         run=msg["run"],
         step=msg["step"],
@@ -367,6 +410,7 @@ def parse_launch(line: bytes) -> Launch:
         when=tuple(sorted((k, float(v)) for k, v in when.items())),
         unchanged=unchanged,
         become=become,
+        logs=(logs[0], logs[1]),
     )
 
 

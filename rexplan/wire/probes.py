@@ -48,11 +48,14 @@ class ProbeKind(Frozen):
     ``polled``: the agent tries its check every interval until it passes (``alive`` waits out
     its settle time instead, ``notify`` listens on its socket); ``show``: its target for people
     (``tcp:5432``, the URL, ``alive:0.5s``), before escaping; ``long``: that text can be a
-    whole command line, shown up to the command limit rather than the usual one.
+    whole command line, shown up to the command limit rather than the usual one;
+    ``describe``: what a probe that did not pass within ``timeout`` seconds says (``tcp
+    127.0.0.1:5432 not accepting after 30 s``), the agent's reason for a ready timeout.
     """
 
     name: str
     show: Callable[[Target], str]
+    describe: Callable[[Target, float], str]
     fields: tuple[str, ...] = ()
     required: tuple[str, ...] = ()
     polled: bool = False
@@ -70,18 +73,44 @@ def _show_command(probe: Target) -> str:
     return f"command:{shlex.join(probe.argv)}"
 
 
+def _after(timeout: float) -> str:
+    return f"after {timeout:g} s"
+
+
+def _describe_command(probe: Target, timeout: float) -> str:
+    # no shlex: the agent says this, and shlex imports re
+    return f"command {' '.join(probe.argv)} did not exit 0 {_after(timeout)}"
+
+
 #: the kinds, by name, in the order messages list them; the first is the default
 KINDS: dict[str, ProbeKind] = {
     kind.name: kind
     for kind in (
-        ProbeKind("alive", lambda probe: f"alive:{probe.settle:g}s"),
-        ProbeKind("tcp", _show_tcp, fields=("host", "port"), required=("port",), polled=True),
         ProbeKind(
-            "http", lambda probe: probe.url or "", fields=("url",), required=("url",), polled=True
+            "alive",
+            lambda probe: f"alive:{probe.settle:g}s",
+            lambda probe, timeout: f"not alive for {probe.settle:g} s {_after(timeout)}",
+        ),
+        ProbeKind(
+            "tcp",
+            _show_tcp,
+            lambda probe, timeout: f"tcp {probe.host}:{probe.port} not accepting {_after(timeout)}",
+            fields=("host", "port"),
+            required=("port",),
+            polled=True,
+        ),
+        ProbeKind(
+            "http",
+            lambda probe: probe.url or "",
+            lambda probe, timeout: f"http {probe.url} not answering 2xx/3xx {_after(timeout)}",
+            fields=("url",),
+            required=("url",),
+            polled=True,
         ),
         ProbeKind(
             "command",
             _show_command,
+            _describe_command,
             fields=("argv",),
             required=("argv",),
             polled=True,
@@ -90,11 +119,16 @@ KINDS: dict[str, ProbeKind] = {
         ProbeKind(
             "file",
             lambda probe: f"file:{probe.path}",
+            lambda probe, timeout: f"file {probe.path} not there {_after(timeout)}",
             fields=("path",),
             required=("path",),
             polled=True,
         ),
-        ProbeKind("notify", lambda probe: "notify"),
+        ProbeKind(
+            "notify",
+            lambda probe: "notify",
+            lambda probe, timeout: f"no READY=1 on the notify socket {_after(timeout)}",
+        ),
     )
 }
 

@@ -41,6 +41,7 @@ from rexplan.remote.agent.failure import (
 )
 from rexplan.remote.agent.files import files_dir
 from rexplan.remote.agent.groups import kill_group, same_process, start_time, sweep
+from rexplan.remote.agent.logpump import LogPump, log_path
 from rexplan.remote.agent.procs import _cloexec_inherited
 from rexplan.remote.agent.records import _Sink, _store, _write_state
 from rexplan.remote.agent.supervisor import _child
@@ -185,25 +186,31 @@ def keep(launch: Launch, line: bytes, home: str, secret: bytes, log_fd: int, out
     null = os.open(os.devnull, os.O_RDWR)
     os.dup2(null, 0)
     os.dup2(null, 1)
-    os.dup2(log_fd, 2)
+    # the login's log is this keeper's to write and rotate: the account's supervisor (and
+    # sudo's complaints) write into its pump, the keeper's own errors too
+    pump = LogPump(log_path(home, launch.log), log_fd, *launch.logs)
+    os.dup2(pump.write_fd, 2)
     os.close(null)
     _cloexec_inherited()
+    pump.run()
     try:
         payload = _payload(home, launch, line, secret)
     except Failure as failure:
         _write_state(home, launch, state="failed", reason=failure.reason, restarts=0)
         _send(out, failure.result())
+        _let_go(pump)
         return failure.code
     del secret
     control_r, control_w = os.pipe()
     reports_r, reports_w = os.pipe()
-    said = os.lseek(log_fd, 0, os.SEEK_END)
+    pump.drain()
+    said = os.lseek(pump.fd, 0, os.SEEK_END)
     pid = os.fork()
     if pid == 0:
         try:
             os.dup2(control_r, 0)
             os.dup2(reports_w, 1)
-            os.dup2(log_fd, 2)
+            os.dup2(pump.write_fd, 2)
             argv = sudo_argv(str(launch.become))
             os.execvp(argv[0], argv)
         except OSError as exc:
@@ -220,15 +227,26 @@ def keep(launch: Launch, line: bytes, home: str, secret: bytes, log_fd: int, out
     _disarm()
     with _suppress(OSError):  # the supervisor went before it read it all: reported below
         _write_all(control_w, payload)
-    final = _relay(launch, home, reports_r, out)
+    final = _relay(launch, home, reports_r, out, pump.path)
     os.close(reports_r)
     with _suppress(ChildProcessError):
         os.waitpid(pid, 0)
     if final is None:  # nothing came back: sudo refused, or the supervisor died unheard
-        refused = _refused(launch, log_fd, said)
+        pump.drain()
+        refused = _refused(launch, pump.fd, said)
         _write_state(home, launch, state="failed", reason=refused.reason, restarts=0)
         _send(out, refused.result())
+    _let_go(pump)
     return 0
+
+
+def _let_go(pump: LogPump) -> None:
+    """The keeper ends: its stderr lets go of the pump's pipe, which drains into the log."""
+    with _suppress(OSError):
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, 2)
+        os.close(null)
+    pump.finish()
 
 
 def _refused(launch: Launch, log_fd: int, said: int) -> Failure:
@@ -253,7 +271,7 @@ def _send(out: int, obj: dict[str, Any]) -> None:
             os.write(out, jsonstrict.dumps(obj).encode("ascii") + b"\n")
 
 
-def _relay(launch: Launch, home: str, fd: int, out: int) -> dict[str, Any] | None:
+def _relay(launch: Launch, home: str, fd: int, out: int, log: str) -> dict[str, Any] | None:
     """Pass the supervisor's reports on to the front and write its records, as this login,
     into REX_HOME, until it is gone; its launch outcome (None if none came)."""
     me, me_start = os.getpid(), start_time(os.getpid())
@@ -295,6 +313,8 @@ def _relay(launch: Launch, home: str, fd: int, out: int) -> dict[str, Any] | Non
                 # the group is the account's: the front could not signal it (pgid 0: none)
                 report["started"] = [report["started"][0], 0]
             elif "ok" in report:
+                if "log" in report:
+                    report["log"] = log  # the login's log, which the keeper writes
                 if report.get("ok") is True:
                     report["agent"] = me
                 final = report
@@ -472,6 +492,6 @@ def inner() -> int:
     os.write(reports, b'{"listening": true}\n')  # the keeper may send a stop from now on
     code = EXIT_AGENT
     try:
-        code = _child(launch, home, secret, log_fd, reports)
+        code = _child(launch, home, secret, log_fd, reports, relay=True)
     finally:
         os._exit(code)

@@ -10,6 +10,10 @@ import time
 from rexplan.remote.agent.failure import EXIT_EXITED, EXIT_NOT_READY, Failure
 from rexplan.remote.agent.procs import _Proc, _start, _TimeoutExpired
 from rexplan.wire.launch import Probe
+from rexplan.wire.probes import KINDS
+
+#: characters of a ready timeout's reason (a command probe names its whole command line)
+REASON_LIMIT = 1000
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -100,8 +104,10 @@ def wait_ready(
     cwd: str | None,
     env: dict[str, str],
     notify: socket.socket | None,
+    timeout: float,
 ) -> None:
-    """Return once the probe passes; Failure at once if the program exits, or at the deadline."""
+    """Return once the probe passes; Failure at once if the program exits, or at the deadline
+    (``timeout`` seconds after the start), naming the probe's target and the timeout."""
     if probe.kind == "alive":
         try:
             proc.wait(timeout=max(0.0, min(probe.settle, deadline - time.monotonic())))
@@ -119,7 +125,8 @@ def wait_ready(
             return
         remaining = deadline - time.monotonic()
         if remaining <= 0:
-            raise Failure(EXIT_NOT_READY, f"{probe.kind} probe not ready by the deadline")
+            reason = KINDS[probe.kind].describe(probe, timeout)[:REASON_LIMIT]
+            raise Failure(EXIT_NOT_READY, reason)
         try:
             proc.wait(timeout=min(probe.interval, remaining))
         except _TimeoutExpired:

@@ -41,6 +41,7 @@ from rexplan.remote.agent.failure import (
 )
 from rexplan.remote.agent.files import _check_files, _declines, _workdir
 from rexplan.remote.agent.groups import kill_group, start_time, sweep
+from rexplan.remote.agent.logpump import LogPump, log_path
 from rexplan.remote.agent.probes import _notify_socket, wait_ready
 from rexplan.remote.agent.procs import _cloexec_inherited, _Proc, _SpawnError, _start
 from rexplan.remote.agent.records import _write_state
@@ -74,10 +75,10 @@ def _report(fd: int, obj: dict[str, Any]) -> None:
         os.write(fd, jsonstrict.dumps(obj).encode("ascii") + b"\n")
 
 
-def _spawn(launch: Launch, log_fd: int, env: dict[str, str], restart: int = 0) -> _Proc:
+def _spawn(launch: Launch, pump: LogPump, env: dict[str, str], restart: int = 0) -> _Proc:
     what = f"restart {restart}" if restart else "starting"
-    os.write(log_fd, f"--- rex: run {launch.run} step {launch.step} {what}\n".encode())
-    _Output.start = os.lseek(log_fd, 0, os.SEEK_END)
+    pump.begin(f"run {launch.run} step {launch.step} {what}")
+    log_fd = pump.write_fd
     # Joining the cgroup from the child, before exec, is the only way nothing the program
     # forks starts outside (from the supervisor, after the spawn, the cgroup write takes
     # effect milliseconds later, when a daemonizing program has long forked).
@@ -93,7 +94,7 @@ def _spawn(launch: Launch, log_fd: int, env: dict[str, str], restart: int = 0) -
         raise Failure(EXIT_START, f"cannot start {launch.argv[0]!r}: {exc.strerror}") from None
 
 
-def _supervise(launch: Launch, home: str, secret: bytes, log_fd: int, out: int) -> int:
+def _supervise(launch: Launch, home: str, secret: bytes, pump: LogPump, out: int) -> int:
     """The supervisor's life; returns its exit code. ``out`` is the report pipe to the front."""
     began = time.monotonic()
     proc: _Proc | None = None
@@ -114,7 +115,7 @@ def _supervise(launch: Launch, home: str, secret: bytes, log_fd: int, out: int) 
         cgroup = _make_cgroup(launch)
         if cgroup is not None:
             _tell_watchdog("cgroup", cgroup)
-        proc = _spawn(launch, log_fd, env)
+        proc = _spawn(launch, pump, env)
         start = start_time(proc.pid)
         _tell_watchdog("pid", str(proc.pid), start)
         _report(out, {"started": [proc.pid, proc.pid]})
@@ -123,7 +124,8 @@ def _supervise(launch: Launch, home: str, secret: bytes, log_fd: int, out: int) 
             raise Failure(EXIT_START, "program did not start by the start deadline")
         if launch.kind != "job":  # a job is ready once started: it may well end at once
             ready_by = time.monotonic() + launch.deadline("ready")
-            wait_ready(proc, launch.ready, ready_by, _workdir(launch), env, notify)
+            ready_in = launch.deadline("ready")
+            wait_ready(proc, launch.ready, ready_by, _workdir(launch), env, notify, ready_in)
         link = call_back(
             launch, secret, proc, start, time.monotonic() + launch.deadline("callback")
         )
@@ -147,6 +149,10 @@ def _supervise(launch: Launch, home: str, secret: bytes, log_fd: int, out: int) 
             fields.update(pid=proc.pid, pgid=proc.pid, status=proc.returncode)
             if failure.code == EXIT_EXITED:
                 fields["state"] = "exited"
+            # what the program said last, for the launcher to show under FAILED
+            result["tail"] = pump.tail(jobs.FAIL_TAIL).decode("utf-8", "replace")
+            result["log"] = pump.path
+            pump.note(f"failed: {failure.reason}")
         if _Cgroup.path is not None:  # what left the group before ok goes too
             cgroup_kill(_Cgroup.path)
             _drop_cgroup()
@@ -173,36 +179,13 @@ def _supervise(launch: Launch, home: str, secret: bytes, log_fd: int, out: int) 
         status=None,
         restarts=0,
     )
-    _report(out, {"ok": True, "pid": pid, "pgid": pid, "agent": os.getpid()})
+    _report(out, {"ok": True, "pid": pid, "pgid": pid, "agent": os.getpid(), "log": pump.path})
     os.close(out)
     _reap_watchdog()
     if link is not None:
-        return _job(launch, home, _Run(proc, start, began_wall), link, log_fd)
+        return _job(launch, home, _Run(proc, start, began_wall), link, pump)
     env.pop("NOTIFY_SOCKET", None)  # that socket served the first readiness only
-    return _after_ok(launch, home, _Run(proc, start, began_wall), env, log_fd)
-
-
-class _Output:
-    """Where the latest run's output begins in the program log (after rex's header line)."""
-
-    start = 0
-
-
-def _tail(log_fd: int) -> bytes:
-    """The tail of what the job wrote (stdout and stderr, interleaved): jobs.OUT_TAIL
-    bytes at most, opened by jobs.cut_line when more came before it. Read through the log's
-    descriptor (the front opens it for reading too): a ``become`` supervisor could not open
-    the login's log by its path."""
-    try:
-        end = os.fstat(log_fd).st_size
-        size = max(0, end - _Output.start)
-        if size <= jobs.OUT_TAIL:
-            return os.pread(log_fd, size, end - size)
-        # the line for ``size`` is as long as the one for what is cut, or longer
-        keep = jobs.OUT_TAIL - len(jobs.cut_line(size))
-        return jobs.cut_line(size - keep) + os.pread(log_fd, keep, end - keep)
-    except OSError:
-        return b""
+    return _after_ok(launch, home, _Run(proc, start, began_wall), env, pump)
 
 
 def _heard(link: _Link, seq: int) -> int:
@@ -219,7 +202,7 @@ def _heard(link: _Link, seq: int) -> int:
     return seq
 
 
-def _job(launch: Launch, home: str, run: _Run, link: _Link, log_fd: int) -> int:
+def _job(launch: Launch, home: str, run: _Run, link: _Link, pump: LogPump) -> int:
     """Keep the launcher's connection while the job runs; then send the tail of its output
     and its exit status. The job is killed when the launcher goes: the connection ends or
     fails, a heartbeat does not verify, or none came for jobs.JOB_SILENCE seconds.
@@ -256,12 +239,15 @@ def _job(launch: Launch, home: str, run: _Run, link: _Link, log_fd: int) -> int:
         run.proc.wait()
         sweep(launch.triple, _grace(grace), _Forced.on)
         state = "stopped" if why == "stopped" else "failed"
+        pump.note(f"{state}: {why}")
         fields = run.fields(state=state, status=run.proc.returncode, reason=why, restarts=0)
         _write_state(home, launch, **fields)
         return 0
     status = run.proc.wait()
     _write_state(home, launch, **run.fields(state="exited", status=status, restarts=0))
-    _finish_job(link, _tail(log_fd), status)
+    output = pump.tail(jobs.OUT_TAIL)
+    pump.note(f"exited with status {status}")
+    _finish_job(link, output, status)
     return 0
 
 
@@ -334,7 +320,7 @@ def _restart_due(policy: str, status: int) -> bool:
     return policy == "always" or (policy == "on-failure" and status != 0)
 
 
-def _after_ok(launch: Launch, home: str, run: _Run, env: dict[str, str], log_fd: int) -> int:
+def _after_ok(launch: Launch, home: str, run: _Run, env: dict[str, str], pump: LogPump) -> int:
     """Stay the program's parent: record how each run ends and restart it by policy.
     SIGTERM/SIGINT stop it for good; SIGHUP is ignored."""
     signal.signal(signal.SIGTERM, _on_stop)
@@ -347,6 +333,7 @@ def _after_ok(launch: Launch, home: str, run: _Run, env: dict[str, str], log_fd:
         while True:
             with _stoppable():
                 status = run.proc.wait()
+            pump.note(f"exited with status {status}")
             if not _restart_due(launch.restart, status):
                 _write_state(
                     home, launch, **run.fields(state="exited", status=status, restarts=restarts)
@@ -368,7 +355,7 @@ def _after_ok(launch: Launch, home: str, run: _Run, env: dict[str, str], log_fd:
             with _stoppable():
                 time.sleep(delay)
             delay = min(delay * 2, RESTART_CAP)
-            proc = _spawn(launch, log_fd, env, restarts)
+            proc = _spawn(launch, pump, env, restarts)
             run = _Run(proc, start_time(proc.pid), time.time())
             _write_state(
                 home, launch, **run.fields(state="running", status=status, restarts=restarts)
@@ -377,26 +364,38 @@ def _after_ok(launch: Launch, home: str, run: _Run, env: dict[str, str], log_fd:
         kill_group(run.proc.pid, _grace(grace), run.proc)
         status = run.proc.wait()
         sweep(launch.triple, _grace(grace), _Forced.on)
+        pump.note(f"stopped (status {status})")
         _write_state(home, launch, **run.fields(state="stopped", status=status, restarts=restarts))
     except Failure as failure:  # a restart that could not start
         _write_state(home, launch, state="failed", reason=failure.reason, restarts=restarts)
     return 0
 
 
-def _child(launch: Launch, home: str, secret: bytes, log_fd: int, out: int) -> int:
+def _child(
+    launch: Launch, home: str, secret: bytes, log_fd: int, out: int, relay: bool = False
+) -> int:
+    """The supervisor, from the front's fork (or become.inner's): ``relay``: ``log_fd`` is
+    the pipe to the keeper's pump, which owns the login's log and rotates it (become.keep)."""
     os.setsid()
+    pump = LogPump(log_path(home, launch.log), log_fd, *launch.logs, relay=relay)
     null = os.open(os.devnull, os.O_RDWR)
     os.dup2(null, 0)
     os.dup2(null, 1)
-    os.dup2(log_fd, 2)  # the supervisor's own errors land in the program log
+    os.dup2(pump.write_fd, 2)  # the supervisor's own errors land in the program log
     os.close(null)
     _cloexec_inherited()  # what sshd or a login shell left open stays out of the program
+    pump.run()
     # Signals stay deferred (see main) until the program exists, so one arriving mid-Popen
     # cannot lose the child being created; _supervise arms them right after the spawn.
     try:
-        return _supervise(launch, home, secret, log_fd, out)
+        return _supervise(launch, home, secret, pump, out)
     except BaseException:
         _print_exc()
         return EXIT_AGENT
     finally:
         _drop_cgroup()  # when the program ended with nothing left in it: a stop removes it else
+        with _suppress(OSError):  # the supervisor's stderr lets go of the pipe
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, 2)
+            os.close(null)
+        pump.finish()
