@@ -338,16 +338,25 @@ def test_local_programs_logs_and_follow(tmp_path: Path, monkeypatch: pytest.Monk
     assert main(["apply", "-y", "-q", str(manifest), *keys]) == 0
     assert main(["logs", str(manifest), "-n", "1", *keys]) == 0
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    # the job's line, then the mark the supervisor wrote when it exited
     code = "import sys; from rexplan.cli.rex import main; sys.exit(main())"
     proc = subprocess.Popen(
-        [sys.executable, "-c", code, "logs", "-f", "-n", "1", *keys, str(manifest)],
+        [sys.executable, "-c", code, "logs", "-f", "-n", "2", *keys, str(manifest)],
         stdout=subprocess.PIPE,
         env=env,
     )
     got: queue.Queue[bytes] = queue.Queue()
-    reader = threading.Thread(target=lambda: [got.put(line) for line in proc.stdout or ()])
+    reader = threading.Thread(
+        target=lambda: [got.put(line) for line in proc.stdout or ()], daemon=True
+    )
     reader.start()
-    assert got.get(timeout=30) == b"hello@localhost | hello from a job\n"
+    try:
+        assert got.get(timeout=30) == b"hello@localhost | hello from a job\n"
+        assert got.get(timeout=10).startswith(b"hello@localhost | --- rex: exited with status 0")
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
     with (home / "logs" / "hello.log").open("a") as log:
         log.write("appended\n")
     assert got.get(timeout=10) == b"hello@localhost | appended\n"
