@@ -102,7 +102,7 @@ def test_rex_run_folds_identical_output_and_exits_with_the_worst(
     )
     code, out, _ = world.rex("run", "*", "-m", str(m), "--json", "--", "sh", "-c", script)
     doc = json.loads(out)
-    assert (code, doc["format"], doc["exit"]) == (4, 1, 4)
+    assert (code, doc["format"], doc["exit"]) == (4, 1, 4), out
     assert [(h["host"], h["status"]) for h in doc["hosts"]] == [
         (n, 4 if n == odd else 0) for n in names
     ]

@@ -185,12 +185,12 @@ class LogPump:
         write does not end them with SIGPIPE."""
         with _suppress(OSError):
             self.drain()
-        self.done = True
-        end = time.monotonic() + 2 * _IDLE + 1
-        while not self.stopped and time.monotonic() < end:
-            time.sleep(0.01)
-        if not self.stopped:
+        # the thread writes only holding the lock: once this holds it, the thread writes no
+        # more (it may still sit in its select; the process ends under it), and the
+        # supervisor ends at once (its program lock with it) instead of a poll later
+        if not self.lock.acquire(True, 2 * _IDLE + 1):
             return  # the thread is stuck in a write: no fork beside it
+        self.done = True
         with _suppress(OSError):
             os.close(self.write_fd)  # the caller's other copies (its stderr) went before
         try:
