@@ -7,7 +7,7 @@ import graphlib
 import re
 from typing import Any
 
-from rexplan.core import hostrange, settings
+from rexplan.core import hostrange, perhost, settings
 from rexplan.core.model import (
     MAX_STEPS,
     NAME_RE,
@@ -33,6 +33,7 @@ from rexplan.core.values import (
     name_problem,
 )
 from rexplan.core.yamlpos import KeyPath, Report
+from rexplan.wire.launch import RESERVED_ENV
 
 #: hosts after range expansion, across the manifest
 MAX_HOSTS = hostrange.MAX_HOSTS
@@ -63,6 +64,7 @@ class Checker:
         self.entries: dict[str, list[str]] = {}  # hosts key as written -> its names
         self.groups: dict[str, list[str]] = {}
         self.programs: list[Program] = []
+        self._specs: dict[str, dict[str, Any]] = {}  # program name -> its spec, for templates
         self.steps = 0  # programs x their hosts so far (MAX_STEPS)
         self.authorize: list[tuple[Authorization, re.Pattern[str], re.Pattern[str], str]] = []
         self._on_cache: dict[str, list[str]] = {}
@@ -84,6 +86,7 @@ class Checker:
         self._hosts()
         self._authorize()
         self._programs()
+        self._render()
         self._strategy()
         return self._callback(), as_int(self.defaults.get("forks"), 64)
 
@@ -228,7 +231,7 @@ class Checker:
         max_startups = as_int(spec.get("max_startups"), base.max_startups)
         load = as_str(spec.get("load"), base.load) or base.load
         transport = as_str(spec.get("transport"), base.transport) or base.transport
-        groups_, vars_ = tuple(groups), as_pairs(spec.get("vars"))
+        groups_, vars_ = tuple(groups), perhost.freeze_vars(spec.get("vars"))
         names: list[str] = []
         bad_address = False
         for h in expanded:
@@ -363,7 +366,25 @@ class Checker:
             program = self._program(name, path, spec, tuple(requires))
             if program is not None:
                 self.programs.append(program)
+                self._specs[name] = spec
         self._cycles(graph, list(programs))
+
+    def _render(self) -> None:
+        """Render each program's templated fields for each of its hosts (core.perhost)."""
+        hosts = {h.name: h for h in self.hosts}
+        defaults = dict(perhost.freeze_vars(self.defaults.get("vars")))
+        context = perhost.programs_context(self.programs, hosts)
+        for i, program in enumerate(self.programs):
+            self.programs[i] = perhost.render_program(
+                self.report,
+                ("programs", program.name),
+                self._specs[program.name],
+                program,
+                hosts=hosts,
+                login=self.users[program.user].login,
+                defaults=defaults,
+                programs=context,
+            )
 
     def _cycles(self, graph: dict[str, list[str]], order: list[str]) -> None:
         remaining = dict(graph)
@@ -445,6 +466,8 @@ class Checker:
         for key, _ in env:
             if not _ENV_RE.match(key):
                 report.key((*path, "env", key), f"invalid environment variable name {key!r}")
+            elif key in RESERVED_ENV:
+                report.key((*path, "env", key), f"{key} is set by rex; choose another name")
         when = as_map(spec.get("when"))
         if user is None:
             return None
@@ -483,4 +506,5 @@ class Checker:
             stop_timeout=as_num(spec.get("stop_timeout"), as_num(d.get("stop_timeout"), 10.0)),
             timeouts=timeouts,
             policy=settings.policy(spec, d),
+            env_clear=spec.get("env_clear", d.get("env_clear")) is True,
         )

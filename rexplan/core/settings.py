@@ -147,7 +147,8 @@ def files(report: Report, path: KeyPath, value: Any, base_dir: str) -> tuple[Fil
                 "give a relative path without '..', e.g. dest: conf/app.ini",
             )
         elif isinstance(src, str) and isinstance(dest, str):
-            specs.append(FileSpec(os.path.join(base_dir, src), dest, mode))
+            template = spec.get("template") is True
+            specs.append(FileSpec(os.path.join(base_dir, src), dest, mode, template))
     return tuple(specs)
 
 

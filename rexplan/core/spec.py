@@ -97,6 +97,9 @@ def launch_args(
         "files": tuple(files),
         "when": dict(when or {}),
         "unchanged": unchanged,
+        "index": step.index,
+        "count": step.count,
+        "env_clear": step.env_clear,
     }
 
 

@@ -33,7 +33,15 @@ if TYPE_CHECKING:
     from typing import Any
 
 MAX_LAUNCH = 1 << 20
-RESERVED_ENV = ("REX_RUN", "REX_STEP", "REX_TRIPLE", "NOTIFY_SOCKET")
+RESERVED_ENV = (
+    "REX_RUN",
+    "REX_STEP",
+    "REX_TRIPLE",
+    "REX_HOST",
+    "REX_INDEX",
+    "REX_COUNT",
+    "NOTIFY_SOCKET",
+)
 
 
 class LaunchError(ValueError):
@@ -62,7 +70,18 @@ _LAUNCH_KEYS = (
     "tags",
 )
 #: launch keys an older launcher may leave out; their defaults are Launch's
-_OPTIONAL_LAUNCH_KEYS = ("replace", "restart", "files", "when", "unchanged")
+_OPTIONAL_LAUNCH_KEYS = (
+    "replace",
+    "restart",
+    "files",
+    "when",
+    "unchanged",
+    "index",
+    "count",
+    "env_clear",
+)
+#: the most steps one program may have (REX_COUNT), as the manifest's MAX_STEPS
+_MAX_COUNT = 1_000_000
 RESTART_POLICIES = ("no", "on-failure", "always")
 
 
@@ -126,6 +145,9 @@ class Launch(Frozen):
         "files",
         "when",
         "unchanged",
+        "index",
+        "count",
+        "env_clear",
     )
     __slots__ = _fields
     _hidden = ("nl",)
@@ -151,6 +173,9 @@ class Launch(Frozen):
     when: tuple[tuple[str, float], ...]
     #: an instance of the same spec alive is proven to the listener (``same``), not refused
     unchanged: bool
+    index: int  # the step's place among its program's steps (REX_INDEX) and their number
+    count: int  # (REX_COUNT); not part of the spec digest
+    env_clear: bool  # no login environment (HOME, USER, LOGNAME, SHELL, LANG)
 
     def __init__(
         self,
@@ -173,6 +198,9 @@ class Launch(Frozen):
         files: tuple[tuple[str, str, int], ...] = (),
         when: tuple[tuple[str, float], ...] = (),
         unchanged: bool = False,
+        index: int = 0,
+        count: int = 1,
+        env_clear: bool = False,
     ) -> None:
         self._init(
             run=run,
@@ -194,6 +222,9 @@ class Launch(Frozen):
             files=files,
             when=when,
             unchanged=unchanged,
+            index=index,
+            count=count,
+            env_clear=env_clear,
         )
 
     def deadline(self, name: str) -> float:
@@ -221,6 +252,9 @@ def make_launch(
     files: Sequence[tuple[str, str, int]] = (),
     when: Mapping[str, float] | None = None,
     unchanged: bool = False,
+    index: int = 0,
+    count: int = 1,
+    env_clear: bool = False,
 ) -> bytes:
     """The launch message as one JSON line (newline-terminated); raises LaunchError.
 
@@ -254,6 +288,10 @@ def make_launch(
     }
     if unchanged:
         msg["unchanged"] = True
+    if (index, count) != (0, 1):
+        msg["index"], msg["count"] = index, count  # type: ignore[assignment]
+    if env_clear:
+        msg["env_clear"] = True
     try:
         line = encode_object(msg) + b"\n"
     except (TypeError, ValueError) as exc:
@@ -410,6 +448,12 @@ def parse_launch(line: bytes) -> Launch:
     restart = msg.get("restart", "no")
     if restart not in RESTART_POLICIES:
         raise LaunchError(f"restart must be one of {', '.join(RESTART_POLICIES)}")
+    index, count = msg.get("index", 0), msg.get("count", 1)
+    if type(index) is not int or type(count) is not int or not 0 <= index < count <= _MAX_COUNT:
+        raise LaunchError(f"index and count need 0 <= index < count <= {_MAX_COUNT}")
+    env_clear = msg.get("env_clear", False)
+    if type(env_clear) is not bool:
+        raise LaunchError("env_clear must be true or false")
     when = msg.get("when", {})
     if (
         not isinstance(when, dict)
@@ -437,12 +481,17 @@ def parse_launch(line: bytes) -> Launch:
         files=_files(msg.get("files", [])),
         when=tuple(sorted((k, float(v)) for k, v in when.items())),
         unchanged=unchanged,
+        index=index,
+        count=count,
+        env_clear=env_clear,
     )
 
 
 def spec_digest(launch: Launch) -> str:
-    """sha256 of what the program is (argv, env, cwd, probe, kind, restart, files' content and
-    modes), for change detection; ``replace``, ``unchanged``, ``when`` and the run's identity
+    """sha256 of what the program is (argv, env, cwd, probe, kind, restart, env_clear, files'
+    content and modes), for change detection; ``replace``, ``unchanged``, ``when``, ``index``
+    and ``count`` (a host added to a program does not restart the others: a program that must
+    restart on them names ``{{ index }}`` or ``{{ count }}`` in a field) and the run's identity
     are not."""
     spec: dict[str, Any] = {
         "argv": list(launch.argv),
@@ -456,6 +505,8 @@ def spec_digest(launch: Launch) -> str:
         spec["restart"] = launch.restart
     if launch.files:
         spec["files"] = [list(f) for f in launch.files]
+    if launch.env_clear:
+        spec["env_clear"] = True
     return sha256(dumps(spec, sort_keys=True).encode("ascii")).hexdigest()
 
 
