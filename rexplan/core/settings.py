@@ -8,6 +8,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from rexplan.core.model import FailurePolicy, FileSpec, Placement, Program, Ready
+from rexplan.core.templates import is_template
 from rexplan.core.values import address_problem, as_int, as_map, as_num, as_str, count_or_percent
 from rexplan.core.yamlpos import KeyPath, Report
 from rexplan.wire import probes
@@ -38,7 +39,7 @@ def _tcp(report: Report, path: KeyPath, probe: Any, base: Ready) -> Ready:
     target = as_map(probe)
     port = as_int(probe, 0) if not target else as_int(target.get("port"), 0)
     host = as_str(target.get("host"), base.host) or base.host
-    problem = address_problem(host)
+    problem = None if is_template(host) else address_problem(host)  # checked once rendered
     if problem:
         report.value((*path, "tcp", "host"), f"address {host!r} {problem}")
     return Ready("tcp", base.timeout, base.interval, port=port, host=host)
@@ -46,7 +47,7 @@ def _tcp(report: Report, path: KeyPath, probe: Any, base: Ready) -> Ready:
 
 def _http(report: Report, path: KeyPath, probe: Any, base: Ready) -> Ready:
     url = as_str(probe, "") or ""
-    if not url.startswith(("http://", "https://")):
+    if not url.startswith(("http://", "https://")) and not is_template(url):
         report.value((*path, "http"), f"{url!r} is not an http:// or https:// URL")
     return Ready("http", base.timeout, base.interval, url=url)
 
@@ -140,7 +141,7 @@ def files(report: Report, path: KeyPath, value: Any, base_dir: str) -> tuple[Fil
                     f"{mode_text!r} is not an octal file mode",
                     'write three octal digits, e.g. mode: "0644"',
                 )
-        if isinstance(dest, str) and not safe_relpath(dest):
+        if isinstance(dest, str) and not is_template(dest) and not safe_relpath(dest):
             report.value(
                 (*path, i, "dest"),
                 f"{dest!r} leaves the program's files directory",
