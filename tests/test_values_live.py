@@ -83,8 +83,7 @@ def test_one_web_program_on_four_hosts_gets_its_place_and_a_rendered_config(
         assert env["SHELL"] == (login.pw_shell or "/bin/sh")
         conf = Path(world.home(h.name), "files", "web", "conf", "web.conf").read_text()
         assert conf == (
-            f"upstream web {{\n{upstream}}}\n"
-            f"listen {h.address}:{base + i};  # ${{#x}} stays\n"
+            f"upstream web {{\n{upstream}}}\nlisten {h.address}:{base + i};  # ${{#x}} stays\n"
         )
 
     # one host's var changes: exactly that host's step restarts
