@@ -1,12 +1,13 @@
 """Jinja2 templates in manifest strings and ``template: true`` files, rendered on the launcher.
 
-One environment for every template: ``ImmutableSandboxedEnvironment`` (no attribute tricks such
-as ``''.__class__``, no method that mutates a value), ``StrictUndefined`` (an unknown name is an
-error, never an empty string), autoescape off, Jinja comments off (their start string contains
-a NUL, which no manifest string may hold, so ``${#x}`` and ``{#`` in shell keep their meaning:
-only ``{{ }}`` and ``{% %}`` are template syntax). The filters are Jinja's built-in ones, none
-of which reads a file or the network; the globals are only ``range`` (bounded by the sandbox)
-and nothing else, and ``*`` and ``**`` are bounded so a template cannot build a gigabyte.
+One environment for every template: ``ImmutableSandboxedEnvironment`` (no attribute tricks
+such as ``''.__class__``, no method that mutates a value), ``StrictUndefined`` (an unknown name
+is an error, never an empty string), autoescape off, ``trim_blocks`` (as Ansible), Jinja
+comments off (their start string contains a NUL, which no manifest string may hold, so
+``${#x}`` and ``{#`` in shell keep their meaning: only ``{{ }}`` and ``{% %}`` are template
+syntax). The filters are Jinja's built-in ones, none of which reads a file or the network; the
+only global is ``range`` (bounded by the sandbox), and ``*`` and ``**`` are bounded so a
+template cannot build a gigabyte.
 
 A string without ``{{`` or ``{%`` is not a template and is never parsed (``is_template``): the
 fast path that keeps a manifest of 10,000 hosts as fast to load as before.
@@ -62,6 +63,7 @@ def _environment() -> _Environment:
         comment_start_string=_NO_COMMENT[0],
         comment_end_string=_NO_COMMENT[1],
         keep_trailing_newline=True,
+        trim_blocks=True,  # as Ansible: the newline after a {% %} tag is not output
     )
     env.globals.clear()
     env.globals["range"] = safe_range
