@@ -371,20 +371,14 @@ class Checker:
 
     def _render(self) -> None:
         """Render each program's templated fields for each of its hosts (core.perhost)."""
-        hosts = {h.name: h for h in self.hosts}
-        defaults = dict(perhost.freeze_vars(self.defaults.get("vars")))
-        context = perhost.programs_context(self.programs, hosts)
-        for i, program in enumerate(self.programs):
-            self.programs[i] = perhost.render_program(
-                self.report,
-                ("programs", program.name),
-                self._specs[program.name],
-                program,
-                hosts=hosts,
-                login=self.users[program.user].login,
-                defaults=defaults,
-                programs=context,
-            )
+        perhost.render_programs(
+            self.report,
+            self.programs,
+            self._specs,
+            hosts=self.hosts,
+            logins={name: u.login for name, u in self.users.items()},
+            defaults=dict(perhost.freeze_vars(self.defaults.get("vars"))),
+        )
 
     def _cycles(self, graph: dict[str, list[str]], order: list[str]) -> None:
         remaining = dict(graph)

@@ -155,10 +155,45 @@ def programs_context(
     }
 
 
-def render_program(
+def render_programs(
+    report: Report,
+    programs: list[Program],
+    specs: Mapping[str, Mapping[str, Any]],
+    *,
+    hosts: Sequence[Host],
+    logins: Mapping[str, str],
+    defaults: Mapping[str, Any],
+) -> None:
+    """Fill in ``rendered`` of each program of ``programs`` (in place) that has a templated
+    field; a manifest without templates costs one look at each program's strings."""
+    slots = {
+        p.name: _slots(specs[p.name], ("programs", p.name), p)
+        + _template_files(report, ("programs", p.name), p)
+        for p in programs
+    }
+    if not any(slots.values()):
+        return
+    by_name = {h.name: h for h in hosts}
+    context = programs_context(programs, by_name)
+    frozen = FrozenDict(defaults)
+    for i, program in enumerate(programs):
+        if slots[program.name] and program.hosts:
+            programs[i] = _render_program(
+                report,
+                ("programs", program.name),
+                slots[program.name],
+                program,
+                hosts=by_name,
+                login=logins[program.user],
+                defaults=frozen,
+                programs=context,
+            )
+
+
+def _render_program(
     report: Report,
     path: KeyPath,
-    spec: Mapping[str, Any],
+    slots: list[_Slot],
     program: Program,
     *,
     hosts: Mapping[str, Host],
@@ -166,10 +201,7 @@ def render_program(
     defaults: Mapping[str, Any],
     programs: Mapping[str, Any],
 ) -> Program:
-    """``program`` with ``rendered`` filled in when one of its fields is a template."""
-    slots = _slots(spec, path, program) + _template_files(report, path, program)
-    if not slots or not program.hosts:
-        return program
+    """``program`` with ``rendered`` filled in for each of its hosts."""
     count = len(program.hosts)
     rendered: list[Rendered] = []
     for index, name in enumerate(program.hosts):
@@ -182,7 +214,7 @@ def render_program(
             "login": login,
             "index": index,
             "count": count,
-            "vars": FrozenDict({**defaults, **dict(host.vars)}),
+            "vars": FrozenDict({**defaults, **dict(host.vars)}) if host.vars else defaults,
             "programs": programs,
         }
         values: dict[KeyPath, str] = {}
