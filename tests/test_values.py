@@ -232,6 +232,20 @@ def test_vars_take_any_yaml_value_and_env_clear_is_read() -> None:
     assert load("  s:\n    on: edge\n    run: [x]\n")[0].env_clear is False
 
 
+def test_a_tcp_port_may_be_a_template_and_must_render_a_port() -> None:
+    ready = "    ready: {tcp: {host: '{{ address }}', port: '{{ vars.base + index }}'}}\n"
+    steps = load("  s:\n    on: [web1, web2]\n    run: [x]\n" + ready)
+    assert [(s.ready.host, s.ready.port) for s in steps] == [
+        ("127.0.0.1", 8000),
+        ("127.0.0.2", 8001),
+    ]
+    (d,) = errors("  s:\n    on: web1\n    run: [x]\n    ready: {tcp: {port: '{{ 70000 }}'}}\n")
+    assert (d.line, d.path) == (FIRST + 3, "programs.s.ready.tcp.port")
+    assert "is not a port" in d.message
+    (d,) = errors("  s:\n    on: web1\n    run: [x]\n    ready: {tcp: {port: '80'}}\n")
+    assert d.path == "programs.s.ready.tcp.port" and "not a port or a template" in d.message
+
+
 def test_rex_names_are_reserved_in_env() -> None:
     (d,) = errors("  s:\n    on: edge\n    run: [x]\n    env: {REX_INDEX: '1'}\n")
     assert d.path == "programs.s.env.REX_INDEX" and "set by rex" in d.message

@@ -60,7 +60,7 @@ def test_one_web_program_on_four_hosts_gets_its_place_and_a_rendered_config(
                 "on": names,
                 "run": ["python3", "-c", SERVER, "{{ address }}", "{{ vars.base_port + index }}"],
                 "env": {"WEIGHT": "{{ vars.weight }}"},
-                "ready": {"alive": 0.2},
+                "ready": {"tcp": {"host": "{{ address }}", "port": "{{ vars.base_port + index }}"}},
                 "files": [{"src": "web.conf.j2", "dest": "conf/web.conf", "template": True}],
             }
         },

@@ -5,9 +5,10 @@ The variables of one step: ``host`` (its name), ``address``, ``login`` (the Unix
 runs as), ``index`` (its position among its program's steps, in plan order: the program's
 hosts in manifest order) and ``count`` (the program's step count), ``vars`` (the host's
 ``vars`` over ``defaults.vars``, key by key) and ``programs`` (``programs.NAME.hosts`` and
-``programs.NAME.addresses``, in plan order). Templated fields: ``run`` items, ``shell``, ``env``
-values, ``cwd``, the ready probe's strings (``tcp.host``, ``http``, ``command`` items, ``file``),
-``files`` ``dest``, and the content of a file with ``template: true``.
+``programs.NAME.addresses``, in plan order). Templated fields: ``run`` items, ``shell``,
+``env`` values, ``cwd``, the ready probe's strings (``tcp.host``, ``http``, ``command`` items,
+``file``) and a ``tcp.port`` written as a template, ``files`` ``dest``, and the content of a
+file with ``template: true``.
 
 An error is reported at the field (file:line:column), naming the first host it happens on; a
 field that fails is not rendered for the other hosts (one diagnostic per field, not 10,000).
@@ -59,6 +60,12 @@ def _address(value: str) -> str | None:
     return f"{value!r} {problem}" if problem else None
 
 
+def _port(value: str) -> str | None:
+    text = value.strip()
+    ok = text.isascii() and text.isdigit() and 1 <= int(text) <= 65535
+    return None if ok else f"{value!r} is not a port (1 to 65535)"
+
+
 def _url(value: str) -> str | None:
     ok = value.startswith(("http://", "https://"))
     return None if ok else f"{value!r} is not an http:// or https:// URL"
@@ -102,6 +109,7 @@ def _slots(spec: Mapping[str, Any], path: KeyPath, program: Program) -> list[_Sl
     tcp = ready.get("tcp")
     if isinstance(tcp, dict):
         add(("ready", "tcp", "host"), tcp.get("host"), _address)
+        add(("ready", "tcp", "port"), tcp.get("port"), _port)
     add(("ready", "http"), ready.get("http"), _url)
     command = ready.get("command")
     for i, item in enumerate(command if isinstance(command, list) else []):
@@ -267,6 +275,8 @@ def _assemble(program: Program, values: Mapping[KeyPath, str]) -> Rendered:
             cwd = value
         elif where == ("ready", "tcp", "host"):
             changes["host"] = value
+        elif where == ("ready", "tcp", "port"):
+            changes["port"] = int(value.strip())
         elif where == ("ready", "http"):
             changes["url"] = value
         elif where == ("ready", "file"):

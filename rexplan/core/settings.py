@@ -37,6 +37,7 @@ def policy(spec: dict[str, Any], defaults: dict[str, Any]) -> FailurePolicy:
 
 def _tcp(report: Report, path: KeyPath, probe: Any, base: Ready) -> Ready:
     target = as_map(probe)
+    # a templated port is rendered per step (core.perhost)
     port = as_int(probe, 0) if not target else as_int(target.get("port"), 0)
     host = as_str(target.get("host"), base.host) or base.host
     problem = None if is_template(host) else address_problem(host)  # checked once rendered
