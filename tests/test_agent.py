@@ -7,6 +7,7 @@ import glob
 import json
 import marshal
 import os
+import pwd
 import signal
 import socket
 import subprocess
@@ -202,12 +203,21 @@ def test_verified_service_runs_under_its_supervisor(rig: Rig) -> None:
         if item
     )
     assert env.pop("PATH")
+    env.pop("LANG", None)  # the login environment's, when the agent's environment has it
+    me = pwd.getpwuid(os.getuid())
     assert env == {
         "GREETING": "hi",
         "REX_SPEC": "s1",
         "REX_RUN": rig.lis.run_id,
         "REX_STEP": STEP,
         "REX_TRIPLE": TRIPLE,
+        "REX_HOST": "h1",
+        "REX_INDEX": "0",
+        "REX_COUNT": "1",
+        "HOME": me.pw_dir,
+        "USER": me.pw_name,
+        "LOGNAME": me.pw_name,
+        "SHELL": me.pw_shell or "/bin/sh",
     }
     nonce = step.nl.hex().encode()
     for exposed in (f"/proc/{pid}/cmdline", f"/proc/{pid}/environ", str(rig.home / "logs/app.log")):

@@ -7,7 +7,7 @@ import graphlib
 import re
 from typing import Any
 
-from rexplan.core import hostrange, settings
+from rexplan.core import hostrange, perhost, settings
 from rexplan.core.become import Become
 from rexplan.core.model import (
     MAX_STEPS,
@@ -35,6 +35,7 @@ from rexplan.core.values import (
 )
 from rexplan.core.yamlpos import KeyPath, Report
 from rexplan.wire.jobs import LOG_KEEP, LOG_MAX_SIZE
+from rexplan.wire.launch import RESERVED_ENV
 
 #: hosts after range expansion, across the manifest
 MAX_HOSTS = hostrange.MAX_HOSTS
@@ -68,6 +69,7 @@ class Checker:
         self.entries: dict[str, list[str]] = {}  # hosts key as written -> its names
         self.groups: dict[str, list[str]] = {}
         self.programs: list[Program] = []
+        self._specs: dict[str, dict[str, Any]] = {}  # program name -> its spec, for templates
         self.steps = 0  # programs x their hosts so far (MAX_STEPS)
         self.authorize: list[tuple[Authorization, re.Pattern[str], re.Pattern[str], str]] = []
         self._on_cache: dict[str, list[str]] = {}
@@ -93,6 +95,7 @@ class Checker:
         self._authorize()
         self._programs()
         self.become.check_all()
+        self._render()
         self._strategy()
         return self._callback(), as_int(self.defaults.get("forks"), 64)
 
@@ -253,7 +256,7 @@ class Checker:
         elif via == "ssh":
             self.via_ssh.append((*path, "callback", "via"))
         callback = via or base.callback
-        groups_, vars_ = tuple(groups), as_pairs(spec.get("vars"))
+        groups_, vars_ = tuple(groups), perhost.freeze_vars(spec.get("vars"))
         names: list[str] = []
         bad_address = False
         for h in expanded:
@@ -389,7 +392,19 @@ class Checker:
             program = self._program(name, path, spec, tuple(requires))
             if program is not None:
                 self.programs.append(program)
+                self._specs[name] = spec
         self._cycles(graph, list(programs))
+
+    def _render(self) -> None:
+        """Render each program's templated fields for each of its hosts (core.perhost)."""
+        perhost.render_programs(
+            self.report,
+            self.programs,
+            self._specs,
+            hosts=self.hosts,
+            logins={name: u.login for name, u in self.users.items()},
+            defaults=dict(perhost.freeze_vars(self.defaults.get("vars"))),
+        )
 
     def _cycles(self, graph: dict[str, list[str]], order: list[str]) -> None:
         remaining = dict(graph)
@@ -471,6 +486,8 @@ class Checker:
         for key, _ in env:
             if not _ENV_RE.match(key):
                 report.key((*path, "env", key), f"invalid environment variable name {key!r}")
+            elif key in RESERVED_ENV:
+                report.key((*path, "env", key), f"{key} is set by rex; choose another name")
         when = as_map(spec.get("when"))
         become = self.become.of(path, spec, user)
         if user is None:
@@ -512,4 +529,5 @@ class Checker:
             policy=settings.policy(spec, d),
             become=become,
             logs=settings.logs(report, (*path, "logs"), spec.get("logs"), self.logs),
+            env_clear=spec.get("env_clear", d.get("env_clear")) is True,
         )

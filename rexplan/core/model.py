@@ -48,7 +48,8 @@ class Host:
     transport: str = "ssh"  # "ssh" | "local"
     python: str = "python3"
     groups: tuple[str, ...] = ()
-    vars: Pairs = ()
+    #: the host's ``vars`` (frozen: lists are tuples, mappings FrozenDict), for templates
+    vars: tuple[tuple[str, object], ...] = ()
     #: unauthenticated SSH connections rex opens at once to this address and port: the start
     #: value of its sshd's MaxStartups (OpenSSH 10:30:100), past which sshd drops connections
     max_startups: int = 10
@@ -92,11 +93,33 @@ class Ready:
 
 @dataclass(frozen=True)
 class FileSpec:
-    """A file transferred to the host before its program starts."""
+    """A file transferred to the host before its program starts; a ``template`` file's
+    ``content`` is its text rendered for one step (None: the launcher reads ``src``)."""
 
     src: str
     dest: str
     mode: int = 0o644
+    template: bool = False
+    content: bytes | None = field(default=None, repr=False)
+
+
+class FrozenDict(dict[str, object]):
+    """A mapping of ``vars`` that hashes like the frozen record holding it; never mutated."""
+
+    def __hash__(self) -> int:  # type: ignore[override]
+        return hash(tuple(sorted(self.items())))
+
+
+@dataclass(frozen=True)
+class Rendered:
+    """A program's templated fields rendered for one of its hosts (``Program.rendered``)."""
+
+    argv: tuple[str, ...]
+    shell: str | None
+    env: Pairs
+    cwd: str | None
+    ready: Ready
+    files: tuple[FileSpec, ...]
 
 
 @dataclass(frozen=True)
@@ -160,6 +183,9 @@ class Program:
     become: str | None = None  # the account it runs as through sudo -n; None: the login
     #: the agent rotates the program's log at max_size bytes, keeping ``keep`` old files
     logs: tuple[int, int] = (LOG_MAX_SIZE, LOG_KEEP)
+    env_clear: bool = False  # the program's environment is only env, PATH and REX_*
+    #: per host (in ``hosts`` order) when a field is a template; empty: every step is the same
+    rendered: tuple[Rendered, ...] = ()
 
     @property
     def argv(self) -> tuple[str, ...]:
@@ -294,6 +320,10 @@ class Step:
     stop_timeout: float = 10.0
     requires: tuple[str, ...] = ()  # program names this step waits for
     become: str | None = None  # the account the program runs as (sudo -n); None: ``login``
+    files: tuple[FileSpec, ...] = ()
+    index: int = 0  # position among its program's steps, in plan order (REX_INDEX)
+    count: int = 1  # its program's step count (REX_COUNT)
+    env_clear: bool = False
 
 
 @dataclass(frozen=True)

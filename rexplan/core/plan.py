@@ -218,11 +218,15 @@ def _steps(
         stop_timeout=program.stop_timeout,
         requires=program.requires,
         become=program.become,
+        files=program.files,
+        count=len(program.hosts),
+        env_clear=program.env_clear,
     )
     base = vars(template)
+    rendered = program.rendered
     steps: list[Step] = []
     denied: list[str] = []
-    for name in program.hosts:
+    for index, name in enumerate(program.hosts):
         entry = hosts.get(name)
         if entry is None:
             problems.append(_diag(manifest, f"{where}.on", f"unknown host {name!r}"))
@@ -240,6 +244,9 @@ def _steps(
         fields.update(entry[1])
         fields["id"] = f"{program.name}@{name}"
         fields["triple"] = t
+        fields["index"] = index
+        if rendered:
+            fields.update(vars(rendered[index]))
         steps.append(step)
     if denied:
         more = len(denied) - _EXAMPLES

@@ -33,7 +33,8 @@ def validator() -> jsonschema.Draft202012Validator:
 
 
 _Check = Callable[[Any], bool]
-_ANNOTATIONS = frozenset(("$schema", "$id", "$defs", "title", "description", "then"))
+#: x-what: what a string failing the key's pattern should be, for its diagnostic
+_ANNOTATIONS = frozenset(("$schema", "$id", "$defs", "title", "description", "then", "x-what"))
 
 
 def _is_number(value: Any) -> bool:
@@ -255,11 +256,9 @@ def check(doc: Any, report: Report) -> None:
         elif kind in ("minLength", "minItems"):
             report.value(path, "must not be empty")
         elif kind == "pattern":
-            # the schema's patterns are the count-or-percentage keys (max_fail, serial)
-            report.value(
-                path,
-                f"{show(value)} is not a count or a percentage",
-                err.schema.get("description"),
-            )
+            # the schema's patterns: the count-or-percentage keys (max_fail, serial), else
+            # what the schema's x-what names
+            what = err.schema.get("x-what", "a count or a percentage")
+            report.value(path, f"{show(value)} is not {what}", err.schema.get("description"))
         else:
             report.value(path, err.message)

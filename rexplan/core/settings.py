@@ -8,6 +8,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from rexplan.core.model import FailurePolicy, FileSpec, Host, Placement, Program, Ready
+from rexplan.core.templates import is_template
 from rexplan.core.values import address_problem, as_int, as_map, as_num, as_str, count_or_percent
 from rexplan.core.yamlpos import KeyPath, Report
 from rexplan.wire import jobs, probes
@@ -78,9 +79,10 @@ def policy(spec: dict[str, Any], defaults: dict[str, Any]) -> FailurePolicy:
 
 def _tcp(report: Report, path: KeyPath, probe: Any, base: Ready) -> Ready:
     target = as_map(probe)
+    # a templated port is rendered per step (core.perhost)
     port = as_int(probe, 0) if not target else as_int(target.get("port"), 0)
     host = as_str(target.get("host"), base.host) or base.host
-    problem = address_problem(host)
+    problem = None if is_template(host) else address_problem(host)  # checked once rendered
     if problem:
         report.value((*path, "tcp", "host"), f"address {host!r} {problem}")
     return Ready("tcp", base.timeout, base.interval, port=port, host=host)
@@ -88,7 +90,7 @@ def _tcp(report: Report, path: KeyPath, probe: Any, base: Ready) -> Ready:
 
 def _http(report: Report, path: KeyPath, probe: Any, base: Ready) -> Ready:
     url = as_str(probe, "") or ""
-    if not url.startswith(("http://", "https://")):
+    if not url.startswith(("http://", "https://")) and not is_template(url):
         report.value((*path, "http"), f"{url!r} is not an http:// or https:// URL")
     return Ready("http", base.timeout, base.interval, url=url)
 
@@ -182,14 +184,15 @@ def files(report: Report, path: KeyPath, value: Any, base_dir: str) -> tuple[Fil
                     f"{mode_text!r} is not an octal file mode",
                     'write three octal digits, e.g. mode: "0644"',
                 )
-        if isinstance(dest, str) and not safe_relpath(dest):
+        if isinstance(dest, str) and not is_template(dest) and not safe_relpath(dest):
             report.value(
                 (*path, i, "dest"),
                 f"{dest!r} leaves the program's files directory",
                 "give a relative path without '..', e.g. dest: conf/app.ini",
             )
         elif isinstance(src, str) and isinstance(dest, str):
-            specs.append(FileSpec(os.path.join(base_dir, src), dest, mode))
+            template = spec.get("template") is True
+            specs.append(FileSpec(os.path.join(base_dir, src), dest, mode, template))
     return tuple(specs)
 
 

@@ -98,6 +98,9 @@ def launch_args(
         "when": dict(when or {}),
         "unchanged": unchanged,
         "become": step.become,
+        "index": step.index,
+        "count": step.count,
+        "env_clear": step.env_clear,
     }
 
 

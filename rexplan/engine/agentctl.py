@@ -136,11 +136,15 @@ class LocalFile:
 
 
 def local_files(specs_: Iterable[FileSpec]) -> tuple[LocalFile, ...]:
-    """Read a program's ``files``; OSError if one cannot be read."""
+    """A step's ``files``: a template's rendered content, else the file read; OSError if
+    one cannot be read."""
     out = []
     for f in specs_:
-        with open(f.src, "rb") as src:
-            data = src.read()
+        if f.content is not None:
+            data = f.content
+        else:
+            with open(f.src, "rb") as src:
+                data = src.read()
         out.append(LocalFile(f.dest, data, hashlib.sha256(data).hexdigest(), f.mode))
     return tuple(out)
 
@@ -164,7 +168,7 @@ class HostAgents:
         self._records: dict[str, dict[str, dict[str, Any]] | None] = {}
         self._agent_lock = threading.Lock()
         self._host_locks: dict[str, threading.Lock] = {}
-        self._files: dict[str, tuple[LocalFile, ...]] = {}
+        self._files: dict[tuple[FileSpec, ...], tuple[LocalFile, ...]] = {}
         self._bundle = bundle()
         self._bundle_sha = bundle_sha()
 
@@ -181,12 +185,14 @@ class HostAgents:
             data = keyfile.format_key_file(info.triple, info.created, secret)
             transport.put(data, path, 0o600)
 
-    def files_of(self, program: str) -> tuple[LocalFile, ...]:
-        """``program``'s files, read once per run; OSError if one cannot be read."""
-        with self._lock_for(f"files {program}"):
-            if program not in self._files:
-                self._files[program] = local_files(self.manifest.program(program).files)
-            return self._files[program]
+    def files_of(self, step: Step) -> tuple[LocalFile, ...]:
+        """``step``'s files, each read once per run (the steps of a program without
+        templates share them); OSError if one cannot be read."""
+        with self._lock_for(f"files {step.program}"):
+            found = self._files.get(step.files)
+            if found is None:
+                found = self._files[step.files] = local_files(step.files)
+            return found
 
     def upload(
         self, step: Step, transport: Transport, files: Sequence[LocalFile], dests: list[str]

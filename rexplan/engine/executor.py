@@ -189,7 +189,7 @@ class Executor:
 
         def current(transport: Transport) -> bool:
             agent = self.agents.agent_on(step.host, step.login, transport)
-            files = [f.entry for f in self.agents.files_of(step.program)]
+            files = [f.entry for f in self.agents.files_of(step)]
             return self.agents.status_of(step, transport, agent, files)[0].current
 
         return probe_candidate(

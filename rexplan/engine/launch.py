@@ -128,7 +128,7 @@ class Launcher:
         if self._cancel.is_set():
             raise Cancelled
         try:
-            files = self.agents.files_of(step.program)
+            files = self.agents.files_of(step)
         except OSError as exc:
             detail = f"cannot read {exc.filename}: {exc.strerror}"
             self._state(r, ev.FAILED, reason="bad_file", phase="start", detail=detail)

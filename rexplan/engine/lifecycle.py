@@ -72,7 +72,7 @@ def survey(
 
     def status(step: Step, record: dict[str, Any] | None) -> specs.StepStatus:
         try:
-            files = [f.entry for f in local_files(manifest.program(step.program).files)]
+            files = [f.entry for f in local_files(step.files)]
         except OSError as exc:
             return specs.StepStatus(step, specs.UNKNOWN, detail=f"cannot read {exc.filename}")
         return specs.classify(step, record, specs.expected_spec(step, files), files)

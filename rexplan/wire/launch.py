@@ -34,7 +34,15 @@ if TYPE_CHECKING:
     from typing import Any
 
 MAX_LAUNCH = 1 << 20
-RESERVED_ENV = ("REX_RUN", "REX_STEP", "REX_TRIPLE", "NOTIFY_SOCKET")
+RESERVED_ENV = (
+    "REX_RUN",
+    "REX_STEP",
+    "REX_TRIPLE",
+    "REX_HOST",
+    "REX_INDEX",
+    "REX_COUNT",
+    "NOTIFY_SOCKET",
+)
 
 
 class LaunchError(ValueError):
@@ -63,7 +71,20 @@ _LAUNCH_KEYS = (
     "tags",
 )
 #: launch keys an older launcher may leave out; their defaults are Launch's
-_OPTIONAL_LAUNCH_KEYS = ("replace", "restart", "files", "when", "unchanged", "become", "logs")
+_OPTIONAL_LAUNCH_KEYS = (
+    "replace",
+    "restart",
+    "files",
+    "when",
+    "unchanged",
+    "become",
+    "logs",
+    "index",
+    "count",
+    "env_clear",
+)
+#: the most steps one program may have (REX_COUNT), as the manifest's MAX_STEPS
+_MAX_COUNT = 1_000_000
 RESTART_POLICIES = ("no", "on-failure", "always")
 #: an account ``become`` names: a POSIX login name (never an option to sudo)
 BECOME_RE = Chars(
@@ -89,29 +110,6 @@ class Probe(Frozen):
 class Launch(Frozen):
     """A parsed launch message. ``deadlines`` are seconds: start, ready, callback, stop."""
 
-    _fields = (
-        "run",
-        "step",
-        "triple",
-        "key_path",
-        "nl",
-        "callback",
-        "deadlines",
-        "argv",
-        "env",
-        "cwd",
-        "ready",
-        "kind",
-        "log",
-        "tags",
-        "replace",
-        "restart",
-        "files",
-        "when",
-        "unchanged",
-        "logs",
-    )
-    __slots__ = _fields
     _hidden = ("nl",)
     run: str
     step: str
@@ -139,6 +137,9 @@ class Launch(Frozen):
     become: str | None = None
     #: (max_size bytes, keep): the program log rotates at max_size, keeping that many old files
     logs: tuple[int, int] = (LOG_MAX_SIZE, LOG_KEEP)
+    index: int = 0  # the step's place among its program's steps (REX_INDEX) and their number
+    count: int = 1  # (REX_COUNT); not part of the spec digest
+    env_clear: bool = False  # no login environment (HOME, USER, LOGNAME, SHELL, LANG)
 
     def deadline(self, name: str) -> float:
         return dict(self.deadlines)[name]
@@ -167,6 +168,9 @@ def make_launch(
     unchanged: bool = False,
     become: str | None = None,
     logs: tuple[int, int] = (LOG_MAX_SIZE, LOG_KEEP),
+    index: int = 0,
+    count: int = 1,
+    env_clear: bool = False,
 ) -> bytes:
     """The launch message as one JSON line (newline-terminated); raises LaunchError.
 
@@ -205,6 +209,10 @@ def make_launch(
     if tuple(logs) != (LOG_MAX_SIZE, LOG_KEEP):
         rotation: list[object] = [logs[0], logs[1]]
         msg["logs"] = rotation
+    if (index, count) != (0, 1):
+        msg["index"], msg["count"] = index, count  # type: ignore[assignment]
+    if env_clear:
+        msg["env_clear"] = True
     try:
         line = encode_object(msg) + b"\n"
     except (TypeError, ValueError) as exc:
@@ -366,6 +374,12 @@ def parse_launch(line: bytes) -> Launch:
     restart = msg.get("restart", "no")
     if restart not in RESTART_POLICIES:
         raise LaunchError(f"restart must be one of {', '.join(RESTART_POLICIES)}")
+    index, count = msg.get("index", 0), msg.get("count", 1)
+    if type(index) is not int or type(count) is not int or not 0 <= index < count <= _MAX_COUNT:
+        raise LaunchError(f"index and count need 0 <= index < count <= {_MAX_COUNT}")
+    env_clear = msg.get("env_clear", False)
+    if type(env_clear) is not bool:
+        raise LaunchError("env_clear must be true or false")
     when = msg.get("when", {})
     if (
         not isinstance(when, dict)
@@ -411,13 +425,18 @@ def parse_launch(line: bytes) -> Launch:
         unchanged=unchanged,
         become=become,
         logs=(logs[0], logs[1]),
+        index=index,
+        count=count,
+        env_clear=env_clear,
     )
 
 
 def spec_digest(launch: Launch) -> str:
-    """sha256 of what the program is (argv, env, cwd, probe, kind, restart, files' content and
-    modes, the account it runs as), for change detection; ``replace``, ``unchanged``, ``when``
-    and the run's identity are not."""
+    """sha256 of what the program is (argv, env, cwd, probe, kind, restart, env_clear, files'
+    content and modes, the account it runs as), for change detection; ``replace``,
+    ``unchanged``, ``when``, ``index`` and ``count`` (a host added to a program does not restart
+    the others: a program that must restart on them names ``{{ index }}`` or ``{{ count }}`` in
+    a field) and the run's identity are not."""
     spec: dict[str, Any] = {
         "argv": list(launch.argv),
         "env": dict(launch.env),
@@ -432,6 +451,8 @@ def spec_digest(launch: Launch) -> str:
         spec["files"] = [list(f) for f in launch.files]
     if launch.become is not None:
         spec["become"] = launch.become
+    if launch.env_clear:
+        spec["env_clear"] = True
     return sha256(dumps(spec, sort_keys=True).encode("ascii")).hexdigest()
 
 

@@ -10,6 +10,7 @@ import select
 import sys
 import time
 
+from rexplan.remote.agent.account import login_env
 from rexplan.remote.agent.cgroup import (
     _Cgroup,
     _drop_cgroup,
@@ -58,12 +59,20 @@ else:
     import _socket as socket
 
 
-def _program_env(launch: Launch, notify: str | None) -> dict[str, str]:
-    env = dict(launch.env)
+def _program_env(launch: Launch, notify: str | None, uid: int | None = None) -> dict[str, str]:
+    """The program's environment: the login environment of ``uid`` (default: the agent's
+    own; none with ``env_clear``) under the manifest's ``env``, PATH, and the REX_* names."""
+    env = {} if launch.env_clear else login_env(os.getuid() if uid is None else uid)
+    env.update(launch.env)
     if "PATH" not in env and "PATH" in os.environ:
         env["PATH"] = os.environ["PATH"]
     env.update(launch.tags)
     env.update(REX_RUN=launch.run, REX_STEP=launch.step, REX_TRIPLE=launch.triple)
+    env.update(
+        REX_HOST=launch.triple.rsplit(".", 2)[0],
+        REX_INDEX=str(launch.index),
+        REX_COUNT=str(launch.count),
+    )
     if notify is not None:
         env["NOTIFY_SOCKET"] = notify
     return env
