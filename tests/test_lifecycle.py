@@ -801,7 +801,6 @@ def test_a_host_that_fails_when_declines_and_starts_nothing(
     h = host.name
     programs: dict[str, Any] = {
         "hungry": {**SLEEPER, "on": [h], "when": {"min_free_mb": 10**12}},
-        "after": {**SLEEPER, "on": [h], "requires": ["hungry"]},
     }
     busy = os.getloadavg()[0] > 0  # the rig's hosts are this machine
     if busy:
@@ -809,13 +808,12 @@ def test_a_host_that_fails_when_declines_and_starts_nothing(
     m = world.manifest([host], programs)
     world.distribute(m)
     run = world.apply(m)
-    assert run.code == 2
+    assert run.code == 0  # a decline is not a failure (tests/test_declines.py)
     final = run.final()
     hungry = final[f"hungry@{h}"]
     assert (hungry["state"], hungry["reason"]) == ("declined", "declined")
     assert "below min_free_mb 1000000000000" in hungry["detail"]
     assert f"hungry@{h}" in run.out and "declined" in run.out
-    assert final[f"after@{h}"]["reason"] == "dependency_failed"
     if busy:
         picky = final[f"idle_only@{h}"]
         assert picky["state"] == "declined" and "above max_load 0" in picky["detail"]

@@ -478,6 +478,7 @@ class Checker:
             when=When(
                 max_load=as_num(when["max_load"], 0.0) if "max_load" in when else None,
                 min_free_mb=as_int(when["min_free_mb"], 0) if "min_free_mb" in when else None,
+                required=when.get("required") is True,
             ),
             files=files,
             stop_timeout=as_num(spec.get("stop_timeout"), as_num(d.get("stop_timeout"), 10.0)),

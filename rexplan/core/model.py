@@ -91,10 +91,12 @@ class FileSpec:
 
 @dataclass(frozen=True)
 class When:
-    """Preconditions the agent checks on the host before starting anything."""
+    """Preconditions the agent checks on the host before starting anything. A host that
+    does not meet them declines the step, which is not a failure unless ``required``."""
 
     max_load: float | None = None
     min_free_mb: int | None = None
+    required: bool = False
 
 
 @dataclass(frozen=True)

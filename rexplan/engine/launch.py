@@ -279,7 +279,9 @@ class Launcher:
             return None
         if verdict.code == codes.DECLINED:
             detail = verdict.detail or "declined"
-            self._state(r, ev.DECLINED, reason="declined", phase="start", detail=detail)
+            # a decline is "not here, and that is fine" unless the program requires its `when`
+            state = ev.FAILED if self.manifest.program(step.program).when.required else ev.DECLINED
+            self._state(r, state, reason="declined", phase="start", detail=detail)
             return None
         if verdict.code == codes.UNCHANGED:
             self._state(r, ev.UNCHANGED, pid=verdict.pid, action=specs.UNCHANGED)
