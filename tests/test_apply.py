@@ -157,8 +157,7 @@ class World:
                 shutil.rmtree(home / "keys" / host.name / user, ignore_errors=True)
                 (home / "keys" / host.name / f"{user}.key").unlink(missing_ok=True)
                 for program in self.programs:
-                    (home / "run" / f"{program}.json").unlink(missing_ok=True)
-                    (home / "logs" / f"{program}.log").unlink(missing_ok=True)
+                    procs.remove_records(home, program)
 
 
 @pytest.fixture
@@ -199,7 +198,7 @@ def test_quickstart_end_to_end(
         assert (home / "keys" / "localhost" / "me" / "store.key").exists()
     finally:
         for program in ("worker", "store"):
-            if (home / "run" / f"{program}.json").exists():
+            if procs.record_path(home, program).exists():
                 assert procs.stop_service(home, program, run.id)["state"] == "stopped"
 
 

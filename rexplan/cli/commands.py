@@ -121,6 +121,7 @@ def cmd_apply(args: argparse.Namespace, screen: ui.Screen) -> int:
                 forks=args.forks,
                 run_id=run_id,
                 strategy=args.strategy,
+                take_over=args.take_over,
             )
         display.print_summary(result.actions())
     finally:

@@ -33,6 +33,7 @@ from rexplan.core.values import (
     name_problem,
 )
 from rexplan.core.yamlpos import KeyPath, Report
+from rexplan.wire.chars import OWNER_RE
 
 #: hosts after range expansion, across the manifest
 MAX_HOSTS = hostrange.MAX_HOSTS
@@ -76,6 +77,13 @@ class Checker:
         if isinstance(rex, int) and not isinstance(rex, bool) and rex != 1:
             self.report.value(
                 ("rex",), f"unsupported manifest version {rex}", "this rex reads 'rex: 1'"
+            )
+        name = self.doc.get("name")
+        if isinstance(name, str) and name and not OWNER_RE.match(name):
+            self.report.value(
+                ("name",),
+                f"invalid manifest name {name!r}",
+                "letters, digits, '_', '.' and '-', at most 64, not starting with '.' or '-'",
             )
         self._users()
         user = self.defaults.get("user")

@@ -206,6 +206,9 @@ class Manifest:
     #: seconds a daemon keeps rex's SSH connections open after their last use (0: none are
     #: kept; rexplan.transport.persist), as OpenSSH's ControlPersist
     persist: float = 0.0
+    #: the manifest's ``name:``, else its file's stem made safe (manifest_name): the owner
+    #: each host record of its steps names, with ``path``
+    name: str = ""
 
     def host(self, name: str) -> Host:
         for h in self.hosts:

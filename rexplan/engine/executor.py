@@ -50,6 +50,7 @@ class Executor:
         run_id: str | None = None,
         clock: Callable[[], float] = time.monotonic,
         tree: TreeLauncher | None = None,
+        take_over: bool = False,
     ) -> None:
         self.manifest = manifest
         self.tree = tree
@@ -81,6 +82,7 @@ class Executor:
             cancel=self._cancel,
             clock=clock,
             tree=tree,
+            take_over=take_over,
         )
 
     def _relay_warning(self, relay: str, text: str) -> None:
@@ -232,9 +234,11 @@ def apply(
     forks: int | None = None,
     run_id: str | None = None,
     strategy: str | None = None,
+    take_over: bool = False,
 ) -> RunResult:
     """Run ``plan``: one callback listener and one transport per host for the whole run;
-    ``strategy`` (default: the manifest's) ``tree`` launches most hosts through relays."""
+    ``strategy`` (default: the manifest's) ``tree`` launches most hosts through relays;
+    ``take_over``: replace the instances other manifests own instead of failing ``owned``."""
     bind, dial = callback_endpoints(manifest, plan)
     connect_timeout = max((s.timeouts.connect for s in plan.steps), default=10.0)
     listener = CallbackListener(bind, manifest.callback.port, run_id=run_id or new_run_id())
@@ -259,6 +263,7 @@ def apply(
                 emit=emit,
                 forks=forks or manifest.forks,
                 tree=tree,
+                take_over=take_over,
             )
             try:
                 return executor.run()

@@ -69,9 +69,10 @@ def survey(
             why = res.stderr.decode(errors="replace").strip()[-200:] or f"exit {res.exit_status}"
             detail = f"the agent gave no status report ({why})"
             return [specs.StepStatus(s, specs.UNKNOWN, detail=detail) for s in group]
-        return [status(s, records.get(s.program)) for s in group]
+        return [status(s, specs.record_of(records, s)) for s in group]
 
-    def status(step: Step, record: dict[str, Any] | None) -> specs.StepStatus:
+    def status(step: Step, found: tuple[str, Any] | None) -> specs.StepStatus:
+        record = None if found is None else found[1]
         try:
             files = [f.entry for f in local_files(manifest.program(step.program).files)]
         except OSError as exc:
@@ -170,9 +171,10 @@ def _stop_timeout(step: Step) -> float:
 def stop_step(
     manifest: Manifest, step: Step, pool: TransportPool, *, force: bool
 ) -> specs.StopResult:
-    """Stop one step through its host's agent."""
+    """Stop one step through its host's agent, which finds the triple's record (also one of
+    the layout before, named by the program)."""
     host = manifest.host(step.host)
-    args = ["--stop", step.program, f"{step.stop_timeout:g}", *(["force"] if force else [])]
+    args = ["--stop", step.triple, f"{step.stop_timeout:g}", *(["force"] if force else [])]
     try:
         transport = pool.get(host, manifest.user(step.user))
         res = agent_run(transport, host.python, *args, timeout=_stop_timeout(step))
@@ -251,6 +253,7 @@ def status_to_dict(
             "restarts": st.restarts,
             "run": st.run,
             "detail": st.detail,
+            "owner": None if st.owner is None else {"name": st.owner[0], "path": st.owner[1]},
         }
         if actions:
             row["action"] = planned[i]

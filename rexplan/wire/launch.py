@@ -11,6 +11,7 @@ from rexplan.wire.chars import (
     HOST_RE,
     NAME_RE,
     NONCE_RE,
+    OWNER_RE,
     RUN_RE,
     SHA_RE,
     STEP_RE,
@@ -62,7 +63,9 @@ _LAUNCH_KEYS = (
     "tags",
 )
 #: launch keys an older launcher may leave out; their defaults are Launch's
-_OPTIONAL_LAUNCH_KEYS = ("replace", "restart", "files", "when", "unchanged")
+_OPTIONAL_LAUNCH_KEYS = ("replace", "restart", "files", "when", "unchanged", "owner", "take_over")
+#: the longest manifest path a launch (and so a record) carries
+MAX_OWNER_PATH = 4096
 RESTART_POLICIES = ("no", "on-failure", "always")
 
 
@@ -126,6 +129,8 @@ class Launch(Frozen):
         "files",
         "when",
         "unchanged",
+        "owner",
+        "take_over",
     )
     __slots__ = _fields
     _hidden = ("nl",)
@@ -151,6 +156,11 @@ class Launch(Frozen):
     when: tuple[tuple[str, float], ...]
     #: an instance of the same spec alive is proven to the listener (``same``), not refused
     unchanged: bool
+    #: (name, path) of the manifest that launches it, kept in the record: the triple's owner;
+    #: ("", "") when the launcher names none
+    owner: tuple[str, str]
+    #: replace an instance that another manifest owns, instead of failing ``owned``
+    take_over: bool
 
     def __init__(
         self,
@@ -173,6 +183,8 @@ class Launch(Frozen):
         files: tuple[tuple[str, str, int], ...] = (),
         when: tuple[tuple[str, float], ...] = (),
         unchanged: bool = False,
+        owner: tuple[str, str] = ("", ""),
+        take_over: bool = False,
     ) -> None:
         self._init(
             run=run,
@@ -194,6 +206,8 @@ class Launch(Frozen):
             files=files,
             when=when,
             unchanged=unchanged,
+            owner=owner,
+            take_over=take_over,
         )
 
     def deadline(self, name: str) -> float:
@@ -221,6 +235,8 @@ def make_launch(
     files: Sequence[tuple[str, str, int]] = (),
     when: Mapping[str, float] | None = None,
     unchanged: bool = False,
+    owner: tuple[str, str] | None = None,
+    take_over: bool = False,
 ) -> bytes:
     """The launch message as one JSON line (newline-terminated); raises LaunchError.
 
@@ -254,6 +270,10 @@ def make_launch(
     }
     if unchanged:
         msg["unchanged"] = True
+    if owner is not None:
+        msg["owner"] = {"name": owner[0], "path": owner[1]}
+    if take_over:
+        msg["take_over"] = True
     try:
         line = encode_object(msg) + b"\n"
     except (TypeError, ValueError) as exc:
@@ -375,10 +395,14 @@ def parse_launch(line: bytes) -> Launch:
         ("run", RUN_RE),
         ("step", STEP_RE),
         ("triple", TRIPLE_RE),
-        ("log", NAME_RE),
     ):
         if not isinstance(msg[name], str) or not pattern.match(msg[name]):
             raise LaunchError(f"{name} is invalid")
+    # the name of the program's record, lock, log and files: its triple (a program name in
+    # the layout before records were keyed by triple)
+    log = msg["log"]
+    if not isinstance(log, str) or not (NAME_RE.match(log) or log == msg["triple"]):
+        raise LaunchError("log is invalid: the triple, or a program name")
     if not isinstance(msg["nl"], str) or not NONCE_RE.match(msg["nl"]):
         raise LaunchError("nl must be 16 bytes of lowercase hex")
     callback = msg["callback"]
@@ -410,6 +434,20 @@ def parse_launch(line: bytes) -> Launch:
     restart = msg.get("restart", "no")
     if restart not in RESTART_POLICIES:
         raise LaunchError(f"restart must be one of {', '.join(RESTART_POLICIES)}")
+    take_over = msg.get("take_over", False)
+    if type(take_over) is not bool:
+        raise LaunchError("take_over must be true or false")
+    owner = msg.get("owner", {"name": "", "path": ""})
+    if (
+        not isinstance(owner, dict)
+        or set(owner) != {"name", "path"}
+        or not isinstance(owner["name"], str)
+        or not isinstance(owner["path"], str)
+        or (owner["name"] and not OWNER_RE.match(owner["name"]))
+        or len(owner["path"]) > MAX_OWNER_PATH
+        or not owner["path"].isprintable()
+    ):
+        raise LaunchError("owner must be {name, path}: a manifest name and a printable path")
     when = msg.get("when", {})
     if (
         not isinstance(when, dict)
@@ -437,6 +475,8 @@ def parse_launch(line: bytes) -> Launch:
         files=_files(msg.get("files", [])),
         when=tuple(sorted((k, float(v)) for k, v in when.items())),
         unchanged=unchanged,
+        owner=(owner["name"], owner["path"]),
+        take_over=take_over,
     )
 
 

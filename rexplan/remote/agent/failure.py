@@ -6,7 +6,9 @@ started, 12 program exited before it was verified, 13 not ready by the ready dea
 verdict by the callback deadline, 15 rejected (``no``, or a listener that could not prove it
 holds the key), 16 bad launch message, 17 the supervisor died or failed, 18 the triple is
 already running here, 19 the host declined (a ``when`` precondition failed, proved with
-protocol ``decl``), 21 no launch line within ``--wait`` SECONDS; 128+N: the front got signal N.
+protocol ``decl``), 21 no launch line within ``--wait`` SECONDS, 22 the triple runs here for
+another manifest (``owned``; a launch with ``take_over`` replaces it); 128+N: the front got
+signal N.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ EXIT_RUNNING = 18
 EXIT_DECLINED = 19
 #: the launch line did not come within ``--wait`` seconds; shipping.EXIT_NO_LAUNCH
 EXIT_NO_LAUNCH = 21
+EXIT_OWNED = 22
 
 RESTART_FIRST = 0.5  # seconds before the first restart; doubles for each restart in a row
 RESTART_CAP = 30.0
