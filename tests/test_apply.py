@@ -409,7 +409,8 @@ def test_a_program_of_the_run_cannot_fail_a_step_of_the_next_wave(
     try:
         assert run.code == 0, run.out + run.err
         assert run.states() == {f"a@{host.name}": "ready", f"b@{host.name}": "ready"}
-        log = Path(world.home(host.name, world.user), "logs", "a.log").read_text()
+        triple = f"{host.name}.{world.user}.a"  # logs are named by the triple
+        log = Path(world.home(host.name, world.user), "logs", f"{triple}.log").read_text()
         # forged attempts met b while it was pending (a chal), and every one was refused
         assert "chal" in log.split() and "ok" not in log.split()
     finally:
