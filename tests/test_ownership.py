@@ -163,3 +163,37 @@ def test_another_manifest_cannot_take_a_triple_without_take_over(
     assert set(world.apply(b).actions().values()) == {"unchanged"}
     assert world.rex("stop", str(b))[0] == 0
     assert world.tagged() == []
+
+
+def test_audit_of_several_manifests_judges_against_their_union(
+    world: World, sshd_hosts: Hosts
+) -> None:
+    """A key store (and a host) shared by two manifests: each alone finds the other's keys
+    unauthorized; ``rex audit -m A -m B`` audits them against their union, clean."""
+    (host,) = sshd_hosts(1)
+    h = host.name
+    api = world.manifest([host], {"api": {"on": [h], **SLEEPER}}, name="api.yaml")
+    api.write_text(api.read_text().replace('"*.*.*"', '"*.*.api"'))
+    worker = world.manifest([host], {"worker": {"on": [h], **SLEEPER}}, name="worker.yaml")
+    worker.write_text(worker.read_text().replace('"*.*.*"', '"*.*.worker"'))
+    for m in (api, worker):
+        world.distribute(m)
+    code, out, err = world.rex("audit", str(api), "--remote")
+    assert code == 6 and "UNAUTHORIZED" in out, out + err
+    assert f"{h}.{world.user}.worker" in out
+    code, out, err = world.rex("audit", "-m", str(api), "-m", str(worker), "--remote")
+    assert code == 0, out + err
+    assert "2 triples: 2 OK" in out
+    code, out, _ = world.rex("audit", "-m", str(api), "-m", str(worker), "--json")
+    doc = json.loads(out)
+    assert code == 0 and doc["manifest"] == f"{api}, {worker}"
+    assert [r["triple"] for r in doc["rows"]] == [
+        f"{h}.{world.user}.api",
+        f"{h}.{world.user}.worker",
+    ]
+    # a user name that means two logins cannot be one policy
+    doc = json.loads(worker.read_text())
+    doc["users"][world.user]["login"] = "someone-else"
+    worker.write_text(json.dumps(doc))
+    code, _, err = world.rex("audit", "-m", str(api), "-m", str(worker))
+    assert code == 5 and "logs in as" in err, err
