@@ -152,6 +152,8 @@ def test_another_manifest_cannot_take_a_triple_without_take_over(
     assert status[f"svc@{h}"]["owner"] == {"name": "alpha", "path": str(a)}
     out = world.rex("status", str(b))[1]
     assert "alpha" in out
+    code, out, _ = world.rex("apply", str(b), "--dry-run", "--json")
+    assert code == 0 and {s["action"] for s in json.loads(out)["steps"]} == {"owned"}
     taken = world.apply(b, "--take-over")
     assert taken.code == 0, taken.out + taken.err
     assert set(taken.actions().values()) == {"restarted"}

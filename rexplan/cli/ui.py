@@ -382,6 +382,7 @@ _STATUS_STYLE = {
     "unknown": "magenta",
     "unreachable": "bold magenta",
     "unplaced": "dim",
+    "owned": "bold red",
 }
 
 
