@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -105,11 +106,33 @@ def kill(found: Iterable[int], grace: float = 2.0) -> None:
             return
 
 
+def record_path(rex_home: str | os.PathLike[str], name: str) -> Path:
+    """The agent's record REX_HOME/run/<name>.json; for a program name whose record is named
+    by its triple (host.user.program), the one such record there."""
+    path = Path(rex_home, "run", f"{name}.json")
+    if path.exists() or "." in name:
+        return path
+    found = sorted(Path(rex_home, "run").glob(f"*.{name}.json"))
+    assert len(found) <= 1, f"several records of {name}: {found}"
+    return found[0] if found else path
+
+
 def read_state(rex_home: str | os.PathLike[str], program: str) -> dict[str, object]:
-    """The agent's record REX_HOME/run/<program>.json."""
-    data = json.loads(Path(rex_home, "run", f"{program}.json").read_text())
+    """The agent's record of ``program`` (a record name, or a program: see record_path)."""
+    data = json.loads(record_path(rex_home, program).read_text())
     assert isinstance(data, dict)
     return data
+
+
+def remove_records(home: Path, program: str) -> None:
+    """Remove what the agent keeps of ``program`` in REX_HOME ``home``: its record, check
+    line, lock, log and files, named by the program or by a triple ending in it."""
+    for pattern in (f"run/{program}.*", f"run/*.{program}.*", f"logs/{program}.log",
+                    f"logs/*.{program}.log"):  # fmt: skip
+        for path in home.glob(pattern):
+            path.unlink(missing_ok=True)
+    for path in (*home.glob(f"files/{program}"), *home.glob(f"files/*.{program}")):
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def stop_service(rex_home: str | os.PathLike[str], program: str, run: str) -> Mapping[str, object]:

@@ -177,8 +177,12 @@ class World:
     def home(self, host: str) -> str:
         return self.hosts[host].state_dir_for(self.rig.login)
 
+    def triple(self, host: str, program: str) -> str:
+        return f"{host}.{self.user}.{program}"
+
     def record(self, host: str, program: str) -> dict[str, Any]:
-        return dict(procs.read_state(self.home(host), program))
+        """The agent's record of the triple host.user.program (named by the triple)."""
+        return dict(procs.read_state(self.home(host), self.triple(host, program)))
 
     def tagged(self, host: str | None = None, program: str | None = None) -> list[int]:
         """This test's live processes, or those of one triple."""
@@ -192,13 +196,15 @@ class World:
         for host in self.hosts.values():
             home = Path(host.state_dir_for(self.rig.login))
             for program in self.programs:
-                for name in (
-                    f"run/{program}.json",
-                    f"run/{program}.id",
-                    f"run/{program}.lock",
-                    f"logs/{program}.log",
-                ):
-                    (home / name).unlink(missing_ok=True)
+                for named in (program, *(self.triple(h, program) for h in self.hosts)):
+                    for name in (
+                        f"run/{named}.json",
+                        f"run/{named}.id",
+                        f"run/{named}.lock",
+                        f"logs/{named}.log",
+                    ):
+                        (home / name).unlink(missing_ok=True)
+                    shutil.rmtree(home / "files" / named, ignore_errors=True)
             # the keys this world's user distributed there: a later test auditing that host
             # must not find them (they would show as UNAUTHORIZED triples of another user)
             for name in self.hosts:

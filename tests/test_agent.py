@@ -678,7 +678,7 @@ def test_shell_check_says_what_the_stub_check_says(tmp_path: Path, name: str) ->
         record = {"pid": proc.pid, "start": start, "spec": spec, "triple": triple}
         (home / "run" / "app.json").write_text(json.dumps(record))
         (home / shipping.agent_name()).write_bytes(shipping.bundle())
-        argv = shipping.launch_argv(PY, check=(triple, "app", spec))
+        argv = shipping.launch_argv(PY, check=(triple, "app", spec, "site"))
         env = {"REX_HOME": str(home), "PATH": os.environ.get("PATH", "/usr/bin:/bin")}
 
         def shell(line: str | None) -> bytes:
@@ -687,10 +687,10 @@ def test_shell_check_says_what_the_stub_check_says(tmp_path: Path, name: str) ->
                 target.unlink(missing_ok=True)
             else:
                 target.write_text(line)
-            cmd = [*argv[:7], "echo", "fallback"]
+            cmd = [*argv[:8], "echo", "fallback"]
             return subprocess.run(cmd, env=env, capture_output=True, check=True).stdout
 
-        stub = subprocess.run(argv[7:], env=env, capture_output=True, check=True).stdout
+        stub = subprocess.run(argv[8:], env=env, capture_output=True, check=True).stdout
         assert stub == f'{{"ok": true, "unchanged": true, "pid": {proc.pid}}}\n'.encode()
         good = f"{proc.pid} {start} {spec} {triple}\n"
         assert shell(good) == stub

@@ -157,8 +157,7 @@ class World:
                 shutil.rmtree(home / "keys" / host.name / user, ignore_errors=True)
                 (home / "keys" / host.name / f"{user}.key").unlink(missing_ok=True)
                 for program in self.programs:
-                    (home / "run" / f"{program}.json").unlink(missing_ok=True)
-                    (home / "logs" / f"{program}.log").unlink(missing_ok=True)
+                    procs.remove_records(home, program)
 
 
 @pytest.fixture
@@ -199,7 +198,7 @@ def test_quickstart_end_to_end(
         assert (home / "keys" / "localhost" / "me" / "store.key").exists()
     finally:
         for program in ("worker", "store"):
-            if (home / "run" / f"{program}.json").exists():
+            if procs.record_path(home, program).exists():
                 assert procs.stop_service(home, program, run.id)["state"] == "stopped"
 
 
@@ -410,7 +409,8 @@ def test_a_program_of_the_run_cannot_fail_a_step_of_the_next_wave(
     try:
         assert run.code == 0, run.out + run.err
         assert run.states() == {f"a@{host.name}": "ready", f"b@{host.name}": "ready"}
-        log = Path(world.home(host.name, world.user), "logs", "a.log").read_text()
+        triple = f"{host.name}.{world.user}.a"  # logs are named by the triple
+        log = Path(world.home(host.name, world.user), "logs", f"{triple}.log").read_text()
         # forged attempts met b while it was pending (a chal), and every one was refused
         assert "chal" in log.split() and "ok" not in log.split()
     finally:

@@ -298,16 +298,17 @@ def test_stop_ends_what_left_group_and_tags_through_the_cgroup(
     manifest, record = launch(world, delegated, daemon.spec(ready={"alive": 0.3}))
     cgroup = record["cgroup"]
     assert os.path.dirname(cgroup) == delegated.cgroup
-    assert os.path.basename(cgroup).startswith(f"rex-esc-{record['run'][:8]}-")
+    triple = world.triple(delegated.name, "esc")  # the cgroup is named by the triple
+    assert os.path.basename(cgroup).startswith(f"rex-{triple}-{record['run'][:8]}-")
     pid = daemon.find()
     assert cgroup_of(pid) == cgroup == cgroup_of(record["pid"])
     # neither the program's group nor a rex tag (REX_TRIPLE, REXTEST) finds it
     assert not [k for k in procs.environ(pid) if k.startswith("REX")]
     assert os.getsid(pid) == pid != record["pgid"]
     # a damaged record cannot aim a stop at another cgroup, such as the one sshd runs in
-    assert _recorded_cgroup(record, "esc") == cgroup
-    for other in (str(delegated.cgroup), f"{cgroup}/..", "/tmp/rex-esc-x"):
-        assert _recorded_cgroup({**record, "cgroup": other}, "esc") is None
+    assert _recorded_cgroup(record, triple) == cgroup
+    for other in (str(delegated.cgroup), f"{cgroup}/..", f"/tmp/rex-{triple}-x"):
+        assert _recorded_cgroup({**record, "cgroup": other}, triple) is None
     assert _recorded_cgroup(record, "other") is None
     code, out, err = world.rex("stop", str(manifest), *(["--force"] if force else []))
     assert code == 0, out + err

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import faultproxy as fp
+import helpers_procs as procs
 import pytest
 from helpers_world import Run, free_port, read_events
 from oracle import Oracle
@@ -217,7 +218,7 @@ class World:
             if e["state"] != "ready":
                 continue
             record = json.loads(
-                (self.home(self.hosts[e["host"]]) / "run" / f"{e['program']}.json").read_text()
+                procs.record_path(self.home(self.hosts[e["host"]]), e["program"]).read_text()
             )
             with contextlib.suppress(ProcessLookupError):
                 os.kill(int(record["agent"]), signal.SIGTERM)
@@ -239,13 +240,7 @@ class World:
             shutil.rmtree(keys / self.user, ignore_errors=True)
             (keys / f"{self.user}.key").unlink(missing_ok=True)
             for program in self.programs:
-                for rel in (
-                    f"run/{program}.json",
-                    f"run/{program}.id",
-                    f"run/{program}.lock",
-                    f"logs/{program}.log",
-                ):
-                    (home / rel).unlink(missing_ok=True)
+                procs.remove_records(home, program)
 
 
 @pytest.fixture
@@ -428,7 +423,7 @@ def test_lost_ok_frame_is_not_reported_ready(world: World, sshd_hosts: Hosts) ->
         assert world.gone(5), world.tagged()
         assert e["state"] != "ready", f"reported ready, but pid {e.get('pid')} is gone"
     finally:
-        if e["state"] == "ready" and (world.home(host) / "run" / f"{name}.json").exists():
+        if e["state"] == "ready" and procs.record_path(world.home(host), name).exists():
             with contextlib.suppress(AssertionError):
                 world.stop_services(run)
 

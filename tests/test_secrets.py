@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import helpers_procs as procs
 import pytest
 from oracle import Oracle
 from sshrig import RigHost, SshdRig
@@ -160,7 +161,7 @@ def test_no_key_or_nonce_leaks_anywhere(
         assert len(pids) == 3
     finally:
         for home in homes:
-            record = json.loads((home / "run" / "svc.json").read_text())
+            record = json.loads(procs.record_path(home, "svc").read_text())
             with contextlib.suppress(ProcessLookupError):
                 os.kill(int(record["agent"]), signal.SIGTERM)
         end = time.monotonic() + 10
@@ -198,7 +199,7 @@ def test_no_key_or_nonce_leaks_anywhere(
     # the sampler saw the programs (their environment) and the agents (their argv)
     assert any(f"REXTEST={no_orphans.tag}".encode() in data for data in sampler.seen)
     assert any(b"agent-" in data and b"-I\0-S" in data for data in sampler.seen)
-    assert any("logs/svc.log" in where for where, _ in haystacks)
+    assert any(where.endswith(".svc.log") and "/logs/" in where for where, _ in haystacks)
     assert any("events.jsonl" in where for where, _ in haystacks)
 
     hits = [

@@ -125,6 +125,7 @@ def cmd_apply(args: argparse.Namespace, screen: ui.Screen) -> int:
                 run_id=run_id,
                 strategy=args.strategy,
                 tail=args.tail,
+                take_over=args.take_over,
             )
         display.print_summary(result.actions())
     finally:

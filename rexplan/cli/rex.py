@@ -211,6 +211,13 @@ def build_parser() -> argparse.ArgumentParser:
         "unplaced); nothing is started, stopped or written",
     )
     apply.add_argument(
+        "--take-over",
+        action="store_true",
+        help="replace the programs another manifest launched on the same host.user.program "
+        "triples (their records name it: see 'rex status'), instead of failing those steps "
+        "'owned'",
+    )
+    apply.add_argument(
         "--retry",
         action="store_true",
         help="launch only the steps the last apply of MANIFEST left failed, unreachable or "

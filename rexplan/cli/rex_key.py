@@ -89,6 +89,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="P",
         help="with -m: only the steps of program P (repeatable)",
     )
+    create.add_argument(
+        "--run",
+        action="store_true",
+        help="with -m: make the host.user.run keys 'rex run' uses, for every host and user of "
+        "the manifest whose .run triple it authorizes (with --program: those steps' keys too)",
+    )
     create.add_argument("--force", action="store_true", help="replace existing keys (rotate)")
     create.add_argument(
         "--user-key",
@@ -108,8 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
     dist = sub.add_parser(
         "distribute",
         help="copy keys to the hosts that need them",
-        description="Copy the key of every step of the manifest to <rex home>/keys/ of the "
-        "step's login on its host, over SFTP (never on a command line): directories 0700, "
+        description="Copy the key of every step of the manifest, and every other program key "
+        "of the store whose triple the manifest authorizes on its hosts and users (such as the "
+        "host.user.run keys of 'rex run'), to <rex home>/keys/ of the login on its host, "
+        "over SFTP (never on a command line): directories 0700, "
         "files 0600, written atomically. Keys already in place are left alone, so a second "
         "run reports 0 changed. Nothing is ever removed.",
     )
@@ -199,12 +207,37 @@ def manifest_triples(path: str, programs: Sequence[str]) -> list[Triple]:
     return list(wanted)
 
 
+def run_triples(path: str) -> list[Triple]:
+    """The host.user.run triples (``rex run``'s keys) a manifest authorizes, in manifest
+    order; UsageError when it authorizes none."""
+    from rexplan.engine.adhoc import PROGRAM
+
+    m = _load_manifest(path)
+    found: list[Triple] = [
+        (host.name, user.name, PROGRAM)
+        for host in m.hosts
+        for user in m.users
+        if m.authorized(host.name, user.name, PROGRAM)
+    ]
+    if not found:
+        raise UsageError(
+            f"{path} authorizes no host.user.{PROGRAM} triple",
+            hint=f"add e.g. '*.USER.{PROGRAM}' to its authorize list",
+        )
+    return found
+
+
 def _cmd_create(args: argparse.Namespace, store: KeyStore) -> int:
     if args.manifest and args.triples:
         raise UsageError("give TRIPLEs or -m MANIFEST, not both")
     if args.program and not args.manifest:
         raise UsageError("--program needs -m MANIFEST")
-    if args.manifest:
+    if args.run and not args.manifest:
+        raise UsageError("--run needs -m MANIFEST")
+    if args.run:
+        triples = manifest_triples(args.manifest, args.program) if args.program else []
+        triples += run_triples(args.manifest)
+    elif args.manifest:
         triples = manifest_triples(args.manifest, args.program)
     elif args.triples:
         triples = _parse_triples(args.triples, user_key=args.user_key)
@@ -333,12 +366,15 @@ def _load_manifest(path: str) -> Manifest:
 def _cmd_distribute(args: argparse.Namespace, store: KeyStore) -> int:
     m = _load_manifest(args.manifest)
     from rexplan.core import plan
-    from rexplan.trust.distribute import distribute  # the transports: only when connecting
+
+    # the transports: only when connecting
+    from rexplan.trust.distribute import authorized_keys, distribute
 
     reports = distribute(
         m, store, known_hosts=_known_hosts(args, store), dry_run=args.dry_run, limit=args.limit
     )
     targets = {(s.host, s.user) for s in plan.compile(m, limit=args.limit).steps}
+    targets |= {(h, u) for h, u, _ in authorized_keys(m, store, args.limit)}
     return _print_reports(reports, dry_run=args.dry_run, total=len(targets))
 
 

@@ -223,7 +223,17 @@ def add_audit(sub: Subparsers) -> None:
         _AUDIT_EPILOG,
         options.Lazy("rexplan.trust.audit", "cmd_audit"),
     )
-    parser.add_argument("manifest", metavar="MANIFEST", help="the manifest to audit")
+    parser.add_argument("manifest", metavar="MANIFEST", nargs="?", help="the manifest to audit")
+    parser.add_argument(
+        "-m",
+        "--manifest",
+        dest="manifests",
+        action="append",
+        default=[],
+        metavar="MANIFEST",
+        help="a manifest to audit (repeatable): several are audited against their union "
+        "(hosts, users, steps and authorize patterns), for a key store they share",
+    )
     options.flag(
         parser,
         "--remote",

@@ -389,6 +389,7 @@ _STATUS_STYLE = {
     "unknown": "magenta",
     "unreachable": "bold magenta",
     "unplaced": "dim",
+    "owned": "bold red",
 }
 
 
@@ -412,7 +413,8 @@ def format_uptime(seconds: float | None) -> str:
 def status_rows(
     statuses: Iterable[StepStatus], actions: Iterable[str] | None = None
 ) -> list[list[str]]:
-    """step, triple, status, pid, uptime, restarts[, action], detail: one row per step."""
+    """step, triple, status, pid, uptime, restarts, owner[, action], detail: one row per
+    step; owner: the manifest that launched it, as its record names it (filtered)."""
     rows = []
     planned = list(actions) if actions is not None else None
     for i, st in enumerate(statuses):
@@ -423,6 +425,7 @@ def status_rows(
             "-" if st.pid is None else str(st.pid),
             format_uptime(st.uptime),
             str(st.restarts),
+            "-" if st.owner is None else printable(st.owner[0]),
         ]
         if planned is not None:
             row.append(planned[i])
@@ -449,7 +452,7 @@ def print_status(
     """A table on a terminal, aligned lines otherwise; then the totals (by action, if given)
     and a line per note (the least-loaded placements of ``apply --dry-run``)."""
     shown = [printable(n) for n in notes]
-    header = ["step", "triple", "status", "pid", "uptime", "restarts"]
+    header = ["step", "triple", "status", "pid", "uptime", "restarts", "owner"]
     if actions is not None:
         header.append("action")
     header.append("detail")

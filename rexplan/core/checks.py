@@ -34,6 +34,7 @@ from rexplan.core.values import (
     name_problem,
 )
 from rexplan.core.yamlpos import KeyPath, Report
+from rexplan.wire.chars import OWNER_RE
 from rexplan.wire.jobs import LOG_KEEP, LOG_MAX_SIZE
 from rexplan.wire.launch import RESERVED_ENV
 
@@ -86,6 +87,13 @@ class Checker:
         if isinstance(rex, int) and not isinstance(rex, bool) and rex != 1:
             self.report.value(
                 ("rex",), f"unsupported manifest version {rex}", "this rex reads 'rex: 1'"
+            )
+        name = self.doc.get("name")
+        if isinstance(name, str) and name and not OWNER_RE.match(name):
+            self.report.value(
+                ("name",),
+                f"invalid manifest name {name!r}",
+                "letters, digits, '_', '.' and '-', at most 64, not starting with '.' or '-'",
             )
         self._users()
         user = self.defaults.get("user")
@@ -522,6 +530,7 @@ class Checker:
             when=When(
                 max_load=as_num(when["max_load"], 0.0) if "max_load" in when else None,
                 min_free_mb=as_int(when["min_free_mb"], 0) if "min_free_mb" in when else None,
+                required=when.get("required") is True,
             ),
             files=files,
             stop_timeout=as_num(spec.get("stop_timeout"), as_num(d.get("stop_timeout"), 10.0)),

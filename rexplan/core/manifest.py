@@ -95,7 +95,18 @@ def _validate(text: str, raw: bytes, filename: str, track: bool) -> Manifest:
         fanout=checker.fanout,
         relay_identity=checker.relay_identity,
         persist=checker.persist(),
+        name=manifest_name(as_str(doc.get("name"), None), filename),
     )
+
+
+def manifest_name(declared: str | None, filename: str) -> str:
+    """A manifest's name: its ``name:``, else its file's stem with every character a manifest
+    name cannot hold replaced by '_' (at most 64; ``manifest`` when nothing is left)."""
+    if declared:
+        return declared
+    stem = os.path.splitext(os.path.basename(filename))[0]
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", stem)[:64].lstrip(".-")
+    return safe or "manifest"
 
 
 def loads(data: bytes | str, filename: str = "<string>") -> Manifest:

@@ -124,10 +124,12 @@ class Rendered:
 
 @dataclass(frozen=True)
 class When:
-    """Preconditions the agent checks on the host before starting anything."""
+    """Preconditions the agent checks on the host before starting anything. A host that
+    does not meet them declines the step, which is not a failure unless ``required``."""
 
     max_load: float | None = None
     min_free_mb: int | None = None
+    required: bool = False
 
 
 @dataclass(frozen=True)
@@ -245,6 +247,9 @@ class Manifest:
     #: seconds a daemon keeps rex's SSH connections open after their last use (0: none are
     #: kept; rexplan.transport.persist), as OpenSSH's ControlPersist
     persist: float = 0.0
+    #: the manifest's ``name:``, else its file's stem made safe (manifest_name): the owner
+    #: each host record of its steps names, with ``path``
+    name: str = ""
 
     def host(self, name: str) -> Host:
         for h in self.hosts:

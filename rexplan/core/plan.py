@@ -307,6 +307,11 @@ def _limit_filter(manifest: Manifest, limit: str) -> Callable[[Host], bool]:
     return keep
 
 
+def limit_filter(manifest: Manifest, limit: str) -> Callable[[Host], bool]:
+    """The hosts ``--limit`` keeps, as a predicate (PlanError for an empty pattern)."""
+    return _limit_filter(manifest, limit)
+
+
 def _limit_error(manifest: Manifest, limit: str) -> PlanError:
     keep = _limit_filter(manifest, limit)
     matched = [h.name for h in manifest.hosts if keep(h)]

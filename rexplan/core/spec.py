@@ -4,6 +4,7 @@ only when the program changed; ``classify`` and ``action_for`` judge a host's re
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -68,10 +69,14 @@ def launch_args(
     files: Sequence[tuple[str, str, int]] = (),
     when: Mapping[str, float] | None = None,
     unchanged: bool = False,
+    owner: tuple[str, str] | None = None,
+    take_over: bool = False,
 ) -> dict[str, Any]:
     """Keyword arguments of launch.make_launch for ``step``; ``files`` are (dest, sha256,
     mode) of its program's files, ``when`` its preconditions, ``unchanged``: an instance of
-    the same spec running is proven to the listener rather than refused."""
+    the same spec running is proven to the listener rather than refused; ``owner``: (name,
+    path) of the launching manifest, recorded on the host; ``take_over``: replace an instance
+    another manifest owns. The record, lock, log and files are named by the whole triple."""
     t = step.timeouts
     return {
         "run": run,
@@ -91,7 +96,7 @@ def launch_args(
         "cwd": step.cwd,
         "ready": probe_fields(step),
         "kind": step.kind,
-        "log": step.program,
+        "log": step.triple,
         "replace": replace,
         "restart": step.restart,
         "files": tuple(files),
@@ -101,6 +106,8 @@ def launch_args(
         "index": step.index,
         "count": step.count,
         "env_clear": step.env_clear,
+        "owner": owner,
+        "take_over": take_over,
     }
 
 
@@ -115,6 +122,42 @@ def expected_spec(step: Step, files: Sequence[tuple[str, str, int]] = ()) -> str
         files=files,
     )
     return launch.spec_digest(launch.parse_launch(launch.make_launch(**args)))
+
+
+def record_of(
+    records: Mapping[str, Mapping[str, Any]] | None, step: Step
+) -> tuple[str, Mapping[str, Any]] | None:
+    """(its name, the record) of ``step``'s triple among a login's records: the one named by
+    the triple, else one the layout before named by the program, if it names this triple."""
+    if records is None:
+        return None
+    record = records.get(step.triple)
+    if record is not None:
+        return step.triple, record
+    legacy = records.get(step.program)
+    if legacy is not None and legacy.get("triple") == step.triple:
+        return step.program, legacy
+    return None
+
+
+def owner_of(record: Mapping[str, Any] | None) -> tuple[str, str] | None:
+    """(name, path) of the manifest a record names as its owner; None when it names none."""
+    name = record.get("manifest") if record is not None else None
+    if not isinstance(name, str) or not name or record is None:
+        return None
+    path = record.get("manifest_path")
+    return name, path if isinstance(path, str) else ""
+
+
+def owned_by_other(record: Mapping[str, Any] | None, manifest: str) -> tuple[str, str] | None:
+    """The owner of a record whose program (or its supervisor) lives and that another
+    manifest than ``manifest`` launched; None when the step is this manifest's to change."""
+    owner = owner_of(record)
+    if owner is None or owner[0] == manifest or record is None:
+        return None
+    if record.get("alive") is not True and record.get("supervised") is not True:
+        return None
+    return owner
 
 
 def files_to_upload(
@@ -160,6 +203,8 @@ class StepStatus:
     restarts: int = 0
     run: str | None = None  # the run that launched it
     detail: str | None = None
+    #: (name, path) of the manifest that launched it, as its record names it
+    owner: tuple[str, str] | None = None
 
     @property
     def label(self) -> str:
@@ -188,6 +233,17 @@ def classify(
 ) -> StepStatus:
     """The status of ``step`` from its host's record (None: there is none); ``files`` are the
     (dest, sha256, mode) the manifest declares, compared with what the host holds."""
+    status = _classify(step, record, expected, files)
+    owner = owner_of(record)
+    return status if owner is None else dataclasses.replace(status, owner=owner)
+
+
+def _classify(
+    step: Step,
+    record: Mapping[str, Any] | None,
+    expected: str,
+    files: Sequence[tuple[str, str, int]],
+) -> StepStatus:
     if record is None:
         return StepStatus(step, ABSENT)
     if record.get("triple") != step.triple:

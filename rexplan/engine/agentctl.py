@@ -32,7 +32,7 @@ from rexplan.wire import keyfile, launch
 #: seconds added to the remote deadlines before the launcher gives up on the SSH exec
 EXEC_SLACK = 5.0
 
-#: the longest record (REX_HOME/run/PROGRAM.json) read over SFTP, as the agent reads them
+#: the longest record (REX_HOME/run/TRIPLE.json) read over SFTP, as the agent reads them
 RECORD_LIMIT = 1 << 20
 #: the longest key file and /proc/PID/stat read from a host: they are a few hundred bytes
 KEY_FILE_LIMIT = PROC_STAT_LIMIT = 4096
@@ -50,6 +50,7 @@ AGENT_REASONS = {
     18: "already_running",
     19: "declined",
     22: "become",
+    23: "owned",
     EXIT_NO_AGENT: "agent_upload",
     EXIT_NO_LAUNCH: "agent_start_timeout",
 }
@@ -197,10 +198,10 @@ class HostAgents:
     def upload(
         self, step: Step, transport: Transport, files: Sequence[LocalFile], dests: list[str]
     ) -> None:
-        """Put the files the host lacks (by content hash) under REX_HOME/files/<program>/."""
+        """Put the files the host lacks (by content hash) under REX_HOME/files/<triple>/."""
         if not dests:
             return
-        base = f"{transport.rex_home()}/files/{step.program}"
+        base = f"{transport.rex_home()}/files/{step.triple}"
         for f in files:
             if f.dest in dests:
                 transport.put(f.data, f"{base}/{f.dest}", f.mode)
@@ -238,7 +239,8 @@ class HostAgents:
                         detail=f"cannot read the programs' state of {where}; launching anyway",
                     )
             records = self._records[where]
-        record = None if records is None else records.get(step.program)
+        found = specs.record_of(records, step)
+        record = None if found is None else dict(found[1])
         status = specs.classify(step, record, specs.expected_spec(step, files), files)
         return status, record
 

@@ -52,6 +52,7 @@ class Executor:
         clock: Callable[[], float] = time.monotonic,
         tree: TreeLauncher | None = None,
         tail: int = DEFAULT_TAIL,
+        take_over: bool = False,
     ) -> None:
         self.manifest = manifest
         self.tree = tree
@@ -84,6 +85,7 @@ class Executor:
             clock=clock,
             tree=tree,
             tail=tail,
+            take_over=take_over,
         )
 
     def _relay_warning(self, relay: str, text: str) -> None:
@@ -236,10 +238,12 @@ def apply(
     run_id: str | None = None,
     strategy: str | None = None,
     tail: int = DEFAULT_TAIL,
+    take_over: bool = False,
 ) -> RunResult:
     """Run ``plan``: one callback listener and one transport per host for the whole run;
     ``strategy`` (default: the manifest's) ``tree`` launches most hosts through relays;
-    a failed step shows the last ``tail`` lines of its program's output."""
+    a failed step shows the last ``tail`` lines of its program's output; ``take_over``:
+    replace the instances other manifests own instead of failing ``owned``."""
     bind, dial = callback_endpoints(manifest, plan)
     connect_timeout = max((s.timeouts.connect for s in plan.steps), default=10.0)
     listener = CallbackListener(bind, manifest.callback.port, run_id=run_id or new_run_id())
@@ -265,6 +269,7 @@ def apply(
                 forks=forks or manifest.forks,
                 tree=tree,
                 tail=tail,
+                take_over=take_over,
             )
             try:
                 return executor.run()

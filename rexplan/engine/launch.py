@@ -4,6 +4,7 @@ callback listener first, settled by the listener's verdict (never by what SSH sa
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -11,6 +12,7 @@ from dataclasses import replace
 
 from rexplan.core import spec as specs
 from rexplan.core.model import Host, Manifest, Step, When
+from rexplan.core.text import printable
 from rexplan.engine import events as ev
 from rexplan.engine import failout
 from rexplan.engine.agentctl import EXEC_SLACK, HostAgents
@@ -64,9 +66,13 @@ class Launcher:
         clock: Callable[[], float],
         tree: TreeLauncher | None,
         tail: int = failout.DEFAULT_TAIL,
+        take_over: bool = False,
     ) -> None:
         self.manifest = manifest
         self.tail = tail
+        #: replace instances another manifest owns (``rex apply --take-over``)
+        self.take_over = take_over
+        self.owner = owner_field(manifest)
         self.keys = keys
         self.pool = pool
         self.listener = listener
@@ -134,7 +140,7 @@ class Launcher:
             self._state(r, ev.FAILED, reason="bad_file", phase="start", detail=detail)
             return
         entries = [f.entry for f in files]
-        check: tuple[str, str, str] | None = None
+        check: tuple[str, str, str, str] | None = None
         if files:
             # Files go up before the launch, so this host's records are read first (SFTP)
             try:
@@ -144,12 +150,21 @@ class Launcher:
                 self._state(r, ev.FAILED, reason="agent_upload", phase="start", detail=str(exc))
                 return
             status, record = self.agents.status_of(step, transport, agent_path, entries)
+            owner = specs.owned_by_other(record, self.manifest.name)
+            if owner is not None and not self.take_over:
+                detail = f"{step.triple} is owned by manifest {owned_text(owner)}"
+                self._state(r, ev.FAILED, reason="owned", phase="start", detail=detail)
+                return
             action, replacing = specs.action_for(status)
+            if owner is not None and status.status == specs.RUNNING:
+                action, replacing = specs.RESTARTED, True  # taken over: relaunched as ours
             if action == specs.UNCHANGED:
                 self._state(r, ev.UNCHANGED, pid=status.pid, action=action)
                 return
+            # a record of the layout before (by program) holds its files elsewhere: all go up
+            held = record if record is not None and record.get("name") == step.triple else None
             try:
-                self.agents.upload(step, transport, files, specs.files_to_upload(entries, record))
+                self.agents.upload(step, transport, files, specs.files_to_upload(entries, held))
             except TransportError as exc:
                 self.agents.clean_leftovers(step, transport)
                 self._state(r, ev.FAILED, reason="file_upload", phase="start", detail=str(exc))
@@ -159,7 +174,7 @@ class Launcher:
             # (LAUNCH_STUB's check) or replaces one of another spec; a job always runs.
             action, replacing = specs.STARTED, step.kind != "job"
             if step.kind != "job":
-                check = (step.triple, step.program, specs.expected_spec(step))
+                check = (step.triple, step.triple, specs.expected_spec(step), self.owner[0])
         t = step.timeouts
         # the launch line goes out only once the stub announced itself within the start
         # deadline, and the agent waits for it no longer than that
@@ -292,6 +307,8 @@ class Launcher:
                 files=files,
                 when=preconditions(self.manifest.program(step.program).when),
                 unchanged=unchanged,
+                owner=self.owner,
+                take_over=self.take_over,
             ),
             logs=self.manifest.program(step.program).logs,
         )
@@ -300,7 +317,7 @@ class Launcher:
         self,
         r: StepResult,
         diag: dict[str, object],
-        check: tuple[str, str, str] | None,
+        check: tuple[str, str, str, str] | None,
         action: str,
         wait: float,
     ) -> Verdict | None:
@@ -335,7 +352,9 @@ class Launcher:
             return None
         if verdict.code == codes.DECLINED:
             detail = verdict.detail or "declined"
-            self._state(r, ev.DECLINED, reason="declined", phase="start", detail=detail)
+            # a decline is "not here, and that is fine" unless the program requires its `when`
+            state = ev.FAILED if self.manifest.program(step.program).when.required else ev.DECLINED
+            self._state(r, state, reason="declined", phase="start", detail=detail)
             return None
         if verdict.code == codes.UNCHANGED:
             self._state(r, ev.UNCHANGED, pid=verdict.pid, action=specs.UNCHANGED)
@@ -480,6 +499,21 @@ class Launcher:
         if steps:
             with ThreadPoolExecutor(max_workers=min(forks, len(steps))) as killers:
                 list(killers.map(kill, steps))
+
+
+def owner_field(manifest: Manifest) -> tuple[str, str]:
+    """(name, absolute path) of ``manifest``, as the records of its steps name their owner
+    (a path the launch message cannot carry is left out)."""
+    path = os.path.abspath(manifest.path)
+    if not path.isprintable() or len(path) > launch.MAX_OWNER_PATH:
+        path = ""
+    return manifest.name, path
+
+
+def owned_text(owner: tuple[str, str]) -> str:
+    """An owner as ``name (path)`` (the path filtered: it comes from a host's record)."""
+    name, path = owner
+    return f"{printable(name)} ({printable(path)})" if path else printable(name)
 
 
 def preconditions(when: When) -> dict[str, float]:

@@ -68,9 +68,10 @@ def survey(
             why = res.stderr.decode(errors="replace").strip()[-200:] or f"exit {res.exit_status}"
             detail = f"the agent gave no status report ({why})"
             return [specs.StepStatus(s, specs.UNKNOWN, detail=detail) for s in group]
-        return [status(s, records.get(s.program)) for s in group]
+        return [status(s, specs.record_of(records, s)) for s in group]
 
-    def status(step: Step, record: dict[str, Any] | None) -> specs.StepStatus:
+    def status(step: Step, found: tuple[str, Any] | None) -> specs.StepStatus:
+        record = None if found is None else found[1]
         try:
             files = [f.entry for f in local_files(step.files)]
         except OSError as exc:
@@ -83,10 +84,21 @@ def survey(
     return [found[s.id] for s in steps]
 
 
-def planned_action(status: specs.StepStatus) -> str:
-    """What ``rex apply`` would do with a step in this status (``apply --dry-run``)."""
+#: the dry-run action of a step whose triple runs for another manifest (apply fails it)
+OWNED = "owned"
+#: statuses whose program or supervisor lives: another manifest's instance is its own
+_LIVE = (specs.RUNNING, specs.DRIFTED, specs.RESTARTING)
+
+
+def planned_action(status: specs.StepStatus, manifest: str | None = None) -> str:
+    """What ``rex apply`` of manifest ``manifest`` would do with a step in this status
+    (``apply --dry-run``): ``owned`` when its triple runs for another manifest."""
     if status.status == specs.UNREACHABLE:
         return UNREACHABLE
+    owner = status.owner
+    if manifest is not None and owner is not None and owner[0] != manifest:
+        if status.status in _LIVE:
+            return OWNED
     return specs.action_for(status)[0]
 
 
@@ -117,11 +129,15 @@ def placements(
     return place(manifest, [st.step for st in statuses], probe, forks=forks)
 
 
-def dry_run_actions(statuses: Sequence[specs.StepStatus], placed: Sequence[Placed]) -> list[str]:
-    """What ``rex apply`` would do with each step: ``unplaced`` for a least-loaded candidate
-    it would not choose, else the step's planned_action."""
+def dry_run_actions(
+    statuses: Sequence[specs.StepStatus], placed: Sequence[Placed], manifest: str | None = None
+) -> list[str]:
+    """What ``rex apply`` (of manifest ``manifest``) would do with each step: ``unplaced``
+    for a least-loaded candidate it would not choose, else the step's planned_action."""
     left_out = {s.id for p in placed for s in p.unplaced()}
-    return [ev.UNPLACED if st.step.id in left_out else planned_action(st) for st in statuses]
+    return [
+        ev.UNPLACED if st.step.id in left_out else planned_action(st, manifest) for st in statuses
+    ]
 
 
 def placement_to_dict(placed: Placed) -> dict[str, object]:
@@ -169,9 +185,10 @@ def _stop_timeout(step: Step) -> float:
 def stop_step(
     manifest: Manifest, step: Step, pool: TransportPool, *, force: bool
 ) -> specs.StopResult:
-    """Stop one step through its host's agent."""
+    """Stop one step through its host's agent, which finds the triple's record (also one of
+    the layout before, named by the program)."""
     host = manifest.host(step.host)
-    args = ["--stop", step.program, f"{step.stop_timeout:g}", *(["force"] if force else [])]
+    args = ["--stop", step.triple, f"{step.stop_timeout:g}", *(["force"] if force else [])]
     try:
         transport = pool.get(host, manifest.user(step.user))
         res = agent_run(transport, host.python, *args, timeout=_stop_timeout(step))
@@ -233,7 +250,7 @@ def status_to_dict(
     programs, of ``apply --dry-run --json``), format 1."""
     counts: dict[str, int] = {}
     steps = []
-    planned = dry_run_actions(statuses, placed) if actions else []
+    planned = dry_run_actions(statuses, placed, manifest.name) if actions else []
     for i, st in enumerate(statuses):
         counts[st.status] = counts.get(st.status, 0) + 1
         row: dict[str, object] = {
@@ -250,6 +267,7 @@ def status_to_dict(
             "restarts": st.restarts,
             "run": st.run,
             "detail": st.detail,
+            "owner": None if st.owner is None else {"name": st.owner[0], "path": st.owner[1]},
         }
         if st.step.become is not None:
             row["become"] = st.step.become  # the account it runs as (sudo -n)
@@ -320,7 +338,7 @@ def dry_run(
     with pool_for(loaded, compiled, known_hosts) as pool:
         statuses = survey(loaded, compiled.steps, pool, forks=forks)
         placed = placements(loaded, statuses, pool, forks=forks)
-    actions = dry_run_actions(statuses, placed)
+    actions = dry_run_actions(statuses, placed, loaded.name)
     if as_json:
         doc = status_to_dict(statuses, loaded, actions=True, placed=placed)
         doc["exit"] = 3 if UNREACHABLE in actions else 0

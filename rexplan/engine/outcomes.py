@@ -78,14 +78,14 @@ class RunResult:
         return out
 
     def exit_code(self) -> int:
-        """130 interrupted; 6 authentication; 2 failed, skipped or declined; 3 unreachable;
-        else 0."""
+        """130 interrupted; 6 authentication; 2 failed or skipped; 3 unreachable; else 0 (a
+        decline is not a failure: a ``when: {required: true}`` one ends the step failed)."""
         if self.interrupted:
             return 130
         states = {r.state for r in self.results}
         if any(r.state == ev.FAILED and r.reason in AUTH_REASONS for r in self.results):
             return 6
-        if states & {ev.FAILED, ev.SKIPPED, ev.DECLINED}:
+        if states & {ev.FAILED, ev.SKIPPED}:
             return 2
         if ev.UNREACHABLE in states:
             return 3

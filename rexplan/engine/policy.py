@@ -75,14 +75,16 @@ def abort_reason(
 def blocked_by(
     step: Step, results: Iterable[StepResult], policies: dict[str, FailurePolicy]
 ) -> str | None:
-    """Why ``step`` cannot start: a required program has a step that is not ready (an
-    unreachable one does not count if that program ignores unreachable hosts)."""
+    """Why ``step`` cannot start: a required program has a step that is not ready (a declined
+    one does not count, nor an unreachable one if that program ignores unreachable hosts:
+    dependents go on without that host)."""
     bad: dict[str, int] = {}
     for r in results:
         if r.step.program not in step.requires or r.state in (
             ev.READY,
             ev.UNCHANGED,
             ev.UNPLACED,
+            ev.DECLINED,
         ):
             continue
         policy = policies.get(r.step.program, FailurePolicy())

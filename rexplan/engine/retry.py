@@ -1,5 +1,5 @@
-"""Retry files: the steps ``rex apply`` left failed, unreachable, skipped or declined, for
-``--retry``.
+"""Retry files: the steps ``rex apply`` left failed, unreachable or skipped, for ``--retry``
+(a declined step is not one: its host said "not here", and that is fine).
 
 After every apply, ``<state dir>/retry/<manifest stem>.json`` (the state dir is runs.state_dir:
 $REX_STATE_DIR, else ./.rex) holds the steps of the manifest that did not come up: those of the
@@ -28,7 +28,7 @@ from rexplan.errors import UsageError
 
 FORMAT = 1
 #: final states whose steps a retry launches again
-RETRY_STATES = frozenset({ev.FAILED, ev.UNREACHABLE, ev.SKIPPED, ev.DECLINED})
+RETRY_STATES = frozenset({ev.FAILED, ev.UNREACHABLE, ev.SKIPPED})
 
 
 def path_for(manifest_path: str) -> Path:

@@ -74,13 +74,15 @@ def _run(entry: str, *args: str) -> str:
 #: ``python3 -I -S -c BOOTSTRAP <sha> [ARGS]`` (stages/bootstrap.py)
 BOOTSTRAP = _script("bootstrap.py")
 
-#: ``python3 -I -S -c LAUNCH_STUB <sha16> (check TRIPLE PROGRAM SPEC | -) [ARGS]``
+#: ``python3 -I -S -c LAUNCH_STUB <sha16> (check TRIPLE NAME SPEC OWNER | -) [ARGS]``
 #: (stages/launch.py, then stages/modules.py to run the cached code ``c``)
 LAUNCH_STUB = _script("launch.py") + _script("modules.py") + "_rex_modules(c)\n" + _run(ENTRY)
 
-#: ``sh -c CHECK_SH sh PROGRAM TRIPLE SPEC ARGV...``: LAUNCH_STUB's ``check`` in the shell, from
-#: the line ``PID START SPEC TRIPLE`` the agent keeps beside PROGRAM's record (run/PROGRAM.id):
-#: the same triple and spec digest with that pid alive and started at START (/proc/PID/stat
+#: ``sh -c CHECK_SH sh NAME TRIPLE SPEC OWNER ARGV...``: LAUNCH_STUB's ``check`` in the shell,
+#: from the line ``PID START SPEC TRIPLE [OWNER]`` the agent keeps beside record NAME
+#: (run/NAME.id; else the one the layout before named by the triple's program): the same
+#: triple and spec digest, no other owner than the manifest OWNER, with that pid alive and
+#: started at START (/proc/PID/stat
 #: field 22, after the last ") ": a command name may hold one) prints the stub's ``unchanged``
 #: report; anything else (no line, another spec, a dead or reused pid, a read error) runs
 #: ARGV, the stub, which checks again and launches. An unchanged re-apply then starts no
@@ -173,12 +175,13 @@ def agent_name() -> str:
 def launch_argv(
     python: str = "python3",
     *args: str,
-    check: tuple[str, str, str] | None = None,
+    check: tuple[str, str, str, str] | None = None,
     wait: float | None = None,
     offer: bool = False,
 ) -> list[str]:
     """argv that runs the uploaded agent (with ``args``) through LAUNCH_STUB; ``check`` =
-    (triple, program, spec digest) first asks whether that program already runs unchanged;
+    (triple, record name, spec digest, owning manifest) first asks whether that program
+    already runs unchanged;
     ``wait``: a launch, announced by LAUNCH_MARKER, whose line must come within ``wait`` s;
     ``offer``: a missing agent file is asked for (AGENT_WANTED) instead of exiting 20."""
     mode = ["check", *check] if check is not None else ["-"]
@@ -189,5 +192,5 @@ def launch_argv(
     argv = [python, "-I", "-S", "-c", LAUNCH_STUB, bundle_sha()[:16], *mode, *args]
     if check is None:
         return argv
-    triple, program, spec = check
-    return ["sh", "-c", CHECK_SH, "sh", program, triple, spec, *argv]
+    triple, name, spec, owner = check
+    return ["sh", "-c", CHECK_SH, "sh", name, triple, spec, owner, *argv]

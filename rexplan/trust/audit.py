@@ -18,6 +18,7 @@ from rexplan.core.model import Host, Manifest, Plan, Timeouts, User
 from rexplan.core.text import format_columns, printable
 from rexplan.errors import RexError, UsageError
 from rexplan.transport.base import Transport
+from rexplan.trust import union
 from rexplan.trust.distribute import MAX_KEY_FILE, Connector, default_connector, key_dirs
 from rexplan.trust.keys import KeyInfo, KeyStore, default_known_hosts, key_triple, relpath
 from rexplan.trust.output import STDOUT, Output
@@ -462,9 +463,12 @@ def audit(
     known_hosts: str | os.PathLike[str] | None,
     limit: str | None = None,
     connector: Connector | None = None,
+    plan: Plan | None = None,
 ) -> tuple[Plan, list[Row], list[Holdings]]:
-    """Compile, read the store (and with ``remote`` the hosts), and judge every triple."""
-    plan = plans.compile(manifest, limit=limit)
+    """Compile (unless given the ``plan``), read the store (and with ``remote`` the hosts),
+    and judge every triple."""
+    if plan is None:
+        plan = plans.compile(manifest, limit=limit)
     local = local_keys(store, manifest, plan)
     held = None
     if remote:
@@ -480,10 +484,15 @@ def _known_hosts(args: argparse.Namespace, store: KeyStore) -> str | None:
 
 
 def cmd_audit(args: argparse.Namespace, out: Output = STDOUT) -> int:
-    """``rex audit MANIFEST``: the table (or ``--json``) to ``out`` (default stdout)."""
+    """``rex audit MANIFEST``: the table (or ``--json``) to ``out`` (default stdout); with
+    several (``-m A -m B``) against their union."""
     from rexplan.core import manifest as manifests
 
-    m = manifests.load(args.manifest)
+    paths = ([args.manifest] if args.manifest else []) + list(args.manifests)
+    if not paths:
+        raise UsageError("no manifest to audit", hint="rex audit MANIFEST, or -m A -m B ...")
+    loaded = [manifests.load(p) for p in dict.fromkeys(paths)]
+    m = union.union(loaded)
     store = KeyStore(args.keys)
     plan, rows, held = audit(
         m,
@@ -491,6 +500,7 @@ def cmd_audit(args: argparse.Namespace, out: Output = STDOUT) -> int:
         remote=args.remote,
         known_hosts=_known_hosts(args, store),
         limit=args.limit,
+        plan=union.union_plan(loaded, args.limit) if len(loaded) > 1 else None,
     )
     if args.json:
         out.text(to_json(m, plan, rows, remote=args.remote))

@@ -89,7 +89,9 @@ def distribute(
     limit: str | None = None,
     connector: Connector | None = None,
 ) -> Iterator[HostReport]:
-    """Copy every key the manifest's steps need to ``<rex_home>/keys/`` of the step's login.
+    """Copy every key the manifest's steps need to ``<rex_home>/keys/`` of the step's login,
+    and every other program key of the local store whose triple the manifest authorizes on
+    one of its hosts and users (``host.user.run`` for ``rex run``, say).
 
     All local keys are loaded (and checked) before any host is contacted, so a missing or
     insecure key stops the run with KeyStoreError and nothing half-done. Reports come in
@@ -102,6 +104,14 @@ def distribute(
             host, user = manifest.host(step.host), manifest.user(step.user)
             target = targets[(step.host, step.user)] = _Target(host, user, step.timeouts)
         info, secret = store.load(step.host, step.user, step.program)
+        target.keys[str(info.path)] = (info, secret)
+    for host_name, user_name, program in authorized_keys(manifest, store, limit):
+        target = targets.get((host_name, user_name))
+        if target is None:
+            host, user = manifest.host(host_name), manifest.user(user_name)
+            timeouts = _timeouts_of(manifest, host_name, user_name)
+            target = targets[(host_name, user_name)] = _Target(host, user, timeouts)
+        info, secret = store.load(host_name, user_name, program)
         target.keys[str(info.path)] = (info, secret)
     work = _ordered(manifest, targets)
     opener = connector or default_connector(known_hosts)
@@ -130,16 +140,41 @@ def revoke_remote(
             raise UsageError(f"{text}: user {user!r} is not in {manifest.path}")
         target = targets.get((host, user))
         if target is None:
-            timeouts = min(
-                (p.timeouts for p in manifest.programs if host in p.hosts and p.user == user),
-                key=lambda t: t.connect,
-                default=Timeouts(),
-            )
+            timeouts = _timeouts_of(manifest, host, user)
             target = targets[(host, user)] = _Target(hosts[host], users[user], timeouts)
         target.triples[(host, user, program)] = None
     work = _ordered(manifest, targets)
     opener = connector or default_connector(known_hosts)
     return _run_all(work, manifest.forks, lambda t: _host_report(t, opener, False, _remove))
+
+
+def authorized_keys(
+    manifest: Manifest, store: KeyStore, limit: str | None = None
+) -> list[tuple[str, str, str]]:
+    """The (host, user, program) of every program key in ``store`` whose host and user the
+    manifest declares (its hosts ``limit`` keeps) and whose triple it authorizes."""
+    hosts = {h.name: h for h in manifest.hosts}
+    users = {u.name for u in manifest.users}
+    keep = plans.limit_filter(manifest, limit) if limit is not None else None
+    out = []
+    for info in store.list():
+        program = info.program
+        if program is None or info.host not in hosts or info.user not in users:
+            continue
+        if keep is not None and not keep(hosts[info.host]):
+            continue
+        if manifest.authorized(info.host, info.user, program):
+            out.append((info.host, info.user, program))
+    return out
+
+
+def _timeouts_of(manifest: Manifest, host: str, user: str) -> Timeouts:
+    """The shortest connect timeouts of the manifest's programs on ``host`` as ``user``."""
+    return min(
+        (p.timeouts for p in manifest.programs if host in p.hosts and p.user == user),
+        key=lambda t: t.connect,
+        default=Timeouts(),
+    )
 
 
 def exit_code(reports: Iterable[HostReport]) -> int:

@@ -68,6 +68,24 @@ TRIPLE_RE = Chars(
     (_HOST_CHARS + "-", 1, 1),
     (_HOST_CHARS + ".-", 2, 299),
 )
+
+
+def is_triple(value: str) -> bool:
+    """``host.user.program`` as rex names a step: a host name, then two user/program names."""
+    parts = value.rsplit(".", 2)
+    return (
+        len(parts) == 3
+        and TRIPLE_RE.match(value) is not None
+        and HOST_RE.match(parts[0]) is not None
+        and NAME_RE.match(parts[1]) is not None
+        and NAME_RE.match(parts[2]) is not None
+    )
+
+
+#: manifest names (a manifest's ``name:``, else its file's stem made safe): who owns a triple
+OWNER_RE = Chars(
+    r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}\Z", (_HOST_CHARS, 1, 1), (_HOST_CHARS + ".-", 0, 63)
+)
 #: key ids as keyfile.key_id() makes them
 KEY_ID_RE = Chars(r"^[0-9a-f]{16}\Z", (_HEX, 16, 16))
 NONCE_RE = Chars(r"^[0-9a-f]{32}\Z", (_HEX, 32, 32))  # NONCE_BYTES in hex

@@ -11,6 +11,7 @@ from rexplan.wire.chars import (
     HOST_RE,
     NAME_RE,
     NONCE_RE,
+    OWNER_RE,
     RUN_RE,
     SHA_RE,
     STEP_RE,
@@ -82,9 +83,13 @@ _OPTIONAL_LAUNCH_KEYS = (
     "index",
     "count",
     "env_clear",
+    "owner",
+    "take_over",
 )
 #: the most steps one program may have (REX_COUNT), as the manifest's MAX_STEPS
 _MAX_COUNT = 1_000_000
+#: the longest manifest path a launch (and so a record) carries
+MAX_OWNER_PATH = 4096
 RESTART_POLICIES = ("no", "on-failure", "always")
 #: an account ``become`` names: a POSIX login name (never an option to sudo)
 BECOME_RE = Chars(
@@ -140,6 +145,11 @@ class Launch(Frozen):
     index: int = 0  # the step's place among its program's steps (REX_INDEX) and their number
     count: int = 1  # (REX_COUNT); not part of the spec digest
     env_clear: bool = False  # no login environment (HOME, USER, LOGNAME, SHELL, LANG)
+    #: (name, path) of the manifest that launches it, kept in the record: the triple's owner;
+    #: ("", "") when the launcher names none
+    owner: tuple[str, str] = ("", "")
+    #: replace an instance that another manifest owns, instead of failing ``owned``
+    take_over: bool = False
 
     def deadline(self, name: str) -> float:
         return dict(self.deadlines)[name]
@@ -171,6 +181,8 @@ def make_launch(
     index: int = 0,
     count: int = 1,
     env_clear: bool = False,
+    owner: tuple[str, str] | None = None,
+    take_over: bool = False,
 ) -> bytes:
     """The launch message as one JSON line (newline-terminated); raises LaunchError.
 
@@ -213,6 +225,10 @@ def make_launch(
         msg["index"], msg["count"] = index, count  # type: ignore[assignment]
     if env_clear:
         msg["env_clear"] = True
+    if owner is not None:
+        msg["owner"] = {"name": owner[0], "path": owner[1]}
+    if take_over:
+        msg["take_over"] = True
     try:
         line = encode_object(msg) + b"\n"
     except (TypeError, ValueError) as exc:
@@ -339,10 +355,14 @@ def parse_launch(line: bytes) -> Launch:
         ("run", RUN_RE),
         ("step", STEP_RE),
         ("triple", TRIPLE_RE),
-        ("log", NAME_RE),
     ):
         if not isinstance(msg[name], str) or not pattern.match(msg[name]):
             raise LaunchError(f"{name} is invalid")
+    # the name of the program's record, lock, log and files: its triple (a program name in
+    # the layout before records were keyed by triple)
+    log = msg["log"]
+    if not isinstance(log, str) or not (NAME_RE.match(log) or log == msg["triple"]):
+        raise LaunchError("log is invalid: the triple, or a program name")
     if not isinstance(msg["nl"], str) or not NONCE_RE.match(msg["nl"]):
         raise LaunchError("nl must be 16 bytes of lowercase hex")
     callback = msg["callback"]
@@ -380,6 +400,20 @@ def parse_launch(line: bytes) -> Launch:
     env_clear = msg.get("env_clear", False)
     if type(env_clear) is not bool:
         raise LaunchError("env_clear must be true or false")
+    take_over = msg.get("take_over", False)
+    if type(take_over) is not bool:
+        raise LaunchError("take_over must be true or false")
+    owner = msg.get("owner", {"name": "", "path": ""})
+    if (
+        not isinstance(owner, dict)
+        or set(owner) != {"name", "path"}
+        or not isinstance(owner["name"], str)
+        or not isinstance(owner["path"], str)
+        or (owner["name"] and not OWNER_RE.match(owner["name"]))
+        or len(owner["path"]) > MAX_OWNER_PATH
+        or not owner["path"].isprintable()
+    ):
+        raise LaunchError("owner must be {name, path}: a manifest name and a printable path")
     when = msg.get("when", {})
     if (
         not isinstance(when, dict)
@@ -428,6 +462,8 @@ def parse_launch(line: bytes) -> Launch:
         index=index,
         count=count,
         env_clear=env_clear,
+        owner=(owner["name"], owner["path"]),
+        take_over=take_over,
     )
 
 

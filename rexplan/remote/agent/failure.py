@@ -7,7 +7,8 @@ verdict by the callback deadline, 15 rejected (``no``, or a listener that could 
 holds the key), 16 bad launch message, 17 the supervisor died or failed, 18 the triple is
 already running here, 19 the host declined (a ``when`` precondition failed, proved with
 protocol ``decl``), 21 no launch line within ``--wait`` SECONDS, 22 ``sudo -n`` would not run
-the supervisor as the ``become`` account; 128+N: the front got signal N.
+the supervisor as the ``become`` account, 23 the triple runs here for another manifest
+(``owned``; a launch with ``take_over`` replaces it); 128+N: the front got signal N.
 """
 
 from __future__ import annotations
@@ -47,6 +48,8 @@ EXIT_DECLINED = 19
 EXIT_NO_LAUNCH = 21
 #: ``sudo -n -u ACCOUNT`` refused (a password asked, no rule, no sudo): see agent/become.py
 EXIT_BECOME = 22
+#: the triple runs here for another manifest (``owned``)
+EXIT_OWNED = 23
 
 RESTART_FIRST = 0.5  # seconds before the first restart; doubles for each restart in a row
 RESTART_CAP = 30.0

@@ -31,7 +31,14 @@ from rexplan.remote.agent.groups import _tagged_groups, kill_group
 from rexplan.remote.agent.keys import load_key
 from rexplan.remote.agent.load import load_report
 from rexplan.remote.agent.logs import logs_mode
-from rexplan.remote.agent.records import _claim, _prove_same, _Same, status_report, stop_program
+from rexplan.remote.agent.records import (
+    _claim,
+    _prove_same,
+    _Same,
+    record_name,
+    status_report,
+    stop_program,
+)
 from rexplan.remote.agent.supervisor import _child
 from rexplan.wire import chars, jsonstrict
 from rexplan.wire.launch import KILL_WAIT, MAX_LAUNCH, Launch, LaunchError, parse_kill, parse_launch
@@ -160,7 +167,7 @@ def kill_tagged(run: str, step: str, grace: float) -> int:
 
 
 _USAGE = (
-    "usage: agent [--wait SECONDS | --status | --stop PROGRAM [GRACE [force]]"
+    "usage: agent [--wait SECONDS | --status | --stop TRIPLE|PROGRAM [GRACE [force]]"
     " | --kill (request on stdin) | --load loadavg|cgroup SECONDS"
     " | --logs LINES once|follow NAME...]"
 )
@@ -189,7 +196,7 @@ def _modes(args: list[str]) -> int:
     if (
         args[:1] == ["--stop"]
         and 2 <= len(args) <= 4
-        and chars.NAME_RE.match(args[1])
+        and (chars.NAME_RE.match(args[1]) or chars.is_triple(args[1]))
         and args[3:] in ([], ["force"])
     ):
         try:
@@ -197,7 +204,10 @@ def _modes(args: list[str]) -> int:
         except ValueError:
             grace = -1.0
         if 0 < grace <= 86400:
-            return _print(stop_program(rex_home(), args[1], grace, force=args[3:] == ["force"]))
+            home = rex_home()
+            # a triple's record, or the one the layout before named by its program
+            name = record_name(home, args[1]) if "." in args[1] else args[1]
+            return _print(stop_program(home, name, grace, force=args[3:] == ["force"]))
     return _print(Failure(EXIT_BAD_LAUNCH, _USAGE).result())
 
 

@@ -1,6 +1,12 @@
-"""A program's record, REX_HOME/run/<program>.json (replaced atomically at each change), its
-lock (one supervisor per triple and REX_HOME: a second launch fails ``already_running`` unless
-it asks to ``replace``), and the modes that read or end what runs (--status, --stop)."""
+"""A program's record, REX_HOME/run/<host.user.program>.json (replaced atomically at each
+change), its lock (one supervisor per triple and REX_HOME: a second launch fails
+``already_running`` unless it asks to ``replace``; one of another manifest fails ``owned``
+unless it asks to ``take_over``), and the modes that read or end what runs (--status, --stop).
+
+Records, locks, logs and files are named by the launch's ``log``: the whole triple, so that
+two hosts of a manifest that share a machine and login do not collide. Records written by the
+layout before (named by program) are still found for their triple (``record_name``): a launch
+replaces such an instance under the new name, a ``--stop TRIPLE`` stops it."""
 
 from __future__ import annotations
 
@@ -12,6 +18,7 @@ from rexplan.remote.agent.cgroup import _Cgroup, _recorded_cgroup, cgroup_kill, 
 from rexplan.remote.agent.dialback import same_back
 from rexplan.remote.agent.failure import (
     _POLL,
+    EXIT_OWNED,
     EXIT_RUNNING,
     EXIT_START,
     Failure,
@@ -47,12 +54,17 @@ def _run_dir(home: str) -> str:
 
 def _store(home: str, name: str, record: dict[str, Any]) -> None:
     """Atomically replace REX_HOME/run/<name>.json, and <name>.id: the line ``PID START SPEC
-    TRIPLE`` the launcher's shell check reads (shipping.CHECK_SH), removed when the record has
-    no program pid."""
+    TRIPLE [OWNER]`` the launcher's shell check reads (shipping.CHECK_SH), removed when the
+    record has no program pid."""
     run = _run_dir(home)
     _replace(run, name, ".json", jsonstrict.dumps(record, sort_keys=True).encode("ascii"))
     pid = record.get("pid")
-    words = [str(pid)] + [record.get(k) for k in ("start", "spec", "triple")]
+    keys = (
+        ("start", "spec", "triple", "manifest")
+        if record.get("manifest")
+        else ("start", "spec", "triple")
+    )
+    words = [str(pid)] + [record.get(k) for k in keys]
     line = " ".join(w for w in words if type(w) is str and w.isprintable() and w.isascii())
     if type(pid) is int and pid > 1 and line.split(" ") == words and "" not in words:
         _replace(run, name, ".id", (line + "\n").encode("ascii"))
@@ -107,6 +119,8 @@ def _write_state(home: str, launch: Launch, **fields: Any) -> None:
         "agent_start": start_time(os.getpid()),
         "updated": time.time(),
     }
+    if launch.owner[0]:
+        record["manifest"], record["manifest_path"] = launch.owner  # who owns the triple
     if _Cgroup.path is not None:
         record["cgroup"] = _Cgroup.path  # for a stop: what left group and tags is still in it
     record.update(fields)
@@ -165,14 +179,56 @@ def _prove_same(launch: Launch, secret: bytes, same: _Same) -> int:
     return _print({"ok": True, "same": True, "pid": same.pid})
 
 
+def record_name(home: str, triple: str) -> str:
+    """The name of ``triple``'s record in REX_HOME/run: the triple, unless only a record of
+    the layout before (named by the program, the triple's last part) names this triple."""
+    legacy = triple.rsplit(".", 1)[-1]
+    if legacy == triple or os.path.lexists(os.path.join(home, "run", f"{triple}.json")):
+        return triple
+    record = read_state(home, legacy)
+    return legacy if record is not None and record.get("triple") == triple else triple
+
+
+def _owner_of(record: dict[str, Any] | None) -> str | None:
+    """The manifest a record names as its owner, shown as ``name (path)``; None: none."""
+    name = record.get("manifest") if record is not None else None
+    if not isinstance(name, str) or not name:
+        return None
+    path = record.get("manifest_path") if record is not None else None
+    return f"{name} ({path})" if isinstance(path, str) and path else name
+
+
+def _check_owner(launch: Launch, record: dict[str, Any] | None) -> None:
+    """Refuse (EXIT_OWNED) a launch onto a live instance another manifest owns, unless it
+    takes it over. A record naming no manifest (an older launcher's) is anyone's."""
+    owner = record.get("manifest") if record is not None else None
+    if launch.take_over or not launch.owner[0] or not isinstance(owner, str) or not owner:
+        return
+    if owner != launch.owner[0]:
+        raise Failure(
+            EXIT_OWNED,
+            f"{launch.triple} is owned by manifest {_owner_of(record)}"
+            " (rex apply --take-over replaces it)",
+        )
+
+
 def _claim(home: str, launch: Launch) -> tuple[int, bool]:
     """(the lock fd this launch's supervisor will hold, whether a running instance was
     stopped for it). Only an established instance is replaced, and only when the launch asks;
     a launch still in progress, or an instance of the same spec, refuses it (EXIT_RUNNING):
     two launchers racing on a triple never run it twice. A launch asking ``unchanged`` finds
-    an instance of the same spec alive: _Same, to be proven."""
+    an instance of the same spec alive: _Same, to be proven. An instance another manifest
+    owns is refused (EXIT_OWNED) unless the launch takes it over, which replaces it.
+    An instance recorded by the layout before (by program) is that triple's too."""
     name = launch.log
+    legacy = record_name(home, launch.triple) if name == launch.triple else name
     try:
+        if legacy != name:
+            replaced = _claim_legacy(home, launch, legacy)
+            fd = _lock(home, name)
+            if fd is not None:
+                return fd, replaced
+            raise Failure(EXIT_RUNNING, f"{launch.triple} is already running (another launch)")
         fd = _lock(home, name)
         record = read_state(home, name)
         # a program whose supervisor was killed still runs: the lock alone does not tell
@@ -184,16 +240,8 @@ def _claim(home: str, launch: Launch) -> tuple[int, bool]:
         established = record is not None and (
             alive or same_process(record.get("agent"), record.get("agent_start"))
         )
-        # the same spec alive is a concurrent launch that won (files aside: the launcher
-        # replaces those when their content on the host drifted from it)
-        recorded = record.get("spec") if record is not None else None
-        same = (
-            alive
-            and not launch.files
-            and isinstance(recorded, str)
-            and recorded.isascii()
-            and crypto.compare_digest(recorded, spec_digest(launch))
-        )
+        _check_owner(launch, record)
+        same = _same_spec(launch, record, alive)
         if same and launch.unchanged:
             assert record is not None
             raise _Same(record["pid"], record["start"])
@@ -206,6 +254,55 @@ def _claim(home: str, launch: Launch) -> tuple[int, bool]:
     if fd is None:
         raise Failure(EXIT_RUNNING, f"{launch.triple} is still running after it was stopped")
     return fd, True
+
+
+def _same_spec(launch: Launch, record: dict[str, Any] | None, alive: bool) -> bool:
+    """The same spec alive is a concurrent launch that won (files aside: the launcher
+    replaces those when their content on the host drifted from it); one taken over from
+    another manifest is replaced all the same."""
+    recorded = record.get("spec") if record is not None else None
+    return (
+        alive
+        and not launch.files
+        and not (launch.take_over and _owner_of(record) is not None)
+        and isinstance(recorded, str)
+        and recorded.isascii()
+        and crypto.compare_digest(recorded, spec_digest(launch))
+    )
+
+
+def _claim_legacy(home: str, launch: Launch, legacy: str) -> bool:
+    """The triple's instance recorded under its program name (the layout before): a live one
+    is proven unchanged, refused or stopped as _claim does; then its record goes, so that
+    the triple has one record, under its new name. Whether an instance was stopped."""
+    fd = _lock(home, legacy)
+    record = read_state(home, legacy)
+    alive = record is not None and same_process(record.get("pid"), record.get("start"))
+    established = record is not None and (
+        alive or same_process(record.get("agent"), record.get("agent_start"))
+    )
+    if fd is not None:
+        os.close(fd)
+    stopped = False
+    if established or fd is None:
+        same = _same_spec(launch, record, alive)
+        if same and launch.unchanged:
+            assert record is not None
+            raise _Same(record["pid"], record["start"])
+        if not launch.replace or (fd is None and not established):
+            raise Failure(EXIT_RUNNING, f"{launch.triple} is already running ({_describe(record)})")
+        stop_program(home, legacy, launch.deadline("stop"))
+        stopped = True
+    fd = _lock(home, legacy, wait=2.0)
+    if fd is None:
+        raise Failure(EXIT_RUNNING, f"{launch.triple} is still running after it was stopped")
+    try:
+        for suffix in (".json", ".id"):
+            with _suppress(FileNotFoundError):
+                os.unlink(os.path.join(home, "run", f"{legacy}{suffix}"))
+    finally:
+        os.close(fd)
+    return stopped
 
 
 def stop_program(home: str, name: str, grace: float, force: bool = False) -> dict[str, Any]:

@@ -1,8 +1,10 @@
-"""``python3 -I -S -c LAUNCH_STUB <sha16> (check TRIPLE PROGRAM SPEC | -) [ARGS]``: run the agent
-uploaded as ``$REX_HOME/agent-<sha16>.py`` (the launcher need not know where REX_HOME is: one
-exec per launch, no shell round trip first), or report EXIT_NO_AGENT (20). With ``check`` it
-first reads PROGRAM's record: the same TRIPLE and SPEC digest with its program alive (pid and
-start time, /proc/PID/stat field 22) is reported ``unchanged`` without loading the agent. The
+"""``python3 -I -S -c LAUNCH_STUB <sha16> (check TRIPLE NAME SPEC OWNER | -) [ARGS]``: run the
+agent uploaded as ``$REX_HOME/agent-<sha16>.py`` (the launcher need not know where REX_HOME is:
+one exec per launch, no shell round trip first), or report EXIT_NO_AGENT (20). With ``check``
+it first reads the record NAME (else the one the layout before named by TRIPLE's program): the
+same TRIPLE and SPEC digest, no other owner than the manifest OWNER, with its program alive
+(pid and start time, /proc/PID/stat field 22) is reported ``unchanged`` without loading the
+agent. The
 agent's compiled modules come from the cache its first run left (FILE.<cache_tag>.code) when
 there is one, so a launch compiles nothing; the cache is read whole and unmarshalled with
 ``marshal.loads`` (``marshal.load`` reads a file in small pieces: 7 ms more CPU per launch). A
@@ -31,24 +33,30 @@ if a[2] == "check":
             parse_int = int
             parse_float = parse_constant = float
 
-        with open(os.path.join(h, "run", a[4] + ".json"), "rb") as g:
-            r = _json.make_scanner(D)(g.read(1 << 20).decode(), 0)[0]  # type: ignore[arg-type]
-        p = r["pid"]
-        with open(f"/proc/{p}/stat", "rb") as g:
-            t = g.read().rsplit(b")", 1)[1].split()
-        if (
-            type(p) is int
-            and p > 1
-            and r["triple"] == a[3]
-            and r["spec"] == a[5]
-            and t[0] != b"Z"
-            and t[19].decode() == r["start"]
-        ):
-            sys.stdout.write(f'{{"ok": true, "unchanged": true, "pid": {p}}}\n')
-            sys.exit(0)
+        for n in (a[4], a[3].rsplit(".", 1)[-1]):
+            try:
+                with open(os.path.join(h, "run", n + ".json"), "rb") as g:
+                    r = _json.make_scanner(D)(g.read(1 << 20).decode(), 0)[0]  # type: ignore[arg-type]
+            except OSError:
+                continue
+            p = r["pid"]
+            with open(f"/proc/{p}/stat", "rb") as g:
+                t = g.read().rsplit(b")", 1)[1].split()
+            if (
+                type(p) is int
+                and p > 1
+                and r["triple"] == a[3]
+                and r["spec"] == a[5]
+                and r.get("manifest", "") in ("", a[6])
+                and t[0] != b"Z"
+                and t[19].decode() == r["start"]
+            ):
+                sys.stdout.write(f'{{"ok": true, "unchanged": true, "pid": {p}}}\n')
+                sys.exit(0)
+            break
     except Exception:  # noqa: S110
         pass
-    del a[2:6]
+    del a[2:7]
 else:
     del a[2]
 o = None
@@ -76,13 +84,13 @@ except Exception:
         # follows it is left for the agent
         try:
             os.write(1, b"rex-agent-wanted\n")
-            n = b""
-            while not n.endswith(b"\n"):
+            z = b""
+            while not z.endswith(b"\n"):
                 d = os.read(0, 1)
-                if not d or len(n) > 12:
+                if not d or len(z) > 12:
                     sys.exit(21)
-                n += d
-            left, parts = int(n), []
+                z += d
+            left, parts = int(z), []
             while left > 0:
                 d = os.read(0, min(left, 1 << 16))
                 if not d:
