@@ -73,7 +73,7 @@ def test_logs_of_two_hosts_n_patterns_rotation_since(world: World, sshd_hosts: H
         assert code == 5 and "matches no step" in err
 
         # -n more than NAME.log holds: the newest rotated file's last lines come first
-        rotated = Path(world.home(b)) / "logs" / "talk.log.1"
+        rotated = Path(world.home(b)) / "logs" / f"{b}.{world.user}.talk.log.1"
         rotated.write_text("old 1\nold 2\n")
         world.leftovers.append(rotated)
         code, out, _ = world.rex("logs", str(m), "-n", "9", "talk@" + b)
@@ -357,7 +357,7 @@ def test_local_programs_logs_and_follow(tmp_path: Path, monkeypatch: pytest.Monk
         proc.kill()
         proc.wait()
         raise
-    with (home / "logs" / "hello.log").open("a") as log:
+    with (home / "logs" / "localhost.me.hello.log").open("a") as log:
         log.write("appended\n")
     assert got.get(timeout=10) == b"hello@localhost | appended\n"
     children = [p for p in _all_pids() if _parent(p) == proc.pid]

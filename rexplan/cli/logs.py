@@ -73,7 +73,7 @@ def cmd_logs(args: argparse.Namespace, screen: ui.Screen) -> int:
             _problem(where, got.problem)
             continue
         for step in group:
-            lines = got.lines.get(step.program, [])
+            lines = got.lines.get(step.triple, [])
             if since is not None:
                 lines = hostlogs.since_filter(lines, since)
             for text in lines[max(0, len(lines) - args.lines) :] if args.lines else []:

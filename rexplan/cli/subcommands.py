@@ -120,10 +120,10 @@ exit codes:
 
 _LOGS_EPILOG = """\
 Each line is printed as 'STEP | text' (the step's prefix coloured on a terminal).
-A program's output is kept on its host in logs/PROGRAM.log of the login's rex
-home (~/.rex, or $REX_HOME); when that file holds fewer than N lines the newest
-rotated file, PROGRAM.log.1, is read too. Host text is shown with control
-characters escaped, at most 4096 characters a line.
+A program's output is kept on its host in logs/HOST.USER.PROGRAM.log of the
+login's rex home (~/.rex, or $REX_HOME); when that file holds fewer than N lines
+the newest rotated file, HOST.USER.PROGRAM.log.1, is read too. Host text is
+shown with control characters escaped, at most 4096 characters a line.
 
 --since WHEN: WHEN is a duration back from now (90, 30s, 10m, 2h, 1d) or a local
 time (2026-12-06T14:30, 2026-12-06 14:30:00, 2026-12-06). Log lines carry no

@@ -146,7 +146,7 @@ def _groups(steps: Sequence[Step]) -> list[list[Step]]:
 
 
 def _args(lines: int, mode: str, group: Sequence[Step]) -> list[str]:
-    return ["--logs", str(lines), mode, *dict.fromkeys(s.program for s in group)]
+    return ["--logs", str(lines), mode, *dict.fromkeys(s.triple for s in group)]
 
 
 def read(
@@ -260,7 +260,7 @@ class Follow:
             if self._stopped.is_set():
                 stream.close()
                 return
-        by_program = {s.program: s for s in group}
+        by_program = {s.triple: s for s in group}  # logs are named by the triple
         head = HostLogs()
         ended = False
         while True:
