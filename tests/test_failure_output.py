@@ -55,7 +55,7 @@ def test_failures_show_their_last_lines_and_log(world: World, sshd_hosts: Hosts)
     assert stuck["tail"] == "waiting for the cluster lock"
     assert stuck["detail"].startswith(f"tcp 127.0.0.1:{port} not accepting after 1 s")
     for program, event in (("initdb", initdb), ("crash", crash), ("stuck", stuck)):
-        assert event["log"] == f"{h}:{home}/logs/{program}.log"
+        assert event["log"] == f"{h}:{home}/logs/{h}.{world.user}.{program}.log"
         # --json holds the same as the events
         step = doc[f"{program}@{h}"]
         assert (step["tail"], step["log"]) == (event["tail"], event["log"])
@@ -65,7 +65,7 @@ def test_failures_show_their_last_lines_and_log(world: World, sshd_hosts: Hosts)
     assert "    | initdb line 27" not in run.err  # --tail 4
     assert "    | fatal: bad value for listen_addresses" in run.err
     # the log holds it all, each run marked with a UTC time
-    log = Path(home, "logs", "initdb.log").read_text()
+    log = Path(home, "logs", f"{h}.{world.user}.initdb.log").read_text()
     assert "initdb line 1\n" in log
     assert re.search(r"--- rex: run \S+ step initdb@\S+ starting at \d{4}-\d\d-\d\dT[\d:]+Z", log)
     assert re.search(r"--- rex: exited with status 1 at \d{4}-", log)
@@ -123,16 +123,16 @@ def test_logs_rotate_at_max_size_losing_and_repeating_no_line(
     try:
         run = world.apply(m)
         assert run.code == 0, run.out + run.err
-        numbers, sizes = _numbers(home, "big", 40)
+        numbers, sizes = _numbers(home, f"{h}.{world.user}.big", 40)
         assert numbers == list(range(lines))  # every line, once, in order
         assert max(sizes) <= 1 << 20 and len(sizes) >= 30
         # keep 2: the oldest lines went, the newest are all there, once
-        numbers, sizes = _numbers(home, "small", 2)
+        numbers, sizes = _numbers(home, f"{h}.{world.user}.small", 2)
         assert numbers == list(range(100000 - len(numbers), 100000))
         assert 0 < numbers[0] and max(sizes) <= 1 << 20
     finally:
         for name in os.listdir(Path(home, "logs")):
-            if re.fullmatch(r"(big|small)\.log\.\d+", name):
+            if re.fullmatch(r".*\.(big|small)\.log\.\d+", name):
                 Path(home, "logs", name).unlink()
 
 
@@ -191,7 +191,7 @@ def test_restarts_and_stops_are_marked_in_the_log(world: World, sshd_hosts: Host
     world.distribute(m)
     run = world.apply(m)
     assert run.code == 0, run.out
-    log = Path(world.home(h), "logs", "flaky.log")
+    log = Path(world.home(h), "logs", f"{h}.{world.user}.flaky.log")
     when = r"at \d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$"
     assert procs.wait_until(lambda: "restart 1 at" in log.read_text(), 15)
     code, out, _ = world.rex("stop", str(m))
@@ -237,7 +237,7 @@ def test_what_outlives_its_program_still_writes_to_the_log(world: World, sshd_ho
     world.distribute(m)
     run = world.apply(m)
     assert run.code == 0, run.out
-    log = Path(world.home(h), "logs", "leaves.log")
+    log = Path(world.home(h), "logs", f"{h}.{world.user}.leaves.log")
     assert procs.wait_until(lambda: "later line\n" in log.read_text(), 15), log.read_text()
     text = log.read_text()
     assert text.index("main done") < text.index("late line") < text.index("later line")

@@ -81,7 +81,8 @@ def test_one_web_program_on_four_hosts_gets_its_place_and_a_rendered_config(
         assert env["HOME"] == login.pw_dir
         assert env["USER"] == env["LOGNAME"] == login.pw_name
         assert env["SHELL"] == (login.pw_shell or "/bin/sh")
-        conf = Path(world.home(h.name), "files", "web", "conf", "web.conf").read_text()
+        triple = f"{h.name}.{world.user}.web"
+        conf = Path(world.home(h.name), "files", triple, "conf", "web.conf").read_text()
         assert conf == (
             f"upstream web {{\n{upstream}}}\nlisten {h.address}:{base + i};  # ${{#x}} stays\n"
         )

@@ -195,7 +195,8 @@ def logs_mode(home: str, args: list[str]) -> int | None:
     except ValueError:
         return None
     names = args[2:]
-    if not 0 <= lines <= MAX_LINES or not all(chars.TRIPLE_RE.match(n) or chars.NAME_RE.match(n) for n in names):
+    named = all(chars.TRIPLE_RE.match(n) or chars.NAME_RE.match(n) for n in names)
+    if not 0 <= lines <= MAX_LINES or not named:
         return None
     out = _Out()
     budget = TAIL_BUDGET // len(names)
