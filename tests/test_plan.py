@@ -336,6 +336,8 @@ STEP_KEYS = [
     "stop_timeout",
     "timeouts",
     "requires",
+    "tags",
+    "restart_with",
 ]
 
 

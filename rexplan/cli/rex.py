@@ -12,8 +12,14 @@ from typing import NoReturn
 from rexplan import __version__
 from rexplan.cli import blame, completion, importer, rex_key, ui
 from rexplan.cli.boundary import MESSAGE_LIMIT, run_main, write_stderr
-from rexplan.cli.commands import cmd_apply, cmd_disconnect, cmd_plan, cmd_validate
-from rexplan.core import simulate
+from rexplan.cli.commands import (
+    cmd_apply,
+    cmd_disconnect,
+    cmd_plan,
+    cmd_restart,
+    cmd_validate,
+)
+from rexplan.core import selection, simulate
 from rexplan.core.text import printable
 from rexplan.engine import adhoc, lifecycle
 from rexplan.errors import UsageError
@@ -98,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PATTERN",
         help="only steps on matching hosts: comma-separated host globs and group:NAME",
     )
+    selection.add_options(plan)
     plan.add_argument(
         "--simulate",
         action="store_true",
@@ -150,49 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EXIT_CODES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    apply.add_argument("manifest", metavar="MANIFEST")
-    apply.add_argument(
-        "--limit",
-        metavar="PATTERN",
-        help="only steps on matching hosts: comma-separated host globs and group:NAME",
-    )
-    apply.add_argument(
-        "--forks",
-        type=_positive_int,
-        metavar="N",
-        help="steps in flight at once (default: the manifest's defaults.forks, 64)",
-    )
-    apply.add_argument(
-        "--strategy",
-        choices=("flat", "tree"),
-        help="fan-out: flat (connect to every host) or tree (connect to defaults.fanout relays, "
-        "which launch the other hosts); default: the manifest's defaults.strategy, flat",
-    )
-    apply.add_argument(
-        "--events",
-        metavar="FILE",
-        help="write every event as one JSON object per line to FILE ('-': stdout, and the "
-        "progress display moves to stderr)",
-    )
-    apply.add_argument(
-        "--json",
-        action="store_true",
-        help="print the run result as JSON on stdout (the progress display moves to stderr)",
-    )
-    apply.add_argument(
-        "-y",
-        "--yes",
-        action="store_true",
-        help="do not ask for confirmation (rex asks only when stdin and stdout are a terminal)",
-    )
-    apply.add_argument(
-        "-q",
-        "--quiet",
-        action="store_true",
-        # SUPPRESS: an absent `apply -q` must not reset a global `rex -q`
-        default=argparse.SUPPRESS,
-        help="print only failures and the summary (as 'rex -q apply')",
-    )
+    _launch_options(apply)
     apply.add_argument(
         "--dry-run",
         action="store_true",
@@ -206,9 +171,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="launch only the steps the last apply of MANIFEST left failed, unreachable or "
         "skipped (kept in $REX_STATE_DIR/retry/<manifest name>.json, default ./.rex)",
     )
-    _key_options(apply)
-    mux.add_option(apply)
     apply.set_defaults(func=cmd_apply)
+
+    restart = commands.add_parser(
+        "restart",
+        help="restart steps of a manifest in wave order, each verified by its callback",
+        description="Restart the selected steps (--limit, --program, --tags; default: all) "
+        "in wave order, a program after those it requires: each running instance is "
+        "replaced, even one that runs the manifest's spec, and every step is verified by its "
+        "callback again, as in apply. Programs with restart_with: [P] are restarted after P "
+        "whenever P was. A step not running is started.",
+        epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _launch_options(restart)
+    restart.set_defaults(func=cmd_restart)
 
     hostkeys.add_parser(commands)
     completion.add_parser(commands, parsers)
@@ -255,6 +232,56 @@ def _fanout(text: str) -> int:
     if not 2 <= value <= 64:
         raise argparse.ArgumentTypeError("must be from 2 to 64")
     return value
+
+
+def _launch_options(parser: argparse.ArgumentParser) -> None:
+    """The options ``rex apply`` and ``rex restart`` share."""
+    parser.add_argument("manifest", metavar="MANIFEST")
+    parser.add_argument(
+        "--limit",
+        metavar="PATTERN",
+        help="only steps on matching hosts: comma-separated host globs and group:NAME",
+    )
+    parser.add_argument(
+        "--forks",
+        type=_positive_int,
+        metavar="N",
+        help="steps in flight at once (default: the manifest's defaults.forks, 64)",
+    )
+    parser.add_argument(
+        "--strategy",
+        choices=("flat", "tree"),
+        help="fan-out: flat (connect to every host) or tree (connect to defaults.fanout relays, "
+        "which launch the other hosts); default: the manifest's defaults.strategy, flat",
+    )
+    parser.add_argument(
+        "--events",
+        metavar="FILE",
+        help="write every event as one JSON object per line to FILE ('-': stdout, and the "
+        "progress display moves to stderr)",
+    )
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        help="print the run result as JSON on stdout (the progress display moves to stderr)",
+    )
+    parser.add_argument(
+        "-y",
+        "--yes",
+        action="store_true",
+        help="do not ask for confirmation (rex asks only when stdin and stdout are a terminal)",
+    )
+    parser.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        # SUPPRESS: an absent `apply -q` must not reset a global `rex -q`
+        default=argparse.SUPPRESS,
+        help="print only failures and the summary (as 'rex -q apply')",
+    )
+    selection.add_options(parser)
+    _key_options(parser)
+    mux.add_option(parser)
 
 
 def _key_options(parser: argparse.ArgumentParser) -> None:

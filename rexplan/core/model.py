@@ -147,6 +147,8 @@ class Program:
     stop_timeout: float = 10.0
     timeouts: Timeouts = field(default_factory=Timeouts)
     policy: FailurePolicy = field(default_factory=FailurePolicy)
+    tags: tuple[str, ...] = ()  # what --tags selects it by
+    restart_with: tuple[str, ...] = ()  # programs whose restart restarts it after them
 
     @property
     def argv(self) -> tuple[str, ...]:
@@ -278,6 +280,8 @@ class Step:
     restart: str = "no"
     stop_timeout: float = 10.0
     requires: tuple[str, ...] = ()  # program names this step waits for
+    tags: tuple[str, ...] = ()  # its program's tags
+    restart_with: tuple[str, ...] = ()  # programs whose restart restarts this step after them
 
 
 @dataclass(frozen=True)

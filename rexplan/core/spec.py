@@ -68,10 +68,12 @@ def launch_args(
     files: Sequence[tuple[str, str, int]] = (),
     when: Mapping[str, float] | None = None,
     unchanged: bool = False,
+    renew: bool = False,
 ) -> dict[str, Any]:
     """Keyword arguments of launch.make_launch for ``step``; ``files`` are (dest, sha256,
     mode) of its program's files, ``when`` its preconditions, ``unchanged``: an instance of
-    the same spec running is proven to the listener rather than refused."""
+    the same spec running is proven to the listener rather than refused; ``renew``: it is
+    replaced (rex restart)."""
     t = step.timeouts
     return {
         "run": run,
@@ -97,6 +99,7 @@ def launch_args(
         "files": tuple(files),
         "when": dict(when or {}),
         "unchanged": unchanged,
+        "renew": renew,
     }
 
 

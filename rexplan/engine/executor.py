@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 
 from rexplan.core.model import Manifest, Plan, Step, Timeouts
+from rexplan.core.spec import RESTARTED
 from rexplan.engine import events as ev
 from rexplan.engine.agentctl import HostAgents
 from rexplan.engine.endpoints import callback_endpoints, listen
@@ -50,8 +51,10 @@ class Executor:
         run_id: str | None = None,
         clock: Callable[[], float] = time.monotonic,
         tree: TreeLauncher | None = None,
+        restart: frozenset[str] = frozenset(),
     ) -> None:
         self.manifest = manifest
+        self.restart = restart
         self.tree = tree
         if tree is not None:
             tree.warn = self._relay_warning
@@ -196,6 +199,25 @@ class Executor:
             current,
         )
 
+    def _forced(self, step: Step) -> bool:
+        """Restart ``step`` even if it runs current: ``rex restart`` selected it, or a program
+        it has ``restart_with`` was restarted earlier in this run (waves order them first)."""
+        if step.id in self.restart:
+            return True
+        if not step.restart_with or step.kind == "job":
+            return False
+        restarted = sorted(
+            {
+                r.step.program
+                for r in self._by_step.values()
+                if r.step.program in step.restart_with and r.action == RESTARTED
+            }
+        )
+        if restarted:
+            detail = f"restarting with {', '.join(restarted)} (restart_with)"
+            self._emit(ev.NOTICE, program=step.program, host=step.host, detail=detail)
+        return bool(restarted)
+
     def _run_step(self, r: StepResult) -> None:
         step = r.step
         r.started = self._clock()
@@ -205,7 +227,7 @@ class Executor:
             if self._abort is not None:
                 self._state(r, ev.SKIPPED, reason="aborted", detail=self._abort)
                 return
-            self.launcher.launch(r)
+            self.launcher.launch(r, force=self._forced(step))
         except Cancelled:
             self._state(r, ev.SKIPPED, reason="interrupted", detail="run interrupted")
         except Exception as exc:  # the boundary for one step: it fails, the run goes on
@@ -232,9 +254,11 @@ def apply(
     forks: int | None = None,
     run_id: str | None = None,
     strategy: str | None = None,
+    restart: frozenset[str] = frozenset(),
 ) -> RunResult:
     """Run ``plan``: one callback listener and one transport per host for the whole run;
-    ``strategy`` (default: the manifest's) ``tree`` launches most hosts through relays."""
+    ``strategy`` (default: the manifest's) ``tree`` launches most hosts through relays;
+    the steps named in ``restart`` are restarted even when they run current (rex restart)."""
     bind, dial = callback_endpoints(manifest, plan)
     connect_timeout = max((s.timeouts.connect for s in plan.steps), default=10.0)
     listener = CallbackListener(bind, manifest.callback.port, run_id=run_id or new_run_id())
@@ -259,6 +283,7 @@ def apply(
                 emit=emit,
                 forks=forks or manifest.forks,
                 tree=tree,
+                restart=restart,
             )
             try:
                 return executor.run()

@@ -72,12 +72,14 @@ class Launcher:
         self._inflight: dict[str, Step] = {}
         self._inflight_lock = threading.Lock()
 
-    def launch(self, r: StepResult) -> None:
+    def launch(self, r: StepResult, *, force: bool = False) -> None:
         """Launch ``r``'s step and record how it ended; Cancelled if the run was interrupted
-        before it started."""
+        before it started. ``force``: a running instance is replaced even if it runs the
+        manifest's spec (rex restart, restart_with)."""
         step = r.step
+        force = force and step.kind != "job"
         if self.tree is not None and self.tree.relayed(step.host):
-            self._launch_relayed(r, self.tree)
+            self._launch_relayed(r, self.tree, force)
             return
         host = self.manifest.host(step.host)
         user = self.manifest.user(step.user)
@@ -122,7 +124,9 @@ class Launcher:
                 return
             status, record = self.agents.status_of(step, transport, agent_path, entries)
             action, replacing = specs.action_for(status)
-            if action == specs.UNCHANGED:
+            if force:
+                action, replacing = specs.STARTED, True
+            elif action == specs.UNCHANGED:
                 self._state(r, ev.UNCHANGED, pid=status.pid, action=action)
                 return
             try:
@@ -135,7 +139,7 @@ class Launcher:
             # The fast path: one exec, in which the agent itself finds an unchanged instance
             # (LAUNCH_STUB's check) or replaces one of another spec; a job always runs.
             action, replacing = specs.STARTED, step.kind != "job"
-            if step.kind != "job":
+            if step.kind != "job" and not force:
                 check = (step.triple, step.program, specs.expected_spec(step))
         t = step.timeouts
         # the launch line goes out only once the stub announced itself within the start
@@ -145,7 +149,7 @@ class Launcher:
         # replacing a running instance first waits out its stop grace
         stopping = step.stop_timeout if replacing else 0.0
         deadline = self._clock() + t.start + t.ready + t.callback + stopping
-        line = self._expect(step, info, secret, deadline, replacing, entries)
+        line = self._expect(step, info, secret, deadline, replacing, entries, renew=force)
         del secret
         exec_timeout = self._starting(r, stopping)
         diag: dict[str, object] = {}
@@ -210,6 +214,7 @@ class Launcher:
         replacing: bool,
         files: Sequence[tuple[str, str, int]],
         unchanged: bool = False,
+        renew: bool = False,
     ) -> bytes:
         """Register ``step`` with the listener under a fresh launch nonce and return its launch
         line (the nonce travels only in it); ``unchanged``: an instance of the same spec that
@@ -237,6 +242,7 @@ class Launcher:
                 files=files,
                 when=preconditions(self.manifest.program(step.program).when),
                 unchanged=unchanged,
+                renew=renew,
             )
         )
 
@@ -287,7 +293,7 @@ class Launcher:
         self.listener.cancel(step.id)
         return verdict
 
-    def _launch_relayed(self, r: StepResult, tree: TreeLauncher) -> None:
+    def _launch_relayed(self, r: StepResult, tree: TreeLauncher, force: bool = False) -> None:
         """A step on a host below a relay (strategy: tree): the launcher never connects there;
         the relay runs the agent with the launch line, and the agent calls back here as always.
         A relay cannot settle a step, not even as unchanged: the agent proves that with its key
@@ -311,7 +317,9 @@ class Launcher:
         service = step.kind != "job"
         stopping = step.stop_timeout if service else 0.0
         deadline = self._clock() + t.connect + t.start + t.ready + t.callback + stopping
-        line = self._expect(step, info, secret, deadline, service, (), unchanged=service)
+        line = self._expect(
+            step, info, secret, deadline, service, (), unchanged=service and not force, renew=force
+        )
         del secret
         exec_timeout = self._starting(r, stopping)
         diag: dict[str, object] = {}

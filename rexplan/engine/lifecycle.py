@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from rexplan.core import selection
 from rexplan.core import spec as specs
 from rexplan.core.model import Manifest, Plan, Step, Timeouts
 from rexplan.engine import events as ev
@@ -195,14 +196,13 @@ def stop(
     *,
     forks: int = 64,
     force: bool = False,
-    program: str | None = None,
     on_result: Callable[[specs.StopResult], None] | None = None,
 ) -> list[specs.StopResult]:
-    """Stop the plan's steps (only ``program``'s, if given): last wave first, each wave in
+    """Stop the plan's steps (selection.select narrows it): last wave first, each wave in
     parallel; results in the order they were stopped."""
     results: list[specs.StopResult] = []
     for wave in reversed(plan.waves):
-        steps = [s for s in wave if program is None or s.program == program]
+        steps = list(wave)
         if not steps:
             continue
         with _workers(forks, len(steps)) as workers:
@@ -334,6 +334,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
         help="pinned SSH host keys (default: known_hosts in the key store if present, else "
         "~/.ssh/known_hosts); unknown or changed host keys are refused",
     )
+    selection.add_options(parser)
     mux.add_option(parser)
 
 
@@ -344,7 +345,7 @@ def _load(args: argparse.Namespace) -> tuple[Manifest, Plan, str | None, int]:
     if args.forks is not None and args.forks < 1:
         raise UsageError("--forks must be at least 1")
     loaded = mux.with_option(manifests.load(args.manifest), args)
-    compiled = plans.compile(loaded, limit=args.limit)
+    compiled = selection.from_args(args, loaded, plans.compile(loaded, limit=args.limit))
     known_hosts = default_known_hosts(KeyStore(args.keys), args.known_hosts)
     return loaded, compiled, known_hosts, args.forks or loaded.forks
 
@@ -389,11 +390,6 @@ def dry_run(
 def cmd_stop(args: argparse.Namespace, out: Reporter) -> int:
     """``rex stop MANIFEST``: stop the steps, dependents first; a line per step, then totals."""
     loaded, compiled, known_hosts, forks = _load(args)
-    if args.program is not None and args.program not in {p.name for p in loaded.programs}:
-        raise UsageError(
-            f"--program {args.program}: no such program in {loaded.path}",
-            hint="programs: " + ", ".join(p.name for p in loaded.programs),
-        )
     with pool_for(loaded, compiled, known_hosts) as pool:
         results = stop(
             loaded,
@@ -401,7 +397,6 @@ def cmd_stop(args: argparse.Namespace, out: Reporter) -> int:
             pool,
             forks=forks,
             force=args.force,
-            program=args.program,
             on_result=out.stopped,
         )
     out.stop_summary(results)
@@ -443,7 +438,6 @@ def add_parser(subparsers: argparse._SubParsersAction[Any]) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _common(halt)
-    halt.add_argument("--program", metavar="NAME", help="stop only this program's steps")
     halt.add_argument(
         "--force",
         action="store_true",

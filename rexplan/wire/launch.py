@@ -62,7 +62,7 @@ _LAUNCH_KEYS = (
     "tags",
 )
 #: launch keys an older launcher may leave out; their defaults are Launch's
-_OPTIONAL_LAUNCH_KEYS = ("replace", "restart", "files", "when", "unchanged")
+_OPTIONAL_LAUNCH_KEYS = ("replace", "restart", "files", "when", "unchanged", "renew")
 RESTART_POLICIES = ("no", "on-failure", "always")
 
 
@@ -126,6 +126,7 @@ class Launch(Frozen):
         "files",
         "when",
         "unchanged",
+        "renew",
     )
     __slots__ = _fields
     _hidden = ("nl",)
@@ -151,6 +152,8 @@ class Launch(Frozen):
     when: tuple[tuple[str, float], ...]
     #: an instance of the same spec alive is proven to the listener (``same``), not refused
     unchanged: bool
+    #: with ``replace``: an instance of the same spec is replaced too (rex restart)
+    renew: bool
 
     def __init__(
         self,
@@ -173,6 +176,7 @@ class Launch(Frozen):
         files: tuple[tuple[str, str, int], ...] = (),
         when: tuple[tuple[str, float], ...] = (),
         unchanged: bool = False,
+        renew: bool = False,
     ) -> None:
         self._init(
             run=run,
@@ -194,6 +198,7 @@ class Launch(Frozen):
             files=files,
             when=when,
             unchanged=unchanged,
+            renew=renew,
         )
 
     def deadline(self, name: str) -> float:
@@ -221,6 +226,7 @@ def make_launch(
     files: Sequence[tuple[str, str, int]] = (),
     when: Mapping[str, float] | None = None,
     unchanged: bool = False,
+    renew: bool = False,
 ) -> bytes:
     """The launch message as one JSON line (newline-terminated); raises LaunchError.
 
@@ -254,6 +260,8 @@ def make_launch(
     }
     if unchanged:
         msg["unchanged"] = True
+    if renew:
+        msg["renew"] = True
     try:
         line = encode_object(msg) + b"\n"
     except (TypeError, ValueError) as exc:
@@ -407,6 +415,9 @@ def parse_launch(line: bytes) -> Launch:
     unchanged = msg.get("unchanged", False)
     if type(unchanged) is not bool:
         raise LaunchError("unchanged must be true or false")
+    renew = msg.get("renew", False)
+    if type(renew) is not bool:
+        raise LaunchError("renew must be true or false")
     restart = msg.get("restart", "no")
     if restart not in RESTART_POLICIES:
         raise LaunchError(f"restart must be one of {', '.join(RESTART_POLICIES)}")
@@ -437,6 +448,7 @@ def parse_launch(line: bytes) -> Launch:
         files=_files(msg.get("files", [])),
         when=tuple(sorted((k, float(v)) for k, v in when.items())),
         unchanged=unchanged,
+        renew=renew,
     )
 
 

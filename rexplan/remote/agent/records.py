@@ -157,8 +157,9 @@ def _prove_same(launch: Launch, secret: bytes, same: _Same) -> int:
 def _claim(home: str, launch: Launch) -> tuple[int, bool]:
     """(the lock fd this launch's supervisor will hold, whether a running instance was
     stopped for it). Only an established instance is replaced, and only when the launch asks;
-    a launch still in progress, or an instance of the same spec, refuses it (EXIT_RUNNING):
-    two launchers racing on a triple never run it twice. A launch asking ``unchanged`` finds
+    a launch still in progress, or an instance of the same spec (unless the launch asks to
+    ``renew`` it: rex restart), refuses it (EXIT_RUNNING): two launchers racing on a triple
+    never run it twice. A launch asking ``unchanged`` finds
     an instance of the same spec alive: _Same, to be proven."""
     name = launch.log
     try:
@@ -186,7 +187,7 @@ def _claim(home: str, launch: Launch) -> tuple[int, bool]:
         if same and launch.unchanged:
             assert record is not None
             raise _Same(record["pid"], record["start"])
-        if not launch.replace or not established or same:
+        if not launch.replace or not established or (same and not launch.renew):
             raise Failure(EXIT_RUNNING, f"{launch.triple} is already running ({_describe(record)})")
         stop_program(home, name, launch.deadline("stop"))
         fd = _lock(home, name, wait=2.0)
