@@ -111,10 +111,14 @@ def _launch(
     store = KeyStore(args.keys, insecure_ok=args.insecure_keys, warn=_warn)
     known_hosts = default_known_hosts(store, args.known_hosts)
     verb = "apply" if restart is None else "restart"
+    if restart is None and args.diff and not args.dry_run:
+        raise UsageError(
+            "--diff needs --dry-run", hint=f"rex apply {args.manifest} --dry-run --diff"
+        )
     if restart is None and args.dry_run:
         forks = args.forks or loaded.forks
         return lifecycle.dry_run(
-            loaded, compiled, known_hosts, screen, forks=forks, as_json=args.json
+            loaded, compiled, known_hosts, screen, forks=forks, as_json=args.json, diff=args.diff
         )
     display_console = (
         ui.make_console(stderr=True) if (args.json or args.events == "-") else screen.console

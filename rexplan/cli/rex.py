@@ -166,6 +166,13 @@ def build_parser() -> argparse.ArgumentParser:
         "unplaced); nothing is started, stopped or written",
     )
     apply.add_argument(
+        "--diff",
+        action="store_true",
+        help="with --dry-run: per changed (drifted) step, the fields in which the host's "
+        "record of its launch differs from the manifest (run, env, cwd, ready, kind, restart, "
+        "files by name and hash); with --json, a diff list per step",
+    )
+    apply.add_argument(
         "--retry",
         action="store_true",
         help="launch only the steps the last apply of MANIFEST left failed, unreachable or "

@@ -4,6 +4,7 @@ only when the program changed; ``classify`` and ``action_for`` judge a host's re
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -105,6 +106,12 @@ def launch_args(
 
 def expected_spec(step: Step, files: Sequence[tuple[str, str, int]] = ()) -> str:
     """The spec digest the agent records for ``step`` as the manifest declares it now."""
+    return launch.spec_digest(expected_launch(step, files))
+
+
+def expected_launch(step: Step, files: Sequence[tuple[str, str, int]] = ()) -> launch.Launch:
+    """The launch of ``step`` as the manifest declares it now, with placeholders for what
+    depends on the run (nonce, callback)."""
     args = launch_args(
         step,
         run="expected",
@@ -113,7 +120,7 @@ def expected_spec(step: Step, files: Sequence[tuple[str, str, int]] = ()) -> str
         callback=_NO_CALLBACK,
         files=files,
     )
-    return launch.spec_digest(launch.parse_launch(launch.make_launch(**args)))
+    return launch.parse_launch(launch.make_launch(**args))
 
 
 def files_to_upload(
@@ -159,6 +166,10 @@ class StepStatus:
     restarts: int = 0
     run: str | None = None  # the run that launched it
     detail: str | None = None
+    #: the host's record of what was launched (its ``launched``: wire.launch.recorded_spec)
+    #: and the hashes of the files it holds: host bytes, for ``--diff`` only (core/diff.py)
+    launched: Mapping[str, Any] | None = dataclasses.field(default=None, compare=False, repr=False)
+    held: Mapping[str, Any] | None = dataclasses.field(default=None, compare=False, repr=False)
 
     @property
     def label(self) -> str:
@@ -195,6 +206,9 @@ def classify(
         )
     restarts = _int(record.get("restarts")) or 0
     base: dict[str, Any] = {"restarts": restarts, "run": record.get("run")}
+    launched, held = record.get("launched"), record.get("files")
+    base["launched"] = launched if isinstance(launched, dict) else None
+    base["held"] = held if isinstance(held, dict) else None
     state = record.get("state")
     status_code = _int(record.get("status"))
     if record.get("alive") is True:

@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from rexplan.core import diff as diffs
 from rexplan.core import selection
 from rexplan.core import spec as specs
 from rexplan.core.model import Manifest, Plan, Step, Timeouts
@@ -370,10 +371,12 @@ def dry_run(
     *,
     forks: int,
     as_json: bool,
+    diff: bool = False,
 ) -> int:
     """``rex apply --dry-run``: what apply would do to each step, from the hosts' records
     and, for least-loaded programs, their candidate hosts' load now (the probe apply runs);
-    nothing is started, stopped or written. 3 if a host was unreachable, else 0."""
+    nothing is started, stopped or written. 3 if a host was unreachable, else 0. ``diff``:
+    also the fields in which each drifted step's host record differs (core/diff.py)."""
     with pool_for(loaded, compiled, known_hosts) as pool:
         statuses = survey(loaded, compiled.steps, pool, forks=forks)
         placed = placements(loaded, statuses, pool, forks=forks)
@@ -381,10 +384,31 @@ def dry_run(
     if as_json:
         doc = status_to_dict(statuses, loaded, actions=True, placed=placed)
         doc["exit"] = 3 if UNREACHABLE in actions else 0
+        if diff:
+            rows = doc["steps"]
+            assert isinstance(rows, list)
+            for row, st in zip(rows, statuses, strict=True):
+                found = _changes(loaded, st)
+                row["diff"] = None if found is None else [c.to_dict() for c in found]
         out.text(json.dumps(doc, indent=2))
     else:
         out.dry_run(statuses, actions, [p.describe() for p in placed])
+        for st in statuses if diff else ():
+            if st.status == specs.DRIFTED:
+                out.text(diffs.format_changes(st, _changes(loaded, st)))
     return 3 if UNREACHABLE in actions else 0
+
+
+def _changes(manifest: Manifest, st: specs.StepStatus) -> list[diffs.Change] | None:
+    """A drifted step's changed fields ([] for any other step); None when its host keeps no
+    launched specification, or the program's files cannot be read here."""
+    if st.status != specs.DRIFTED:
+        return []
+    try:
+        files = [f.entry for f in local_files(manifest.program(st.step.program).files)]
+    except OSError:
+        return None
+    return diffs.changes(st, files)
 
 
 def cmd_stop(args: argparse.Namespace, out: Reporter) -> int:

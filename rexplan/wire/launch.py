@@ -62,7 +62,15 @@ _LAUNCH_KEYS = (
     "tags",
 )
 #: launch keys an older launcher may leave out; their defaults are Launch's
-_OPTIONAL_LAUNCH_KEYS = ("replace", "restart", "files", "when", "unchanged", "renew")
+_OPTIONAL_LAUNCH_KEYS = (
+    "replace",
+    "restart",
+    "files",
+    "when",
+    "unchanged",
+    "renew",
+    "autostart",
+)
 RESTART_POLICIES = ("no", "on-failure", "always")
 
 
@@ -127,6 +135,7 @@ class Launch(Frozen):
         "when",
         "unchanged",
         "renew",
+        "autostart",
     )
     __slots__ = _fields
     _hidden = ("nl",)
@@ -154,6 +163,8 @@ class Launch(Frozen):
     unchanged: bool
     #: with ``replace``: an instance of the same spec is replaced too (rex restart)
     renew: bool
+    #: the host's boot entry starts it again at boot (agent --boot), without a launcher
+    autostart: bool
 
     def __init__(
         self,
@@ -177,6 +188,7 @@ class Launch(Frozen):
         when: tuple[tuple[str, float], ...] = (),
         unchanged: bool = False,
         renew: bool = False,
+        autostart: bool = False,
     ) -> None:
         self._init(
             run=run,
@@ -199,6 +211,7 @@ class Launch(Frozen):
             when=when,
             unchanged=unchanged,
             renew=renew,
+            autostart=autostart,
         )
 
     def deadline(self, name: str) -> float:
@@ -227,6 +240,7 @@ def make_launch(
     when: Mapping[str, float] | None = None,
     unchanged: bool = False,
     renew: bool = False,
+    autostart: bool = False,
 ) -> bytes:
     """The launch message as one JSON line (newline-terminated); raises LaunchError.
 
@@ -262,6 +276,8 @@ def make_launch(
         msg["unchanged"] = True
     if renew:
         msg["renew"] = True
+    if autostart:
+        msg["autostart"] = True
     try:
         line = encode_object(msg) + b"\n"
     except (TypeError, ValueError) as exc:
@@ -418,6 +434,9 @@ def parse_launch(line: bytes) -> Launch:
     renew = msg.get("renew", False)
     if type(renew) is not bool:
         raise LaunchError("renew must be true or false")
+    autostart = msg.get("autostart", False)
+    if type(autostart) is not bool:
+        raise LaunchError("autostart must be true or false")
     restart = msg.get("restart", "no")
     if restart not in RESTART_POLICIES:
         raise LaunchError(f"restart must be one of {', '.join(RESTART_POLICIES)}")
@@ -449,6 +468,7 @@ def parse_launch(line: bytes) -> Launch:
         when=tuple(sorted((k, float(v)) for k, v in when.items())),
         unchanged=unchanged,
         renew=renew,
+        autostart=autostart,
     )
 
 
@@ -469,6 +489,58 @@ def spec_digest(launch: Launch) -> str:
     if launch.files:
         spec["files"] = [list(f) for f in launch.files]
     return sha256(dumps(spec, sort_keys=True).encode("ascii")).hexdigest()
+
+
+#: the probe fields spec_digest covers (``rex apply --dry-run --diff`` compares these)
+SPEC_PROBE_KEYS = ("kind", "port", "url", "path", "argv")
+#: the launch message fields a record keeps leave out the launch's secret, its nonce
+_UNRECORDED = ("nl",)
+
+
+def recorded_launch(launch: Launch) -> dict[str, Any]:
+    """What the agent keeps of a launch in its record, as ``launched``: the launch message
+    minus its secret (the nonce ``nl``). ``rex apply --dry-run --diff`` compares its spec
+    fields; ``--boot`` starts the program again from it (launch_from_record)."""
+    line = make_launch(
+        run=launch.run,
+        step=launch.step,
+        triple=launch.triple,
+        key_path=launch.key_path,
+        nl=launch.nl,
+        callback=launch.callback,
+        deadlines=dict(launch.deadlines),
+        argv=launch.argv,
+        env=launch.env,
+        cwd=launch.cwd,
+        ready={k: getattr(launch.ready, k) for k in PROBE_KEYS},
+        kind=launch.kind,
+        log=launch.log,
+        tags=dict(launch.tags),
+        replace=launch.replace,
+        restart=launch.restart,
+        files=launch.files,
+        when=dict(launch.when),
+        unchanged=launch.unchanged,
+        renew=launch.renew,
+        autostart=launch.autostart,
+    )
+    msg = parse_object(line.rstrip(b"\n"))
+    for key in _UNRECORDED:
+        msg.pop(key, None)
+    return msg
+
+
+def launch_from_record(recorded: Any) -> Launch:
+    """The Launch a record's ``launched`` describes, with a zero nonce (nothing calls back
+    with it); raises LaunchError if it is not one."""
+    if not isinstance(recorded, dict):
+        raise LaunchError("the record keeps no launch")
+    msg = {**recorded, "nl": "00" * 16}
+    try:
+        line = encode_object(msg) + b"\n"
+    except (TypeError, ValueError) as exc:
+        raise LaunchError(f"the recorded launch cannot be encoded: {exc}") from None
+    return parse_launch(line)
 
 
 # ---- the kill request ----

@@ -29,7 +29,7 @@ from rexplan.remote.agent.groups import (
     sweep,
 )
 from rexplan.wire import crypto, jsonstrict
-from rexplan.wire.launch import Launch, spec_digest
+from rexplan.wire.launch import Launch, recorded_launch, spec_digest
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -93,6 +93,7 @@ def _write_state(home: str, launch: Launch, **fields: Any) -> None:
         "triple": launch.triple,
         "kind": launch.kind,
         "spec": spec_digest(launch),
+        "launched": recorded_launch(launch),  # minus the nonce: for --diff and --boot
         "restart": launch.restart,
         "stop_timeout": launch.deadline("stop"),
         "agent": os.getpid(),
