@@ -338,6 +338,7 @@ STEP_KEYS = [
     "requires",
     "tags",
     "restart_with",
+    "autostart",
 ]
 
 

@@ -367,7 +367,16 @@ class Checker:
             program = self._program(name, path, spec, tuple(requires))
             if program is not None:
                 tags = tuple(self._names(path, "tags", spec, None))
-                self.programs.append(replace(program, tags=tags, restart_with=tuple(followed)))
+                autostart = spec.get("autostart") is True
+                if autostart and program.kind == "job":
+                    self.report.value(
+                        (*path, "autostart"),
+                        "a job cannot autostart: it runs once, when rex apply launches it",
+                        "remove autostart, or make the program a service",
+                    )
+                self.programs.append(
+                    replace(program, tags=tags, restart_with=tuple(followed), autostart=autostart)
+                )
         if not self._cycles(graph, list(programs), "requires"):
             # restart_with orders a program after what it follows, as requires does
             both = {n: [*graph[n], *following[n]] for n in graph}

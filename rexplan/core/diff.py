@@ -34,6 +34,8 @@ VALUE_LIMIT = 160
 MAX_NAMES = 4096
 #: the whole fields compared as one value; ready, env and files go key by key
 _WHOLE = (("run", "argv"), ("cwd", "cwd"), ("kind", "kind"), ("restart", "restart"))
+#: compared only when one side has it (absent means false)
+_FLAGS = ("autostart",)
 
 
 @dataclass(frozen=True)
@@ -96,6 +98,9 @@ def changes(status: StepStatus, files: Sequence[tuple[str, str, int]] = ()) -> l
 
     for shown, key in _WHOLE:
         differ(shown, recorded.get(key), want[key], key in recorded)
+    for key in _FLAGS:
+        if bool(want.get(key)) != (recorded.get(key) is True):
+            out.append(Change(key, show(recorded.get(key, False)), show(bool(want.get(key)))))
     ready, their_ready = want["ready"], _map(recorded.get("ready"))
     for key in SPEC_PROBE_KEYS:
         ours, theirs = ready.get(key), their_ready.get(key)

@@ -149,6 +149,7 @@ class Program:
     policy: FailurePolicy = field(default_factory=FailurePolicy)
     tags: tuple[str, ...] = ()  # what --tags selects it by
     restart_with: tuple[str, ...] = ()  # programs whose restart restarts it after them
+    autostart: bool = False  # its host starts it again at boot (agent --boot)
 
     @property
     def argv(self) -> tuple[str, ...]:
@@ -282,6 +283,7 @@ class Step:
     requires: tuple[str, ...] = ()  # program names this step waits for
     tags: tuple[str, ...] = ()  # its program's tags
     restart_with: tuple[str, ...] = ()  # programs whose restart restarts this step after them
+    autostart: bool = False  # its host starts it again at boot
 
 
 @dataclass(frozen=True)

@@ -37,7 +37,8 @@ this order, and later formats only add keys::
         "timeouts": {"connect": 10.0, "start": 20.0, "callback": 30.0, "ready": 30.0},
         "requires": [],                 program names this step waits for
         "tags": [],                     its program's tags (--tags selects by them)
-        "restart_with": []              programs whose restart restarts this step after them
+        "restart_with": [],             programs whose restart restarts this step after them
+        "autostart": false              its host starts it again at boot
       }, ...],
       "placements": [{                  one per least-loaded program with steps in the plan
         "program": "app", "strategy": "least-loaded",
@@ -222,6 +223,7 @@ def _steps(
         requires=program.requires,
         tags=program.tags,
         restart_with=program.restart_with,
+        autostart=program.autostart,
     )
     base = vars(template)
     steps: list[Step] = []
@@ -355,6 +357,7 @@ def step_to_dict(step: Step) -> dict[str, object]:
         "requires": list(step.requires),
         "tags": list(step.tags),
         "restart_with": list(step.restart_with),
+        "autostart": step.autostart,
     }
 
 

@@ -101,6 +101,7 @@ def launch_args(
         "when": dict(when or {}),
         "unchanged": unchanged,
         "renew": renew,
+        "autostart": step.autostart,
     }
 
 
@@ -170,12 +171,15 @@ class StepStatus:
     #: and the hashes of the files it holds: host bytes, for ``--diff`` only (core/diff.py)
     launched: Mapping[str, Any] | None = dataclasses.field(default=None, compare=False, repr=False)
     held: Mapping[str, Any] | None = dataclasses.field(default=None, compare=False, repr=False)
+    resumed: bool = False  # its host's boot entry started it again (agent --boot)
 
     @property
     def label(self) -> str:
         """``running``, ``exited(3)``, ``restarting``...: the status with its exit code."""
         if self.status == EXITED and self.code is not None:
             return f"{EXITED}({self.code})"
+        if self.status == RUNNING and self.resumed:
+            return f"{RUNNING} (resumed at boot)"
         return self.status
 
     @property
@@ -222,7 +226,8 @@ def classify(
         if changed:
             detail = "changed on the host: " + ", ".join(changed)
             return StepStatus(step, DRIFTED, detail=detail, **base)
-        return StepStatus(step, RUNNING, **base)
+        resumed = isinstance(record.get("resumed"), (int, float))
+        return StepStatus(step, RUNNING, resumed=resumed, **base)
     if state == "restarting" and record.get("supervised") is True:
         return StepStatus(step, RESTARTING, code=status_code, **base)
     if state == "exited":

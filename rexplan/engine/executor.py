@@ -14,6 +14,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 
 from rexplan.core.model import Manifest, Plan, Step, Timeouts
 from rexplan.core.spec import RESTARTED
+from rexplan.engine import bootentry
 from rexplan.engine import events as ev
 from rexplan.engine.agentctl import HostAgents
 from rexplan.engine.endpoints import callback_endpoints, listen
@@ -111,9 +112,30 @@ class Executor:
             for r in result.results:
                 if r.state not in ev.FINAL_STATES:
                     self._state(r, ev.SKIPPED, reason="interrupted", detail="run interrupted")
+        if not result.interrupted:
+            self._boot_entries(result)
         result.aborted = self._abort
         self._emit(ev.RUN_DONE, total=len(by_step), counts=result.counts())
         return result
+
+    def _boot_entries(self, result: RunResult) -> None:
+        """Bring the boot entries in line (bootentry.py): the logins with an autostart step in
+        the run, and those where a step was restarted (it may have dropped autostart). Hosts
+        below a relay are not connected to: their entries wait for a flat apply."""
+        steps = [
+            r.step
+            for r in result.results
+            if (r.step.autostart or r.action == RESTARTED)
+            and (self.tree is None or not self.tree.relayed(r.step.host))
+        ]
+
+        def warn(host: str, text: str) -> None:
+            self._emit(ev.NOTICE, host=host, detail=f"warning: {text}")
+
+        try:
+            bootentry.sync_all(self.manifest, steps, self.pool, warn, forks=self.forks)
+        except KeyboardInterrupt:
+            result.interrupted = True
 
     def _run_wave(self, wave: Iterable[Step], by_step: dict[str, StepResult]) -> None:
         steps = list(wave)

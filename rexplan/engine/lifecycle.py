@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import textwrap
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -23,6 +24,7 @@ from rexplan.core import diff as diffs
 from rexplan.core import selection
 from rexplan.core import spec as specs
 from rexplan.core.model import Manifest, Plan, Step, Timeouts
+from rexplan.engine import bootentry
 from rexplan.engine import events as ev
 from rexplan.engine.agentctl import EXEC_SLACK, agent_run, local_files
 from rexplan.engine.placement import Load, Placed, place, probe_candidate
@@ -32,6 +34,8 @@ from rexplan.transport import persist as mux
 from rexplan.transport.base import last_report
 from rexplan.transport.pool import TransportPool
 from rexplan.trust.keys import KeyStore, default_known_hosts
+
+_log = logging.getLogger(__name__)
 
 STOPPED, ABSENT, STOP_FAILED, UNREACHABLE = (
     specs.STOPPED,
@@ -274,6 +278,8 @@ def status_to_dict(
 _STATUS_EPILOG = """\
 statuses:
   running      alive (checked by pid and process start time) with the manifest's spec
+               ("running (resumed at boot)": an autostart program its host's boot
+               entry started again)
   drifted      alive, but started from another spec (argv, env, cwd, probe, kind,
                restart): rex apply restarts it
   restarting   its supervisor waits out a backoff before restarting it
@@ -423,6 +429,12 @@ def cmd_stop(args: argparse.Namespace, out: Reporter) -> int:
             force=args.force,
             on_result=out.stopped,
         )
+        # the boot entries of the logins it stopped programs of: removed when no autostart
+        # program is left there to resume
+        stopped = [r.step for r in results if r.outcome == STOPPED]
+        bootentry.sync_all(
+            loaded, stopped, pool, lambda _host, text: _log.warning("%s", text), forks=forks
+        )
     out.stop_summary(results)
     return stop_exit_code(results)
 
@@ -455,7 +467,8 @@ def add_parser(subparsers: argparse._SubParsersAction[Any]) -> None:
             "Stop each step's program on its host: the last wave first, each wave in "
             "parallel. The program's supervisor is told to stop it (TERM to its process group, "
             "the program's stop_timeout, then KILL), so it is not restarted; afterwards no "
-            "process carrying the program's rex tag remains, also none that left its group.",
+            "process carrying the program's rex tag remains, also none that left its group. "
+            "A login left without autostart programs loses its boot entry.",
             79,
         ),
         epilog=_STOP_EPILOG,

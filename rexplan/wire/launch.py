@@ -474,8 +474,8 @@ def parse_launch(line: bytes) -> Launch:
 
 def spec_digest(launch: Launch) -> str:
     """sha256 of what the program is (argv, env, cwd, probe, kind, restart, files' content and
-    modes), for change detection; ``replace``, ``unchanged``, ``when`` and the run's identity
-    are not."""
+    modes, autostart), for change detection; ``replace``, ``unchanged``, ``renew``, ``when``
+    and the run's identity are not."""
     spec: dict[str, Any] = {
         "argv": list(launch.argv),
         "env": dict(launch.env),
@@ -488,6 +488,8 @@ def spec_digest(launch: Launch) -> str:
         spec["restart"] = launch.restart
     if launch.files:
         spec["files"] = [list(f) for f in launch.files]
+    if launch.autostart:  # so that turning it on or off updates the record (and boot entry)
+        spec["autostart"] = True
     return sha256(dumps(spec, sort_keys=True).encode("ascii")).hexdigest()
 
 

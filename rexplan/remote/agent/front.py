@@ -11,6 +11,7 @@ import select
 import sys
 import time
 
+from rexplan.remote.agent.boot import boot_modes
 from rexplan.remote.agent.failure import (
     _POLL,
     EXIT_AGENT,
@@ -157,7 +158,7 @@ def kill_tagged(run: str, step: str, grace: float) -> int:
 
 _USAGE = (
     "usage: agent [--wait SECONDS | --status | --stop PROGRAM [GRACE [force]]"
-    " | --kill (request on stdin) | --load loadavg|cgroup SECONDS]"
+    " | --kill (request on stdin) | --load loadavg|cgroup SECONDS | --boot | --boot-entry]"
 )
 
 
@@ -174,6 +175,9 @@ def _modes(args: list[str]) -> int:
             return EXIT_OK
     if args == ["--kill"]:
         return _kill_request()
+    booted = boot_modes(args, rex_home())
+    if booted is not None:
+        return booted
     if args == ["--status"]:
         return _print(status_report(rex_home()))
     if (

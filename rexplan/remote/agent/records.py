@@ -84,6 +84,12 @@ def read_state(home: str, name: str) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
+class _Resumed:
+    """When this supervisor started its program again at boot (agent --boot), else None."""
+
+    at: float | None = None
+
+
 def _write_state(home: str, launch: Launch, **fields: Any) -> None:
     """Record the program's state; a failure only goes to the log, since the state is a
     record and must not cost a verified program its life."""
@@ -100,6 +106,8 @@ def _write_state(home: str, launch: Launch, **fields: Any) -> None:
         "agent_start": start_time(os.getpid()),
         "updated": time.time(),
     }
+    if _Resumed.at is not None:
+        record["resumed"] = _Resumed.at  # rex status: running (resumed at boot)
     if _Cgroup.path is not None:
         record["cgroup"] = _Cgroup.path  # for a stop: what left group and tags is still in it
     record.update(fields)
