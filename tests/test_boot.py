@@ -44,9 +44,12 @@ def _ours(login: str, home: str) -> list[str]:
 
 
 def _drop_ours(login: str, home: str) -> None:
+    """Remove what a failed test left: our line, and the login's crontab if nothing else."""
     lines = _crontab(login)
     kept = [line for line in lines if not (line.startswith("@reboot") and home in line)]
-    if kept != lines:
+    if not any(line.strip() and not line.startswith("#") for line in kept):
+        subprocess.run(["crontab", "-r", "-u", login], capture_output=True, check=False)
+    elif kept != lines:
         text = "".join(f"{line}\n" for line in kept)
         subprocess.run(["crontab", "-u", login, "-"], input=text.encode(), check=True)
 
@@ -133,6 +136,8 @@ def test_autostart_programs_come_back_from_the_boot_entry(world: World, sshd_hos
         assert code == 0, out + err
         assert world.tagged() == []
         assert _ours(login, home) == []  # no autostart program left: the entry is gone
+        listed = subprocess.run(["crontab", "-l", "-u", login], capture_output=True, check=False)
+        assert listed.returncode != 0  # nor an empty crontab: "no crontab for LOGIN"
         assert not procs.find(lambda env: env.get("REX_TRIPLE", "").endswith(".svc"))
     finally:
         _drop_ours(login, home)

@@ -304,6 +304,8 @@ def _set_crontab(lines: list[str], mark: str, command: str | None) -> bool:
         kept.append(f"@reboot {command} {tag}")
     if kept == lines:
         return True
+    if not any(line.strip() and not line.lstrip().startswith("#") for line in kept):
+        return _tool(["crontab", "-r"])[0] == 0  # nothing left: no empty crontab behind
     text = "".join(f"{line}\n" for line in kept)
     return _tool(["crontab", "-"], text.encode("utf-8", "surrogateescape"))[0] == 0
 
