@@ -96,16 +96,16 @@ def changes(status: StepStatus, files: Sequence[tuple[str, str, int]] = ()) -> l
                 )
             )
 
-    for shown, key in _WHOLE:
-        differ(shown, recorded.get(key), want[key], key in recorded)
-    for key in _FLAGS:
-        if bool(want.get(key)) != (recorded.get(key) is True):
-            out.append(Change(key, show(recorded.get(key, False)), show(bool(want.get(key)))))
+    for shown, field in _WHOLE:
+        differ(shown, recorded.get(field), want[field], field in recorded)
+    for field in _FLAGS:
+        if bool(want.get(field)) != (recorded.get(field) is True):
+            out.append(Change(field, show(recorded.get(field, False)), show(bool(want.get(field)))))
     ready, their_ready = want["ready"], _map(recorded.get("ready"))
-    for key in SPEC_PROBE_KEYS:
-        ours, theirs = ready.get(key), their_ready.get(key)
-        if ours != theirs and not (key == "argv" and not ours and not theirs):
-            out.append(Change(f"ready.{key}", show(theirs), show(ours)))
+    for field in SPEC_PROBE_KEYS:
+        ours, theirs = ready.get(field), their_ready.get(field)
+        if ours != theirs and not (field == "argv" and not ours and not theirs):
+            out.append(Change(f"ready.{field}", show(theirs), show(ours)))
     env, their_env = want["env"], _map(recorded.get("env"))
     for name in _keys(env, their_env):
         if env.get(name) != their_env.get(name):
