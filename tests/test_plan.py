@@ -336,6 +336,9 @@ STEP_KEYS = [
     "stop_timeout",
     "timeouts",
     "requires",
+    "tags",
+    "restart_with",
+    "autostart",
 ]
 
 

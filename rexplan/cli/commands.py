@@ -1,5 +1,5 @@
-"""``rex validate``, ``rex plan``, ``rex apply`` and ``rex disconnect``: the commands that
-read a manifest and launch its plan."""
+"""``rex validate``, ``rex plan``, ``rex apply``, ``rex restart`` and ``rex disconnect``: the
+commands that read a manifest and launch its plan."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import sys
 
 from rexplan.cli import blame, svg, ui
 from rexplan.cli.boundary import MESSAGE_LIMIT, format_error, write_stderr
-from rexplan.core import manifest, simulate
+from rexplan.core import manifest, selection, simulate
 from rexplan.core import plan as planner
-from rexplan.core.model import MAX_PERSIST
+from rexplan.core.model import MAX_PERSIST, Manifest, Plan
 from rexplan.core.text import json_document, plural, printable
 from rexplan.errors import ManifestError, UsageError
 
@@ -35,7 +35,7 @@ def cmd_validate(args: argparse.Namespace, screen: ui.Screen) -> int:
 def cmd_plan(args: argparse.Namespace, screen: ui.Screen) -> int:
     """``rex plan MANIFEST``: the table, plain lines, ``--json`` or ``--dot``."""
     loaded = manifest.load(args.manifest)
-    compiled = planner.compile(loaded, limit=args.limit)
+    compiled = selection.from_args(args, loaded, planner.compile(loaded, limit=args.limit))
     if args.simulate:
         return _simulate(args, len({step.host for step in compiled.steps}), loaded.forks, screen)
     modelling = ("conn_cost", "latency", "agent_cost", "fanout_max", "forks")
@@ -77,31 +77,63 @@ def _simulate(args: argparse.Namespace, hosts: int, forks: int, screen: ui.Scree
 
 def cmd_apply(args: argparse.Namespace, screen: ui.Screen) -> int:
     """``rex apply MANIFEST``: launch, verify, summarize; the exit code says the worst outcome."""
+    from rexplan.engine import retry
+    from rexplan.transport import persist as mux  # the transports: only when connecting
+
+    loaded = mux.with_option(manifest.load(args.manifest), args)
+    compiled = selection.from_args(args, loaded, planner.compile(loaded, limit=args.limit))
+    if args.retry:
+        compiled = retry.narrow(loaded, compiled)
+    return _launch(args, screen, loaded, compiled)
+
+
+def cmd_restart(args: argparse.Namespace, screen: ui.Screen) -> int:
+    """``rex restart MANIFEST``: restart the selected steps in wave order, each verified by its
+    callback again, and then the steps of the programs that ``restart_with`` them."""
+    from rexplan.transport import persist as mux  # the transports: only when connecting
+
+    loaded = mux.with_option(manifest.load(args.manifest), args)
+    limited = planner.compile(loaded, limit=args.limit)
+    chosen = selection.from_args(args, loaded, limited)
+    compiled = selection.with_followers(loaded, chosen, limited)
+    forced = frozenset(s.id for s in chosen.steps)
+    return _launch(args, screen, loaded, compiled, restart=forced)
+
+
+def _launch(
+    args: argparse.Namespace,
+    screen: ui.Screen,
+    loaded: Manifest,
+    compiled: Plan,
+    *,
+    restart: frozenset[str] | None = None,
+) -> int:
+    """apply's and restart's run: confirm, launch, summarize, keep the retry file (apply)."""
     # the engine, transports and keys: only for the commands that connect
     from rexplan.engine import events as ev
     from rexplan.engine import executor, lifecycle, outcomes, retry, runs
-    from rexplan.transport import persist as mux
     from rexplan.trust.keys import KeyStore, default_known_hosts
 
-    loaded = mux.with_option(manifest.load(args.manifest), args)
-    compiled = planner.compile(loaded, limit=args.limit)
-    if args.retry:
-        compiled = retry.narrow(loaded, compiled)
     store = KeyStore(args.keys, insecure_ok=args.insecure_keys, warn=_warn)
     known_hosts = default_known_hosts(store, args.known_hosts)
-    if args.dry_run:
+    verb = "apply" if restart is None else "restart"
+    if restart is None and args.diff and not args.dry_run:
+        raise UsageError(
+            "--diff needs --dry-run", hint=f"rex apply {args.manifest} --dry-run --diff"
+        )
+    if restart is None and args.dry_run:
         forks = args.forks or loaded.forks
         return lifecycle.dry_run(
-            loaded, compiled, known_hosts, screen, forks=forks, as_json=args.json
+            loaded, compiled, known_hosts, screen, forks=forks, as_json=args.json, diff=args.diff
         )
     display_console = (
         ui.make_console(stderr=True) if (args.json or args.events == "-") else screen.console
     )
     if not args.yes and sys.stdin.isatty() and display_console.is_terminal:
         ui.print_text(display_console, ui.format_plan_summary(compiled))
-        answer = input(f"apply {len(compiled.steps)} step(s)? [y/N] ").strip().lower()
+        answer = input(f"{verb} {len(compiled.steps)} step(s)? [y/N] ").strip().lower()
         if answer not in ("y", "yes"):
-            write_stderr("rex: nothing applied")
+            write_stderr("rex: nothing applied" if restart is None else "rex: nothing restarted")
             return 0
     sinks: list[ev.Sink] = []
     events_file = None
@@ -126,6 +158,7 @@ def cmd_apply(args: argparse.Namespace, screen: ui.Screen) -> int:
                 strategy=args.strategy,
                 tail=args.tail,
                 take_over=args.take_over,
+                restart=restart or frozenset(),
             )
         display.print_summary(result.actions())
     finally:
@@ -133,7 +166,9 @@ def cmd_apply(args: argparse.Namespace, screen: ui.Screen) -> int:
         if events_file is not None:
             events_file.close()
     unfinished = [r.step.id for r in result.results if r.state in retry.RETRY_STATES]
-    retry_file, left = retry.update(loaded, compiled, result.run_id, unfinished)
+    retry_file, left = (None, 0)
+    if restart is None:
+        retry_file, left = retry.update(loaded, compiled, result.run_id, unfinished)
     if left:
         write_stderr(
             f"rex: {plural(left, 'step')} to retry ({retry_file}): "

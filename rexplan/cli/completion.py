@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from rexplan.cli import ui
 
 SHELLS = ("bash", "zsh")
-NAME_KINDS = ("hosts", "groups", "programs", "limit")
+NAME_KINDS = ("hosts", "groups", "programs", "tags", "limit")
 
 #: what a value is, by metavar; a value not listed here is free text
 _METAVAR_KINDS = {
@@ -33,7 +33,7 @@ _METAVAR_KINDS = {
     "HOST": "hosts",
 }
 #: by dest, for options whose metavar says little (``--limit PATTERN``, ``--program P``)
-_DEST_KINDS = {"limit": "limit", "program": "programs", "steps": "programs"}
+_DEST_KINDS = {"limit": "limit", "program": "programs", "steps": "programs", "tags": "tags"}
 _SAFE_WORD = re.compile(r"[A-Za-z0-9_.:+/@%=-]+\Z")
 
 
@@ -209,7 +209,7 @@ _rex_values() {
             compopt -o filenames 2>/dev/null
             COMPREPLY=($(compgen -d -- "$cur"))
             ;;
-        hosts | groups | programs)
+        hosts | groups | programs | tags)
             COMPREPLY=($(compgen -W "$(_rex_names "$kind")" -- "$cur"))
             ;;
         limit)
@@ -333,7 +333,7 @@ _rex_values() {
         (manifest) _files -g '*.(yaml|yml)' ;;
         (file) _files ;;
         (dir) _files -/ ;;
-        (hosts|groups|programs)
+        (hosts|groups|programs|tags)
             names=(${(f)"$(_rex_names $kind)"})
             compadd -- $names ;;
         (limit)
@@ -425,7 +425,7 @@ def script(shell: str, parsers: Sequence[tuple[str, argparse.ArgumentParser]]) -
 
 
 def names(kind: str, path: str) -> list[str]:
-    """Host, group or program names of the manifest at ``path``, in manifest order; ``limit``:
+    """Host, group, program names or tags of the manifest at ``path``, in manifest order; ``limit``:
     the hosts, then ``group:NAME`` for each group (what ``--limit`` takes).
 
     Only parses and validates the manifest; raises ManifestError like ``rex validate``.
@@ -437,6 +437,8 @@ def names(kind: str, path: str) -> list[str]:
         return [h.name for h in loaded.hosts]
     if kind == "programs":
         return [p.name for p in loaded.programs]
+    if kind == "tags":
+        return list(dict.fromkeys(t for p in loaded.programs for t in p.tags))
     groups = list(dict.fromkeys(g for h in loaded.hosts for g in h.groups))
     if kind == "groups":
         return groups

@@ -9,7 +9,7 @@ import time
 
 from rexplan.cli import ui
 from rexplan.cli.boundary import MESSAGE_LIMIT, write_stderr
-from rexplan.core import manifest
+from rexplan.core import manifest, selection
 from rexplan.core import plan as planner
 from rexplan.core.model import Step
 from rexplan.core.text import printable
@@ -30,7 +30,7 @@ def cmd_logs(args: argparse.Namespace, screen: ui.Screen) -> int:
         raise UsageError("--forks must be at least 1")
     since = hostlogs.parse_since(args.since) if args.since is not None else None
     loaded = mux.with_option(manifest.load(args.manifest), args)
-    compiled = planner.compile(loaded, limit=args.limit)
+    compiled = selection.from_args(args, loaded, planner.compile(loaded, limit=args.limit))
     steps = hostlogs.select_steps(compiled, args.steps)
     known_hosts = default_known_hosts(KeyStore(args.keys), args.known_hosts)
     printer = ui.LogPrinter(screen.console, [s.id for s in steps])

@@ -12,7 +12,7 @@ from typing import NoReturn
 from rexplan import __version__
 from rexplan.cli import options, subcommands
 from rexplan.cli.boundary import MESSAGE_LIMIT, run_main, write_stderr
-from rexplan.core import simulate
+from rexplan.core import selection, simulate
 from rexplan.core.text import printable
 from rexplan.engine.failout import DEFAULT_TAIL
 from rexplan.errors import UsageError
@@ -100,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PATTERN",
         help="only steps on matching hosts: comma-separated host globs and group:NAME",
     )
+    selection.add_options(plan)
     plan.add_argument(
         "--simulate",
         action="store_true",
@@ -152,57 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EXIT_CODES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    apply.add_argument("manifest", metavar="MANIFEST")
-    apply.add_argument(
-        "--limit",
-        metavar="PATTERN",
-        help="only steps on matching hosts: comma-separated host globs and group:NAME",
-    )
-    apply.add_argument(
-        "--forks",
-        type=options.POSITIVE,
-        metavar="N",
-        help="steps in flight at once (default: the manifest's defaults.forks, 64)",
-    )
-    apply.add_argument(
-        "--strategy",
-        choices=("flat", "tree"),
-        help="fan-out: flat (connect to every host) or tree (connect to defaults.fanout relays, "
-        "which launch the other hosts); default: the manifest's defaults.strategy, flat",
-    )
-    apply.add_argument(
-        "--events",
-        metavar="FILE",
-        help="write every event as one JSON object per line to FILE ('-': stdout, and the "
-        "progress display moves to stderr)",
-    )
-    apply.add_argument(
-        "--json",
-        action="store_true",
-        help="print the run result as JSON on stdout (the progress display moves to stderr)",
-    )
-    apply.add_argument(
-        "--tail",
-        type=options.number(int, "a whole number", 0, 10000, "must be from 0 to 10000"),
-        default=DEFAULT_TAIL,
-        metavar="N",
-        help="a failed step shows the last N lines of its program's output (at most 4 KiB; "
-        f"default {DEFAULT_TAIL}, 0: none) and where its whole log is (host:path)",
-    )
-    apply.add_argument(
-        "-y",
-        "--yes",
-        action="store_true",
-        help="do not ask for confirmation (rex asks only when stdin and stdout are a terminal)",
-    )
-    apply.add_argument(
-        "-q",
-        "--quiet",
-        action="store_true",
-        # SUPPRESS: an absent `apply -q` must not reset a global `rex -q`
-        default=argparse.SUPPRESS,
-        help="print only failures and the summary (as 'rex -q apply')",
-    )
+    _launch_options(apply)
     apply.add_argument(
         "--dry-run",
         action="store_true",
@@ -211,11 +162,11 @@ def build_parser() -> argparse.ArgumentParser:
         "unplaced); nothing is started, stopped or written",
     )
     apply.add_argument(
-        "--take-over",
+        "--diff",
         action="store_true",
-        help="replace the programs another manifest launched on the same host.user.program "
-        "triples (their records name it: see 'rex status'), instead of failing those steps "
-        "'owned'",
+        help="with --dry-run: per changed (drifted) step, the fields in which the host's "
+        "record of its launch differs from the manifest (run, env, cwd, ready, kind, restart, "
+        "files by name and hash); with --json, a diff list per step",
     )
     apply.add_argument(
         "--retry",
@@ -223,9 +174,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="launch only the steps the last apply of MANIFEST left failed, unreachable or "
         "skipped (kept in $REX_STATE_DIR/retry/<manifest name>.json, default ./.rex)",
     )
-    options.keys(apply, insecure="load keys with loose permissions anyway (warns every time)")
-    options.persist(apply)
     apply.set_defaults(func=options.Lazy("rexplan.cli.commands", "cmd_apply"))
+
+    restart = commands.add_parser(
+        "restart",
+        help="restart steps of a manifest in wave order, each verified by its callback",
+        description="Restart the selected steps (--limit, --program, --tags; default: all) "
+        "in wave order, a program after those it requires: each running instance is "
+        "replaced, even one that runs the manifest's spec, and every step is verified by its "
+        "callback again, as in apply. Programs with restart_with: [P] are restarted after P "
+        "whenever P was. A step not running is started.",
+        epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _launch_options(restart)
+    restart.set_defaults(func=options.Lazy("rexplan.cli.commands", "cmd_restart"))
 
     subcommands.add_hostkeys(commands)
     subcommands.add_completion(commands, parsers)
@@ -246,6 +209,66 @@ def build_parser() -> argparse.ArgumentParser:
     disconnect.set_defaults(func=options.Lazy("rexplan.cli.commands", "cmd_disconnect"))
     subcommands.add_run(commands)
     return parser
+
+
+def _launch_options(parser: argparse.ArgumentParser) -> None:
+    """The options ``rex apply`` and ``rex restart`` share."""
+    parser.add_argument("manifest", metavar="MANIFEST")
+    options.limit(parser)
+    options.forks(
+        parser,
+        "steps in flight at once (default: the manifest's defaults.forks, 64)",
+        options.POSITIVE,
+    )
+    parser.add_argument(
+        "--strategy",
+        choices=("flat", "tree"),
+        help="fan-out: flat (connect to every host) or tree (connect to defaults.fanout relays, "
+        "which launch the other hosts); default: the manifest's defaults.strategy, flat",
+    )
+    parser.add_argument(
+        "--events",
+        metavar="FILE",
+        help="write every event as one JSON object per line to FILE ('-': stdout, and the "
+        "progress display moves to stderr)",
+    )
+    options.flag(
+        parser,
+        "--json",
+        "print the run result as JSON on stdout (the progress display moves to stderr)",
+    )
+    parser.add_argument(
+        "--tail",
+        type=options.number(int, "a whole number", 0, 10000, "must be from 0 to 10000"),
+        default=DEFAULT_TAIL,
+        metavar="N",
+        help="a failed step shows the last N lines of its program's output (at most 4 KiB; "
+        f"default {DEFAULT_TAIL}, 0: none) and where its whole log is (host:path)",
+    )
+    parser.add_argument(
+        "-y",
+        "--yes",
+        action="store_true",
+        help="do not ask for confirmation (rex asks only when stdin and stdout are a terminal)",
+    )
+    parser.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        # SUPPRESS: an absent `apply -q` must not reset a global `rex -q`
+        default=argparse.SUPPRESS,
+        help="print only failures and the summary (as 'rex -q apply')",
+    )
+    parser.add_argument(
+        "--take-over",
+        action="store_true",
+        help="replace the programs another manifest launched on the same host.user.program "
+        "triples (their records name it: see 'rex status'), instead of failing those steps "
+        "'owned'",
+    )
+    selection.add_options(parser)
+    options.keys(parser, insecure="load keys with loose permissions anyway (warns every time)")
+    options.persist(parser)
 
 
 class _StderrHandler(logging.Handler):

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 from rexplan.cli import options
 from rexplan.cli.completion import SHELLS
+from rexplan.core import selection
 from rexplan.core.model import MAX_LOG_LINES
 
 if TYPE_CHECKING:
@@ -73,6 +74,8 @@ exit codes:
 _STATUS_EPILOG = """\
 statuses:
   running      alive (checked by pid and process start time) with the manifest's spec
+               ("running (resumed at boot)": an autostart program its host's boot
+               entry started again)
   drifted      alive, but started from another spec (argv, env, cwd, probe, kind,
                restart): rex apply restarts it
   restarting   its supervisor waits out a backoff before restarting it
@@ -319,6 +322,7 @@ def _on_hosts(
         parser, "hosts asked at once (default: the manifest's defaults.forks, 64)", forks_type
     )
     options.keys(parser, "the key store, for its known_hosts (default: $REX_KEYS, else ./keys)")
+    selection.add_options(parser)
     options.persist(parser)
 
 
@@ -344,12 +348,12 @@ def add_lifecycle(sub: Subparsers) -> None:
         "Stop each step's program on its host: the last wave first, each wave in "
         "parallel. The program's supervisor is told to stop it (TERM to its process group, "
         "the program's stop_timeout, then KILL), so it is not restarted; afterwards no "
-        "process carrying the program's rex tag remains, also none that left its group.",
+        "process carrying the program's rex tag remains, also none that left its group. "
+        "A login left without autostart programs loses its boot entry.",
         _STOP_EPILOG,
         options.Lazy("rexplan.engine.lifecycle", "cmd_stop"),
     )
     _on_hosts(halt)
-    halt.add_argument("--program", metavar="NAME", help="stop only this program's steps")
     options.flag(
         halt,
         "--force",
@@ -435,7 +439,7 @@ def add_completion(
         "--names",
         nargs=2,
         metavar=("KIND", "MANIFEST"),
-        help="print the hosts, groups, programs or limit terms (hosts and group:NAME) of "
+        help="print the hosts, groups, programs, tags or limit terms (hosts and group:NAME) of "
         "MANIFEST, one a line (what the scripts call; prints nothing if the manifest is "
         "invalid)",
     )

@@ -94,7 +94,8 @@ def format_plan_lines(plan: Plan, manifest: Manifest | None = None) -> str:
     ``wave 0  db@web1  web1.postgres.db  ready=tcp:5432  argv=postgres -D /data``
 
     With the manifest, a candidate step of a least-loaded program gets a field before argv
-    (which stays last): ``placement=least-loaded 1 of 3 (chosen at apply)``.
+    (which stays last): ``placement=least-loaded 1 of 3 (chosen at apply)``; a step that
+    restarts with other programs gets ``restart_with=store,cache``.
     """
     steps = plan.steps
     marks = plan_placements(plan, manifest) if manifest is not None else {}
@@ -104,6 +105,7 @@ def format_plan_lines(plan: Plan, manifest: Manifest | None = None) -> str:
         f"wave {s.wave}  {s.id:<{id_width}}  {s.triple:<{triple_width}}"
         f"  ready={format_ready(s.ready)}"
         + (f"  placement={marks[s.id]} (chosen at apply)" if s.id in marks else "")
+        + (f"  restart_with={','.join(s.restart_with)}" if s.restart_with else "")
         + f"  argv={format_command(s)}"
         for s in steps
     ]
@@ -131,6 +133,9 @@ def plan_table(plan: Plan, manifest: Manifest, width: int = 100) -> Table:
     columns: tuple[str, ...] = ("wave", "program", "host", "user", "triple", "command", "ready")
     if marks:
         columns += ("placement",)
+    follows = any(s.restart_with for s in plan.steps)
+    if follows:
+        columns += ("restart_with",)
     rows = [
         [
             str(s.wave),
@@ -141,6 +146,7 @@ def plan_table(plan: Plan, manifest: Manifest, width: int = 100) -> Table:
             format_command(s),
             format_ready(s.ready),
             *([marks.get(s.id, "")] if marks else []),
+            *([",".join(s.restart_with)] if follows else []),
         ]
         for s in plan.steps
     ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import fnmatch
 import graphlib
 import re
+from dataclasses import replace
 from typing import Any
 
 from rexplan.core import hostrange, perhost, settings
@@ -383,6 +384,7 @@ class Checker:
     def _programs(self) -> None:
         programs = as_map(self.doc.get("programs"))
         graph: dict[str, list[str]] = {}
+        following: dict[str, list[str]] = {}
         for name, value in programs.items():
             spec = as_map(value)
             path: KeyPath = ("programs", name)
@@ -397,11 +399,26 @@ class Checker:
                 elif req not in requires:
                     requires.append(req)
             graph[name] = requires
+            followed = self._names(path, "restart_with", spec, programs)
+            following[name] = followed
             program = self._program(name, path, spec, tuple(requires))
             if program is not None:
-                self.programs.append(program)
+                tags = tuple(self._names(path, "tags", spec, None))
+                autostart = spec.get("autostart") is True
+                if autostart and program.kind == "job":
+                    self.report.value(
+                        (*path, "autostart"),
+                        "a job cannot autostart: it runs once, when rex apply launches it",
+                        "remove autostart, or make the program a service",
+                    )
+                self.programs.append(
+                    replace(program, tags=tags, restart_with=tuple(followed), autostart=autostart)
+                )
                 self._specs[name] = spec
-        self._cycles(graph, list(programs))
+        if not self._cycles(graph, list(programs), "requires"):
+            # restart_with orders a program after what it follows, as requires does
+            both = {n: [*graph[n], *following[n]] for n in graph}
+            self._cycles(both, list(programs), "restart_with", following)
 
     def _render(self) -> None:
         """Render each program's templated fields for each of its hosts (core.perhost)."""
@@ -414,21 +431,57 @@ class Checker:
             defaults=dict(perhost.freeze_vars(self.defaults.get("vars"))),
         )
 
-    def _cycles(self, graph: dict[str, list[str]], order: list[str]) -> None:
+    def _names(
+        self, path: KeyPath, key: str, spec: dict[str, Any], programs: dict[str, Any] | None
+    ) -> list[str]:
+        """A program's ``restart_with`` (``programs``: names that must be programs) or ``tags``
+        (None: names that must be valid names), each once, in order."""
+        names: list[str] = []
+        for i, item in name_items(spec.get(key)):
+            where = (*path, key) if i is None else (*path, key, i)
+            if programs is not None and item not in programs:
+                self._unknown(where, "program", item, programs)
+            elif programs is None and name_problem(item):
+                self.report.value(where, f"invalid tag {item!r}: {name_problem(item)}")
+            elif item not in names:
+                names.append(item)
+        return names
+
+    def _cycles(
+        self,
+        graph: dict[str, list[str]],
+        order: list[str],
+        key: str,
+        blame: dict[str, list[str]] | None = None,
+    ) -> bool:
+        """Report each cycle of ``graph`` at ``programs.NAME.KEY`` (a program of the cycle
+        with ``blame`` edges when given); whether there was one."""
         remaining = dict(graph)
+        found = False
         while True:
             try:
                 graphlib.TopologicalSorter(remaining).prepare()
-                return
+                return found
             except graphlib.CycleError as exc:
                 # graphlib walks predecessors, so its cycle runs against `requires` edges
+                found = True
                 cycle = list(reversed(exc.args[1]))[:-1]
                 start = min(range(len(cycle)), key=lambda i: order.index(cycle[i]))
                 cycle = cycle[start:] + cycle[:start]
+                at = cycle[0]
+                if blame is not None:
+                    # the program whose restart_with edge closes the cycle
+                    ring = next(
+                        (i for i, n in enumerate(cycle) if cycle[i - len(cycle) + 1] in blame[n]),
+                        0,
+                    )
+                    at = cycle[ring]
+                    cycle = cycle[ring:] + cycle[:ring]
                 self.report.value(
-                    ("programs", cycle[0], "requires"),
-                    "requires cycle: " + " -> ".join([*cycle, cycle[0]]),
-                    "a program cannot wait for itself; remove one of these requires",
+                    ("programs", at, key),
+                    f"{key} cycle: " + " -> ".join([*cycle, cycle[0]]),
+                    "a program cannot wait for itself; remove one of these requires"
+                    + (" or restart_with" if blame is not None else ""),
                 )
                 for name in cycle:
                     remaining.pop(name, None)

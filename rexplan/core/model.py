@@ -188,6 +188,9 @@ class Program:
     env_clear: bool = False  # the program's environment is only env, PATH and REX_*
     #: per host (in ``hosts`` order) when a field is a template; empty: every step is the same
     rendered: tuple[Rendered, ...] = ()
+    tags: tuple[str, ...] = ()  # what --tags selects it by
+    restart_with: tuple[str, ...] = ()  # programs whose restart restarts it after them
+    autostart: bool = False  # its host starts it again at boot (agent --boot)
 
     @property
     def argv(self) -> tuple[str, ...]:
@@ -329,6 +332,9 @@ class Step:
     index: int = 0  # position among its program's steps, in plan order (REX_INDEX)
     count: int = 1  # its program's step count (REX_COUNT)
     env_clear: bool = False
+    tags: tuple[str, ...] = ()  # its program's tags
+    restart_with: tuple[str, ...] = ()  # programs whose restart restarts this step after them
+    autostart: bool = False  # its host starts it again at boot
 
 
 @dataclass(frozen=True)

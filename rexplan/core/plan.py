@@ -1,10 +1,10 @@
 """Compile a validated Manifest into launch waves of steps; pure: no sockets, files or clock.
 
-Waves are the topological levels of the programs' ``requires`` DAG (graphlib): wave 0 holds the
-programs that require nothing, wave N those whose deepest requirement is in wave N-1. Inside a
-wave, programs keep manifest order and each program's steps keep its hosts' manifest order, so
-the same manifest always gives the same plan. A step is one program on one host as its user,
-with id ``program@host``.
+Waves are the topological levels of the programs' ``requires`` DAG (graphlib; a ``restart_with``
+edge orders as a ``requires`` does): wave 0 holds the programs that require nothing, wave N
+those whose deepest requirement is in wave N-1. Inside a wave, programs keep manifest order and
+each program's steps keep its hosts' manifest order, so the same manifest always gives the same
+plan. A step is one program on one host as its user, with id ``program@host``.
 
 ``--limit PATTERN`` keeps only the steps on matching hosts. PATTERN is a comma-separated list of
 host-name globs (``web*``, ``node0[0-4]?``) and ``group:NAME`` terms, like Ansible's ``--limit``.
@@ -35,7 +35,10 @@ this order, and later formats only add keys::
         "kind": "service", "env": {"PGDATA": "/data"}, "cwd": null, "python": "python3",
         "restart": "no", "stop_timeout": 10.0,
         "timeouts": {"connect": 10.0, "start": 20.0, "callback": 30.0, "ready": 30.0},
-        "requires": []                  program names this step waits for
+        "requires": [],                 program names this step waits for
+        "tags": [],                     its program's tags (--tags selects by them)
+        "restart_with": [],             programs whose restart restarts this step after them
+        "autostart": false              its host starts it again at boot
       }, ...],
       "placements": [{                  one per least-loaded program with steps in the plan
         "program": "app", "strategy": "least-loaded",
@@ -144,7 +147,8 @@ def _levels(manifest: Manifest) -> list[list[Program]]:
         raise PlanError(unknown)
     sorter: graphlib.TopologicalSorter[str] = graphlib.TopologicalSorter()
     for p in manifest.programs:
-        sorter.add(p.name, *p.requires)
+        # restart_with also orders: a follower restarts after what it follows
+        sorter.add(p.name, *p.requires, *(r for r in p.restart_with if r in order))
     try:
         sorter.prepare()
     except graphlib.CycleError as e:
@@ -221,6 +225,9 @@ def _steps(
         files=program.files,
         count=len(program.hosts),
         env_clear=program.env_clear,
+        tags=program.tags,
+        restart_with=program.restart_with,
+        autostart=program.autostart,
     )
     base = vars(template)
     rendered = program.rendered
@@ -373,6 +380,9 @@ def step_to_dict(
         "stop_timeout": step.stop_timeout,
         "timeouts": timeouts,
         "requires": list(step.requires),
+        "tags": list(step.tags),
+        "restart_with": list(step.restart_with),
+        "autostart": step.autostart,
     }
     if step.become is not None:
         out["become"] = step.become

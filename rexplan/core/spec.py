@@ -71,12 +71,14 @@ def launch_args(
     unchanged: bool = False,
     owner: tuple[str, str] | None = None,
     take_over: bool = False,
+    renew: bool = False,
 ) -> dict[str, Any]:
     """Keyword arguments of launch.make_launch for ``step``; ``files`` are (dest, sha256,
     mode) of its program's files, ``when`` its preconditions, ``unchanged``: an instance of
     the same spec running is proven to the listener rather than refused; ``owner``: (name,
     path) of the launching manifest, recorded on the host; ``take_over``: replace an instance
-    another manifest owns. The record, lock, log and files are named by the whole triple."""
+    another manifest owns; ``renew``: it is replaced (rex restart). The record, lock, log and
+    files are named by the whole triple."""
     t = step.timeouts
     return {
         "run": run,
@@ -108,11 +110,19 @@ def launch_args(
         "env_clear": step.env_clear,
         "owner": owner,
         "take_over": take_over,
+        "renew": renew,
+        "autostart": step.autostart,
     }
 
 
 def expected_spec(step: Step, files: Sequence[tuple[str, str, int]] = ()) -> str:
     """The spec digest the agent records for ``step`` as the manifest declares it now."""
+    return launch.spec_digest(expected_launch(step, files))
+
+
+def expected_launch(step: Step, files: Sequence[tuple[str, str, int]] = ()) -> launch.Launch:
+    """The launch of ``step`` as the manifest declares it now, with placeholders for what
+    depends on the run (nonce, callback)."""
     args = launch_args(
         step,
         run="expected",
@@ -121,7 +131,7 @@ def expected_spec(step: Step, files: Sequence[tuple[str, str, int]] = ()) -> str
         callback=_NO_CALLBACK,
         files=files,
     )
-    return launch.spec_digest(launch.parse_launch(launch.make_launch(**args)))
+    return launch.parse_launch(launch.make_launch(**args))
 
 
 def record_of(
@@ -205,12 +215,19 @@ class StepStatus:
     detail: str | None = None
     #: (name, path) of the manifest that launched it, as its record names it
     owner: tuple[str, str] | None = None
+    #: the host's record of what was launched (its ``launched``: wire.launch.recorded_spec)
+    #: and the hashes of the files it holds: host bytes, for ``--diff`` only (core/diff.py)
+    launched: Mapping[str, Any] | None = dataclasses.field(default=None, compare=False, repr=False)
+    held: Mapping[str, Any] | None = dataclasses.field(default=None, compare=False, repr=False)
+    resumed: bool = False  # its host's boot entry started it again (agent --boot)
 
     @property
     def label(self) -> str:
         """``running``, ``exited(3)``, ``restarting``...: the status with its exit code."""
         if self.status == EXITED and self.code is not None:
             return f"{EXITED}({self.code})"
+        if self.status == RUNNING and self.resumed:
+            return f"{RUNNING} (resumed at boot)"
         return self.status
 
     @property
@@ -252,6 +269,9 @@ def _classify(
         )
     restarts = _int(record.get("restarts")) or 0
     base: dict[str, Any] = {"restarts": restarts, "run": record.get("run")}
+    launched, held = record.get("launched"), record.get("files")
+    base["launched"] = launched if isinstance(launched, dict) else None
+    base["held"] = held if isinstance(held, dict) else None
     state = record.get("state")
     status_code = _int(record.get("status"))
     if record.get("alive") is True:
@@ -265,7 +285,8 @@ def _classify(
         if changed:
             detail = "changed on the host: " + ", ".join(changed)
             return StepStatus(step, DRIFTED, detail=detail, **base)
-        return StepStatus(step, RUNNING, **base)
+        resumed = isinstance(record.get("resumed"), (int, float))
+        return StepStatus(step, RUNNING, resumed=resumed, **base)
     if state == "restarting" and record.get("supervised") is True:
         return StepStatus(step, RESTARTING, code=status_code, **base)
     if state == "exited":

@@ -13,6 +13,8 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 
 from rexplan.core.model import Manifest, Plan, Step, Timeouts
+from rexplan.core.spec import RESTARTED
+from rexplan.engine import bootentry
 from rexplan.engine import events as ev
 from rexplan.engine.agentctl import HostAgents
 from rexplan.engine.endpoints import callback_endpoints, listen
@@ -53,8 +55,10 @@ class Executor:
         tree: TreeLauncher | None = None,
         tail: int = DEFAULT_TAIL,
         take_over: bool = False,
+        restart: frozenset[str] = frozenset(),
     ) -> None:
         self.manifest = manifest
+        self.restart = restart
         self.tree = tree
         if tree is not None:
             tree.warn = self._relay_warning
@@ -113,9 +117,30 @@ class Executor:
             for r in result.results:
                 if r.state not in ev.FINAL_STATES:
                     self._state(r, ev.SKIPPED, reason="interrupted", detail="run interrupted")
+        if not result.interrupted:
+            self._boot_entries(result)
         result.aborted = self._abort
         self._emit(ev.RUN_DONE, total=len(by_step), counts=result.counts())
         return result
+
+    def _boot_entries(self, result: RunResult) -> None:
+        """Bring the boot entries in line (bootentry.py): the logins with an autostart step in
+        the run, and those where a step was restarted (it may have dropped autostart). Hosts
+        below a relay are not connected to: their entries wait for a flat apply."""
+        steps = [
+            r.step
+            for r in result.results
+            if (r.step.autostart or r.action == RESTARTED)
+            and (self.tree is None or not self.tree.relayed(r.step.host))
+        ]
+
+        def warn(host: str, text: str) -> None:
+            self._emit(ev.NOTICE, host=host, detail=f"warning: {text}")
+
+        try:
+            bootentry.sync_all(self.manifest, steps, self.pool, warn, forks=self.forks)
+        except KeyboardInterrupt:
+            result.interrupted = True
 
     def _run_wave(self, wave: Iterable[Step], by_step: dict[str, StepResult]) -> None:
         steps = list(wave)
@@ -201,6 +226,25 @@ class Executor:
             current,
         )
 
+    def _forced(self, step: Step) -> bool:
+        """Restart ``step`` even if it runs current: ``rex restart`` selected it, or a program
+        it has ``restart_with`` was restarted earlier in this run (waves order them first)."""
+        if step.id in self.restart:
+            return True
+        if not step.restart_with or step.kind == "job":
+            return False
+        restarted = sorted(
+            {
+                r.step.program
+                for r in self._by_step.values()
+                if r.step.program in step.restart_with and r.action == RESTARTED
+            }
+        )
+        if restarted:
+            detail = f"restarting with {', '.join(restarted)} (restart_with)"
+            self._emit(ev.NOTICE, program=step.program, host=step.host, detail=detail)
+        return bool(restarted)
+
     def _run_step(self, r: StepResult) -> None:
         step = r.step
         r.started = self._clock()
@@ -210,7 +254,7 @@ class Executor:
             if self._abort is not None:
                 self._state(r, ev.SKIPPED, reason="aborted", detail=self._abort)
                 return
-            self.launcher.launch(r)
+            self.launcher.launch(r, force=self._forced(step))
         except Cancelled:
             self._state(r, ev.SKIPPED, reason="interrupted", detail="run interrupted")
         except Exception as exc:  # the boundary for one step: it fails, the run goes on
@@ -239,11 +283,13 @@ def apply(
     strategy: str | None = None,
     tail: int = DEFAULT_TAIL,
     take_over: bool = False,
+    restart: frozenset[str] = frozenset(),
 ) -> RunResult:
     """Run ``plan``: one callback listener and one transport per host for the whole run;
     ``strategy`` (default: the manifest's) ``tree`` launches most hosts through relays;
     a failed step shows the last ``tail`` lines of its program's output; ``take_over``:
-    replace the instances other manifests own instead of failing ``owned``."""
+    replace the instances other manifests own instead of failing ``owned``; the steps named
+    in ``restart`` are restarted even when they run current (rex restart)."""
     bind, dial = callback_endpoints(manifest, plan)
     connect_timeout = max((s.timeouts.connect for s in plan.steps), default=10.0)
     listener = CallbackListener(bind, manifest.callback.port, run_id=run_id or new_run_id())
@@ -270,6 +316,7 @@ def apply(
                 tree=tree,
                 tail=tail,
                 take_over=take_over,
+                restart=restart,
             )
             try:
                 return executor.run()

@@ -87,12 +87,14 @@ class Launcher:
         self._inflight: dict[str, Step] = {}
         self._inflight_lock = threading.Lock()
 
-    def launch(self, r: StepResult) -> None:
+    def launch(self, r: StepResult, *, force: bool = False) -> None:
         """Launch ``r``'s step and record how it ended; Cancelled if the run was interrupted
-        before it started."""
+        before it started. ``force``: a running instance is replaced even if it runs the
+        manifest's spec (rex restart, restart_with)."""
         step = r.step
+        force = force and step.kind != "job"
         if self.tree is not None and self.tree.relayed(step.host):
-            self._launch_relayed(r, self.tree)
+            self._launch_relayed(r, self.tree, force)
             return
         host = self.manifest.host(step.host)
         user = self.manifest.user(step.user)
@@ -156,7 +158,9 @@ class Launcher:
                 self._state(r, ev.FAILED, reason="owned", phase="start", detail=detail)
                 return
             action, replacing = specs.action_for(status)
-            if owner is not None and status.status == specs.RUNNING:
+            if force:
+                action, replacing = specs.STARTED, True
+            elif owner is not None and status.status == specs.RUNNING:
                 action, replacing = specs.RESTARTED, True  # taken over: relaunched as ours
             if action == specs.UNCHANGED:
                 self._state(r, ev.UNCHANGED, pid=status.pid, action=action)
@@ -173,7 +177,7 @@ class Launcher:
             # The fast path: one exec, in which the agent itself finds an unchanged instance
             # (LAUNCH_STUB's check) or replaces one of another spec; a job always runs.
             action, replacing = specs.STARTED, step.kind != "job"
-            if step.kind != "job":
+            if step.kind != "job" and not force:
                 check = (step.triple, step.triple, specs.expected_spec(step), self.owner[0])
         t = step.timeouts
         # the launch line goes out only once the stub announced itself within the start
@@ -184,7 +188,7 @@ class Launcher:
         # replacing a running instance first waits out its stop grace
         stopping = step.stop_timeout if replacing else 0.0
         deadline = self._clock() + t.start + t.ready + t.callback + stopping
-        line = self._expect(step, info, secret, deadline, replacing, entries, callback)
+        line = self._expect(step, info, secret, deadline, replacing, entries, callback, renew=force)
         del secret
         exec_timeout = self._starting(r, stopping)
         diag: dict[str, object] = {}
@@ -280,6 +284,7 @@ class Launcher:
         files: Sequence[tuple[str, str, int]],
         callback: tuple[str, int],
         unchanged: bool = False,
+        renew: bool = False,
     ) -> bytes:
         """Register ``step`` with the listener under a fresh launch nonce and return its launch
         line (the nonce travels only in it); ``unchanged``: an instance of the same spec that
@@ -309,6 +314,7 @@ class Launcher:
                 unchanged=unchanged,
                 owner=self.owner,
                 take_over=self.take_over,
+                renew=renew,
             ),
             logs=self.manifest.program(step.program).logs,
         )
@@ -362,7 +368,7 @@ class Launcher:
         self.listener.cancel(step.id)
         return verdict
 
-    def _launch_relayed(self, r: StepResult, tree: TreeLauncher) -> None:
+    def _launch_relayed(self, r: StepResult, tree: TreeLauncher, force: bool = False) -> None:
         """A step on a host below a relay (strategy: tree): the launcher never connects there;
         the relay runs the agent with the launch line, and the agent calls back here as always.
         A relay cannot settle a step, not even as unchanged: the agent proves that with its key
@@ -388,7 +394,17 @@ class Launcher:
         stopping = step.stop_timeout if service else 0.0
         deadline = self._clock() + t.connect + t.start + t.ready + t.callback + stopping
         callback = self.advertise(step.address)
-        line = self._expect(step, info, secret, deadline, service, (), callback, service)
+        line = self._expect(
+            step,
+            info,
+            secret,
+            deadline,
+            service,
+            (),
+            callback,
+            unchanged=service and not force,
+            renew=force,
+        )
         del secret
         exec_timeout = self._starting(r, stopping)
         diag: dict[str, object] = {}

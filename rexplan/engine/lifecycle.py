@@ -14,12 +14,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from rexplan.core import diff as diffs
+from rexplan.core import selection
 from rexplan.core import spec as specs
 from rexplan.core.model import Manifest, Plan, Step, Timeouts
+from rexplan.engine import bootentry
 from rexplan.engine import events as ev
 from rexplan.engine.agentctl import EXEC_SLACK, agent_run, local_files
 from rexplan.engine.placement import Load, Placed, place, probe_candidate
@@ -29,6 +33,8 @@ from rexplan.transport import persist as mux
 from rexplan.transport.base import last_report
 from rexplan.transport.pool import TransportPool
 from rexplan.trust.keys import KeyStore, default_known_hosts
+
+_log = logging.getLogger(__name__)
 
 STOPPED, ABSENT, STOP_FAILED, UNREACHABLE = (
     specs.STOPPED,
@@ -211,14 +217,13 @@ def stop(
     *,
     forks: int = 64,
     force: bool = False,
-    program: str | None = None,
     on_result: Callable[[specs.StopResult], None] | None = None,
 ) -> list[specs.StopResult]:
-    """Stop the plan's steps (only ``program``'s, if given): last wave first, each wave in
+    """Stop the plan's steps (selection.select narrows it): last wave first, each wave in
     parallel; results in the order they were stopped."""
     results: list[specs.StopResult] = []
     for wave in reversed(plan.waves):
-        steps = [s for s in wave if program is None or s.program == program]
+        steps = list(wave)
         if not steps:
             continue
         with _workers(forks, len(steps)) as workers:
@@ -306,7 +311,7 @@ def _load(args: argparse.Namespace) -> tuple[Manifest, Plan, str | None, int]:
     if args.forks is not None and args.forks < 1:
         raise UsageError("--forks must be at least 1")
     loaded = mux.with_option(manifests.load(args.manifest), args)
-    compiled = plans.compile(loaded, limit=args.limit)
+    compiled = selection.from_args(args, loaded, plans.compile(loaded, limit=args.limit))
     known_hosts = default_known_hosts(KeyStore(args.keys), args.known_hosts)
     return loaded, compiled, known_hosts, args.forks or loaded.forks
 
@@ -331,10 +336,12 @@ def dry_run(
     *,
     forks: int,
     as_json: bool,
+    diff: bool = False,
 ) -> int:
     """``rex apply --dry-run``: what apply would do to each step, from the hosts' records
     and, for least-loaded programs, their candidate hosts' load now (the probe apply runs);
-    nothing is started, stopped or written. 3 if a host was unreachable, else 0."""
+    nothing is started, stopped or written. 3 if a host was unreachable, else 0. ``diff``:
+    also the fields in which each drifted step's host record differs (core/diff.py)."""
     with pool_for(loaded, compiled, known_hosts) as pool:
         statuses = survey(loaded, compiled.steps, pool, forks=forks)
         placed = placements(loaded, statuses, pool, forks=forks)
@@ -342,20 +349,36 @@ def dry_run(
     if as_json:
         doc = status_to_dict(statuses, loaded, actions=True, placed=placed)
         doc["exit"] = 3 if UNREACHABLE in actions else 0
+        if diff:
+            rows = doc["steps"]
+            assert isinstance(rows, list)
+            for row, st in zip(rows, statuses, strict=True):
+                found = _changes(loaded, st)
+                row["diff"] = None if found is None else [c.to_dict() for c in found]
         out.text(json.dumps(doc, indent=2))
     else:
         out.dry_run(statuses, actions, [p.describe() for p in placed])
+        for st in statuses if diff else ():
+            if st.status == specs.DRIFTED:
+                out.text(diffs.format_changes(st, _changes(loaded, st)))
     return 3 if UNREACHABLE in actions else 0
+
+
+def _changes(manifest: Manifest, st: specs.StepStatus) -> list[diffs.Change] | None:
+    """A drifted step's changed fields ([] for any other step); None when its host keeps no
+    launched specification, or the program's files cannot be read here."""
+    if st.status != specs.DRIFTED:
+        return []
+    try:
+        files = [f.entry for f in local_files(manifest.program(st.step.program).files)]
+    except OSError:
+        return None
+    return diffs.changes(st, files)
 
 
 def cmd_stop(args: argparse.Namespace, out: Reporter) -> int:
     """``rex stop MANIFEST``: stop the steps, dependents first; a line per step, then totals."""
     loaded, compiled, known_hosts, forks = _load(args)
-    if args.program is not None and args.program not in {p.name for p in loaded.programs}:
-        raise UsageError(
-            f"--program {args.program}: no such program in {loaded.path}",
-            hint="programs: " + ", ".join(p.name for p in loaded.programs),
-        )
     with pool_for(loaded, compiled, known_hosts) as pool:
         results = stop(
             loaded,
@@ -363,8 +386,13 @@ def cmd_stop(args: argparse.Namespace, out: Reporter) -> int:
             pool,
             forks=forks,
             force=args.force,
-            program=args.program,
             on_result=out.stopped,
+        )
+        # the boot entries of the logins it stopped programs of: removed when no autostart
+        # program is left there to resume
+        stopped = [r.step for r in results if r.outcome == STOPPED]
+        bootentry.sync_all(
+            loaded, stopped, pool, lambda _host, text: _log.warning("%s", text), forks=forks
         )
     out.stop_summary(results)
     return stop_exit_code(results)

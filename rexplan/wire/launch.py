@@ -85,6 +85,8 @@ _OPTIONAL_LAUNCH_KEYS = (
     "env_clear",
     "owner",
     "take_over",
+    "renew",
+    "autostart",
 )
 #: the most steps one program may have (REX_COUNT), as the manifest's MAX_STEPS
 _MAX_COUNT = 1_000_000
@@ -150,6 +152,10 @@ class Launch(Frozen):
     owner: tuple[str, str] = ("", "")
     #: replace an instance that another manifest owns, instead of failing ``owned``
     take_over: bool = False
+    #: with ``replace``: an instance of the same spec is replaced too (rex restart)
+    renew: bool = False
+    #: the host's boot entry starts it again at boot (agent --boot), without a launcher
+    autostart: bool = False
 
     def deadline(self, name: str) -> float:
         return dict(self.deadlines)[name]
@@ -183,6 +189,8 @@ def make_launch(
     env_clear: bool = False,
     owner: tuple[str, str] | None = None,
     take_over: bool = False,
+    renew: bool = False,
+    autostart: bool = False,
 ) -> bytes:
     """The launch message as one JSON line (newline-terminated); raises LaunchError.
 
@@ -229,6 +237,10 @@ def make_launch(
         msg["owner"] = {"name": owner[0], "path": owner[1]}
     if take_over:
         msg["take_over"] = True
+    if renew:
+        msg["renew"] = True
+    if autostart:
+        msg["autostart"] = True
     try:
         line = encode_object(msg) + b"\n"
     except (TypeError, ValueError) as exc:
@@ -391,6 +403,12 @@ def parse_launch(line: bytes) -> Launch:
     unchanged = msg.get("unchanged", False)
     if type(unchanged) is not bool:
         raise LaunchError("unchanged must be true or false")
+    renew = msg.get("renew", False)
+    if type(renew) is not bool:
+        raise LaunchError("renew must be true or false")
+    autostart = msg.get("autostart", False)
+    if type(autostart) is not bool:
+        raise LaunchError("autostart must be true or false")
     restart = msg.get("restart", "no")
     if restart not in RESTART_POLICIES:
         raise LaunchError(f"restart must be one of {', '.join(RESTART_POLICIES)}")
@@ -464,6 +482,8 @@ def parse_launch(line: bytes) -> Launch:
         env_clear=env_clear,
         owner=(owner["name"], owner["path"]),
         take_over=take_over,
+        renew=renew,
+        autostart=autostart,
     )
 
 
@@ -473,6 +493,9 @@ def spec_digest(launch: Launch) -> str:
     ``unchanged``, ``when``, ``index`` and ``count`` (a host added to a program does not restart
     the others: a program that must restart on them names ``{{ index }}`` or ``{{ count }}`` in
     a field) and the run's identity are not."""
+    """sha256 of what the program is (argv, env, cwd, probe, kind, restart, files' content and
+    modes, autostart), for change detection; ``replace``, ``unchanged``, ``renew``, ``when``
+    and the run's identity are not."""
     spec: dict[str, Any] = {
         "argv": list(launch.argv),
         "env": dict(launch.env),
@@ -489,7 +512,61 @@ def spec_digest(launch: Launch) -> str:
         spec["become"] = launch.become
     if launch.env_clear:
         spec["env_clear"] = True
+    if launch.autostart:  # so that turning it on or off updates the record (and boot entry)
+        spec["autostart"] = True
     return sha256(dumps(spec, sort_keys=True).encode("ascii")).hexdigest()
+
+
+#: the probe fields spec_digest covers (``rex apply --dry-run --diff`` compares these)
+SPEC_PROBE_KEYS = ("kind", "port", "url", "path", "argv")
+#: the launch message fields a record keeps leave out the launch's secret, its nonce
+_UNRECORDED = ("nl",)
+
+
+def recorded_launch(launch: Launch) -> dict[str, Any]:
+    """What the agent keeps of a launch in its record, as ``launched``: the launch message
+    minus its secret (the nonce ``nl``). ``rex apply --dry-run --diff`` compares its spec
+    fields; ``--boot`` starts the program again from it (launch_from_record)."""
+    line = make_launch(
+        run=launch.run,
+        step=launch.step,
+        triple=launch.triple,
+        key_path=launch.key_path,
+        nl=launch.nl,
+        callback=launch.callback,
+        deadlines=dict(launch.deadlines),
+        argv=launch.argv,
+        env=launch.env,
+        cwd=launch.cwd,
+        ready={k: getattr(launch.ready, k) for k in PROBE_KEYS},
+        kind=launch.kind,
+        log=launch.log,
+        tags=dict(launch.tags),
+        replace=launch.replace,
+        restart=launch.restart,
+        files=launch.files,
+        when=dict(launch.when),
+        unchanged=launch.unchanged,
+        renew=launch.renew,
+        autostart=launch.autostart,
+    )
+    msg = parse_object(line.rstrip(b"\n"))
+    for key in _UNRECORDED:
+        msg.pop(key, None)
+    return msg
+
+
+def launch_from_record(recorded: Any) -> Launch:
+    """The Launch a record's ``launched`` describes, with a zero nonce (nothing calls back
+    with it); raises LaunchError if it is not one."""
+    if not isinstance(recorded, dict):
+        raise LaunchError("the record keeps no launch")
+    msg = {**recorded, "nl": "00" * 16}
+    try:
+        line = encode_object(msg) + b"\n"
+    except (TypeError, ValueError) as exc:
+        raise LaunchError(f"the recorded launch cannot be encoded: {exc}") from None
+    return parse_launch(line)
 
 
 # ---- the kill request ----

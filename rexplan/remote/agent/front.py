@@ -12,6 +12,7 @@ import sys
 import time
 
 from rexplan.remote.agent import become
+from rexplan.remote.agent.boot import boot_modes
 from rexplan.remote.agent.failure import (
     _POLL,
     EXIT_AGENT,
@@ -169,7 +170,7 @@ def kill_tagged(run: str, step: str, grace: float) -> int:
 _USAGE = (
     "usage: agent [--wait SECONDS | --status | --stop TRIPLE|PROGRAM [GRACE [force]]"
     " | --kill (request on stdin) | --load loadavg|cgroup SECONDS"
-    " | --logs LINES once|follow NAME...]"
+    " | --logs LINES once|follow NAME... | --boot | --boot-entry]"
 )
 
 
@@ -191,6 +192,9 @@ def _modes(args: list[str]) -> int:
         code = logs_mode(rex_home(), args[1:])
         if code is not None:
             return code
+    booted = boot_modes(args, rex_home())
+    if booted is not None:
+        return booted
     if args == ["--status"]:
         return _print(status_report(rex_home()))
     if (

@@ -36,7 +36,7 @@ from rexplan.remote.agent.groups import (
     sweep,
 )
 from rexplan.wire import crypto, jsonstrict
-from rexplan.wire.launch import Launch, spec_digest
+from rexplan.wire.launch import Launch, recorded_launch, spec_digest
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -104,6 +104,12 @@ class _Sink:
     fd = -1
 
 
+class _Resumed:
+    """When this supervisor started its program again at boot (agent --boot), else None."""
+
+    at: float | None = None
+
+
 def _write_state(home: str, launch: Launch, **fields: Any) -> None:
     """Record the program's state; a failure only goes to the log, since the state is a
     record and must not cost a verified program its life."""
@@ -113,6 +119,7 @@ def _write_state(home: str, launch: Launch, **fields: Any) -> None:
         "triple": launch.triple,
         "kind": launch.kind,
         "spec": spec_digest(launch),
+        "launched": recorded_launch(launch),  # minus the nonce: for --diff and --boot
         "restart": launch.restart,
         "stop_timeout": launch.deadline("stop"),
         "agent": os.getpid(),
@@ -121,6 +128,8 @@ def _write_state(home: str, launch: Launch, **fields: Any) -> None:
     }
     if launch.owner[0]:
         record["manifest"], record["manifest_path"] = launch.owner  # who owns the triple
+    if _Resumed.at is not None:
+        record["resumed"] = _Resumed.at  # rex status: running (resumed at boot)
     if _Cgroup.path is not None:
         record["cgroup"] = _Cgroup.path  # for a stop: what left group and tags is still in it
     record.update(fields)
@@ -215,11 +224,12 @@ def _check_owner(launch: Launch, record: dict[str, Any] | None) -> None:
 def _claim(home: str, launch: Launch) -> tuple[int, bool]:
     """(the lock fd this launch's supervisor will hold, whether a running instance was
     stopped for it). Only an established instance is replaced, and only when the launch asks;
-    a launch still in progress, or an instance of the same spec, refuses it (EXIT_RUNNING):
-    two launchers racing on a triple never run it twice. A launch asking ``unchanged`` finds
-    an instance of the same spec alive: _Same, to be proven. An instance another manifest
-    owns is refused (EXIT_OWNED) unless the launch takes it over, which replaces it.
-    An instance recorded by the layout before (by program) is that triple's too."""
+    a launch still in progress, or an instance of the same spec (unless the launch asks to
+    ``renew`` it: rex restart), refuses it (EXIT_RUNNING): two launchers racing on a triple
+    never run it twice. A launch asking ``unchanged`` finds an instance of the same spec
+    alive: _Same, to be proven. An instance another manifest owns is refused (EXIT_OWNED)
+    unless the launch takes it over, which replaces it. An instance recorded by the layout
+    before (by program) is that triple's too."""
     name = launch.log
     legacy = record_name(home, launch.triple) if name == launch.triple else name
     try:
@@ -245,7 +255,7 @@ def _claim(home: str, launch: Launch) -> tuple[int, bool]:
         if same and launch.unchanged:
             assert record is not None
             raise _Same(record["pid"], record["start"])
-        if not launch.replace or not established or same:
+        if not launch.replace or not established or (same and not launch.renew):
             raise Failure(EXIT_RUNNING, f"{launch.triple} is already running ({_describe(record)})")
         stop_program(home, name, launch.deadline("stop"))
         fd = _lock(home, name, wait=2.0)
