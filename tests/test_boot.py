@@ -119,7 +119,7 @@ def test_autostart_programs_come_back_from_the_boot_entry(world: World, sshd_hos
         booted = _as_login(login, command)
         assert booted.returncode == 0, booted.stdout + booted.stderr
         report = json.loads(booted.stdout.decode().splitlines()[-1])
-        assert report["resumed"] == ["svc"] and report["failed"] == []
+        assert report["resumed"] == [f"{h}.{world.user}.svc"] and report["failed"] == []
 
         code, status = world.status(m)
         assert status[f"svc@{h}"]["label"] == "running (resumed at boot)"
@@ -130,7 +130,7 @@ def test_autostart_programs_come_back_from_the_boot_entry(world: World, sshd_hos
         # a second boot finds it running and starts nothing
         again = _as_login(login, command)
         report = json.loads(again.stdout.decode().splitlines()[-1])
-        assert report["resumed"] == [] and report["running"] == ["svc"]
+        assert report["resumed"] == [] and report["running"] == [f"{h}.{world.user}.svc"]
 
         code, out, err = world.rex("stop", str(m))
         assert code == 0, out + err

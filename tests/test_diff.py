@@ -45,7 +45,7 @@ def test_dry_run_diff_names_the_changed_fields(world: World, sshd_hosts: Hosts) 
     try:
         first = world.apply(m)
         assert first.code == 0, first.out + first.err
-        record_path = Path(world.home(h), "run", "app.json")
+        record_path = Path(world.home(h), "run", f"{h}.{world.user}.app.json")
         assert record_path.stat().st_mode & 0o777 == 0o600
         record = json.loads(record_path.read_text())
         launched = record["launched"]
