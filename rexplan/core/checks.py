@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import graphlib
+import posixpath
 import re
 from typing import Any
 
-from rexplan.core import hostrange, settings
+from rexplan.core import hostrange, settings, sshopts
 from rexplan.core.model import (
     MAX_STEPS,
     NAME_RE,
     Authorization,
     Callback,
     Host,
+    Pairs,
     Program,
     Timeouts,
     User,
@@ -40,11 +43,14 @@ MAX_HOSTS = hostrange.MAX_HOSTS
 _ENV_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 _LOGIN_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,31}\Z")
 _PYTHON_RE = re.compile(r"[A-Za-z0-9_./+-]+\Z")
-_SSH_OPTION_RE = re.compile(r"[A-Za-z][A-Za-z0-9]*\Z")
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
 _GLOB_CHARS = frozenset("*?[")
 _PATTERN_HOST_RE = re.compile(r"[A-Za-z0-9_.*?\[\]!-]+\Z")
 _PATTERN_NAME_RE = re.compile(r"[a-z0-9_*?\[\]!-]+\Z")
+
+
+class _JumpLoop(Exception):
+    """A hosts.*.jump chain that comes back to a host already in it (reported)."""
 
 
 class Checker:
@@ -145,6 +151,7 @@ class Checker:
             problem = name_problem(name)
             if problem:
                 self.report.key(path, f"invalid user name {name!r}: {problem}")
+            login_set = isinstance(spec.get("login"), str)
             login = as_str(spec.get("login"), name) or name
             if "login" in spec and isinstance(spec["login"], str) and not _LOGIN_RE.match(login):
                 self.report.value((*path, "login"), f"invalid login {login!r}")
@@ -153,21 +160,44 @@ class Checker:
                 identity.startswith("-") or any(ord(c) < 32 for c in identity)
             ):
                 self.report.value((*path, "identity"), f"invalid identity file {identity!r}")
-            options = as_pairs(spec.get("ssh_options"))
-            for option, setting in options:
-                opt_path = (*path, "ssh_options", option)
-                if not _SSH_OPTION_RE.match(option):
-                    self.report.key(opt_path, f"invalid ssh option name {option!r}")
-                if any(ord(c) < 32 for c in setting):
-                    self.report.value(opt_path, "ssh option values are one line of text")
-            self.users[name] = User(name, login, identity, options)
+            options = self._ssh_options(path, as_pairs(spec.get("ssh_options")))
+            self.users[name] = User(name, login, identity, options, login_set=login_set)
+
+    def _ssh_options(self, path: KeyPath, options: Pairs) -> Pairs:
+        """The options rex applies (sshopts.OPTIONS, any case); any other is an error."""
+        seen: dict[str, str] = {}
+        for option, setting in options:
+            opt_path = (*path, "ssh_options", option)
+            key = option.lower()
+            if key not in sshopts.OPTIONS:
+                allowed = ", ".join(sshopts.OPTIONS.values())
+                self.report.key(
+                    opt_path, f"ssh option {option!r} is not one rex applies", f"use {allowed}"
+                )
+                continue
+            if key in seen:
+                self.report.key(opt_path, f"ssh option {option!r} repeats {seen[key]!r}")
+                continue
+            seen[key] = option
+            problem = sshopts.option_problem(option, setting)
+            if problem:
+                self.report.value(opt_path, problem)
+        return options
 
     def _hosts(self) -> None:
         d = self.defaults
+        ssh_config = as_str(d.get("ssh_config"), None)
+        if ssh_config is not None:
+            if _CONTROL_RE.search(ssh_config):
+                self.report.value(("defaults", "ssh_config"), f"invalid file {ssh_config!r}")
+            elif not ssh_config.startswith(("/", "~")):
+                ssh_config = posixpath.join(self.base_dir, ssh_config)
         base = Host(
             "",
             "",
             port=as_int(d.get("port"), 22),
+            port_set="port" in d,
+            ssh_config=ssh_config,
             transport=as_str(d.get("transport"), "ssh") or "ssh",
             python=as_str(d.get("python"), "python3") or "python3",
             max_startups=as_int(d.get("max_startups"), Host.max_startups),
@@ -177,6 +207,69 @@ class Checker:
         for key, value in as_map(self.doc.get("hosts")).items():
             if not self._host_entry(key, as_map(value), base, where):
                 return
+        self._resolve_jumps(where)
+
+    def _jump(self, path: KeyPath, value: Any) -> str | None:
+        jump = as_str(value, None)
+        if jump is None:
+            return None
+        try:
+            sshopts.parse_jumps(jump)
+        except ValueError as e:
+            self.report.value(
+                (*path, "jump"),
+                f"invalid jump {jump!r}: {e}",
+                "give [user@]host[:port], a comma list first hop first, or a host's name",
+            )
+            return None
+        return jump
+
+    def _resolve_jumps(self, where: dict[str, str]) -> None:
+        """A jump hop naming a manifest host (no user@, no :port) becomes how that host is
+        reached: its own bastions, then its address (its port where set)."""
+        chains: dict[str, str | None] = {}
+
+        def chain(name: str, seen: tuple[str, ...]) -> str | None:
+            if name in chains:
+                return chains[name]
+            host = self.hosts[self.index[name]]
+            if host.jump is None:
+                return None
+            hops: list[str] = []
+            for hop in sshopts.parse_jumps(host.jump):
+                ref = hop.host if hop.login is None and hop.port is None else None
+                if ref is None or ref not in self.index:
+                    hops.append(str(hop))
+                    continue
+                if ref in seen:
+                    loop = " -> ".join((*seen, ref))
+                    self.report.value(("hosts", where[name], "jump"), f"jump loop: {loop}", None)
+                    raise _JumpLoop
+                other = self.hosts[self.index[ref]]
+                before = chain(ref, (*seen, ref))
+                if before:
+                    hops.append(before)
+                target = other.address if other.address_set else other.name
+                target = f"[{target}]" if ":" in target else target
+                hops.append(f"{target}:{other.port}" if other.port_set else target)
+            text = ",".join(hops)
+            if len(text.split(",")) > sshopts.MAX_HOPS:
+                self.report.value(
+                    ("hosts", where[name], "jump"), f"more than {sshopts.MAX_HOPS} bastions"
+                )
+                raise _JumpLoop
+            chains[name] = text
+            return text
+
+        for i, host in enumerate(self.hosts):
+            if host.jump is None:
+                continue
+            try:
+                resolved = chain(host.name, (host.name,))
+            except _JumpLoop:
+                resolved = None
+                chains[host.name] = None
+            self.hosts[i] = dataclasses.replace(host, jump=resolved)
 
     def _host_entry(
         self, key: str, spec: dict[str, Any], base: Host, where: dict[str, str]
@@ -225,6 +318,8 @@ class Checker:
                 self.report.value((*path, "address"), f"bad address template: {exc}")
                 address = None
         port = as_int(spec.get("port"), base.port)
+        port_set = base.port_set or "port" in spec
+        jump = self._jump(path, spec.get("jump"))
         max_startups = as_int(spec.get("max_startups"), base.max_startups)
         load = as_str(spec.get("load"), base.load) or base.load
         transport = as_str(spec.get("transport"), base.transport) or base.transport
@@ -260,6 +355,10 @@ class Checker:
                     vars_,
                     max_startups=max_startups,
                     load=load,
+                    address_set=address is not None,
+                    port_set=port_set,
+                    jump=jump,
+                    ssh_config=base.ssh_config,
                 )
             )
             names.append(h.name)

@@ -48,6 +48,15 @@ class Host:
     #: how least-loaded placement measures this host: "loadavg" (the kernel's load average)
     #: or "cgroup" (a container sharing its kernel: the CPU time of its own cgroup v2)
     load: str = "loadavg"
+    #: whether the manifest set ``address`` / ``port``: where it did not, ssh_config's
+    #: HostName / Port apply (rexplan.transport.route); a Host built in code means what it says
+    address_set: bool = True
+    port_set: bool = True
+    #: bastions, OpenSSH's ProxyJump syntax: ``[user@]host[:port]``, a comma list in order
+    jump: str | None = None
+    #: the ssh_config file (defaults.ssh_config, absolute); None: $REX_SSH_CONFIG, else
+    #: ~/.ssh/config and /etc/ssh/ssh_config as OpenSSH reads them
+    ssh_config: str | None = None
 
 
 @dataclass(frozen=True)
@@ -57,7 +66,10 @@ class User:
     name: str
     login: str  # Unix account name on the hosts (defaults to name)
     identity: str | None = None  # private key file for SSH
+    #: ssh_config options for this user's connections (rexplan.transport.route.OPTIONS)
     ssh_options: Pairs = ()
+    #: whether the manifest set ``login``: where it did not, ssh_options/ssh_config User apply
+    login_set: bool = True
 
 
 @dataclass(frozen=True)

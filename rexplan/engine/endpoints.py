@@ -9,8 +9,9 @@ from collections.abc import Callable
 
 from rexplan.core.model import Manifest, Plan
 from rexplan.engine.listener import CallbackListener
-from rexplan.errors import Diagnostic, ManifestError
+from rexplan.errors import Diagnostic, ManifestError, TransportError
 from rexplan.transport.base import kind
+from rexplan.transport.route import dial_address
 
 #: bind here when hosts reach the launcher over different routes
 ALL_ADDRESSES = "0.0.0.0"  # noqa: S104 - only when the routes to the hosts differ
@@ -39,6 +40,28 @@ def callback_endpoints(manifest: Manifest, plan: Plan) -> tuple[str, Callable[[s
     local or loopback (no traffic leaves the machine), else the launcher's address on the
     route to each host, bound to all addresses only when the routes differ.
     """
+    # a host named only in ssh_config (HostName) is dialled at the address ssh_config gives
+    dialled = _dialled(manifest, plan)
+    bind, advertise = _endpoints(manifest, plan, dialled)
+    return bind, lambda address: advertise(dialled.get(address, address))
+
+
+def _dialled(manifest: Manifest, plan: Plan) -> dict[str, str]:
+    """Each SSH step's manifest address -> the address rex's SSH connection ends at."""
+    out: dict[str, str] = {}
+    for s in plan.steps:
+        if kind(s.transport).is_local or s.address in out:
+            continue
+        try:
+            out[s.address] = dial_address(manifest.host(s.host), manifest.user(s.user))
+        except TransportError:
+            out[s.address] = s.address  # the step's connect reports the ssh_config problem
+    return out
+
+
+def _endpoints(
+    manifest: Manifest, plan: Plan, dialled: dict[str, str]
+) -> tuple[str, Callable[[str], str]]:
     cb = manifest.callback
     if cb.bind is not None:
         fixed = cb.advertise or cb.bind
@@ -47,9 +70,9 @@ def callback_endpoints(manifest: Manifest, plan: Plan) -> tuple[str, Callable[[s
         return cb.bind, lambda _address: fixed
     remote = sorted(
         {
-            s.address
+            dialled[s.address]
             for s in plan.steps
-            if not kind(s.transport).is_local and not _is_loopback(s.address)
+            if not kind(s.transport).is_local and not _is_loopback(dialled[s.address])
         }
     )
     if not remote:

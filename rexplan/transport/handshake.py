@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import socket
@@ -22,6 +23,7 @@ from rexplan.errors import (
     TransportError,
     UnreachableError,
 )
+from rexplan.transport.bastion import BASTIONS, Link, auth_kwargs
 from rexplan.transport.pacing import HANDSHAKE_GATES, dropped_by_server
 from rexplan.transport.pinning import (
     HostKeyInfo,
@@ -30,6 +32,7 @@ from rexplan.transport.pinning import (
     host_key_name,
     load_known_hosts,
 )
+from rexplan.transport.route import Hop, route
 
 # paramiko logs every failed handshake (a dropped banner exchange included) at ERROR with a
 # traceback; with no handler anywhere, logging's last resort would print it on stderr. rex
@@ -62,11 +65,10 @@ def _stamp(paths: Sequence[str]) -> tuple[tuple[int, int] | None, ...]:
     return tuple(stamps)
 
 
-#: the files a fabric.Config reads when it is built: ssh_config and fabric's own
-_FABRIC_FILES = (
-    "/etc/ssh/ssh_config",
-    "~/.ssh/config",
-    *(f"{d}fabric.{ext}" for d in ("/etc/", "~/.") for ext in ("yaml", "yml", "json", "py")),
+#: the files a fabric.Config reads when it is built (fabric's own; rex reads ssh_config
+#: itself, rexplan.transport.route, so fabric gets an empty one)
+_FABRIC_FILES = tuple(
+    f"{d}fabric.{ext}" for d in ("/etc/", "~/.") for ext in ("yaml", "yml", "json", "py")
 )
 
 
@@ -83,7 +85,7 @@ class _FabricConfigCache:
         stamp = (os.path.expanduser("~"), _stamp(_FABRIC_FILES))
         with self._lock:
             if self._config is None or self._config[0] != stamp:
-                self._config = (stamp, fabric.Config())
+                self._config = (stamp, fabric.Config(ssh_config=paramiko.SSHConfig()))
             return self._config[1]
 
 
@@ -97,6 +99,8 @@ class _Connection(fabric.Connection):  # type: ignore[misc]  # fabric ships no t
     it for a moment under the other threads reading it."""
 
     inline_ssh_env = None
+    #: the lease on the bastion chain this connection goes through (SSHTransport releases it)
+    bastion: Link | None = None
 
 
 class _IdentityCache:
@@ -179,19 +183,16 @@ def handshake(
     auth: float,
     deadline: float,
 ) -> tuple[fabric.Connection, StrictPolicy]:
-    """One connect, key exchange and authentication, inside a handshake slot of the sshd."""
+    """One connect, key exchange and authentication, inside a handshake slot of the sshd;
+    through the route's bastions (each pinned and shared: rexplan.transport.bastion)."""
+    path = route(host, user)
+    hop = path.target
     # never empty: fabric would use (and extend) the shared config's own dict instead
-    kwargs: dict[str, Any] = {"transport_factory": _aead_first}
-    if user.identity:
-        # an explicit identity is the only key offered: deterministic, and no agent surprises
-        path = os.path.expanduser(user.identity)
-        pkey = _IDENTITIES.get(path)
-        kwargs.update(look_for_keys=False, allow_agent=False)
-        kwargs.update({"pkey": pkey} if pkey is not None else {"key_filename": [path]})
+    kwargs: dict[str, Any] = {"transport_factory": _aead_first, **auth_kwargs(hop)}
     conn = _Connection(
-        host.address,
-        user=user.login,
-        port=host.port,
+        hop.address,
+        user=hop.login,
+        port=hop.port,
         config=_FABRIC_CONFIG.get(),
         connect_kwargs=kwargs,
     )
@@ -199,33 +200,64 @@ def handshake(
     # fabric installs AutoAddPolicy in its constructor; replace it before anything connects
     conn.client.set_missing_host_key_policy(policy)
     load_known_hosts(conn.client, known)
-    # fabric rounds ssh_config's ConnectTimeout to whole seconds; rex's deadlines apply instead
+    # rex's deadlines and ssh_config's ConnectTimeout (route) apply, not fabric's rounding
     conn.connect_timeout = None
-    # ssh_config may rename the host or port: the gate belongs to the sshd actually dialled
-    address, port = str(conn.host), int(conn.port)
+    link = None
+    sock: Any = None
+    if path.jumps:
+        link = BASTIONS.acquire(host, path.jumps, known, timeouts, banner, auth, deadline)
+        try:
+            sock = link.channel(host, hop.address, hop.port, _tcp_timeout(hop, timeouts))
+        except BaseException:
+            link.release()
+            raise
+    address, port = hop.address, hop.port
     gate = HANDSHAKE_GATES.gate(address, port, host.max_startups)
-    if not gate.acquire(host.max_startups, timeout=max(0.0, deadline - time.monotonic())):
-        raise HostTimeoutError(
-            f"no handshake slot for {address}:{port} within {timeouts.connect:g}s: "
-            f"{gate.in_flight} earlier handshakes to it are still in flight "
-            f"(max_startups {gate.limit})",
-            host=host.name,
-            phase="connect",
-            hint="that sshd is hung or very slow; check it, or raise timeouts.connect",
-        )
     try:
-        _open(conn, host, user, known, timeouts, banner, auth)
-    except TransportError as e:
-        if dropped_by_server(e):
-            gate.dropped()
+        if not gate.acquire(host.max_startups, timeout=max(0.0, deadline - time.monotonic())):
+            raise HostTimeoutError(
+                f"no handshake slot for {address}:{port} within {timeouts.connect:g}s: "
+                f"{gate.in_flight} earlier handshakes to it are still in flight "
+                f"(max_startups {gate.limit})",
+                host=host.name,
+                phase="connect",
+                hint="that sshd is hung or very slow; check it, or raise timeouts.connect",
+            )
+        try:
+            _open(
+                conn,
+                host,
+                dataclasses.replace(user, login=hop.login),
+                known,
+                timeouts,
+                banner,
+                auth,
+                sock,
+                _tcp_timeout(hop, timeouts),
+            )
+        except TransportError as e:
+            if dropped_by_server(e):
+                gate.dropped()
+            raise
+        else:
+            if gate.in_flight > 1 or gate.waiting:
+                _settle(conn, timeouts.connect)
+        finally:
+            # authenticated sessions no longer count toward sshd's MaxStartups
+            gate.release()
+    except BaseException:
+        if sock is not None:
+            sock.close()
+        if link is not None:
+            link.release()
         raise
-    else:
-        if gate.in_flight > 1 or gate.waiting:
-            _settle(conn, timeouts.connect)
-    finally:
-        # authenticated sessions no longer count toward sshd's MaxStartups
-        gate.release()
+    conn.bastion = link
     return conn, policy
+
+
+def _tcp_timeout(hop: Hop, timeouts: Timeouts) -> float:
+    """ssh_config's ConnectTimeout where set, else timeouts.connect."""
+    return hop.connect_timeout or timeouts.connect
 
 
 def _open(
@@ -236,8 +268,11 @@ def _open(
     timeouts: Timeouts,
     banner: float,
     auth: float,
+    channel: Any = None,
+    tcp_timeout: float | None = None,
 ) -> None:
-    """TCP connect, key exchange and authentication of ``conn``; errors mapped by phase."""
+    """TCP connect (or ``channel``, through a bastion), key exchange and authentication of
+    ``conn``; errors mapped by phase."""
     address, port = str(conn.host), int(conn.port)
     extra: dict[str, Any] = {
         # start_client's own deadline covers banner and key exchange
@@ -245,10 +280,10 @@ def _open(
         "banner_timeout": banner,
         "auth_timeout": auth,
     }
-    sock = None
-    if not conn.gateway:
-        sock = tcp_connect(host, address, port, timeouts.connect)
-        extra["sock"] = sock
+    sock = channel
+    if sock is None:
+        sock = tcp_connect(host, address, port, tcp_timeout or timeouts.connect)
+    extra["sock"] = sock
     conn.connect_kwargs = {**conn.connect_kwargs, **extra}
     started = time.monotonic()
     try:
@@ -257,8 +292,7 @@ def _open(
         elapsed = time.monotonic() - started
         transport = conn.client.get_transport()
         conn.client.close()
-        if sock is not None:
-            sock.close()
+        sock.close()
         if isinstance(e, Exception):
             raise connect_error(
                 e, host, user, address, port, known, transport, banner, elapsed

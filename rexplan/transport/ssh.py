@@ -339,6 +339,10 @@ class SSHTransport:
         self.connection.close()
         # fabric closes only a connection it still sees as up; a dead one keeps its client
         self._client.close()
+        with self._lock:
+            link, self.connection.bastion = self.connection.bastion, None
+        if link is not None:
+            link.release()
 
 
 def _sftp_makedirs(sftp: paramiko.SFTPClient, path: str) -> None:

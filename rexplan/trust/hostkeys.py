@@ -18,12 +18,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rexplan.core.model import Host, Manifest, Timeouts
+from rexplan.core.model import Host, Manifest, Timeouts, User
 from rexplan.core.text import format_columns, printable
 from rexplan.errors import KeyStoreError, TransportError, UsageError
 from rexplan.transport.base import kind
-from rexplan.transport.handshake import scan_host_key
 from rexplan.transport.pinning import HostKeyInfo, host_key_name, host_key_status
+from rexplan.transport.scan import scan_route
 from rexplan.trust.keys import KeyStore
 from rexplan.trust.output import STDOUT, Output
 
@@ -82,31 +82,59 @@ def _connect_timeout(manifest: Manifest, host: Host) -> float:
     )
 
 
-def scan_hosts(manifest: Manifest, known_hosts: Path) -> list[HostKeyReport]:
+def _login_user(manifest: Manifest, host: Host) -> User:
+    """Who rex would log in as on ``host`` (its bastions are logged in to as the route says):
+    the user of its first program, else defaults.user, else the first user."""
+    for p in manifest.programs:
+        if host.name in p.hosts:
+            return manifest.user(p.user)
+    if manifest.default_user is not None:
+        return manifest.user(manifest.default_user)
+    return manifest.users[0] if manifest.users else User("scan", "scan", login_set=False)
+
+
+def scan_hosts(
+    manifest: Manifest, known_hosts: Path, *, accept: bool = False
+) -> list[HostKeyReport]:
     """Fetch every SSH host's key once, serially, in manifest order, and compare it with the pin.
 
-    Hosts sharing an address and port share one fetch. Nothing is written.
+    A host behind bastions reports each bastion first (once per run), then itself, fetched
+    through them: rex logs in to a bastion only when its key is pinned, or new and ``accept``.
+    Servers sharing a known_hosts name share one fetch. Nothing is written.
     """
     text = _read(known_hosts)
     fetched: dict[str, HostKeyInfo | TransportError] = {}
-    reports = []
+    reports: list[HostKeyReport] = []
+    shown: set[str] = set()  # bastions already reported
+
+    def trust(info: HostKeyInfo) -> bool:
+        return accept
+
     for host in manifest.hosts:
         if not kind(host.transport).pins_host_keys:
             reports.append(HostKeyReport(host, "", "local"))
             continue
-        name = host_key_name(host.address, host.port)
-        if name not in fetched:
-            try:
-                fetched[name] = scan_host_key(host, timeout=_connect_timeout(manifest, host))
-            except TransportError as e:
-                fetched[name] = e
-        got = fetched[name]
-        if isinstance(got, TransportError):
-            reports.append(HostKeyReport(host, name, "unreachable", detail=str(got)))
-            continue
-        pinned = tuple(_fingerprint(b64) for _, b64 in pinned_keys(text, name))
-        status = host_key_status(known_hosts, got)
-        reports.append(HostKeyReport(host, name, status, got, pinned))
+        timeout = _connect_timeout(manifest, host)
+        user = _login_user(manifest, host)
+        for seen in scan_route(host, user, os.fspath(known_hosts), timeout=timeout, trust=trust):
+            hop = seen.hop
+            name = host_key_name(hop.address, hop.port)
+            if seen.bastion:
+                if name in shown:
+                    continue
+                shown.add(name)
+            row = Host(hop.label, hop.address, hop.port) if seen.bastion else host
+            got = fetched.get(name) or seen.key or seen.error
+            if seen.key is not None:
+                fetched[name] = seen.key
+            note = f"bastion of {host.name}" if seen.bastion else ""
+            if not isinstance(got, HostKeyInfo):
+                detail = str(got) if got is not None else "not scanned"
+                reports.append(HostKeyReport(row, name, "unreachable", detail=detail))
+                continue
+            pinned = tuple(_fingerprint(b64) for _, b64 in pinned_keys(text, name))
+            status = host_key_status(known_hosts, got)
+            reports.append(HostKeyReport(row, name, status, got, pinned, detail=note))
     return reports
 
 
@@ -314,7 +342,7 @@ def _scan(args: argparse.Namespace, out: Callable[[str], None]) -> int:
     m = _load(args.manifest)
     _check_replace(m, args.replace)
     known = known_hosts_path(args.keys, args.known_hosts)
-    reports = scan_hosts(m, known)
+    reports = scan_hosts(m, known, accept=args.accept)
     replace = set(args.replace)
     add: dict[str, HostKeyInfo] = {}
     swap: dict[str, HostKeyInfo] = {}
