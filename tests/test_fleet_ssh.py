@@ -21,6 +21,7 @@ from sshrig import RigHost, SshdRig
 from rexplan.cli.rex import main
 from rexplan.core.manifest import load
 from rexplan.core.model import Host, User
+from rexplan.core.plan import compile as compile_plan
 from rexplan.errors import ManifestError
 from rexplan.transport import route as route_mod
 from rexplan.transport.route import route
@@ -352,3 +353,47 @@ def test_an_alias_only_manifest_is_reached_through_ssh_config(
     assert {(t.address, t.port) for t in fleet.targets}.isdisjoint(dialled)
     code, out, err = world.rex("stop", str(path))
     assert code == 0, out + err
+
+
+def test_a_hosts_user_is_who_programs_naming_none_run_as_there(tmp_path: Path) -> None:
+    path = tmp_path / "m.yaml"
+    text = (
+        "rex: 1\ndefaults: {user: app}\n"
+        "users: {app: {}, deploy: {login: ubuntu}}\n"
+        "hosts:\n  web1: {address: 10.0.0.1, user: deploy}\n  web2: {address: 10.0.0.2}\n"
+        "programs:\n"
+        "  svc: {run: [x], on: [web1, web2]}\n"
+        "  pinned: {run: [x], on: [web1, web2], user: app}\n"
+        "authorize: ['*.*.*']\n"
+    )
+    path.write_text(text)
+    plan = compile_plan(load(str(path)))
+    got = {s.id: (s.user, s.login, s.triple) for s in plan.steps}
+    assert got == {
+        "svc@web1": ("deploy", "ubuntu", "web1.deploy.svc"),
+        "svc@web2": ("app", "app", "web2.app.svc"),
+        # the program's own user wins over the host's
+        "pinned@web1": ("app", "app", "web1.app.pinned"),
+        "pinned@web2": ("app", "app", "web2.app.pinned"),
+    }
+    # with no defaults.user and two users, hosts.*.user alone is enough
+    path.write_text(text.replace("defaults: {user: app}\n", "").replace("user: app}", "}"))
+    path.write_text(path.read_text().replace("web2: {address: 10.0.0.2}", "web2: {user: app}"))
+    plan = compile_plan(load(str(path)))
+    assert {s.id: s.user for s in plan.steps}["svc@web1"] == "deploy"
+    # and its triples must be authorized like any other
+    path.write_text(text.replace("authorize: ['*.*.*']", "authorize: ['*.app.*']"))
+    found = _errors(tmp_path, path.read_text())
+    assert any("web1.deploy.svc" in e for e in found), found
+
+
+def test_tree_strategy_refuses_hosts_behind_a_jump(tmp_path: Path) -> None:
+    text = (
+        "rex: 1\nusers: {app: {}}\n"
+        "defaults: {strategy: tree, relay_identity: /k/relay}\n"
+        "hosts: {a: {jump: gw}}\n"
+    )
+    found = _errors(tmp_path, text)
+    assert any(":3:22:" in e and "cannot reach host 'a' through its jump" in e for e in found), (
+        found
+    )

@@ -2,21 +2,19 @@
 
 from __future__ import annotations
 
-import dataclasses
 import fnmatch
 import graphlib
 import posixpath
 import re
 from typing import Any
 
-from rexplan.core import hostrange, settings, sshopts
+from rexplan.core import hostrange, settings, sshchecks
 from rexplan.core.model import (
     MAX_STEPS,
     NAME_RE,
     Authorization,
     Callback,
     Host,
-    Pairs,
     Program,
     Timeouts,
     User,
@@ -47,10 +45,6 @@ _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
 _GLOB_CHARS = frozenset("*?[")
 _PATTERN_HOST_RE = re.compile(r"[A-Za-z0-9_.*?\[\]!-]+\Z")
 _PATTERN_NAME_RE = re.compile(r"[a-z0-9_*?\[\]!-]+\Z")
-
-
-class _JumpLoop(Exception):
-    """A hosts.*.jump chain that comes back to a host already in it (reported)."""
 
 
 class Checker:
@@ -143,6 +137,14 @@ class Checker:
         if self.strategy == "tree":
             for path, message, hint in settings.tree_problems(self.programs, identity):
                 self.report.value(path, message, hint)
+            # relays dial their children with OpenSSH directly, not through bastions
+            jumped = next((h for h in self.hosts if h.jump), None)
+            if jumped is not None:
+                self.report.value(
+                    ("defaults", "strategy"),
+                    f"strategy: tree cannot reach host {jumped.name!r} through its jump",
+                    "use strategy: flat for hosts behind bastions",
+                )
 
     def _users(self) -> None:
         for name, value in as_map(self.doc.get("users")).items():
@@ -160,29 +162,8 @@ class Checker:
                 identity.startswith("-") or any(ord(c) < 32 for c in identity)
             ):
                 self.report.value((*path, "identity"), f"invalid identity file {identity!r}")
-            options = self._ssh_options(path, as_pairs(spec.get("ssh_options")))
+            options = sshchecks.ssh_options(self.report, path, as_pairs(spec.get("ssh_options")))
             self.users[name] = User(name, login, identity, options, login_set=login_set)
-
-    def _ssh_options(self, path: KeyPath, options: Pairs) -> Pairs:
-        """The options rex applies (sshopts.OPTIONS, any case); any other is an error."""
-        seen: dict[str, str] = {}
-        for option, setting in options:
-            opt_path = (*path, "ssh_options", option)
-            key = option.lower()
-            if key not in sshopts.OPTIONS:
-                allowed = ", ".join(sshopts.OPTIONS.values())
-                self.report.key(
-                    opt_path, f"ssh option {option!r} is not one rex applies", f"use {allowed}"
-                )
-                continue
-            if key in seen:
-                self.report.key(opt_path, f"ssh option {option!r} repeats {seen[key]!r}")
-                continue
-            seen[key] = option
-            problem = sshopts.option_problem(option, setting)
-            if problem:
-                self.report.value(opt_path, problem)
-        return options
 
     def _hosts(self) -> None:
         d = self.defaults
@@ -207,69 +188,7 @@ class Checker:
         for key, value in as_map(self.doc.get("hosts")).items():
             if not self._host_entry(key, as_map(value), base, where):
                 return
-        self._resolve_jumps(where)
-
-    def _jump(self, path: KeyPath, value: Any) -> str | None:
-        jump = as_str(value, None)
-        if jump is None:
-            return None
-        try:
-            sshopts.parse_jumps(jump)
-        except ValueError as e:
-            self.report.value(
-                (*path, "jump"),
-                f"invalid jump {jump!r}: {e}",
-                "give [user@]host[:port], a comma list first hop first, or a host's name",
-            )
-            return None
-        return jump
-
-    def _resolve_jumps(self, where: dict[str, str]) -> None:
-        """A jump hop naming a manifest host (no user@, no :port) becomes how that host is
-        reached: its own bastions, then its address (its port where set)."""
-        chains: dict[str, str | None] = {}
-
-        def chain(name: str, seen: tuple[str, ...]) -> str | None:
-            if name in chains:
-                return chains[name]
-            host = self.hosts[self.index[name]]
-            if host.jump is None:
-                return None
-            hops: list[str] = []
-            for hop in sshopts.parse_jumps(host.jump):
-                ref = hop.host if hop.login is None and hop.port is None else None
-                if ref is None or ref not in self.index:
-                    hops.append(str(hop))
-                    continue
-                if ref in seen:
-                    loop = " -> ".join((*seen, ref))
-                    self.report.value(("hosts", where[name], "jump"), f"jump loop: {loop}", None)
-                    raise _JumpLoop
-                other = self.hosts[self.index[ref]]
-                before = chain(ref, (*seen, ref))
-                if before:
-                    hops.append(before)
-                target = other.address if other.address_set else other.name
-                target = f"[{target}]" if ":" in target else target
-                hops.append(f"{target}:{other.port}" if other.port_set else target)
-            text = ",".join(hops)
-            if len(text.split(",")) > sshopts.MAX_HOPS:
-                self.report.value(
-                    ("hosts", where[name], "jump"), f"more than {sshopts.MAX_HOPS} bastions"
-                )
-                raise _JumpLoop
-            chains[name] = text
-            return text
-
-        for i, host in enumerate(self.hosts):
-            if host.jump is None:
-                continue
-            try:
-                resolved = chain(host.name, (host.name,))
-            except _JumpLoop:
-                resolved = None
-                chains[host.name] = None
-            self.hosts[i] = dataclasses.replace(host, jump=resolved)
+        sshchecks.resolve_jumps(self.report, self.hosts, self.index, where)
 
     def _host_entry(
         self, key: str, spec: dict[str, Any], base: Host, where: dict[str, str]
@@ -319,7 +238,7 @@ class Checker:
                 address = None
         port = as_int(spec.get("port"), base.port)
         port_set = base.port_set or "port" in spec
-        jump = self._jump(path, spec.get("jump"))
+        jump = sshchecks.jump(self.report, path, spec.get("jump"))
         max_startups = as_int(spec.get("max_startups"), base.max_startups)
         load = as_str(spec.get("load"), base.load) or base.load
         transport = as_str(spec.get("transport"), base.transport) or base.transport
@@ -519,21 +438,7 @@ class Checker:
             )
         if spec.get("on") == []:
             report.value((*path, "on"), "'on' selects no host")
-        user = as_str(spec.get("user"), None)
-        if user is not None:
-            if user not in self.users:
-                self._unknown((*path, "user"), "user", user, self.users)
-                user = None
-        elif isinstance(d.get("user"), str):
-            user = d["user"] if d["user"] in self.users else None
-        elif len(self.users) == 1:
-            user = next(iter(self.users))
-        else:
-            report.key(
-                path,
-                f"program {name!r} has no user",
-                "set user: on the program, or defaults.user",
-            )
+        user, host_users = self._program_users(path, spec, hosts)
         timeouts = self._timeouts(spec.get("timeouts"), self.timeouts)
         ready = settings.ready(report, (*path, "ready"), spec.get("ready"), timeouts.ready)
         placement = settings.placement(
@@ -547,18 +452,23 @@ class Checker:
         when = as_map(spec.get("when"))
         if user is None:
             return None
-        if hosts and NAME_RE.match(name) and NAME_RE.match(user):
-            denied = self._unauthorized(hosts, user, name)
+        by_user: dict[str, list[str]] = {}
+        for h in hosts:
+            by_user.setdefault(host_users.get(h, user), []).append(h)
+        for who, theirs in by_user.items():
+            if not (NAME_RE.match(name) and NAME_RE.match(who)):
+                continue
+            denied = self._unauthorized(tuple(theirs), who, name)
             if denied:
-                shown = ", ".join(triple(h, user, name) for h in denied[:3])
+                shown = ", ".join(triple(h, who, name) for h in denied[:3])
                 more = f" and {len(denied) - 3} more" if len(denied) > 3 else ""
                 where = (*path, "on") if "on" in spec else path
                 report.add(
                     report.where(where, key="on" not in spec),
                     where,
                     f"{len(denied)} step(s) not authorized: {shown}{more}",
-                    f"add a pattern to authorize, e.g. '{triple(denied[0], user, name)}' "
-                    f"or '*.{user}.{name}'",
+                    f"add a pattern to authorize, e.g. '{triple(denied[0], who, name)}' "
+                    f"or '*.{who}.{name}'",
                 )
         return Program(
             name=name,
@@ -582,4 +492,38 @@ class Checker:
             stop_timeout=as_num(spec.get("stop_timeout"), as_num(d.get("stop_timeout"), 10.0)),
             timeouts=timeouts,
             policy=settings.policy(spec, d),
+            host_users=tuple(host_users.items()),
         )
+
+    def _program_users(
+        self, path: KeyPath, spec: dict[str, Any], hosts: tuple[str, ...]
+    ) -> tuple[str | None, dict[str, str]]:
+        """(the program's user, {host: user} where a host's own user differs from it).
+
+        The program's ``user``, else per host its ``hosts.*.user``, else defaults.user, else
+        the only user."""
+        d = self.defaults
+        user = as_str(spec.get("user"), None)
+        if user is not None:
+            if user not in self.users:
+                self._unknown((*path, "user"), "user", user, self.users)
+                return None, {}
+            return user, {}
+        if isinstance(d.get("user"), str):
+            fallback = d["user"] if d["user"] in self.users else None
+        elif len(self.users) == 1:
+            fallback = next(iter(self.users))
+        else:
+            fallback = None
+        own = {h: u for h in hosts if (u := self.hosts[self.index[h]].user) in self.users}
+        if fallback is None and hosts and len(own) == len(hosts):
+            fallback = own[hosts[0]]
+        if fallback is None:
+            if not d.get("user") or d["user"] in self.users:
+                self.report.key(
+                    path,
+                    f"program {path[-1]!r} has no user",
+                    "set user: on the program, hosts.*.user on each of its hosts, or defaults.user",
+                )
+            return None, {}
+        return fallback, {h: u for h, u in own.items() if u != fallback}

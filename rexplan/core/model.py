@@ -37,7 +37,8 @@ class Host:
     name: str
     address: str
     port: int = 22
-    user: str | None = None  # default manifest user for steps on this host
+    #: the manifest user of the steps on this host of programs that name no user
+    user: str | None = None
     transport: str = "ssh"  # "ssh" | "local"
     python: str = "python3"
     groups: tuple[str, ...] = ()
@@ -159,6 +160,16 @@ class Program:
     stop_timeout: float = 10.0
     timeouts: Timeouts = field(default_factory=Timeouts)
     policy: FailurePolicy = field(default_factory=FailurePolicy)
+    #: (host, user) where the step on that host runs as another user than ``user``: a
+    #: program naming no user runs on a host as its ``hosts.*.user`` (Ansible's ansible_user)
+    host_users: Pairs = ()
+
+    def user_on(self, host: str) -> str:
+        """The manifest user of this program's step on ``host``."""
+        for name, user in self.host_users:
+            if name == host:
+                return user
+        return self.user
 
     @property
     def argv(self) -> tuple[str, ...]:

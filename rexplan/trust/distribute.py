@@ -131,7 +131,11 @@ def revoke_remote(
         target = targets.get((host, user))
         if target is None:
             timeouts = min(
-                (p.timeouts for p in manifest.programs if host in p.hosts and p.user == user),
+                (
+                    p.timeouts
+                    for p in manifest.programs
+                    if host in p.hosts and p.user_on(host) == user
+                ),
                 key=lambda t: t.connect,
                 default=Timeouts(),
             )

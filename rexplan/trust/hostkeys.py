@@ -87,7 +87,7 @@ def _login_user(manifest: Manifest, host: Host) -> User:
     the user of its first program, else defaults.user, else the first user."""
     for p in manifest.programs:
         if host.name in p.hosts:
-            return manifest.user(p.user)
+            return manifest.user(p.user_on(host.name))
     if manifest.default_user is not None:
         return manifest.user(manifest.default_user)
     return manifest.users[0] if manifest.users else User("scan", "scan", login_set=False)
