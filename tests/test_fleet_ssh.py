@@ -284,6 +284,11 @@ def test_apply_distribute_and_stop_go_through_one_pinned_bastion_connection(
         user={"ssh_options": {"proxyjump": f"{fleet.rig.login}@{b.address}:{b.port}"}},
     )
     world.distribute(m)
+    # the remote audit reads the keys distribute put on the targets, through the bastion
+    code, out, err = world.rex("audit", str(m), "--remote", "--json")
+    assert code == 0, out + err
+    rows = json.loads(out)["rows"]
+    assert len(rows) == 2 and {r["state"] for r in rows} == {"OK"}, rows
     before = fleet.accepted(b)
     run = world.apply(m)
     assert run.code == 0, run.out + run.err
@@ -292,7 +297,7 @@ def test_apply_distribute_and_stop_go_through_one_pinned_bastion_connection(
     # both targets' connections went through ONE login to the bastion
     assert fleet.accepted(b) == before + 1
     for t in fleet.targets:
-        assert fleet.accepted(t) >= 2  # distribute, apply
+        assert fleet.accepted(t) >= 3  # distribute, audit, apply
     code, out, err = world.rex("stop", str(m))
     assert code == 0, out + err
     assert not world.tagged()

@@ -376,7 +376,15 @@ def _scan(args: argparse.Namespace, out: Callable[[str], None]) -> int:
             "/etc/ssh/ssh_host_ed25519_key.pub), then run again with --accept"
         )
     refused = [r for r in done if r.status == "changed" and not r.action]
+    hosts = {h.name for h in m.hosts}
     for r in refused:
+        if r.host.name not in hosts:  # a bastion, named as its jump is written
+            lines.append(
+                f"bastion {r.host.name}: host key CHANGED; {known} left unchanged. If it was "
+                f"really rebuilt, check its new fingerprint, then: ssh-keygen -R '{r.name}' "
+                f"-f {known} and rex hostkeys scan -m {args.manifest} --accept"
+            )
+            continue
         lines.append(
             f"{r.host.name}: host key CHANGED; {known} left unchanged. If {r.host.name} was "
             f"really rebuilt, check its new fingerprint, then: rex hostkeys scan -m "
