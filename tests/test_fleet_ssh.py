@@ -22,7 +22,7 @@ from rexplan.cli.rex import main
 from rexplan.core.manifest import load
 from rexplan.core.model import Host, User
 from rexplan.core.plan import compile as compile_plan
-from rexplan.errors import ManifestError
+from rexplan.errors import ManifestError, TransportError
 from rexplan.transport import route as route_mod
 from rexplan.transport.route import route
 
@@ -402,3 +402,20 @@ def test_tree_strategy_refuses_hosts_behind_a_jump(tmp_path: Path) -> None:
     assert any(":3:22:" in e and "cannot reach host 'a' through its jump" in e for e in found), (
         found
     )
+
+
+def test_bad_ssh_config_values_are_transport_errors_naming_the_file(
+    ssh_config: Callable[[str], Path],
+) -> None:
+    alias = Host("web1", "web1", address_set=False, port_set=False)
+    user = User("app", "app")
+    for text, words in (
+        ("Host web1\n  Port abc\n", "'abc' is not a port"),
+        ("Host web1\n  HostName -oProxyCommand=x\n", "HostName '-oProxyCommand=x' starts"),
+        ("Host web1\n  ProxyJump ssh://gw\n", "ssh:// URIs are not supported"),
+        ("Host web1\n  ProxyJump gw\nHost gw\n  ProxyJump web1\n", "ProxyJump loop"),
+    ):
+        path = ssh_config(text)
+        with pytest.raises(TransportError) as info:
+            route(alias, user)
+        assert str(path) in str(info.value) and words in str(info.value)

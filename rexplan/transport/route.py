@@ -29,6 +29,8 @@ import paramiko
 
 from rexplan.core import sshopts
 from rexplan.core.model import Host, User
+from rexplan.core.text import printable
+from rexplan.core.values import address_problem
 from rexplan.errors import TransportError
 
 #: the environment variable naming the ssh_config file when the manifest names none
@@ -114,6 +116,10 @@ def _options(user: User) -> dict[str, str]:
     return {name.lower(): value for name, value in user.ssh_options}
 
 
+def _port(value: Any) -> int:
+    return value if isinstance(value, int) else sshopts.parse_port(str(value))
+
+
 def _first(*values: Any) -> Any:
     return next((v for v in values if v is not None), None)
 
@@ -138,7 +144,29 @@ def _timeout(value: Any) -> float | None:
 
 def route(host: Host, user: User) -> Route:
     """Where and how rex connects to ``host`` as ``user``; TransportError for an unreadable
-    ssh_config or a bad ProxyJump there (the manifest's own values were checked already)."""
+    ssh_config or a bad value there (the manifest's own values were checked already)."""
+    try:
+        found = _route(host, user)
+    except ValueError as e:
+        raise TransportError(
+            f"ssh_config {', '.join(config_files(host))}: {printable(str(e))}",
+            host=host.name,
+            phase="connect",
+            hint="fix that file, or set the value in the manifest",
+        ) from e
+    for hop in (*found.jumps, found.target):
+        problem = address_problem(hop.address)
+        if problem:
+            raise TransportError(
+                f"ssh_config {', '.join(config_files(host))}: HostName "
+                f"{printable(hop.address)!r} {problem}",
+                host=host.name,
+                phase="connect",
+            )
+    return found
+
+
+def _route(host: Host, user: User) -> Route:
     opts = _options(user)
     conf = _lookup(host, host.name)
     address = (
@@ -146,7 +174,7 @@ def route(host: Host, user: User) -> Route:
         if host.address_set
         else _first(opts.get("hostname"), conf.get("hostname"), host.name)
     )
-    port = host.port if host.port_set else int(_first(opts.get("port"), conf.get("port"), 22))
+    port = host.port if host.port_set else _port(_first(opts.get("port"), conf.get("port"), 22))
     login = user.login if user.login_set else _first(opts.get("user"), conf.get("user"), user.login)
     identities: tuple[str, ...]
     if user.identity:
@@ -164,30 +192,30 @@ def route(host: Host, user: User) -> Route:
 def _jumps(host: Host, text: str, target: Hop) -> tuple[Hop, ...]:
     """The hops of ProxyJump ``text``, the first one's own ProxyJump followed."""
     hops: list[Hop] = []
-    seen: set[str] = set()
+    seen = {host.name}
     try:
         pending = sshopts.parse_jumps(text)
         while pending:
             hops[:0] = [_hop(host, j, target) for j in pending]
             first = pending[0].host
-            before = _lookup(host, first).get("proxyjump")
-            if before is None or first in seen:
-                break
+            if first in seen:
+                raise ValueError(f"a ProxyJump loop through {first}")
             seen.add(first)
+            before = _lookup(host, first).get("proxyjump")
+            if before is None:
+                break
             pending = sshopts.parse_jumps(before)
             if len(hops) + len(pending) > sshopts.MAX_HOPS:
                 raise ValueError(f"more than {sshopts.MAX_HOPS} bastions")
     except ValueError as e:
-        raise TransportError(
-            f"bad ProxyJump {text!r} for {host.name}: {e}", host=host.name, phase="connect"
-        ) from e
+        raise ValueError(f"bad ProxyJump {text!r} for {host.name}: {e}") from e
     return tuple(hops)
 
 
 def _hop(host: Host, jump: sshopts.Jump, target: Hop) -> Hop:
     conf = _lookup(host, jump.host)
     address = str(_first(conf.get("hostname"), jump.host))
-    port = jump.port if jump.port is not None else int(_first(conf.get("port"), 22))
+    port = jump.port if jump.port is not None else _port(_first(conf.get("port"), 22))
     login = str(_first(jump.login, conf.get("user"), target.login))
     identities = _identities(conf.get("identityfile"))
     if identities:
