@@ -392,16 +392,15 @@ def test_a_hosts_user_is_who_programs_naming_none_run_as_there(tmp_path: Path) -
     assert any("web1.deploy.svc" in e for e in found), found
 
 
-def test_tree_strategy_refuses_hosts_behind_a_jump(tmp_path: Path) -> None:
+def test_tree_strategy_refuses_jumps_and_ssh_options(tmp_path: Path) -> None:
     text = (
-        "rex: 1\nusers: {app: {}}\n"
+        "rex: 1\nusers: {app: {ssh_options: {Port: '2222'}}}\n"
         "defaults: {strategy: tree, relay_identity: /k/relay}\n"
         "hosts: {a: {jump: gw}}\n"
     )
     found = _errors(tmp_path, text)
-    assert any(":3:22:" in e and "cannot reach host 'a' through its jump" in e for e in found), (
-        found
-    )
+    assert any(":3:22:" in e and "cannot reach host 'a' through its jump" in e for e in found)
+    assert any(":3:22:" in e and "does not apply users.app.ssh_options" in e for e in found)
 
 
 def test_bad_ssh_config_values_are_transport_errors_naming_the_file(

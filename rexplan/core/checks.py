@@ -145,6 +145,15 @@ class Checker:
                     f"strategy: tree cannot reach host {jumped.name!r} through its jump",
                     "use strategy: flat for hosts behind bastions",
                 )
+            # nor with the launcher's ssh_options: they log in with the relay's own ssh
+            optioned = next((u for u in self.users.values() if u.ssh_options), None)
+            if optioned is not None:
+                self.report.value(
+                    ("defaults", "strategy"),
+                    f"strategy: tree does not apply users.{optioned.name}.ssh_options "
+                    "(relays log in to their hosts with their own OpenSSH and its config)",
+                    "use strategy: flat, or set the options in the relay hosts' ssh_config",
+                )
 
     def _users(self) -> None:
         for name, value in as_map(self.doc.get("users")).items():
