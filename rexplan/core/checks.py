@@ -135,25 +135,11 @@ class Checker:
             self.relay_identity = None
             identity = ""  # reported once: tree_problems need not add that it is missing
         if self.strategy == "tree":
-            for path, message, hint in settings.tree_problems(self.programs, identity):
+            problems = settings.tree_problems(
+                self.programs, identity, self.hosts, tuple(self.users.values())
+            )
+            for path, message, hint in problems:
                 self.report.value(path, message, hint)
-            # relays dial their children with OpenSSH directly, not through bastions
-            jumped = next((h for h in self.hosts if h.jump), None)
-            if jumped is not None:
-                self.report.value(
-                    ("defaults", "strategy"),
-                    f"strategy: tree cannot reach host {jumped.name!r} through its jump",
-                    "use strategy: flat for hosts behind bastions",
-                )
-            # nor with the launcher's ssh_options: they log in with the relay's own ssh
-            optioned = next((u for u in self.users.values() if u.ssh_options), None)
-            if optioned is not None:
-                self.report.value(
-                    ("defaults", "strategy"),
-                    f"strategy: tree does not apply users.{optioned.name}.ssh_options "
-                    "(relays log in to their hosts with their own OpenSSH and its config)",
-                    "use strategy: flat, or set the options in the relay hosts' ssh_config",
-                )
 
     def _users(self) -> None:
         for name, value in as_map(self.doc.get("users")).items():
