@@ -298,6 +298,8 @@ def test_apply_distribute_and_stop_go_through_one_pinned_bastion_connection(
     assert fleet.accepted(b) == before + 1
     for t in fleet.targets:
         assert fleet.accepted(t) >= 3  # distribute, audit, apply
+    code, steps = world.status(m)
+    assert code == 0 and {s["status"] for s in steps.values()} == {"running"}, steps
     code, out, err = world.rex("stop", str(m))
     assert code == 0, out + err
     assert not world.tagged()
@@ -344,7 +346,9 @@ def test_an_alias_only_manifest_is_reached_through_ssh_config(
         for alias, h in (("bast", b), ("app1", t1), ("app2", t2))
     )
     ssh_config(text)
-    path = world.manifest([], {"svc": {**SLEEPER, "on": ["app1", "app2"]}})
+    # the "run" job: its keys (host.user.run) are those rex run proves itself with
+    run_job = {"on": ["app1", "app2"], "kind": "job", "run": ["true"]}
+    path = world.manifest([], {"svc": {**SLEEPER, "on": ["app1", "app2"]}, "run": run_job})
     doc = json.loads(path.read_text())
     doc["hosts"] = {"app1": None, "app2": None}
     doc["users"] = {world.user: None}  # login, key, port and address: all from ssh_config
@@ -353,8 +357,11 @@ def test_an_alias_only_manifest_is_reached_through_ssh_config(
     world.distribute(path)
     run = world.apply(path)
     assert run.code == 0, run.out + run.err
-    assert set(run.states()) == {"svc@app1", "svc@app2"}
-    assert set(run.states().values()) == {"ready"}
+    assert set(run.states()) == {"svc@app1", "svc@app2", "run@app1", "run@app2"}
+    assert set(run.states().values()) <= {"ready", "succeeded"}, run.states()
+    code, out, err = world.rex("run", "*", "-m", str(path), "--json", "--", "hostname")
+    assert code == 0, out + err
+    assert [h["host"] for h in json.loads(out)["hosts"]] == ["app1", "app2"]
     assert {(t.address, t.port) for t in fleet.targets}.isdisjoint(dialled)
     code, out, err = world.rex("stop", str(path))
     assert code == 0, out + err
