@@ -100,26 +100,26 @@ def parse_jumps(text: str) -> tuple[Jump, ...]:
 
 def option_problem(name: str, value: str) -> str | None:
     """Why ``value`` is not a valid setting of option ``name`` (known to OPTIONS), or None."""
-    key = name.lower()
+    option = name.lower()
     if any(ord(c) < 32 or ord(c) == 127 for c in value):
         return "ssh option values are one line of text"
     if not value.strip():
-        return f"{OPTIONS[key]} needs a value"
+        return f"{OPTIONS[option]} needs a value"
     try:
-        if key == "port":
+        if option == "port":
             parse_port(value)
-        elif key == "user" and not _LOGIN_RE.match(value):
+        elif option == "user" and not _LOGIN_RE.match(value):
             return f"{value!r} is not a login name"
-        elif key == "hostname":
+        elif option == "hostname":
             parse_hop(value if ":" not in value else f"[{value}]")
-        elif key == "identityfile" and value.startswith("-"):
+        elif option == "identityfile" and value.startswith("-"):
             return f"{value!r} is not a key file path"
-        elif key == "identitiesonly" and value.lower() not in ("yes", "no"):
+        elif option == "identitiesonly" and value.lower() not in ("yes", "no"):
             return "IdentitiesOnly is yes or no"
-        elif key == "connecttimeout":
+        elif option == "connecttimeout":
             if not value.isascii() or not value.isdigit() or int(value) < 1:
                 return "ConnectTimeout is a whole number of seconds, at least 1"
-        elif key == "proxyjump":
+        elif option == "proxyjump":
             parse_jumps(value)
     except ValueError as e:
         return str(e)
