@@ -225,46 +225,37 @@ def _fleet_manifest(world: World, fleet: Fleet, **edit: Any) -> Path:
     return path
 
 
+@pytest.mark.parametrize("pin", ["missing", "changed"])
 def test_an_unpinned_bastion_is_never_logged_in_to_and_nothing_reaches_the_targets(
-    world: World, fleet: Fleet, tmp_path: Path, dialled: list[tuple[str, int]]
+    world: World, fleet: Fleet, tmp_path: Path, dialled: list[tuple[str, int]], pin: str
 ) -> None:
     b = fleet.bastion
     jump = f"{b.address}:{b.port}"
     m = _fleet_manifest(world, fleet, hosts={t.name: {"jump": jump} for t in fleet.targets})
-    # the rig's known_hosts without the bastion's line
+    # the rig's known_hosts without the bastion's line, or pinning another key for it
     known = tmp_path / "known_hosts"
-    pin = f"[{b.address}]:{b.port} "
+    name = f"[{b.address}]:{b.port}"
     lines = Path(fleet.rig.known_hosts).read_text().splitlines(keepends=True)
-    known.write_text("".join(line for line in lines if not line.startswith(pin)))
+    kept = [line for line in lines if not line.startswith(name + " ")]
+    if pin == "changed":
+        kept.append(f"{name} {fleet.targets[0].host_key}\n")
+    known.write_text("".join(kept))
     # the rig's own readiness probe connected once to each sshd
     before = {h.name: fleet.connections(h) for h in (b, *fleet.targets)}
     events = tmp_path / "events.jsonl"
-    code = main(
-        [
-            "apply",
-            str(m),
-            "-y",
-            "--keys",
-            str(world.keys),
-            "--known-hosts",
-            str(known),
-            "--events",
-            str(events),
-        ]
-    )
+    argv = ["apply", str(m), "-y", "--keys", str(world.keys), "--known-hosts", str(known)]
+    code = main([*argv, "--events", str(events)])
     out, err = world.capsys.readouterr()
     assert code != 0
     assert events.exists(), out + err
-    final = {
-        e["step"]: e
-        for e in map(json.loads, events.read_text().splitlines())
-        if e["kind"] == "step"
-    }
+    steps = [json.loads(line) for line in events.read_text().splitlines()]
+    final = {e["step"]: e for e in steps if e["kind"] == "step"}
     assert len(final) == 2
+    words = "unknown host key" if pin == "missing" else "host key CHANGED"
     for step in final.values():
         assert step["state"] != "ready"
         assert step["reason"] == "host_key", step
-        assert f"bastion {jump}" in step["detail"] and "unknown host key" in step["detail"]
+        assert f"bastion {jump}" in step["detail"] and words in step["detail"], step
     assert fleet.connections(b) > before[b.name]  # dialled: its key was read, and refused
     assert fleet.accepted(b) == 0
     for t in fleet.targets:
@@ -425,3 +416,18 @@ def test_bad_ssh_config_values_are_transport_errors_naming_the_file(
         with pytest.raises(TransportError) as info:
             route(alias, user)
         assert str(path) in str(info.value) and words in str(info.value)
+
+
+def test_defaults_ssh_config_is_read_instead_of_the_environments(
+    tmp_path: Path, ssh_config: Callable[[str], Path]
+) -> None:
+    ssh_config("Host web1\n  Port 1111\n")  # $REX_SSH_CONFIG: not read when the manifest names one
+    (tmp_path / "conf").mkdir()
+    (tmp_path / "conf" / "ssh").write_text("Host web1\n  Port 2222\n  HostName 192.0.2.9\n")
+    path = tmp_path / "m.yaml"
+    path.write_text("rex: 1\ndefaults: {ssh_config: conf/ssh}\nusers: {app: {}}\nhosts: {web1: }\n")
+    m = load(str(path))
+    host = m.host("web1")
+    assert host.ssh_config == str(tmp_path / "conf" / "ssh")
+    r = route(host, m.user("app"))
+    assert (r.target.address, r.target.port, r.target.login) == ("192.0.2.9", 2222, "app")
