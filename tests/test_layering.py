@@ -95,6 +95,7 @@ def test_only_transport_imports_ssh_libraries() -> None:
         "transport/route.py",
         "transport/bastion.py",
         "transport/scan.py",
+        "transport/dialing.py",
     }
 
 

@@ -24,6 +24,7 @@ from rexplan.errors import (
     TransportError,
     UnreachableError,
 )
+from rexplan.transport.dialing import IDENTITIES, aead_first, connect_error, tcp_connect
 from rexplan.transport.pinning import HostKeyInfo, StrictPolicy, load_known_hosts
 from rexplan.transport.route import Hop
 
@@ -37,8 +38,6 @@ def _hop_key(hop: Hop) -> tuple[str, int, str, tuple[str, ...], bool]:
 
 def auth_kwargs(hop: Hop) -> dict[str, Any]:
     """paramiko connect() arguments offering ``hop``'s keys (cached, parsed once per file)."""
-    from rexplan.transport.handshake import _IDENTITIES as IDENTITIES
-
     kwargs: dict[str, Any] = {}
     if hop.identities_only:
         # only the named keys: deterministic, and no agent surprises
@@ -205,12 +204,6 @@ def _connect_hop(
     extra: Sequence[HostKeyInfo] = (),
 ) -> paramiko.SSHClient:
     """Key exchange (the key checked against ``known``), then login, to one bastion."""
-    # handshake.py opens its targets through this module
-    from rexplan.transport.handshake import (
-        _aead_first,
-        connect_error,
-        tcp_connect,
-    )
 
     remaining = max(0.1, deadline - time.monotonic())
     tcp_timeout = min(hop.connect_timeout or timeouts.connect, remaining)
@@ -239,7 +232,7 @@ def _connect_hop(
             timeout=banner + timeouts.connect,
             banner_timeout=banner,
             auth_timeout=auth,
-            transport_factory=_aead_first,
+            transport_factory=aead_first,
             **auth_kwargs(hop),
         )
     except Exception as e:

@@ -18,7 +18,7 @@ import paramiko
 from rexplan.core.model import Host, Timeouts, User
 from rexplan.errors import TransportError, UnreachableError
 from rexplan.transport.bastion import Link, connect_hop
-from rexplan.transport.handshake import connect_error, tcp_connect
+from rexplan.transport.dialing import connect_error, tcp_connect
 from rexplan.transport.pinning import HostKeyInfo, host_key_name, host_key_status
 from rexplan.transport.route import Hop, route
 

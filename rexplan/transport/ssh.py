@@ -29,7 +29,8 @@ from rexplan.transport.base import (
     not_started,
     temp_name,
 )
-from rexplan.transport.handshake import handshake, timed_out
+from rexplan.transport.dialing import timed_out
+from rexplan.transport.handshake import handshake
 from rexplan.transport.pacing import dropped_by_server, gave_up, retry_dropped
 from rexplan.transport.pinning import KNOWN_HOSTS, StrictPolicy, host_key_name
 from rexplan.transport.streams import CHUNK, Announcement, Stream, Tail, wait_readable
