@@ -22,8 +22,9 @@ from rexplan.cli.rex import main
 from rexplan.core.manifest import load
 from rexplan.core.model import Host, User
 from rexplan.core.plan import compile as compile_plan
-from rexplan.errors import ManifestError, TransportError
+from rexplan.errors import ManifestError, TransportError, UnreachableError
 from rexplan.transport import route as route_mod
+from rexplan.transport.pool import connect
 from rexplan.transport.route import route
 
 VERBOSE = "100:30:200"  # a rig MaxStartups that also turns on LogLevel VERBOSE
@@ -431,3 +432,18 @@ def test_defaults_ssh_config_is_read_instead_of_the_environments(
     assert host.ssh_config == str(tmp_path / "conf" / "ssh")
     r = route(host, m.user("app"))
     assert (r.target.address, r.target.port, r.target.login) == ("192.0.2.9", 2222, "app")
+
+
+def test_an_unreachable_bastion_fails_each_host_behind_it_naming_the_bastion(
+    tmp_path: Path,
+) -> None:
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    jump = f"127.0.0.1:{port}"
+    for name in ("a", "b"):
+        host = Host(name, "10.0.0.1", 22, jump=jump)
+        with pytest.raises(UnreachableError) as info:
+            connect(host, User("app", "app"), known_hosts=str(tmp_path / "none"))
+        text = str(info.value)
+        assert text == f"{name}: connect: bastion {jump}: connection refused by {jump}", text

@@ -120,6 +120,8 @@ class BastionPool:
         self._lock = threading.Lock()
         self._links: dict[_Key, Link] = {}
         self._connecting: dict[_Key, threading.Lock] = {}
+        #: the last failure to connect each chain, and when it ended
+        self._failed: dict[_Key, tuple[float, TransportError]] = {}
 
     def acquire(
         self,
@@ -134,10 +136,16 @@ class BastionPool:
         """A lease on the connection to ``jumps[-1]`` through the hops before it; release()
         it when done. The chain's connections open once and are shared."""
         key: _Key = (tuple(_hop_key(h) for h in jumps), known)
+        asked = time.monotonic()
         with self._lock:
             gate = self._connecting.setdefault(key, threading.Lock())
         with gate:
             with self._lock:
+                failed = self._failed.get(key)
+                if failed is not None and failed[0] >= asked:
+                    # it failed while this caller waited: the hosts behind it queued on one
+                    # attempt, not one connect deadline each
+                    raise _for_host(failed[1], host)
                 link = self._links.get(key)
                 if link is not None and link.alive():
                     link.refs += 1
@@ -145,12 +153,18 @@ class BastionPool:
                 if link is not None:
                     del self._links[key]
             parent = None
-            if len(jumps) > 1:
-                parent = self.acquire(host, jumps[:-1], known, timeouts, banner, auth, deadline)
             try:
+                if len(jumps) > 1:
+                    parent = self.acquire(host, jumps[:-1], known, timeouts, banner, auth, deadline)
                 client = _connect_hop(
                     host, jumps[-1], parent, known, timeouts, banner, auth, deadline
                 )
+            except TransportError as e:
+                if parent is not None:
+                    parent.release()
+                with self._lock:
+                    self._failed[key] = (time.monotonic(), e)
+                raise
             except BaseException:
                 if parent is not None:
                     parent.release()
@@ -210,7 +224,7 @@ def _connect_hop(
     sock: Any
     if parent is None:
         try:
-            sock = tcp_connect(host, hop.address, hop.port, tcp_timeout)
+            sock = tcp_connect(Host("", hop.address, hop.port), hop.address, hop.port, tcp_timeout)
         except TransportError as e:
             raise _as_bastion(e, host, hop) from e
     else:
@@ -252,9 +266,9 @@ def _connect_hop(
 
 def _as_bastion(error: TransportError, host: Host, hop: Hop) -> TransportError:
     """``error`` (raised for the bastion) as the failure of ``host``, naming the bastion."""
-    message = str(error)
     where = f"{hop.address}:{hop.port}"
-    text = f"bastion {hop.label} ({where}): {message}"
+    named = hop.label if hop.label == where else f"{hop.label} ({where})"
+    text = f"bastion {named}: {error}"
     if isinstance(error, HostKeyError):
         hint = (
             f"check the bastion's fingerprint, then pin it: rex hostkeys scan -m MANIFEST "
@@ -267,4 +281,14 @@ def _as_bastion(error: TransportError, host: Host, hop: Hop) -> TransportError:
         )
     else:
         hint = "check hosts.*.jump, the user's ssh_options ProxyJump or ssh_config ProxyJump"
-    return type(error)(text, host=host.name, phase=error.phase, hint=hint)
+    wrapped = type(error)(text, host=host.name, phase=error.phase, hint=hint)
+    wrapped.bastion_error = (error, hop)  # type: ignore[attr-defined]
+    return wrapped
+
+
+def _for_host(error: TransportError, host: Host) -> TransportError:
+    """A bastion failure raised for one host, raised again for ``host``."""
+    raw = getattr(error, "bastion_error", None)
+    if raw is None:
+        return error
+    return _as_bastion(raw[0], host, raw[1])
