@@ -22,6 +22,7 @@ from rexplan.cli.rex import main
 from rexplan.core.manifest import load
 from rexplan.core.model import Host, User
 from rexplan.core.plan import compile as compile_plan
+from rexplan.engine.endpoints import callback_endpoints
 from rexplan.errors import ManifestError, TransportError, UnreachableError
 from rexplan.transport import route as route_mod
 from rexplan.transport.pool import connect
@@ -447,3 +448,16 @@ def test_an_unreachable_bastion_fails_each_host_behind_it_naming_the_bastion(
             connect(host, User("app", "app"), known_hosts=str(tmp_path / "none"))
         text = str(info.value)
         assert text == f"{name}: connect: bastion {jump}: connection refused by {jump}", text
+
+
+def test_hosts_behind_a_bastion_call_back_on_the_route_to_the_bastion(tmp_path: Path) -> None:
+    path = tmp_path / "m.yaml"
+    path.write_text(
+        "rex: 1\nusers: {app: {}}\n"
+        # a name only the bastion's resolver knows: rex must not resolve it here
+        "hosts: {db: {address: db.internal.invalid, jump: '127.0.0.7:2222'}}\n"
+        "programs: {p: {run: [x], on: db}}\nauthorize: ['*.*.*']\n"
+    )
+    m = load(str(path))
+    bind, advertise = callback_endpoints(m, compile_plan(m))
+    assert (bind, advertise("db.internal.invalid")) == ("127.0.0.1", "127.0.0.1")

@@ -11,7 +11,7 @@ from rexplan.core.model import Manifest, Plan
 from rexplan.engine.listener import CallbackListener
 from rexplan.errors import Diagnostic, ManifestError, TransportError
 from rexplan.transport.base import kind
-from rexplan.transport.route import dial_address
+from rexplan.transport.route import route
 
 #: bind here when hosts reach the launcher over different routes
 ALL_ADDRESSES = "0.0.0.0"  # noqa: S104 - only when the routes to the hosts differ
@@ -47,15 +47,19 @@ def callback_endpoints(manifest: Manifest, plan: Plan) -> tuple[str, Callable[[s
 
 
 def _dialled(manifest: Manifest, plan: Plan) -> dict[str, str]:
-    """Each SSH step's manifest address -> the address rex's SSH connection ends at."""
+    """Each SSH step's manifest address -> the address this machine dials for it: the
+    host's (ssh_config's HostName applied), or its first bastion's, whose route is the one
+    this machine knows (the host's name may resolve only behind the bastion)."""
     out: dict[str, str] = {}
     for s in plan.steps:
         if kind(s.transport).is_local or s.address in out:
             continue
         try:
-            out[s.address] = dial_address(manifest.host(s.host), manifest.user(s.user))
+            path = route(manifest.host(s.host), manifest.user(s.user))
         except TransportError:
             out[s.address] = s.address  # the step's connect reports the ssh_config problem
+            continue
+        out[s.address] = (path.jumps[0] if path.jumps else path.target).address
     return out
 
 

@@ -236,8 +236,3 @@ def _hop(host: Host, jump: sshopts.Jump, target: Hop) -> Hop:
         identities, only = target.identities, target.identities_only
     timeout = _first(_timeout(conf.get("connecttimeout")), target.connect_timeout)
     return Hop(str(jump), address, port, login, identities, only, timeout)
-
-
-def dial_address(host: Host, user: User) -> str:
-    """The address rex's SSH connection to ``host`` ends at (HostName applied)."""
-    return route(host, user).target.address
