@@ -25,6 +25,7 @@ from rexplan.core.plan import compile as compile_plan
 from rexplan.engine.endpoints import callback_endpoints
 from rexplan.errors import ManifestError, TransportError, UnreachableError
 from rexplan.transport import route as route_mod
+from rexplan.transport import scan as scan_mod
 from rexplan.transport.pool import connect
 from rexplan.transport.route import route
 
@@ -461,3 +462,28 @@ def test_hosts_behind_a_bastion_call_back_on_the_route_to_the_bastion(tmp_path: 
     m = load(str(path))
     bind, advertise = callback_endpoints(m, compile_plan(m))
     assert (bind, advertise("db.internal.invalid")) == ("127.0.0.1", "127.0.0.1")
+
+
+def test_hostkeys_fetches_one_key_per_sshd_reached_directly(
+    sshd_hosts: Callable[[int], list[RigHost]],
+    sshd_rig: SshdRig,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    (h,) = sshd_hosts(1)
+    calls: list[str] = []
+    real = scan_mod.fetch_key
+
+    def counted(host: Host, *args: Any, **kwargs: Any) -> Any:
+        calls.append(host.name)
+        return real(host, *args, **kwargs)
+
+    monkeypatch.setattr(scan_mod, "fetch_key", counted)
+    path = tmp_path / "m.yaml"
+    at = f"{{address: {h.address}, port: {h.port}}}"
+    path.write_text(f"rex: 1\nusers: {{app: }}\nhosts: {{one: {at}, two: {at}}}\n")
+    code = main(["hostkeys", "verify", "-m", str(path), "--known-hosts", sshd_rig.known_hosts])
+    out, _ = capsys.readouterr()
+    assert code == 0, out
+    assert calls == ["one"]

@@ -23,7 +23,8 @@ from rexplan.core.text import format_columns, printable
 from rexplan.errors import KeyStoreError, TransportError, UsageError
 from rexplan.transport.base import kind
 from rexplan.transport.pinning import HostKeyInfo, host_key_name, host_key_status
-from rexplan.transport.scan import scan_route
+from rexplan.transport.route import route
+from rexplan.transport.scan import Scanned, scan_route
 from rexplan.trust.keys import KeyStore
 from rexplan.trust.output import STDOUT, Output
 
@@ -100,7 +101,7 @@ def scan_hosts(
 
     A host behind bastions reports each bastion first (once per run), then itself, fetched
     through them: rex logs in to a bastion only when its key is pinned, or new and ``accept``.
-    Servers sharing a known_hosts name share one fetch. Nothing is written.
+    Hosts reached directly at the same known_hosts name share one fetch. Nothing is written.
     """
     text = _read(known_hosts)
     fetched: dict[str, HostKeyInfo | TransportError] = {}
@@ -116,7 +117,22 @@ def scan_hosts(
             continue
         timeout = _connect_timeout(manifest, host)
         user = _login_user(manifest, host)
-        for seen in scan_route(host, user, os.fspath(known_hosts), timeout=timeout, trust=trust):
+        try:
+            path = route(host, user)
+        except TransportError:
+            path = None  # scan_route reports it
+        direct = None if path is None or path.jumps else path.target
+        if direct is not None:
+            name = host_key_name(direct.address, direct.port)
+            if name in fetched:  # another host of the manifest on the same sshd
+                scanned = [Scanned(direct, False, *_split_got(fetched[name]))]
+            else:
+                scanned = scan_route(
+                    host, user, os.fspath(known_hosts), timeout=timeout, trust=trust
+                )
+        else:
+            scanned = scan_route(host, user, os.fspath(known_hosts), timeout=timeout, trust=trust)
+        for seen in scanned:
             hop = seen.hop
             name = host_key_name(hop.address, hop.port)
             if seen.bastion:
@@ -124,9 +140,9 @@ def scan_hosts(
                     continue
                 shown.add(name)
             row = Host(hop.label, hop.address, hop.port) if seen.bastion else host
-            got = fetched.get(name) or seen.key or seen.error
-            if seen.key is not None:
-                fetched[name] = seen.key
+            got = seen.key or seen.error
+            if got is not None and direct is not None:
+                fetched.setdefault(name, got)
             note = f"bastion of {host.name}" if seen.bastion else ""
             if not isinstance(got, HostKeyInfo):
                 detail = str(got) if got is not None else "not scanned"
@@ -136,6 +152,12 @@ def scan_hosts(
             status = host_key_status(known_hosts, got)
             reports.append(HostKeyReport(row, name, status, got, pinned, detail=note))
     return reports
+
+
+def _split_got(
+    got: HostKeyInfo | TransportError,
+) -> tuple[HostKeyInfo | None, TransportError | None]:
+    return (got, None) if isinstance(got, HostKeyInfo) else (None, got)
 
 
 # --- known_hosts, stdlib only (OpenSSH's format; paramiko stays in rexplan.transport) -------------
