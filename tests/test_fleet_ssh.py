@@ -22,6 +22,7 @@ from rexplan.cli.rex import main
 from rexplan.core.manifest import load
 from rexplan.core.model import Host, User
 from rexplan.core.plan import compile as compile_plan
+from rexplan.engine.adhoc import adhoc_manifest
 from rexplan.engine.endpoints import callback_endpoints
 from rexplan.errors import ManifestError, TransportError, UnreachableError
 from rexplan.transport import route as route_mod
@@ -487,3 +488,19 @@ def test_hostkeys_fetches_one_key_per_sshd_reached_directly(
     out, _ = capsys.readouterr()
     assert code == 0, out
     assert calls == ["one"]
+
+
+def test_rex_run_without_user_runs_as_each_hosts_user(tmp_path: Path) -> None:
+    path = tmp_path / "m.yaml"
+    path.write_text(
+        "rex: 1\nusers: {app: {}, deploy: {login: ubuntu}}\n"
+        "hosts: {web1: {user: deploy}, web2: {user: app}}\nauthorize: ['*.*.*']\n"
+    )
+    m = load(str(path))
+    plan = compile_plan(adhoc_manifest(m, None, ["true"]))
+    assert {s.host: (s.user, s.login) for s in plan.steps} == {
+        "web1": ("deploy", "ubuntu"),
+        "web2": ("app", "app"),
+    }
+    plan = compile_plan(adhoc_manifest(m, "app", ["true"]))
+    assert {s.user for s in plan.steps} == {"app"}
