@@ -327,6 +327,26 @@ def test_hostkeys_scan_reaches_targets_through_the_bastion_only_once_it_is_pinne
     code = main(["hostkeys", "verify", "-m", str(m), "--known-hosts", str(known)])
     out, _ = world.capsys.readouterr()
     assert code == 0, out
+    # a rebuilt bastion: its CHANGED key is refused, then replaced by name
+    label = f"{b.address}:{b.port}"
+    name = f"[{b.address}]:{b.port}"
+    bad = fleet.targets[0].host_key
+    known.write_text(pinned.replace(f"{name} {b.host_key}", f"{name} {bad}"))
+    logins = fleet.accepted(b)
+    code = main(["hostkeys", "scan", "-m", str(m), "--known-hosts", str(known)])
+    out, _ = world.capsys.readouterr()
+    assert code == 6, out
+    assert f"bastion {label}: host key CHANGED" in out and f"--replace {label}" in out
+    assert fleet.accepted(b) == logins  # no login to a bastion whose key changed
+    argv = ["hostkeys", "scan", "-m", str(m), "--known-hosts", str(known), "--replace", label]
+    code = main(argv)
+    out, _ = world.capsys.readouterr()
+    assert code == 0, out
+    assert f"{name} {b.host_key}" in known.read_text()
+    assert f"{name} {bad}" not in known.read_text()
+    code = main(["hostkeys", "verify", "-m", str(m), "--known-hosts", str(known)])
+    out, _ = world.capsys.readouterr()
+    assert code == 0, out
 
 
 def test_an_alias_only_manifest_is_reached_through_ssh_config(

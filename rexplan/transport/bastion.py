@@ -231,7 +231,10 @@ def _connect_hop(
         sock = parent.channel(host, hop.address, hop.port, tcp_timeout)
     client = paramiko.SSHClient()
     client.set_missing_host_key_policy(StrictPolicy())
-    load_known_hosts(client, known)
+    if not extra:
+        load_known_hosts(client, known)
+    # else exactly the keys the caller is about to pin: known_hosts may pin another one for
+    # this name (a bastion being replaced), and its parsed entries are shared, not to be edited
     for info in extra:
         blob = base64.b64decode(info.key_base64)
         key = paramiko.PKey.from_type_string(info.key_type, blob)

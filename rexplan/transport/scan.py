@@ -81,12 +81,13 @@ def scan_route(
     known_hosts: str,
     *,
     timeout: float,
-    trust: Callable[[HostKeyInfo], bool],
+    trust: Callable[[Hop, HostKeyInfo, str], bool],
 ) -> list[Scanned]:
     """The keys of ``host``'s bastions, first hop first, then of ``host``.
 
     Past a bastion rex logs in as the route says; it does so only when known_hosts pins the
-    key the bastion offered, or ``trust(key)`` says the caller is about to pin it (that key,
+    key the bastion offered, or ``trust(hop, key, status)`` says the caller is about to pin it
+    (status ``unknown`` or ``changed``; that key,
     exactly, is then what the login checks). A hop not reached is reported with the reason.
     """
     try:
@@ -112,7 +113,7 @@ def scan_route(
             if not bastion:
                 break
             status = host_key_status(known_hosts, info)
-            if status != "ok" and not (status == "unknown" and trust(info)):
+            if status != "ok" and not trust(hop, info, status):
                 why = "bastion {} key {}: pin it first (--accept)".format(
                     hop.label, "CHANGED" if status == "changed" else "not pinned"
                 )

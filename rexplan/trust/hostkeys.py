@@ -23,7 +23,7 @@ from rexplan.core.text import format_columns, printable
 from rexplan.errors import KeyStoreError, TransportError, UsageError
 from rexplan.transport.base import kind
 from rexplan.transport.pinning import HostKeyInfo, host_key_name, host_key_status
-from rexplan.transport.route import route
+from rexplan.transport.route import Hop, route
 from rexplan.transport.scan import Scanned, scan_route
 from rexplan.trust.keys import KeyStore
 from rexplan.trust.output import STDOUT, Output
@@ -95,12 +95,17 @@ def _login_user(manifest: Manifest, host: Host) -> User:
 
 
 def scan_hosts(
-    manifest: Manifest, known_hosts: Path, *, accept: bool = False
+    manifest: Manifest,
+    known_hosts: Path,
+    *,
+    accept: bool = False,
+    replace: Sequence[str] = (),
 ) -> list[HostKeyReport]:
     """Fetch every SSH host's key once, serially, in manifest order, and compare it with the pin.
 
     A host behind bastions reports each bastion first (once per run), then itself, fetched
-    through them: rex logs in to a bastion only when its key is pinned, or new and ``accept``.
+    through them: rex logs in to a bastion only when its key is pinned, or new and ``accept``,
+    or it is named in ``replace``.
     Hosts reached directly at the same known_hosts name share one fetch. Nothing is written.
     """
     text = _read(known_hosts)
@@ -108,8 +113,11 @@ def scan_hosts(
     reports: list[HostKeyReport] = []
     shown: set[str] = set()  # bastions already reported
 
-    def trust(info: HostKeyInfo) -> bool:
-        return accept
+    def trust(hop: Hop, info: HostKeyInfo, status: str) -> bool:
+        # the keys scan is about to pin: new ones with --accept, a replaced bastion's
+        return (status == "unknown" and (accept or hop.label in replace)) or (
+            status == "changed" and hop.label in replace
+        )
 
     for host in manifest.hosts:
         if not kind(host.transport).pins_host_keys:
@@ -348,13 +356,30 @@ def _load(path: str) -> Manifest:
     return manifest.load(path)
 
 
+def bastions(m: Manifest) -> list[str]:
+    """The bastions of the manifest's SSH hosts, as ``hostkeys scan`` lists them."""
+    found: dict[str, None] = {}
+    for host in m.hosts:
+        if kind(host.transport).pins_host_keys:
+            try:
+                jumps = route(host, _login_user(m, host)).jumps
+            except TransportError:
+                continue
+            found.update(dict.fromkeys(j.label for j in jumps))
+    return list(found)
+
+
 def _check_replace(m: Manifest, names: Sequence[str]) -> None:
     hosts = {h.name: h for h in m.hosts}
+    jumps = bastions(m) if any(n not in hosts for n in names) else []
     for name in names:
+        if name in jumps:
+            continue
         if name not in hosts:
             raise UsageError(
-                f"--replace {name!r}: no such host in {m.path}",
-                hint=f"hosts: {', '.join(hosts) or '(none)'}",
+                f"--replace {name!r}: no such host or bastion in {m.path}",
+                hint=f"hosts: {', '.join(hosts) or '(none)'}"
+                + (f"; bastions: {', '.join(jumps)}" if jumps else ""),
             )
         if not kind(hosts[name].transport).pins_host_keys:
             raise UsageError(f"--replace {name!r}: a local host has no SSH host key")
@@ -364,7 +389,7 @@ def _scan(args: argparse.Namespace, out: Callable[[str], None]) -> int:
     m = _load(args.manifest)
     _check_replace(m, args.replace)
     known = known_hosts_path(args.keys, args.known_hosts)
-    reports = scan_hosts(m, known, accept=args.accept)
+    reports = scan_hosts(m, known, accept=args.accept, replace=args.replace)
     replace = set(args.replace)
     add: dict[str, HostKeyInfo] = {}
     swap: dict[str, HostKeyInfo] = {}
@@ -403,8 +428,8 @@ def _scan(args: argparse.Namespace, out: Callable[[str], None]) -> int:
         if r.host.name not in hosts:  # a bastion, named as its jump is written
             lines.append(
                 f"bastion {r.host.name}: host key CHANGED; {known} left unchanged. If it was "
-                f"really rebuilt, check its new fingerprint, then: ssh-keygen -R '{r.name}' "
-                f"-f {known} and rex hostkeys scan -m {args.manifest} --accept"
+                f"really rebuilt, check its new fingerprint, then: rex hostkeys scan -m "
+                f"{args.manifest} --replace {r.host.name}"
             )
             continue
         lines.append(
@@ -512,8 +537,8 @@ def add_parser(subparsers: argparse._SubParsersAction[Any]) -> None:
         action="append",
         default=[],
         metavar="HOST",
-        help="pin the key manifest host HOST offers now, replacing the key pinned for it (for "
-        "a rebuilt host; repeatable)",
+        help="pin the key manifest host HOST (or a bastion, named as scan lists it) offers now, "
+        "replacing the key pinned for it (for a rebuilt host; repeatable)",
     )
     verify = actions.add_parser(
         "verify",
