@@ -369,6 +369,14 @@ def test_an_alias_only_manifest_is_reached_through_ssh_config(
     doc["users"] = {world.user: None}  # login, key, port and address: all from ssh_config
     path.write_text(json.dumps(doc) + "\n")
     world.hosts.update({"app1": t1, "app2": t2})
+    argv = ["hostkeys", "verify", "-m", str(path), "--known-hosts", rig.known_hosts, "--json"]
+    assert main(argv) == 0
+    doc = json.loads(world.capsys.readouterr().out)
+    assert [(h["host"], h["address"], h["port"], h["status"]) for h in doc["hosts"]] == [
+        ("bast", b.address, b.port, "ok"),  # the bastion, as ProxyJump names it
+        ("app1", t1.address, t1.port, "ok"),
+        ("app2", t2.address, t2.port, "ok"),
+    ]
     world.distribute(path)
     run = world.apply(path)
     assert run.code == 0, run.out + run.err

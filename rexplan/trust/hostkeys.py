@@ -147,7 +147,10 @@ def scan_hosts(
                 if name in shown:
                     continue
                 shown.add(name)
-            row = Host(hop.label, hop.address, hop.port) if seen.bastion else host
+            if seen.bastion:
+                row = Host(hop.label, hop.address, hop.port)
+            else:  # the address and port dialled (ssh_config's HostName and Port applied)
+                row = dataclasses.replace(host, address=hop.address, port=hop.port)
             got = seen.key or seen.error
             if got is not None and direct is not None:
                 fetched.setdefault(name, got)
