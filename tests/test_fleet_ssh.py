@@ -27,8 +27,9 @@ from rexplan.engine.endpoints import callback_endpoints
 from rexplan.errors import ManifestError, TransportError, UnreachableError
 from rexplan.transport import route as route_mod
 from rexplan.transport import scan as scan_mod
+from rexplan.transport.bastion import auth_kwargs
 from rexplan.transport.pool import connect
-from rexplan.transport.route import route
+from rexplan.transport.route import Hop, route
 
 VERBOSE = "100:30:200"  # a rig MaxStartups that also turns on LogLevel VERBOSE
 
@@ -532,3 +533,15 @@ def test_rex_run_without_user_runs_as_each_hosts_user(tmp_path: Path) -> None:
     }
     plan = compile_plan(adhoc_manifest(m, "app", ["true"]))
     assert {s.user for s in plan.steps} == {"app"}
+
+
+def test_keys_offered_as_openssh_offers_them() -> None:
+    def offered(identities: tuple[str, ...], only: bool) -> tuple[bool, bool, list[str]]:
+        kw = auth_kwargs(Hop("h", "127.0.0.1", 22, "u", identities, only, None))
+        return kw["look_for_keys"], kw["allow_agent"], kw.get("key_filename", [])
+
+    missing = "/nonexistent/key"
+    assert offered((), False) == (True, True, [])  # the agent and ~/.ssh defaults
+    assert offered((), True) == (True, False, [])  # IdentitiesOnly: no agent
+    assert offered((missing,), False) == (False, True, [missing])  # that key, and the agent
+    assert offered((missing,), True) == (False, False, [missing])  # that key only

@@ -38,10 +38,12 @@ def _hop_key(hop: Hop) -> tuple[str, int, str, tuple[str, ...], bool]:
 
 def auth_kwargs(hop: Hop) -> dict[str, Any]:
     """paramiko connect() arguments offering ``hop``'s keys (cached, parsed once per file)."""
-    kwargs: dict[str, Any] = {}
-    if hop.identities_only:
-        # only the named keys: deterministic, and no agent surprises
-        kwargs.update(look_for_keys=False, allow_agent=False)
+    # as OpenSSH: the ~/.ssh default keys only when no IdentityFile is named; the agent's
+    # unless IdentitiesOnly (an explicit users.*.identity: only that key, no agent surprises)
+    kwargs: dict[str, Any] = {
+        "look_for_keys": not hop.identities,
+        "allow_agent": not hop.identities_only,
+    }
     files: list[str] = []
     for path in hop.identities:
         pkey = IDENTITIES.get(path) if "pkey" not in kwargs else None
