@@ -93,6 +93,10 @@ def test_only_transport_imports_ssh_libraries() -> None:
         "transport/handshake.py",
         "transport/pinning.py",
         "transport/streams.py",
+        "transport/route.py",
+        "transport/bastion.py",
+        "transport/scan.py",
+        "transport/dialing.py",
     }
 
 

@@ -53,7 +53,7 @@ hosts:
   localhost: {transport: local, load: loadavg}
   "node[01-03]": {address: "127.0.1.{n}", groups: [compute, web]}
 users:
-  app: {login: svc, identity: ~/.ssh/id_ed25519, ssh_options: {StrictHostKeyChecking: yes}}
+  app: {login: svc, identity: ~/.ssh/id_ed25519, ssh_options: {ConnectTimeout: "5"}}
   db: {}
 programs:
   app:
@@ -112,7 +112,7 @@ def test_good_manifest_becomes_records(tmp_path: Path) -> None:
             (("rack", "1"), ("zone", "b")),
             load="cgroup",
         ),
-        Host("localhost", "localhost", 2200, None, "local", "python3"),
+        Host("localhost", "localhost", 2200, None, "local", "python3", address_set=False),
         Host(
             "node01", "127.0.1.1", 2200, None, "ssh", "python3", ("compute", "web"), load="cgroup"
         ),
@@ -124,8 +124,8 @@ def test_good_manifest_becomes_records(tmp_path: Path) -> None:
         ),
     )
     assert m.users == (
-        User("app", "svc", "~/.ssh/id_ed25519", (("StrictHostKeyChecking", "yes"),)),
-        User("db", "db"),
+        User("app", "svc", "~/.ssh/id_ed25519", (("ConnectTimeout", "5"),)),
+        User("db", "db", login_set=False),
     )
     assert m.authorize == (
         Authorization("web*.app.*", "web*", "app", "*"),
@@ -441,7 +441,7 @@ def test_user_logins_identities_and_ssh_options() -> None:
     assert [(d.path, d.message.split(" ")[0]) for d in _error(text)] == [
         ("users.app.login", "invalid"),
         ("users.app.identity", "invalid"),
-        ("users.app.ssh_options.Bad-Opt", "invalid"),
+        ("users.app.ssh_options.Bad-Opt", "ssh"),
     ]
 
 

@@ -202,8 +202,8 @@ def manifest_triples(path: str, programs: Sequence[str]) -> list[Triple]:
             continue
         for host in prog.hosts:
             # the loader refuses unauthorized steps; this keeps keys off any that slip through
-            if m.authorized(host, prog.user, prog.name):
-                wanted[(host, prog.user, prog.name)] = None
+            if m.authorized(host, prog.user_on(host), prog.name):
+                wanted[(host, prog.user_on(host), prog.name)] = None
     return list(wanted)
 
 

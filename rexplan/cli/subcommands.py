@@ -191,7 +191,10 @@ def add_run(sub: Subparsers) -> None:
     )
     options.manifest_flag(parser)
     parser.add_argument(
-        "--user", metavar="USER", help="the manifest user to run as (default: defaults.user)"
+        "--user",
+        metavar="USER",
+        help="the manifest user to run as on every host (default: each host's hosts.*.user, "
+        "else defaults.user)",
     )
     options.forks(parser, "hosts at once (default: defaults.forks, 64)")
     parser.add_argument(

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import fnmatch
 import graphlib
+import posixpath
 import re
 from dataclasses import replace
 from typing import Any
 
-from rexplan.core import hostrange, perhost, settings
+from rexplan.core import hostrange, perhost, settings, sshchecks
 from rexplan.core.become import Become
 from rexplan.core.model import (
     MAX_STEPS,
@@ -45,7 +46,6 @@ MAX_HOSTS = hostrange.MAX_HOSTS
 _ENV_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 _LOGIN_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,31}\Z")
 _PYTHON_RE = re.compile(r"[A-Za-z0-9_./+-]+\Z")
-_SSH_OPTION_RE = re.compile(r"[A-Za-z][A-Za-z0-9]*\Z")
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
 _GLOB_CHARS = frozenset("*?[")
 _PATTERN_HOST_RE = re.compile(r"[A-Za-z0-9_.*?\[\]!-]+\Z")
@@ -157,7 +157,10 @@ class Checker:
             self.relay_identity = None
             identity = ""  # reported once: tree_problems need not add that it is missing
         if self.strategy == "tree":
-            for path, message, hint in settings.tree_problems(self.programs, identity):
+            problems = settings.tree_problems(
+                self.programs, identity, self.hosts, tuple(self.users.values())
+            )
+            for path, message, hint in problems:
                 self.report.value(path, message, hint)
             for path in self.via_ssh:
                 self.report.value(path, *settings.TREE_VIA_SSH)
@@ -169,6 +172,7 @@ class Checker:
             problem = name_problem(name)
             if problem:
                 self.report.key(path, f"invalid user name {name!r}: {problem}")
+            login_set = isinstance(spec.get("login"), str)
             login = as_str(spec.get("login"), name) or name
             if "login" in spec and isinstance(spec["login"], str) and not _LOGIN_RE.match(login):
                 self.report.value((*path, "login"), f"invalid login {login!r}")
@@ -177,21 +181,23 @@ class Checker:
                 identity.startswith("-") or any(ord(c) < 32 for c in identity)
             ):
                 self.report.value((*path, "identity"), f"invalid identity file {identity!r}")
-            options = as_pairs(spec.get("ssh_options"))
-            for option, setting in options:
-                opt_path = (*path, "ssh_options", option)
-                if not _SSH_OPTION_RE.match(option):
-                    self.report.key(opt_path, f"invalid ssh option name {option!r}")
-                if any(ord(c) < 32 for c in setting):
-                    self.report.value(opt_path, "ssh option values are one line of text")
-            self.users[name] = User(name, login, identity, options)
+            options = sshchecks.ssh_options(self.report, path, as_pairs(spec.get("ssh_options")))
+            self.users[name] = User(name, login, identity, options, login_set=login_set)
 
     def _hosts(self) -> None:
         d = self.defaults
+        ssh_config = as_str(d.get("ssh_config"), None)
+        if ssh_config is not None:
+            if _CONTROL_RE.search(ssh_config):
+                self.report.value(("defaults", "ssh_config"), f"invalid file {ssh_config!r}")
+            elif not ssh_config.startswith(("/", "~")):
+                ssh_config = posixpath.join(self.base_dir, ssh_config)
         base = Host(
             "",
             "",
             port=as_int(d.get("port"), 22),
+            port_set="port" in d,
+            ssh_config=ssh_config,
             transport=as_str(d.get("transport"), "ssh") or "ssh",
             python=as_str(d.get("python"), "python3") or "python3",
             max_startups=as_int(d.get("max_startups"), Host.max_startups),
@@ -204,6 +210,7 @@ class Checker:
         for key, value in as_map(self.doc.get("hosts")).items():
             if not self._host_entry(key, as_map(value), base, where):
                 return
+        sshchecks.resolve_jumps(self.report, self.hosts, self.index, where)
 
     def _host_entry(
         self, key: str, spec: dict[str, Any], base: Host, where: dict[str, str]
@@ -252,6 +259,8 @@ class Checker:
                 self.report.value((*path, "address"), f"bad address template: {exc}")
                 address = None
         port = as_int(spec.get("port"), base.port)
+        port_set = base.port_set or "port" in spec
+        jump = sshchecks.jump(self.report, path, spec.get("jump"))
         max_startups = as_int(spec.get("max_startups"), base.max_startups)
         load = as_str(spec.get("load"), base.load) or base.load
         transport = as_str(spec.get("transport"), base.transport) or base.transport
@@ -298,6 +307,10 @@ class Checker:
                     max_startups=max_startups,
                     load=load,
                     callback=callback,
+                    address_set=address is not None,
+                    port_set=port_set,
+                    jump=jump,
+                    ssh_config=base.ssh_config,
                 )
             )
             names.append(h.name)
@@ -522,21 +535,7 @@ class Checker:
             )
         if spec.get("on") == []:
             report.value((*path, "on"), "'on' selects no host")
-        user = as_str(spec.get("user"), None)
-        if user is not None:
-            if user not in self.users:
-                self._unknown((*path, "user"), "user", user, self.users)
-                user = None
-        elif isinstance(d.get("user"), str):
-            user = d["user"] if d["user"] in self.users else None
-        elif len(self.users) == 1:
-            user = next(iter(self.users))
-        else:
-            report.key(
-                path,
-                f"program {name!r} has no user",
-                "set user: on the program, or defaults.user",
-            )
+        user, host_users = self._program_users(path, spec, hosts)
         timeouts = self._timeouts(spec.get("timeouts"), self.timeouts)
         ready = settings.ready(report, (*path, "ready"), spec.get("ready"), timeouts.ready)
         placement = settings.placement(
@@ -553,18 +552,23 @@ class Checker:
         become = self.become.of(path, spec, user)
         if user is None:
             return None
-        if hosts and NAME_RE.match(name) and NAME_RE.match(user):
-            denied = self._unauthorized(hosts, user, name)
+        by_user: dict[str, list[str]] = {}
+        for h in hosts:
+            by_user.setdefault(host_users.get(h, user), []).append(h)
+        for who, theirs in by_user.items():
+            if not (NAME_RE.match(name) and NAME_RE.match(who)):
+                continue
+            denied = self._unauthorized(tuple(theirs), who, name)
             if denied:
-                shown = ", ".join(triple(h, user, name) for h in denied[:3])
+                shown = ", ".join(triple(h, who, name) for h in denied[:3])
                 more = f" and {len(denied) - 3} more" if len(denied) > 3 else ""
                 where = (*path, "on") if "on" in spec else path
                 report.add(
                     report.where(where, key="on" not in spec),
                     where,
                     f"{len(denied)} step(s) not authorized: {shown}{more}",
-                    f"add a pattern to authorize, e.g. '{triple(denied[0], user, name)}' "
-                    f"or '*.{user}.{name}'",
+                    f"add a pattern to authorize, e.g. '{triple(denied[0], who, name)}' "
+                    f"or '*.{who}.{name}'",
                 )
         return Program(
             name=name,
@@ -592,4 +596,38 @@ class Checker:
             become=become,
             logs=settings.logs(report, (*path, "logs"), spec.get("logs"), self.logs),
             env_clear=spec.get("env_clear", d.get("env_clear")) is True,
+            host_users=tuple(host_users.items()),
         )
+
+    def _program_users(
+        self, path: KeyPath, spec: dict[str, Any], hosts: tuple[str, ...]
+    ) -> tuple[str | None, dict[str, str]]:
+        """(the program's user, {host: user} where a host's own user differs from it).
+
+        The program's ``user``, else per host its ``hosts.*.user``, else defaults.user, else
+        the only user."""
+        d = self.defaults
+        user = as_str(spec.get("user"), None)
+        if user is not None:
+            if user not in self.users:
+                self._unknown((*path, "user"), "user", user, self.users)
+                return None, {}
+            return user, {}
+        if isinstance(d.get("user"), str):
+            fallback = d["user"] if d["user"] in self.users else None
+        elif len(self.users) == 1:
+            fallback = next(iter(self.users))
+        else:
+            fallback = None
+        own = {h: u for h in hosts if (u := self.hosts[self.index[h]].user) in self.users}
+        if fallback is None and hosts and len(own) == len(hosts):
+            fallback = own[hosts[0]]
+        if fallback is None:
+            if not d.get("user") or d["user"] in self.users:
+                self.report.key(
+                    path,
+                    f"program {path[-1]!r} has no user",
+                    "set user: on the program, hosts.*.user on each of its hosts, or defaults.user",
+                )
+            return None, {}
+        return fallback, {h: u for h, u in own.items() if u != fallback}

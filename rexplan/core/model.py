@@ -44,7 +44,8 @@ class Host:
     name: str
     address: str
     port: int = 22
-    user: str | None = None  # default manifest user for steps on this host
+    #: the manifest user of the steps on this host of programs that name no user
+    user: str | None = None
     transport: str = "ssh"  # "ssh" | "local"
     python: str = "python3"
     groups: tuple[str, ...] = ()
@@ -59,6 +60,15 @@ class Host:
     #: how the agent calls back: "direct" (it dials the launcher's listener) or "ssh" (it
     #: dials a port the launcher forwards to its listener over this host's SSH connection)
     callback: str = "direct"
+    #: whether the manifest set ``address`` / ``port``: where it did not, ssh_config's
+    #: HostName / Port apply (rexplan.transport.route); a Host built in code means what it says
+    address_set: bool = True
+    port_set: bool = True
+    #: bastions, OpenSSH's ProxyJump syntax: ``[user@]host[:port]``, a comma list in order
+    jump: str | None = None
+    #: the ssh_config file (defaults.ssh_config, absolute); None: $REX_SSH_CONFIG, else
+    #: ~/.ssh/config and /etc/ssh/ssh_config as OpenSSH reads them
+    ssh_config: str | None = None
 
 
 @dataclass(frozen=True)
@@ -68,7 +78,10 @@ class User:
     name: str
     login: str  # Unix account name on the hosts (defaults to name)
     identity: str | None = None  # private key file for SSH
+    #: ssh_config options for this user's connections (rexplan.transport.route.OPTIONS)
     ssh_options: Pairs = ()
+    #: whether the manifest set ``login``: where it did not, ssh_options/ssh_config User apply
+    login_set: bool = True
 
 
 @dataclass(frozen=True)
@@ -191,6 +204,16 @@ class Program:
     tags: tuple[str, ...] = ()  # what --tags selects it by
     restart_with: tuple[str, ...] = ()  # programs whose restart restarts it after them
     autostart: bool = False  # its host starts it again at boot (agent --boot)
+    #: (host, user) where the step on that host runs as another user than ``user``: a
+    #: program naming no user runs on a host as its ``hosts.*.user`` (Ansible's ansible_user)
+    host_users: Pairs = ()
+
+    def user_on(self, host: str) -> str:
+        """The manifest user of this program's step on ``host``."""
+        for name, user in self.host_users:
+            if name == host:
+                return user
+        return self.user
 
     @property
     def argv(self) -> tuple[str, ...]:

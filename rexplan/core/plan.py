@@ -196,6 +196,11 @@ def _steps(
         problems.append(_diag(manifest, f"{where}.user", f"unknown user {program.user!r}"))
         return []
     authorized = _host_matcher(manifest, program.user, program.name)
+    # hosts whose own user (hosts.*.user) the program's steps there run as
+    others: dict[str, tuple[str, str, Callable[[str], object] | None]] = {}
+    for name, other in program.host_users:
+        login = users[other].login if other in users else ""
+        others[name] = (other, login, _host_matcher(manifest, other, program.name))
     # A frozen dataclass __init__ pays one object.__setattr__ per field (about 5 us for Step,
     # a quarter second for 50,000 steps). Each step's dict is filled from this template, which
     # __init__ built, then from its host: every field and default is kept, and the step compares
@@ -238,9 +243,11 @@ def _steps(
         if entry is None:
             problems.append(_diag(manifest, f"{where}.on", f"unknown host {name!r}"))
             continue
-        t = triple(name, program.user, program.name)
+        own = others.get(name)
+        t = triple(name, own[0] if own else program.user, program.name)
+        allows = own[2] if own else authorized
         # checked before the limit, so a limited plan never passes where the full one fails
-        if authorized is None or authorized(name) is None:
+        if allows is None or allows(name) is None:
             denied.append(t)
             continue
         if keep is not None and not keep(entry[0]):
@@ -249,6 +256,8 @@ def _steps(
         fields = vars(step)
         fields.update(base)
         fields.update(entry[1])
+        if own:
+            fields["user"], fields["login"] = own[0], own[1]
         fields["id"] = f"{program.name}@{name}"
         fields["triple"] = t
         fields["index"] = index

@@ -7,7 +7,7 @@ import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from rexplan.core.model import FailurePolicy, FileSpec, Host, Placement, Program, Ready
+from rexplan.core.model import FailurePolicy, FileSpec, Host, Placement, Program, Ready, User
 from rexplan.core.templates import is_template
 from rexplan.core.values import address_problem, as_int, as_map, as_num, as_str, count_or_percent
 from rexplan.core.yamlpos import KeyPath, Report
@@ -197,12 +197,35 @@ def files(report: Report, path: KeyPath, value: Any, base_dir: str) -> tuple[Fil
 
 
 def tree_problems(
-    programs: Sequence[Program], relay_identity: str | None
+    programs: Sequence[Program],
+    relay_identity: str | None,
+    hosts: Sequence[Host] = (),
+    users: Sequence[User] = (),
 ) -> list[tuple[KeyPath, str, str]]:
     """Why ``programs`` cannot be launched with ``strategy: tree``: (key path, message, hint)
     for each. Relays only pass launch lines on; what the launcher does over its own connection
     to a host (files over SFTP, load probes) it cannot do through them."""
     out: list[tuple[KeyPath, str, str]] = []
+    # relays reach their hosts with their own OpenSSH and config: no bastions, no ssh_options
+    jumped = next((h for h in hosts if h.jump), None)
+    if jumped is not None:
+        out.append(
+            (
+                ("defaults", "strategy"),
+                f"strategy: tree cannot reach host {jumped.name!r} through its jump",
+                "use strategy: flat for hosts behind bastions",
+            )
+        )
+    optioned = next((u for u in users if u.ssh_options), None)
+    if optioned is not None:
+        out.append(
+            (
+                ("defaults", "strategy"),
+                f"strategy: tree does not apply users.{optioned.name}.ssh_options (relays log "
+                "in to their hosts with their own OpenSSH and its config)",
+                "use strategy: flat, or set the options in the relay hosts' ssh_config",
+            )
+        )
     if relay_identity is None:
         out.append(
             (

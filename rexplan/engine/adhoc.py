@@ -33,11 +33,16 @@ STOP_GRACE = 2.0
 
 
 def adhoc_manifest(manifest: Manifest, user: str | None, argv: Sequence[str]) -> Manifest:
-    """``manifest`` with one job program, ``run``, on all its hosts as ``user``."""
+    """``manifest`` with one job program, ``run``, on all its hosts as ``user``; without it,
+    on each host as its ``hosts.*.user``, else defaults.user, else the only user."""
     if not argv:
         raise UsageError("no command to run", hint="rex run PATTERN -m MANIFEST -- CMD ARGS...")
     names = [u.name for u in manifest.users]
+    # without --user, a host's own user (hosts.*.user) first, as for programs naming none
+    own = {} if user else {h.name: h.user for h in manifest.hosts if h.user in names}
     chosen = user or manifest.default_user or (names[0] if len(names) == 1 else None)
+    if chosen is None and own and len(own) == len(manifest.hosts):
+        chosen = own[manifest.hosts[0].name]
     if chosen is None:
         raise UsageError(
             "which user? the manifest has no defaults.user", hint="--user " + " | ".join(names)
@@ -47,6 +52,7 @@ def adhoc_manifest(manifest: Manifest, user: str | None, argv: Sequence[str]) ->
     job = Program(
         name=PROGRAM,
         hosts=tuple(h.name for h in manifest.hosts),
+        host_users=tuple((h, u) for h, u in own.items() if u != chosen),
         user=chosen,
         run=tuple(argv),
         kind="job",

@@ -9,8 +9,9 @@ from collections.abc import Callable
 
 from rexplan.core.model import Manifest, Plan
 from rexplan.engine.listener import CallbackListener
-from rexplan.errors import Diagnostic, ManifestError
+from rexplan.errors import Diagnostic, ManifestError, TransportError
 from rexplan.transport.base import kind
+from rexplan.transport.route import route
 
 #: bind here when hosts reach the launcher over different routes
 ALL_ADDRESSES = "0.0.0.0"  # noqa: S104 - only when the routes to the hosts differ
@@ -40,6 +41,32 @@ def callback_endpoints(manifest: Manifest, plan: Plan) -> tuple[str, Callable[[s
     then takes no connection from the network), else the launcher's address on the
     route to each host, bound to all addresses only when the routes differ.
     """
+    # a host named only in ssh_config (HostName) is dialled at the address ssh_config gives
+    dialled = _dialled(manifest, plan)
+    bind, advertise = _endpoints(manifest, plan, dialled)
+    return bind, lambda address: advertise(dialled.get(address, address))
+
+
+def _dialled(manifest: Manifest, plan: Plan) -> dict[str, str]:
+    """Each SSH step's manifest address -> the address this machine dials for it: the
+    host's (ssh_config's HostName applied), or its first bastion's, whose route is the one
+    this machine knows (the host's name may resolve only behind the bastion)."""
+    out: dict[str, str] = {}
+    for s in plan.steps:
+        if kind(s.transport).is_local or s.address in out:
+            continue
+        try:
+            path = route(manifest.host(s.host), manifest.user(s.user))
+        except TransportError:
+            out[s.address] = s.address  # the step's connect reports the ssh_config problem
+            continue
+        out[s.address] = (path.jumps[0] if path.jumps else path.target).address
+    return out
+
+
+def _endpoints(
+    manifest: Manifest, plan: Plan, dialled: dict[str, str]
+) -> tuple[str, Callable[[str], str]]:
     cb = manifest.callback
     if cb.bind is not None:
         fixed = cb.advertise or cb.bind
@@ -48,10 +75,10 @@ def callback_endpoints(manifest: Manifest, plan: Plan) -> tuple[str, Callable[[s
         return cb.bind, lambda _address: fixed
     remote = sorted(
         {
-            s.address
+            dialled[s.address]
             for s in plan.steps
             if not kind(s.transport).is_local
-            and not _is_loopback(s.address)
+            and not _is_loopback(dialled[s.address])
             and manifest.host(s.host).callback != "ssh"  # its agent dials a forward
         }
     )

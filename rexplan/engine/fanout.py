@@ -313,7 +313,9 @@ class TreeLauncher:
         known_hosts: str | None,
         fanout: int,
     ) -> None:
-        problems = tree_problems(manifest.programs, manifest.relay_identity)
+        problems = tree_problems(
+            manifest.programs, manifest.relay_identity, manifest.hosts, manifest.users
+        )
         if problems:
             keys, message, hint = problems[0]
             where = ".".join(str(k) for k in keys)

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
-import socket
 import threading
 import time
-from collections.abc import Sequence
 from typing import Any, cast
 
 import fabric
@@ -16,20 +15,19 @@ import paramiko
 
 from rexplan.core.model import Host, Timeouts, User
 from rexplan.errors import (
-    AuthenticationError,
-    HostKeyError,
     HostTimeoutError,
     TransportError,
-    UnreachableError,
 )
+from rexplan.transport.bastion import BASTIONS, Link, auth_kwargs
+from rexplan.transport.dialing import aead_first, connect_error, file_stamps, tcp_connect
 from rexplan.transport.pacing import HANDSHAKE_GATES, dropped_by_server
 from rexplan.transport.pinning import (
     HostKeyInfo,
     StrictPolicy,
-    UnknownHostKey,
     host_key_name,
     load_known_hosts,
 )
+from rexplan.transport.route import Hop, route
 
 # paramiko logs every failed handshake (a dropped banner exchange included) at ERROR with a
 # traceback; with no handler anywhere, logging's last resort would print it on stderr. rex
@@ -38,35 +36,10 @@ from rexplan.transport.pinning import (
 logging.getLogger("paramiko").addHandler(logging.NullHandler())
 
 
-def timed_out(exc: BaseException) -> bool:
-    seen: BaseException | None = exc
-    while seen is not None:
-        text = str(seen).lower()
-        if isinstance(seen, TimeoutError) or "timeout" in text or "timed out" in text:
-            return True
-        seen = seen.__context__
-    return False
-
-
-def _stamp(paths: Sequence[str]) -> tuple[tuple[int, int] | None, ...]:
-    """(mtime, size) of each path, None where there is no file: a cache key that changes
-    when any of them is edited, created or removed."""
-    stamps: list[tuple[int, int] | None] = []
-    for path in paths:
-        try:
-            st = os.stat(os.path.expanduser(path))
-        except OSError:
-            stamps.append(None)
-        else:
-            stamps.append((st.st_mtime_ns, st.st_size))
-    return tuple(stamps)
-
-
-#: the files a fabric.Config reads when it is built: ssh_config and fabric's own
-_FABRIC_FILES = (
-    "/etc/ssh/ssh_config",
-    "~/.ssh/config",
-    *(f"{d}fabric.{ext}" for d in ("/etc/", "~/.") for ext in ("yaml", "yml", "json", "py")),
+#: the files a fabric.Config reads when it is built (fabric's own; rex reads ssh_config
+#: itself, rexplan.transport.route, so fabric gets an empty one)
+_FABRIC_FILES = tuple(
+    f"{d}fabric.{ext}" for d in ("/etc/", "~/.") for ext in ("yaml", "yml", "json", "py")
 )
 
 
@@ -80,10 +53,10 @@ class _FabricConfigCache:
         self._config: tuple[tuple[object, ...], fabric.Config] | None = None
 
     def get(self) -> fabric.Config:
-        stamp = (os.path.expanduser("~"), _stamp(_FABRIC_FILES))
+        stamp = (os.path.expanduser("~"), file_stamps(_FABRIC_FILES))
         with self._lock:
             if self._config is None or self._config[0] != stamp:
-                self._config = (stamp, fabric.Config())
+                self._config = (stamp, fabric.Config(ssh_config=paramiko.SSHConfig()))
             return self._config[1]
 
 
@@ -97,77 +70,8 @@ class _Connection(fabric.Connection):  # type: ignore[misc]  # fabric ships no t
     it for a moment under the other threads reading it."""
 
     inline_ssh_env = None
-
-
-class _IdentityCache:
-    """Private keys loaded once per file content rather than per connection: paramiko's
-    key_filename path parses the file once per key class it tries (three times for an
-    ed25519 key) on every connection. A key that does not load here (encrypted, unknown
-    type) is left to paramiko's key_filename path and its error messages."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._keys: dict[str, tuple[tuple[object, ...], paramiko.PKey | None]] = {}
-
-    def get(self, path: str) -> paramiko.PKey | None:
-        cert = path + "-cert.pub"
-        stamp = _stamp((path, cert))
-        with self._lock:
-            hit = self._keys.get(path)
-            if hit is None or hit[0] != stamp:
-                hit = (stamp, self._load(path, cert))
-                self._keys[path] = hit
-            return hit[1]
-
-    @staticmethod
-    def _load(path: str, cert: str) -> paramiko.PKey | None:
-        try:
-            pkey = paramiko.PKey.from_path(path)
-            if os.path.isfile(cert):  # as paramiko's key_filename path does
-                pkey.load_certificate(cert)
-        except Exception:  # paramiko raises many types; its key_filename path reports them
-            return None
-        return pkey
-
-
-_IDENTITIES = _IdentityCache()
-
-
-#: AEAD ciphers first: their integrity check runs in the cipher library, where with the
-#: other ciphers paramiko compares every packet's MAC in a Python loop
-_AEAD = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com")
-
-
-def _aead_first(sock: Any, **kwargs: Any) -> paramiko.Transport:
-    """SSHClient.connect's transport_factory: paramiko's Transport offering the AES-GCM
-    ciphers first (OpenSSH >= 6.2 has them); every cipher it offers stays on the list."""
-    transport = paramiko.Transport(sock, **kwargs)
-    options = transport.get_security_options()
-    offered = tuple(options.ciphers)
-    options.ciphers = tuple(c for c in _AEAD if c in offered) + tuple(
-        c for c in offered if c not in _AEAD
-    )
-    return transport
-
-
-def tcp_connect(host: Host, address: str, port: int, timeout: float) -> socket.socket:
-    hint = f"check hosts.{host.name}.address/port and that sshd runs there"
-    where = f"{address}:{port}"
-    try:
-        sock = socket.create_connection((address, port), timeout=timeout)
-    except OSError as e:
-        if isinstance(e, socket.gaierror):
-            why = f"cannot resolve {address}: {e.strerror}"
-        elif isinstance(e, ConnectionRefusedError):
-            why = f"connection refused by {where}"
-        elif isinstance(e, TimeoutError):
-            why = f"no TCP connection to {where} within {timeout:g}s"
-        else:
-            why = f"cannot connect to {where}: {e.strerror or e}"
-        raise UnreachableError(why, host=host.name, phase="connect", hint=hint) from e
-    # SSH packets are small request/reply pairs: Nagle plus delayed ACK would add ~40 ms to each
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    return sock
+    #: the lease on the bastion chain this connection goes through (SSHTransport releases it)
+    bastion: Link | None = None
 
 
 def handshake(
@@ -179,19 +83,16 @@ def handshake(
     auth: float,
     deadline: float,
 ) -> tuple[fabric.Connection, StrictPolicy]:
-    """One connect, key exchange and authentication, inside a handshake slot of the sshd."""
+    """One connect, key exchange and authentication, inside a handshake slot of the sshd;
+    through the route's bastions (each pinned and shared: rexplan.transport.bastion)."""
+    path = route(host, user)
+    hop = path.target
     # never empty: fabric would use (and extend) the shared config's own dict instead
-    kwargs: dict[str, Any] = {"transport_factory": _aead_first}
-    if user.identity:
-        # an explicit identity is the only key offered: deterministic, and no agent surprises
-        path = os.path.expanduser(user.identity)
-        pkey = _IDENTITIES.get(path)
-        kwargs.update(look_for_keys=False, allow_agent=False)
-        kwargs.update({"pkey": pkey} if pkey is not None else {"key_filename": [path]})
+    kwargs: dict[str, Any] = {"transport_factory": aead_first, **auth_kwargs(hop)}
     conn = _Connection(
-        host.address,
-        user=user.login,
-        port=host.port,
+        hop.address,
+        user=hop.login,
+        port=hop.port,
         config=_FABRIC_CONFIG.get(),
         connect_kwargs=kwargs,
     )
@@ -199,33 +100,64 @@ def handshake(
     # fabric installs AutoAddPolicy in its constructor; replace it before anything connects
     conn.client.set_missing_host_key_policy(policy)
     load_known_hosts(conn.client, known)
-    # fabric rounds ssh_config's ConnectTimeout to whole seconds; rex's deadlines apply instead
+    # rex's deadlines and ssh_config's ConnectTimeout (route) apply, not fabric's rounding
     conn.connect_timeout = None
-    # ssh_config may rename the host or port: the gate belongs to the sshd actually dialled
-    address, port = str(conn.host), int(conn.port)
+    link = None
+    sock: Any = None
+    if path.jumps:
+        link = BASTIONS.acquire(host, path.jumps, known, timeouts, banner, auth, deadline)
+        try:
+            sock = link.channel(host, hop.address, hop.port, _tcp_timeout(hop, timeouts))
+        except BaseException:
+            link.release()
+            raise
+    address, port = hop.address, hop.port
     gate = HANDSHAKE_GATES.gate(address, port, host.max_startups)
-    if not gate.acquire(host.max_startups, timeout=max(0.0, deadline - time.monotonic())):
-        raise HostTimeoutError(
-            f"no handshake slot for {address}:{port} within {timeouts.connect:g}s: "
-            f"{gate.in_flight} earlier handshakes to it are still in flight "
-            f"(max_startups {gate.limit})",
-            host=host.name,
-            phase="connect",
-            hint="that sshd is hung or very slow; check it, or raise timeouts.connect",
-        )
     try:
-        _open(conn, host, user, known, timeouts, banner, auth)
-    except TransportError as e:
-        if dropped_by_server(e):
-            gate.dropped()
+        if not gate.acquire(host.max_startups, timeout=max(0.0, deadline - time.monotonic())):
+            raise HostTimeoutError(
+                f"no handshake slot for {address}:{port} within {timeouts.connect:g}s: "
+                f"{gate.in_flight} earlier handshakes to it are still in flight "
+                f"(max_startups {gate.limit})",
+                host=host.name,
+                phase="connect",
+                hint="that sshd is hung or very slow; check it, or raise timeouts.connect",
+            )
+        try:
+            _open(
+                conn,
+                host,
+                dataclasses.replace(user, login=hop.login),
+                known,
+                timeouts,
+                banner,
+                auth,
+                sock,
+                _tcp_timeout(hop, timeouts),
+            )
+        except TransportError as e:
+            if dropped_by_server(e):
+                gate.dropped()
+            raise
+        else:
+            if gate.in_flight > 1 or gate.waiting:
+                _settle(conn, timeouts.connect)
+        finally:
+            # authenticated sessions no longer count toward sshd's MaxStartups
+            gate.release()
+    except BaseException:
+        if sock is not None:
+            sock.close()
+        if link is not None:
+            link.release()
         raise
-    else:
-        if gate.in_flight > 1 or gate.waiting:
-            _settle(conn, timeouts.connect)
-    finally:
-        # authenticated sessions no longer count toward sshd's MaxStartups
-        gate.release()
+    conn.bastion = link
     return conn, policy
+
+
+def _tcp_timeout(hop: Hop, timeouts: Timeouts) -> float:
+    """ssh_config's ConnectTimeout where set, else timeouts.connect."""
+    return hop.connect_timeout or timeouts.connect
 
 
 def _open(
@@ -236,8 +168,11 @@ def _open(
     timeouts: Timeouts,
     banner: float,
     auth: float,
+    channel: Any = None,
+    tcp_timeout: float | None = None,
 ) -> None:
-    """TCP connect, key exchange and authentication of ``conn``; errors mapped by phase."""
+    """TCP connect (or ``channel``, through a bastion), key exchange and authentication of
+    ``conn``; errors mapped by phase."""
     address, port = str(conn.host), int(conn.port)
     extra: dict[str, Any] = {
         # start_client's own deadline covers banner and key exchange
@@ -245,10 +180,10 @@ def _open(
         "banner_timeout": banner,
         "auth_timeout": auth,
     }
-    sock = None
-    if not conn.gateway:
-        sock = tcp_connect(host, address, port, timeouts.connect)
-        extra["sock"] = sock
+    sock = channel
+    if sock is None:
+        sock = tcp_connect(host, address, port, tcp_timeout or timeouts.connect)
+    extra["sock"] = sock
     conn.connect_kwargs = {**conn.connect_kwargs, **extra}
     started = time.monotonic()
     try:
@@ -257,8 +192,7 @@ def _open(
         elapsed = time.monotonic() - started
         transport = conn.client.get_transport()
         conn.client.close()
-        if sock is not None:
-            sock.close()
+        sock.close()
         if isinstance(e, Exception):
             raise connect_error(
                 e, host, user, address, port, known, transport, banner, elapsed
@@ -289,71 +223,6 @@ def _settle(conn: fabric.Connection, timeout: float) -> None:
     with contextlib.suppress(paramiko.SSHException, OSError, EOFError):
         cast(Any, transport)._send_user_message(request)
         answered.wait(timeout)
-
-
-def connect_error(
-    exc: Exception,
-    host: Host,
-    user: User,
-    address: str,
-    port: int,
-    known_hosts: str,
-    transport: paramiko.Transport | None,
-    banner: float,
-    elapsed: float,
-) -> TransportError:
-    """Map a failed fabric/paramiko connect to the phase it failed in."""
-    name = host_key_name(address, port)
-    if isinstance(exc, UnknownHostKey):
-        return HostKeyError(
-            f"unknown host key for {name} ({exc.key.get_name()} {exc.key.fingerprint}): "
-            f"not in {known_hosts}; nothing was run",
-            host=host.name,
-            phase="hostkey",
-            hint="check the fingerprint, then pin it: rex hostkeys scan -m MANIFEST --accept",
-        )
-    if isinstance(exc, paramiko.BadHostKeyException):
-        return HostKeyError(
-            f"host key CHANGED for {name}: it offered {exc.key.get_name()} "
-            f"{exc.key.fingerprint}, {known_hosts} pins {exc.expected_key.fingerprint} "
-            f"(possible man-in-the-middle); known_hosts left unchanged, nothing was run",
-            host=host.name,
-            phase="hostkey",
-            hint=f"if {host.name} was really rebuilt: rex hostkeys scan -m MANIFEST "
-            f"--replace {host.name}",
-        )
-    if transport is None or not transport.remote_version:
-        if elapsed >= banner or timed_out(exc):
-            return HostTimeoutError(
-                f"no SSH banner from {address}:{port} within {banner:g}s (sshd hung or overloaded)",
-                host=host.name,
-                phase="banner",
-            )
-        return TransportError(
-            f"{address}:{port} closed the connection before the SSH banner: {exc}",
-            host=host.name,
-            phase="banner",
-        )
-    if transport.host_key is None:
-        if timed_out(exc):
-            return HostTimeoutError(
-                f"SSH key exchange with {address}:{port} timed out", host=host.name, phase="kex"
-            )
-        return TransportError(f"SSH key exchange failed: {exc}", host=host.name, phase="kex")
-    if isinstance(exc, paramiko.AuthenticationException) and "timeout" in str(exc).lower():
-        return HostTimeoutError(
-            f"authentication as {user.login} did not complete in time", host=host.name, phase="auth"
-        )
-    if isinstance(exc, paramiko.SSHException):
-        offered = user.identity or "agent and default keys"
-        return AuthenticationError(
-            f"{address}:{port} refused login as {user.login} with {offered}",
-            host=host.name,
-            phase="auth",
-            hint=f"check users.{user.name}.identity and ~{user.login}/.ssh/authorized_keys "
-            "on the host",
-        )
-    return TransportError(f"connection failed: {exc}", host=host.name, phase="auth")
 
 
 def scan_host_key(host: Host, *, timeout: float = 10.0) -> HostKeyInfo:

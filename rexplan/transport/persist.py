@@ -25,6 +25,7 @@ import rexplan
 from rexplan.core.model import MAX_PERSIST, Host, Manifest, Timeouts, User
 from rexplan.core.text import printable
 from rexplan.errors import TransportError
+from rexplan.transport import route
 from rexplan.transport.base import (
     GET_LIMIT,
     Result,
@@ -273,7 +274,12 @@ class MuxTransport:
     def _request(self, op: str) -> dict[str, Any]:
         return {
             "op": op,
-            "host": dataclasses.asdict(self.host),
+            # the daemon reads the ssh_config this process would ($REX_SSH_CONFIG is ours)
+            "host": dataclasses.asdict(
+                dataclasses.replace(
+                    self.host, ssh_config=self.host.ssh_config or os.environ.get(route.ENV)
+                )
+            ),
             "user": dataclasses.asdict(self.user),
             "known_hosts": self.known_hosts,
             "timeouts": dataclasses.asdict(self.timeouts),

@@ -73,7 +73,21 @@ class _Cache:
     def get(
         self, host: Host, user: User, known_hosts: str | None, timeouts: Timeouts
     ) -> SSHTransport:
-        key = (host.address, host.port, user.login, user.identity, user.ssh_options, known_hosts)
+        # everything rexplan.transport.route reads: the same fields reach the same sshd
+        key = (
+            host.name if not (host.address_set and host.port_set) else "",
+            host.address,
+            host.port,
+            host.address_set,
+            host.port_set,
+            host.jump,
+            host.ssh_config,
+            user.login,
+            user.login_set,
+            user.identity,
+            user.ssh_options,
+            known_hosts,
+        )
         with self._lock:
             lock, held = self._slots.setdefault(key, (threading.Lock(), []))
         with lock:

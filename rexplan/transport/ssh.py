@@ -33,8 +33,9 @@ from rexplan.transport.base import (
     temp_name,
     unpack,
 )
+from rexplan.transport.dialing import timed_out
 from rexplan.transport.forward import Forwards
-from rexplan.transport.handshake import handshake, timed_out
+from rexplan.transport.handshake import handshake
 from rexplan.transport.pacing import dropped_by_server, gave_up, retry_dropped
 from rexplan.transport.pinning import KNOWN_HOSTS, StrictPolicy, host_key_name
 from rexplan.transport.streams import CHUNK, Announcement, Stream, Tail, wait_readable
@@ -375,6 +376,10 @@ class SSHTransport:
         self.connection.close()
         # fabric closes only a connection it still sees as up; a dead one keeps its client
         self._client.close()
+        with self._lock:
+            link, self.connection.bastion = self.connection.bastion, None
+        if link is not None:
+            link.release()
 
 
 def _sftp_makedirs(sftp: paramiko.SFTPClient, path: str) -> None:

@@ -171,7 +171,7 @@ def authorized_keys(
 def _timeouts_of(manifest: Manifest, host: str, user: str) -> Timeouts:
     """The shortest connect timeouts of the manifest's programs on ``host`` as ``user``."""
     return min(
-        (p.timeouts for p in manifest.programs if host in p.hosts and p.user == user),
+        (p.timeouts for p in manifest.programs if host in p.hosts and p.user_on(host) == user),
         key=lambda t: t.connect,
         default=Timeouts(),
     )

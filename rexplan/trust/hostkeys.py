@@ -16,12 +16,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from rexplan.core.model import Host, Manifest, Timeouts
+from rexplan.core.model import Host, Manifest, Timeouts, User
 from rexplan.core.text import format_columns, printable
 from rexplan.errors import KeyStoreError, TransportError, UsageError
 from rexplan.transport.base import kind
-from rexplan.transport.handshake import scan_host_key
 from rexplan.transport.pinning import HostKeyInfo, host_key_name, host_key_status
+from rexplan.transport.route import Hop, route
+from rexplan.transport.scan import Scanned, scan_route
 from rexplan.trust.keys import KeyStore
 from rexplan.trust.output import STDOUT, Output
 
@@ -64,32 +65,92 @@ def _connect_timeout(manifest: Manifest, host: Host) -> float:
     )
 
 
-def scan_hosts(manifest: Manifest, known_hosts: Path) -> list[HostKeyReport]:
+def _login_user(manifest: Manifest, host: Host) -> User:
+    """Who rex would log in as on ``host`` (its bastions are logged in to as the route says):
+    the user of its first program, else defaults.user, else the first user."""
+    for p in manifest.programs:
+        if host.name in p.hosts:
+            return manifest.user(p.user_on(host.name))
+    if manifest.default_user is not None:
+        return manifest.user(manifest.default_user)
+    return manifest.users[0] if manifest.users else User("scan", "scan", login_set=False)
+
+
+def scan_hosts(
+    manifest: Manifest,
+    known_hosts: Path,
+    *,
+    accept: bool = False,
+    replace: Sequence[str] = (),
+) -> list[HostKeyReport]:
     """Fetch every SSH host's key once, serially, in manifest order, and compare it with the pin.
 
-    Hosts sharing an address and port share one fetch. Nothing is written.
+    A host behind bastions reports each bastion first (once per run), then itself, fetched
+    through them: rex logs in to a bastion only when its key is pinned, or new and ``accept``,
+    or it is named in ``replace``.
+    Hosts reached directly at the same known_hosts name share one fetch. Nothing is written.
     """
     text = _read(known_hosts)
     fetched: dict[str, HostKeyInfo | TransportError] = {}
-    reports = []
+    reports: list[HostKeyReport] = []
+    shown: set[str] = set()  # bastions already reported
+
+    def trust(hop: Hop, info: HostKeyInfo, status: str) -> bool:
+        # the keys scan is about to pin: new ones with --accept, a replaced bastion's
+        return (status == "unknown" and (accept or hop.label in replace)) or (
+            status == "changed" and hop.label in replace
+        )
+
     for host in manifest.hosts:
         if not kind(host.transport).pins_host_keys:
             reports.append(HostKeyReport(host, "", "local"))
             continue
-        name = host_key_name(host.address, host.port)
-        if name not in fetched:
-            try:
-                fetched[name] = scan_host_key(host, timeout=_connect_timeout(manifest, host))
-            except TransportError as e:
-                fetched[name] = e
-        got = fetched[name]
-        if isinstance(got, TransportError):
-            reports.append(HostKeyReport(host, name, "unreachable", detail=str(got)))
-            continue
-        pinned = tuple(_fingerprint(b64) for _, b64 in pinned_keys(text, name))
-        status = host_key_status(known_hosts, got)
-        reports.append(HostKeyReport(host, name, status, got, pinned))
+        timeout = _connect_timeout(manifest, host)
+        user = _login_user(manifest, host)
+        try:
+            path = route(host, user)
+        except TransportError:
+            path = None  # scan_route reports it
+        direct = None if path is None or path.jumps else path.target
+        if direct is not None:
+            name = host_key_name(direct.address, direct.port)
+            if name in fetched:  # another host of the manifest on the same sshd
+                scanned = [Scanned(direct, False, *_split_got(fetched[name]))]
+            else:
+                scanned = scan_route(
+                    host, user, os.fspath(known_hosts), timeout=timeout, trust=trust
+                )
+        else:
+            scanned = scan_route(host, user, os.fspath(known_hosts), timeout=timeout, trust=trust)
+        for seen in scanned:
+            hop = seen.hop
+            name = host_key_name(hop.address, hop.port)
+            if seen.bastion:
+                if name in shown:
+                    continue
+                shown.add(name)
+            if seen.bastion:
+                row = Host(hop.label, hop.address, hop.port)
+            else:  # the address and port dialled (ssh_config's HostName and Port applied)
+                row = dataclasses.replace(host, address=hop.address, port=hop.port)
+            got = seen.key or seen.error
+            if got is not None and direct is not None:
+                fetched.setdefault(name, got)
+            note = f"bastion of {host.name}" if seen.bastion else ""
+            if not isinstance(got, HostKeyInfo):
+                detail = str(got) if got is not None else "not scanned"
+                reports.append(HostKeyReport(row, name, "unreachable", detail=detail))
+                continue
+            pinned = tuple(_fingerprint(b64) for _, b64 in pinned_keys(text, name))
+            status = host_key_status(known_hosts, got)
+            reports.append(HostKeyReport(row, name, status, got, pinned, detail=note))
     return reports
+
+
+def _split_got(
+    got: HostKeyInfo | TransportError,
+) -> tuple[HostKeyInfo | None, TransportError | None]:
+    return (got, None) if isinstance(got, HostKeyInfo) else (None, got)
 
 
 # --- known_hosts, stdlib only (OpenSSH's format; paramiko stays in rexplan.transport) -------------
@@ -280,13 +341,30 @@ def _load(path: str) -> Manifest:
     return manifest.load(path)
 
 
+def bastions(m: Manifest) -> list[str]:
+    """The bastions of the manifest's SSH hosts, as ``hostkeys scan`` lists them."""
+    found: dict[str, None] = {}
+    for host in m.hosts:
+        if kind(host.transport).pins_host_keys:
+            try:
+                jumps = route(host, _login_user(m, host)).jumps
+            except TransportError:
+                continue
+            found.update(dict.fromkeys(j.label for j in jumps))
+    return list(found)
+
+
 def _check_replace(m: Manifest, names: Sequence[str]) -> None:
     hosts = {h.name: h for h in m.hosts}
+    jumps = bastions(m) if any(n not in hosts for n in names) else []
     for name in names:
+        if name in jumps:
+            continue
         if name not in hosts:
             raise UsageError(
-                f"--replace {name!r}: no such host in {m.path}",
-                hint=f"hosts: {', '.join(hosts) or '(none)'}",
+                f"--replace {name!r}: no such host or bastion in {m.path}",
+                hint=f"hosts: {', '.join(hosts) or '(none)'}"
+                + (f"; bastions: {', '.join(jumps)}" if jumps else ""),
             )
         if not kind(hosts[name].transport).pins_host_keys:
             raise UsageError(f"--replace {name!r}: a local host has no SSH host key")
@@ -296,7 +374,7 @@ def _scan(args: argparse.Namespace, out: Callable[[str], None]) -> int:
     m = _load(args.manifest)
     _check_replace(m, args.replace)
     known = known_hosts_path(args.keys, args.known_hosts)
-    reports = scan_hosts(m, known)
+    reports = scan_hosts(m, known, accept=args.accept, replace=args.replace)
     replace = set(args.replace)
     add: dict[str, HostKeyInfo] = {}
     swap: dict[str, HostKeyInfo] = {}
@@ -330,7 +408,15 @@ def _scan(args: argparse.Namespace, out: Callable[[str], None]) -> int:
             "/etc/ssh/ssh_host_ed25519_key.pub), then run again with --accept"
         )
     refused = [r for r in done if r.status == "changed" and not r.action]
+    hosts = {h.name for h in m.hosts}
     for r in refused:
+        if r.host.name not in hosts:  # a bastion, named as its jump is written
+            lines.append(
+                f"bastion {r.host.name}: host key CHANGED; {known} left unchanged. If it was "
+                f"really rebuilt, check its new fingerprint, then: rex hostkeys scan -m "
+                f"{args.manifest} --replace {r.host.name}"
+            )
+            continue
         lines.append(
             f"{r.host.name}: host key CHANGED; {known} left unchanged. If {r.host.name} was "
             f"really rebuilt, check its new fingerprint, then: rex hostkeys scan -m "
