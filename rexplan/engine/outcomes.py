@@ -172,6 +172,9 @@ def failure(
         if reason == "exited" and isinstance(status, int):
             detail = f"program exited with status {status} before it was ready"
         return reason, phase, detail + rejected
+    if exec_error is not None and exec_error.phase == "agent_upload":
+        # the connection died while the first stage received the agent (transport.ssh)
+        return "agent_upload", "start", f"the agent did not reach the host: {exec_error}"
     if exec_error is not None:
         phase = exec_error.phase or "start"
         return "no_callback", phase, f"no verified callback; {exec_error}{rejected}"

@@ -44,8 +44,8 @@ def _pump(chan: paramiko.Channel, sock: socket.socket) -> None:
         sel.register(sock, selectors.EVENT_READ, "sock")
         open_ends = 2
         while open_ends:
-            for key, _ in sel.select():
-                if key.data == "chan":
+            for ready, _ in sel.select():
+                if ready.data == "chan":
                     data = chan.recv(CHUNK)
                     if data:
                         sock.sendall(data)

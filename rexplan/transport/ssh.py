@@ -200,11 +200,12 @@ class SSHTransport:
         # stdin waits for the gate's marker until ``gate_end``, if there is something to send
         held = gate if pending is not None else None
         announced = Announcement(held.marker, held.wanted) if held is not None else None
+        supplied = False  # the agent went in front of stdin: a connection lost is its upload's
         while True:
             while pending is not None and held is None and chan.send_ready():
                 try:
                     sent = chan.send(pending[:CHUNK].tobytes())
-                except OSError:
+                except (OSError, EOFError):  # EOFError: paramiko's, the connection went
                     # the command finished without reading all of stdin, as with EPIPE
                     pending = None
                     break
@@ -223,6 +224,7 @@ class SSHTransport:
             if held is not None and announced is not None and announced.seen:
                 if announced.wanted and pending is not None:
                     pending = memoryview(held.supply + pending.tobytes())
+                    supplied = True
                 held = None
                 continue
             if done:
@@ -251,7 +253,10 @@ class SSHTransport:
             raise self._exec_error(TimeoutError(), deadline, timeout)
         transport = self._client.get_transport()
         if chan.exit_status == -1 and (transport is None or not transport.is_active()):
-            raise self._exec_error(EOFError("connection closed"), deadline, timeout)
+            error = self._exec_error(EOFError("connection closed"), deadline, timeout)
+            if supplied:
+                error.phase = "agent_upload"
+            raise error
         (stdout, stdout_cut), (stderr, stderr_cut) = out.value(), err.value()
         return Result(chan.recv_exit_status(), stdout, stderr, stdout_cut, stderr_cut)
 

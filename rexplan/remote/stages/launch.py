@@ -81,18 +81,28 @@ except Exception:
             sys.stdout.write('{"ok": false, "exit": 20, "reason": "no agent"}\n')
             sys.exit(20)
         # the launcher sends the agent when asked: exact reads of fd 0, so the launch line that
-        # follows it is left for the agent
+        # follows it is left for the agent; all of it within --wait's seconds, as that line
+        import select
+        import time
+
+        e = time.monotonic() + (float(a[3]) if a[2:3] == ["--wait"] else 60.0)
+
+        def r(k: int) -> bytes:
+            if not select.select([0], [], [], max(0.0, e - time.monotonic()))[0]:
+                sys.exit(21)  # the launcher is gone or stopped: nothing was started
+            return os.read(0, k)
+
         try:
             os.write(1, b"rex-agent-wanted\n")
             z = b""
             while not z.endswith(b"\n"):
-                d = os.read(0, 1)
+                d = r(1)
                 if not d or len(z) > 12:
                     sys.exit(21)
                 z += d
             left, parts = int(z), []
             while left > 0:
-                d = os.read(0, min(left, 1 << 16))
+                d = r(min(left, 1 << 16))
                 if not d:
                     sys.exit(21)
                 parts.append(d)
