@@ -138,7 +138,7 @@ def test_autostart_programs_come_back_from_the_boot_entry(world: World, sshd_hos
         assert _ours(login, home) == []  # no autostart program left: the entry is gone
         listed = subprocess.run(["crontab", "-l", "-u", login], capture_output=True, check=False)
         assert listed.returncode != 0  # nor an empty crontab: "no crontab for LOGIN"
-        assert not procs.find(lambda env: env.get("REX_TRIPLE", "").endswith(".svc"))
+        assert not procs.find(lambda env: env.get("REX_TRIPLE") == f"{h}.{world.user}.svc")
     finally:
         _drop_ours(login, home)
 
