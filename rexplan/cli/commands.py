@@ -44,7 +44,9 @@ def cmd_plan(args: argparse.Namespace, screen: ui.Screen) -> int:
         option = "--" + given[0].replace("_", "-")
         raise UsageError(f"{option} needs --simulate", hint=f"rex plan --simulate {option} ...")
     if args.json:
-        screen.text(json_document(planner.plan_to_dict(compiled, loaded)))
+        # ASCII by construction (json escapes every control and non-ASCII character), so it
+        # skips print_text's filter: 30 MB for 10,000 hosts x 5 programs
+        screen.console.file.write(json_document(planner.plan_to_dict(compiled, loaded)) + "\n")
     elif args.dot:
         screen.text(planner.plan_to_dot(compiled, loaded))
     elif args.svg:
