@@ -346,3 +346,32 @@ def test_a_changed_program_is_replaced_as_the_account(world: World, target: Acco
     code, out, err = world.rex("stop", str(m))
     assert code == 0, out + err
     assert _gone(lambda: _account_procs(target.uid)) == []
+
+
+def test_a_become_programs_output_is_in_rex_logs_and_its_log_rotates(
+    world: World, target: Account
+) -> None:
+    """The keeper (the login) owns the program's log and rotates it; the account's supervisor
+    writes whole lines into the keeper's pump: rex logs reads it as for any program."""
+    write = (
+        "import sys, time\n"
+        "for i in range(3000): sys.stdout.write('line %05d as %s\\n' % (i, 'x' * 80))\n"
+        "sys.stdout.flush(); time.sleep(300)"
+    )
+    spec = {"run": ["python3", "-c", write], "ready": {"alive": 0.3}, "logs": {"max_size": 65536}}
+    m, host, _ = _started(world, target, spec)
+    name = next(iter(world.programs))
+    log = Path(world.home(host), "logs", f"{host}.{world.user}.{name}.log")
+    try:
+        assert procs.wait_until(lambda: "line 02999" in log.read_text(), 15)
+        # rotated at max_size by the login's keeper: every file bounded, owned by the login
+        files = sorted(log.parent.glob(log.name + "*"))
+        assert len(files) >= 2 and all(f.stat().st_size <= 65536 for f in files), files
+        assert {f.stat().st_uid for f in files} == {world.rig.accounts[0].uid}
+        code, out, err = world.rex("logs", str(m), "-n", "2")
+        assert code == 0, out + err
+        assert out.splitlines()[-1] == f"{name}@{host} | line 02999 as {'x' * 80}", out
+    finally:
+        code, out, err = world.rex("stop", str(m))
+    assert code == 0, out + err
+    assert _gone(lambda: _account_procs(target.uid)) == []
