@@ -586,3 +586,24 @@ def test_a_manifest_of_too_many_steps_is_refused_before_they_are_made() -> None:
     m = make(programs, hosts=hosts)
     with pytest.raises(PlanError, match=r"1,100,000 steps, more than 1,000,000"):
         planner.compile(m)
+
+
+@pytest.mark.parametrize("case", sorted(p.name for p in CASES.iterdir()))
+def test_plan_json_is_the_plan_dict_line_for_line(case: str) -> None:
+    # rex plan --json encodes what a program's steps share once (steps_json): the text must
+    # be exactly what encoding plan_to_dict writes
+    from rexplan.core import manifest as loader
+    from rexplan.core.text import json_document
+
+    directory = CASES / case
+    m = loader.loads((directory / "manifest.yaml").read_bytes(), "manifest.yaml")
+    limit_file = directory / "limit"
+    limit = limit_file.read_text().strip() if limit_file.exists() else None
+    plan = planner.compile(m, limit=limit)
+    assert planner.plan_json(plan, m) == json_document(planner.plan_to_dict(plan, m))
+    # every field is either the step's own (encoded per step) or in the shared tail's key
+    head = ["id", "wave", "host", "address", "port", "transport", "login", "user"]
+    for step in plan.steps:
+        keys = list(planner.step_to_dict(step))
+        assert keys[:10] == [*head, "program", "triple"]
+        assert set(keys[10:]) <= set(planner._SHARED_FIELDS)

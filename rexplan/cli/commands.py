@@ -12,7 +12,7 @@ from rexplan.cli.boundary import MESSAGE_LIMIT, format_error, write_stderr
 from rexplan.core import manifest, selection, simulate
 from rexplan.core import plan as planner
 from rexplan.core.model import MAX_PERSIST, Manifest, Plan
-from rexplan.core.text import json_document, plural, printable
+from rexplan.core.text import plural, printable
 from rexplan.errors import ManifestError, UsageError
 
 
@@ -46,7 +46,7 @@ def cmd_plan(args: argparse.Namespace, screen: ui.Screen) -> int:
     if args.json:
         # ASCII by construction (json escapes every control and non-ASCII character), so it
         # skips print_text's filter: 30 MB for 10,000 hosts x 5 programs
-        screen.console.file.write(json_document(planner.plan_to_dict(compiled, loaded)) + "\n")
+        screen.console.file.write(planner.plan_json(compiled, loaded) + "\n")
     elif args.dot:
         screen.text(planner.plan_to_dot(compiled, loaded))
     elif args.svg:

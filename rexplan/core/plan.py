@@ -58,12 +58,18 @@ import contextlib
 import fnmatch
 import gc
 import graphlib
+import json
 import re
 from collections.abc import Callable, Iterable, Iterator
+from json.encoder import encode_basestring_ascii
 
 from rexplan import __version__
 from rexplan.core.model import MAX_STEPS, Host, Manifest, Plan, Program, Ready, Step, User, triple
+from rexplan.core.text import json_document
 from rexplan.errors import Diagnostic, PlanError
+
+#: json.dumps's encoder, without its check for circular values (a plan is a tree)
+_ENCODER = json.JSONEncoder(check_circular=False)
 
 FORMAT = 1
 
@@ -430,8 +436,75 @@ def wave_programs(wave: tuple[Step, ...]) -> list[str]:
     return list(dict.fromkeys(s.program for s in wave))
 
 
-def plan_to_dict(plan: Plan, manifest: Manifest) -> dict[str, object]:
-    """The stable JSON form documented in this module's docstring."""
+#: the fields of step_to_dict that a program's steps usually share (encoded once: steps_json)
+_SHARED_FIELDS = (
+    "argv",
+    "shell",
+    "ready",
+    "kind",
+    "env",
+    "cwd",
+    "python",
+    "restart",
+    "stop_timeout",
+    "timeouts",
+    "requires",
+    "tags",
+    "restart_with",
+    "autostart",
+    "become",
+)
+
+
+def steps_json(steps: Iterable[Step]) -> list[str]:
+    """Each step's step_to_dict as json.dumps writes it, for ``rex plan --json``: the fields a
+    host's steps share, and those a program's steps share (the same objects, or equal values),
+    are encoded once each rather than once per step."""
+    escape = encode_basestring_ascii
+    encode = _ENCODER.encode
+    shared: dict[int, dict[str, object]] = {}
+    hosts: dict[tuple[str, str, int, str, str, str], str] = {}
+    tails: dict[tuple[object, ...], str] = {}
+    lines = []
+    for s in steps:
+        where = (s.host, s.address, s.port, s.transport, s.login, s.user)
+        host = hosts.get(where)
+        if host is None:
+            host = hosts[where] = (
+                f', "host": {escape(s.host)}, "address": {escape(s.address)}, "port": {s.port}'
+                f', "transport": {escape(s.transport)}, "login": {escape(s.login)}'
+                f', "user": {escape(s.user)}, "program": '
+            )
+        # the objects stay alive in the plan meanwhile: their ids name them
+        same = (
+            *(id(getattr(s, f)) for f in ("argv", "ready", "env", "timeouts", "requires")),
+            *(id(getattr(s, f)) for f in ("tags", "restart_with")),
+            *(getattr(s, f) for f in ("shell", "kind", "cwd", "python", "restart")),
+            *(getattr(s, f) for f in ("stop_timeout", "autostart", "become")),
+        )
+        tail = tails.get(same)
+        if tail is None:
+            whole = step_to_dict(s, shared)
+            rest = {k: whole[k] for k in _SHARED_FIELDS if k in whole}
+            tail = tails[same] = ", " + encode(rest)[1:]
+        lines.append(
+            f'{{"id": {escape(s.id)}, "wave": {s.wave}{host}{escape(s.program)}'
+            f', "triple": {escape(s.triple)}{tail}'
+        )
+    return lines
+
+
+def plan_json(plan: Plan, manifest: Manifest) -> str:
+    """plan_to_dict as ``rex plan --json`` prints it: core.text.json_document's layout, a line
+    per step (steps_json)."""
+    doc = plan_to_dict(plan, manifest, steps=False)
+    doc["steps"] = []
+    return json_document(doc, {"steps": steps_json(plan.steps)})
+
+
+def plan_to_dict(plan: Plan, manifest: Manifest, steps: bool = True) -> dict[str, object]:
+    """The stable JSON form documented in this module's docstring (``steps``: False leaves
+    them out, for plan_json)."""
     shared: dict[int, dict[str, object]] = {}  # the objects stay alive in the plan meanwhile
     return {
         "rex": __version__,
@@ -443,7 +516,7 @@ def plan_to_dict(plan: Plan, manifest: Manifest) -> dict[str, object]:
             {"wave": w[0].wave, "programs": wave_programs(w), "steps": [s.id for s in w]}
             for w in plan.waves
         ],
-        "steps": [step_to_dict(s, shared) for s in plan.steps],
+        "steps": [step_to_dict(s, shared) for s in plan.steps] if steps else [],
         "placements": [
             placement_to_dict(manifest, program, steps)
             for program, steps in least_loaded(manifest, plan.steps).items()

@@ -128,17 +128,22 @@ def format_columns(
 _LINE = json.JSONEncoder(check_circular=False)
 
 
-def json_document(doc: Mapping[str, Any]) -> str:
+def json_document(
+    doc: Mapping[str, Any], encoded: Mapping[str, Sequence[str]] | None = None
+) -> str:
     """``doc`` as JSON with a line per top-level key and per item of a top-level list (a
     plan's steps): as easy to read and diff as ``indent=2`` for such documents, and several
-    times faster, as json's C encoder writes every line (indent falls back to pure Python)."""
+    times faster, as json's C encoder writes every line (indent falls back to pure Python).
+    ``encoded``: lists given as their items' JSON already (json.dumps's separators)."""
     encode = _LINE.encode
     parts = []
     for key, value in doc.items():
         name = encode(key)
-        if isinstance(value, list) and value:
-            items = ",\n    ".join(map(encode, value))
-            parts.append(f"  {name}: [\n    {items}\n  ]")
+        items = (encoded or {}).get(key)
+        if items is None and isinstance(value, list) and value:
+            items = list(map(encode, value))
+        if items:
+            parts.append(f"  {name}: [\n    " + ",\n    ".join(items) + "\n  ]")
         else:
             parts.append(f"  {name}: {encode(value)}")
     return "{\n" + ",\n".join(parts) + "\n}"
