@@ -33,10 +33,10 @@ from rexplan.errors import (
 )
 from rexplan.transport import base, handshake
 from rexplan.transport.base import Gate, Result, Transport, command_line
-from rexplan.transport.handshake import scan_host_key
 from rexplan.transport.local import LocalTransport
 from rexplan.transport.pinning import HostKeyInfo, host_key_status
 from rexplan.transport.pool import TransportPool, connect
+from rexplan.transport.scan import scan_host_key
 from rexplan.transport.ssh import SSHTransport
 
 FAST = Timeouts(connect=3.0, start=5.0)

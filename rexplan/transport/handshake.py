@@ -22,9 +22,7 @@ from rexplan.transport.bastion import BASTIONS, Link, auth_kwargs
 from rexplan.transport.dialing import aead_first, connect_error, file_stamps, tcp_connect
 from rexplan.transport.pacing import HANDSHAKE_GATES, dropped_by_server
 from rexplan.transport.pinning import (
-    HostKeyInfo,
     StrictPolicy,
-    host_key_name,
     load_known_hosts,
 )
 from rexplan.transport.route import Hop, route
@@ -223,29 +221,3 @@ def _settle(conn: fabric.Connection, timeout: float) -> None:
     with contextlib.suppress(paramiko.SSHException, OSError, EOFError):
         cast(Any, transport)._send_user_message(request)
         answered.wait(timeout)
-
-
-def scan_host_key(host: Host, *, timeout: float = 10.0) -> HostKeyInfo:
-    """Fetch the key ``host`` offers (key exchange only: no authentication, nothing run)."""
-    sock = tcp_connect(host, host.address, host.port, timeout)
-    transport = paramiko.Transport(sock)
-    transport.banner_timeout = timeout
-    started = time.monotonic()
-    try:
-        transport.start_client(timeout=timeout)
-        key = transport.get_remote_server_key()
-    except Exception as e:
-        elapsed = time.monotonic() - started
-        nobody = User(name="scan", login="scan")
-        raise connect_error(
-            e, host, nobody, host.address, host.port, "", transport, timeout, elapsed
-        ) from e
-    finally:
-        transport.close()
-        sock.close()
-    return HostKeyInfo(
-        name=host_key_name(host.address, host.port),
-        key_type=key.get_name(),
-        key_base64=key.get_base64(),
-        fingerprint=key.fingerprint,
-    )

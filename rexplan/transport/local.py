@@ -26,7 +26,7 @@ from rexplan.transport.base import (
     temp_name,
     unpack,
 )
-from rexplan.transport.streams import CHUNK, Announcement, Tail
+from rexplan.transport.streams import CHUNK, Announcement, Lines, Tail
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -267,7 +267,6 @@ class LocalStream:
     def __init__(self, host: Host, argv: Sequence[str], stdin: bytes = b"") -> None:
         command_line(argv)
         self.host = host.name
-        self._buffer = b""
         try:
             self._proc = subprocess.Popen(
                 list(argv),
@@ -280,25 +279,15 @@ class LocalStream:
             raise TransportError(f"cannot start {argv[0]}: {e.strerror}", host=self.host) from e
         assert self._proc.stdin is not None and self._proc.stdout is not None
         self._out = self._proc.stdout.fileno()
+        self._lines = Lines(lambda: os.read(self._out, CHUNK))
         if stdin:
             with contextlib.suppress(OSError):
                 self._proc.stdin.write(stdin)
                 self._proc.stdin.flush()
 
     def readline(self, limit: int) -> bytes:
-        """The next output line (at most ``limit`` bytes); b"" once the command has ended."""
-        while b"\n" not in self._buffer and len(self._buffer) < limit:
-            try:
-                data = os.read(self._out, CHUNK)
-            except OSError:
-                data = b""
-            if not data:
-                line, self._buffer = self._buffer, b""
-                return line
-            self._buffer += data
-        end = min(self._buffer.find(b"\n") + 1 or limit, limit)
-        line, self._buffer = self._buffer[:end], self._buffer[end:]
-        return line
+        """The next output line (at most ``limit`` bytes); b"" once it ended or was closed."""
+        return self._lines.readline(limit)
 
     def close(self, grace: float = 2.0) -> None:
         """EOF on the command's stdin; its group killed if it has not ended within ``grace``."""

@@ -50,7 +50,7 @@ from rexplan.transport.persist_wire import (
 )
 from rexplan.transport.pool import Connector, TransportPool
 from rexplan.transport.ssh import SSHTransport, open_stream
-from rexplan.transport.streams import wait_readable
+from rexplan.transport.streams import Lines, wait_readable
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -446,22 +446,11 @@ class MuxStream:
 
     def __init__(self, sock: socket.socket) -> None:
         self._sock = sock
-        self._buffer = b""
+        self._lines = Lines(lambda: self._sock.recv(1 << 16))
 
     def readline(self, limit: int) -> bytes:
         """The next output line (at most ``limit`` bytes); b"" once it ended or was closed."""
-        while b"\n" not in self._buffer and len(self._buffer) < limit:
-            try:
-                data = self._sock.recv(1 << 16)
-            except OSError:
-                data = b""
-            if not data:
-                line, self._buffer = self._buffer, b""
-                return line
-            self._buffer += data
-        end = min(self._buffer.find(b"\n") + 1 or limit, limit)
-        line, self._buffer = self._buffer[:end], self._buffer[end:]
-        return line
+        return self._lines.readline(limit)
 
     def close(self) -> None:
         """Hang up (a reader blocked in readline gets b""); idempotent."""

@@ -44,6 +44,13 @@ class _Chain:
             link.close_alone()
 
 
+def scan_host_key(host: Host, *, timeout: float = 10.0) -> HostKeyInfo:
+    """The key ``host`` offers at its address and port, dialled directly (key exchange only:
+    no authentication, nothing run)."""
+    hop = Hop(host.name, host.address, host.port, "scan", (), True, None)
+    return fetch_key(host, hop, None, timeout)
+
+
 def fetch_key(host: Host, hop: Hop, via: Link | None, timeout: float) -> HostKeyInfo:
     """The key ``hop`` offers, over TCP or through ``via``; TransportError by phase."""
     sock: Any

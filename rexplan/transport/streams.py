@@ -6,7 +6,7 @@ import collections
 import contextlib
 import select
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import paramiko
 
@@ -87,7 +87,7 @@ class Stream:
     def __init__(self, chan: paramiko.Channel, host: str) -> None:
         self.host = host
         self._chan = chan
-        self._buffer = b""
+        self._lines = Lines(self._recv)
         self._send_lock = threading.Lock()
 
     def send(self, data: bytes) -> None:
@@ -101,18 +101,13 @@ class Stream:
     def readline(self, limit: int) -> bytes:
         """The next output line (at most ``limit`` bytes); b"" once the command has ended or
         the connection died."""
-        while b"\n" not in self._buffer and len(self._buffer) < limit:
-            try:
-                data = self._chan.recv(CHUNK)
-            except (OSError, EOFError, paramiko.SSHException):
-                data = b""
-            if not data:
-                line, self._buffer = self._buffer, b""
-                return line
-            self._buffer += data
-        end = self._buffer.find(b"\n") + 1 or limit
-        line, self._buffer = self._buffer[: min(end, limit)], self._buffer[min(end, limit) :]
-        return line
+        return self._lines.readline(limit)
+
+    def _recv(self) -> bytes:
+        try:
+            return self._chan.recv(CHUNK)
+        except (EOFError, paramiko.SSHException):  # the connection died: the end
+            return b""
 
     def close_input(self) -> None:
         """EOF on the command's stdin."""
@@ -122,3 +117,27 @@ class Stream:
     def close(self) -> None:
         """Close the channel (sshd then closes the command's pipes); idempotent."""
         self._chan.close()
+
+
+class Lines:
+    """Lines out of ``read`` (a chunk of bytes each call; b"" at the end, or when it fails),
+    each at most ``limit`` bytes: what a stream's readline() needs."""
+
+    def __init__(self, read: Callable[[], bytes]) -> None:
+        self._read = read
+        self._buffer = b""
+
+    def readline(self, limit: int) -> bytes:
+        """The next line (at most ``limit`` bytes); b"" once the input ended."""
+        while b"\n" not in self._buffer and len(self._buffer) < limit:
+            try:
+                data = self._read()
+            except OSError:
+                data = b""
+            if not data:
+                line, self._buffer = self._buffer, b""
+                return line
+            self._buffer += data
+        end = min(self._buffer.find(b"\n") + 1 or limit, limit)
+        line, self._buffer = self._buffer[:end], self._buffer[end:]
+        return line

@@ -37,7 +37,7 @@ from rexplan.remote.agent.failure import (
 from rexplan.remote.agent.files import _check_files, _workdir
 from rexplan.remote.agent.groups import kill_group, same_process, start_time
 from rexplan.remote.agent.logpump import LogPump, log_path
-from rexplan.remote.agent.probes import _notify_socket, wait_ready
+from rexplan.remote.agent.probes import _close_notify, _notify_socket, wait_ready
 from rexplan.remote.agent.procs import _cloexec_inherited
 from rexplan.remote.agent.records import _lock, _Resumed, _write_state, read_state
 from rexplan.remote.agent.supervisor import _after_ok, _program_env, _Run, _spawn
@@ -199,11 +199,7 @@ def _supervise_again(launch: Launch, home: str, out: int) -> int:
         pump.finish()
         return failure.code
     finally:
-        if notify is not None and notify_path is not None:
-            notify.close()
-            with _suppress(OSError):
-                os.unlink(notify_path)
-                os.rmdir(os.path.dirname(notify_path))
+        _close_notify(notify, notify_path)
     run = _Run(proc, start, began_wall)
     _write_state(home, launch, **run.fields(state="running", status=None, restarts=0))
     with _suppress(OSError):

@@ -134,6 +134,17 @@ def wait_ready(
         raise _exited(proc)
 
 
+def _close_notify(notify: socket.socket | None, path: str | None) -> None:
+    """Close a _notify_socket and remove it and its directory."""
+    if notify is not None and path is not None:
+        notify.close()
+        try:
+            os.unlink(path)
+            os.rmdir(os.path.dirname(path))
+        except OSError:
+            pass
+
+
 def _notify_socket(home: str) -> tuple[socket.socket, str]:
     """An sd_notify-style datagram socket in a fresh 0700 directory."""
     run = os.path.join(home, "run")

@@ -43,7 +43,7 @@ from rexplan.remote.agent.failure import (
 from rexplan.remote.agent.files import _check_files, _declines, _workdir
 from rexplan.remote.agent.groups import kill_group, start_time, sweep
 from rexplan.remote.agent.logpump import LogPump, log_path
-from rexplan.remote.agent.probes import _notify_socket, wait_ready
+from rexplan.remote.agent.probes import _close_notify, _notify_socket, wait_ready
 from rexplan.remote.agent.procs import _cloexec_inherited, _Proc, _SpawnError, _start
 from rexplan.remote.agent.records import _write_state
 from rexplan.wire import codes, frames, jobs, jsonstrict, messages
@@ -171,11 +171,7 @@ def _supervise(launch: Launch, home: str, secret: bytes, pump: LogPump, out: int
         _report(out, result)
         return failure.code
     finally:
-        if notify is not None and notify_path is not None:
-            notify.close()
-            with _suppress(OSError):
-                os.unlink(notify_path)
-                os.rmdir(os.path.dirname(notify_path))
+        _close_notify(notify, notify_path)
     pid = proc.pid
     _write_state(
         home,
