@@ -470,30 +470,20 @@ class Launcher:
             self._state(
                 r, ev.READY, phase="job", pid=pid, action=specs.STARTED, status=0, output=output
             )
-        elif job.code == EXITED:
-            detail = f"job exited with status {job.status}"
-            self._state(
-                r,
-                ev.FAILED,
-                reason="exit_status",
-                phase="job",
-                detail=detail,
-                status=job.status,
-                output=output,
-                tail=failout.last_lines(output, self.tail),
-                log=log,
-            )
         else:
-            detail = f"lost the job: {job.detail}"
+            exited = job.code == EXITED
             self._state(
                 r,
                 ev.FAILED,
-                reason="job_lost",
+                reason="exit_status" if exited else "job_lost",
                 phase="job",
-                detail=detail,
+                detail=f"job exited with status {job.status}"
+                if exited
+                else f"lost the job: {job.detail}",
                 output=output,
                 tail=failout.last_lines(output, self.tail),
                 log=log,
+                **({"status": job.status} if exited else {}),
             )
 
     def kill_inflight(self, forks: int) -> None:
