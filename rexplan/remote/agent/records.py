@@ -374,7 +374,9 @@ def stop_program(home: str, name: str, grace: float, force: bool = False) -> dic
     if cgroup is not None and not become:
         killed += cgroup_kill(cgroup)  # whatever the sweep's 20 rounds could not end
         remove_cgroup(cgroup)
-    fd = _lock(home, name)
+    # a holder SIGKILLed a moment ago (a forced stop) may not have let go yet: the kernel
+    # drops its lock when it is gone, so wait a little for it
+    fd = _lock(home, name, wait=1.0)
     if fd is not None:  # else a new launch holds it: its record is not ours to touch
         try:
             current = read_state(home, name)
