@@ -88,6 +88,9 @@ def test_soak_apply_status_stop_leaks_nothing(hosts: list[RigHost], world: World
     m = world.manifest(hosts, {"soak": {"on": [h.name for h in hosts], **SLEEPER}})
     world.distribute(m)
     steps = {f"soak@{h.name}" for h in hosts}
+    # the baseline once distribute's threads wound down (a transient one here would make a
+    # later sample, taken when none is left, look like a change)
+    procs.wait_until(lambda: threading.active_count() <= 1, THREADS_SETTLE)
     idle = threading.active_count()
     samples: list[Sample] = []
     for _ in range(CYCLES):
