@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import fnmatch
-import graphlib
 import posixpath
 import re
 from dataclasses import replace
 from typing import Any
 
-from rexplan.core import hostrange, perhost, settings, sshchecks
+from rexplan.core import cycles, hostrange, perhost, settings, sshchecks
 from rexplan.core.become import Become
 from rexplan.core.model import (
     MAX_STEPS,
@@ -428,10 +427,10 @@ class Checker:
                     replace(program, tags=tags, restart_with=tuple(followed), autostart=autostart)
                 )
                 self._specs[name] = spec
-        if not self._cycles(graph, list(programs), "requires"):
+        if not cycles.report_cycles(self.report, graph, list(programs), "requires"):
             # restart_with orders a program after what it follows, as requires does
             both = {n: [*graph[n], *following[n]] for n in graph}
-            self._cycles(both, list(programs), "restart_with", following)
+            cycles.report_cycles(self.report, both, list(programs), "restart_with", following)
 
     def _render(self) -> None:
         """Render each program's templated fields for each of its hosts (core.perhost)."""
@@ -459,45 +458,6 @@ class Checker:
             elif item not in names:
                 names.append(item)
         return names
-
-    def _cycles(
-        self,
-        graph: dict[str, list[str]],
-        order: list[str],
-        key: str,
-        blame: dict[str, list[str]] | None = None,
-    ) -> bool:
-        """Report each cycle of ``graph`` at ``programs.NAME.KEY`` (a program of the cycle
-        with ``blame`` edges when given); whether there was one."""
-        remaining = dict(graph)
-        found = False
-        while True:
-            try:
-                graphlib.TopologicalSorter(remaining).prepare()
-                return found
-            except graphlib.CycleError as exc:
-                # graphlib walks predecessors, so its cycle runs against `requires` edges
-                found = True
-                cycle = list(reversed(exc.args[1]))[:-1]
-                start = min(range(len(cycle)), key=lambda i: order.index(cycle[i]))
-                cycle = cycle[start:] + cycle[:start]
-                at = cycle[0]
-                if blame is not None:
-                    # the program whose restart_with edge closes the cycle
-                    ring = next(
-                        (i for i, n in enumerate(cycle) if cycle[i - len(cycle) + 1] in blame[n]),
-                        0,
-                    )
-                    at = cycle[ring]
-                    cycle = cycle[ring:] + cycle[:ring]
-                self.report.value(
-                    ("programs", at, key),
-                    f"{key} cycle: " + " -> ".join([*cycle, cycle[0]]),
-                    "a program cannot wait for itself; remove one of these requires"
-                    + (" or restart_with" if blame is not None else ""),
-                )
-                for name in cycle:
-                    remaining.pop(name, None)
 
     def _program(
         self, name: str, path: KeyPath, spec: dict[str, Any], requires: tuple[str, ...]
