@@ -114,3 +114,11 @@ def safe_relpath(path: str) -> bool:
     """A relative path that stays inside its directory: no '/', '.', '..' or empty parts."""
     parts = path.split("/")
     return "\0" not in path and all(p not in ("", ".", "..") for p in parts) and len(path) < 1024
+
+
+#: an account ``become`` names: a POSIX login name (never an option to sudo)
+BECOME_RE = Chars(
+    r"[A-Za-z_][A-Za-z0-9_.-]{0,31}\Z",
+    ("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ_", 1, 1),
+    ("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ_0123456789.-", 0, 31),
+)

@@ -7,6 +7,7 @@ nonce ``nl`` travels.
 from __future__ import annotations
 
 from rexplan.wire.chars import (
+    BECOME_RE,
     ENV_NAME_RE,
     HOST_RE,
     NAME_RE,
@@ -93,12 +94,6 @@ _MAX_COUNT = 1_000_000
 #: the longest manifest path a launch (and so a record) carries
 MAX_OWNER_PATH = 4096
 RESTART_POLICIES = ("no", "on-failure", "always")
-#: an account ``become`` names: a POSIX login name (never an option to sudo)
-BECOME_RE = Chars(
-    r"[A-Za-z_][A-Za-z0-9_.-]{0,31}\Z",
-    ("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ_", 1, 1),
-    ("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ_0123456789.-", 0, 31),
-)
 
 
 class Probe(Frozen):

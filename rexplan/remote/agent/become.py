@@ -97,7 +97,7 @@ def needs_sudo(launch: Launch) -> bool:
 
 def sudo_argv(account: str) -> list[str]:
     """The supervisor's command: sudo never prompts (-n); the account name is checked
-    (wire.launch.BECOME_RE), never an option, and ``--`` ends sudo's own."""
+    (wire.chars.BECOME_RE), never an option, and ``--`` ends sudo's own."""
     return ["sudo", "-n", "-u", account, "--", sys.executable, "-I", "-S", "-c", STUB]
 
 
