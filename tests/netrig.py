@@ -12,11 +12,16 @@ name.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import shutil
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from sshrig import RigHost, SshdRig
 
 IP = "/usr/sbin/ip"
 
@@ -86,3 +91,18 @@ class NetNs:
         if "netns" in self._made:
             subprocess.run([IP, "netns", "del", self.name], capture_output=True, check=False)
         self._made = []
+
+
+@contextlib.contextmanager
+def hosts_in_namespace(rig: SshdRig, count: int) -> Iterator[tuple[NetNs, list[RigHost]]]:
+    """``count`` sshds of ``rig`` in a namespace of their own; stopped by pid, and the namespace
+    deleted by name, afterwards."""
+    ns = NetNs()
+    hosts: list[RigHost] = []
+    try:
+        hosts = rig.spawn(count, netns=ns)
+        yield ns, hosts
+    finally:
+        for host in hosts:
+            rig.stop(host)
+        ns.close()

@@ -40,15 +40,8 @@ FAST = {"timeouts": {"connect": 5, "start": 5, "callback": 3, "ready": 3}}
 @pytest.fixture(scope="module")
 def fleet(sshd_rig: SshdRig) -> Iterator[tuple[netrig.NetNs, list[RigHost]]]:
     """Two sshds in a namespace of this module's; stopped, and the namespace deleted, after."""
-    ns = netrig.NetNs()
-    hosts: list[RigHost] = []
-    try:
-        hosts = sshd_rig.spawn(2, netns=ns)
-        yield ns, hosts
-    finally:
-        for host in hosts:
-            sshd_rig.stop(host)
-        ns.close()
+    with netrig.hosts_in_namespace(sshd_rig, 2) as fleet:
+        yield fleet
 
 
 def manifest(world: World, hosts: list[RigHost], how: str, **programs: Any) -> Path:

@@ -36,15 +36,8 @@ TIMEOUTS = {"connect": 10, "start": 10, "callback": 10, "ready": 10}
 @pytest.fixture(scope="module")
 def hidden(sshd_rig: SshdRig) -> Iterator[tuple[netrig.NetNs, list[RigHost]]]:
     """Two target sshds in a namespace whose hosts cannot open a connection to the launcher."""
-    ns = netrig.NetNs()
-    hosts: list[RigHost] = []
-    try:
-        hosts = sshd_rig.spawn(2, netns=ns)
-        yield ns, hosts
-    finally:
-        for host in hosts:
-            sshd_rig.stop(host)
-        ns.close()
+    with netrig.hosts_in_namespace(sshd_rig, 2) as fleet:
+        yield fleet
 
 
 def _slow(world: World) -> list[int]:
